@@ -1,0 +1,41 @@
+//! Command line.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "outboxd",
+    version,
+    about = "Transactional-outbox relay: PostgreSQL → Kafka, at-least-once"
+)]
+pub struct Cli {
+    /// TOML config file (see config/outboxd.example.toml). Environment variables
+    /// OUTBOXD_POSTGRES_URL and OUTBOXD_KAFKA_BROKERS override it and work without it.
+    #[arg(long, short, global = true, env = "OUTBOXD_CONFIG")]
+    pub config: Option<PathBuf>,
+
+    /// Log format; the level comes from OUTBOXD_LOG or RUST_LOG (default `info`).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "OUTBOXD_LOG_FORMAT")]
+    pub log_format: LogFormat,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create the outbox table, publication and replication slot if absent. Drops nothing.
+    Migrate,
+    /// Relay committed outbox events to Kafka until SIGTERM or SIGINT.
+    Run,
+    /// Validate the configuration and print it with secrets redacted.
+    CheckConfig,
+}

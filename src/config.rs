@@ -1,0 +1,634 @@
+//! Typed, validated configuration.
+//!
+//! Sources, later ones win: built-in defaults, the TOML file given with `--config`, then the
+//! environment (`OUTBOXD_POSTGRES_URL`, `OUTBOXD_KAFKA_BROKERS`, …). Every key with its default
+//! is documented in `config/outboxd.example.toml`. Validation errors name the key and the
+//! problem in one line; the binary maps them to exit code 2.
+//!
+//! Secrets (the password in the PostgreSQL URL, librdkafka properties whose name mentions a
+//! password, secret or key) are redacted in `Debug`, so a config can be logged safely.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// A configuration problem: which key, and what is wrong with it.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {reason}")]
+    Read { path: String, reason: String },
+    #[error("config file {path}: {reason}")]
+    Parse { path: String, reason: String },
+    #[error("config key `{key}`: {problem}")]
+    Invalid { key: &'static str, problem: String },
+}
+
+fn invalid(key: &'static str, problem: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        problem: problem.into(),
+    }
+}
+
+/// The whole configuration, validated.
+#[derive(Clone)]
+pub struct Config {
+    pub postgres: PostgresConfig,
+    pub kafka: KafkaConfig,
+    pub retry: RetryConfig,
+}
+
+#[derive(Clone)]
+pub struct PostgresConfig {
+    /// libpq-style URL or key=value string. Contains the password: never log it.
+    pub url: String,
+    pub schema: String,
+    pub table: String,
+    pub slot: String,
+    pub publication: String,
+    /// How long to wait between two reads of the slot when the last read returned nothing.
+    pub poll_interval: Duration,
+    /// At most this many changes are decoded per read of the slot (whole transactions are
+    /// always read, so a single large transaction may exceed it).
+    pub batch_max_changes: u32,
+    /// When nothing was confirmed for this long, write a tiny non-transactional logical
+    /// message so the slot can advance past WAL written by other tables.
+    pub heartbeat_interval: Duration,
+}
+
+#[derive(Clone)]
+pub struct KafkaConfig {
+    pub brokers: String,
+    pub topic_template: String,
+    /// Upper bound of deliveries awaiting Kafka's acknowledgement; bounds the relay's memory.
+    pub max_in_flight: usize,
+    /// librdkafka `message.timeout.ms`: a delivery not acknowledged within it fails and the
+    /// relay resends from the last confirmed position.
+    pub delivery_timeout: Duration,
+    /// How long a graceful shutdown waits for outstanding acknowledgements.
+    pub shutdown_timeout: Duration,
+    /// Create a missing topic through the admin API before the first record is sent to it.
+    pub create_topics: bool,
+    pub topic_partitions: i32,
+    pub topic_replication_factor: i32,
+    /// Passed verbatim to librdkafka (TLS, SASL, compression, linger, …).
+    pub properties: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Debug)]
+pub struct RetryConfig {
+    pub initial_backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Raw (file) form. Every field optional so that defaults and the environment fill the gaps.
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    postgres: RawPostgres,
+    #[serde(default)]
+    kafka: RawKafka,
+    #[serde(default)]
+    retry: RawRetry,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawPostgres {
+    url: Option<String>,
+    table: Option<String>,
+    slot: Option<String>,
+    publication: Option<String>,
+    poll_interval_ms: Option<u64>,
+    batch_max_changes: Option<u32>,
+    heartbeat_interval_ms: Option<u64>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawKafka {
+    brokers: Option<String>,
+    topic_template: Option<String>,
+    max_in_flight: Option<usize>,
+    delivery_timeout_ms: Option<u64>,
+    shutdown_timeout_ms: Option<u64>,
+    create_topics: Option<bool>,
+    topic_partitions: Option<i32>,
+    topic_replication_factor: Option<i32>,
+    #[serde(default)]
+    properties: BTreeMap<String, toml::Value>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawRetry {
+    initial_backoff_ms: Option<u64>,
+    max_backoff_ms: Option<u64>,
+}
+
+/// Environment variables read by [`Config::load`], with the key each one overrides.
+pub const ENV_VARS: &[(&str, &str)] = &[
+    ("OUTBOXD_POSTGRES_URL", "postgres.url"),
+    ("OUTBOXD_TABLE", "postgres.table"),
+    ("OUTBOXD_SLOT", "postgres.slot"),
+    ("OUTBOXD_PUBLICATION", "postgres.publication"),
+    ("OUTBOXD_KAFKA_BROKERS", "kafka.brokers"),
+    ("OUTBOXD_TOPIC_TEMPLATE", "kafka.topic_template"),
+];
+
+impl Config {
+    /// Loads the file (if any), applies the environment, validates.
+    pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
+        let raw = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+                    path: path.display().to_string(),
+                    reason: e.to_string(),
+                })?;
+                parse_raw(&text, &path.display().to_string())?
+            }
+            None => RawConfig::default(),
+        };
+        Self::from_raw(raw, |name| std::env::var(name).ok())
+    }
+
+    /// Parses TOML text and applies overrides from `env` (used by tests with a fake env).
+    pub fn from_toml_str(
+        text: &str,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        Self::from_raw(parse_raw(text, "<string>")?, env)
+    }
+
+    fn from_raw(
+        mut raw: RawConfig,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let env_nonempty = |name: &str| env(name).filter(|v| !v.trim().is_empty());
+        if let Some(v) = env_nonempty("OUTBOXD_POSTGRES_URL") {
+            raw.postgres.url = Some(v);
+        }
+        if let Some(v) = env_nonempty("OUTBOXD_TABLE") {
+            raw.postgres.table = Some(v);
+        }
+        if let Some(v) = env_nonempty("OUTBOXD_SLOT") {
+            raw.postgres.slot = Some(v);
+        }
+        if let Some(v) = env_nonempty("OUTBOXD_PUBLICATION") {
+            raw.postgres.publication = Some(v);
+        }
+        if let Some(v) = env_nonempty("OUTBOXD_KAFKA_BROKERS") {
+            raw.kafka.brokers = Some(v);
+        }
+        if let Some(v) = env_nonempty("OUTBOXD_TOPIC_TEMPLATE") {
+            raw.kafka.topic_template = Some(v);
+        }
+
+        let p = raw.postgres;
+        let url = p.url.ok_or_else(|| {
+            invalid(
+                "postgres.url",
+                "missing; set it in the config file or OUTBOXD_POSTGRES_URL",
+            )
+        })?;
+        if let Err(e) = url.parse::<tokio_postgres::Config>() {
+            // The parser's message never echoes the password back.
+            return Err(invalid(
+                "postgres.url",
+                format!("not a valid connection string: {e}"),
+            ));
+        }
+        let (schema, table) = split_table(p.table.as_deref().unwrap_or("public.outbox"))?;
+        let slot = p.slot.unwrap_or_else(|| "outboxd".into());
+        validate_slot_name(&slot)?;
+        let publication = p.publication.unwrap_or_else(|| "outboxd".into());
+        validate_identifier("postgres.publication", &publication)?;
+        let poll_interval = ms(
+            "postgres.poll_interval_ms",
+            p.poll_interval_ms.unwrap_or(20),
+            1,
+            60_000,
+        )?;
+        let batch_max_changes = p.batch_max_changes.unwrap_or(20_000);
+        if !(1..=10_000_000).contains(&batch_max_changes) {
+            return Err(invalid(
+                "postgres.batch_max_changes",
+                "must be between 1 and 10000000",
+            ));
+        }
+        let heartbeat_interval = ms(
+            "postgres.heartbeat_interval_ms",
+            p.heartbeat_interval_ms.unwrap_or(10_000),
+            100,
+            3_600_000,
+        )?;
+
+        let k = raw.kafka;
+        let brokers = k.brokers.ok_or_else(|| {
+            invalid(
+                "kafka.brokers",
+                "missing; set it in the config file or OUTBOXD_KAFKA_BROKERS",
+            )
+        })?;
+        if brokers.trim().is_empty() {
+            return Err(invalid("kafka.brokers", "must not be empty"));
+        }
+        let topic_template = k
+            .topic_template
+            .unwrap_or_else(|| "outbox.event.{aggregatetype}".into());
+        crate::route::TopicTemplate::parse(&topic_template)
+            .map_err(|problem| invalid("kafka.topic_template", problem))?;
+        let max_in_flight = k.max_in_flight.unwrap_or(50_000);
+        if !(1..=1_000_000).contains(&max_in_flight) {
+            return Err(invalid(
+                "kafka.max_in_flight",
+                "must be between 1 and 1000000",
+            ));
+        }
+        let delivery_timeout = ms(
+            "kafka.delivery_timeout_ms",
+            k.delivery_timeout_ms.unwrap_or(30_000),
+            1_000,
+            3_600_000,
+        )?;
+        let shutdown_timeout = ms(
+            "kafka.shutdown_timeout_ms",
+            k.shutdown_timeout_ms.unwrap_or(10_000),
+            0,
+            600_000,
+        )?;
+        let topic_partitions = k.topic_partitions.unwrap_or(3);
+        if !(1..=10_000).contains(&topic_partitions) {
+            return Err(invalid(
+                "kafka.topic_partitions",
+                "must be between 1 and 10000",
+            ));
+        }
+        let topic_replication_factor = k.topic_replication_factor.unwrap_or(1);
+        if topic_replication_factor != -1 && !(1..=32).contains(&topic_replication_factor) {
+            return Err(invalid(
+                "kafka.topic_replication_factor",
+                "must be between 1 and 32, or -1 for the broker default",
+            ));
+        }
+        let mut properties = BTreeMap::new();
+        for (name, value) in k.properties {
+            let value = match value {
+                toml::Value::String(s) => s,
+                toml::Value::Integer(i) => i.to_string(),
+                toml::Value::Boolean(b) => b.to_string(),
+                toml::Value::Float(f) => f.to_string(),
+                _ => {
+                    return Err(invalid(
+                        "kafka.properties",
+                        format!("property `{name}` must be a string, number or boolean"),
+                    ))
+                }
+            };
+            if name == "bootstrap.servers" {
+                return Err(invalid(
+                    "kafka.properties",
+                    "set `kafka.brokers` instead of `bootstrap.servers`",
+                ));
+            }
+            properties.insert(name, value);
+        }
+
+        let r = raw.retry;
+        let initial_backoff = ms(
+            "retry.initial_backoff_ms",
+            r.initial_backoff_ms.unwrap_or(250),
+            1,
+            600_000,
+        )?;
+        let max_backoff = ms(
+            "retry.max_backoff_ms",
+            r.max_backoff_ms.unwrap_or(30_000),
+            1,
+            3_600_000,
+        )?;
+        if max_backoff < initial_backoff {
+            return Err(invalid(
+                "retry.max_backoff_ms",
+                "must not be smaller than retry.initial_backoff_ms",
+            ));
+        }
+
+        Ok(Config {
+            postgres: PostgresConfig {
+                url,
+                schema,
+                table,
+                slot,
+                publication,
+                poll_interval,
+                batch_max_changes,
+                heartbeat_interval,
+            },
+            kafka: KafkaConfig {
+                brokers,
+                topic_template,
+                max_in_flight,
+                delivery_timeout,
+                shutdown_timeout,
+                create_topics: k.create_topics.unwrap_or(true),
+                topic_partitions,
+                topic_replication_factor,
+                properties,
+            },
+            retry: RetryConfig {
+                initial_backoff,
+                max_backoff,
+            },
+        })
+    }
+}
+
+fn parse_raw(text: &str, path: &str) -> Result<RawConfig, ConfigError> {
+    toml::from_str(text).map_err(|e| ConfigError::Parse {
+        path: path.to_string(),
+        // toml's message spans several lines (a code excerpt); keep the operator's one line.
+        reason: e
+            .message()
+            .lines()
+            .next()
+            .unwrap_or("invalid TOML")
+            .to_string()
+            + &e.span()
+                .map(|s| format!(" (at byte {})", s.start))
+                .unwrap_or_default(),
+    })
+}
+
+fn ms(key: &'static str, value: u64, min: u64, max: u64) -> Result<Duration, ConfigError> {
+    if value < min || value > max {
+        return Err(invalid(
+            key,
+            format!("must be between {min} and {max} milliseconds, got {value}"),
+        ));
+    }
+    Ok(Duration::from_millis(value))
+}
+
+/// `schema.table` or `table` (schema `public`). Names are taken literally (case kept) and
+/// always quoted in SQL, so they may not contain a dot themselves.
+fn split_table(value: &str) -> Result<(String, String), ConfigError> {
+    let (schema, table) = match value.split_once('.') {
+        Some((s, t)) => (s.to_string(), t.to_string()),
+        None => ("public".to_string(), value.to_string()),
+    };
+    if table.contains('.') {
+        return Err(invalid(
+            "postgres.table",
+            "expected `schema.table` or `table`",
+        ));
+    }
+    validate_identifier("postgres.table", &schema)?;
+    validate_identifier("postgres.table", &table)?;
+    Ok((schema, table))
+}
+
+fn validate_identifier(key: &'static str, name: &str) -> Result<(), ConfigError> {
+    if name.is_empty() {
+        return Err(invalid(key, "name must not be empty"));
+    }
+    if name.len() > 63 {
+        return Err(invalid(
+            key,
+            format!("`{name}` is longer than PostgreSQL's 63-byte limit"),
+        ));
+    }
+    if name.contains('\0') {
+        return Err(invalid(key, "name must not contain NUL"));
+    }
+    Ok(())
+}
+
+/// PostgreSQL allows only lower-case letters, digits and underscores in slot names.
+fn validate_slot_name(name: &str) -> Result<(), ConfigError> {
+    validate_identifier("postgres.slot", name)?;
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+    {
+        return Err(invalid(
+            "postgres.slot",
+            format!("`{name}` may contain only lower-case letters, digits and underscores"),
+        ));
+    }
+    Ok(())
+}
+
+/// Quotes an SQL identifier: `a"b` becomes `"a""b"`.
+pub fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// Quotes an SQL string literal (for DDL, where parameters cannot be used).
+pub fn quote_literal(value: &str) -> String {
+    format!("'{}'", value.replace('\'', "''"))
+}
+
+impl PostgresConfig {
+    /// `"schema"."table"`, quoted for SQL.
+    pub fn qualified_table(&self) -> String {
+        format!("{}.{}", quote_ident(&self.schema), quote_ident(&self.table))
+    }
+}
+
+/// The URL with any password replaced, for logs and `Debug`.
+pub fn redact_url(url: &str) -> String {
+    // URL form: scheme://user:password@host...
+    if let Some(scheme_end) = url.find("://") {
+        let rest = &url[scheme_end + 3..];
+        let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+        let authority = &rest[..authority_end];
+        if let Some(at) = authority.rfind('@') {
+            let userinfo = &authority[..at];
+            if let Some(colon) = userinfo.find(':') {
+                return format!(
+                    "{}{}:***{}",
+                    &url[..scheme_end + 3],
+                    &userinfo[..colon],
+                    &rest[at..]
+                );
+            }
+        }
+        // password=... may also appear as a query parameter.
+        return redact_kv(url);
+    }
+    redact_kv(url)
+}
+
+/// Redacts `password=...` in key=value connection strings and URL query strings.
+fn redact_kv(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(pos) = rest.to_ascii_lowercase().find("password=") {
+        out.push_str(&rest[..pos + "password=".len()]);
+        out.push_str("***");
+        let after = &rest[pos + "password=".len()..];
+        let end = after.find([' ', '&']).unwrap_or(after.len());
+        rest = &after[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
+fn is_secret_property(name: &str) -> bool {
+    let n = name.to_ascii_lowercase();
+    n.contains("password") || n.contains("secret") || n.contains("key") || n.contains("token")
+}
+
+impl fmt::Debug for PostgresConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PostgresConfig")
+            .field("url", &redact_url(&self.url))
+            .field("schema", &self.schema)
+            .field("table", &self.table)
+            .field("slot", &self.slot)
+            .field("publication", &self.publication)
+            .field("poll_interval", &self.poll_interval)
+            .field("batch_max_changes", &self.batch_max_changes)
+            .field("heartbeat_interval", &self.heartbeat_interval)
+            .finish()
+    }
+}
+
+impl fmt::Debug for KafkaConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let props: BTreeMap<&str, &str> = self
+            .properties
+            .iter()
+            .map(|(k, v)| {
+                let shown = if is_secret_property(k) {
+                    "***"
+                } else {
+                    v.as_str()
+                };
+                (k.as_str(), shown)
+            })
+            .collect();
+        f.debug_struct("KafkaConfig")
+            .field("brokers", &self.brokers)
+            .field("topic_template", &self.topic_template)
+            .field("max_in_flight", &self.max_in_flight)
+            .field("delivery_timeout", &self.delivery_timeout)
+            .field("shutdown_timeout", &self.shutdown_timeout)
+            .field("create_topics", &self.create_topics)
+            .field("topic_partitions", &self.topic_partitions)
+            .field("topic_replication_factor", &self.topic_replication_factor)
+            .field("properties", &props)
+            .finish()
+    }
+}
+
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Config")
+            .field("postgres", &self.postgres)
+            .field("kafka", &self.kafka)
+            .field("retry", &self.retry)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    const MIN: &str = "[postgres]\nurl = \"postgres://u:s3cret@localhost/db\"\n[kafka]\nbrokers = \"localhost:9092\"\n";
+
+    #[test]
+    fn defaults_match_the_documented_ones() {
+        let c = Config::from_toml_str(MIN, no_env).unwrap();
+        assert_eq!(c.postgres.schema, "public");
+        assert_eq!(c.postgres.table, "outbox");
+        assert_eq!(c.postgres.slot, "outboxd");
+        assert_eq!(c.postgres.publication, "outboxd");
+        assert_eq!(c.kafka.topic_template, "outbox.event.{aggregatetype}");
+    }
+
+    #[test]
+    fn environment_overrides_file_and_works_without_file() {
+        let env = |k: &str| match k {
+            "OUTBOXD_POSTGRES_URL" => Some("postgres://other@h/db".to_string()),
+            "OUTBOXD_KAFKA_BROKERS" => Some("k:1".to_string()),
+            _ => None,
+        };
+        let c = Config::from_toml_str(MIN, env).unwrap();
+        assert_eq!(c.postgres.url, "postgres://other@h/db");
+        assert_eq!(c.kafka.brokers, "k:1");
+        let c = Config::from_toml_str("", env).unwrap();
+        assert_eq!(c.kafka.brokers, "k:1");
+    }
+
+    #[test]
+    fn missing_url_names_the_key_and_the_env_var() {
+        let e = Config::from_toml_str("[kafka]\nbrokers=\"x:1\"", no_env).unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            msg.contains("postgres.url") && msg.contains("OUTBOXD_POSTGRES_URL"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn unknown_key_is_rejected_with_its_name() {
+        let e = Config::from_toml_str(&format!("{MIN}slott = \"x\"\n"), no_env).unwrap_err();
+        assert!(e.to_string().contains("slott"), "{e}");
+    }
+
+    #[test]
+    fn invalid_slot_name_is_rejected() {
+        let e = Config::from_toml_str(
+            &MIN.replace("[kafka]", "slot = \"Bad-Slot\"\n[kafka]"),
+            no_env,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("postgres.slot"), "{e}");
+    }
+
+    #[test]
+    fn debug_output_never_contains_secrets() {
+        let text = format!(
+            "{MIN}[kafka.properties]\n\"sasl.password\" = \"hunter2\"\n\"ssl.key.password\" = \"k3y\"\n"
+        );
+        let c = Config::from_toml_str(&text, no_env).unwrap();
+        let dbg = format!("{c:?}");
+        assert!(
+            !dbg.contains("s3cret") && !dbg.contains("hunter2") && !dbg.contains("k3y"),
+            "{dbg}"
+        );
+        assert!(dbg.contains("postgres://u:***@localhost/db"), "{dbg}");
+    }
+
+    #[test]
+    fn redacts_key_value_passwords() {
+        assert_eq!(
+            redact_url("host=a password=xyz user=b"),
+            "host=a password=*** user=b"
+        );
+        assert_eq!(
+            redact_url("postgres://a@h/db?password=xyz&x=1"),
+            "postgres://a@h/db?password=***&x=1"
+        );
+    }
+
+    #[test]
+    fn identifiers_are_quoted() {
+        assert_eq!(quote_ident("we\"ird"), "\"we\"\"ird\"");
+        assert_eq!(quote_literal("it's"), "'it''s'");
+    }
+}

@@ -1,0 +1,121 @@
+//! One error type for the library. Its kind decides, in one place, whether retrying can help:
+//! transient errors (network, broker down, a slot briefly in use) are retried with capped
+//! backoff; permanent ones (bad credentials, missing privileges, `wal_level` not logical, a
+//! missing slot) stop the daemon with a message that names the fix (exit code 2).
+
+use tokio_postgres::error::SqlState;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+
+    /// A PostgreSQL error with what we were doing when it happened.
+    #[error("{context}: {}", describe_pg(.source))]
+    Postgres {
+        context: String,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+
+    /// The database is not set up the way the relay needs; retrying will not help.
+    #[error("{problem}; fix: {fix}")]
+    Setup { problem: String, fix: String },
+
+    #[error("kafka: {0}")]
+    Kafka(String),
+
+    /// A pgoutput message we could not decode: a bug or an incompatible server.
+    #[error("decoding the replication stream: {0}")]
+    Decode(#[from] crate::source::pgoutput::DecodeError),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// PostgreSQL's message plus its detail and hint, on one line.
+fn describe_pg(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => {
+            let mut s = format!("{} (SQLSTATE {})", db.message(), db.code().code());
+            if let Some(d) = db.detail() {
+                s.push_str(&format!("; detail: {d}"));
+            }
+            if let Some(h) = db.hint() {
+                s.push_str(&format!("; hint: {h}"));
+            }
+            s
+        }
+        None => {
+            // Include the cause (e.g. "Connection refused") which Display alone omits.
+            let mut s = e.to_string();
+            let mut src = std::error::Error::source(e);
+            while let Some(cause) = src {
+                s.push_str(&format!(": {cause}"));
+                src = cause.source();
+            }
+            s
+        }
+    }
+}
+
+impl Error {
+    pub fn pg(context: impl Into<String>, source: tokio_postgres::Error) -> Error {
+        Error::Postgres {
+            context: context.into(),
+            source,
+        }
+    }
+
+    pub fn setup(problem: impl Into<String>, fix: impl Into<String>) -> Error {
+        Error::Setup {
+            problem: problem.into(),
+            fix: fix.into(),
+        }
+    }
+
+    /// Whether retrying the same operation later can succeed.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Error::Config(_) | Error::Setup { .. } | Error::Decode(_) => false,
+            Error::Kafka(_) => true,
+            Error::Postgres { source, .. } => match source.code() {
+                // No SQLSTATE: I/O error, connection closed, timeout.
+                None => true,
+                Some(code) => pg_code_is_transient(code),
+            },
+        }
+    }
+
+    /// For permanent PostgreSQL errors, the fix an operator should apply.
+    pub fn fix(&self) -> Option<&'static str> {
+        let Error::Postgres { source, .. } = self else {
+            return None;
+        };
+        let code = source.code()?;
+        Some(
+            if *code == SqlState::INVALID_PASSWORD || code.code().starts_with("28") {
+                "check the user and password in postgres.url (OUTBOXD_POSTGRES_URL) and pg_hba.conf"
+            } else if *code == SqlState::INVALID_CATALOG_NAME {
+                "create the database or correct the database name in postgres.url"
+            } else if *code == SqlState::INSUFFICIENT_PRIVILEGE {
+                "grant the role REPLICATION (ALTER ROLE … REPLICATION) and SELECT on the outbox table, or use a role that has them"
+            } else if *code == SqlState::UNDEFINED_OBJECT || *code == SqlState::UNDEFINED_TABLE {
+                "run `outboxd migrate` with the same configuration"
+            } else {
+                return None;
+            },
+        )
+    }
+}
+
+/// Transient SQLSTATEs: connection problems (08), insufficient resources (53), operator
+/// intervention such as a restart (57P01–57P03), serialization/deadlock (40), object in use
+/// (55006: the slot is held by another session), lock not available (55P03), system errors (58).
+fn pg_code_is_transient(code: &SqlState) -> bool {
+    let c = code.code();
+    c.starts_with("08")
+        || c.starts_with("53")
+        || c.starts_with("40")
+        || c.starts_with("58")
+        || matches!(c, "57P01" | "57P02" | "57P03" | "55006" | "55P03" | "57014")
+}

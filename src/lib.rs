@@ -1,0 +1,22 @@
+//! outboxd: a transactional-outbox relay from PostgreSQL to Kafka.
+//!
+//! Data flows one way: [`source`] decodes committed outbox rows in commit order, [`route`]
+//! turns each into a Kafka record, [`sink`] publishes with many deliveries in flight, and
+//! [`checkpoint`] finds the highest source position whose events Kafka all acknowledged —
+//! the only position [`relay`] ever confirms. Module docs explain the operational decisions
+//! where the code makes them; the README states the guarantees.
+
+pub mod checkpoint;
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod event;
+pub mod logging;
+pub mod migrate;
+pub mod pg;
+pub mod relay;
+pub mod route;
+pub mod sink;
+pub mod source;
+
+pub use error::{Error, Result};

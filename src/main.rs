@@ -1,0 +1,129 @@
+//! Thin binary: parse the command line, load the config, run; map errors to exit codes.
+//!
+//! Exit codes: 0 done (or stopped by SIGTERM/SIGINT), 1 unexpected failure, 2 bad config or a
+//! problem only the operator can fix (credentials, privileges, wal_level, missing slot).
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use outboxd::cli::{Cli, Command};
+use outboxd::config::Config;
+use outboxd::relay::Backoff;
+use tokio::sync::watch;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match Config::load(cli.config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("outboxd: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    outboxd::logging::init(cli.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("outboxd: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(dispatch(cli.command, config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let permanent = e
+                .downcast_ref::<outboxd::Error>()
+                .map(|oe| !oe.is_transient())
+                .unwrap_or(false);
+            let line = match e.downcast_ref::<outboxd::Error>().and_then(|oe| oe.fix()) {
+                Some(fix) => format!("{e:#}; fix: {fix}"),
+                None => format!("{e:#}"),
+            };
+            tracing::error!("{line}");
+            eprintln!("outboxd: {line}");
+            ExitCode::from(if permanent { 2 } else { 1 })
+        }
+    }
+}
+
+async fn dispatch(command: Command, config: Config) -> anyhow::Result<()> {
+    match command {
+        Command::CheckConfig => {
+            println!("{config:#?}");
+            Ok(())
+        }
+        Command::Migrate => migrate(&config).await,
+        Command::Run => run(config).await,
+    }
+}
+
+async fn migrate(config: &Config) -> anyhow::Result<()> {
+    let mut backoff = Backoff::new(&config.retry);
+    let started = std::time::Instant::now();
+    let report = loop {
+        match outboxd::migrate::migrate(&config.postgres).await {
+            Ok(r) => break r,
+            Err(e) if e.is_transient() && started.elapsed() < Duration::from_secs(60) => {
+                let d = backoff.next_delay();
+                tracing::warn!(error = %e, retry_in_ms = d.as_millis() as u64, "migrate: PostgreSQL not reachable yet; retrying");
+                tokio::time::sleep(d).await;
+            }
+            Err(e) => return Err(e).context("migrate"),
+        }
+    };
+    for (what, outcome) in report.items {
+        let verb = match outcome {
+            outboxd::migrate::Outcome::Created => "created",
+            outboxd::migrate::Outcome::Existed => "already exists",
+        };
+        println!("{what}: {verb}");
+    }
+    Ok(())
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let grace = config.kafka.shutdown_timeout + Duration::from_secs(15);
+    let signals = tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("shutdown requested; finishing in-flight deliveries");
+        let _ = stop_tx.send(true);
+    });
+    let mut relay = tokio::spawn(outboxd::relay::run(config, stop_rx));
+    let result = tokio::select! {
+        r = &mut relay => r,
+        _ = async {
+            // Once a signal arrived, the relay gets a bounded grace period.
+            let _ = (&mut { signals }).await;
+            tokio::time::sleep(grace).await;
+        } => {
+            tracing::warn!("relay did not stop within the grace period; exiting (unconfirmed events will be resent)");
+            return Ok(());
+        }
+    };
+    result.context("relay task panicked")?.context("relay")
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

@@ -1,0 +1,177 @@
+//! `outboxd migrate`: creates what the relay needs, idempotently. Never drops or alters
+//! anything that exists; reports what it created and what was already there.
+
+use crate::config::{quote_ident, quote_literal, PostgresConfig};
+use crate::error::{Error, Result};
+
+/// The outbox table, Debezium-compatible. `{table}` is replaced by the quoted name.
+/// Kept identical to `sql/outbox.sql` (a unit test checks it).
+pub const OUTBOX_TABLE_DDL: &str = "CREATE TABLE IF NOT EXISTS {table} (
+    id            uuid        PRIMARY KEY DEFAULT gen_random_uuid(),
+    aggregatetype text        NOT NULL,
+    aggregateid   text        NOT NULL,
+    type          text        NOT NULL,
+    payload       jsonb,
+    headers       jsonb,
+    created_at    timestamptz NOT NULL DEFAULT now()
+)";
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Created,
+    Existed,
+}
+
+#[derive(Debug, Clone)]
+pub struct Report {
+    pub items: Vec<(String, Outcome)>,
+}
+
+pub async fn migrate(cfg: &PostgresConfig) -> Result<Report> {
+    let client = crate::pg::connect(&cfg.url, "outboxd-migrate").await?;
+    let pg = |what: &'static str| move |e| Error::pg(what, e);
+    let mut items = Vec::new();
+
+    let wal_level: String = client
+        .query_one("SELECT current_setting('wal_level')", &[])
+        .await
+        .map_err(pg("reading wal_level"))?
+        .get(0);
+    if wal_level != "logical" {
+        return Err(Error::setup(
+            format!("PostgreSQL runs with wal_level = {wal_level}; a logical replication slot needs `logical`"),
+            "set wal_level = logical in postgresql.conf and restart PostgreSQL",
+        ));
+    }
+
+    let schema_exists = client
+        .query_opt(
+            "SELECT 1 FROM pg_namespace WHERE nspname = $1",
+            &[&cfg.schema],
+        )
+        .await
+        .map_err(pg("looking up the schema"))?
+        .is_some();
+    if !schema_exists {
+        client
+            .batch_execute(&format!(
+                "CREATE SCHEMA IF NOT EXISTS {}",
+                quote_ident(&cfg.schema)
+            ))
+            .await
+            .map_err(pg("creating the schema"))?;
+        items.push((
+            format!("schema {}", quote_ident(&cfg.schema)),
+            Outcome::Created,
+        ));
+    }
+
+    let table = cfg.qualified_table();
+    let table_exists = client
+        .query_opt(
+            "SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')",
+            &[&cfg.schema, &cfg.table],
+        )
+        .await
+        .map_err(pg("looking up the outbox table"))?
+        .is_some();
+    if table_exists {
+        items.push((format!("table {table}"), Outcome::Existed));
+    } else {
+        client
+            .batch_execute(&OUTBOX_TABLE_DDL.replace("{table}", &table))
+            .await
+            .map_err(pg("creating the outbox table"))?;
+        items.push((format!("table {table}"), Outcome::Created));
+    }
+
+    let publication = client
+        .query_opt(
+            "SELECT pubinsert, EXISTS (SELECT 1 FROM pg_publication_tables t \
+                     WHERE t.pubname = p.pubname AND t.schemaname = $2 AND t.tablename = $3) \
+               FROM pg_publication p WHERE p.pubname = $1",
+            &[&cfg.publication, &cfg.schema, &cfg.table],
+        )
+        .await
+        .map_err(pg("looking up the publication"))?;
+    let pub_name = quote_ident(&cfg.publication);
+    match publication {
+        None => {
+            client
+                .batch_execute(&format!(
+                    "CREATE PUBLICATION {pub_name} FOR TABLE {table} WITH (publish = 'insert')"
+                ))
+                .await
+                .map_err(pg("creating the publication"))?;
+            items.push((format!("publication {pub_name}"), Outcome::Created));
+        }
+        Some(row) => {
+            let inserts: bool = row.get(0);
+            let has_table: bool = row.get(1);
+            if !inserts || !has_table {
+                return Err(Error::setup(
+                    format!("publication {pub_name} exists but does not publish inserts of {table}"),
+                    format!("ALTER PUBLICATION {pub_name} ADD TABLE {table}; ALTER PUBLICATION {pub_name} SET (publish = 'insert') — or configure another postgres.publication"),
+                ));
+            }
+            items.push((format!("publication {pub_name}"), Outcome::Existed));
+        }
+    }
+
+    let slot = client
+        .query_opt(
+            "SELECT plugin::text, database::text = current_database()::text \
+               FROM pg_replication_slots WHERE slot_name = $1",
+            &[&cfg.slot],
+        )
+        .await
+        .map_err(pg("looking up the replication slot"))?;
+    match slot {
+        None => {
+            client
+                .execute(
+                    "SELECT pg_create_logical_replication_slot($1::text::name, 'pgoutput')",
+                    &[&cfg.slot],
+                )
+                .await
+                .map_err(pg("creating the replication slot"))?;
+            items.push((
+                format!("replication slot {}", quote_literal(&cfg.slot)),
+                Outcome::Created,
+            ));
+        }
+        Some(row) => {
+            let plugin: Option<String> = row.get(0);
+            let same_db: Option<bool> = row.get(1);
+            if plugin.as_deref() != Some("pgoutput") || same_db != Some(true) {
+                return Err(Error::setup(
+                    format!(
+                        "replication slot {} exists but is not a pgoutput slot of this database",
+                        quote_literal(&cfg.slot)
+                    ),
+                    "configure another postgres.slot; outboxd never drops a slot it did not create",
+                ));
+            }
+            items.push((
+                format!("replication slot {}", quote_literal(&cfg.slot)),
+                Outcome::Existed,
+            ));
+        }
+    }
+    Ok(Report { items })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    #[test]
+    fn shipped_sql_matches_the_ddl_migrate_runs() {
+        let shipped = include_str!("../sql/outbox.sql");
+        let ddl = super::OUTBOX_TABLE_DDL.replace("{table}", "public.outbox");
+        assert!(
+            shipped.contains(&format!("{ddl};")),
+            "sql/outbox.sql drifted from migrate.rs"
+        );
+    }
+}

@@ -1,0 +1,210 @@
+//! The Kafka producer: an idempotent producer (`enable.idempotence=true`, `acks=all`), so
+//! librdkafka's internal retries neither duplicate nor reorder records within a partition.
+//!
+//! The sink never awaits one send at a time: the relay keeps a bounded window of
+//! [`DeliveryFuture`]s and resolves them in order. A missing topic is created through the admin
+//! API (when `kafka.create_topics` is on) before the first record goes to it; a topic that does
+//! not exist is never a reason to skip an event.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::ClientContext;
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+
+use crate::config::KafkaConfig;
+use crate::error::{Error, Result};
+use crate::route::Record;
+
+/// Routes librdkafka's log lines and global errors into `tracing`.
+#[derive(Clone, Default)]
+pub struct LogContext;
+
+impl ClientContext for LogContext {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, msg: &str) {
+        match level {
+            RDKafkaLogLevel::Emerg
+            | RDKafkaLogLevel::Alert
+            | RDKafkaLogLevel::Critical
+            | RDKafkaLogLevel::Error => {
+                tracing::error!(target: "librdkafka", facility = fac, "{msg}")
+            }
+            RDKafkaLogLevel::Warning => {
+                tracing::warn!(target: "librdkafka", facility = fac, "{msg}")
+            }
+            RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
+                tracing::info!(target: "librdkafka", facility = fac, "{msg}")
+            }
+            RDKafkaLogLevel::Debug => {
+                tracing::debug!(target: "librdkafka", facility = fac, "{msg}")
+            }
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        // Broker connection failures land here; librdkafka keeps reconnecting by itself.
+        tracing::warn!(target: "librdkafka", error = %error, "kafka client error: {reason}");
+    }
+}
+
+/// The librdkafka configuration the relay uses: safe defaults first, then the operator's
+/// `kafka.properties`, which win.
+pub fn client_config(cfg: &KafkaConfig) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &cfg.brokers)
+        .set("client.id", "outboxd")
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "5")
+        .set(
+            "message.timeout.ms",
+            cfg.delivery_timeout.as_millis().to_string(),
+        )
+        .set(
+            "queue.buffering.max.messages",
+            (cfg.max_in_flight.max(50_000) * 2).to_string(),
+        );
+    for (k, v) in &cfg.properties {
+        c.set(k, v);
+    }
+    c
+}
+
+pub struct KafkaSink {
+    producer: FutureProducer<LogContext>,
+    admin: Option<AdminClient<LogContext>>,
+    known_topics: HashSet<String>,
+    cfg: KafkaConfig,
+}
+
+/// Why a record could not be handed to the producer.
+pub enum SendError {
+    /// librdkafka's local queue is full: wait for some deliveries, then try again.
+    QueueFull,
+    Other(KafkaError),
+}
+
+impl KafkaSink {
+    pub fn new(cfg: &KafkaConfig) -> Result<KafkaSink> {
+        let producer: FutureProducer<LogContext> = client_config(cfg)
+            .create_with_context(LogContext)
+            .map_err(|e| {
+                Error::setup(
+                    format!("kafka producer configuration: {e}"),
+                    "correct kafka.properties",
+                )
+            })?;
+        let admin = if cfg.create_topics {
+            let mut ac = ClientConfig::new();
+            ac.set("bootstrap.servers", &cfg.brokers)
+                .set("client.id", "outboxd-admin");
+            // Security settings apply to the admin connection too; producer-only keys do not.
+            for (k, v) in &cfg.properties {
+                if k.starts_with("security.") || k.starts_with("ssl.") || k.starts_with("sasl.") {
+                    ac.set(k, v);
+                }
+            }
+            Some(ac.create_with_context(LogContext).map_err(|e| {
+                Error::setup(
+                    format!("kafka admin client configuration: {e}"),
+                    "correct kafka.properties",
+                )
+            })?)
+        } else {
+            None
+        };
+        Ok(KafkaSink {
+            producer,
+            admin,
+            known_topics: HashSet::new(),
+            cfg: cfg.clone(),
+        })
+    }
+
+    /// Asks the cluster for its metadata: proves the brokers are reachable and authenticate us.
+    pub async fn check_reachable(&self, timeout: Duration) -> Result<usize> {
+        let producer = self.producer.clone();
+        let md =
+            tokio::task::spawn_blocking(move || producer.client().fetch_metadata(None, timeout))
+                .await
+                .map_err(|e| Error::Kafka(format!("metadata task failed: {e}")))?
+                .map_err(|e| {
+                    Error::Kafka(format!("cannot reach brokers {}: {e}", self.cfg.brokers))
+                })?;
+        Ok(md.brokers().len())
+    }
+
+    /// Creates `topic` if the relay has not seen it yet and topic creation is enabled.
+    /// Failures are logged, not fatal: the broker may auto-create, or the operator may have
+    /// created the topic with rights we lack; if the topic really is missing, delivery fails
+    /// and the relay retries from its last confirmed position.
+    pub async fn ensure_topic(&mut self, topic: &str) {
+        if self.known_topics.contains(topic) {
+            return;
+        }
+        let Some(admin) = &self.admin else {
+            self.known_topics.insert(topic.to_string());
+            return;
+        };
+        let new = NewTopic::new(
+            topic,
+            self.cfg.topic_partitions,
+            TopicReplication::Fixed(self.cfg.topic_replication_factor),
+        );
+        let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+        match admin.create_topics([&new], &opts).await {
+            Ok(results) => {
+                for r in results {
+                    match r {
+                        Ok(name) => {
+                            tracing::info!(topic = %name, partitions = self.cfg.topic_partitions, "created topic")
+                        }
+                        Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                        Err((name, code)) => {
+                            tracing::warn!(topic = %name, error = %code, "could not create topic; relying on it existing or on broker auto-creation")
+                        }
+                    }
+                }
+                self.known_topics.insert(topic.to_string());
+            }
+            Err(e) => {
+                tracing::warn!(topic, error = %e, "create-topics request failed; will try again after the next reconnect");
+                self.known_topics.insert(topic.to_string());
+            }
+        }
+    }
+
+    /// Hands a record to librdkafka; the future resolves when Kafka acknowledged it (or
+    /// delivery finally failed).
+    pub fn send(&self, record: &Record) -> std::result::Result<DeliveryFuture, SendError> {
+        let mut headers = OwnedHeaders::new_with_capacity(record.headers.len());
+        for (k, v) in &record.headers {
+            headers = headers.insert(Header {
+                key: k,
+                value: Some(v.as_slice()),
+            });
+        }
+        let mut fr: FutureRecord<'_, str, [u8]> = FutureRecord::to(&record.topic).headers(headers);
+        if let Some(key) = &record.key {
+            fr = fr.key(key.as_str());
+        }
+        if let Some(value) = &record.value {
+            fr = fr.payload(value.as_slice());
+        }
+        self.producer.send_result(fr).map_err(|(e, _)| match e {
+            KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull) => SendError::QueueFull,
+            other => SendError::Other(other),
+        })
+    }
+
+    /// Waits up to `timeout` for librdkafka to deliver what it holds.
+    pub fn flush(&self, timeout: Duration) {
+        if let Err(e) = self.producer.flush(timeout) {
+            tracing::warn!(error = %e, "kafka flush incomplete");
+        }
+    }
+}

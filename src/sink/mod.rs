@@ -1,0 +1,2 @@
+//! Destinations. Kafka is the only one; the relay talks to it through [`kafka::KafkaSink`].
+pub mod kafka;

@@ -1,0 +1,412 @@
+//! Logical-replication source: reads the slot through the SQL decoding functions.
+//!
+//! ## Why SQL functions and not the replication protocol
+//!
+//! tokio-postgres has no CopyBoth (replication protocol) support. Instead of a second
+//! PostgreSQL client stack, the relay uses `pg_logical_slot_peek_binary_changes` on a normal
+//! connection: it *peeks* (nothing is consumed), the relay publishes, waits for Kafka's
+//! acknowledgements, and only then moves the slot with `pg_replication_slot_advance`. A crash
+//! between the two repeats events; it never loses one. The cost is one poll round trip per
+//! batch (`postgres.poll_interval_ms` when idle) and re-reading the batch's WAL when
+//! advancing; BENCHMARKS.md has the measured throughput and latency.
+//!
+//! ## Positions
+//!
+//! A peek returns whole transactions in commit order. The slot is advanced only to
+//! * the end LSN of a commit whose events were all acknowledged, or
+//! * the LSN of a *non-transactional* logical message — the heartbeat. pgoutput sends it as
+//!   soon as it is decoded, so every commit before it in the WAL was already returned.
+//!
+//! PostgreSQL ≥ 15 does not send empty transactions, so on a database that writes only to
+//! other tables the peek returns nothing and the slot would retain WAL forever. When nothing
+//! was confirmed for `postgres.heartbeat_interval_ms` and the WAL moved, the relay writes a
+//! tiny `pg_logical_emit_message(false, 'outboxd.heartbeat', '')` and confirms its position
+//! once it reads it back. (Advancing to `pg_current_wal_flush_lsn()` instead is unsafe: the
+//! flush pointer can sit inside a commit record, and a transaction whose commit record starts
+//! before the confirmed position is skipped by logical decoding.)
+//!
+//! ## Slot in use
+//!
+//! A peek on a slot held by another session fails with SQLSTATE 55006 ("replication slot …
+//! is active for PID n"). That is transient: the relay logs it and retries with backoff.
+//! Two outboxd instances never peek the same slot at once: each takes a session advisory lock
+//! derived from the slot name first, and only the holder reads.
+
+use std::collections::HashMap;
+use std::time::{Duration, SystemTime};
+
+use tokio_postgres::{Client, RowStream};
+
+use crate::config::{quote_ident, PostgresConfig};
+use crate::error::{Error, Result};
+use crate::event::Event;
+use crate::source::pgoutput::{self, Column, Message, Relation};
+
+/// Prefix of the relay's heartbeat messages.
+pub const HEARTBEAT_PREFIX: &str = "outboxd.heartbeat";
+
+/// What the decoder makes of one pgoutput message.
+#[derive(Debug)]
+pub enum Change {
+    /// An outbox row to publish.
+    Event(Event),
+    /// A position that is safe to confirm once every earlier event is acknowledged.
+    Boundary(u64),
+}
+
+/// Column positions of the outbox table, resolved from a Relation message.
+#[derive(Debug, Clone)]
+struct OutboxColumns {
+    id: usize,
+    aggregatetype: usize,
+    aggregateid: usize,
+    event_type: usize,
+    payload: usize,
+    headers: Option<usize>,
+}
+
+impl OutboxColumns {
+    fn resolve(rel: &Relation) -> Result<OutboxColumns> {
+        let find = |name: &str| rel.columns.iter().position(|c| c == name);
+        let need = |name: &str| {
+            find(name).ok_or_else(|| {
+                Error::setup(
+                    format!(
+                        "outbox table {}.{} has no column `{name}`",
+                        rel.namespace, rel.name
+                    ),
+                    "use the Debezium-compatible outbox table shape (see sql/outbox.sql)",
+                )
+            })
+        };
+        Ok(OutboxColumns {
+            id: need("id")?,
+            aggregatetype: need("aggregatetype")?,
+            aggregateid: need("aggregateid")?,
+            event_type: need("type")?,
+            payload: need("payload")?,
+            headers: find("headers"),
+        })
+    }
+}
+
+/// Turns pgoutput messages into [`Change`]s. Keeps the relation cache and the current
+/// transaction's commit time.
+pub struct Decoder {
+    schema: String,
+    table: String,
+    relations: HashMap<u32, Option<OutboxColumns>>,
+    commit_time: SystemTime,
+}
+
+impl Decoder {
+    pub fn new(cfg: &PostgresConfig) -> Decoder {
+        Decoder {
+            schema: cfg.schema.clone(),
+            table: cfg.table.clone(),
+            relations: HashMap::new(),
+            commit_time: SystemTime::now(),
+        }
+    }
+
+    pub fn feed(&mut self, data: &[u8]) -> Result<Option<Change>> {
+        match pgoutput::decode(data)? {
+            Message::Begin { commit_time, .. } => {
+                self.commit_time = commit_time;
+                Ok(None)
+            }
+            Message::Commit { end_lsn, .. } => Ok(Some(Change::Boundary(end_lsn))),
+            Message::Relation(rel) => {
+                let cols = if rel.namespace == self.schema && rel.name == self.table {
+                    Some(OutboxColumns::resolve(&rel)?)
+                } else {
+                    tracing::debug!(relation = %format!("{}.{}", rel.namespace, rel.name), "ignoring changes of a table that is not the outbox");
+                    None
+                };
+                self.relations.insert(rel.id, cols);
+                Ok(None)
+            }
+            Message::Insert { relation_id, tuple } => match self.relations.get(&relation_id) {
+                Some(Some(cols)) => Ok(Some(Change::Event(self.event(cols, tuple)?))),
+                Some(None) => Ok(None),
+                None => Err(Error::setup(
+                    format!(
+                        "insert for relation {relation_id} arrived before its Relation message"
+                    ),
+                    "report this as a bug in outboxd",
+                )),
+            },
+            Message::LogicalMessage {
+                transactional: false,
+                lsn,
+                ..
+            } => Ok(Some(Change::Boundary(lsn))),
+            Message::LogicalMessage { .. } | Message::Other(_) => Ok(None),
+        }
+    }
+
+    fn event(&self, cols: &OutboxColumns, mut tuple: Vec<Column>) -> Result<Event> {
+        let mut take = |i: usize| -> Option<Vec<u8>> {
+            match tuple.get_mut(i) {
+                Some(Column::Text(v)) => Some(std::mem::take(v)),
+                _ => None,
+            }
+        };
+        let text = |v: Option<Vec<u8>>| v.map(|b| String::from_utf8_lossy(&b).into_owned());
+        let id = text(take(cols.id)).unwrap_or_default();
+        let aggregatetype = text(take(cols.aggregatetype)).unwrap_or_default();
+        let aggregateid = text(take(cols.aggregateid));
+        let event_type = text(take(cols.event_type)).unwrap_or_default();
+        let payload = take(cols.payload);
+        let headers = cols.headers.and_then(|i| text(take(i)));
+        Ok(Event {
+            id,
+            aggregatetype,
+            aggregateid,
+            event_type,
+            payload,
+            headers,
+            commit_time: self.commit_time,
+        })
+    }
+}
+
+/// The slot as seen in `pg_replication_slots`.
+#[derive(Debug, Clone)]
+pub struct SlotState {
+    pub confirmed_flush: u64,
+    pub active_pid: Option<i32>,
+    pub wal_status: Option<String>,
+}
+
+/// A connection that reads and advances the slot.
+pub struct SlotReader {
+    client: Client,
+    cfg: PostgresConfig,
+    confirmed: u64,
+}
+
+impl SlotReader {
+    /// Connects and checks everything the relay needs, so that a misconfiguration is reported
+    /// once, clearly, instead of as an obscure error in the middle of the stream.
+    pub async fn open(cfg: &PostgresConfig) -> Result<SlotReader> {
+        let client = crate::pg::connect(&cfg.url, "outboxd").await?;
+        let wal_level: String = client
+            .query_one("SELECT current_setting('wal_level')", &[])
+            .await
+            .map_err(|e| Error::pg("reading wal_level", e))?
+            .get(0);
+        if wal_level != "logical" {
+            return Err(Error::setup(
+                format!("PostgreSQL runs with wal_level = {wal_level}, logical replication needs `logical`"),
+                "set wal_level = logical in postgresql.conf and restart PostgreSQL",
+            ));
+        }
+        let encoding: String = client
+            .query_one("SELECT current_setting('server_encoding')", &[])
+            .await
+            .map_err(|e| Error::pg("reading server_encoding", e))?
+            .get(0);
+        if encoding != "UTF8" {
+            return Err(Error::setup(
+                format!("database encoding is {encoding}; outboxd needs UTF8"),
+                "use a UTF8 database for the outbox",
+            ));
+        }
+        let can_replicate: bool = client
+            .query_one(
+                "SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user",
+                &[],
+            )
+            .await
+            .map_err(|e| Error::pg("reading the role's attributes", e))?
+            .get(0);
+        if !can_replicate {
+            return Err(Error::setup(
+                "the PostgreSQL role has neither REPLICATION nor SUPERUSER, so it cannot read a replication slot",
+                "ALTER ROLE <user> REPLICATION (the role also needs SELECT on the outbox table)",
+            ));
+        }
+        let publication_exists = client
+            .query_opt(
+                "SELECT 1 FROM pg_publication WHERE pubname = $1",
+                &[&cfg.publication],
+            )
+            .await
+            .map_err(|e| Error::pg("looking up the publication", e))?
+            .is_some();
+        if !publication_exists {
+            return Err(Error::setup(
+                format!("publication `{}` does not exist", cfg.publication),
+                "run `outboxd migrate` with the same configuration",
+            ));
+        }
+        let mut reader = SlotReader {
+            client,
+            cfg: cfg.clone(),
+            confirmed: 0,
+        };
+        let state = reader.state().await?;
+        reader.confirmed = state.confirmed_flush;
+        if state.wal_status.as_deref() == Some("lost") {
+            return Err(Error::setup(
+                format!(
+                    "replication slot `{}` is invalidated (wal_status = lost): PostgreSQL removed WAL it still needed, so events may have been skipped",
+                    cfg.slot
+                ),
+                "drop and recreate the slot (SELECT pg_drop_replication_slot(…); outboxd migrate), then check consumers for missing events; raise max_slot_wal_keep_size",
+            ));
+        }
+        Ok(reader)
+    }
+
+    /// Reads the slot's row; a missing slot, a slot of another plugin or database is a
+    /// setup error.
+    pub async fn state(&self) -> Result<SlotState> {
+        let row = self
+            .client
+            .query_opt(
+                "SELECT plugin::text, slot_type, database::text = current_database()::text, \
+                        confirmed_flush_lsn::text, active_pid, wal_status \
+                   FROM pg_replication_slots WHERE slot_name = $1",
+                &[&self.cfg.slot],
+            )
+            .await
+            .map_err(|e| Error::pg("looking up the replication slot", e))?;
+        let Some(row) = row else {
+            return Err(Error::setup(
+                format!("replication slot `{}` does not exist", self.cfg.slot),
+                "run `outboxd migrate` with the same configuration",
+            ));
+        };
+        let plugin: Option<String> = row.get(0);
+        let slot_type: String = row.get(1);
+        let same_db: Option<bool> = row.get(2);
+        if slot_type != "logical" || plugin.as_deref() != Some("pgoutput") {
+            return Err(Error::setup(
+                format!(
+                    "replication slot `{}` is a {slot_type} slot with plugin {}, not a pgoutput logical slot",
+                    self.cfg.slot,
+                    plugin.as_deref().unwrap_or("none")
+                ),
+                "configure postgres.slot to a slot outboxd owns, or let `outboxd migrate` create one",
+            ));
+        }
+        if same_db != Some(true) {
+            return Err(Error::setup(
+                format!(
+                    "replication slot `{}` belongs to another database",
+                    self.cfg.slot
+                ),
+                "connect to the slot's database, or configure another postgres.slot",
+            ));
+        }
+        let confirmed: Option<String> = row.get(3);
+        Ok(SlotState {
+            confirmed_flush: confirmed
+                .as_deref()
+                .and_then(pgoutput::parse_lsn)
+                .unwrap_or(0),
+            active_pid: row.get(4),
+            wal_status: row.get(5),
+        })
+    }
+
+    /// Waits until this session holds the slot's advisory lock (one publishing instance per
+    /// slot). Returns `false` if `stop` fired first.
+    pub async fn acquire_leadership(
+        &self,
+        stop: &mut tokio::sync::watch::Receiver<bool>,
+    ) -> Result<bool> {
+        let mut announced = false;
+        loop {
+            let got: bool = self
+                .client
+                .query_one(
+                    "SELECT pg_try_advisory_lock(hashtextextended('outboxd.slot.' || $1, 0))",
+                    &[&self.cfg.slot],
+                )
+                .await
+                .map_err(|e| Error::pg("taking the slot's advisory lock", e))?
+                .get(0);
+            if got {
+                if announced {
+                    tracing::info!(slot = %self.cfg.slot, "took over: this instance now publishes");
+                }
+                return Ok(true);
+            }
+            if !announced {
+                tracing::info!(slot = %self.cfg.slot, "another outboxd instance holds this slot's lock; waiting as standby");
+                announced = true;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = stop.changed() => return Ok(false),
+            }
+        }
+    }
+
+    /// The slot's confirmed position as this reader last set or read it.
+    pub fn confirmed(&self) -> u64 {
+        self.confirmed
+    }
+
+    /// Starts a peek of up to `batch_max_changes` changes (whole transactions) past the
+    /// confirmed position. Rows carry one column, the pgoutput message.
+    pub async fn peek(&self) -> Result<RowStream> {
+        let publications = quote_ident(&self.cfg.publication);
+        let max = self.cfg.batch_max_changes as i32;
+        self.client
+            .query_raw(
+                "SELECT data FROM pg_logical_slot_peek_binary_changes($1::text::name, NULL, $2::int4, \
+                 'proto_version', '1', 'publication_names', $3::text, 'messages', 'true')",
+                [
+                    &self.cfg.slot as &(dyn tokio_postgres::types::ToSql + Sync),
+                    &max,
+                    &publications,
+                ],
+            )
+            .await
+            .map_err(|e| Error::pg("reading the replication slot", e))
+    }
+
+    /// Confirms `position`: PostgreSQL may now recycle the WAL before it.
+    pub async fn advance(&mut self, position: u64) -> Result<()> {
+        if position <= self.confirmed {
+            return Ok(());
+        }
+        let lsn = pgoutput::format_lsn(position);
+        self.client
+            .execute(
+                "SELECT pg_replication_slot_advance($1::text::name, $2::text::pg_lsn)",
+                &[&self.cfg.slot, &lsn],
+            )
+            .await
+            .map_err(|e| Error::pg(format!("advancing the slot to {lsn}"), e))?;
+        tracing::debug!(slot = %self.cfg.slot, lsn = %lsn, "slot advanced");
+        self.confirmed = position;
+        Ok(())
+    }
+
+    /// Writes a heartbeat message if WAL was written since the confirmed position.
+    pub async fn heartbeat_if_wal_moved(&self) -> Result<bool> {
+        let current: String = self
+            .client
+            .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+            .await
+            .map_err(|e| Error::pg("reading the current WAL position", e))?
+            .get(0);
+        let current = pgoutput::parse_lsn(&current).unwrap_or(0);
+        if current <= self.confirmed {
+            return Ok(false);
+        }
+        self.client
+            .execute(
+                "SELECT pg_logical_emit_message(false, $1::text, ''::text)",
+                &[&HEARTBEAT_PREFIX],
+            )
+            .await
+            .map_err(|e| Error::pg("writing a heartbeat message", e))?;
+        Ok(true)
+    }
+}

@@ -1,0 +1,3 @@
+//! Sources: where events come from. `logical` reads a pgoutput replication slot.
+pub mod logical;
+pub mod pgoutput;

@@ -1,0 +1,353 @@
+//! Decoder for the pgoutput logical replication protocol (version 1), limited to what an
+//! outbox needs: Begin, Commit, Relation, Insert and logical decoding Messages. Other messages
+//! (Update, Delete, Truncate, Type, Origin) are recognised and skipped.
+//!
+//! Reference: PostgreSQL documentation, "Logical Replication Message Formats".
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// A decoded pgoutput message.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Message {
+    Begin {
+        /// LSN of the commit record.
+        final_lsn: u64,
+        commit_time: SystemTime,
+        xid: u32,
+    },
+    Commit {
+        commit_lsn: u64,
+        /// End of the commit record: the position to confirm once the transaction is done.
+        end_lsn: u64,
+        commit_time: SystemTime,
+    },
+    Relation(Relation),
+    Insert {
+        relation_id: u32,
+        tuple: Vec<Column>,
+    },
+    /// `pg_logical_emit_message`. A non-transactional message's `lsn` is a safe position to
+    /// confirm: everything before it in the WAL has been decoded.
+    LogicalMessage {
+        transactional: bool,
+        lsn: u64,
+        prefix: String,
+        content: Vec<u8>,
+    },
+    /// Update, Delete, Truncate, Type, Origin: not used by the outbox.
+    Other(u8),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Relation {
+    pub id: u32,
+    pub namespace: String,
+    pub name: String,
+    pub columns: Vec<String>,
+}
+
+/// One column value of a tuple.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Column {
+    Null,
+    /// An unchanged TOASTed value (never in an INSERT).
+    Unchanged,
+    /// Text representation.
+    Text(Vec<u8>),
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum DecodeError {
+    #[error("pgoutput message truncated while reading {0}")]
+    Truncated(&'static str),
+    #[error("pgoutput message has an empty body")]
+    Empty,
+    #[error("pgoutput string is not NUL-terminated UTF-8")]
+    BadString,
+    #[error("unknown tuple column kind {0:#04x}")]
+    BadColumnKind(u8),
+    #[error("unexpected byte {found:#04x} where {expected} was expected")]
+    Unexpected { expected: &'static str, found: u8 },
+}
+
+/// Microseconds between 1970-01-01 and PostgreSQL's epoch 2000-01-01.
+const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
+
+pub fn pg_timestamp(micros_since_2000: i64) -> SystemTime {
+    let unix = micros_since_2000.saturating_add(PG_EPOCH_OFFSET_MICROS);
+    if unix >= 0 {
+        UNIX_EPOCH + Duration::from_micros(unix as u64)
+    } else {
+        UNIX_EPOCH - Duration::from_micros(unix.unsigned_abs())
+    }
+}
+
+struct Reader<'a> {
+    buf: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize, what: &'static str) -> Result<&'a [u8], DecodeError> {
+        if self.buf.len() < n {
+            return Err(DecodeError::Truncated(what));
+        }
+        let (head, tail) = self.buf.split_at(n);
+        self.buf = tail;
+        Ok(head)
+    }
+    fn u8(&mut self, what: &'static str) -> Result<u8, DecodeError> {
+        Ok(self.take(1, what)?[0])
+    }
+    fn i16(&mut self, what: &'static str) -> Result<i16, DecodeError> {
+        let b = self.take(2, what)?;
+        Ok(i16::from_be_bytes([b[0], b[1]]))
+    }
+    fn u32(&mut self, what: &'static str) -> Result<u32, DecodeError> {
+        let b = self.take(4, what)?;
+        Ok(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+    }
+    fn u64(&mut self, what: &'static str) -> Result<u64, DecodeError> {
+        let b = self.take(8, what)?;
+        let mut a = [0u8; 8];
+        a.copy_from_slice(b);
+        Ok(u64::from_be_bytes(a))
+    }
+    fn i64(&mut self, what: &'static str) -> Result<i64, DecodeError> {
+        Ok(self.u64(what)? as i64)
+    }
+    fn cstr(&mut self) -> Result<String, DecodeError> {
+        let end = self
+            .buf
+            .iter()
+            .position(|&b| b == 0)
+            .ok_or(DecodeError::BadString)?;
+        let s = std::str::from_utf8(&self.buf[..end]).map_err(|_| DecodeError::BadString)?;
+        self.buf = &self.buf[end + 1..];
+        Ok(s.to_string())
+    }
+}
+
+/// Decodes one pgoutput message (one `data` value of `pg_logical_slot_peek_binary_changes`).
+pub fn decode(data: &[u8]) -> Result<Message, DecodeError> {
+    let mut r = Reader { buf: data };
+    let tag = r.u8("message tag").map_err(|_| DecodeError::Empty)?;
+    match tag {
+        b'B' => Ok(Message::Begin {
+            final_lsn: r.u64("Begin final LSN")?,
+            commit_time: pg_timestamp(r.i64("Begin timestamp")?),
+            xid: r.u32("Begin xid")?,
+        }),
+        b'C' => {
+            let _flags = r.u8("Commit flags")?;
+            Ok(Message::Commit {
+                commit_lsn: r.u64("Commit LSN")?,
+                end_lsn: r.u64("Commit end LSN")?,
+                commit_time: pg_timestamp(r.i64("Commit timestamp")?),
+            })
+        }
+        b'R' => {
+            let id = r.u32("Relation id")?;
+            let namespace = r.cstr()?;
+            let name = r.cstr()?;
+            let _replica_identity = r.u8("Relation replica identity")?;
+            let ncols = r.i16("Relation column count")?;
+            let mut columns = Vec::with_capacity(ncols.max(0) as usize);
+            for _ in 0..ncols {
+                let _flags = r.u8("column flags")?;
+                columns.push(r.cstr()?);
+                let _type_oid = r.u32("column type")?;
+                let _typmod = r.u32("column type modifier")?;
+            }
+            Ok(Message::Relation(Relation {
+                id,
+                // pgoutput sends an empty namespace for pg_catalog.
+                namespace: if namespace.is_empty() {
+                    "pg_catalog".into()
+                } else {
+                    namespace
+                },
+                name,
+                columns,
+            }))
+        }
+        b'I' => {
+            let relation_id = r.u32("Insert relation id")?;
+            let n = r.u8("Insert tuple marker")?;
+            if n != b'N' {
+                return Err(DecodeError::Unexpected {
+                    expected: "'N' (new tuple)",
+                    found: n,
+                });
+            }
+            Ok(Message::Insert {
+                relation_id,
+                tuple: decode_tuple(&mut r)?,
+            })
+        }
+        b'M' => {
+            let flags = r.u8("Message flags")?;
+            let lsn = r.u64("Message LSN")?;
+            let prefix = r.cstr()?;
+            let len = r.u32("Message length")? as usize;
+            let content = r.take(len, "Message content")?.to_vec();
+            Ok(Message::LogicalMessage {
+                transactional: flags & 1 == 1,
+                lsn,
+                prefix,
+                content,
+            })
+        }
+        other => Ok(Message::Other(other)),
+    }
+}
+
+fn decode_tuple(r: &mut Reader<'_>) -> Result<Vec<Column>, DecodeError> {
+    let n = r.i16("tuple column count")?;
+    let mut cols = Vec::with_capacity(n.max(0) as usize);
+    for _ in 0..n {
+        match r.u8("tuple column kind")? {
+            b'n' => cols.push(Column::Null),
+            b'u' => cols.push(Column::Unchanged),
+            b't' | b'b' => {
+                let len = r.u32("column length")? as usize;
+                cols.push(Column::Text(r.take(len, "column value")?.to_vec()));
+            }
+            other => return Err(DecodeError::BadColumnKind(other)),
+        }
+    }
+    Ok(cols)
+}
+
+/// Formats an LSN the way PostgreSQL prints it (`16/B374D848`).
+pub fn format_lsn(lsn: u64) -> String {
+    format!("{:X}/{:X}", lsn >> 32, lsn & 0xffff_ffff)
+}
+
+/// Parses PostgreSQL's `X/Y` LSN text.
+pub fn parse_lsn(text: &str) -> Option<u64> {
+    let (hi, lo) = text.split_once('/')?;
+    let hi = u64::from_str_radix(hi, 16).ok()?;
+    let lo = u64::from_str_radix(lo, 16).ok()?;
+    if hi > u32::MAX as u64 || lo > u32::MAX as u64 {
+        return None;
+    }
+    Some((hi << 32) | lo)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn cstr(out: &mut Vec<u8>, s: &str) {
+        out.extend_from_slice(s.as_bytes());
+        out.push(0);
+    }
+
+    #[test]
+    fn decodes_begin_and_commit() {
+        let mut b = vec![b'B'];
+        b.extend_from_slice(&0x1_0000_0010u64.to_be_bytes());
+        b.extend_from_slice(&1_000_000i64.to_be_bytes());
+        b.extend_from_slice(&77u32.to_be_bytes());
+        assert_eq!(
+            decode(&b).unwrap(),
+            Message::Begin {
+                final_lsn: 0x1_0000_0010,
+                commit_time: UNIX_EPOCH + Duration::from_micros(946_684_801_000_000),
+                xid: 77
+            }
+        );
+        let mut c = vec![b'C', 0];
+        c.extend_from_slice(&5u64.to_be_bytes());
+        c.extend_from_slice(&9u64.to_be_bytes());
+        c.extend_from_slice(&0i64.to_be_bytes());
+        assert!(matches!(
+            decode(&c).unwrap(),
+            Message::Commit {
+                commit_lsn: 5,
+                end_lsn: 9,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn decodes_relation_and_insert() {
+        let mut r = vec![b'R'];
+        r.extend_from_slice(&16384u32.to_be_bytes());
+        cstr(&mut r, "public");
+        cstr(&mut r, "outbox");
+        r.push(b'd');
+        r.extend_from_slice(&2i16.to_be_bytes());
+        for name in ["id", "payload"] {
+            r.push(1);
+            cstr(&mut r, name);
+            r.extend_from_slice(&25u32.to_be_bytes());
+            r.extend_from_slice(&u32::MAX.to_be_bytes());
+        }
+        assert_eq!(
+            decode(&r).unwrap(),
+            Message::Relation(Relation {
+                id: 16384,
+                namespace: "public".into(),
+                name: "outbox".into(),
+                columns: vec!["id".into(), "payload".into()],
+            })
+        );
+
+        let mut i = vec![b'I'];
+        i.extend_from_slice(&16384u32.to_be_bytes());
+        i.push(b'N');
+        i.extend_from_slice(&2i16.to_be_bytes());
+        i.push(b't');
+        i.extend_from_slice(&3u32.to_be_bytes());
+        i.extend_from_slice(b"abc");
+        i.push(b'n');
+        assert_eq!(
+            decode(&i).unwrap(),
+            Message::Insert {
+                relation_id: 16384,
+                tuple: vec![Column::Text(b"abc".to_vec()), Column::Null]
+            }
+        );
+    }
+
+    #[test]
+    fn decodes_logical_message() {
+        let mut m = vec![b'M', 0];
+        m.extend_from_slice(&42u64.to_be_bytes());
+        cstr(&mut m, "outboxd.heartbeat");
+        m.extend_from_slice(&2u32.to_be_bytes());
+        m.extend_from_slice(b"hi");
+        assert_eq!(
+            decode(&m).unwrap(),
+            Message::LogicalMessage {
+                transactional: false,
+                lsn: 42,
+                prefix: "outboxd.heartbeat".into(),
+                content: b"hi".to_vec()
+            }
+        );
+    }
+
+    #[test]
+    fn truncated_input_is_an_error_not_a_panic() {
+        for msg in [
+            &b"B\x00\x01"[..],
+            b"C",
+            b"R\x00\x00\x00\x01abc",
+            b"I\x00\x00\x00\x01N\x00\x01t\x00\x00\x00\x09ab",
+            b"",
+        ] {
+            assert!(decode(msg).is_err(), "{msg:?}");
+        }
+    }
+
+    #[test]
+    fn lsn_round_trips() {
+        assert_eq!(parse_lsn("16/B374D848"), Some(0x16_B374_D848));
+        assert_eq!(format_lsn(0x16_B374_D848), "16/B374D848");
+        assert_eq!(parse_lsn("nope"), None);
+    }
+}

@@ -1,0 +1,221 @@
+//! The binary's contract with operators: bad input gives one clear line and exit code 2;
+//! an unreachable database is retried, not fatal; migrate is idempotent; secrets stay out of
+//! the output.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn bad_config_value_exits_2_naming_the_key() {
+    let dir = std::env::temp_dir().join(unique("badcfg"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("c.toml");
+    std::fs::write(
+        &path,
+        "[postgres]\nurl = \"postgres://u@localhost/db\"\npoll_interval_ms = 0\n[kafka]\nbrokers = \"k:9092\"\n",
+    )
+    .unwrap();
+    let out = outboxd(&["run", "--config", path.to_str().unwrap()], &[]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(err.contains("postgres.poll_interval_ms"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "one line expected: {err}");
+}
+
+#[test]
+fn unknown_config_key_exits_2_naming_it() {
+    let dir = std::env::temp_dir().join(unique("badkey"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("c.toml");
+    std::fs::write(&path, "[kafka]\nbrokerz = \"k:9092\"\n").unwrap();
+    let out = outboxd(&["run", "--config", path.to_str().unwrap()], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("brokerz"), "{}", stderr(&out));
+}
+
+#[test]
+fn missing_postgres_url_exits_2_naming_key_and_env_var() {
+    let out = outboxd(&["run"], &[("OUTBOXD_KAFKA_BROKERS", "k:9092")]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = stderr(&out);
+    assert!(
+        err.contains("postgres.url") && err.contains("OUTBOXD_POSTGRES_URL"),
+        "{err}"
+    );
+}
+
+#[test]
+fn missing_config_file_exits_2_naming_the_file() {
+    let out = outboxd(&["run", "--config", "/nonexistent/outboxd.toml"], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("/nonexistent/outboxd.toml"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn environment_alone_configures_outboxd_and_secrets_are_redacted() {
+    let out = outboxd(
+        &["check-config"],
+        &[
+            (
+                "OUTBOXD_POSTGRES_URL",
+                "postgres://app:TopSecret42@db:5432/app",
+            ),
+            ("OUTBOXD_KAFKA_BROKERS", "k1:9092,k2:9092"),
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("k1:9092,k2:9092"), "{text}");
+    assert!(text.contains("postgres://app:***@db:5432/app"), "{text}");
+    assert!(!text.contains("TopSecret42"), "password leaked: {text}");
+}
+
+#[tokio::test]
+async fn wrong_password_exits_2_naming_the_problem_without_leaking_it() {
+    let db = TestDb::new("wrongpw").await;
+    let admin = db.client().await;
+    let role = unique("app").to_lowercase();
+    admin
+        .batch_execute(&format!(
+            "CREATE ROLE {role} LOGIN REPLICATION PASSWORD 'right-pw'"
+        ))
+        .await
+        .unwrap();
+    let base = pg_admin_url();
+    let hostport = base.split('@').nth(1).unwrap().split('/').next().unwrap();
+    let url = format!("postgres://{role}:Wr0ngSecret@{hostport}/{}", db.name);
+    let out = outboxd(
+        &["run"],
+        &[
+            ("OUTBOXD_POSTGRES_URL", url.as_str()),
+            ("OUTBOXD_KAFKA_BROKERS", &kafka_brokers()),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(err.contains("password authentication failed"), "{err}");
+    assert!(err.contains("fix:"), "{err}");
+    assert!(!err.contains("Wr0ngSecret"), "password leaked: {err}");
+}
+
+#[tokio::test]
+async fn role_without_replication_exits_2_naming_the_privilege() {
+    let db = TestDb::new("norepl").await;
+    let config = db.config(&kafka_brokers(), "");
+    migrate(&config);
+    let admin = db.client().await;
+    let role = unique("app").to_lowercase();
+    admin
+        .batch_execute(&format!(
+            "CREATE ROLE {role} LOGIN PASSWORD 'pw'; GRANT SELECT ON outbox TO {role}"
+        ))
+        .await
+        .unwrap();
+    let base = pg_admin_url();
+    let hostport = base.split('@').nth(1).unwrap().split('/').next().unwrap();
+    let url = format!("postgres://{role}:pw@{hostport}/{}", db.name);
+    let out = outboxd(
+        &["run", "--config", config.to_str().unwrap()],
+        &[("OUTBOXD_POSTGRES_URL", url.as_str())],
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("REPLICATION"), "{}", stderr(&out));
+}
+
+#[tokio::test]
+async fn run_without_migrate_exits_2_pointing_to_migrate() {
+    let db = TestDb::new("nomigrate").await;
+    let config = db.config(&kafka_brokers(), "");
+    let out = outboxd(&["run", "--config", config.to_str().unwrap()], &[]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("outboxd migrate"), "{}", stderr(&out));
+}
+
+#[tokio::test]
+async fn migrate_is_idempotent_and_reports_what_existed() {
+    let db = TestDb::new("migrate").await;
+    let config = db.config(&kafka_brokers(), "");
+    let first = outboxd(&["migrate", "--config", config.to_str().unwrap()], &[]);
+    assert!(first.status.success(), "{}", stderr(&first));
+    let text = String::from_utf8_lossy(&first.stdout);
+    assert!(
+        text.contains("table \"public\".\"outbox\": created"),
+        "{text}"
+    );
+    assert!(text.contains("publication \"outboxd\": created"), "{text}");
+    assert!(
+        text.contains(&format!("replication slot '{}': created", db.slot())),
+        "{text}"
+    );
+    let second = outboxd(&["migrate", "--config", config.to_str().unwrap()], &[]);
+    assert!(second.status.success(), "{}", stderr(&second));
+    let text = String::from_utf8_lossy(&second.stdout);
+    assert_eq!(text.matches("already exists").count(), 3, "{text}");
+    assert!(!text.contains("created"), "{text}");
+}
+
+#[tokio::test]
+async fn migrate_quotes_configured_identifiers() {
+    let db = TestDb::new("quoted").await;
+    let config = db.config(
+        &kafka_brokers(),
+        "[postgres]\ntable = \"Weird Schema.Out\\\"box\"\npublication = \"My Pub\"\n",
+    );
+    let out = outboxd(&["migrate", "--config", config.to_str().unwrap()], &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let c = db.client().await;
+    let row = c
+        .query_one(
+            "SELECT count(*) FROM pg_publication_tables WHERE pubname = 'My Pub' AND schemaname = 'Weird Schema' AND tablename = 'Out\"box'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, i64>(0), 1);
+}
+
+#[test]
+fn unreachable_postgres_is_retried_with_backoff_and_logged() {
+    // A port nobody listens on.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    drop(listener);
+    let dir = std::env::temp_dir().join(unique("unreach"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("c.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[postgres]\nurl = \"postgres://u:Secr3t@127.0.0.1:{port}/db\"\n[kafka]\nbrokers = \"127.0.0.1:1\"\n[retry]\ninitial_backoff_ms = 50\nmax_backoff_ms = 200\n"
+        ),
+    )
+    .unwrap();
+    let mut relay = Relay::start(&path);
+    std::thread::sleep(Duration::from_secs(3));
+    relay.assert_running();
+    let status = relay.terminate(Duration::from_secs(10));
+    assert_eq!(status.code(), Some(0));
+    let log = relay.log_text();
+    let attempts = log.matches("relay interrupted; retrying").count();
+    assert!(
+        attempts >= 3,
+        "expected repeated logged retries, got {attempts}:\n{log}"
+    );
+    assert!(
+        log.contains("Connection refused") || log.contains("connection refused"),
+        "{log}"
+    );
+    assert!(!log.contains("Secr3t"), "password leaked into logs:\n{log}");
+}

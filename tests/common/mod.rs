@@ -1,0 +1,546 @@
+//! Test harness: real PostgreSQL and a real Kafka-protocol broker, started by
+//! `scripts/stack.sh` (which `scripts/test.sh` runs). Every test gets its own database, slot,
+//! publication and topics, so tests run in parallel.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Headers;
+use rdkafka::{Message, Offset, TopicPartitionList};
+use tokio_postgres::{Client, NoTls};
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// The stack's addresses; a test run without them is a setup mistake, not a pass.
+pub fn pg_admin_url() -> String {
+    std::env::var("OUTBOXD_TEST_PG_URL").expect(
+        "OUTBOXD_TEST_PG_URL is not set: run the tests with scripts/test.sh (it starts PostgreSQL and the broker)",
+    )
+}
+
+pub fn kafka_brokers() -> String {
+    std::env::var("OUTBOXD_TEST_KAFKA").expect(
+        "OUTBOXD_TEST_KAFKA is not set: run the tests with scripts/test.sh (it starts PostgreSQL and the broker)",
+    )
+}
+
+pub fn unique(prefix: &str) -> String {
+    let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis()
+        % 100_000_000;
+    format!("{prefix}_{}_{t}_{n}", std::process::id())
+}
+
+pub async fn connect(url: &str) -> Client {
+    let (client, conn) = tokio_postgres::connect(url, NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("connect: {e}"));
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    client
+}
+
+/// A fresh database with its own slot name and topic prefix.
+#[derive(Clone)]
+pub struct TestDb {
+    pub name: String,
+    pub url: String,
+    pub dir: PathBuf,
+}
+
+impl TestDb {
+    pub async fn new(prefix: &str) -> TestDb {
+        let name = unique(prefix).to_lowercase();
+        let admin = connect(&pg_admin_url()).await;
+        admin
+            .batch_execute(&format!("CREATE DATABASE \"{name}\""))
+            .await
+            .unwrap();
+        let url = db_url(&pg_admin_url(), &name);
+        let dir = std::env::temp_dir().join(format!("outboxd-test-{name}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        TestDb { name, url, dir }
+    }
+
+    pub async fn client(&self) -> Client {
+        connect(&self.url).await
+    }
+
+    /// The slot is named after the database (slot names are cluster-wide).
+    pub fn slot(&self) -> &str {
+        &self.name
+    }
+
+    /// Topic template unique to this test: `<db>.{aggregatetype}`.
+    pub fn topic(&self, aggregatetype: &str) -> String {
+        format!("{}.{aggregatetype}", self.name)
+    }
+
+    /// Writes a config file for this database and the given brokers.
+    pub fn config(&self, brokers: &str, extra: &str) -> PathBuf {
+        let path = self.dir.join(format!("{}.toml", unique("cfg")));
+        let text = format!(
+            "[postgres]\nurl = \"{url}\"\nslot = \"{slot}\"\npoll_interval_ms = 20\n\n\
+             [kafka]\nbrokers = \"{brokers}\"\ntopic_template = \"{db}.{{aggregatetype}}\"\n\
+             delivery_timeout_ms = 5000\nshutdown_timeout_ms = 5000\n\n\
+             [retry]\ninitial_backoff_ms = 100\nmax_backoff_ms = 1000\n\n{extra}\n",
+            url = self.url,
+            slot = self.slot(),
+            db = self.name,
+        );
+        let text = merge_sections(&text);
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    /// The slot's confirmed_flush_lsn as a number.
+    pub async fn confirmed_lsn(&self) -> u64 {
+        let c = self.client().await;
+        let row = c
+            .query_one(
+                "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+                &[&self.slot()],
+            )
+            .await
+            .unwrap();
+        parse_lsn(&row.get::<_, String>(0))
+    }
+
+    pub async fn current_lsn(&self) -> u64 {
+        let c = self.client().await;
+        let row = c
+            .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+            .await
+            .unwrap();
+        parse_lsn(&row.get::<_, String>(0))
+    }
+}
+
+/// Lets `extra` add or replace keys of sections the base config already has (TOML forbids
+/// repeating a table header or a key).
+fn merge_sections(text: &str) -> String {
+    let mut order: Vec<String> = vec![String::new()];
+    let mut sections: BTreeMap<String, Vec<(String, String)>> = BTreeMap::new();
+    let mut current = String::new();
+    for line in text.lines() {
+        let t = line.trim();
+        if t.starts_with('[') {
+            current = t.to_string();
+            if !sections.contains_key(&current) {
+                order.push(current.clone());
+            }
+            sections.entry(current.clone()).or_default();
+        } else if let Some((k, _)) = t.split_once('=') {
+            let entries = sections.entry(current.clone()).or_default();
+            let key = k.trim().to_string();
+            entries.retain(|(existing, _)| *existing != key);
+            entries.push((key, line.to_string()));
+        }
+    }
+    let mut out = String::new();
+    for s in order {
+        if !s.is_empty() {
+            out.push_str(&s);
+            out.push('\n');
+        }
+        for (_, l) in sections.get(&s).map(Vec::as_slice).unwrap_or_default() {
+            out.push_str(l);
+            out.push('\n');
+        }
+    }
+    out
+}
+
+pub fn parse_lsn(s: &str) -> u64 {
+    let (hi, lo) = s.split_once('/').unwrap();
+    (u64::from_str_radix(hi, 16).unwrap() << 32) | u64::from_str_radix(lo, 16).unwrap()
+}
+
+pub fn db_url(admin_url: &str, db: &str) -> String {
+    let base = admin_url.rsplit_once('/').unwrap().0;
+    format!("{base}/{db}")
+}
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_outboxd")
+}
+
+/// Runs `outboxd <args>` to completion with a clean environment.
+pub fn outboxd(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(bin());
+    cmd.args(args);
+    for (k, _) in std::env::vars() {
+        if k.starts_with("OUTBOXD_") || k == "RUST_LOG" {
+            cmd.env_remove(k);
+        }
+    }
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().unwrap()
+}
+
+pub fn migrate(config: &Path) {
+    let out = outboxd(&["migrate", "--config", config.to_str().unwrap()], &[]);
+    assert!(
+        out.status.success(),
+        "migrate failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A running `outboxd run` process. Killed on drop.
+pub struct Relay {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Relay {
+    pub fn start(config: &Path) -> Relay {
+        Self::start_with_env(config, &[])
+    }
+
+    pub fn start_with_env(config: &Path, env: &[(&str, &str)]) -> Relay {
+        let log = config.with_extension(format!("{}.log", unique("relay")));
+        let file = std::fs::File::create(&log).unwrap();
+        let mut cmd = Command::new(bin());
+        cmd.args(["run", "--config", config.to_str().unwrap()]);
+        for (k, _) in std::env::vars() {
+            if k.starts_with("OUTBOXD_") || k == "RUST_LOG" {
+                cmd.env_remove(k);
+            }
+        }
+        cmd.env("OUTBOXD_LOG", "info,outboxd=debug");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(file))
+            .spawn()
+            .unwrap();
+        Relay { child, log }
+    }
+
+    /// SIGKILL: no chance to confirm anything.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then wait for the exit status.
+    pub fn terminate(&mut self, within: Duration) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "relay did not exit within {within:?} after SIGTERM; log:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn assert_running(&mut self) {
+        if let Some(status) = self.child.try_wait().unwrap() {
+            panic!("relay exited with {status}; log:\n{}", self.log_text());
+        }
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// An event as the test wrote it.
+#[derive(Debug, Clone)]
+pub struct Written {
+    pub id: String,
+    pub aggregatetype: String,
+    pub aggregateid: String,
+    pub seq: i64,
+    pub payload: String,
+}
+
+/// Inserts one transaction of `(aggregatetype, aggregateid)` events, each taking the next
+/// per-aggregate sequence number under the aggregate's row lock — so, for one aggregate,
+/// sequence order is commit order. Returns the written events, or None if `rollback`.
+pub async fn write_txn(
+    client: &mut Client,
+    events: &[(String, String)],
+    rollback: bool,
+) -> Result<Vec<Written>, tokio_postgres::Error> {
+    let tx = client.transaction().await?;
+    let mut out = Vec::with_capacity(events.len());
+    for (agg_type, agg_id) in events {
+        let row = tx
+            .query_one(
+                "INSERT INTO aggregates (id, seq) VALUES ($1, 1) \
+                 ON CONFLICT (id) DO UPDATE SET seq = aggregates.seq + 1 RETURNING seq",
+                &[agg_id],
+            )
+            .await?;
+        let seq: i64 = row.get(0);
+        let payload = format!("{{\"agg\": \"{agg_id}\", \"seq\": {seq}}}");
+        let row = tx
+            .query_one(
+                "INSERT INTO outbox (aggregatetype, aggregateid, type, payload, headers) \
+                 VALUES ($1, $2, 'Changed', $3::text::jsonb, '{\"traceparent\": \"00-test\"}'::jsonb) \
+                 RETURNING id::text, payload::text",
+                &[agg_type, agg_id, &payload],
+            )
+            .await?;
+        out.push(Written {
+            id: row.get(0),
+            aggregatetype: agg_type.clone(),
+            aggregateid: agg_id.clone(),
+            seq,
+            payload: row.get(1),
+        });
+    }
+    if rollback {
+        tx.rollback().await?;
+    } else {
+        tx.commit().await?;
+    }
+    Ok(out)
+}
+
+pub async fn create_aggregates_table(client: &Client) {
+    client
+        .batch_execute(
+            "CREATE TABLE IF NOT EXISTS aggregates (id text PRIMARY KEY, seq bigint NOT NULL)",
+        )
+        .await
+        .unwrap();
+}
+
+/// A record as a consumer saw it.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<String>,
+    pub id: Option<String>,
+    pub headers: HashMap<String, String>,
+    pub payload: Option<String>,
+}
+
+/// Reads `topics` from the beginning (partition assignment, no consumer group) until every id
+/// in `expect` was seen or `timeout` passed; then keeps reading for `linger` to catch records
+/// that should not be there.
+pub fn consume(
+    brokers: &str,
+    topics: &[String],
+    expect: &HashSet<String>,
+    timeout: Duration,
+    linger: Duration,
+) -> Vec<Received> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", unique("verify"))
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    let deadline = Instant::now() + timeout;
+    // Wait for the topics to exist (the relay creates them).
+    let mut tpl = TopicPartitionList::new();
+    for topic in topics {
+        loop {
+            let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(5));
+            if let Ok(md) = md {
+                if let Some(t) = md.topics().first() {
+                    if t.error().is_none() && !t.partitions().is_empty() {
+                        for p in t.partitions() {
+                            tpl.add_partition_offset(topic, p.id(), Offset::Beginning)
+                                .unwrap();
+                        }
+                        break;
+                    }
+                }
+            }
+            assert!(Instant::now() < deadline, "topic {topic} never appeared");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    consumer.assign(&tpl).unwrap();
+    let mut out = Vec::new();
+    let mut seen: HashSet<String> = HashSet::new();
+    let mut linger_until: Option<Instant> = None;
+    loop {
+        let now = Instant::now();
+        if let Some(l) = linger_until {
+            if now >= l {
+                break;
+            }
+        } else if expect.iter().all(|id| seen.contains(id)) {
+            linger_until = Some(now + linger);
+        } else if now >= deadline {
+            break;
+        }
+        match consumer.poll(Duration::from_millis(100)) {
+            None => {}
+            Some(Err(e)) => eprintln!("consumer error: {e}"),
+            Some(Ok(m)) => {
+                let mut headers = HashMap::new();
+                if let Some(h) = m.headers() {
+                    for hd in h.iter() {
+                        headers.insert(
+                            hd.key.to_string(),
+                            hd.value
+                                .map(|v| String::from_utf8_lossy(v).into_owned())
+                                .unwrap_or_default(),
+                        );
+                    }
+                }
+                let id = headers.get("id").cloned();
+                if let Some(id) = &id {
+                    seen.insert(id.clone());
+                }
+                out.push(Received {
+                    topic: m.topic().to_string(),
+                    partition: m.partition(),
+                    offset: m.offset(),
+                    key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+                    id,
+                    headers,
+                    payload: m.payload().map(|p| String::from_utf8_lossy(p).into_owned()),
+                });
+            }
+        }
+    }
+    out
+}
+
+/// Asserts the at-least-once contract on every id:
+/// * every written id was received;
+/// * nothing was received that was not written (no rolled-back or foreign events);
+/// * every copy of an id carries the original key, type and payload (duplicates are exact);
+/// * per aggregate, the first arrival of each event follows commit order (sequence order).
+///
+/// Returns the number of duplicates seen.
+pub fn assert_exactly_written(written: &[Written], received: &[Received]) -> usize {
+    let by_id: HashMap<&str, &Written> = written.iter().map(|w| (w.id.as_str(), w)).collect();
+    let mut first_seen: HashSet<&str> = HashSet::new();
+    let mut duplicates = 0;
+    // Records of one key share a partition; read order within a partition is offset order.
+    let mut ordered: Vec<&Received> = received.iter().collect();
+    ordered
+        .sort_by(|a, b| (&a.topic, a.partition, a.offset).cmp(&(&b.topic, b.partition, b.offset)));
+    let mut last_seq: HashMap<&str, i64> = HashMap::new();
+    for r in ordered {
+        let id = r.id.as_deref().expect("record without header `id`");
+        let w = by_id.get(id).unwrap_or_else(|| {
+            panic!(
+                "received event {id} that was never committed (topic {})",
+                r.topic
+            )
+        });
+        assert_eq!(
+            r.key.as_deref(),
+            Some(w.aggregateid.as_str()),
+            "key of {id}"
+        );
+        assert_eq!(
+            r.payload.as_deref(),
+            Some(w.payload.as_str()),
+            "payload of {id}"
+        );
+        assert_eq!(
+            r.headers.get("type").map(String::as_str),
+            Some("Changed"),
+            "type header of {id}"
+        );
+        assert_eq!(
+            r.headers.get("traceparent").map(String::as_str),
+            Some("00-test"),
+            "traceparent of {id}"
+        );
+        if !first_seen.insert(w.id.as_str()) {
+            duplicates += 1;
+            continue;
+        }
+        let last = last_seq.entry(w.aggregateid.as_str()).or_insert(0);
+        assert!(
+            w.seq > *last,
+            "aggregate {} out of order: seq {} (event {id}) arrived after seq {}",
+            w.aggregateid,
+            w.seq,
+            last
+        );
+        *last = w.seq;
+    }
+    let missing: Vec<&str> = written
+        .iter()
+        .map(|w| w.id.as_str())
+        .filter(|id| !first_seen.contains(id))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} of {} committed events never arrived, e.g. {:?}",
+        missing.len(),
+        written.len(),
+        &missing[..missing.len().min(5)]
+    );
+    duplicates
+}
+
+/// Polls `f` until it returns true or `timeout` passes.
+pub async fn eventually<F, Fut>(timeout: Duration, what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if f().await {
+            return;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A small deterministic PRNG (xorshift) so workloads are varied but reproducible.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed.max(1))
+    }
+    pub fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.0 = x;
+        x
+    }
+    pub fn range(&mut self, lo: u64, hi_inclusive: u64) -> u64 {
+        lo + self.next() % (hi_inclusive - lo + 1)
+    }
+}

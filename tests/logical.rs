@@ -1,0 +1,372 @@
+//! Logical-mode guarantees, against a real PostgreSQL cluster and a real Kafka-protocol broker
+//! (tansu), or librdkafka's MockCluster where a broker must fail on cue.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use common::*;
+
+/// Inserts `total` events from `connections` concurrent writers, 1–20 events per transaction,
+/// over `aggregates` aggregates of `types` aggregate types. Returns the committed events.
+async fn concurrent_workload(
+    db: &TestDb,
+    total: usize,
+    connections: usize,
+    aggregates: u64,
+    types: &[&str],
+) -> Vec<Written> {
+    let per_conn = total / connections;
+    let mut handles = Vec::new();
+    for c in 0..connections {
+        let url = db.url.clone();
+        let types: Vec<String> = types.iter().map(|s| s.to_string()).collect();
+        handles.push(tokio::spawn(async move {
+            let mut client = connect(&url).await;
+            let mut rng = Rng::new(0x5eed + c as u64 * 7919);
+            let mut written = Vec::new();
+            let mut remaining = per_conn;
+            while remaining > 0 {
+                let n = (rng.range(1, 20) as usize).min(remaining);
+                let mut events: Vec<(String, String)> = (0..n)
+                    .map(|_| {
+                        let a = rng.range(0, aggregates - 1);
+                        let t = &types[(a % types.len() as u64) as usize];
+                        (t.clone(), format!("agg-{a}"))
+                    })
+                    .collect();
+                // Lock aggregates in one global order: no deadlocks between writers.
+                events.sort_by(|x, y| x.1.cmp(&y.1));
+                written.extend(write_txn(&mut client, &events, false).await.unwrap());
+                remaining -= n;
+            }
+            written
+        }));
+    }
+    let mut all = Vec::new();
+    for h in handles {
+        all.extend(h.await.unwrap());
+    }
+    all
+}
+
+async fn setup(prefix: &str, brokers: &str, extra: &str) -> (TestDb, std::path::PathBuf) {
+    let db = TestDb::new(prefix).await;
+    let config = db.config(brokers, extra);
+    migrate(&config);
+    create_aggregates_table(&db.client().await).await;
+    (db, config)
+}
+
+fn ids(written: &[Written]) -> HashSet<String> {
+    written.iter().map(|w| w.id.clone()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_event_from_concurrent_transactions_arrives_in_aggregate_commit_order() {
+    let brokers = kafka_brokers();
+    let (db, config) = setup("concurrent", &brokers, "").await;
+    let mut relay = Relay::start(&config);
+    let mut written = concurrent_workload(&db, 10_000, 4, 300, &["order", "customer"]).await;
+    assert_eq!(written.len(), 10_000);
+    // One more transaction after all others: the slot must end up confirmed past it.
+    let before_last = db.current_lsn().await;
+    written.extend(
+        write_txn(
+            &mut db.client().await,
+            &[("order".into(), "last".into())],
+            false,
+        )
+        .await
+        .unwrap(),
+    );
+    let topics = vec![db.topic("order"), db.topic("customer")];
+    let received = consume(
+        &brokers,
+        &topics,
+        &ids(&written),
+        Duration::from_secs(120),
+        Duration::from_secs(1),
+    );
+    relay.assert_running();
+    let dups = assert_exactly_written(&written, &received);
+    assert_eq!(dups, 0, "no restart happened, so no event may repeat");
+    // Each aggregate type went to its own topic.
+    let by_id: std::collections::HashMap<&str, &Written> =
+        written.iter().map(|w| (w.id.as_str(), w)).collect();
+    for r in &received {
+        let w = by_id[r.id.as_deref().unwrap()];
+        assert_eq!(r.topic, db.topic(&w.aggregatetype));
+    }
+    eventually(
+        Duration::from_secs(10),
+        "slot confirmed past the last transaction",
+        || async { db.confirmed_lsn().await > before_last },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_of_rolled_back_transactions_never_arrive() {
+    let brokers = kafka_brokers();
+    let (db, config) = setup("rollback", &brokers, "").await;
+    let _relay = Relay::start(&config);
+    let mut client = db.client().await;
+    let mut committed = Vec::new();
+    let mut rolled_back = Vec::new();
+    for i in 0..40 {
+        let events: Vec<(String, String)> = (0..3)
+            .map(|j| ("order".to_string(), format!("a{}", (i + j) % 7)))
+            .collect();
+        let mut events = events;
+        events.sort_by(|x, y| x.1.cmp(&y.1));
+        if i % 3 == 1 {
+            rolled_back.extend(write_txn(&mut client, &events, true).await.unwrap());
+        } else {
+            committed.extend(write_txn(&mut client, &events, false).await.unwrap());
+        }
+    }
+    // A transaction that fails on its own (constraint violation) after inserting an event.
+    {
+        let tx = client.transaction().await.unwrap();
+        let row = tx
+            .query_one(
+                "INSERT INTO outbox (aggregatetype, aggregateid, type, payload) VALUES ('order', 'a1', 'Changed', '{}') RETURNING id::text",
+                &[],
+            )
+            .await
+            .unwrap();
+        rolled_back.push(Written {
+            id: row.get(0),
+            aggregatetype: "order".into(),
+            aggregateid: "a1".into(),
+            seq: 0,
+            payload: "{}".into(),
+        });
+        assert!(tx.batch_execute("SELECT 1/0").await.is_err());
+        drop(tx);
+    }
+    // Committed last: once it arrived, every earlier transaction was decoded.
+    committed.extend(
+        write_txn(&mut client, &[("order".into(), "sentinel".into())], false)
+            .await
+            .unwrap(),
+    );
+    let received = consume(
+        &brokers,
+        &[db.topic("order")],
+        &ids(&committed),
+        Duration::from_secs(60),
+        Duration::from_secs(2),
+    );
+    let got: HashSet<String> = received.iter().filter_map(|r| r.id.clone()).collect();
+    for w in &rolled_back {
+        assert!(
+            !got.contains(&w.id),
+            "event {} of a rolled-back transaction reached Kafka",
+            w.id
+        );
+    }
+    assert_exactly_written(&committed, &received);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn no_event_lost_when_relay_killed_mid_stream() {
+    let brokers = kafka_brokers();
+    let (db, config) = setup(
+        "killed",
+        &brokers,
+        "[kafka]\nmax_in_flight = 500\n[postgres]\nbatch_max_changes = 2000\n",
+    )
+    .await;
+    let mut relay = Relay::start(&config);
+    let writer = {
+        let db = db.clone();
+        tokio::spawn(async move { concurrent_workload(&db, 6_000, 3, 100, &["order"]).await })
+    };
+    // Kill abruptly once the relay is demonstrably mid-stream: it has confirmed something
+    // and the writers are still going.
+    eventually(
+        Duration::from_secs(60),
+        "relay confirmed a first batch",
+        || async { db.confirmed_lsn().await > 0 && !writer.is_finished() },
+    )
+    .await;
+    let confirmed_before_kill = db.confirmed_lsn().await;
+    relay.kill();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut relay = Relay::start(&config);
+    let written = writer.await.unwrap();
+    let received = consume(
+        &brokers,
+        &[db.topic("order")],
+        &ids(&written),
+        Duration::from_secs(120),
+        Duration::from_secs(1),
+    );
+    relay.assert_running();
+    let dups = assert_exactly_written(&written, &received);
+    eprintln!(
+        "killed at confirmed LSN {confirmed_before_kill:X}; {} records, {dups} duplicates",
+        received.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slot_does_not_advance_while_broker_is_down_and_nothing_is_lost_after() {
+    let mock = rdkafka::mocking::MockCluster::new(1).unwrap();
+    let brokers = mock.bootstrap_servers();
+    let (db, config) = setup(
+        "brokerdown",
+        &brokers,
+        "[kafka]\ndelivery_timeout_ms = 2000\ncreate_topics = false\n",
+    )
+    .await;
+    mock.create_topic(&db.topic("order"), 3, 1).unwrap();
+    let _relay = Relay::start(&config);
+    let mut client = db.client().await;
+
+    let mut before = Vec::new();
+    let mut before_last = 0;
+    for i in 0..20 {
+        before_last = db.current_lsn().await;
+        before.extend(
+            write_txn(
+                &mut client,
+                &[("order".into(), format!("a{}", i % 5))],
+                false,
+            )
+            .await
+            .unwrap(),
+        );
+    }
+    let received = consume(
+        &brokers,
+        &[db.topic("order")],
+        &ids(&before),
+        Duration::from_secs(60),
+        Duration::ZERO,
+    );
+    assert_exactly_written(&before, &received);
+    eventually(
+        Duration::from_secs(10),
+        "slot confirmed the first events",
+        || async { db.confirmed_lsn().await > before_last },
+    )
+    .await;
+
+    mock.broker_down(1).unwrap();
+    let start_of_outage = db.current_lsn().await;
+    let mut during = Vec::new();
+    let mut during_last = 0;
+    for i in 0..30 {
+        during_last = db.current_lsn().await;
+        during.extend(
+            write_txn(
+                &mut client,
+                &[("order".into(), format!("a{}", i % 5))],
+                false,
+            )
+            .await
+            .unwrap(),
+        );
+    }
+    // Several delivery timeouts (2 s) and retries pass; the slot must stay before the outage's
+    // first commit.
+    for _ in 0..8 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let confirmed = db.confirmed_lsn().await;
+        assert!(
+            confirmed <= start_of_outage,
+            "slot advanced to {confirmed:X} past {start_of_outage:X} while the broker was down"
+        );
+    }
+    mock.broker_up(1).unwrap();
+
+    let mut all = before.clone();
+    all.extend(during.iter().cloned());
+    let received = consume(
+        &brokers,
+        &[db.topic("order")],
+        &ids(&all),
+        Duration::from_secs(90),
+        Duration::from_secs(1),
+    );
+    assert_exactly_written(&all, &received);
+    eventually(
+        Duration::from_secs(30),
+        "slot confirmed after the broker returned",
+        || async { db.confirmed_lsn().await > during_last },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_confirms_acknowledged_events_and_exits_0() {
+    let brokers = kafka_brokers();
+    let (db, config) = setup("sigterm", &brokers, "").await;
+    let mut relay = Relay::start(&config);
+    let mut client = db.client().await;
+    let mut written = Vec::new();
+    let mut before_last = 0;
+    for i in 0..50 {
+        before_last = db.current_lsn().await;
+        written.extend(
+            write_txn(
+                &mut client,
+                &[("order".into(), format!("a{}", i % 4))],
+                false,
+            )
+            .await
+            .unwrap(),
+        );
+    }
+    let received = consume(
+        &brokers,
+        &[db.topic("order")],
+        &ids(&written),
+        Duration::from_secs(60),
+        Duration::ZERO,
+    );
+    assert_exactly_written(&written, &received);
+    let status = relay.terminate(Duration::from_secs(20));
+    assert_eq!(status.code(), Some(0), "log:\n{}", relay.log_text());
+    assert!(
+        db.confirmed_lsn().await > before_last,
+        "acknowledged events were not confirmed before exit"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_outbox_lets_the_slot_advance_past_other_tables_wal() {
+    let brokers = kafka_brokers();
+    let (db, config) = setup(
+        "idle",
+        &brokers,
+        "[postgres]\nheartbeat_interval_ms = 500\n",
+    )
+    .await;
+    let _relay = Relay::start(&config);
+    let client = db.client().await;
+    client
+        .batch_execute("CREATE TABLE noise (id serial primary key, v text)")
+        .await
+        .unwrap();
+    for _ in 0..20 {
+        client
+            .batch_execute(
+                "INSERT INTO noise (v) SELECT repeat('x', 200) FROM generate_series(1, 500)",
+            )
+            .await
+            .unwrap();
+    }
+    let written_up_to = db.current_lsn().await;
+    eventually(
+        Duration::from_secs(20),
+        "slot advanced past WAL of a table outside the outbox",
+        || async { db.confirmed_lsn().await >= written_up_to },
+    )
+    .await;
+}
