@@ -49,11 +49,6 @@ pub struct PostgresConfig {
     pub table: String,
     pub slot: String,
     pub publication: String,
-    /// How long to wait between two reads of the slot when the last read returned nothing.
-    pub poll_interval: Duration,
-    /// At most this many changes are decoded per read of the slot (whole transactions are
-    /// always read, so a single large transaction may exceed it).
-    pub batch_max_changes: u32,
     /// When nothing was confirmed for this long, write a tiny non-transactional logical
     /// message so the slot can advance past WAL written by other tables.
     pub heartbeat_interval: Duration,
@@ -105,8 +100,6 @@ struct RawPostgres {
     table: Option<String>,
     slot: Option<String>,
     publication: Option<String>,
-    poll_interval_ms: Option<u64>,
-    batch_max_changes: Option<u32>,
     heartbeat_interval_ms: Option<u64>,
 }
 
@@ -209,19 +202,6 @@ impl Config {
         validate_slot_name(&slot)?;
         let publication = p.publication.unwrap_or_else(|| "outboxd".into());
         validate_identifier("postgres.publication", &publication)?;
-        let poll_interval = ms(
-            "postgres.poll_interval_ms",
-            p.poll_interval_ms.unwrap_or(20),
-            1,
-            60_000,
-        )?;
-        let batch_max_changes = p.batch_max_changes.unwrap_or(20_000);
-        if !(1..=10_000_000).contains(&batch_max_changes) {
-            return Err(invalid(
-                "postgres.batch_max_changes",
-                "must be between 1 and 10000000",
-            ));
-        }
         let heartbeat_interval = ms(
             "postgres.heartbeat_interval_ms",
             p.heartbeat_interval_ms.unwrap_or(10_000),
@@ -327,8 +307,6 @@ impl Config {
                 table,
                 slot,
                 publication,
-                poll_interval,
-                batch_max_changes,
                 heartbeat_interval,
             },
             kafka: KafkaConfig {
@@ -494,8 +472,6 @@ impl fmt::Debug for PostgresConfig {
             .field("table", &self.table)
             .field("slot", &self.slot)
             .field("publication", &self.publication)
-            .field("poll_interval", &self.poll_interval)
-            .field("batch_max_changes", &self.batch_max_changes)
             .field("heartbeat_interval", &self.heartbeat_interval)
             .finish()
     }
@@ -624,6 +600,20 @@ mod tests {
             redact_url("postgres://a@h/db?password=xyz&x=1"),
             "postgres://a@h/db?password=***&x=1"
         );
+    }
+
+    #[test]
+    fn example_config_parses_and_matches_the_defaults() {
+        let text = include_str!("../config/outboxd.example.toml");
+        let c = Config::from_toml_str(text, no_env).unwrap();
+        let d = Config::from_toml_str(MIN, no_env).unwrap();
+        assert_eq!(
+            format!("{:?}", c.kafka).replace("localhost:9092", "X"),
+            format!("{:?}", d.kafka).replace("localhost:9092", "X")
+        );
+        assert_eq!(c.postgres.heartbeat_interval, d.postgres.heartbeat_interval);
+        assert_eq!(c.retry.max_backoff, d.retry.max_backoff);
+        assert_eq!(c.retry.initial_backoff, d.retry.initial_backoff);
     }
 
     #[test]

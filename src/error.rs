@@ -18,6 +18,15 @@ pub enum Error {
         source: tokio_postgres::Error,
     },
 
+    /// An error on the replication connection (which tokio-postgres does not handle).
+    #[error("{context}: {message}{}", .sqlstate.as_ref().map(|c| format!(" (SQLSTATE {c})")).unwrap_or_default())]
+    Replication {
+        context: String,
+        /// None for I/O errors.
+        sqlstate: Option<String>,
+        message: String,
+    },
+
     /// The database is not set up the way the relay needs; retrying will not help.
     #[error("{problem}; fix: {fix}")]
     Setup { problem: String, fix: String },
@@ -81,38 +90,45 @@ impl Error {
             Error::Postgres { source, .. } => match source.code() {
                 // No SQLSTATE: I/O error, connection closed, timeout.
                 None => true,
-                Some(code) => pg_code_is_transient(code),
+                Some(code) => pg_code_is_transient(code.code()),
             },
+            Error::Replication { sqlstate, .. } => {
+                sqlstate.as_deref().is_none_or(pg_code_is_transient)
+            }
+        }
+    }
+
+    fn sqlstate(&self) -> Option<&str> {
+        match self {
+            Error::Postgres { source, .. } => source.code().map(SqlState::code),
+            Error::Replication { sqlstate, .. } => sqlstate.as_deref(),
+            _ => None,
         }
     }
 
     /// For permanent PostgreSQL errors, the fix an operator should apply.
     pub fn fix(&self) -> Option<&'static str> {
-        let Error::Postgres { source, .. } = self else {
+        let code = self.sqlstate()?;
+        Some(if code.starts_with("28") {
+            "check the user and password in postgres.url (OUTBOXD_POSTGRES_URL) and pg_hba.conf (host … replication lines do not apply: outboxd connects to the database)"
+        } else if code == SqlState::INVALID_CATALOG_NAME.code() {
+            "create the database or correct the database name in postgres.url"
+        } else if code == SqlState::INSUFFICIENT_PRIVILEGE.code() {
+            "grant the role REPLICATION (ALTER ROLE … REPLICATION) and SELECT on the outbox table, or use a role that has them"
+        } else if code == SqlState::UNDEFINED_OBJECT.code()
+            || code == SqlState::UNDEFINED_TABLE.code()
+        {
+            "run `outboxd migrate` with the same configuration"
+        } else {
             return None;
-        };
-        let code = source.code()?;
-        Some(
-            if *code == SqlState::INVALID_PASSWORD || code.code().starts_with("28") {
-                "check the user and password in postgres.url (OUTBOXD_POSTGRES_URL) and pg_hba.conf"
-            } else if *code == SqlState::INVALID_CATALOG_NAME {
-                "create the database or correct the database name in postgres.url"
-            } else if *code == SqlState::INSUFFICIENT_PRIVILEGE {
-                "grant the role REPLICATION (ALTER ROLE … REPLICATION) and SELECT on the outbox table, or use a role that has them"
-            } else if *code == SqlState::UNDEFINED_OBJECT || *code == SqlState::UNDEFINED_TABLE {
-                "run `outboxd migrate` with the same configuration"
-            } else {
-                return None;
-            },
-        )
+        })
     }
 }
 
 /// Transient SQLSTATEs: connection problems (08), insufficient resources (53), operator
 /// intervention such as a restart (57P01–57P03), serialization/deadlock (40), object in use
 /// (55006: the slot is held by another session), lock not available (55P03), system errors (58).
-fn pg_code_is_transient(code: &SqlState) -> bool {
-    let c = code.code();
+fn pg_code_is_transient(c: &str) -> bool {
     c.starts_with("08")
         || c.starts_with("53")
         || c.starts_with("40")

@@ -1,23 +1,23 @@
 //! Wires source → route → sink → checkpoint, and owns retry and shutdown.
 //!
-//! One pass per batch:
-//! 1. peek the slot (whole transactions, in commit order);
-//! 2. route each outbox row and hand it to the producer, keeping at most
-//!    `kafka.max_in_flight` deliveries outstanding (memory stays bounded whatever the backlog);
-//! 3. resolve deliveries in sending order, counting the acknowledged prefix;
-//! 4. advance the slot to the highest transaction end (or heartbeat) whose events were all
-//!    acknowledged.
+//! One continuous pass per session:
+//! 1. the replication stream delivers whole transactions in commit order;
+//! 2. each outbox row is routed and handed to the producer, with at most
+//!    `kafka.max_in_flight` deliveries outstanding — when the window is full the relay stops
+//!    reading, so a backlog stays in PostgreSQL, not in memory;
+//! 3. deliveries are resolved in sending order, counting the acknowledged prefix;
+//! 4. the highest transaction end (or idle keepalive position) whose events were all
+//!    acknowledged is sent to PostgreSQL as the slot's confirmed position.
 //!
-//! A failed delivery ends the pass: the slot is advanced only over the acknowledged prefix,
-//! the producer is recreated, and the next pass re-reads from there (duplicates carry their
-//! original `id`). Transient PostgreSQL or Kafka errors restart the session after a capped,
-//! jittered exponential backoff; permanent ones end the daemon.
+//! A failed delivery ends the session: nothing after the acknowledged prefix was confirmed,
+//! the producer is dropped, and after a capped, jittered exponential backoff a new session
+//! resumes from the slot's confirmed position (duplicates carry their original `id`).
+//! Transient PostgreSQL or Kafka errors do the same; permanent ones end the daemon.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use backon::BackoffBuilder;
-use futures_util::StreamExt;
 use rdkafka::producer::DeliveryFuture;
 use tokio::sync::watch;
 
@@ -27,6 +27,8 @@ use crate::error::{Error, Result};
 use crate::route::{to_record, TopicTemplate};
 use crate::sink::kafka::{KafkaSink, SendError};
 use crate::source::logical::{Change, Decoder, SlotReader};
+use crate::source::pgoutput::format_lsn;
+use crate::source::walsender::{ReplicationMessage, ReplicationStream};
 
 /// Capped exponential backoff with jitter, reset after progress.
 pub struct Backoff {
@@ -87,80 +89,161 @@ pub async fn run(cfg: Config, mut stop: watch::Receiver<bool>) -> Result<()> {
     }
 }
 
-/// One connection's life: set up, then batches until stop or error.
+/// One connection's life: set up, then stream until stop or error.
 async fn session(
     cfg: &Config,
     template: &TopicTemplate,
     stop: &mut watch::Receiver<bool>,
     backoff: &mut Backoff,
 ) -> Result<()> {
-    let mut reader = SlotReader::open(&cfg.postgres).await?;
+    let reader = SlotReader::open(&cfg.postgres).await?;
     if !reader.acquire_leadership(stop).await? {
         return Ok(());
     }
     let mut sink = KafkaSink::new(&cfg.kafka)?;
     let brokers = sink.check_reachable(Duration::from_secs(10)).await?;
+    let mut stream = ReplicationStream::start(&cfg.postgres, 4096).await?;
+    let mut confirmed = reader.confirmed();
     tracing::info!(
         slot = %cfg.postgres.slot,
-        confirmed_lsn = %crate::source::pgoutput::format_lsn(reader.confirmed()),
+        confirmed_lsn = %format_lsn(confirmed),
         brokers,
-        "relay started"
+        "relay started; streaming from the confirmed position"
     );
     let mut decoder = Decoder::new(&cfg.postgres);
-    let mut last_confirm = Instant::now();
+    let mut window = Window {
+        inflight: VecDeque::new(),
+        sent: 0,
+        acked: 0,
+    };
+    let mut checkpoint = Checkpoint::new();
+    let mut status_tick = tokio::time::interval(Duration::from_secs(1));
+    status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_progress = Instant::now();
+
     loop {
-        if *stop.borrow() {
-            return Ok(());
-        }
-        let before = reader.confirmed();
-        let pass = batch(cfg, template, &mut reader, &mut decoder, &mut sink, stop).await?;
-        if reader.confirmed() > before {
-            last_confirm = Instant::now();
-            backoff.reset();
-        }
-        match pass {
-            Pass::Stopped => return Ok(()),
-            Pass::DeliveryFailed(reason) => {
-                // The producer may be in a fatal state (idempotence); start a fresh one and
-                // resend from the confirmed position.
-                let delay = backoff.next_delay();
-                tracing::warn!(error = %reason, retry_in_ms = delay.as_millis() as u64, confirmed_lsn = %crate::source::pgoutput::format_lsn(reader.confirmed()), "kafka delivery failed; resending from the confirmed position");
-                drop(sink);
-                tokio::select! {
-                    _ = tokio::time::sleep(delay) => {}
-                    _ = stop.changed() => return Ok(()),
-                }
-                sink = KafkaSink::new(&cfg.kafka)?;
+        if let Some(safe) = checkpoint.safe_position() {
+            if safe > confirmed {
+                stream.send_status(safe, false).await?;
+                tracing::trace!(lsn = %format_lsn(safe), "confirmed");
+                confirmed = safe;
+                last_progress = Instant::now();
+                backoff.reset();
             }
-            Pass::Full => {}
-            Pass::Drained { rows } => {
-                if rows == 0 && last_confirm.elapsed() >= cfg.postgres.heartbeat_interval {
-                    // At most one heartbeat per interval, whether or not it is read back.
-                    last_confirm = Instant::now();
-                    if reader.heartbeat_if_wal_moved().await? {
-                        continue; // read it back right away
+        }
+        let can_read = window.inflight.len() < cfg.kafka.max_in_flight;
+        tokio::select! {
+            biased;
+            _ = stop.changed() => {
+                return shutdown(cfg, stream, &mut sink, window, checkpoint, confirmed).await;
+            }
+            settled = window.settle_oldest(), if !window.inflight.is_empty() => {
+                if let Err(reason) = settled {
+                    return Err(Error::Kafka(format!(
+                        "delivery failed, resending from {}: {reason}",
+                        format_lsn(confirmed)
+                    )));
+                }
+                checkpoint.acked(window.acked);
+            }
+            msg = stream.recv(), if can_read => match msg? {
+                ReplicationMessage::XLogData { data } => match decoder.feed(&data)? {
+                    None => {}
+                    Some(Change::Boundary(lsn)) => checkpoint.boundary(window.sent, lsn),
+                    Some(Change::Event(event)) => {
+                        let (record, warnings) = to_record(template, &event);
+                        for w in warnings {
+                            tracing::warn!(event_id = %event.id, "{}", w.0);
+                        }
+                        sink.ensure_topic(&record.topic).await;
+                        loop {
+                            match sink.send(&record) {
+                                Ok(fut) => {
+                                    window.inflight.push_back(fut);
+                                    window.sent += 1;
+                                    break;
+                                }
+                                Err(SendError::QueueFull) => {
+                                    // librdkafka's queue is full: let deliveries drain.
+                                    if window.settle_oldest().await.is_err() {
+                                        return Err(Error::Kafka(format!("delivery failed while the queue was full, resending from {}", format_lsn(confirmed))));
+                                    }
+                                    checkpoint.acked(window.acked);
+                                }
+                                Err(SendError::Other(e)) => {
+                                    return Err(Error::Kafka(format!(
+                                        "event {} to topic {}: {e}; resending from {}",
+                                        event.id, record.topic, format_lsn(confirmed)
+                                    )));
+                                }
+                            }
+                        }
+                        tracing::trace!(event_id = %event.id, topic = %record.topic, "event sent");
+                    }
+                },
+                ReplicationMessage::Keepalive { wal_end, reply_requested } => {
+                    // Everything before wal_end was sent to us; outside a transaction it is
+                    // safe once the events before it are acknowledged.
+                    if !decoder.in_transaction() {
+                        checkpoint.boundary(window.sent, wal_end);
+                    }
+                    if reply_requested {
+                        stream.send_status(confirmed, false).await?;
                     }
                 }
-                if rows == 0 {
-                    tokio::select! {
-                        _ = tokio::time::sleep(cfg.postgres.poll_interval) => {}
-                        _ = stop.changed() => return Ok(()),
-                    }
+            },
+            _ = status_tick.tick() => {
+                stream.send_status(confirmed, false).await?;
+                reader.ping().await?;
+                if window.inflight.is_empty()
+                    && last_progress.elapsed() >= cfg.postgres.heartbeat_interval
+                {
+                    // Normally keepalives advance an idle slot; the heartbeat is the fallback.
+                    last_progress = Instant::now();
+                    reader.heartbeat_if_wal_moved(confirmed).await?;
                 }
             }
         }
     }
 }
 
-enum Pass {
-    /// The peek hit `batch_max_changes`: more is waiting.
-    Full,
-    /// The peek returned everything there was.
-    Drained { rows: u64 },
-    /// A delivery failed; the slot covers only the acknowledged prefix.
-    DeliveryFailed(String),
-    /// Shutdown requested; outstanding deliveries were awaited (bounded) and confirmed.
-    Stopped,
+/// Stop reading, wait (bounded) for outstanding acknowledgements, confirm what was
+/// acknowledged.
+async fn shutdown(
+    cfg: &Config,
+    mut stream: ReplicationStream,
+    sink: &mut KafkaSink,
+    mut window: Window,
+    mut checkpoint: Checkpoint,
+    confirmed: u64,
+) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + cfg.kafka.shutdown_timeout;
+    while !window.inflight.is_empty() {
+        match tokio::time::timeout_at(deadline, window.settle_oldest()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(reason)) => {
+                tracing::warn!(%reason, "delivery failed during shutdown; it will be resent on restart");
+                break;
+            }
+            Err(_) => {
+                tracing::warn!(
+                    outstanding = window.inflight.len(),
+                    "shutdown timeout reached with deliveries outstanding; they will be resent on restart"
+                );
+                break;
+            }
+        }
+    }
+    checkpoint.acked(window.acked);
+    let safe = checkpoint
+        .safe_position()
+        .unwrap_or(confirmed)
+        .max(confirmed);
+    stream.send_status(safe, false).await?;
+    stream.close().await;
+    sink.flush(Duration::from_millis(100));
+    tracing::info!(confirmed_lsn = %format_lsn(safe), "stopped; acknowledged events confirmed");
+    Ok(())
 }
 
 /// Deliveries awaiting acknowledgement, oldest first.
@@ -171,156 +254,29 @@ struct Window {
 }
 
 impl Window {
-    /// Awaits the oldest delivery. `Err` carries the failure reason.
+    /// Awaits the oldest delivery. Cancel-safe: the delivery is removed only once resolved.
+    /// `Err` carries the failure reason, naming the event id.
     async fn settle_oldest(&mut self) -> std::result::Result<(), String> {
-        let Some(fut) = self.inflight.pop_front() else {
+        let Some(fut) = self.inflight.front_mut() else {
             return Ok(());
         };
-        match fut.await {
+        let result = fut.await;
+        self.inflight.pop_front();
+        match result {
             Ok(Ok(_)) => {
                 self.acked += 1;
                 Ok(())
             }
             Ok(Err((e, msg))) => {
-                let id = rdkafka::message::Headers::iter(
-                    rdkafka::Message::headers(&msg)
-                        .unwrap_or(&rdkafka::message::OwnedHeaders::new()),
-                )
-                .find(|h| h.key == "id")
-                .and_then(|h| h.value.map(|v| String::from_utf8_lossy(v).into_owned()))
-                .unwrap_or_default();
-                Err(format!(
-                    "event {id} to topic {}: {e}",
-                    rdkafka::Message::topic(&msg)
-                ))
+                use rdkafka::message::{Headers, Message};
+                let id = msg
+                    .headers()
+                    .and_then(|h| h.iter().find(|h| h.key == "id"))
+                    .and_then(|h| h.value.map(|v| String::from_utf8_lossy(v).into_owned()))
+                    .unwrap_or_default();
+                Err(format!("event {id} to topic {}: {e}", msg.topic()))
             }
             Err(_) => Err("delivery was cancelled (producer dropped)".into()),
         }
-    }
-}
-
-async fn batch(
-    cfg: &Config,
-    template: &TopicTemplate,
-    reader: &mut SlotReader,
-    decoder: &mut Decoder,
-    sink: &mut KafkaSink,
-    stop: &mut watch::Receiver<bool>,
-) -> Result<Pass> {
-    let mut window = Window {
-        inflight: VecDeque::new(),
-        sent: 0,
-        acked: 0,
-    };
-    let mut checkpoint = Checkpoint::new();
-    let mut rows: u64 = 0;
-    let mut failure: Option<String> = None;
-    let mut stopped = false;
-    {
-        let stream = reader.peek().await?;
-        futures_util::pin_mut!(stream);
-        loop {
-            let next = tokio::select! {
-                biased;
-                _ = stop.changed() => { stopped = true; break; }
-                next = stream.next() => next,
-            };
-            let Some(row) = next else { break };
-            let row = row.map_err(|e| Error::pg("reading the replication slot", e))?;
-            rows += 1;
-            let data: &[u8] = row.get(0);
-            match decoder.feed(data)? {
-                None => {}
-                Some(Change::Boundary(lsn)) => checkpoint.boundary(window.sent, lsn),
-                Some(Change::Event(event)) => {
-                    let (record, warnings) = to_record(template, &event);
-                    for w in warnings {
-                        tracing::warn!(event_id = %event.id, "{}", w.0);
-                    }
-                    sink.ensure_topic(&record.topic).await;
-                    loop {
-                        match sink.send(&record) {
-                            Ok(fut) => {
-                                window.inflight.push_back(fut);
-                                window.sent += 1;
-                                break;
-                            }
-                            Err(SendError::QueueFull) if !window.inflight.is_empty() => {
-                                if let Err(e) = window.settle_oldest().await {
-                                    failure = Some(e);
-                                    break;
-                                }
-                            }
-                            Err(SendError::QueueFull) => {
-                                tokio::time::sleep(Duration::from_millis(10)).await;
-                            }
-                            Err(SendError::Other(e)) => {
-                                failure = Some(format!(
-                                    "event {} to topic {}: {e}",
-                                    event.id, record.topic
-                                ));
-                                break;
-                            }
-                        }
-                    }
-                    if failure.is_some() {
-                        break;
-                    }
-                    tracing::trace!(event_id = %event.id, topic = %record.topic, "event sent");
-                    while window.inflight.len() >= cfg.kafka.max_in_flight {
-                        if let Err(e) = window.settle_oldest().await {
-                            failure = Some(e);
-                            break;
-                        }
-                    }
-                    if failure.is_some() {
-                        break;
-                    }
-                    checkpoint.acked(window.acked);
-                }
-            }
-        }
-    }
-
-    // Resolve what is outstanding. On shutdown the wait is bounded; otherwise each delivery
-    // resolves within librdkafka's message.timeout.ms.
-    if failure.is_none() {
-        let deadline = stopped.then(|| tokio::time::Instant::now() + cfg.kafka.shutdown_timeout);
-        while !window.inflight.is_empty() {
-            let settled = match deadline {
-                Some(d) => match tokio::time::timeout_at(d, window.settle_oldest()).await {
-                    Ok(r) => r,
-                    Err(_) => {
-                        tracing::warn!(outstanding = window.inflight.len(), "shutdown timeout reached with deliveries outstanding; they will be resent on restart");
-                        break;
-                    }
-                },
-                None => window.settle_oldest().await,
-            };
-            if let Err(e) = settled {
-                failure = Some(e);
-                break;
-            }
-        }
-    }
-    checkpoint.acked(window.acked);
-    if let Some(position) = checkpoint.safe_position() {
-        reader.advance(position).await?;
-    }
-    if stopped {
-        sink.flush(Duration::from_millis(100));
-        tracing::info!(confirmed_lsn = %crate::source::pgoutput::format_lsn(reader.confirmed()), "stopped; acknowledged events confirmed");
-        return Ok(Pass::Stopped);
-    }
-    if let Some(reason) = failure {
-        return Ok(Pass::DeliveryFailed(reason));
-    }
-    if window.sent > 0 {
-        tracing::debug!(events = window.sent, rows, "batch published");
-    }
-    if rows >= u64::from(cfg.postgres.batch_max_changes) {
-        Ok(Pass::Full)
-    } else {
-        Ok(Pass::Drained { rows })
     }
 }

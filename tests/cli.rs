@@ -20,13 +20,13 @@ fn bad_config_value_exits_2_naming_the_key() {
     let path = dir.join("c.toml");
     std::fs::write(
         &path,
-        "[postgres]\nurl = \"postgres://u@localhost/db\"\npoll_interval_ms = 0\n[kafka]\nbrokers = \"k:9092\"\n",
+        "[postgres]\nurl = \"postgres://u@localhost/db\"\nheartbeat_interval_ms = 0\n[kafka]\nbrokers = \"k:9092\"\n",
     )
     .unwrap();
     let out = outboxd(&["run", "--config", path.to_str().unwrap()], &[]);
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     let err = stderr(&out);
-    assert!(err.contains("postgres.poll_interval_ms"), "{err}");
+    assert!(err.contains("postgres.heartbeat_interval_ms"), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "one line expected: {err}");
 }
 

@@ -1,3 +1,4 @@
 //! Sources: where events come from. `logical` reads a pgoutput replication slot.
 pub mod logical;
 pub mod pgoutput;
+pub mod walsender;

@@ -127,7 +127,7 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// Decodes one pgoutput message (one `data` value of `pg_logical_slot_peek_binary_changes`).
+/// Decodes one pgoutput message (the payload of one XLogData message).
 pub fn decode(data: &[u8]) -> Result<Message, DecodeError> {
     let mut r = Reader { buf: data };
     let tag = r.u8("message tag").map_err(|_| DecodeError::Empty)?;

@@ -90,7 +90,7 @@ impl TestDb {
     pub fn config(&self, brokers: &str, extra: &str) -> PathBuf {
         let path = self.dir.join(format!("{}.toml", unique("cfg")));
         let text = format!(
-            "[postgres]\nurl = \"{url}\"\nslot = \"{slot}\"\npoll_interval_ms = 20\n\n\
+            "[postgres]\nurl = \"{url}\"\nslot = \"{slot}\"\n\n\
              [kafka]\nbrokers = \"{brokers}\"\ntopic_template = \"{db}.{{aggregatetype}}\"\n\
              delivery_timeout_ms = 5000\nshutdown_timeout_ms = 5000\n\n\
              [retry]\ninitial_backoff_ms = 100\nmax_backoff_ms = 1000\n\n{extra}\n",

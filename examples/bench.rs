@@ -1,0 +1,378 @@
+//! Benchmark: throughput, commit→consumed latency and peak RSS of a real `outboxd run` process
+//! against the local stack (real PostgreSQL, real broker). Run it with `scripts/bench.sh`.
+//!
+//! Modes:
+//! * `live` (default): the relay runs while writers commit events, as fast as they can or at
+//!   `--rate` events/s. Throughput is N / (first commit → last event consumed). Latency is
+//!   measured per event from the writer's COMMIT returning to a consumer reading the record,
+//!   which includes the broker's fetch path, so it is an upper bound of commit→ack.
+//! * `backlog`: all events are committed first, then the relay starts; throughput is
+//!   N / (relay start → last event consumed): how fast a backlog drains.
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::{Parser, ValueEnum};
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{Message, Offset, TopicPartitionList};
+use tokio_postgres::NoTls;
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
+enum Mode {
+    Live,
+    Backlog,
+}
+
+#[derive(Parser, Debug)]
+struct Args {
+    #[arg(long, default_value_t = 100_000)]
+    events: u64,
+    /// Events per second across all writers; 0 = as fast as possible.
+    #[arg(long, default_value_t = 0)]
+    rate: u64,
+    #[arg(long, default_value_t = 4)]
+    writers: u64,
+    /// Events per transaction.
+    #[arg(long, default_value_t = 10)]
+    txn_size: u64,
+    /// Bytes of padding in each payload.
+    #[arg(long, default_value_t = 100)]
+    payload_pad: usize,
+    #[arg(long, value_enum, default_value_t = Mode::Live)]
+    mode: Mode,
+    /// The outboxd binary to measure.
+    #[arg(long, default_value = "target/release/outboxd")]
+    relay: PathBuf,
+    /// Extra TOML appended to the relay's config (e.g. "[kafka.properties]\nlinger.ms = 1").
+    #[arg(long, default_value = "")]
+    extra_config: String,
+}
+
+struct Arrivals {
+    at: Vec<Option<Instant>>,
+    count: u64,
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let admin_url = std::env::var("OUTBOXD_TEST_PG_URL")
+        .context("OUTBOXD_TEST_PG_URL not set; use scripts/bench.sh")?;
+    let brokers = std::env::var("OUTBOXD_TEST_KAFKA")
+        .context("OUTBOXD_TEST_KAFKA not set; use scripts/bench.sh")?;
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
+    let db = format!("bench_{stamp}");
+    let (admin, conn) = tokio_postgres::connect(&admin_url, NoTls).await?;
+    tokio::spawn(conn);
+    admin
+        .batch_execute(&format!("CREATE DATABASE {db}"))
+        .await?;
+    let url = format!("{}/{db}", admin_url.rsplit_once('/').context("url")?.0);
+    let dir = std::env::temp_dir().join(&db);
+    std::fs::create_dir_all(&dir)?;
+    let config = dir.join("outboxd.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[postgres]\nurl = \"{url}\"\nslot = \"{db}\"\n[kafka]\nbrokers = \"{brokers}\"\ntopic_template = \"{db}.{{aggregatetype}}\"\n{}\n",
+            args.extra_config
+        ),
+    )?;
+    let topic = format!("{db}.bench");
+    let status = Command::new(&args.relay)
+        .args(["migrate", "--config"])
+        .arg(&config)
+        .stdout(Stdio::null())
+        .status()?;
+    if !status.success() {
+        bail!("outboxd migrate failed");
+    }
+
+    let n = args.events;
+    let commits: Arc<Mutex<Vec<Option<Instant>>>> =
+        Arc::new(Mutex::new(vec![None; n as usize + 1]));
+    let arrivals = Arc::new(Mutex::new(Arrivals {
+        at: vec![None; n as usize + 1],
+        count: 0,
+    }));
+
+    let log = std::fs::File::create(dir.join("outboxd.log"))?;
+    let start_relay = || -> anyhow::Result<std::process::Child> {
+        Ok(Command::new(&args.relay)
+            .args(["run", "--config"])
+            .arg(&config)
+            .stderr(Stdio::from(log.try_clone()?))
+            .stdout(Stdio::null())
+            .spawn()?)
+    };
+
+    // Warm-up event 0: the relay is connected and the topic exists before timing starts.
+    let (client, conn) = tokio_postgres::connect(&url, NoTls).await?;
+    tokio::spawn(conn);
+    insert(&client, 0, 0, args.payload_pad).await?;
+    let mut relay = None;
+    if args.mode == Mode::Live {
+        relay = Some(start_relay()?);
+    }
+    let consumer = spawn_consumer(brokers.clone(), topic.clone(), arrivals.clone(), n)?;
+
+    if args.mode == Mode::Live {
+        wait_for(&arrivals, 0, Duration::from_secs(60)).await?;
+    }
+    println!(
+        "outboxd bench: mode={:?} events={n} writers={} txn_size={} rate={} payload≈{}B",
+        args.mode,
+        args.writers,
+        args.txn_size,
+        if args.rate == 0 {
+            "max".to_string()
+        } else {
+            format!("{}/s", args.rate)
+        },
+        args.payload_pad + 30
+    );
+
+    let first_commit = Instant::now();
+    let mut writers = Vec::new();
+    let per_writer = n / args.writers;
+    for w in 0..args.writers {
+        let url = url.clone();
+        let commits = commits.clone();
+        let (txn_size, pad, rate, writers_n) =
+            (args.txn_size, args.payload_pad, args.rate, args.writers);
+        writers.push(tokio::spawn(async move {
+            let (client, conn) = tokio_postgres::connect(&url, NoTls).await?;
+            tokio::spawn(conn);
+            let lo = 1 + w * per_writer;
+            let hi = if w == writers_n - 1 {
+                n
+            } else {
+                lo + per_writer - 1
+            };
+            let per_sec = if rate == 0 {
+                0.0
+            } else {
+                rate as f64 / writers_n as f64
+            };
+            let start = Instant::now();
+            let mut next = lo;
+            let mut done = 0u64;
+            while next <= hi {
+                let end = (next + txn_size - 1).min(hi);
+                if per_sec > 0.0 {
+                    let due = start + Duration::from_secs_f64(done as f64 / per_sec);
+                    tokio::time::sleep_until(due.into()).await;
+                }
+                insert(&client, next, end, pad).await?;
+                let t = Instant::now();
+                let mut c = commits.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+                for i in next..=end {
+                    c[i as usize] = Some(t);
+                }
+                drop(c);
+                done += end - next + 1;
+                next = end + 1;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for w in writers {
+        w.await??;
+    }
+    let last_commit = Instant::now();
+    let relay_start = Instant::now();
+    if args.mode == Mode::Backlog {
+        relay = Some(start_relay()?);
+    }
+    let deadline = Duration::from_secs(600);
+    wait_for_all(&arrivals, n, deadline).await?;
+    let mut relay = relay.context("relay not started")?;
+    let rss_kib = peak_rss_kib(relay.id()).unwrap_or(0);
+    let _ = Command::new("kill")
+        .args(["-TERM", &relay.id().to_string()])
+        .status();
+    let _ = relay.wait();
+    drop(consumer);
+
+    let arr = arrivals.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+    let commits = commits.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+    let last_arrival = (1..=n as usize)
+        .filter_map(|i| arr.at[i])
+        .max()
+        .context("no arrivals")?;
+    let insert_secs = (last_commit - first_commit).as_secs_f64();
+    println!(
+        "committed: {n} events in {insert_secs:.2} s ({:.0} events/s into PostgreSQL)",
+        n as f64 / insert_secs
+    );
+    match args.mode {
+        Mode::Live => {
+            let secs = (last_arrival - first_commit).as_secs_f64();
+            println!(
+                "throughput: {:.0} events/s (first commit → last event consumed, {secs:.2} s)",
+                n as f64 / secs
+            );
+            let mut lat: Vec<f64> = (1..=n as usize)
+                .filter_map(|i| {
+                    Some((arr.at[i]?.saturating_duration_since(commits[i]?)).as_secs_f64() * 1000.0)
+                })
+                .collect();
+            lat.sort_by(|a, b| a.total_cmp(b));
+            let pct = |p: f64| lat[((lat.len() as f64 - 1.0) * p).round() as usize];
+            println!(
+                "latency commit → consumed: p50 {:.1} ms, p90 {:.1} ms, p99 {:.1} ms, max {:.1} ms ({} samples)",
+                pct(0.50),
+                pct(0.90),
+                pct(0.99),
+                pct(1.0),
+                lat.len()
+            );
+        }
+        Mode::Backlog => {
+            let secs = (last_arrival - relay_start).as_secs_f64();
+            println!("throughput: {:.0} events/s (relay start → last event consumed, {secs:.2} s, backlog drain incl. startup)", n as f64 / secs);
+        }
+    }
+    println!("relay peak RSS: {:.1} MiB", rss_kib as f64 / 1024.0);
+    Ok(())
+}
+
+async fn insert(
+    client: &tokio_postgres::Client,
+    lo: u64,
+    hi: u64,
+    pad: usize,
+) -> anyhow::Result<()> {
+    client
+        .execute(
+            "INSERT INTO outbox (aggregatetype, aggregateid, type, payload) \
+             SELECT 'bench', 'agg-' || (g % 1000), 'BenchEvent', jsonb_build_object('n', g, 'pad', repeat('x', $3)) \
+               FROM generate_series($1::int8, $2::int8) g",
+            &[&(lo as i64), &(hi as i64), &(pad as i32)],
+        )
+        .await?;
+    Ok(())
+}
+
+fn spawn_consumer(
+    brokers: String,
+    topic: String,
+    arrivals: Arc<Mutex<Arrivals>>,
+    n: u64,
+) -> anyhow::Result<std::thread::JoinHandle<()>> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .set("group.id", "outboxd-bench")
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "10")
+        .create()?;
+    Ok(std::thread::spawn(move || {
+        let start = Instant::now();
+        loop {
+            if let Ok(md) = consumer.fetch_metadata(Some(&topic), Duration::from_secs(5)) {
+                if let Some(t) = md.topics().first() {
+                    if t.error().is_none() && !t.partitions().is_empty() {
+                        let mut tpl = TopicPartitionList::new();
+                        for p in t.partitions() {
+                            let _ = tpl.add_partition_offset(&topic, p.id(), Offset::Beginning);
+                        }
+                        if consumer.assign(&tpl).is_ok() {
+                            break;
+                        }
+                    }
+                }
+            }
+            if start.elapsed() > Duration::from_secs(120) {
+                eprintln!("bench: topic {topic} never appeared");
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        loop {
+            let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) else {
+                if let Ok(a) = arrivals.lock() {
+                    if a.count > n {
+                        return;
+                    }
+                }
+                continue;
+            };
+            let now = Instant::now();
+            let Some(payload) = m.payload() else { continue };
+            let Ok(v) = serde_json::from_slice::<serde_json::Value>(payload) else {
+                continue;
+            };
+            let Some(i) = v.get("n").and_then(|x| x.as_u64()) else {
+                continue;
+            };
+            if let Ok(mut a) = arrivals.lock() {
+                if let Some(slot) = a.at.get_mut(i as usize) {
+                    if slot.is_none() {
+                        *slot = Some(now);
+                        a.count += 1;
+                    }
+                }
+                if a.count > n {
+                    return;
+                }
+            }
+        }
+    }))
+}
+
+async fn wait_for(
+    arrivals: &Arc<Mutex<Arrivals>>,
+    i: usize,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let start = Instant::now();
+    loop {
+        if arrivals.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.at[i].is_some() {
+            return Ok(());
+        }
+        if start.elapsed() > timeout {
+            bail!("event {i} did not arrive within {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn wait_for_all(
+    arrivals: &Arc<Mutex<Arrivals>>,
+    n: u64,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let start = Instant::now();
+    loop {
+        // `count` includes the warm-up event 0.
+        let got = arrivals
+            .lock()
+            .map_err(|_| anyhow::anyhow!("poisoned"))?
+            .count
+            .saturating_sub(1);
+        if got >= n {
+            return Ok(());
+        }
+        if start.elapsed() > timeout {
+            bail!("only {got} of {n} events arrived within {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn peak_rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
