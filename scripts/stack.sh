@@ -5,6 +5,8 @@
 #   scripts/stack.sh up      start both (installs what is missing), print the env file path
 #   scripts/stack.sh down    stop both and remove the data directory
 #   scripts/stack.sh env     print the env file path of the running stack
+#   scripts/stack.sh pg-start DIR PORT [OPTIONS], pg-stop DIR
+#                            an extra cluster with settings of its own (one test uses it)
 #
 # The env file sets OUTBOXD_TEST_PG_URL (superuser URL of the cluster's `postgres` database)
 # and OUTBOXD_TEST_KAFKA (bootstrap address of the broker). `source` it.
@@ -58,8 +60,14 @@ ensure_packages() {
   dpkg -s libssl-dev >/dev/null 2>&1 || missing+=(libssl-dev)
   dpkg -s zlib1g-dev >/dev/null 2>&1 || missing+=(zlib1g-dev)
   command -v python3 >/dev/null || missing+=(python3)
+  command -v promtool >/dev/null || missing+=(prometheus)   # promtool validates /metrics and rules
   if [ "$(id -u)" = 0 ] && ! id postgres >/dev/null 2>&1; then missing+=(postgresql); fi
   if [ ${#missing[@]} -gt 0 ]; then apt_install "${missing[@]}"; fi
+  # The tests parse the shipped YAML (compose, Kubernetes) with PyYAML.
+  if ! python3 -c 'import yaml' 2>/dev/null; then
+    log "installing PyYAML"
+    python3 -m pip install --quiet pyyaml 2>/dev/null || apt_install python3-yaml
+  fi
 }
 
 ensure_tansu() {
@@ -85,6 +93,37 @@ wait_port() {
   return 1
 }
 
+# start_pg DIR PORT [OPTIONS]: a throwaway cluster in DIR/pg with wal_level=logical, its own
+# port and socket directory, run as the postgres OS user when root.
+start_pg() {
+  local dir=$1 port=$2 extra=${3:-} bindir
+  bindir=$(pg_bindir)
+  mkdir -p "$dir/pg"
+  chmod 755 "$dir"
+  if [ "$(id -u)" = 0 ]; then chown postgres: "$dir/pg"; fi
+  log "starting PostgreSQL ($bindir) on 127.0.0.1:$port"
+  as_pg "$bindir/initdb" -D "$dir/pg/data" -U postgres --auth=trust -E UTF8 \
+    --locale=C.UTF-8 >"$dir/initdb.log" 2>&1 || { cat "$dir/initdb.log" >&2; exit 1; }
+  # The superuser connects without a password; every other role must give its password, so
+  # the tests can check what a wrong one does.
+  printf '%s\n' 'local all all trust' 'host all postgres 127.0.0.1/32 trust' \
+    'host all all 127.0.0.1/32 scram-sha-256' >"$dir/pg_hba.conf"
+  if [ "$(id -u)" = 0 ]; then chown postgres: "$dir/pg_hba.conf"; fi
+  as_pg "$bindir/pg_ctl" -D "$dir/pg/data" -l "$dir/pg/postgres.log" -w -t 60 start -o \
+    "-c wal_level=logical -c max_replication_slots=200 -c max_wal_senders=50 \
+     -c max_connections=300 -c port=$port -c listen_addresses=127.0.0.1 \
+     -c unix_socket_directories=$dir/pg -c hba_file=$dir/pg_hba.conf \
+     -c fsync=off -c synchronous_commit=on -c full_page_writes=off $extra" >/dev/null \
+    || { tail -20 "$dir/pg/postgres.log" >&2; exit 1; }
+}
+
+stop_pg() {
+  local dir=$1 bindir
+  if [ -d "$dir/pg/data" ] && bindir=$(pg_bindir); then
+    as_pg "$bindir/pg_ctl" -D "$dir/pg/data" -m immediate -w stop >/dev/null 2>&1 || true
+  fi
+}
+
 up() {
   if [ -f "$STACK_DIR/env" ]; then
     # shellcheck disable=SC1091
@@ -99,31 +138,10 @@ up() {
   fi
   ensure_packages
   ensure_tansu
-  local bindir pg_port kafka_port
-  bindir=$(pg_bindir)
+  local pg_port kafka_port
   mkdir -p "$STACK_DIR"
-  chmod 755 "$STACK_DIR"
-  mkdir -p "$STACK_DIR/pg"
-  if [ "$(id -u)" = 0 ]; then chown postgres: "$STACK_DIR/pg"; fi
-
   pg_port=$(free_port)
-  log "starting PostgreSQL ($bindir) on 127.0.0.1:$pg_port"
-  as_pg "$bindir/initdb" -D "$STACK_DIR/pg/data" -U postgres --auth=trust -E UTF8 \
-    --locale=C.UTF-8 >"$STACK_DIR/initdb.log" 2>&1 || { cat "$STACK_DIR/initdb.log" >&2; exit 1; }
-  # The superuser connects without a password; every other role must give its password, so
-  # the tests can check what a wrong one does.
-  cat >"$STACK_DIR/pg_hba.conf" <<EOF
-local all all trust
-host all postgres 127.0.0.1/32 trust
-host all all 127.0.0.1/32 scram-sha-256
-EOF
-  if [ "$(id -u)" = 0 ]; then chown postgres: "$STACK_DIR/pg_hba.conf"; fi
-  as_pg "$bindir/pg_ctl" -D "$STACK_DIR/pg/data" -l "$STACK_DIR/pg/postgres.log" -w -t 60 start -o \
-    "-c wal_level=logical -c max_replication_slots=200 -c max_wal_senders=50 \
-     -c max_connections=300 -c port=$pg_port -c listen_addresses=127.0.0.1 \
-     -c unix_socket_directories=$STACK_DIR/pg -c hba_file=$STACK_DIR/pg_hba.conf \
-     -c fsync=off -c synchronous_commit=on -c full_page_writes=off \
-     -c max_slot_wal_keep_size=4GB" >/dev/null
+  start_pg "$STACK_DIR" "$pg_port" "-c max_slot_wal_keep_size=4GB"
 
   kafka_port=$(free_port)
   log "starting tansu $TANSU_VERSION on 127.0.0.1:$kafka_port"
@@ -147,14 +165,11 @@ EOF
 }
 
 down() {
-  local bindir
   if [ -f "$STACK_DIR/tansu.pid" ]; then
     kill "$(cat "$STACK_DIR/tansu.pid")" 2>/dev/null || true
     rm -f "$STACK_DIR/tansu.pid"
   fi
-  if [ -d "$STACK_DIR/pg/data" ] && bindir=$(pg_bindir); then
-    as_pg "$bindir/pg_ctl" -D "$STACK_DIR/pg/data" -m immediate -w stop >/dev/null 2>&1 || true
-  fi
+  stop_pg "$STACK_DIR"
   rm -rf "$STACK_DIR"
   log "down"
 }
@@ -164,5 +179,7 @@ case "${1:-}" in
   down) down ;;
   env) [ -f "$STACK_DIR/env" ] && echo "$STACK_DIR/env" ;;
   install) ensure_packages; ensure_tansu ;;
-  *) echo "usage: $0 up|down|env|install" >&2; exit 2 ;;
+  pg-start) start_pg "$2" "$3" "${4:-}" ;;
+  pg-stop) stop_pg "$2"; rm -rf "$2" ;;
+  *) echo "usage: $0 up|down|env|install|pg-start DIR PORT [OPTIONS]|pg-stop DIR" >&2; exit 2 ;;
 esac

@@ -38,4 +38,11 @@ pub enum Command {
     Run,
     /// Validate the configuration and print it with secrets redacted.
     CheckConfig,
+    /// Mode, slot position and lag, WAL retention, leader, lag of the local instance, last
+    /// error. Exit 0 healthy, 1 degraded, 2 cannot connect.
+    Status {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
 }

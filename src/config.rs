@@ -39,6 +39,24 @@ pub struct Config {
     pub postgres: PostgresConfig,
     pub kafka: KafkaConfig,
     pub retry: RetryConfig,
+    pub http: HttpConfig,
+}
+
+#[derive(Clone, Debug)]
+pub struct HttpConfig {
+    /// `/metrics`, `/healthz`, `/readyz`, `/status`.
+    pub addr: std::net::SocketAddr,
+}
+
+/// What to do when the slot is held by another session although this instance holds the
+/// slot's leadership lock (so the holder cannot be a healthy outboxd).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StaleHolder {
+    /// Terminate the holder if it is an outboxd replication connection
+    /// (`application_name = outboxd-replication`); wait for anything else.
+    Terminate,
+    /// Wait until the holder goes away (wal_sender_timeout ends a dead one).
+    Wait,
 }
 
 #[derive(Clone)]
@@ -52,6 +70,12 @@ pub struct PostgresConfig {
     /// When nothing was confirmed for this long, write a tiny non-transactional logical
     /// message so the slot can advance past WAL written by other tables.
     pub heartbeat_interval: Duration,
+    /// Above this many bytes of slot lag, `/readyz` fails and `outboxd status` exits 1.
+    pub max_slot_lag_bytes: u64,
+    pub stale_slot_holder: StaleHolder,
+    /// Recreate an invalidated slot (`wal_status = lost`) instead of stopping. Events written
+    /// while the slot was lost may have been skipped.
+    pub recreate_lost_slot: bool,
 }
 
 #[derive(Clone)]
@@ -91,6 +115,14 @@ struct RawConfig {
     kafka: RawKafka,
     #[serde(default)]
     retry: RawRetry,
+    #[serde(default)]
+    http: RawHttp,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawHttp {
+    addr: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -101,6 +133,9 @@ struct RawPostgres {
     slot: Option<String>,
     publication: Option<String>,
     heartbeat_interval_ms: Option<u64>,
+    max_slot_lag_bytes: Option<u64>,
+    stale_slot_holder: Option<String>,
+    recreate_lost_slot: Option<bool>,
 }
 
 #[derive(Deserialize, Default)]
@@ -133,6 +168,7 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("OUTBOXD_PUBLICATION", "postgres.publication"),
     ("OUTBOXD_KAFKA_BROKERS", "kafka.brokers"),
     ("OUTBOXD_TOPIC_TEMPLATE", "kafka.topic_template"),
+    ("OUTBOXD_HTTP_ADDR", "http.addr"),
 ];
 
 impl Config {
@@ -182,6 +218,9 @@ impl Config {
         if let Some(v) = env_nonempty("OUTBOXD_TOPIC_TEMPLATE") {
             raw.kafka.topic_template = Some(v);
         }
+        if let Some(v) = env_nonempty("OUTBOXD_HTTP_ADDR") {
+            raw.http.addr = Some(v);
+        }
 
         let p = raw.postgres;
         let url = p.url.ok_or_else(|| {
@@ -208,6 +247,27 @@ impl Config {
             100,
             3_600_000,
         )?;
+
+        let max_slot_lag_bytes = p.max_slot_lag_bytes.unwrap_or(1 << 30);
+        let stale_slot_holder = match p.stale_slot_holder.as_deref().unwrap_or("terminate") {
+            "terminate" => StaleHolder::Terminate,
+            "wait" => StaleHolder::Wait,
+            other => {
+                return Err(invalid(
+                    "postgres.stale_slot_holder",
+                    format!("`{other}` is not one of: terminate, wait"),
+                ))
+            }
+        };
+        let recreate_lost_slot = p.recreate_lost_slot.unwrap_or(false);
+
+        let addr_text = raw.http.addr.unwrap_or_else(|| "0.0.0.0:9465".into());
+        let addr = addr_text.parse().map_err(|_| {
+            invalid(
+                "http.addr",
+                format!("`{addr_text}` is not an IP:port address"),
+            )
+        })?;
 
         let k = raw.kafka;
         let brokers = k.brokers.ok_or_else(|| {
@@ -308,6 +368,9 @@ impl Config {
                 slot,
                 publication,
                 heartbeat_interval,
+                max_slot_lag_bytes,
+                stale_slot_holder,
+                recreate_lost_slot,
             },
             kafka: KafkaConfig {
                 brokers,
@@ -324,6 +387,7 @@ impl Config {
                 initial_backoff,
                 max_backoff,
             },
+            http: HttpConfig { addr },
         })
     }
 }
@@ -473,6 +537,9 @@ impl fmt::Debug for PostgresConfig {
             .field("slot", &self.slot)
             .field("publication", &self.publication)
             .field("heartbeat_interval", &self.heartbeat_interval)
+            .field("max_slot_lag_bytes", &self.max_slot_lag_bytes)
+            .field("stale_slot_holder", &self.stale_slot_holder)
+            .field("recreate_lost_slot", &self.recreate_lost_slot)
             .finish()
     }
 }
@@ -511,6 +578,7 @@ impl fmt::Debug for Config {
             .field("postgres", &self.postgres)
             .field("kafka", &self.kafka)
             .field("retry", &self.retry)
+            .field("http", &self.http)
             .finish()
     }
 }
@@ -612,6 +680,10 @@ mod tests {
             format!("{:?}", d.kafka).replace("localhost:9092", "X")
         );
         assert_eq!(c.postgres.heartbeat_interval, d.postgres.heartbeat_interval);
+        assert_eq!(c.postgres.max_slot_lag_bytes, d.postgres.max_slot_lag_bytes);
+        assert_eq!(c.postgres.stale_slot_holder, d.postgres.stale_slot_holder);
+        assert_eq!(c.postgres.recreate_lost_slot, d.postgres.recreate_lost_slot);
+        assert_eq!(c.http.addr, d.http.addr);
         assert_eq!(c.retry.max_backoff, d.retry.max_backoff);
         assert_eq!(c.retry.initial_backoff, d.retry.initial_backoff);
     }

@@ -98,6 +98,11 @@ impl Error {
         }
     }
 
+    /// "replication slot … is active for PID n".
+    pub fn is_slot_in_use(&self) -> bool {
+        self.sqlstate() == Some("55006")
+    }
+
     fn sqlstate(&self) -> Option<&str> {
         match self {
             Error::Postgres { source, .. } => source.code().map(SqlState::code),

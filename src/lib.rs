@@ -11,12 +11,17 @@ pub mod cli;
 pub mod config;
 pub mod error;
 pub mod event;
+pub mod health;
+pub mod http;
 pub mod logging;
+pub mod metrics;
 pub mod migrate;
+pub mod monitor;
 pub mod pg;
 pub mod relay;
 pub mod route;
 pub mod sink;
 pub mod source;
+pub mod status;
 
 pub use error::{Error, Result};

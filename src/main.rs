@@ -9,7 +9,10 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use outboxd::cli::{Cli, Command};
+use std::sync::Arc;
+
 use outboxd::config::Config;
+use outboxd::health::Health;
 use outboxd::relay::Backoff;
 use tokio::sync::watch;
 
@@ -34,8 +37,9 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    let log_format = cli.log_format;
     match runtime.block_on(dispatch(cli.command, config)) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => ExitCode::from(code),
         Err(e) => {
             let permanent = e
                 .downcast_ref::<outboxd::Error>()
@@ -45,22 +49,55 @@ fn main() -> ExitCode {
                 Some(fix) => format!("{e:#}; fix: {fix}"),
                 None => format!("{e:#}"),
             };
-            tracing::error!("{line}");
-            eprintln!("outboxd: {line}");
+            // One line: JSON for log pipelines, plain text for people.
+            if log_format == outboxd::cli::LogFormat::Json {
+                tracing::error!("{line}");
+            } else {
+                eprintln!("outboxd: {line}");
+            }
             ExitCode::from(if permanent { 2 } else { 1 })
         }
     }
 }
 
-async fn dispatch(command: Command, config: Config) -> anyhow::Result<()> {
+async fn dispatch(command: Command, config: Config) -> anyhow::Result<u8> {
     match command {
         Command::CheckConfig => {
             println!("{config:#?}");
-            Ok(())
+            Ok(0)
         }
-        Command::Migrate => migrate(&config).await,
-        Command::Run => run(config).await,
+        Command::Migrate => migrate(&config).await.map(|()| 0),
+        Command::Run => run(config).await.map(|()| 0),
+        Command::Status { json } => status(&config, json).await,
     }
+}
+
+async fn status(config: &Config, json: bool) -> anyhow::Result<u8> {
+    let status = match outboxd::status::gather(config).await {
+        Ok(s) => s,
+        Err(e) => {
+            // Exit code 2: cannot connect (or read the catalog).
+            let line = match e.fix() {
+                Some(fix) => format!("{e}; fix: {fix}"),
+                None => e.to_string(),
+            };
+            if json {
+                println!("{}", serde_json::json!({ "error": line }));
+            } else {
+                println!("outboxd status: cannot connect: {line}");
+            }
+            return Ok(2);
+        }
+    };
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&status).context("encoding status")?
+        );
+    } else {
+        println!("{status}");
+    }
+    Ok(status.exit_code())
 }
 
 async fn migrate(config: &Config) -> anyhow::Result<()> {
@@ -89,13 +126,27 @@ async fn migrate(config: &Config) -> anyhow::Result<()> {
 
 async fn run(config: Config) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
+    let metrics = outboxd::metrics::install()
+        .map_err(|e| anyhow::anyhow!("installing the metrics recorder: {e}"))?;
+    let health = Arc::new(Health::new(
+        &config.postgres.slot,
+        config.postgres.max_slot_lag_bytes,
+    ));
+    let listener = outboxd::http::bind(config.http.addr).await?;
+    tracing::info!(addr = %config.http.addr, "serving /metrics /healthz /readyz /status");
+    tokio::spawn(outboxd::http::serve(listener, health.clone(), metrics));
+    tokio::spawn(outboxd::monitor::run(
+        config.clone(),
+        health.clone(),
+        stop_rx.clone(),
+    ));
     let grace = config.kafka.shutdown_timeout + Duration::from_secs(15);
     let signals = tokio::spawn(async move {
         wait_for_signal().await;
         tracing::info!("shutdown requested; finishing in-flight deliveries");
         let _ = stop_tx.send(true);
     });
-    let mut relay = tokio::spawn(outboxd::relay::run(config, stop_rx));
+    let mut relay = tokio::spawn(outboxd::relay::run(config, stop_rx, health));
     let result = tokio::select! {
         r = &mut relay => r,
         _ = async {

@@ -129,15 +129,30 @@ pub async fn migrate(cfg: &PostgresConfig) -> Result<Report> {
         .map_err(pg("looking up the replication slot"))?;
     match slot {
         None => {
-            client
-                .execute(
-                    "SELECT pg_create_logical_replication_slot($1::text::name, 'pgoutput')",
-                    &[&cfg.slot],
+            // PostgreSQL ≥ 17: a failover slot is synchronized to physical standbys, so the
+            // relay continues from the same position after a database failover.
+            let version: i32 = client
+                .query_one("SELECT current_setting('server_version_num')::int", &[])
+                .await
+                .map_err(pg("reading the server version"))?
+                .get(0);
+            let (sql, label) = if version >= 170_000 {
+                (
+                    "SELECT pg_create_logical_replication_slot($1::text::name, 'pgoutput', false, false, true)",
+                    "failover ",
                 )
+            } else {
+                (
+                    "SELECT pg_create_logical_replication_slot($1::text::name, 'pgoutput')",
+                    "",
+                )
+            };
+            client
+                .execute(sql, &[&cfg.slot])
                 .await
                 .map_err(pg("creating the replication slot"))?;
             items.push((
-                format!("replication slot {}", quote_literal(&cfg.slot)),
+                format!("{label}replication slot {}", quote_literal(&cfg.slot)),
                 Outcome::Created,
             ));
         }

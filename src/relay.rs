@@ -15,7 +15,8 @@
 //! Transient PostgreSQL or Kafka errors do the same; permanent ones end the daemon.
 
 use std::collections::VecDeque;
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
 
 use backon::BackoffBuilder;
 use rdkafka::producer::DeliveryFuture;
@@ -24,6 +25,8 @@ use tokio::sync::watch;
 use crate::checkpoint::Checkpoint;
 use crate::config::{Config, RetryConfig};
 use crate::error::{Error, Result};
+use crate::health::{Health, Role};
+use crate::metrics as m;
 use crate::route::{to_record, TopicTemplate};
 use crate::sink::kafka::{KafkaSink, SendError};
 use crate::source::logical::{Change, Decoder, SlotReader};
@@ -64,7 +67,7 @@ impl Backoff {
 }
 
 /// Runs the relay until `stop` turns true (graceful shutdown) or a permanent error occurs.
-pub async fn run(cfg: Config, mut stop: watch::Receiver<bool>) -> Result<()> {
+pub async fn run(cfg: Config, mut stop: watch::Receiver<bool>, health: Arc<Health>) -> Result<()> {
     let template = TopicTemplate::parse(&cfg.kafka.topic_template)
         .map_err(|p| Error::setup(format!("kafka.topic_template: {p}"), "correct the template"))?;
     let mut backoff = Backoff::new(&cfg.retry);
@@ -73,10 +76,16 @@ pub async fn run(cfg: Config, mut stop: watch::Receiver<bool>) -> Result<()> {
         if *stop.borrow() {
             return Ok(());
         }
-        match session(&cfg, &template, &mut stop, &mut backoff).await {
+        let result = session(&cfg, &template, &mut stop, &mut backoff, &health).await;
+        health.set_role(Role::Starting);
+        match result {
             Ok(()) => return Ok(()),
             Err(e) if e.is_transient() => {
                 attempt += 1;
+                health.record_error(&e.to_string());
+                if matches!(e, Error::Kafka(_)) {
+                    metrics::counter!(m::PUBLISH_RETRIES).increment(1);
+                }
                 let delay = backoff.next_delay();
                 tracing::warn!(error = %e, attempt, retry_in_ms = delay.as_millis() as u64, "relay interrupted; retrying");
                 tokio::select! {
@@ -84,7 +93,10 @@ pub async fn run(cfg: Config, mut stop: watch::Receiver<bool>) -> Result<()> {
                     _ = stop.changed() => return Ok(()),
                 }
             }
-            Err(e) => return Err(e),
+            Err(e) => {
+                health.record_error(&e.to_string());
+                return Err(e);
+            }
         }
     }
 }
@@ -95,14 +107,24 @@ async fn session(
     template: &TopicTemplate,
     stop: &mut watch::Receiver<bool>,
     backoff: &mut Backoff,
+    health: &Health,
 ) -> Result<()> {
-    let reader = SlotReader::open(&cfg.postgres).await?;
-    if !reader.acquire_leadership(stop).await? {
+    let mut reader = SlotReader::open(&cfg.postgres).await?;
+    if !reader.acquire_leadership(stop, health).await? {
         return Ok(());
     }
+    reader.ensure_slot_usable().await?;
     let mut sink = KafkaSink::new(&cfg.kafka)?;
     let brokers = sink.check_reachable(Duration::from_secs(10)).await?;
-    let mut stream = ReplicationStream::start(&cfg.postgres, 4096).await?;
+    let mut stream = match ReplicationStream::start(&cfg.postgres, 4096).await {
+        Err(e) if e.is_slot_in_use() && reader.resolve_stale_holder().await? => {
+            // The stale holder is gone (its backend exits asynchronously): try again shortly.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            ReplicationStream::start(&cfg.postgres, 4096).await?
+        }
+        other => other?,
+    };
+    health.set_role(Role::Leader);
     let mut confirmed = reader.confirmed();
     tracing::info!(
         slot = %cfg.postgres.slot,
@@ -145,6 +167,7 @@ async fn session(
                     )));
                 }
                 checkpoint.acked(window.acked);
+                window.report(health);
             }
             msg = stream.recv(), if can_read => match msg? {
                 ReplicationMessage::XLogData { data } => match decoder.feed(&data)? {
@@ -159,8 +182,9 @@ async fn session(
                         loop {
                             match sink.send(&record) {
                                 Ok(fut) => {
-                                    window.inflight.push_back(fut);
+                                    window.inflight.push_back(InFlight { fut, topic: record.topic.clone(), commit_time: event.commit_time });
                                     window.sent += 1;
+                                    window.report(health);
                                     break;
                                 }
                                 Err(SendError::QueueFull) => {
@@ -246,25 +270,46 @@ async fn shutdown(
     Ok(())
 }
 
+/// A delivery awaiting acknowledgement.
+struct InFlight {
+    fut: DeliveryFuture,
+    topic: String,
+    commit_time: SystemTime,
+}
+
 /// Deliveries awaiting acknowledgement, oldest first.
 struct Window {
-    inflight: VecDeque<DeliveryFuture>,
+    inflight: VecDeque<InFlight>,
     sent: u64,
     acked: u64,
 }
 
 impl Window {
+    /// Publishes the oldest unacknowledged commit time (the lag) and the in-flight count.
+    fn report(&self, health: &Health) {
+        health.set_inflight(
+            self.inflight.front().map(|f| f.commit_time),
+            self.inflight.len(),
+        );
+    }
+
     /// Awaits the oldest delivery. Cancel-safe: the delivery is removed only once resolved.
     /// `Err` carries the failure reason, naming the event id.
     async fn settle_oldest(&mut self) -> std::result::Result<(), String> {
-        let Some(fut) = self.inflight.front_mut() else {
+        let Some(front) = self.inflight.front_mut() else {
             return Ok(());
         };
-        let result = fut.await;
-        self.inflight.pop_front();
+        let result = (&mut front.fut).await;
+        let Some(done) = self.inflight.pop_front() else {
+            return Ok(());
+        };
         match result {
             Ok(Ok(_)) => {
                 self.acked += 1;
+                metrics::counter!(m::EVENTS_PUBLISHED, "topic" => done.topic).increment(1);
+                if let Ok(age) = SystemTime::now().duration_since(done.commit_time) {
+                    metrics::histogram!(m::COMMIT_TO_ACK).record(age.as_secs_f64());
+                }
                 Ok(())
             }
             Ok(Err((e, msg))) => {

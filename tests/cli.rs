@@ -198,7 +198,8 @@ fn unreachable_postgres_is_retried_with_backoff_and_logged() {
     std::fs::write(
         &path,
         format!(
-            "[postgres]\nurl = \"postgres://u:Secr3t@127.0.0.1:{port}/db\"\n[kafka]\nbrokers = \"127.0.0.1:1\"\n[retry]\ninitial_backoff_ms = 50\nmax_backoff_ms = 200\n"
+            "[postgres]\nurl = \"postgres://u:Secr3t@127.0.0.1:{port}/db\"\n[kafka]\nbrokers = \"127.0.0.1:1\"\n[retry]\ninitial_backoff_ms = 50\nmax_backoff_ms = 200\n[http]\naddr = \"127.0.0.1:{}\"\n",
+            free_port()
         ),
     )
     .unwrap();

@@ -44,9 +44,10 @@ use std::time::{Duration, SystemTime};
 
 use tokio_postgres::Client;
 
-use crate::config::PostgresConfig;
+use crate::config::{PostgresConfig, StaleHolder};
 use crate::error::{Error, Result};
 use crate::event::Event;
+use crate::health::{Health, Role};
 use crate::source::pgoutput::{self, Column, Message, Relation};
 
 /// Prefix of the relay's heartbeat messages.
@@ -266,15 +267,6 @@ impl SlotReader {
         };
         let state = reader.state().await?;
         reader.confirmed = state.confirmed_flush;
-        if state.wal_status.as_deref() == Some("lost") {
-            return Err(Error::setup(
-                format!(
-                    "replication slot `{}` is invalidated (wal_status = lost): PostgreSQL removed WAL it still needed, so events may have been skipped",
-                    cfg.slot
-                ),
-                "drop and recreate the slot (SELECT pg_drop_replication_slot(…); outboxd migrate), then check consumers for missing events; raise max_slot_wal_keep_size",
-            ));
-        }
         Ok(reader)
     }
 
@@ -335,6 +327,7 @@ impl SlotReader {
     pub async fn acquire_leadership(
         &self,
         stop: &mut tokio::sync::watch::Receiver<bool>,
+        health: &Health,
     ) -> Result<bool> {
         let mut announced = false;
         loop {
@@ -353,6 +346,7 @@ impl SlotReader {
                 }
                 return Ok(true);
             }
+            health.set_role(Role::Standby);
             if !announced {
                 tracing::info!(slot = %self.cfg.slot, "another outboxd instance holds this slot's lock; waiting as standby");
                 announced = true;
@@ -362,6 +356,70 @@ impl SlotReader {
                 _ = stop.changed() => return Ok(false),
             }
         }
+    }
+
+    /// Run by the leader before streaming: an invalidated slot (`wal_status = lost`) stops the
+    /// relay with the fix, or — only with `postgres.recreate_lost_slot = true` — is dropped and
+    /// recreated with a loud warning.
+    pub async fn ensure_slot_usable(&mut self) -> Result<()> {
+        let state = self.state().await?;
+        if state.wal_status.as_deref() != Some("lost") {
+            return Ok(());
+        }
+        let slot = &self.cfg.slot;
+        if !self.cfg.recreate_lost_slot {
+            return Err(Error::setup(
+                format!("replication slot `{slot}` is invalidated (wal_status = lost): PostgreSQL removed WAL it still needed, so events may have been skipped"),
+                "set postgres.recreate_lost_slot = true (or drop the slot and run `outboxd migrate`), then check consumers for events committed meanwhile; raise max_slot_wal_keep_size",
+            ));
+        }
+        tracing::warn!(slot = %slot, "replication slot is invalidated (wal_status = lost); recreating it because postgres.recreate_lost_slot = true. Events committed while it was lost may have been skipped: check consumers for gaps");
+        self.client
+            .execute("SELECT pg_drop_replication_slot($1::text::name)", &[slot])
+            .await
+            .map_err(|e| Error::pg("dropping the invalidated slot", e))?;
+        self.client
+            .execute(
+                "SELECT pg_create_logical_replication_slot($1::text::name, 'pgoutput')",
+                &[slot],
+            )
+            .await
+            .map_err(|e| Error::pg("recreating the slot", e))?;
+        self.confirmed = self.state().await?.confirmed_flush;
+        Ok(())
+    }
+
+    /// The slot is active for `pid` although this instance holds the leadership lock. With
+    /// `stale_slot_holder = terminate`, an outboxd replication connection is terminated (it
+    /// belongs to an instance that lost its lock session, e.g. after a crash or a network
+    /// split). Returns whether it was terminated.
+    pub async fn resolve_stale_holder(&self) -> Result<bool> {
+        let state = self.state().await?;
+        let Some(pid) = state.active_pid else {
+            return Ok(false);
+        };
+        let app: Option<String> = self
+            .client
+            .query_opt(
+                "SELECT application_name FROM pg_stat_activity WHERE pid = $1",
+                &[&pid],
+            )
+            .await
+            .map_err(|e| Error::pg("looking up the slot's holder", e))?
+            .and_then(|r| r.get(0));
+        let is_outboxd = app.as_deref() == Some(crate::source::walsender::APPLICATION_NAME);
+        if self.cfg.stale_slot_holder == StaleHolder::Terminate && is_outboxd {
+            tracing::warn!(slot = %self.cfg.slot, pid, "slot held by a stale outboxd connection while this instance holds the lock; terminating it (postgres.stale_slot_holder = terminate)");
+            let done: bool = self
+                .client
+                .query_one("SELECT pg_terminate_backend($1)", &[&pid])
+                .await
+                .map_err(|e| Error::pg("terminating the stale slot holder", e))?
+                .get(0);
+            return Ok(done);
+        }
+        tracing::warn!(slot = %self.cfg.slot, pid, application_name = app.as_deref().unwrap_or("?"), "slot is held by another session; waiting for it to end (postgres.stale_slot_holder = wait, or the holder is not outboxd)");
+        Ok(false)
     }
 
     /// The slot's confirmed position when this reader opened it.

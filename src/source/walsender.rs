@@ -19,6 +19,9 @@ use crate::config::{quote_ident, quote_literal, PostgresConfig};
 use crate::error::{Error, Result};
 use crate::source::pgoutput::format_lsn;
 
+/// `application_name` of the replication connection; identifies a stale holder as outboxd.
+pub const APPLICATION_NAME: &str = "outboxd-replication";
+
 type Reader = Box<dyn AsyncRead + Unpin + Send>;
 type Writer = Box<dyn AsyncWrite + Unpin + Send>;
 
@@ -177,7 +180,7 @@ impl ReplicationStream {
                 ("user", user.as_str()),
                 ("database", dbname.as_str()),
                 ("replication", "database"),
-                ("application_name", "outboxd-replication"),
+                ("application_name", APPLICATION_NAME),
                 ("client_encoding", "UTF8"),
             ],
             &mut buf,

@@ -93,7 +93,9 @@ impl TestDb {
             "[postgres]\nurl = \"{url}\"\nslot = \"{slot}\"\n\n\
              [kafka]\nbrokers = \"{brokers}\"\ntopic_template = \"{db}.{{aggregatetype}}\"\n\
              delivery_timeout_ms = 5000\nshutdown_timeout_ms = 5000\n\n\
-             [retry]\ninitial_backoff_ms = 100\nmax_backoff_ms = 1000\n\n{extra}\n",
+             [retry]\ninitial_backoff_ms = 100\nmax_backoff_ms = 1000\n\n\
+             [http]\naddr = \"127.0.0.1:{port}\"\n\n{extra}\n",
+            port = free_port(),
             url = self.url,
             slot = self.slot(),
             db = self.name,
@@ -159,6 +161,34 @@ fn merge_sections(text: &str) -> String {
         }
     }
     out
+}
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+/// The `http.addr` written into a config file by [`TestDb::config`].
+pub fn http_addr(config: &Path) -> String {
+    let text = std::fs::read_to_string(config).unwrap();
+    let line = text.lines().find(|l| l.starts_with("addr = ")).unwrap();
+    line.trim_start_matches("addr = ")
+        .trim_matches('"')
+        .to_string()
+}
+
+/// GET `path` from a relay's HTTP listener: (status code, body).
+pub fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\n\r\n").ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).ok()?;
+    let code = buf.split_whitespace().nth(1)?.parse().ok()?;
+    let body = buf.split_once("\r\n\r\n")?.1.to_string();
+    Some((code, body))
 }
 
 pub fn parse_lsn(s: &str) -> u64 {

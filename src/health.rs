@@ -1,0 +1,187 @@
+//! What this instance knows about itself, shared by the relay, the monitor and the HTTP
+//! endpoints. A plain mutex: it is never held across an `.await`.
+
+use std::sync::{Mutex, MutexGuard};
+use std::time::SystemTime;
+
+use serde::Serialize;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Connecting, or retrying after an error.
+    Starting,
+    /// Healthy, waiting for the slot's lock.
+    Standby,
+    /// Holds the lock and publishes.
+    Leader,
+}
+
+/// Facts about the slot, refreshed by the monitor.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct SlotFacts {
+    pub slot: String,
+    pub confirmed_lsn: Option<String>,
+    pub lag_bytes: Option<i64>,
+    pub safe_wal_size_bytes: Option<i64>,
+    pub wal_status: Option<String>,
+    pub active_pid: Option<i32>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Snapshot {
+    pub mode: &'static str,
+    pub role: Role,
+    pub postgres_reachable: bool,
+    pub kafka_reachable: bool,
+    pub lag_seconds: f64,
+    pub inflight: usize,
+    pub slot: SlotFacts,
+    pub max_slot_lag_bytes: u64,
+    pub last_error: Option<String>,
+    pub last_error_at: Option<String>,
+    pub version: &'static str,
+}
+
+#[derive(Debug)]
+struct Inner {
+    role: Role,
+    postgres_ok: bool,
+    kafka_ok: bool,
+    last_error: Option<(SystemTime, String)>,
+    oldest_unacked_commit: Option<SystemTime>,
+    inflight: usize,
+    slot: SlotFacts,
+}
+
+#[derive(Debug)]
+pub struct Health {
+    inner: Mutex<Inner>,
+    max_slot_lag_bytes: u64,
+}
+
+impl Health {
+    pub fn new(slot: &str, max_slot_lag_bytes: u64) -> Health {
+        Health {
+            inner: Mutex::new(Inner {
+                role: Role::Starting,
+                postgres_ok: false,
+                kafka_ok: false,
+                last_error: None,
+                oldest_unacked_commit: None,
+                inflight: 0,
+                slot: SlotFacts {
+                    slot: slot.to_string(),
+                    ..SlotFacts::default()
+                },
+            }),
+            max_slot_lag_bytes,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn set_role(&self, role: Role) {
+        self.lock().role = role;
+        metrics::gauge!(crate::metrics::IS_LEADER).set(if role == Role::Leader {
+            1.0
+        } else {
+            0.0
+        });
+    }
+
+    pub fn set_postgres_ok(&self, ok: bool) {
+        self.lock().postgres_ok = ok;
+    }
+
+    pub fn set_kafka_ok(&self, ok: bool) {
+        self.lock().kafka_ok = ok;
+    }
+
+    pub fn record_error(&self, error: &str) {
+        self.lock().last_error = Some((SystemTime::now(), error.to_string()));
+    }
+
+    /// The commit time of the oldest event handed to Kafka and not yet acknowledged, and the
+    /// number in flight. Kept across a failed session: those events will be resent.
+    pub fn set_inflight(&self, oldest_commit: Option<SystemTime>, inflight: usize) {
+        let mut g = self.lock();
+        g.oldest_unacked_commit = oldest_commit;
+        g.inflight = inflight;
+        drop(g);
+        metrics::gauge!(crate::metrics::INFLIGHT).set(inflight as f64);
+    }
+
+    pub fn set_slot(&self, facts: SlotFacts) {
+        self.lock().slot = facts;
+    }
+
+    pub fn lag_seconds(&self) -> f64 {
+        match self.lock().oldest_unacked_commit {
+            None => 0.0,
+            Some(t) => SystemTime::now()
+                .duration_since(t)
+                .map(|d| d.as_secs_f64())
+                .unwrap_or(0.0),
+        }
+    }
+
+    /// `Ok(what)` when ready, `Err(reason)` otherwise — one line each.
+    pub fn readiness(&self) -> Result<&'static str, String> {
+        let g = self.lock();
+        if !g.postgres_ok {
+            return Err("PostgreSQL is not reachable".into());
+        }
+        if !g.kafka_ok {
+            return Err("Kafka is not reachable".into());
+        }
+        if g.slot.wal_status.as_deref() == Some("lost") {
+            return Err(format!(
+                "replication slot {} is invalidated (wal_status = lost)",
+                g.slot.slot
+            ));
+        }
+        if let Some(lag) = g.slot.lag_bytes {
+            if lag > 0 && lag as u64 > self.max_slot_lag_bytes {
+                return Err(format!(
+                    "replication slot lag {lag} bytes exceeds postgres.max_slot_lag_bytes = {}",
+                    self.max_slot_lag_bytes
+                ));
+            }
+        }
+        match g.role {
+            Role::Leader => Ok("leader, publishing"),
+            Role::Standby => Ok("standby"),
+            Role::Starting => Err(match &g.last_error {
+                Some((_, e)) => format!("not publishing: {e}"),
+                None => "starting".into(),
+            }),
+        }
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        let lag_seconds = self.lag_seconds();
+        let g = self.lock();
+        Snapshot {
+            mode: "logical",
+            role: g.role,
+            postgres_reachable: g.postgres_ok,
+            kafka_reachable: g.kafka_ok,
+            lag_seconds,
+            inflight: g.inflight,
+            slot: g.slot.clone(),
+            max_slot_lag_bytes: self.max_slot_lag_bytes,
+            last_error: g.last_error.as_ref().map(|(_, e)| e.clone()),
+            last_error_at: g.last_error.as_ref().map(|(t, _)| {
+                let secs = t
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0);
+                format!("{secs} (unix seconds)")
+            }),
+            version: env!("CARGO_PKG_VERSION"),
+        }
+    }
+}

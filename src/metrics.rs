@@ -1,0 +1,103 @@
+//! Metric names — a contract: dashboards and alerts depend on them. Described once here;
+//! rendered in Prometheus text format by `/metrics`.
+
+use std::time::Duration;
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+/// Age of the oldest committed event not yet acknowledged by Kafka (0 when caught up).
+pub const LAG_SECONDS: &str = "outboxd_lag_seconds";
+/// Records acknowledged by Kafka, by topic.
+pub const EVENTS_PUBLISHED: &str = "outboxd_events_published_total";
+/// Events sent to the dead-letter destination, by reason.
+pub const EVENTS_DEAD_LETTERED: &str = "outboxd_events_dead_lettered_total";
+/// Times publishing restarted from the confirmed position after a failed delivery.
+pub const PUBLISH_RETRIES: &str = "outboxd_publish_retries_total";
+/// Commit timestamp → Kafka acknowledgement.
+pub const COMMIT_TO_ACK: &str = "outboxd_commit_to_ack_seconds";
+/// Current WAL position minus the slot's confirmed position.
+pub const SLOT_LAG_BYTES: &str = "outboxd_replication_slot_lag_bytes";
+/// `pg_replication_slots.safe_wal_size`: WAL that can still be written before the slot is
+/// in danger of being invalidated (absent when max_slot_wal_keep_size is unlimited).
+pub const SLOT_SAFE_WAL_SIZE: &str = "outboxd_replication_slot_safe_wal_size_bytes";
+/// 1 for the slot's current `wal_status` (reserved, extended, unreserved, lost).
+pub const SLOT_WAL_STATUS: &str = "outboxd_replication_slot_wal_status";
+/// Rows past the cursor (polling mode only).
+pub const POLLING_PENDING: &str = "outboxd_polling_pending_events";
+/// Deliveries handed to the producer and not yet acknowledged.
+pub const INFLIGHT: &str = "outboxd_inflight_events";
+/// 1 while this instance holds the slot's lock and publishes.
+pub const IS_LEADER: &str = "outboxd_is_leader";
+/// Always 1, labelled with the version.
+pub const BUILD_INFO: &str = "outboxd_build_info";
+
+/// Installs the global recorder and describes every metric. Call once.
+pub fn install() -> Result<PrometheusHandle, String> {
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            Matcher::Full(COMMIT_TO_ACK.to_string()),
+            &[
+                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+            ],
+        )
+        .map_err(|e| e.to_string())?
+        .install_recorder()
+        .map_err(|e| e.to_string())?;
+    describe();
+    // Spawned by the recorder owner: keeps histogram buckets from growing without bound.
+    let upkeep = handle.clone();
+    std::thread::Builder::new()
+        .name("metrics-upkeep".into())
+        .spawn(move || loop {
+            std::thread::sleep(Duration::from_secs(5));
+            upkeep.run_upkeep();
+        })
+        .map_err(|e| e.to_string())?;
+    Ok(handle)
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_gauge!(
+        LAG_SECONDS,
+        Unit::Seconds,
+        "Age of the oldest committed event not yet acknowledged by Kafka (0 when caught up)"
+    );
+    describe_counter!(EVENTS_PUBLISHED, "Records acknowledged by Kafka, by topic");
+    describe_counter!(
+        EVENTS_DEAD_LETTERED,
+        "Events sent to the dead-letter destination, by reason"
+    );
+    describe_counter!(
+        PUBLISH_RETRIES,
+        "Times publishing restarted from the confirmed position after a failed delivery"
+    );
+    describe_histogram!(
+        COMMIT_TO_ACK,
+        Unit::Seconds,
+        "Commit timestamp to Kafka acknowledgement"
+    );
+    describe_gauge!(
+        SLOT_LAG_BYTES,
+        Unit::Bytes,
+        "Current WAL position minus the slot's confirmed position"
+    );
+    describe_gauge!(
+        SLOT_SAFE_WAL_SIZE,
+        Unit::Bytes,
+        "WAL that can still be written before the slot risks invalidation"
+    );
+    describe_gauge!(SLOT_WAL_STATUS, "1 for the slot's current wal_status");
+    describe_gauge!(POLLING_PENDING, "Outbox rows past the polling cursor");
+    describe_gauge!(INFLIGHT, "Deliveries awaiting Kafka's acknowledgement");
+    describe_gauge!(
+        IS_LEADER,
+        "1 while this instance holds the slot's lock and publishes"
+    );
+    describe_gauge!(BUILD_INFO, "Build information");
+    metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    metrics::gauge!(IS_LEADER).set(0.0);
+    metrics::gauge!(LAG_SECONDS).set(0.0);
+    metrics::gauge!(INFLIGHT).set(0.0);
+    metrics::counter!(PUBLISH_RETRIES).absolute(0);
+}

@@ -1,0 +1,617 @@
+//! Operating outboxd as a sidecar: HTTP endpoints, metrics validated by promtool, status,
+//! high availability, logs, and the shipped deployment files.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+async fn setup(prefix: &str, brokers: &str, extra: &str) -> (TestDb, std::path::PathBuf) {
+    let db = TestDb::new(prefix).await;
+    let config = db.config(brokers, extra);
+    migrate(&config);
+    create_aggregates_table(&db.client().await).await;
+    (db, config)
+}
+
+fn ids(written: &[Written]) -> HashSet<String> {
+    written.iter().map(|w| w.id.clone()).collect()
+}
+
+/// The value of an unlabelled sample in Prometheus text.
+fn sample(metrics: &str, name: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+}
+
+fn scrape(addr: &str) -> String {
+    let (code, body) = http_get(addr, "/metrics").expect("relay answers /metrics");
+    assert_eq!(code, 200);
+    body
+}
+
+fn promtool_check_metrics(text: &str) {
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool is installed by scripts/stack.sh (Debian package prometheus)");
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics failed:\n{}{}\n--- metrics ---\n{text}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+async fn wait_http(
+    addr: &str,
+    path: &str,
+    timeout: Duration,
+    want: impl Fn(u16, &str) -> bool,
+) -> (u16, String) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some((code, body)) = http_get(addr, path) {
+            if want(code, &body) {
+                return (code, body);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{path} never matched; last: {code} {body}"
+            );
+        } else {
+            assert!(Instant::now() < deadline, "{path} never answered");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_pass_promtool_and_lag_rises_while_kafka_is_down_then_returns_to_zero() {
+    let mock = rdkafka::mocking::MockCluster::new(1).unwrap();
+    let brokers = mock.bootstrap_servers();
+    let (db, config) = setup(
+        "metrics",
+        &brokers,
+        "[kafka]\ndelivery_timeout_ms = 2000\ncreate_topics = false\n",
+    )
+    .await;
+    mock.create_topic(&db.topic("order"), 3, 1).unwrap();
+    let addr = http_addr(&config);
+    let mut relay = Relay::start(&config);
+    let (_, body) = wait_http(&addr, "/readyz", Duration::from_secs(30), |c, _| c == 200).await;
+    assert!(body.contains("leader"), "{body}");
+    assert_eq!(http_get(&addr, "/healthz").unwrap().0, 200);
+
+    let mut client = db.client().await;
+    let mut before = Vec::new();
+    for i in 0..10 {
+        let events = [("order".to_string(), format!("a{}", i % 3))];
+        before.extend(write_txn(&mut client, &events, false).await.unwrap());
+    }
+    let received = consume(
+        &brokers,
+        &[db.topic("order")],
+        &ids(&before),
+        Duration::from_secs(30),
+        Duration::ZERO,
+    );
+    assert_exactly_written(&before, &received);
+    let text = scrape(&addr);
+    promtool_check_metrics(&text);
+    for name in [
+        "outboxd_lag_seconds",
+        "outboxd_events_published_total",
+        "outboxd_publish_retries_total",
+        "outboxd_commit_to_ack_seconds",
+        "outboxd_replication_slot_lag_bytes",
+        "outboxd_replication_slot_wal_status",
+        "outboxd_inflight_events",
+        "outboxd_is_leader",
+        "outboxd_build_info",
+    ] {
+        assert!(text.contains(name), "{name} missing from /metrics:\n{text}");
+    }
+    assert_eq!(sample(&text, "outboxd_is_leader"), Some(1.0));
+    let topic_line = format!(
+        "outboxd_events_published_total{{topic=\"{}\"}} 10",
+        db.topic("order")
+    );
+    assert!(
+        text.contains(&topic_line),
+        "expected `{topic_line}` in:\n{text}"
+    );
+
+    mock.broker_down(1).unwrap();
+    let mut during = Vec::new();
+    for i in 0..5 {
+        let events = [("order".to_string(), format!("a{}", i % 3))];
+        during.extend(write_txn(&mut client, &events, false).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let lag1 = sample(&scrape(&addr), "outboxd_lag_seconds").unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let text = scrape(&addr);
+    let lag2 = sample(&text, "outboxd_lag_seconds").unwrap();
+    assert!(
+        lag1 >= 2.0 && lag2 > lag1,
+        "lag must rise while Kafka is down: {lag1} then {lag2}"
+    );
+    let (code, body) = wait_http(&addr, "/readyz", Duration::from_secs(15), |c, _| c == 503).await;
+    assert_eq!(code, 503, "{body}");
+    assert_eq!(body.lines().count(), 1, "one-line reason: {body}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let text = scrape(&addr);
+        if sample(&text, "outboxd_publish_retries_total").unwrap_or(0.0) >= 1.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "delivery timeouts (2 s) must count as retries:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    mock.broker_up(1).unwrap();
+    let mut all = before.clone();
+    all.extend(during);
+    let received = consume(
+        &brokers,
+        &[db.topic("order")],
+        &ids(&all),
+        Duration::from_secs(60),
+        Duration::ZERO,
+    );
+    assert_exactly_written(&all, &received);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let lag = sample(&scrape(&addr), "outboxd_lag_seconds").unwrap();
+        if lag == 0.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "lag never returned to 0 (still {lag})"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    wait_http(&addr, "/readyz", Duration::from_secs(30), |c, _| c == 200).await;
+    promtool_check_metrics(&scrape(&addr));
+    relay.assert_running();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn standby_takes_over_when_the_leader_is_killed_mid_stream_and_nothing_is_lost() {
+    let brokers = kafka_brokers();
+    let (db, config_a) = setup("ha", &brokers, "[kafka]\nmax_in_flight = 500\n").await;
+    let config_b = db.config(&brokers, "[kafka]\nmax_in_flight = 500\n");
+    let (addr_a, addr_b) = (http_addr(&config_a), http_addr(&config_b));
+    let mut a = Relay::start(&config_a);
+    wait_http(&addr_a, "/readyz", Duration::from_secs(30), |c, b| {
+        c == 200 && b.contains("leader")
+    })
+    .await;
+    let mut b = Relay::start(&config_b);
+    let (_, body) = wait_http(&addr_b, "/readyz", Duration::from_secs(30), |c, _| c == 200).await;
+    assert!(
+        body.contains("standby"),
+        "second instance must be a ready standby: {body}"
+    );
+    assert_eq!(sample(&scrape(&addr_b), "outboxd_is_leader"), Some(0.0));
+
+    let writer = {
+        let db = db.clone();
+        tokio::spawn(async move {
+            let mut client = db.client().await;
+            let mut rng = Rng::new(42);
+            let mut written = Vec::new();
+            for _ in 0..600 {
+                let mut events: Vec<(String, String)> = (0..rng.range(1, 8))
+                    .map(|_| ("order".to_string(), format!("agg-{}", rng.range(0, 40))))
+                    .collect();
+                events.sort_by(|x, y| x.1.cmp(&y.1));
+                written.extend(write_txn(&mut client, &events, false).await.unwrap());
+            }
+            written
+        })
+    };
+    eventually(
+        Duration::from_secs(30),
+        "leader confirmed part of the stream",
+        || async { db.confirmed_lsn().await > 0 && !writer.is_finished() },
+    )
+    .await;
+    a.kill();
+    let killed = Instant::now();
+    wait_http(&addr_b, "/readyz", Duration::from_secs(20), |c, body| {
+        c == 200 && body.contains("leader")
+    })
+    .await;
+    let takeover = killed.elapsed();
+    assert!(
+        takeover < Duration::from_secs(10),
+        "takeover took {takeover:?}"
+    );
+    let written = writer.await.unwrap();
+    let received = consume(
+        &brokers,
+        &[db.topic("order")],
+        &ids(&written),
+        Duration::from_secs(120),
+        Duration::from_secs(1),
+    );
+    let dups = assert_exactly_written(&written, &received);
+    eprintln!(
+        "takeover after {takeover:?}; {} events, {dups} duplicates",
+        written.len()
+    );
+    assert_eq!(sample(&scrape(&addr_b), "outboxd_is_leader"), Some(1.0));
+    b.assert_running();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_fails_and_status_exits_1_when_slot_lag_exceeds_the_threshold() {
+    let brokers = kafka_brokers();
+    let (db, config) = setup(
+        "threshold",
+        &brokers,
+        "[postgres]\nmax_slot_lag_bytes = 65536\n",
+    )
+    .await;
+    // Hold the slot's leadership lock ourselves: the relay stays a standby, the slot stays put.
+    let holder = db.client().await;
+    holder
+        .query_one(
+            "SELECT pg_advisory_lock(hashtextextended('outboxd.slot.' || $1, 0))",
+            &[&db.slot()],
+        )
+        .await
+        .unwrap();
+    let addr = http_addr(&config);
+    let _relay = Relay::start(&config);
+    let (_, body) = wait_http(&addr, "/readyz", Duration::from_secs(30), |c, _| c == 200).await;
+    assert!(body.contains("standby"), "{body}");
+
+    let out = outboxd(&["status", "--config", config.to_str().unwrap()], &[]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(
+        text.contains("healthy") && text.contains(db.slot()),
+        "{text}"
+    );
+
+    let client = db.client().await;
+    client
+        .batch_execute("CREATE TABLE filler (v text); INSERT INTO filler SELECT repeat('x', 500) FROM generate_series(1, 2000)")
+        .await
+        .unwrap();
+    let (_, body) = wait_http(&addr, "/readyz", Duration::from_secs(20), |c, _| c == 503).await;
+    assert!(body.contains("max_slot_lag_bytes"), "{body}");
+    let out = outboxd(
+        &["status", "--json", "--config", config.to_str().unwrap()],
+        &[],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        json["slot"]["lag_bytes"].as_i64().unwrap() > 65536,
+        "{json}"
+    );
+    assert!(json["leader"]["pid"].as_i64().is_some(), "{json}");
+    assert!(
+        json["problems"][0]
+            .as_str()
+            .unwrap()
+            .contains("max_slot_lag_bytes"),
+        "{json}"
+    );
+}
+
+#[tokio::test]
+async fn status_exits_2_when_postgres_is_unreachable() {
+    let out = outboxd(
+        &["status"],
+        &[
+            (
+                "OUTBOXD_POSTGRES_URL",
+                &format!("postgres://u:pw@127.0.0.1:{}/db", free_port()),
+            ),
+            ("OUTBOXD_KAFKA_BROKERS", "127.0.0.1:1"),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("cannot connect"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_name_the_event_id_and_never_the_password() {
+    let brokers = kafka_brokers();
+    let (db, config) = setup("jsonlog", &brokers, "").await;
+    let admin = db.client().await;
+    let role = unique("logrole").to_lowercase();
+    admin
+        .batch_execute(&format!("CREATE ROLE {role} LOGIN REPLICATION PASSWORD 'Sup3rSecret'; GRANT SELECT ON outbox TO {role}"))
+        .await
+        .unwrap();
+    let base = pg_admin_url();
+    let hostport = base.split('@').nth(1).unwrap().split('/').next().unwrap();
+    let url = format!("postgres://{role}:Sup3rSecret@{hostport}/{}", db.name);
+    let mut relay = Relay::start_with_env(
+        &config,
+        &[
+            ("OUTBOXD_POSTGRES_URL", url.as_str()),
+            ("OUTBOXD_LOG_FORMAT", "json"),
+        ],
+    );
+    // An event whose headers are not an object: logged (with its id) and still published.
+    let row = admin
+        .query_one(
+            "INSERT INTO outbox (aggregatetype, aggregateid, type, payload, headers) \
+             VALUES ('order', 'x1', 'Odd', '{}', '[1, 2]') RETURNING id::text",
+            &[],
+        )
+        .await
+        .unwrap();
+    let id: String = row.get(0);
+    let expect: HashSet<String> = [id.clone()].into();
+    let received = consume(
+        &brokers,
+        &[db.topic("order")],
+        &expect,
+        Duration::from_secs(30),
+        Duration::ZERO,
+    );
+    assert!(received.iter().any(|r| r.id.as_deref() == Some(&id)));
+    relay.terminate(Duration::from_secs(20));
+    let log = relay.log_text();
+    let mut found = false;
+    for line in log.lines() {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        if v["message"].as_str().unwrap_or("").contains("headers") {
+            assert_eq!(v["event_id"].as_str(), Some(id.as_str()), "{line}");
+            found = true;
+        }
+    }
+    assert!(found, "no log line about the odd headers:\n{log}");
+    assert!(!log.contains("Sup3rSecret"), "password leaked:\n{log}");
+}
+
+fn yaml_parses(path: &Path) {
+    let out = Command::new("python3")
+        .args([
+            "-c",
+            "import sys, yaml; list(yaml.safe_load_all(open(sys.argv[1])))",
+        ])
+        .arg(path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{} is not valid YAML: {}",
+        path.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn shipped_prometheus_files_and_manifests_validate() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let promtool = |args: &[&str]| {
+        let out = Command::new("promtool")
+            .args(args)
+            .output()
+            .expect("promtool installed by scripts/stack.sh");
+        assert!(
+            out.status.success(),
+            "promtool {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let rules = root.join("docker/prometheus/alerts.yml");
+    let config = root.join("docker/prometheus/prometheus.yml");
+    promtool(&["check", "rules", rules.to_str().unwrap()]);
+    promtool(&["check", "config", "--syntax-only", config.to_str().unwrap()]);
+    let alerts = std::fs::read_to_string(&rules).unwrap();
+    assert!(
+        alerts.contains("outboxd_lag_seconds"),
+        "an alert on the lag gauge is shipped"
+    );
+    for f in [
+        "docker/compose.yml",
+        "docker/kubernetes/sidecar.yaml",
+        "docker/prometheus/alerts.yml",
+    ] {
+        yaml_parses(&root.join(f));
+    }
+    let k8s = std::fs::read_to_string(root.join("docker/kubernetes/sidecar.yaml")).unwrap();
+    assert!(
+        k8s.contains("/healthz") && k8s.contains("/readyz"),
+        "probes on /healthz and /readyz"
+    );
+}
+
+/// A cluster of its own (max_slot_wal_keep_size = 1MB), stopped on drop.
+struct PrivateCluster {
+    dir: std::path::PathBuf,
+    url: String,
+}
+
+impl PrivateCluster {
+    fn start(options: &str) -> PrivateCluster {
+        let dir = std::env::temp_dir().join(unique("cluster"));
+        let port = free_port();
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/stack.sh");
+        let out = Command::new(&script)
+            .args([
+                "pg-start",
+                dir.to_str().unwrap(),
+                &port.to_string(),
+                options,
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        PrivateCluster {
+            dir,
+            url: format!("postgres://postgres@127.0.0.1:{port}/postgres"),
+        }
+    }
+}
+
+impl Drop for PrivateCluster {
+    fn drop(&mut self) {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/stack.sh");
+        let _ = Command::new(script)
+            .args(["pg-stop", self.dir.to_str().unwrap()])
+            .output();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalidated_slot_stops_with_the_fix_unless_recreation_is_configured() {
+    let brokers = kafka_brokers();
+    let cluster = PrivateCluster::start("-c max_slot_wal_keep_size=1MB -c wal_keep_size=0");
+    let topic_prefix = unique("lost").to_lowercase();
+    let env = [
+        ("OUTBOXD_POSTGRES_URL", cluster.url.as_str()),
+        ("OUTBOXD_KAFKA_BROKERS", brokers.as_str()),
+        (
+            "OUTBOXD_TOPIC_TEMPLATE",
+            &format!("{topic_prefix}.{{aggregatetype}}"),
+        ),
+    ];
+    let out = outboxd(&["migrate"], &env);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let client = connect(&cluster.url).await;
+    // With nothing confirming the slot, PostgreSQL removes WAL it still needs at a checkpoint.
+    client
+        .batch_execute(
+            "CREATE TABLE filler (v text);
+             INSERT INTO filler SELECT repeat('x', 1000) FROM generate_series(1, 20000);
+             SELECT pg_switch_wal();
+             INSERT INTO filler SELECT repeat('x', 1000) FROM generate_series(1, 20000);
+             SELECT pg_switch_wal();
+             CHECKPOINT;",
+        )
+        .await
+        .unwrap();
+    let status: String = client
+        .query_one(
+            "SELECT wal_status FROM pg_replication_slots WHERE slot_name = 'outboxd'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        status, "lost",
+        "the scenario must really invalidate the slot"
+    );
+
+    let http = format!("127.0.0.1:{}", free_port());
+    let mut with_http = env.to_vec();
+    with_http.push(("OUTBOXD_HTTP_ADDR", http.as_str()));
+    let out = outboxd(&["run"], &with_http);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("wal_status = lost") && err.contains("recreate_lost_slot"),
+        "{err}"
+    );
+    let slots: i64 = client
+        .query_one(
+            "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'outboxd'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(slots, 1, "by default the lost slot is left alone");
+
+    // Explicit opt-in: the slot is recreated, with a warning, and publishing resumes.
+    let dir = std::env::temp_dir().join(unique("lostcfg"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("c.toml");
+    std::fs::write(
+        &config,
+        format!("[postgres]\nrecreate_lost_slot = true\n[http]\naddr = \"{http}\"\n"),
+    )
+    .unwrap();
+    let mut relay = Relay::start_with_env(&config, &env);
+    eventually(Duration::from_secs(30), "slot recreated", || async {
+        let c = connect(&cluster.url).await;
+        c.query_one(
+            "SELECT wal_status FROM pg_replication_slots WHERE slot_name = 'outboxd'",
+            &[],
+        )
+        .await
+        .map(|r| r.get::<_, Option<String>>(0).as_deref() == Some("reserved"))
+        .unwrap_or(false)
+    })
+    .await;
+    // Wait until it streams (the recreated slot starts at the current position).
+    wait_http(&http, "/readyz", Duration::from_secs(30), |c, b| {
+        c == 200 && b.contains("leader")
+    })
+    .await;
+    let row = client
+        .query_one(
+            "INSERT INTO outbox (aggregatetype, aggregateid, type, payload) VALUES ('order', 'o1', 'Placed', '{}') RETURNING id::text",
+            &[],
+        )
+        .await
+        .unwrap();
+    let id: String = row.get(0);
+    let received = consume(
+        &brokers,
+        &[format!("{topic_prefix}.order")],
+        &[id.clone()].into(),
+        Duration::from_secs(30),
+        Duration::ZERO,
+    );
+    assert!(received
+        .iter()
+        .any(|r| r.id.as_deref() == Some(id.as_str())));
+    relay.assert_running();
+    let log = relay.log_text();
+    assert!(
+        log.contains("recreating it") && log.contains("skipped"),
+        "{log}"
+    );
+}
