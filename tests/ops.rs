@@ -615,3 +615,123 @@ async fn invalidated_slot_stops_with_the_fix_unless_recreation_is_configured() {
         "{log}"
     );
 }
+
+/// Holds the slot with PostgreSQL's own pg_recvlogical, under a chosen application_name.
+fn hold_slot(db: &TestDb, application_name: &str) -> std::process::Child {
+    let bindir = std::fs::read_dir("/usr/lib/postgresql")
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.path().join("bin/pg_recvlogical"))
+        .find(|p| p.exists())
+        .expect("pg_recvlogical");
+    let base = pg_admin_url();
+    let hostport = base.split('@').nth(1).unwrap().split('/').next().unwrap();
+    let (host, port) = hostport.split_once(':').unwrap();
+    Command::new(bindir)
+        .args([
+            "-d",
+            &format!("host={host} port={port} user=postgres dbname={} application_name={application_name}", db.name),
+            "-S",
+            db.slot(),
+            "--start",
+            "--no-loop",
+            "-o",
+            "proto_version=1",
+            "-o",
+            "publication_names=outboxd",
+            "-f",
+            "/dev/null",
+        ])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+async fn slot_active(db: &TestDb) -> Option<i32> {
+    db.client()
+        .await
+        .query_one(
+            "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1",
+            &[&db.slot()],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_outboxd_slot_holder_is_terminated_and_a_foreign_one_is_waited_for() {
+    let brokers = kafka_brokers();
+    // A foreign holder (pg_recvlogical under its own name) is never terminated.
+    let (db, config) = setup("foreign", &brokers, "").await;
+    let mut foreign = hold_slot(&db, "pg_recvlogical");
+    eventually(
+        Duration::from_secs(10),
+        "pg_recvlogical holds the slot",
+        || async { slot_active(&db).await.is_some() },
+    )
+    .await;
+    let addr = http_addr(&config);
+    let mut relay = Relay::start(&config);
+    let (_, body) = wait_http(&addr, "/readyz", Duration::from_secs(20), |c, b| {
+        c == 503 && b.contains("active for PID")
+    })
+    .await;
+    assert!(body.starts_with("not ready"), "{body}");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        foreign.try_wait().unwrap().is_none(),
+        "a foreign slot holder must not be terminated"
+    );
+    assert!(
+        relay.log_text().contains("waiting for it to end"),
+        "{}",
+        relay.log_text()
+    );
+    // Once it goes away, the relay takes the slot by itself.
+    foreign.kill().unwrap();
+    foreign.wait().unwrap();
+    wait_http(&addr, "/readyz", Duration::from_secs(30), |c, b| {
+        c == 200 && b.contains("leader")
+    })
+    .await;
+    relay.kill();
+
+    // A stale outboxd replication connection (its lock session gone) is terminated.
+    let (db, config) = setup("stale", &brokers, "").await;
+    let mut stale = hold_slot(&db, "outboxd-replication");
+    eventually(
+        Duration::from_secs(10),
+        "stale holder holds the slot",
+        || async { slot_active(&db).await.is_some() },
+    )
+    .await;
+    let addr = http_addr(&config);
+    let relay = Relay::start(&config);
+    wait_http(&addr, "/readyz", Duration::from_secs(30), |c, b| {
+        c == 200 && b.contains("leader")
+    })
+    .await;
+    let mut client = db.client().await;
+    let written = write_txn(
+        &mut client,
+        &[("order".to_string(), "a".to_string())],
+        false,
+    )
+    .await
+    .unwrap();
+    let received = consume(
+        &brokers,
+        &[db.topic("order")],
+        &ids(&written),
+        Duration::from_secs(30),
+        Duration::ZERO,
+    );
+    assert_exactly_written(&written, &received);
+    assert!(
+        relay.log_text().contains("terminating it"),
+        "{}",
+        relay.log_text()
+    );
+    let _ = stale.wait();
+}
