@@ -14,6 +14,35 @@ CREATE TABLE IF NOT EXISTS public.outbox (
     created_at    timestamptz NOT NULL DEFAULT now()
 );
 
+-- Where poison events go when even the dead-letter topic refuses them.
+CREATE TABLE IF NOT EXISTS public.outboxd_dead_letter (
+    seq              bigserial   PRIMARY KEY,
+    event_id         text,
+    topic            text        NOT NULL,
+    key              text,
+    payload          bytea,
+    headers          jsonb,
+    reason           text        NOT NULL,
+    error            text,
+    dead_lettered_at timestamptz NOT NULL DEFAULT now()
+);
+
+-- Table-less events: SELECT outbox_emit('order', '42', 'OrderPlaced', '{"total": 10}');
+-- writes a transactional logical decoding message instead of a row; it is relayed like a row
+-- (same topic, key, headers, order and guarantee) and leaves nothing to delete.
+CREATE OR REPLACE FUNCTION public.outbox_emit(
+    aggregatetype text, aggregateid text, type text, payload jsonb, headers jsonb DEFAULT NULL)
+RETURNS uuid LANGUAGE plpgsql VOLATILE AS $fn$
+DECLARE
+    event_id uuid := gen_random_uuid();
+BEGIN
+    PERFORM pg_logical_emit_message(true, 'outbox', json_build_object(
+        'id', event_id, 'aggregatetype', aggregatetype, 'aggregateid', aggregateid,
+        'type', type, 'payload', payload, 'headers', headers)::text);
+    RETURN event_id;
+END
+$fn$;
+
 -- Only INSERTs are relayed; the service may delete published rows at will.
 CREATE PUBLICATION outboxd FOR TABLE public.outbox WITH (publish = 'insert');
 

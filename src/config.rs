@@ -93,6 +93,14 @@ pub struct KafkaConfig {
     pub create_topics: bool,
     pub topic_partitions: i32,
     pub topic_replication_factor: i32,
+    /// An event whose aggregateid is NULL is poison (dead-lettered) instead of sent unkeyed.
+    pub require_key: bool,
+    /// Records larger than this are poison (dead-lettered). librdkafka's `message.max.bytes`
+    /// is set above it unless configured in `kafka.properties`.
+    pub max_message_bytes: usize,
+    /// Where poison events go; if even that fails, the relay-owned table
+    /// `<schema>.outboxd_dead_letter`.
+    pub dlq_topic: String,
     /// Passed verbatim to librdkafka (TLS, SASL, compression, linger, …).
     pub properties: BTreeMap<String, String>,
 }
@@ -149,6 +157,9 @@ struct RawKafka {
     create_topics: Option<bool>,
     topic_partitions: Option<i32>,
     topic_replication_factor: Option<i32>,
+    require_key: Option<bool>,
+    max_message_bytes: Option<usize>,
+    dlq_topic: Option<String>,
     #[serde(default)]
     properties: BTreeMap<String, toml::Value>,
 }
@@ -317,6 +328,20 @@ impl Config {
                 "must be between 1 and 32, or -1 for the broker default",
             ));
         }
+        let max_message_bytes = k.max_message_bytes.unwrap_or(1_000_000);
+        if !(1_000..=1_000_000_000).contains(&max_message_bytes) {
+            return Err(invalid(
+                "kafka.max_message_bytes",
+                "must be between 1000 and 1000000000",
+            ));
+        }
+        let dlq_topic = k.dlq_topic.unwrap_or_else(|| "outbox.dlq".into());
+        if !crate::route::valid_topic_name(&dlq_topic) {
+            return Err(invalid(
+                "kafka.dlq_topic",
+                format!("`{dlq_topic}` is not a legal Kafka topic name"),
+            ));
+        }
         let mut properties = BTreeMap::new();
         for (name, value) in k.properties {
             let value = match value {
@@ -381,6 +406,9 @@ impl Config {
                 create_topics: k.create_topics.unwrap_or(true),
                 topic_partitions,
                 topic_replication_factor,
+                require_key: k.require_key.unwrap_or(true),
+                max_message_bytes,
+                dlq_topic,
                 properties,
             },
             retry: RetryConfig {
@@ -567,6 +595,9 @@ impl fmt::Debug for KafkaConfig {
             .field("create_topics", &self.create_topics)
             .field("topic_partitions", &self.topic_partitions)
             .field("topic_replication_factor", &self.topic_replication_factor)
+            .field("require_key", &self.require_key)
+            .field("max_message_bytes", &self.max_message_bytes)
+            .field("dlq_topic", &self.dlq_topic)
             .field("properties", &props)
             .finish()
     }

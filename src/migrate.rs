@@ -16,6 +16,35 @@ pub const OUTBOX_TABLE_DDL: &str = "CREATE TABLE IF NOT EXISTS {table} (
     created_at    timestamptz NOT NULL DEFAULT now()
 )";
 
+/// Where poison events go when the dead-letter topic refuses them too. `{schema}` is replaced
+/// by the quoted schema. Kept identical to `sql/outbox.sql`.
+pub const DEAD_LETTER_DDL: &str = "CREATE TABLE IF NOT EXISTS {schema}.outboxd_dead_letter (
+    seq              bigserial   PRIMARY KEY,
+    event_id         text,
+    topic            text        NOT NULL,
+    key              text,
+    payload          bytea,
+    headers          jsonb,
+    reason           text        NOT NULL,
+    error            text,
+    dead_lettered_at timestamptz NOT NULL DEFAULT now()
+)";
+
+/// Table-less events: writes the event as a transactional logical decoding message, which
+/// outboxd relays exactly like a row. Kept identical to `sql/outbox.sql`.
+pub const OUTBOX_EMIT_DDL: &str = "CREATE OR REPLACE FUNCTION {schema}.outbox_emit(
+    aggregatetype text, aggregateid text, type text, payload jsonb, headers jsonb DEFAULT NULL)
+RETURNS uuid LANGUAGE plpgsql VOLATILE AS $fn$
+DECLARE
+    event_id uuid := gen_random_uuid();
+BEGIN
+    PERFORM pg_logical_emit_message(true, 'outbox', json_build_object(
+        'id', event_id, 'aggregatetype', aggregatetype, 'aggregateid', aggregateid,
+        'type', type, 'payload', payload, 'headers', headers)::text);
+    RETURN event_id;
+END
+$fn$";
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     Created,
@@ -84,6 +113,46 @@ pub async fn migrate(cfg: &PostgresConfig) -> Result<Report> {
             .await
             .map_err(pg("creating the outbox table"))?;
         items.push((format!("table {table}"), Outcome::Created));
+    }
+
+    let schema_q = quote_ident(&cfg.schema);
+    let exists = |relkind: &'static str, name: &'static str| {
+        let client = &client;
+        let schema = cfg.schema.clone();
+        async move {
+            let sql = if relkind == "f" {
+                "SELECT 1 FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname = $1 AND p.proname = $2"
+            } else {
+                "SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = $1 AND c.relname = $2"
+            };
+            client
+                .query_opt(sql, &[&schema, &name])
+                .await
+                .map(|r| r.is_some())
+        }
+    };
+    for (kind, name, ddl, label) in [
+        (
+            "r",
+            "outboxd_dead_letter",
+            DEAD_LETTER_DDL,
+            "dead-letter table",
+        ),
+        ("f", "outbox_emit", OUTBOX_EMIT_DDL, "function"),
+    ] {
+        let what = format!("{label} {schema_q}.{}", quote_ident(name));
+        if exists(kind, name)
+            .await
+            .map_err(pg("looking up outboxd's helper objects"))?
+        {
+            items.push((what, Outcome::Existed));
+        } else {
+            client
+                .batch_execute(&ddl.replace("{schema}", &schema_q))
+                .await
+                .map_err(pg("creating outboxd's helper objects"))?;
+            items.push((what, Outcome::Created));
+        }
     }
 
     let publication = client

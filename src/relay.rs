@@ -27,7 +27,7 @@ use crate::config::{Config, RetryConfig};
 use crate::error::{Error, Result};
 use crate::health::{Health, Role};
 use crate::metrics as m;
-use crate::route::{to_record, TopicTemplate};
+use crate::route::{Poison, PoisonKind, Record, Router, TopicTemplate};
 use crate::sink::kafka::{KafkaSink, SendError};
 use crate::source::logical::{Change, Decoder, SlotReader};
 use crate::source::pgoutput::format_lsn;
@@ -70,13 +70,18 @@ impl Backoff {
 pub async fn run(cfg: Config, mut stop: watch::Receiver<bool>, health: Arc<Health>) -> Result<()> {
     let template = TopicTemplate::parse(&cfg.kafka.topic_template)
         .map_err(|p| Error::setup(format!("kafka.topic_template: {p}"), "correct the template"))?;
+    let router = Router {
+        template,
+        require_key: cfg.kafka.require_key,
+        max_message_bytes: cfg.kafka.max_message_bytes,
+    };
     let mut backoff = Backoff::new(&cfg.retry);
     let mut attempt: u32 = 0;
     loop {
         if *stop.borrow() {
             return Ok(());
         }
-        let result = session(&cfg, &template, &mut stop, &mut backoff, &health).await;
+        let result = session(&cfg, &router, &mut stop, &mut backoff, &health).await;
         health.set_role(Role::Starting);
         match result {
             Ok(()) => return Ok(()),
@@ -104,7 +109,7 @@ pub async fn run(cfg: Config, mut stop: watch::Receiver<bool>, health: Arc<Healt
 /// One connection's life: set up, then stream until stop or error.
 async fn session(
     cfg: &Config,
-    template: &TopicTemplate,
+    router: &Router,
     stop: &mut watch::Receiver<bool>,
     backoff: &mut Backoff,
     health: &Health,
@@ -157,15 +162,10 @@ async fn session(
         tokio::select! {
             biased;
             _ = stop.changed() => {
-                return shutdown(cfg, stream, &mut sink, window, checkpoint, confirmed).await;
+                return shutdown(cfg, stream, &mut sink, &reader, window, checkpoint, confirmed).await;
             }
             settled = window.settle_oldest(), if !window.inflight.is_empty() => {
-                if let Err(reason) = settled {
-                    return Err(Error::Kafka(format!(
-                        "delivery failed, resending from {}: {reason}",
-                        format_lsn(confirmed)
-                    )));
-                }
+                window.handle(settled, &mut sink, &reader, confirmed).await?;
                 checkpoint.acked(window.acked);
                 window.report(health);
             }
@@ -173,11 +173,25 @@ async fn session(
                 ReplicationMessage::XLogData { data } => match decoder.feed(&data)? {
                     None => {}
                     Some(Change::Boundary(lsn)) => checkpoint.boundary(window.sent, lsn),
+                    Some(Change::Poison { id, reason, raw }) => {
+                        let record = Record { topic: String::new(), key: None, value: Some(raw), headers: id.iter().map(|i| ("id".to_string(), i.clone().into_bytes())).collect() };
+                        let poison = Poison { kind: PoisonKind::MalformedMessage, detail: reason };
+                        dead_letter(&mut sink, &reader, id.as_deref(), &record, &poison).await?;
+                    }
                     Some(Change::Event(event)) => {
-                        let (record, warnings) = to_record(template, &event);
-                        for w in warnings {
-                            tracing::warn!(event_id = %event.id, "{}", w.0);
-                        }
+                        let record = match router.route(&event) {
+                            Ok((record, warnings)) => {
+                                for w in warnings {
+                                    tracing::warn!(event_id = %event.id, "{}", w.0);
+                                }
+                                record
+                            }
+                            Err(rejected) => {
+                                let (record, poison) = *rejected;
+                                dead_letter(&mut sink, &reader, Some(&event.id), &record, &poison).await?;
+                                continue;
+                            }
+                        };
                         sink.ensure_topic(&record.topic).await;
                         loop {
                             match sink.send(&record) {
@@ -189,17 +203,23 @@ async fn session(
                                 }
                                 Err(SendError::QueueFull) => {
                                     // librdkafka's queue is full: let deliveries drain.
-                                    if window.settle_oldest().await.is_err() {
-                                        return Err(Error::Kafka(format!("delivery failed while the queue was full, resending from {}", format_lsn(confirmed))));
-                                    }
+                                    let settled = window.settle_oldest().await;
+                                    window.handle(settled, &mut sink, &reader, confirmed).await?;
                                     checkpoint.acked(window.acked);
                                 }
-                                Err(SendError::Other(e)) => {
-                                    return Err(Error::Kafka(format!(
-                                        "event {} to topic {}: {e}; resending from {}",
-                                        event.id, record.topic, format_lsn(confirmed)
-                                    )));
-                                }
+                                Err(SendError::Other(e)) => match crate::sink::kafka::permanent(&e) {
+                                    Some(kind) => {
+                                        let poison = Poison { kind, detail: e.to_string() };
+                                        dead_letter(&mut sink, &reader, Some(&event.id), &record, &poison).await?;
+                                        break;
+                                    }
+                                    None => {
+                                        return Err(Error::Kafka(format!(
+                                            "event {} to topic {}: {e}; resending from {}",
+                                            event.id, record.topic, format_lsn(confirmed)
+                                        )));
+                                    }
+                                },
                             }
                         }
                         tracing::trace!(event_id = %event.id, topic = %record.topic, "event sent");
@@ -237,6 +257,7 @@ async fn shutdown(
     cfg: &Config,
     mut stream: ReplicationStream,
     sink: &mut KafkaSink,
+    reader: &SlotReader,
     mut window: Window,
     mut checkpoint: Checkpoint,
     confirmed: u64,
@@ -244,10 +265,11 @@ async fn shutdown(
     let deadline = tokio::time::Instant::now() + cfg.kafka.shutdown_timeout;
     while !window.inflight.is_empty() {
         match tokio::time::timeout_at(deadline, window.settle_oldest()).await {
-            Ok(Ok(())) => {}
-            Ok(Err(reason)) => {
-                tracing::warn!(%reason, "delivery failed during shutdown; it will be resent on restart");
-                break;
+            Ok(settled) => {
+                if let Err(e) = window.handle(settled, sink, reader, confirmed).await {
+                    tracing::warn!(error = %e, "delivery failed during shutdown; it will be resent on restart");
+                    break;
+                }
             }
             Err(_) => {
                 tracing::warn!(
@@ -267,6 +289,44 @@ async fn shutdown(
     stream.close().await;
     sink.flush(Duration::from_millis(100));
     tracing::info!(confirmed_lsn = %format_lsn(safe), "stopped; acknowledged events confirmed");
+    Ok(())
+}
+
+/// Why a delivery did not succeed.
+enum Failure {
+    /// Retrying can help (broker down, timeout): resend from the confirmed position.
+    Transient(String),
+    /// Kafka will never accept this record.
+    Poison {
+        id: Option<String>,
+        record: Record,
+        poison: Poison,
+    },
+}
+
+/// Sends a poison event to the dead-letter topic or, if that fails, the dead-letter table.
+/// Logged with its id and counted; only if both fail does the session fail (and retry).
+async fn dead_letter(
+    sink: &mut KafkaSink,
+    reader: &SlotReader,
+    event_id: Option<&str>,
+    record: &Record,
+    poison: &Poison,
+) -> Result<()> {
+    let reason = poison.kind.label();
+    let id = event_id.unwrap_or("?");
+    match sink.dead_letter(record, poison.kind, &poison.detail).await {
+        Ok(()) => {
+            tracing::error!(event_id = id, reason, topic = %record.topic, detail = %poison.detail, "poison event dead-lettered to the DLQ topic");
+        }
+        Err(dlq_error) => {
+            reader
+                .dead_letter_row(event_id, record, reason, &poison.detail)
+                .await?;
+            tracing::error!(event_id = id, reason, topic = %record.topic, detail = %poison.detail, dlq_error = %dlq_error, "poison event dead-lettered to the outboxd_dead_letter table (the DLQ topic refused it)");
+        }
+    }
+    metrics::counter!(m::EVENTS_DEAD_LETTERED, "reason" => reason).increment(1);
     Ok(())
 }
 
@@ -295,7 +355,7 @@ impl Window {
 
     /// Awaits the oldest delivery. Cancel-safe: the delivery is removed only once resolved.
     /// `Err` carries the failure reason, naming the event id.
-    async fn settle_oldest(&mut self) -> std::result::Result<(), String> {
+    async fn settle_oldest(&mut self) -> std::result::Result<(), Failure> {
         let Some(front) = self.inflight.front_mut() else {
             return Ok(());
         };
@@ -314,14 +374,66 @@ impl Window {
             }
             Ok(Err((e, msg))) => {
                 use rdkafka::message::{Headers, Message};
-                let id = msg
+                let headers: Vec<(String, Vec<u8>)> = msg
                     .headers()
-                    .and_then(|h| h.iter().find(|h| h.key == "id"))
-                    .and_then(|h| h.value.map(|v| String::from_utf8_lossy(v).into_owned()))
+                    .map(|h| {
+                        h.iter()
+                            .map(|h| (h.key.to_string(), h.value.unwrap_or_default().to_vec()))
+                            .collect()
+                    })
                     .unwrap_or_default();
-                Err(format!("event {id} to topic {}: {e}", msg.topic()))
+                let id = headers
+                    .iter()
+                    .find(|(k, _)| k == "id")
+                    .map(|(_, v)| String::from_utf8_lossy(v).into_owned());
+                let record = Record {
+                    topic: msg.topic().to_string(),
+                    key: msg.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+                    value: msg.payload().map(<[u8]>::to_vec),
+                    headers,
+                };
+                match crate::sink::kafka::permanent(&e) {
+                    Some(kind) => Err(Failure::Poison {
+                        id,
+                        record,
+                        poison: Poison {
+                            kind,
+                            detail: e.to_string(),
+                        },
+                    }),
+                    None => Err(Failure::Transient(format!(
+                        "event {} to topic {}: {e}",
+                        id.unwrap_or_default(),
+                        msg.topic()
+                    ))),
+                }
             }
-            Err(_) => Err("delivery was cancelled (producer dropped)".into()),
+            Err(_) => Err(Failure::Transient(
+                "delivery was cancelled (producer dropped)".into(),
+            )),
+        }
+    }
+
+    /// Acts on a settled delivery: a poison record is dead-lettered and counts as handled;
+    /// a transient failure ends the session (resend from the confirmed position).
+    async fn handle(
+        &mut self,
+        settled: std::result::Result<(), Failure>,
+        sink: &mut KafkaSink,
+        reader: &SlotReader,
+        confirmed: u64,
+    ) -> Result<()> {
+        match settled {
+            Ok(()) => Ok(()),
+            Err(Failure::Poison { id, record, poison }) => {
+                dead_letter(sink, reader, id.as_deref(), &record, &poison).await?;
+                self.acked += 1;
+                Ok(())
+            }
+            Err(Failure::Transient(reason)) => Err(Error::Kafka(format!(
+                "delivery failed, resending from {}: {reason}",
+                format_lsn(confirmed)
+            ))),
         }
     }
 }

@@ -73,52 +73,164 @@ pub struct Record {
     pub headers: Vec<(String, Vec<u8>)>,
 }
 
+/// Why an event can never become a Kafka record as it is. Poison events are dead-lettered,
+/// never retried forever and never dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PoisonKind {
+    /// Larger than `kafka.max_message_bytes`, or rejected by the broker as too large.
+    TooLarge,
+    /// The broker refuses the relay access to the topic.
+    NotAuthorized,
+    /// The topic name is not a legal Kafka topic name.
+    InvalidTopic,
+    /// `aggregateid` is NULL while `kafka.require_key` is on.
+    MissingKey,
+    /// `headers` is not a JSON object of strings.
+    InvalidHeaders,
+    /// A table-less event whose message is not the outbox JSON.
+    MalformedMessage,
+    /// Another permanent rejection by the broker.
+    Rejected,
+}
+
+impl PoisonKind {
+    /// The `reason` label of `outboxd_events_dead_lettered_total` and the DLQ header.
+    pub fn label(self) -> &'static str {
+        match self {
+            PoisonKind::TooLarge => "too_large",
+            PoisonKind::NotAuthorized => "not_authorized",
+            PoisonKind::InvalidTopic => "invalid_topic",
+            PoisonKind::MissingKey => "missing_key",
+            PoisonKind::InvalidHeaders => "invalid_headers",
+            PoisonKind::MalformedMessage => "malformed_message",
+            PoisonKind::Rejected => "rejected",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Poison {
+    pub kind: PoisonKind,
+    pub detail: String,
+}
+
+/// Kafka's rule for topic names: 1–249 of `[A-Za-z0-9._-]`, not `.` or `..`.
+pub fn valid_topic_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 249
+        && name != "."
+        && name != ".."
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
+}
+
+/// Approximate size of a record on the wire (key, value, headers, framing).
+pub fn record_size(record: &Record) -> usize {
+    let headers: usize = record
+        .headers
+        .iter()
+        .map(|(k, v)| k.len() + v.len() + 8)
+        .sum();
+    record.key.as_ref().map_or(0, String::len)
+        + record.value.as_ref().map_or(0, Vec::len)
+        + headers
+        + 64
+}
+
+/// The string members of a `headers` JSON object (`null` members left out, `id`/`type`
+/// ignored with a warning); `Err` says why it is not an object of strings.
+fn string_headers(
+    text: &str,
+    warnings: &mut Vec<RouteWarning>,
+) -> Result<Vec<(String, Vec<u8>)>, String> {
+    let map = match serde_json::from_str::<serde_json::Value>(text) {
+        Ok(serde_json::Value::Object(map)) => map,
+        Ok(serde_json::Value::Null) => return Ok(Vec::new()),
+        Ok(_) => return Err("`headers` is not a JSON object".into()),
+        Err(e) => return Err(format!("`headers` is not valid JSON: {e}")),
+    };
+    let mut out = Vec::with_capacity(map.len());
+    for (name, value) in map {
+        match value {
+            serde_json::Value::Null => {}
+            _ if name == "id" || name == "type" => warnings.push(RouteWarning(format!(
+                "headers member `{name}` ignored: the relay sets `{name}` itself"
+            ))),
+            serde_json::Value::String(s) => out.push((name, s.into_bytes())),
+            other => return Err(format!("headers member `{name}` is {other}, not a string")),
+        }
+    }
+    Ok(out)
+}
+
+/// A routed record and the warnings worth logging.
+pub type Routed = (Record, Vec<RouteWarning>);
+/// A poison event: the record as far as it could be built (for the dead-letter destination)
+/// and why.
+pub type Rejected = Box<(Record, Poison)>;
+
+/// Event → record, with the checks that make an event poison.
+#[derive(Debug, Clone)]
+pub struct Router {
+    pub template: TopicTemplate,
+    pub require_key: bool,
+    pub max_message_bytes: usize,
+}
+
 /// A routing problem worth a warning; the record is still produced.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RouteWarning(pub String);
 
-/// Builds the record: headers `id` and `type` first, then every member of the `headers`
-/// object (strings as they are, other JSON values as their JSON text; `null` members are left
-/// out). A `headers` value that is not a JSON object is ignored with a warning.
-pub fn to_record(template: &TopicTemplate, event: &Event) -> (Record, Vec<RouteWarning>) {
-    let mut warnings = Vec::new();
-    let mut headers = vec![
-        ("id".to_string(), event.id.clone().into_bytes()),
-        ("type".to_string(), event.event_type.clone().into_bytes()),
-    ];
-    if let Some(text) = &event.headers {
-        match serde_json::from_str::<serde_json::Value>(text) {
-            Ok(serde_json::Value::Object(map)) => {
-                for (name, value) in map {
-                    if name == "id" || name == "type" {
-                        warnings.push(RouteWarning(format!(
-                            "headers member `{name}` ignored: the relay sets `{name}` itself"
-                        )));
-                        continue;
-                    }
-                    match value {
-                        serde_json::Value::Null => {}
-                        serde_json::Value::String(s) => headers.push((name, s.into_bytes())),
-                        other => headers.push((name, other.to_string().into_bytes())),
-                    }
+impl Router {
+    /// Builds the record: headers `id` and `type` first, then every member of the `headers`
+    /// object (string values; `null` members are left out). `Err` carries the record as far
+    /// as it could be built (for the dead-letter destination) and why it is poison.
+    pub fn route(&self, event: &Event) -> Result<Routed, Rejected> {
+        let mut warnings = Vec::new();
+        let mut record = Record {
+            topic: self.template.render(event),
+            key: event.aggregateid.clone(),
+            value: event.payload.clone(),
+            headers: vec![
+                ("id".to_string(), event.id.clone().into_bytes()),
+                ("type".to_string(), event.event_type.clone().into_bytes()),
+            ],
+        };
+        let poison =
+            |record: Record, kind, detail: String| Err(Box::new((record, Poison { kind, detail })));
+        if let Some(text) = &event.headers {
+            match string_headers(text, &mut warnings) {
+                Ok(extra) => record.headers.extend(extra),
+                Err(detail) => {
+                    record
+                        .headers
+                        .push(("outboxd.headers".into(), text.clone().into_bytes()));
+                    return poison(record, PoisonKind::InvalidHeaders, detail);
                 }
             }
-            Ok(serde_json::Value::Null) => {}
-            Ok(_) => warnings.push(RouteWarning(
-                "`headers` is not a JSON object; no extra headers added".into(),
-            )),
-            Err(e) => warnings.push(RouteWarning(format!(
-                "`headers` is not valid JSON ({e}); no extra headers added"
-            ))),
         }
+        if !valid_topic_name(&record.topic) {
+            let detail = format!("`{}` is not a legal Kafka topic name", record.topic);
+            return poison(record, PoisonKind::InvalidTopic, detail);
+        }
+        if self.require_key && record.key.is_none() {
+            return poison(
+                record,
+                PoisonKind::MissingKey,
+                "aggregateid is NULL and kafka.require_key is on".into(),
+            );
+        }
+        let size = record_size(&record);
+        if size > self.max_message_bytes {
+            let detail = format!(
+                "about {size} bytes, over kafka.max_message_bytes = {}",
+                self.max_message_bytes
+            );
+            return poison(record, PoisonKind::TooLarge, detail);
+        }
+        Ok((record, warnings))
     }
-    let record = Record {
-        topic: template.render(event),
-        key: event.aggregateid.clone(),
-        value: event.payload.clone(),
-        headers,
-    };
-    (record, warnings)
 }
 
 #[cfg(test)]
@@ -139,6 +251,14 @@ mod tests {
         }
     }
 
+    fn router(template: &str) -> Router {
+        Router {
+            template: TopicTemplate::parse(template).unwrap(),
+            require_key: true,
+            max_message_bytes: 1_000_000,
+        }
+    }
+
     #[test]
     fn template_renders_placeholders() {
         let t = TopicTemplate::parse("outbox.{aggregatetype}.{type}").unwrap();
@@ -155,11 +275,9 @@ mod tests {
 
     #[test]
     fn record_carries_id_type_and_string_headers() {
-        let t = TopicTemplate::parse("outbox.event.{aggregatetype}").unwrap();
-        let (r, w) = to_record(
-            &t,
-            &event(Some(r#"{"traceparent":"00-ab","n":3,"z":null}"#)),
-        );
+        let (r, w) = router("outbox.event.{aggregatetype}")
+            .route(&event(Some(r#"{"traceparent":"00-ab","z":null}"#)))
+            .unwrap();
         assert!(w.is_empty());
         assert_eq!(r.topic, "outbox.event.order");
         assert_eq!(r.key.as_deref(), Some("42"));
@@ -169,17 +287,50 @@ mod tests {
             vec![
                 ("id".into(), b"6f1c".to_vec()),
                 ("type".into(), b"OrderPlaced".to_vec()),
-                ("n".into(), b"3".to_vec()),
                 ("traceparent".into(), b"00-ab".to_vec()),
             ]
         );
     }
 
     #[test]
-    fn non_object_headers_warn_but_keep_the_event() {
-        let t = TopicTemplate::parse("t").unwrap();
-        let (r, w) = to_record(&t, &event(Some("[1,2]")));
-        assert_eq!(w.len(), 1);
-        assert_eq!(r.headers.len(), 2);
+    fn headers_that_are_not_an_object_of_strings_are_poison() {
+        for h in ["[1,2]", r#"{"n": 3}"#, "not json"] {
+            let (r, p) = *router("t").route(&event(Some(h))).unwrap_err();
+            assert_eq!(p.kind, PoisonKind::InvalidHeaders, "{h}");
+            assert_eq!(r.headers[0], ("id".into(), b"6f1c".to_vec()));
+        }
+    }
+
+    #[test]
+    fn illegal_topic_missing_key_and_oversize_are_poison() {
+        let mut e = event(None);
+        e.aggregatetype = "bad topic!".into();
+        assert_eq!(
+            router("x.{aggregatetype}").route(&e).unwrap_err().1.kind,
+            PoisonKind::InvalidTopic
+        );
+        let mut e = event(None);
+        e.aggregateid = None;
+        assert_eq!(
+            router("t").route(&e).unwrap_err().1.kind,
+            PoisonKind::MissingKey
+        );
+        let mut r = router("t");
+        r.require_key = false;
+        assert!(r.route(&e).is_ok());
+        r.max_message_bytes = 50;
+        assert_eq!(
+            r.route(&event(None)).unwrap_err().1.kind,
+            PoisonKind::TooLarge
+        );
+    }
+
+    #[test]
+    fn topic_names_follow_kafka_rules() {
+        assert!(valid_topic_name("outbox.event.order_v1-x"));
+        assert!(!valid_topic_name(""));
+        assert!(!valid_topic_name(".."));
+        assert!(!valid_topic_name("a/b"));
+        assert!(!valid_topic_name(&"a".repeat(250)));
     }
 }

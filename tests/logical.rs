@@ -52,18 +52,6 @@ async fn concurrent_workload(
     all
 }
 
-async fn setup(prefix: &str, brokers: &str, extra: &str) -> (TestDb, std::path::PathBuf) {
-    let db = TestDb::new(prefix).await;
-    let config = db.config(brokers, extra);
-    migrate(&config);
-    create_aggregates_table(&db.client().await).await;
-    (db, config)
-}
-
-fn ids(written: &[Written]) -> HashSet<String> {
-    written.iter().map(|w| w.id.clone()).collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_event_from_concurrent_transactions_arrives_in_aggregate_commit_order() {
     let brokers = kafka_brokers();

@@ -11,18 +11,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-async fn setup(prefix: &str, brokers: &str, extra: &str) -> (TestDb, std::path::PathBuf) {
-    let db = TestDb::new(prefix).await;
-    let config = db.config(brokers, extra);
-    migrate(&config);
-    create_aggregates_table(&db.client().await).await;
-    (db, config)
-}
-
-fn ids(written: &[Written]) -> HashSet<String> {
-    written.iter().map(|w| w.id.clone()).collect()
-}
-
 /// The value of an unlabelled sample in Prometheus text.
 fn sample(metrics: &str, name: &str) -> Option<f64> {
     metrics
@@ -369,7 +357,7 @@ async fn json_logs_name_the_event_id_and_never_the_password() {
             ("OUTBOXD_LOG_FORMAT", "json"),
         ],
     );
-    // An event whose headers are not an object: logged (with its id) and still published.
+    // An event whose headers are not an object: dead-lettered and logged with its id.
     let row = admin
         .query_one(
             "INSERT INTO outbox (aggregatetype, aggregateid, type, payload, headers) \
@@ -382,7 +370,7 @@ async fn json_logs_name_the_event_id_and_never_the_password() {
     let expect: HashSet<String> = [id.clone()].into();
     let received = consume(
         &brokers,
-        &[db.topic("order")],
+        &["outbox.dlq".to_string()],
         &expect,
         Duration::from_secs(30),
         Duration::ZERO,
@@ -394,12 +382,17 @@ async fn json_logs_name_the_event_id_and_never_the_password() {
     for line in log.lines() {
         let v: serde_json::Value =
             serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
-        if v["message"].as_str().unwrap_or("").contains("headers") {
+        if v["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("dead-lettered")
+        {
             assert_eq!(v["event_id"].as_str(), Some(id.as_str()), "{line}");
+            assert_eq!(v["reason"].as_str(), Some("invalid_headers"), "{line}");
             found = true;
         }
     }
-    assert!(found, "no log line about the odd headers:\n{log}");
+    assert!(found, "no log line about the dead-lettered event:\n{log}");
     assert!(!log.contains("Sup3rSecret"), "password leaked:\n{log}");
 }
 

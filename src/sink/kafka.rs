@@ -18,7 +18,7 @@ use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 
 use crate::config::KafkaConfig;
 use crate::error::{Error, Result};
-use crate::route::Record;
+use crate::route::{PoisonKind, Record};
 
 /// Routes librdkafka's log lines and global errors into `tracing`.
 #[derive(Clone, Default)]
@@ -68,10 +68,28 @@ pub fn client_config(cfg: &KafkaConfig) -> ClientConfig {
             "queue.buffering.max.messages",
             (cfg.max_in_flight.max(50_000) * 2).to_string(),
         );
+    c.set(
+        "message.max.bytes",
+        (cfg.max_message_bytes + 64 * 1024).to_string(),
+    );
     for (k, v) in &cfg.properties {
         c.set(k, v);
     }
     c
+}
+
+/// Kafka errors that no retry can fix: the record is poison.
+pub fn permanent(e: &KafkaError) -> Option<PoisonKind> {
+    use RDKafkaErrorCode as C;
+    Some(match e.rdkafka_error_code()? {
+        C::MessageSizeTooLarge | C::MessageBatchTooLarge | C::InvalidMessageSize => {
+            PoisonKind::TooLarge
+        }
+        C::TopicAuthorizationFailed | C::ClusterAuthorizationFailed => PoisonKind::NotAuthorized,
+        C::InvalidTopic => PoisonKind::InvalidTopic,
+        C::InvalidRecord | C::PolicyViolation | C::InvalidMessage => PoisonKind::Rejected,
+        _ => return None,
+    })
 }
 
 pub struct KafkaSink {
@@ -199,6 +217,40 @@ impl KafkaSink {
             KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull) => SendError::QueueFull,
             other => SendError::Other(other),
         })
+    }
+
+    /// Sends a poison record to the dead-letter topic and waits for the acknowledgement: the
+    /// original key, value and headers plus `outboxd.dlq.reason`, `outboxd.dlq.topic` (where
+    /// it was meant to go) and `outboxd.dlq.error`.
+    pub async fn dead_letter(
+        &mut self,
+        record: &Record,
+        kind: PoisonKind,
+        detail: &str,
+    ) -> std::result::Result<(), String> {
+        let mut dlq = record.clone();
+        dlq.topic = self.cfg.dlq_topic.clone();
+        dlq.headers.push((
+            "outboxd.dlq.reason".into(),
+            kind.label().as_bytes().to_vec(),
+        ));
+        dlq.headers
+            .push(("outboxd.dlq.topic".into(), record.topic.as_bytes().to_vec()));
+        dlq.headers
+            .push(("outboxd.dlq.error".into(), detail.as_bytes().to_vec()));
+        let topic = dlq.topic.clone();
+        self.ensure_topic(&topic).await;
+        let fut = match self.send(&dlq) {
+            Ok(f) => f,
+            Err(SendError::QueueFull) => return Err("local queue full".into()),
+            Err(SendError::Other(e)) => return Err(e.to_string()),
+        };
+        match tokio::time::timeout(self.cfg.delivery_timeout + Duration::from_secs(5), fut).await {
+            Ok(Ok(Ok(_))) => Ok(()),
+            Ok(Ok(Err((e, _)))) => Err(e.to_string()),
+            Ok(Err(_)) => Err("delivery cancelled".into()),
+            Err(_) => Err("timed out".into()),
+        }
     }
 
     /// Waits up to `timeout` for librdkafka to deliver what it holds.

@@ -50,14 +50,95 @@ use crate::event::Event;
 use crate::health::{Health, Role};
 use crate::source::pgoutput::{self, Column, Message, Relation};
 
+/// Prefix of table-less events: `pg_logical_emit_message(true, 'outbox', <json>)`.
+pub const OUTBOX_MESSAGE_PREFIX: &str = "outbox";
+
+/// The JSON of a table-less event; the same fields as an outbox row.
+#[derive(serde::Deserialize)]
+struct MessageEvent<'a> {
+    #[serde(borrow)]
+    id: Option<&'a serde_json::value::RawValue>,
+    aggregatetype: Option<String>,
+    aggregateid: Option<serde_json::Value>,
+    #[serde(rename = "type")]
+    event_type: Option<String>,
+    #[serde(borrow)]
+    payload: Option<&'a serde_json::value::RawValue>,
+    headers: Option<serde_json::Value>,
+}
+
+/// Parses a table-less event. The payload's JSON text is kept exactly as written.
+/// `Err((id if known, reason))` for a message that cannot be published.
+fn message_event(
+    content: &[u8],
+    commit_time: SystemTime,
+) -> std::result::Result<Event, (Option<String>, String)> {
+    let m: MessageEvent<'_> = serde_json::from_slice(content).map_err(|e| {
+        (
+            None,
+            format!("outbox message is not a JSON object with the outbox fields: {e}"),
+        )
+    })?;
+    let id = match m
+        .id
+        .map(|r| serde_json::from_str::<serde_json::Value>(r.get()))
+    {
+        Some(Ok(serde_json::Value::String(s))) => s,
+        Some(Ok(serde_json::Value::Number(n))) => n.to_string(),
+        _ => return Err((None, "outbox message has no string `id`".into())),
+    };
+    let fail = |what: &str| {
+        Err((
+            Some(id.clone()),
+            format!("outbox message has no string `{what}`"),
+        ))
+    };
+    let Some(aggregatetype) = m.aggregatetype else {
+        return fail("aggregatetype");
+    };
+    let Some(event_type) = m.event_type else {
+        return fail("type");
+    };
+    let aggregateid = match m.aggregateid {
+        Some(serde_json::Value::String(s)) => Some(s),
+        Some(serde_json::Value::Null) | None => None,
+        Some(other) => Some(other.to_string()),
+    };
+    let payload = m
+        .payload
+        .map(|r| r.get())
+        .filter(|t| *t != "null")
+        .map(|t| t.as_bytes().to_vec());
+    let headers = match m.headers {
+        None | Some(serde_json::Value::Null) => None,
+        Some(v) => Some(v.to_string()),
+    };
+    Ok(Event {
+        id,
+        aggregatetype,
+        aggregateid,
+        event_type,
+        payload,
+        headers,
+        commit_time,
+    })
+}
+
 /// Prefix of the relay's heartbeat messages.
 pub const HEARTBEAT_PREFIX: &str = "outboxd.heartbeat";
 
 /// What the decoder makes of one pgoutput message.
 #[derive(Debug)]
 pub enum Change {
-    /// An outbox row to publish.
+    /// An outbox row or outbox message to publish.
     Event(Event),
+    /// An outbox message that cannot become an event (not JSON, fields missing). It must
+    /// not stall the pipeline and must not vanish: the relay dead-letters it.
+    Poison {
+        id: Option<String>,
+        reason: String,
+        raw: Vec<u8>,
+    },
     /// A position that is safe to confirm once every earlier event is acknowledged.
     Boundary(u64),
 }
@@ -160,6 +241,22 @@ impl Decoder {
                 lsn,
                 ..
             } => Ok(Some(Change::Boundary(lsn))),
+            Message::LogicalMessage {
+                transactional: true,
+                prefix,
+                content,
+                ..
+            } if prefix == OUTBOX_MESSAGE_PREFIX => {
+                Ok(Some(match message_event(&content, self.commit_time) {
+                    Ok(event) => Change::Event(event),
+                    Err((id, reason)) => Change::Poison {
+                        id,
+                        reason,
+                        raw: content,
+                    },
+                }))
+            }
+            // Non-transactional messages other than boundaries, other prefixes: not ours.
             Message::LogicalMessage { .. } | Message::Other(_) => Ok(None),
         }
     }
@@ -425,6 +522,49 @@ impl SlotReader {
     /// The slot's confirmed position when this reader opened it.
     pub fn confirmed(&self) -> u64 {
         self.confirmed
+    }
+
+    /// The last resort for a poison event the DLQ topic refused: a row in the relay-owned
+    /// table `<schema>.outboxd_dead_letter` (created by `outboxd migrate`).
+    pub async fn dead_letter_row(
+        &self,
+        event_id: Option<&str>,
+        record: &crate::route::Record,
+        reason: &str,
+        detail: &str,
+    ) -> Result<()> {
+        let headers: serde_json::Map<String, serde_json::Value> = record
+            .headers
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.clone(),
+                    serde_json::Value::String(String::from_utf8_lossy(v).into_owned()),
+                )
+            })
+            .collect();
+        let headers = serde_json::Value::Object(headers).to_string();
+        let sql = format!(
+            "INSERT INTO {}.outboxd_dead_letter (event_id, topic, key, payload, headers, reason, error) \
+             VALUES ($1, $2, $3, $4, $5::text::jsonb, $6, $7)",
+            crate::config::quote_ident(&self.cfg.schema)
+        );
+        self.client
+            .execute(
+                &sql,
+                &[
+                    &event_id,
+                    &record.topic,
+                    &record.key,
+                    &record.value,
+                    &headers,
+                    &reason,
+                    &detail,
+                ],
+            )
+            .await
+            .map_err(|e| Error::pg("writing to the dead-letter table", e))?;
+        Ok(())
     }
 
     /// Proves the session (and with it the advisory lock) is still alive.

@@ -322,26 +322,50 @@ pub async fn write_txn(
     events: &[(String, String)],
     rollback: bool,
 ) -> Result<Vec<Written>, tokio_postgres::Error> {
+    write_txn_mixed(client, events, |_| false, rollback).await
+}
+
+/// A fresh database, migrated, with the aggregates table; and its config file.
+pub async fn setup(prefix: &str, brokers: &str, extra: &str) -> (TestDb, PathBuf) {
+    let db = TestDb::new(prefix).await;
+    let config = db.config(brokers, extra);
+    migrate(&config);
+    create_aggregates_table(&db.client().await).await;
+    (db, config)
+}
+
+pub fn ids(written: &[Written]) -> HashSet<String> {
+    written.iter().map(|w| w.id.clone()).collect()
+}
+
+/// Like [`write_txn`], but event `i` is written with `outbox_emit` (a logical decoding
+/// message, no row) when `as_message(i)`.
+pub async fn write_txn_mixed(
+    client: &mut Client,
+    events: &[(String, String)],
+    as_message: impl Fn(usize) -> bool,
+    rollback: bool,
+) -> Result<Vec<Written>, tokio_postgres::Error> {
     let tx = client.transaction().await?;
     let mut out = Vec::with_capacity(events.len());
-    for (agg_type, agg_id) in events {
-        let row = tx
+    for (i, (agg_type, agg_id)) in events.iter().enumerate() {
+        let seq: i64 = tx
             .query_one(
                 "INSERT INTO aggregates (id, seq) VALUES ($1, 1) \
                  ON CONFLICT (id) DO UPDATE SET seq = aggregates.seq + 1 RETURNING seq",
                 &[agg_id],
             )
-            .await?;
-        let seq: i64 = row.get(0);
+            .await?
+            .get(0);
         let payload = format!("{{\"agg\": \"{agg_id}\", \"seq\": {seq}}}");
-        let row = tx
-            .query_one(
-                "INSERT INTO outbox (aggregatetype, aggregateid, type, payload, headers) \
-                 VALUES ($1, $2, 'Changed', $3::text::jsonb, '{\"traceparent\": \"00-test\"}'::jsonb) \
-                 RETURNING id::text, payload::text",
-                &[agg_type, agg_id, &payload],
-            )
-            .await?;
+        let sql = if as_message(i) {
+            "SELECT outbox_emit($1, $2, 'Changed', $3::text::jsonb, '{\"traceparent\": \"00-test\"}'::jsonb)::text, $3::text::jsonb::text"
+        } else {
+            "INSERT INTO outbox (aggregatetype, aggregateid, type, payload, headers) \
+             VALUES ($1, $2, 'Changed', $3::text::jsonb, '{\"traceparent\": \"00-test\"}'::jsonb) \
+             RETURNING id::text, payload::text"
+        };
+        let row = tx.query_one(sql, &[agg_type, agg_id, &payload]).await?;
         out.push(Written {
             id: row.get(0),
             aggregatetype: agg_type.clone(),

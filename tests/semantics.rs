@@ -1,0 +1,302 @@
+//! Outbox semantics beyond rows: table-less events and poison events. Real PostgreSQL, real
+//! broker (MockCluster where the broker must refuse on cue); every event id is checked.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use common::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn table_less_events_are_relayed_like_rows_in_commit_order() {
+    let brokers = kafka_brokers();
+    let (db, config) = setup("tableless", &brokers, "").await;
+    let _relay = Relay::start(&config);
+    let mut client = db.client().await;
+    let mut committed = Vec::new();
+    let mut rolled_back = Vec::new();
+    for t in 0..60u64 {
+        let mut events: Vec<(String, String)> = (0..(t % 4 + 1))
+            .map(|j| ("order".to_string(), format!("a{}", (t + j) % 5)))
+            .collect();
+        events.sort_by(|x, y| x.1.cmp(&y.1));
+        // Rows and messages alternate inside one transaction.
+        let written = write_txn_mixed(
+            &mut client,
+            &events,
+            |i| (i + t as usize) % 2 == 0,
+            t % 7 == 3,
+        )
+        .await
+        .unwrap();
+        if t % 7 == 3 {
+            rolled_back.extend(written);
+        } else {
+            committed.extend(written);
+        }
+    }
+    // Not ours: a non-transactional outbox message and another prefix.
+    client
+        .batch_execute(
+            "SELECT pg_logical_emit_message(false, 'outbox', '{\"id\":\"nontx\",\"aggregatetype\":\"order\",\"aggregateid\":\"a1\",\"type\":\"X\",\"payload\":{}}');
+             SELECT pg_logical_emit_message(true, 'other', '{\"id\":\"other\",\"aggregatetype\":\"order\",\"aggregateid\":\"a1\",\"type\":\"X\",\"payload\":{}}');",
+        )
+        .await
+        .unwrap();
+    committed.extend(
+        write_txn_mixed(
+            &mut client,
+            &[("order".into(), "last".into())],
+            |_| true,
+            false,
+        )
+        .await
+        .unwrap(),
+    );
+    let received = consume(
+        &brokers,
+        &[db.topic("order")],
+        &ids(&committed),
+        Duration::from_secs(60),
+        Duration::from_secs(2),
+    );
+    assert_exactly_written(&committed, &received);
+    let got: HashSet<String> = received.iter().filter_map(|r| r.id.clone()).collect();
+    for w in &rolled_back {
+        assert!(!got.contains(&w.id), "rolled-back event {} arrived", w.id);
+    }
+    assert!(
+        !got.contains("nontx") && !got.contains("other"),
+        "foreign messages must be ignored"
+    );
+    // Both kinds were exercised: the message events left no row behind.
+    let all: Vec<String> = committed.iter().map(|w| w.id.clone()).collect();
+    let rows: i64 = client
+        .query_one(
+            "SELECT count(*) FROM outbox WHERE id::text = ANY($1)",
+            &[&all],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let messages = all.len() as i64 - rows;
+    assert!(
+        rows > 30 && messages > 30,
+        "{rows} rows, {messages} messages"
+    );
+}
+
+/// Reads the DLQ topic: event id → (reason, intended topic).
+fn dlq(brokers: &str, topic: &str, expect: &HashSet<String>) -> HashMap<String, (String, String)> {
+    consume(
+        brokers,
+        &[topic.to_string()],
+        expect,
+        Duration::from_secs(60),
+        Duration::from_millis(500),
+    )
+    .into_iter()
+    .filter_map(|r| {
+        let id = r.id.clone()?;
+        Some((
+            id,
+            (
+                r.headers
+                    .get("outboxd.dlq.reason")
+                    .cloned()
+                    .unwrap_or_default(),
+                r.headers
+                    .get("outboxd.dlq.topic")
+                    .cloned()
+                    .unwrap_or_default(),
+            ),
+        ))
+    })
+    .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_events_are_dead_lettered_and_the_events_after_them_arrive_in_order() {
+    let brokers = kafka_brokers();
+    let db = TestDb::new("poison").await;
+    let dlq_topic = format!("{}.dlq", db.name);
+    let config = db.config(&brokers, &format!("[kafka]\ndlq_topic = \"{dlq_topic}\"\n"));
+    migrate(&config);
+    let mut client = db.client().await;
+    create_aggregates_table(&client).await;
+    client
+        .batch_execute("ALTER TABLE outbox ALTER COLUMN aggregateid DROP NOT NULL")
+        .await
+        .unwrap();
+    let relay = Relay::start(&config);
+
+    let mut good = Vec::new();
+    let mut poison: HashMap<String, &str> = HashMap::new();
+    let poisons = [
+        ("invalid_headers", "INSERT INTO outbox (aggregatetype, aggregateid, type, payload, headers) VALUES ('order', 'p', 'Bad', '{}', '[1, 2]') RETURNING id::text"),
+        ("invalid_headers", "INSERT INTO outbox (aggregatetype, aggregateid, type, payload, headers) VALUES ('order', 'p', 'Bad', '{}', '{\"n\": 3}') RETURNING id::text"),
+        ("missing_key", "INSERT INTO outbox (aggregatetype, aggregateid, type, payload) VALUES ('order', NULL, 'Bad', '{}') RETURNING id::text"),
+        ("invalid_topic", "INSERT INTO outbox (aggregatetype, aggregateid, type, payload) VALUES ('no such/topic!', 'p', 'Bad', '{}') RETURNING id::text"),
+    ];
+    for (i, (reason, sql)) in poisons.iter().enumerate() {
+        good.extend(
+            write_txn(
+                &mut client,
+                &[("order".into(), format!("a{}", i % 2))],
+                false,
+            )
+            .await
+            .unwrap(),
+        );
+        // The poison shares a transaction with a good event of the same aggregate.
+        let tx = client.transaction().await.unwrap();
+        let id: String = tx.query_one(*sql, &[]).await.unwrap().get(0);
+        tx.commit().await.unwrap();
+        poison.insert(id, reason);
+        good.extend(
+            write_txn(
+                &mut client,
+                &[("order".into(), format!("a{}", i % 2))],
+                false,
+            )
+            .await
+            .unwrap(),
+        );
+    }
+    // A malformed table-less event (not JSON): dead-lettered without an id of its own.
+    client
+        .batch_execute("BEGIN; SELECT pg_logical_emit_message(true, 'outbox', 'not json'); COMMIT;")
+        .await
+        .unwrap();
+    good.extend(
+        write_txn(&mut client, &[("order".into(), "a0".into())], false)
+            .await
+            .unwrap(),
+    );
+
+    let received = consume(
+        &brokers,
+        &[db.topic("order")],
+        &ids(&good),
+        Duration::from_secs(60),
+        Duration::from_secs(1),
+    );
+    assert_exactly_written(&good, &received);
+    let expect: HashSet<String> = poison.keys().cloned().collect();
+    let dead = dlq(&brokers, &dlq_topic, &expect);
+    for (id, reason) in &poison {
+        let (got_reason, intended) = dead
+            .get(id)
+            .unwrap_or_else(|| panic!("poison event {id} ({reason}) not in the DLQ"));
+        assert_eq!(got_reason, reason, "{id}");
+        if *reason != "invalid_topic" {
+            assert_eq!(intended, &db.topic("order"));
+        }
+    }
+    let log = relay.log_text();
+    for id in poison.keys() {
+        assert!(
+            log.contains(id.as_str()),
+            "dead-lettered event {id} must be logged with its id"
+        );
+    }
+    assert!(log.contains("malformed_message"), "{log}");
+    let text = http_get(&http_addr(&config), "/metrics").unwrap().1;
+    assert!(
+        text.contains("outboxd_events_dead_lettered_total{reason=\"invalid_headers\"} 2"),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversize_event_too_large_even_for_the_dlq_lands_in_the_dead_letter_table() {
+    let brokers = kafka_brokers();
+    let (db, config) = setup("oversize", &brokers, "[kafka]\nmax_message_bytes = 2000\n").await;
+    let _relay = Relay::start(&config);
+    let mut client = db.client().await;
+    let mut good = write_txn(&mut client, &[("order".into(), "a".into())], false)
+        .await
+        .unwrap();
+    // 200 kB: over max_message_bytes, and over librdkafka's limit for the DLQ topic too.
+    let big: String = client
+        .query_one(
+            "INSERT INTO outbox (aggregatetype, aggregateid, type, payload) \
+             VALUES ('order', 'a', 'Huge', jsonb_build_object('blob', repeat('x', 200000))) RETURNING id::text",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    good.extend(
+        write_txn(&mut client, &[("order".into(), "a".into())], false)
+            .await
+            .unwrap(),
+    );
+    let received = consume(
+        &brokers,
+        &[db.topic("order")],
+        &ids(&good),
+        Duration::from_secs(60),
+        Duration::from_secs(1),
+    );
+    assert_exactly_written(&good, &received);
+    eventually(Duration::from_secs(20), "oversize event in the dead-letter table", || async {
+        let row = db
+            .client()
+            .await
+            .query_opt("SELECT reason, length(payload), topic FROM outboxd_dead_letter WHERE event_id = $1", &[&big])
+            .await
+            .unwrap();
+        row.is_some_and(|r| r.get::<_, String>(0) == "too_large" && r.get::<_, i32>(1) > 200_000)
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topic_the_broker_refuses_is_dead_lettered_not_retried_forever() {
+    let mock = rdkafka::mocking::MockCluster::new(1).unwrap();
+    let brokers = mock.bootstrap_servers();
+    let db = TestDb::new("denied").await;
+    let dlq_topic = format!("{}.dlq", db.name);
+    let config = db.config(
+        &brokers,
+        &format!("[kafka]\ncreate_topics = false\ndlq_topic = \"{dlq_topic}\"\n"),
+    );
+    migrate(&config);
+    let mut client = db.client().await;
+    create_aggregates_table(&client).await;
+    mock.create_topic(&db.topic("order"), 1, 1).unwrap();
+    mock.create_topic(&db.topic("secret"), 1, 1).unwrap();
+    mock.create_topic(&dlq_topic, 1, 1).unwrap();
+    mock.topic_error(
+        &db.topic("secret"),
+        rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED,
+    )
+    .unwrap();
+    let _relay = Relay::start(&config);
+    let mut good = write_txn(&mut client, &[("order".into(), "a".into())], false)
+        .await
+        .unwrap();
+    let denied = write_txn(&mut client, &[("secret".into(), "s".into())], false)
+        .await
+        .unwrap();
+    good.extend(
+        write_txn(&mut client, &[("order".into(), "a".into())], false)
+            .await
+            .unwrap(),
+    );
+    let received = consume(
+        &brokers,
+        &[db.topic("order")],
+        &ids(&good),
+        Duration::from_secs(60),
+        Duration::from_secs(1),
+    );
+    assert_exactly_written(&good, &received);
+    let dead = dlq(&brokers, &dlq_topic, &ids(&denied));
+    let (reason, intended) = dead.get(&denied[0].id).expect("refused event in the DLQ");
+    assert_eq!(reason, "not_authorized");
+    assert_eq!(intended, &db.topic("secret"));
+}
