@@ -76,6 +76,27 @@ pub struct PostgresConfig {
     /// Recreate an invalidated slot (`wal_status = lost`) instead of stopping. Events written
     /// while the slot was lost may have been skipped.
     pub recreate_lost_slot: bool,
+    pub columns: ColumnsConfig,
+}
+
+/// Column names of the outbox table, so an existing table of another shape works unchanged.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ColumnsConfig {
+    pub id: String,
+    pub aggregatetype: String,
+    pub aggregateid: String,
+    pub event_type: String,
+    pub payload: String,
+    /// Optional: a JSON object of extra headers.
+    pub headers: String,
+    /// Optional: the Kafka record timestamp (commit time when absent).
+    pub timestamp: String,
+    /// Optional: a per-row topic that overrides `kafka.topic_template` when not NULL.
+    pub topic: String,
+    /// Optional: an explicit partition (integer) instead of the key's hash.
+    pub partition: String,
+    /// Extra columns copied as headers (named like the column) when not NULL.
+    pub header_columns: Vec<String>,
 }
 
 #[derive(Clone)]
@@ -98,6 +119,10 @@ pub struct KafkaConfig {
     /// Records larger than this are poison (dead-lettered). librdkafka's `message.max.bytes`
     /// is set above it unless configured in `kafka.properties`.
     pub max_message_bytes: usize,
+    /// Add CloudEvents binary-mode headers (`ce_specversion`, `ce_id`, `ce_source`,
+    /// `ce_type`, `ce_time`, `content-type`).
+    pub cloudevents: bool,
+    pub cloudevents_source: String,
     /// Where poison events go; if even that fails, the relay-owned table
     /// `<schema>.outboxd_dead_letter`.
     pub dlq_topic: String,
@@ -144,6 +169,24 @@ struct RawPostgres {
     max_slot_lag_bytes: Option<u64>,
     stale_slot_holder: Option<String>,
     recreate_lost_slot: Option<bool>,
+    #[serde(default)]
+    columns: RawColumns,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawColumns {
+    id: Option<String>,
+    aggregatetype: Option<String>,
+    aggregateid: Option<String>,
+    #[serde(rename = "type")]
+    event_type: Option<String>,
+    payload: Option<String>,
+    headers: Option<String>,
+    timestamp: Option<String>,
+    topic: Option<String>,
+    partition: Option<String>,
+    header_columns: Option<Vec<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -160,6 +203,8 @@ struct RawKafka {
     require_key: Option<bool>,
     max_message_bytes: Option<usize>,
     dlq_topic: Option<String>,
+    cloudevents: Option<bool>,
+    cloudevents_source: Option<String>,
     #[serde(default)]
     properties: BTreeMap<String, toml::Value>,
 }
@@ -271,6 +316,33 @@ impl Config {
             }
         };
         let recreate_lost_slot = p.recreate_lost_slot.unwrap_or(false);
+        let c = p.columns;
+        let columns = ColumnsConfig {
+            id: c.id.unwrap_or_else(|| "id".into()),
+            aggregatetype: c.aggregatetype.unwrap_or_else(|| "aggregatetype".into()),
+            aggregateid: c.aggregateid.unwrap_or_else(|| "aggregateid".into()),
+            event_type: c.event_type.unwrap_or_else(|| "type".into()),
+            payload: c.payload.unwrap_or_else(|| "payload".into()),
+            headers: c.headers.unwrap_or_else(|| "headers".into()),
+            timestamp: c.timestamp.unwrap_or_else(|| "created_at".into()),
+            topic: c.topic.unwrap_or_default(),
+            partition: c.partition.unwrap_or_default(),
+            header_columns: c.header_columns.unwrap_or_default(),
+        };
+        for (name, value) in [
+            ("id", &columns.id),
+            ("aggregatetype", &columns.aggregatetype),
+            ("aggregateid", &columns.aggregateid),
+            ("type", &columns.event_type),
+            ("payload", &columns.payload),
+        ] {
+            if value.is_empty() {
+                return Err(invalid(
+                    "postgres.columns",
+                    format!("`{name}` must name a column"),
+                ));
+            }
+        }
 
         let addr_text = raw.http.addr.unwrap_or_else(|| "0.0.0.0:9465".into());
         let addr = addr_text.parse().map_err(|_| {
@@ -396,6 +468,7 @@ impl Config {
                 max_slot_lag_bytes,
                 stale_slot_holder,
                 recreate_lost_slot,
+                columns,
             },
             kafka: KafkaConfig {
                 brokers,
@@ -409,6 +482,8 @@ impl Config {
                 require_key: k.require_key.unwrap_or(true),
                 max_message_bytes,
                 dlq_topic,
+                cloudevents: k.cloudevents.unwrap_or(false),
+                cloudevents_source: k.cloudevents_source.unwrap_or_else(|| "/outboxd".into()),
                 properties,
             },
             retry: RetryConfig {
@@ -568,6 +643,7 @@ impl fmt::Debug for PostgresConfig {
             .field("max_slot_lag_bytes", &self.max_slot_lag_bytes)
             .field("stale_slot_holder", &self.stale_slot_holder)
             .field("recreate_lost_slot", &self.recreate_lost_slot)
+            .field("columns", &self.columns)
             .finish()
     }
 }
@@ -598,6 +674,8 @@ impl fmt::Debug for KafkaConfig {
             .field("require_key", &self.require_key)
             .field("max_message_bytes", &self.max_message_bytes)
             .field("dlq_topic", &self.dlq_topic)
+            .field("cloudevents", &self.cloudevents)
+            .field("cloudevents_source", &self.cloudevents_source)
             .field("properties", &props)
             .finish()
     }
@@ -715,6 +793,7 @@ mod tests {
         assert_eq!(c.postgres.stale_slot_holder, d.postgres.stale_slot_holder);
         assert_eq!(c.postgres.recreate_lost_slot, d.postgres.recreate_lost_slot);
         assert_eq!(c.http.addr, d.http.addr);
+        assert_eq!(c.postgres.columns, d.postgres.columns);
         assert_eq!(c.retry.max_backoff, d.retry.max_backoff);
         assert_eq!(c.retry.initial_backoff, d.retry.initial_backoff);
     }

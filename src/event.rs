@@ -20,4 +20,21 @@ pub struct Event {
     pub headers: Option<String>,
     /// Commit time of the transaction that wrote the event.
     pub commit_time: SystemTime,
+    /// Mapping extras (all optional; see `postgres.columns`).
+    pub extra: EventExtra,
+}
+
+/// What an outbox table of another shape may add.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct EventExtra {
+    /// Kafka record timestamp (ms since the epoch) from the timestamp column.
+    pub timestamp_ms: Option<i64>,
+    /// Per-row topic overriding the template.
+    pub topic: Option<String>,
+    /// Explicit partition.
+    pub partition: Option<i32>,
+    /// Extra columns to copy as headers.
+    pub headers: Vec<(String, String)>,
+    /// The payload column is `bytea`: passed through byte for byte.
+    pub binary_payload: bool,
 }

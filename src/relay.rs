@@ -74,6 +74,10 @@ pub async fn run(cfg: Config, mut stop: watch::Receiver<bool>, health: Arc<Healt
         template,
         require_key: cfg.kafka.require_key,
         max_message_bytes: cfg.kafka.max_message_bytes,
+        cloudevents_source: cfg
+            .kafka
+            .cloudevents
+            .then(|| cfg.kafka.cloudevents_source.clone()),
     };
     let mut backoff = Backoff::new(&cfg.retry);
     let mut attempt: u32 = 0;
@@ -174,7 +178,7 @@ async fn session(
                     None => {}
                     Some(Change::Boundary(lsn)) => checkpoint.boundary(window.sent, lsn),
                     Some(Change::Poison { id, reason, raw }) => {
-                        let record = Record { topic: String::new(), key: None, value: Some(raw), headers: id.iter().map(|i| ("id".to_string(), i.clone().into_bytes())).collect() };
+                        let record = Record { topic: String::new(), key: None, value: Some(raw), headers: id.iter().map(|i| ("id".to_string(), i.clone().into_bytes())).collect(), partition: None, timestamp_ms: None };
                         let poison = Poison { kind: PoisonKind::MalformedMessage, detail: reason };
                         dead_letter(&mut sink, &reader, id.as_deref(), &record, &poison).await?;
                     }
@@ -391,6 +395,8 @@ impl Window {
                     key: msg.key().map(|k| String::from_utf8_lossy(k).into_owned()),
                     value: msg.payload().map(<[u8]>::to_vec),
                     headers,
+                    partition: None,
+                    timestamp_ms: None,
                 };
                 match crate::sink::kafka::permanent(&e) {
                     Some(kind) => Err(Failure::Poison {

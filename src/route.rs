@@ -71,6 +71,10 @@ pub struct Record {
     pub key: Option<String>,
     pub value: Option<Vec<u8>>,
     pub headers: Vec<(String, Vec<u8>)>,
+    /// Explicit partition; `None` = by key.
+    pub partition: Option<i32>,
+    /// Record timestamp, ms since the epoch; `None` = the producer's clock.
+    pub timestamp_ms: Option<i64>,
 }
 
 /// Why an event can never become a Kafka record as it is. Poison events are dead-lettered,
@@ -138,6 +142,30 @@ pub fn record_size(record: &Record) -> usize {
         + 64
 }
 
+/// `2026-11-22T19:50:00.158Z` from milliseconds since the epoch (UTC).
+pub fn rfc3339_ms(ms: i64) -> String {
+    let secs = ms.div_euclid(1000);
+    let millis = ms.rem_euclid(1000);
+    let days = secs.div_euclid(86_400);
+    let sod = secs.rem_euclid(86_400);
+    // Civil from days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{millis:03}Z",
+        sod / 3600,
+        sod % 3600 / 60,
+        sod % 60
+    )
+}
+
 /// The string members of a `headers` JSON object (`null` members left out, `id`/`type`
 /// ignored with a warning); `Err` says why it is not an object of strings.
 fn string_headers(
@@ -176,6 +204,8 @@ pub struct Router {
     pub template: TopicTemplate,
     pub require_key: bool,
     pub max_message_bytes: usize,
+    /// `Some(source)`: add CloudEvents binary-mode headers with this `ce_source`.
+    pub cloudevents_source: Option<String>,
 }
 
 /// A routing problem worth a warning; the record is still produced.
@@ -188,15 +218,46 @@ impl Router {
     /// as it could be built (for the dead-letter destination) and why it is poison.
     pub fn route(&self, event: &Event) -> Result<Routed, Rejected> {
         let mut warnings = Vec::new();
+        let commit_ms = event
+            .commit_time
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0);
+        let timestamp_ms = event.extra.timestamp_ms.unwrap_or(commit_ms);
         let mut record = Record {
-            topic: self.template.render(event),
+            topic: match &event.extra.topic {
+                Some(t) if !t.is_empty() => t.clone(),
+                _ => self.template.render(event),
+            },
             key: event.aggregateid.clone(),
             value: event.payload.clone(),
             headers: vec![
                 ("id".to_string(), event.id.clone().into_bytes()),
                 ("type".to_string(), event.event_type.clone().into_bytes()),
             ],
+            partition: event.extra.partition,
+            timestamp_ms: Some(timestamp_ms),
         };
+        for (name, value) in &event.extra.headers {
+            record
+                .headers
+                .push((name.clone(), value.clone().into_bytes()));
+        }
+        if let Some(source) = &self.cloudevents_source {
+            let content_type = if event.extra.binary_payload {
+                "application/octet-stream"
+            } else {
+                "application/json"
+            };
+            record.headers.extend([
+                ("ce_specversion".to_string(), b"1.0".to_vec()),
+                ("ce_id".to_string(), event.id.clone().into_bytes()),
+                ("ce_source".to_string(), source.clone().into_bytes()),
+                ("ce_type".to_string(), event.event_type.clone().into_bytes()),
+                ("ce_time".to_string(), rfc3339_ms(timestamp_ms).into_bytes()),
+                ("content-type".to_string(), content_type.as_bytes().to_vec()),
+            ]);
+        }
         let poison =
             |record: Record, kind, detail: String| Err(Box::new((record, Poison { kind, detail })));
         if let Some(text) = &event.headers {
@@ -248,6 +309,7 @@ mod tests {
             payload: Some(br#"{"total": 10}"#.to_vec()),
             headers: headers.map(str::to_string),
             commit_time: SystemTime::UNIX_EPOCH,
+            extra: Default::default(),
         }
     }
 
@@ -256,7 +318,39 @@ mod tests {
             template: TopicTemplate::parse(template).unwrap(),
             require_key: true,
             max_message_bytes: 1_000_000,
+            cloudevents_source: None,
         }
+    }
+
+    #[test]
+    fn rfc3339_formats_utc_milliseconds() {
+        assert_eq!(rfc3339_ms(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(rfc3339_ms(1_709_229_896_789), "2024-02-29T18:04:56.789Z");
+    }
+
+    #[test]
+    fn mapping_extras_and_cloudevents_headers() {
+        let mut e = event(None);
+        e.extra = crate::event::EventExtra {
+            timestamp_ms: Some(1_709_229_896_789),
+            topic: Some("override.topic".into()),
+            partition: Some(2),
+            headers: vec![("tenant".into(), "acme".into())],
+            binary_payload: true,
+        };
+        let mut r = router("t");
+        r.cloudevents_source = Some("/orders".into());
+        let (rec, _) = r.route(&e).unwrap();
+        assert_eq!(rec.topic, "override.topic");
+        assert_eq!(rec.partition, Some(2));
+        assert_eq!(rec.timestamp_ms, Some(1_709_229_896_789));
+        let h: std::collections::HashMap<_, _> = rec.headers.into_iter().collect();
+        assert_eq!(h["tenant"], b"acme");
+        assert_eq!(h["ce_id"], b"6f1c");
+        assert_eq!(h["ce_source"], b"/orders");
+        assert_eq!(h["ce_type"], b"OrderPlaced");
+        assert_eq!(h["ce_time"], b"2024-02-29T18:04:56.789Z");
+        assert_eq!(h["content-type"], b"application/octet-stream");
     }
 
     #[test]

@@ -300,3 +300,96 @@ async fn topic_the_broker_refuses_is_dead_lettered_not_retried_forever() {
     assert_eq!(reason, "not_authorized");
     assert_eq!(intended, &db.topic("secret"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn table_of_another_shape_is_mapped_by_configuration() {
+    let brokers = kafka_brokers();
+    let db = TestDb::new("mapping").await;
+    let client = db.client().await;
+    // An existing outbox of another shape: other column names, a bytea payload, a per-row
+    // topic, an explicit partition, a tenant to copy as a header, its own timestamp.
+    client
+        .batch_execute(
+            "CREATE TABLE events (
+                event_id uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+                kind text NOT NULL, entity text NOT NULL, entity_id text NOT NULL,
+                body bytea, meta jsonb, occurred_at timestamptz NOT NULL,
+                destination text, part int, tenant text)",
+        )
+        .await
+        .unwrap();
+    let routed = format!("{}.routed", db.name);
+    let config = db.config(
+        &brokers,
+            "[postgres]\ntable = \"public.events\"\n\
+             [postgres.columns]\nid = \"event_id\"\naggregatetype = \"entity\"\naggregateid = \"entity_id\"\n\
+             type = \"kind\"\npayload = \"body\"\nheaders = \"meta\"\ntimestamp = \"occurred_at\"\n\
+             topic = \"destination\"\npartition = \"part\"\nheader_columns = [\"tenant\"]\n\
+             [kafka]\ncloudevents = true\ncloudevents_source = \"/orders-service\"\n"
+    );
+    migrate(&config);
+    let _relay = Relay::start(&config);
+    let binary: Vec<u8> = (0..=255u8).chain([0, 0, 255]).collect();
+    let plain: String = client
+        .query_one(
+            "INSERT INTO events (kind, entity, entity_id, body, meta, occurred_at, tenant) \
+             VALUES ('Shipped', 'order', 'o-1', $1, '{\"traceparent\": \"00-x\"}', '2024-02-29 18:04:56.789+00', 'acme') \
+             RETURNING event_id::text",
+            &[&binary],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let routed_id: String = client
+        .query_one(
+            "INSERT INTO events (kind, entity, entity_id, body, occurred_at, destination, part) \
+             VALUES ('Audited', 'order', 'o-1', 'x', now(), $1, 2) RETURNING event_id::text",
+            &[&routed],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let received = consume(
+        &brokers,
+        &[db.topic("order"), routed.clone()],
+        &[plain.clone(), routed_id.clone()].into(),
+        Duration::from_secs(60),
+        Duration::ZERO,
+    );
+    let first = received
+        .iter()
+        .find(|r| r.id.as_deref() == Some(&plain))
+        .expect("mapped event");
+    assert_eq!(first.topic, db.topic("order"));
+    assert_eq!(first.key.as_deref(), Some("o-1"));
+    assert_eq!(
+        first.raw_payload.as_deref(),
+        Some(&binary[..]),
+        "bytea passed through byte for byte"
+    );
+    assert_eq!(
+        first.timestamp_ms,
+        Some(1_709_229_896_789),
+        "record timestamp from occurred_at"
+    );
+    let h = &first.headers;
+    assert_eq!(h["type"], "Shipped");
+    assert_eq!(h["traceparent"], "00-x");
+    assert_eq!(h["tenant"], "acme");
+    assert_eq!(h["ce_specversion"], "1.0");
+    assert_eq!(h["ce_id"], plain);
+    assert_eq!(h["ce_source"], "/orders-service");
+    assert_eq!(h["ce_type"], "Shipped");
+    assert_eq!(h["ce_time"], "2024-02-29T18:04:56.789Z");
+    assert_eq!(h["content-type"], "application/octet-stream");
+    let second = received
+        .iter()
+        .find(|r| r.id.as_deref() == Some(&routed_id))
+        .expect("routed event");
+    assert_eq!(second.topic, routed, "per-row topic overrides the template");
+    assert_eq!(second.partition, 2, "partition column");
+    assert!(
+        !second.headers.contains_key("tenant"),
+        "NULL extra columns add no header"
+    );
+}

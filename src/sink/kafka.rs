@@ -213,6 +213,12 @@ impl KafkaSink {
         if let Some(value) = &record.value {
             fr = fr.payload(value.as_slice());
         }
+        if let Some(p) = record.partition {
+            fr = fr.partition(p);
+        }
+        if let Some(ts) = record.timestamp_ms {
+            fr = fr.timestamp(ts);
+        }
         self.producer.send_result(fr).map_err(|(e, _)| match e {
             KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull) => SendError::QueueFull,
             other => SendError::Other(other),
@@ -230,6 +236,7 @@ impl KafkaSink {
     ) -> std::result::Result<(), String> {
         let mut dlq = record.clone();
         dlq.topic = self.cfg.dlq_topic.clone();
+        dlq.partition = None; // the DLQ topic has partitions of its own
         dlq.headers.push((
             "outboxd.dlq.reason".into(),
             kind.label().as_bytes().to_vec(),

@@ -44,9 +44,10 @@ use std::time::{Duration, SystemTime};
 
 use tokio_postgres::Client;
 
+use crate::config::ColumnsConfig;
 use crate::config::{PostgresConfig, StaleHolder};
 use crate::error::{Error, Result};
-use crate::event::Event;
+use crate::event::{Event, EventExtra};
 use crate::health::{Health, Role};
 use crate::source::pgoutput::{self, Column, Message, Relation};
 
@@ -121,6 +122,7 @@ fn message_event(
         payload,
         headers,
         commit_time,
+        extra: EventExtra::default(),
     })
 }
 
@@ -151,30 +153,62 @@ struct OutboxColumns {
     aggregateid: usize,
     event_type: usize,
     payload: usize,
+    payload_is_bytea: bool,
     headers: Option<usize>,
+    timestamp: Option<usize>,
+    topic: Option<usize>,
+    partition: Option<usize>,
+    header_columns: Vec<(String, usize)>,
 }
 
+/// PostgreSQL's type OID of `bytea`.
+const BYTEA_OID: u32 = 17;
+
 impl OutboxColumns {
-    fn resolve(rel: &Relation) -> Result<OutboxColumns> {
-        let find = |name: &str| rel.columns.iter().position(|c| c == name);
-        let need = |name: &str| {
+    fn resolve(rel: &Relation, names: &ColumnsConfig) -> Result<OutboxColumns> {
+        let find = |name: &str| {
+            if name.is_empty() {
+                None
+            } else {
+                rel.columns.iter().position(|c| c == name)
+            }
+        };
+        let need = |key: &str, name: &str| {
             find(name).ok_or_else(|| {
                 Error::setup(
                     format!(
-                        "outbox table {}.{} has no column `{name}`",
+                        "outbox table {}.{} has no column `{name}` (postgres.columns.{key})",
                         rel.namespace, rel.name
                     ),
-                    "use the Debezium-compatible outbox table shape (see sql/outbox.sql)",
+                    "map the table's columns in [postgres.columns], or use the Debezium-compatible shape (sql/outbox.sql)",
                 )
             })
         };
+        // Optional columns that were configured explicitly must exist.
+        let optional = |key: &str, name: &str, default: &str| -> Result<Option<usize>> {
+            match find(name) {
+                Some(i) => Ok(Some(i)),
+                None if name.is_empty() || name == default => Ok(None),
+                None => need(key, name).map(Some),
+            }
+        };
+        let payload = need("payload", &names.payload)?;
+        let mut header_columns = Vec::new();
+        for name in &names.header_columns {
+            header_columns.push((name.clone(), need("header_columns", name)?));
+        }
         Ok(OutboxColumns {
-            id: need("id")?,
-            aggregatetype: need("aggregatetype")?,
-            aggregateid: need("aggregateid")?,
-            event_type: need("type")?,
-            payload: need("payload")?,
-            headers: find("headers"),
+            id: need("id", &names.id)?,
+            aggregatetype: need("aggregatetype", &names.aggregatetype)?,
+            aggregateid: need("aggregateid", &names.aggregateid)?,
+            event_type: need("type", &names.event_type)?,
+            payload,
+            payload_is_bytea: rel.types.get(payload) == Some(&BYTEA_OID),
+            headers: optional("headers", &names.headers, "headers")?,
+            timestamp: optional("timestamp", &names.timestamp, "created_at")?,
+            topic: optional("topic", &names.topic, "")?,
+            partition: optional("partition", &names.partition, "")?,
+            header_columns,
         })
     }
 }
@@ -187,6 +221,7 @@ pub struct Decoder {
     relations: HashMap<u32, Option<OutboxColumns>>,
     commit_time: SystemTime,
     in_transaction: bool,
+    columns: ColumnsConfig,
 }
 
 impl Decoder {
@@ -197,6 +232,7 @@ impl Decoder {
             relations: HashMap::new(),
             commit_time: SystemTime::now(),
             in_transaction: false,
+            columns: cfg.columns.clone(),
         }
     }
 
@@ -218,7 +254,7 @@ impl Decoder {
             }
             Message::Relation(rel) => {
                 let cols = if rel.namespace == self.schema && rel.name == self.table {
-                    Some(OutboxColumns::resolve(&rel)?)
+                    Some(OutboxColumns::resolve(&rel, &self.columns)?)
                 } else {
                     tracing::debug!(relation = %format!("{}.{}", rel.namespace, rel.name), "ignoring changes of a table that is not the outbox");
                     None
@@ -273,8 +309,36 @@ impl Decoder {
         let aggregatetype = text(take(cols.aggregatetype)).unwrap_or_default();
         let aggregateid = text(take(cols.aggregateid));
         let event_type = text(take(cols.event_type)).unwrap_or_default();
-        let payload = take(cols.payload);
+        let raw_payload = take(cols.payload);
+        let payload = if cols.payload_is_bytea {
+            match raw_payload.as_deref().map(pgoutput::decode_bytea_hex) {
+                None => None,
+                Some(Some(bytes)) => Some(bytes),
+                Some(None) => {
+                    return Err(Error::setup(
+                        format!("bytea payload of event {id} is not in hex format"),
+                        "leave bytea_output at its default (hex) for the replication role",
+                    ))
+                }
+            }
+        } else {
+            raw_payload
+        };
         let headers = cols.headers.and_then(|i| text(take(i)));
+        let timestamp_ms = cols
+            .timestamp
+            .and_then(|i| text(take(i)))
+            .and_then(|t| pgoutput::parse_timestamp_ms(&t));
+        let topic = cols.topic.and_then(|i| text(take(i)));
+        let partition = cols
+            .partition
+            .and_then(|i| text(take(i)))
+            .and_then(|p| p.trim().parse().ok());
+        let extra_headers = cols
+            .header_columns
+            .iter()
+            .filter_map(|(name, i)| text(take(*i)).map(|v| (name.clone(), v)))
+            .collect();
         Ok(Event {
             id,
             aggregatetype,
@@ -283,6 +347,13 @@ impl Decoder {
             payload,
             headers,
             commit_time: self.commit_time,
+            extra: EventExtra {
+                timestamp_ms,
+                topic,
+                partition,
+                headers: extra_headers,
+                binary_payload: cols.payload_is_bytea,
+            },
         })
     }
 }

@@ -44,6 +44,8 @@ pub struct Relation {
     pub namespace: String,
     pub name: String,
     pub columns: Vec<String>,
+    /// Type OID of each column.
+    pub types: Vec<u32>,
 }
 
 /// One column value of a tuple.
@@ -152,10 +154,11 @@ pub fn decode(data: &[u8]) -> Result<Message, DecodeError> {
             let _replica_identity = r.u8("Relation replica identity")?;
             let ncols = r.i16("Relation column count")?;
             let mut columns = Vec::with_capacity(ncols.max(0) as usize);
+            let mut types = Vec::with_capacity(ncols.max(0) as usize);
             for _ in 0..ncols {
                 let _flags = r.u8("column flags")?;
                 columns.push(r.cstr()?);
-                let _type_oid = r.u32("column type")?;
+                types.push(r.u32("column type")?);
                 let _typmod = r.u32("column type modifier")?;
             }
             Ok(Message::Relation(Relation {
@@ -168,6 +171,7 @@ pub fn decode(data: &[u8]) -> Result<Message, DecodeError> {
                 },
                 name,
                 columns,
+                types,
             }))
         }
         b'I' => {
@@ -216,6 +220,58 @@ fn decode_tuple(r: &mut Reader<'_>) -> Result<Vec<Column>, DecodeError> {
         }
     }
     Ok(cols)
+}
+
+/// `bytea` in PostgreSQL's hex output (`\\x0a0b…`) → bytes.
+pub fn decode_bytea_hex(text: &[u8]) -> Option<Vec<u8>> {
+    let hex = text.strip_prefix(b"\\x")?;
+    if hex.len() % 2 != 0 {
+        return None;
+    }
+    let nib = |c: u8| match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        b'A'..=b'F' => Some(c - b'A' + 10),
+        _ => None,
+    };
+    hex.chunks(2)
+        .map(|p| Some(nib(p[0])? << 4 | nib(p[1])?))
+        .collect()
+}
+
+/// PostgreSQL's ISO timestamp text (`2026-11-22 19:50:00.158607+00`, or without an offset
+/// for `timestamp`) → milliseconds since the Unix epoch.
+pub fn parse_timestamp_ms(text: &str) -> Option<i64> {
+    let (date, rest) = text.split_once(' ')?;
+    let mut d = date.splitn(3, '-');
+    let (y, m, day): (i64, i64, i64) = (
+        d.next()?.parse().ok()?,
+        d.next()?.parse().ok()?,
+        d.next()?.parse().ok()?,
+    );
+    let split = rest.find(['+', '-']).unwrap_or(rest.len());
+    let (time, offset) = rest.split_at(split);
+    let mut t = time.splitn(3, ':');
+    let (hh, mm): (i64, i64) = (t.next()?.parse().ok()?, t.next()?.parse().ok()?);
+    let sec: f64 = t.next()?.parse().ok()?;
+    let offset_secs = if offset.is_empty() {
+        0
+    } else {
+        let sign = if offset.starts_with('-') { -1 } else { 1 };
+        let mut o = offset[1..].split(':');
+        let oh: i64 = o.next()?.parse().ok()?;
+        let om: i64 = o.next().map_or(Some(0), |v| v.parse().ok())?;
+        sign * (oh * 3600 + om * 60)
+    };
+    // Days from civil (Howard Hinnant's algorithm).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let secs = days * 86_400 + hh * 3600 + mm * 60 - offset_secs;
+    Some(secs * 1000 + (sec * 1000.0).round() as i64)
 }
 
 /// Formats an LSN the way PostgreSQL prints it (`16/B374D848`).
@@ -293,6 +349,7 @@ mod tests {
                 namespace: "public".into(),
                 name: "outbox".into(),
                 columns: vec!["id".into(), "payload".into()],
+                types: vec![25, 25],
             })
         );
 
@@ -342,6 +399,26 @@ mod tests {
         ] {
             assert!(decode(msg).is_err(), "{msg:?}");
         }
+    }
+
+    #[test]
+    fn decodes_bytea_hex_and_timestamps() {
+        assert_eq!(decode_bytea_hex(b"\\x00ff10"), Some(vec![0, 255, 16]));
+        assert_eq!(decode_bytea_hex(b"00ff"), None);
+        assert_eq!(parse_timestamp_ms("1970-01-01 00:00:00+00"), Some(0));
+        assert_eq!(
+            parse_timestamp_ms("2000-01-01 00:00:00.5+00"),
+            Some(946_684_800_500)
+        );
+        assert_eq!(
+            parse_timestamp_ms("2000-01-01 02:00:00+02"),
+            Some(946_684_800_000)
+        );
+        assert_eq!(
+            parse_timestamp_ms("2024-02-29 12:34:56.789-05:30"),
+            Some(1_709_229_896_789)
+        );
+        assert_eq!(parse_timestamp_ms("garbage"), None);
     }
 
     #[test]

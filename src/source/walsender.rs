@@ -182,6 +182,10 @@ impl ReplicationStream {
                 ("replication", "database"),
                 ("application_name", APPLICATION_NAME),
                 ("client_encoding", "UTF8"),
+                // Column values arrive in text form: make timestamps and bytea predictable.
+                ("TimeZone", "UTC"),
+                ("DateStyle", "ISO"),
+                ("bytea_output", "hex"),
             ],
             &mut buf,
         )

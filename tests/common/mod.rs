@@ -401,6 +401,8 @@ pub struct Received {
     pub id: Option<String>,
     pub headers: HashMap<String, String>,
     pub payload: Option<String>,
+    pub raw_payload: Option<Vec<u8>>,
+    pub timestamp_ms: Option<i64>,
 }
 
 /// Reads `topics` from the beginning (partition assignment, no consumer group) until every id
@@ -483,6 +485,8 @@ pub fn consume(
                     id,
                     headers,
                     payload: m.payload().map(|p| String::from_utf8_lossy(p).into_owned()),
+                    raw_payload: m.payload().map(<[u8]>::to_vec),
+                    timestamp_ms: m.timestamp().to_millis(),
                 });
             }
         }
