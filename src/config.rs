@@ -36,10 +36,43 @@ fn invalid(key: &'static str, problem: impl Into<String>) -> ConfigError {
 /// The whole configuration, validated.
 #[derive(Clone)]
 pub struct Config {
+    pub mode: Mode,
+    pub polling: PollingConfig,
     pub postgres: PostgresConfig,
     pub kafka: KafkaConfig,
     pub retry: RetryConfig,
     pub http: HttpConfig,
+}
+
+/// How outboxd reads PostgreSQL.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// A pgoutput logical replication slot (commit order).
+    Logical,
+    /// Gap-free polling of the outbox table by (transaction id, sequence), for databases
+    /// without logical replication.
+    Polling,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Logical => "logical",
+            Mode::Polling => "polling",
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct PollingConfig {
+    /// Longest wait between two polls when idle (a NOTIFY wakes the relay earlier).
+    pub interval: Duration,
+    /// Rows per poll.
+    pub batch_size: i64,
+    /// LISTEN for the trigger `outboxd migrate` installs, to publish within milliseconds.
+    pub notify: bool,
+    /// Published rows older than this are deleted in small chunks; zero keeps everything.
+    pub retention: Duration,
 }
 
 #[derive(Clone, Debug)]
@@ -142,6 +175,9 @@ pub struct RetryConfig {
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
+    mode: Option<String>,
+    #[serde(default)]
+    polling: RawPolling,
     #[serde(default)]
     postgres: RawPostgres,
     #[serde(default)]
@@ -150,6 +186,15 @@ struct RawConfig {
     retry: RawRetry,
     #[serde(default)]
     http: RawHttp,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawPolling {
+    interval_ms: Option<u64>,
+    batch_size: Option<i64>,
+    notify: Option<bool>,
+    retention_hours: Option<u64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -218,6 +263,7 @@ struct RawRetry {
 
 /// Environment variables read by [`Config::load`], with the key each one overrides.
 pub const ENV_VARS: &[(&str, &str)] = &[
+    ("OUTBOXD_MODE", "mode"),
     ("OUTBOXD_POSTGRES_URL", "postgres.url"),
     ("OUTBOXD_TABLE", "postgres.table"),
     ("OUTBOXD_SLOT", "postgres.slot"),
@@ -274,10 +320,42 @@ impl Config {
         if let Some(v) = env_nonempty("OUTBOXD_TOPIC_TEMPLATE") {
             raw.kafka.topic_template = Some(v);
         }
+        if let Some(v) = env_nonempty("OUTBOXD_MODE") {
+            raw.mode = Some(v);
+        }
         if let Some(v) = env_nonempty("OUTBOXD_HTTP_ADDR") {
             raw.http.addr = Some(v);
         }
 
+        let mode = match raw.mode.as_deref().unwrap_or("logical") {
+            "logical" => Mode::Logical,
+            "polling" => Mode::Polling,
+            other => {
+                return Err(invalid(
+                    "mode",
+                    format!("`{other}` is not one of: logical, polling"),
+                ))
+            }
+        };
+        let pr = raw.polling;
+        let batch_size = pr.batch_size.unwrap_or(1000);
+        if !(1..=100_000).contains(&batch_size) {
+            return Err(invalid(
+                "polling.batch_size",
+                "must be between 1 and 100000",
+            ));
+        }
+        let polling = PollingConfig {
+            interval: ms(
+                "polling.interval_ms",
+                pr.interval_ms.unwrap_or(500),
+                1,
+                3_600_000,
+            )?,
+            batch_size,
+            notify: pr.notify.unwrap_or(true),
+            retention: Duration::from_secs(pr.retention_hours.unwrap_or(168) * 3600),
+        };
         let p = raw.postgres;
         let url = p.url.ok_or_else(|| {
             invalid(
@@ -458,6 +536,8 @@ impl Config {
         }
 
         Ok(Config {
+            mode,
+            polling,
             postgres: PostgresConfig {
                 url,
                 schema,
@@ -684,6 +764,8 @@ impl fmt::Debug for KafkaConfig {
 impl fmt::Debug for Config {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Config")
+            .field("mode", &self.mode)
+            .field("polling", &self.polling)
             .field("postgres", &self.postgres)
             .field("kafka", &self.kafka)
             .field("retry", &self.retry)
@@ -794,6 +876,8 @@ mod tests {
         assert_eq!(c.postgres.recreate_lost_slot, d.postgres.recreate_lost_slot);
         assert_eq!(c.http.addr, d.http.addr);
         assert_eq!(c.postgres.columns, d.postgres.columns);
+        assert_eq!(c.mode, d.mode);
+        assert_eq!(format!("{:?}", c.polling), format!("{:?}", d.polling));
         assert_eq!(c.retry.max_backoff, d.retry.max_backoff);
         assert_eq!(c.retry.initial_backoff, d.retry.initial_backoff);
     }

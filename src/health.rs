@@ -57,11 +57,12 @@ struct Inner {
 #[derive(Debug)]
 pub struct Health {
     inner: Mutex<Inner>,
+    mode: &'static str,
     max_slot_lag_bytes: u64,
 }
 
 impl Health {
-    pub fn new(slot: &str, max_slot_lag_bytes: u64) -> Health {
+    pub fn new(mode: &'static str, slot: &str, max_slot_lag_bytes: u64) -> Health {
         Health {
             inner: Mutex::new(Inner {
                 role: Role::Starting,
@@ -76,6 +77,7 @@ impl Health {
                 },
             }),
             max_slot_lag_bytes,
+            mode,
         }
     }
 
@@ -165,7 +167,7 @@ impl Health {
         let lag_seconds = self.lag_seconds();
         let g = self.lock();
         Snapshot {
-            mode: "logical",
+            mode: self.mode,
             role: g.role,
             postgres_reachable: g.postgres_ok,
             kafka_reachable: g.kafka_ok,

@@ -104,7 +104,7 @@ async fn migrate(config: &Config) -> anyhow::Result<()> {
     let mut backoff = Backoff::new(&config.retry);
     let started = std::time::Instant::now();
     let report = loop {
-        match outboxd::migrate::migrate(&config.postgres).await {
+        match outboxd::migrate::migrate(config).await {
             Ok(r) => break r,
             Err(e) if e.is_transient() && started.elapsed() < Duration::from_secs(60) => {
                 let d = backoff.next_delay();
@@ -129,6 +129,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let metrics = outboxd::metrics::install()
         .map_err(|e| anyhow::anyhow!("installing the metrics recorder: {e}"))?;
     let health = Arc::new(Health::new(
+        config.mode.as_str(),
         &config.postgres.slot,
         config.postgres.max_slot_lag_bytes,
     ));

@@ -1,7 +1,7 @@
 //! `outboxd migrate`: creates what the relay needs, idempotently. Never drops or alters
 //! anything that exists; reports what it created and what was already there.
 
-use crate::config::{quote_ident, quote_literal, PostgresConfig};
+use crate::config::{quote_ident, quote_literal, Config, Mode};
 use crate::error::{Error, Result};
 
 /// The outbox table, Debezium-compatible. `{table}` is replaced by the quoted name.
@@ -56,7 +56,8 @@ pub struct Report {
     pub items: Vec<(String, Outcome)>,
 }
 
-pub async fn migrate(cfg: &PostgresConfig) -> Result<Report> {
+pub async fn migrate(config: &Config) -> Result<Report> {
+    let cfg = &config.postgres;
     let client = crate::pg::connect(&cfg.url, "outboxd-migrate").await?;
     let pg = |what: &'static str| move |e| Error::pg(what, e);
     let mut items = Vec::new();
@@ -66,10 +67,10 @@ pub async fn migrate(cfg: &PostgresConfig) -> Result<Report> {
         .await
         .map_err(pg("reading wal_level"))?
         .get(0);
-    if wal_level != "logical" {
+    if wal_level != "logical" && config.mode == Mode::Logical {
         return Err(Error::setup(
             format!("PostgreSQL runs with wal_level = {wal_level}; a logical replication slot needs `logical`"),
-            "set wal_level = logical in postgresql.conf and restart PostgreSQL",
+            "set wal_level = logical in postgresql.conf and restart PostgreSQL, or use mode = \"polling\"",
         ));
     }
 
@@ -153,6 +154,11 @@ pub async fn migrate(cfg: &PostgresConfig) -> Result<Report> {
                 .map_err(pg("creating outboxd's helper objects"))?;
             items.push((what, Outcome::Created));
         }
+    }
+
+    if config.mode == Mode::Polling {
+        items.extend(crate::source::polling::migrate(&client, config).await?);
+        return Ok(Report { items });
     }
 
     let publication = client

@@ -23,14 +23,15 @@ use rdkafka::producer::DeliveryFuture;
 use tokio::sync::watch;
 
 use crate::checkpoint::Checkpoint;
-use crate::config::{Config, RetryConfig};
+use crate::config::{Config, Mode, RetryConfig};
 use crate::error::{Error, Result};
 use crate::health::{Health, Role};
 use crate::metrics as m;
 use crate::route::{Poison, PoisonKind, Record, Router, TopicTemplate};
 use crate::sink::kafka::{KafkaSink, SendError};
-use crate::source::logical::{Change, Decoder, SlotReader};
+use crate::source::logical::{acquire_leadership, Change, Decoder, DlqTable, SlotReader};
 use crate::source::pgoutput::format_lsn;
+use crate::source::polling::{Cursor, Poller};
 use crate::source::walsender::{ReplicationMessage, ReplicationStream};
 
 /// Capped exponential backoff with jitter, reset after progress.
@@ -85,7 +86,10 @@ pub async fn run(cfg: Config, mut stop: watch::Receiver<bool>, health: Arc<Healt
         if *stop.borrow() {
             return Ok(());
         }
-        let result = session(&cfg, &router, &mut stop, &mut backoff, &health).await;
+        let result = match cfg.mode {
+            Mode::Logical => session(&cfg, &router, &mut stop, &mut backoff, &health).await,
+            Mode::Polling => session_polling(&cfg, &router, &mut stop, &mut backoff, &health).await,
+        };
         health.set_role(Role::Starting);
         match result {
             Ok(()) => return Ok(()),
@@ -123,6 +127,7 @@ async fn session(
         return Ok(());
     }
     reader.ensure_slot_usable().await?;
+    let dlq = reader.dlq_table();
     let mut sink = KafkaSink::new(&cfg.kafka)?;
     let brokers = sink.check_reachable(Duration::from_secs(10)).await?;
     let mut stream = match ReplicationStream::start(&cfg.postgres, 4096).await {
@@ -166,10 +171,10 @@ async fn session(
         tokio::select! {
             biased;
             _ = stop.changed() => {
-                return shutdown(cfg, stream, &mut sink, &reader, window, checkpoint, confirmed).await;
+                return shutdown(cfg, stream, &mut sink, &dlq, window, checkpoint, confirmed).await;
             }
             settled = window.settle_oldest(), if !window.inflight.is_empty() => {
-                window.handle(settled, &mut sink, &reader, confirmed).await?;
+                window.handle(settled, &mut sink, &dlq, confirmed).await?;
                 checkpoint.acked(window.acked);
                 window.report(health);
             }
@@ -180,7 +185,7 @@ async fn session(
                     Some(Change::Poison { id, reason, raw }) => {
                         let record = Record { topic: String::new(), key: None, value: Some(raw), headers: id.iter().map(|i| ("id".to_string(), i.clone().into_bytes())).collect(), partition: None, timestamp_ms: None };
                         let poison = Poison { kind: PoisonKind::MalformedMessage, detail: reason };
-                        dead_letter(&mut sink, &reader, id.as_deref(), &record, &poison).await?;
+                        dead_letter(&mut sink, &dlq, id.as_deref(), &record, &poison).await?;
                     }
                     Some(Change::Event(event)) => {
                         let record = match router.route(&event) {
@@ -192,7 +197,7 @@ async fn session(
                             }
                             Err(rejected) => {
                                 let (record, poison) = *rejected;
-                                dead_letter(&mut sink, &reader, Some(&event.id), &record, &poison).await?;
+                                dead_letter(&mut sink, &dlq, Some(&event.id), &record, &poison).await?;
                                 continue;
                             }
                         };
@@ -208,13 +213,13 @@ async fn session(
                                 Err(SendError::QueueFull) => {
                                     // librdkafka's queue is full: let deliveries drain.
                                     let settled = window.settle_oldest().await;
-                                    window.handle(settled, &mut sink, &reader, confirmed).await?;
+                                    window.handle(settled, &mut sink, &dlq, confirmed).await?;
                                     checkpoint.acked(window.acked);
                                 }
                                 Err(SendError::Other(e)) => match crate::sink::kafka::permanent(&e) {
                                     Some(kind) => {
                                         let poison = Poison { kind, detail: e.to_string() };
-                                        dead_letter(&mut sink, &reader, Some(&event.id), &record, &poison).await?;
+                                        dead_letter(&mut sink, &dlq, Some(&event.id), &record, &poison).await?;
                                         break;
                                     }
                                     None => {
@@ -255,13 +260,190 @@ async fn session(
     }
 }
 
+/// Polling mode: fetch committed rows past the cursor, publish them with many in flight,
+/// store the cursor once Kafka acknowledged them; wait for a NOTIFY or the interval when idle.
+async fn session_polling(
+    cfg: &Config,
+    router: &Router,
+    stop: &mut watch::Receiver<bool>,
+    backoff: &mut Backoff,
+    health: &Health,
+) -> Result<()> {
+    let mut poller = Poller::open(cfg).await?;
+    if !acquire_leadership(&poller.client, &cfg.postgres.slot, stop, health).await? {
+        return Ok(());
+    }
+    // Another instance may have moved the cursor while this one waited for the lock.
+    poller.reload_cursor().await?;
+    let mut sink = KafkaSink::new(&cfg.kafka)?;
+    let brokers = sink.check_reachable(Duration::from_secs(10)).await?;
+    if cfg.polling.notify {
+        if let Err(e) = poller.listen().await {
+            tracing::warn!(error = %e, "LISTEN failed; polling every polling.interval_ms instead");
+        }
+    }
+    health.set_role(Role::Leader);
+    let (xid, seq) = poller.cursor();
+    tracing::info!(cursor = %format!("{xid}/{seq}"), brokers, "relay started (polling mode)");
+    let mut last_clean = Instant::now();
+    let mut last_pending = Instant::now() - Duration::from_secs(60);
+    loop {
+        if *stop.borrow() {
+            return Ok(());
+        }
+        if last_pending.elapsed() >= Duration::from_secs(5) {
+            last_pending = Instant::now();
+            metrics::gauge!(m::POLLING_PENDING).set(poller.pending().await? as f64);
+        }
+        let batch = poller.fetch(cfg.polling.batch_size).await?;
+        let full = batch.len() as i64 >= cfg.polling.batch_size;
+        if batch.is_empty() {
+            if last_clean.elapsed() >= Duration::from_secs(60) {
+                last_clean = Instant::now();
+                let deleted = poller.clean(cfg.polling.retention, 1000).await?;
+                if deleted > 0 {
+                    tracing::info!(
+                        deleted,
+                        "deleted published rows past polling.retention_hours"
+                    );
+                }
+            }
+            // Rows that exist but are not yet safe to read (a transaction anywhere in the
+            // cluster holds the snapshot's xmin back) send no second NOTIFY: look again soon.
+            let wait = if poller.has_unpublished().await? {
+                cfg.polling.interval.min(Duration::from_millis(200))
+            } else {
+                cfg.polling.interval
+            };
+            tokio::select! {
+                _ = poller.wait(wait) => {}
+                _ = stop.changed() => return Ok(()),
+            }
+            continue;
+        }
+        let mut window = Window {
+            inflight: VecDeque::new(),
+            sent: 0,
+            acked: 0,
+        };
+        // Each row's position, safe to store once this many sent events are acknowledged.
+        let mut bounds: Vec<(u64, Cursor)> = Vec::new();
+        let dlq = DlqTable {
+            client: &poller.client,
+            schema: &cfg.postgres.schema,
+        };
+        let mut outcome: Result<()> = Ok(());
+        for (event, pos) in batch {
+            if *stop.borrow() {
+                break;
+            }
+            let record = match router.route(&event) {
+                Ok((record, warnings)) => {
+                    for w in warnings {
+                        tracing::warn!(event_id = %event.id, "{}", w.0);
+                    }
+                    record
+                }
+                Err(rejected) => {
+                    let (record, poison) = *rejected;
+                    if let Err(e) =
+                        dead_letter(&mut sink, &dlq, Some(&event.id), &record, &poison).await
+                    {
+                        outcome = Err(e);
+                        break;
+                    }
+                    bounds.push((window.sent, pos));
+                    continue;
+                }
+            };
+            sink.ensure_topic(&record.topic).await;
+            let sent = loop {
+                match sink.send(&record) {
+                    Ok(fut) => break Ok(fut),
+                    Err(SendError::QueueFull) => {
+                        let settled = window.settle_oldest().await;
+                        if let Err(e) = window.handle(settled, &mut sink, &dlq, 0).await {
+                            break Err(e);
+                        }
+                    }
+                    Err(SendError::Other(e)) => {
+                        break Err(Error::Kafka(format!("event {}: {e}", event.id)))
+                    }
+                }
+            };
+            match sent {
+                Ok(fut) => {
+                    window.inflight.push_back(InFlight {
+                        fut,
+                        topic: record.topic.clone(),
+                        commit_time: event.commit_time,
+                    });
+                    window.sent += 1;
+                    bounds.push((window.sent, pos));
+                    window.report(health);
+                }
+                Err(e) => {
+                    outcome = Err(e);
+                    break;
+                }
+            }
+            while window.inflight.len() >= cfg.kafka.max_in_flight {
+                let settled = window.settle_oldest().await;
+                if let Err(e) = window.handle(settled, &mut sink, &dlq, 0).await {
+                    outcome = Err(e);
+                    break;
+                }
+            }
+            if outcome.is_err() {
+                break;
+            }
+        }
+        let deadline =
+            (*stop.borrow()).then(|| tokio::time::Instant::now() + cfg.kafka.shutdown_timeout);
+        while outcome.is_ok() && !window.inflight.is_empty() {
+            let settled = match deadline {
+                Some(d) => match tokio::time::timeout_at(d, window.settle_oldest()).await {
+                    Ok(s) => s,
+                    Err(_) => break,
+                },
+                None => window.settle_oldest().await,
+            };
+            if let Err(e) = window.handle(settled, &mut sink, &dlq, 0).await {
+                outcome = Err(e);
+            }
+        }
+        window.report(health);
+        // Store the position after the acknowledged prefix.
+        let stored = bounds
+            .iter()
+            .take_while(|(needed, _)| *needed <= window.acked)
+            .map(|(_, pos)| *pos)
+            .last();
+        if let Some(pos) = stored {
+            poller.store(pos).await?;
+            backoff.reset();
+        }
+        outcome?;
+        if *stop.borrow() {
+            tracing::info!("stopped; acknowledged events stored in the cursor");
+            return Ok(());
+        }
+        if !full {
+            tokio::select! {
+                _ = poller.wait(cfg.polling.interval) => {}
+                _ = stop.changed() => return Ok(()),
+            }
+        }
+    }
+}
+
 /// Stop reading, wait (bounded) for outstanding acknowledgements, confirm what was
 /// acknowledged.
 async fn shutdown(
     cfg: &Config,
     mut stream: ReplicationStream,
     sink: &mut KafkaSink,
-    reader: &SlotReader,
+    dlq: &DlqTable<'_>,
     mut window: Window,
     mut checkpoint: Checkpoint,
     confirmed: u64,
@@ -270,7 +452,7 @@ async fn shutdown(
     while !window.inflight.is_empty() {
         match tokio::time::timeout_at(deadline, window.settle_oldest()).await {
             Ok(settled) => {
-                if let Err(e) = window.handle(settled, sink, reader, confirmed).await {
+                if let Err(e) = window.handle(settled, sink, dlq, confirmed).await {
                     tracing::warn!(error = %e, "delivery failed during shutdown; it will be resent on restart");
                     break;
                 }
@@ -312,7 +494,7 @@ enum Failure {
 /// Logged with its id and counted; only if both fail does the session fail (and retry).
 async fn dead_letter(
     sink: &mut KafkaSink,
-    reader: &SlotReader,
+    dlq: &DlqTable<'_>,
     event_id: Option<&str>,
     record: &Record,
     poison: &Poison,
@@ -324,9 +506,7 @@ async fn dead_letter(
             tracing::error!(event_id = id, reason, topic = %record.topic, detail = %poison.detail, "poison event dead-lettered to the DLQ topic");
         }
         Err(dlq_error) => {
-            reader
-                .dead_letter_row(event_id, record, reason, &poison.detail)
-                .await?;
+            dlq.insert(event_id, record, reason, &poison.detail).await?;
             tracing::error!(event_id = id, reason, topic = %record.topic, detail = %poison.detail, dlq_error = %dlq_error, "poison event dead-lettered to the outboxd_dead_letter table (the DLQ topic refused it)");
         }
     }
@@ -426,13 +606,13 @@ impl Window {
         &mut self,
         settled: std::result::Result<(), Failure>,
         sink: &mut KafkaSink,
-        reader: &SlotReader,
+        dlq: &DlqTable<'_>,
         confirmed: u64,
     ) -> Result<()> {
         match settled {
             Ok(()) => Ok(()),
             Err(Failure::Poison { id, record, poison }) => {
-                dead_letter(sink, reader, id.as_deref(), &record, &poison).await?;
+                dead_letter(sink, dlq, id.as_deref(), &record, &poison).await?;
                 self.acked += 1;
                 Ok(())
             }

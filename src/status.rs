@@ -31,6 +31,9 @@ pub struct Status {
     /// From the local instance, when it answers.
     pub instance: Option<serde_json::Value>,
     pub instance_addr: String,
+    /// Polling mode: the stored cursor `xid/seq` and rows past it.
+    pub cursor: Option<String>,
+    pub pending_events: Option<i64>,
     pub problems: Vec<String>,
 }
 
@@ -83,7 +86,37 @@ pub async fn gather(cfg: &Config) -> Result<Status> {
     let instance = fetch_instance_status(&instance_addr).await;
 
     let mut problems = Vec::new();
-    if !slot_exists {
+    let (mut cursor, mut pending_events) = (None, None);
+    if cfg.mode == crate::config::Mode::Polling {
+        let schema = crate::config::quote_ident(&cfg.postgres.schema);
+        let row = client
+            .query_opt(
+                &format!("SELECT xid::text, seq FROM {schema}.outboxd_cursor WHERE name = $1"),
+                &[&cfg.postgres.slot],
+            )
+            .await
+            .map_err(|e| Error::pg("reading the polling cursor (run `outboxd migrate`)", e))?;
+        let (xid, seq) = row
+            .map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1)))
+            .unwrap_or(("0".into(), 0));
+        let pending: i64 = client
+            .query_one(
+                &format!(
+                    "SELECT count(*) FROM (SELECT 1 FROM {} WHERE (outboxd_xid, outboxd_seq) > ($1::text::xid8, $2::int8) LIMIT 1000000) s",
+                    cfg.postgres.qualified_table()
+                ),
+                &[&xid, &seq],
+            )
+            .await
+            .map_err(|e| Error::pg("counting pending events", e))?
+            .get(0);
+        cursor = Some(format!("{xid}/{seq}"));
+        pending_events = Some(pending);
+        if leader.is_none() {
+            problems
+                .push("no outboxd instance holds the cursor's lock: nothing is publishing".into());
+        }
+    } else if !slot_exists {
         problems.push(format!(
             "replication slot `{}` does not exist (run `outboxd migrate`)",
             cfg.postgres.slot
@@ -109,13 +142,15 @@ pub async fn gather(cfg: &Config) -> Result<Status> {
         problems.push("no outboxd instance holds the slot's lock: nothing is publishing".into());
     }
     Ok(Status {
-        mode: "logical",
+        mode: cfg.mode.as_str(),
         slot,
         slot_exists,
         max_slot_lag_bytes: cfg.postgres.max_slot_lag_bytes,
         leader,
         instance,
         instance_addr,
+        cursor,
+        pending_events,
         problems,
     })
 }
@@ -163,7 +198,14 @@ impl std::fmt::Display for Status {
         let s = &self.slot;
         writeln!(f, "outboxd status")?;
         writeln!(f, "  mode:          {}", self.mode)?;
-        if self.slot_exists {
+        if let Some(cursor) = &self.cursor {
+            writeln!(f, "  cursor:        {cursor} (xid/seq)")?;
+            writeln!(
+                f,
+                "  pending:       {} events past the cursor",
+                self.pending_events.unwrap_or(0)
+            )?;
+        } else if self.slot_exists {
             let active = match s.active_pid {
                 Some(pid) => format!("streaming to pid {pid}"),
                 None => "not streaming".into(),

@@ -9,49 +9,6 @@ use std::time::Duration;
 
 use common::*;
 
-/// Inserts `total` events from `connections` concurrent writers, 1–20 events per transaction,
-/// over `aggregates` aggregates of `types` aggregate types. Returns the committed events.
-async fn concurrent_workload(
-    db: &TestDb,
-    total: usize,
-    connections: usize,
-    aggregates: u64,
-    types: &[&str],
-) -> Vec<Written> {
-    let per_conn = total / connections;
-    let mut handles = Vec::new();
-    for c in 0..connections {
-        let url = db.url.clone();
-        let types: Vec<String> = types.iter().map(|s| s.to_string()).collect();
-        handles.push(tokio::spawn(async move {
-            let mut client = connect(&url).await;
-            let mut rng = Rng::new(0x5eed + c as u64 * 7919);
-            let mut written = Vec::new();
-            let mut remaining = per_conn;
-            while remaining > 0 {
-                let n = (rng.range(1, 20) as usize).min(remaining);
-                let mut events: Vec<(String, String)> = (0..n)
-                    .map(|_| {
-                        let a = rng.range(0, aggregates - 1);
-                        let t = &types[(a % types.len() as u64) as usize];
-                        (t.clone(), format!("agg-{a}"))
-                    })
-                    .collect();
-                // Lock aggregates in one global order: no deadlocks between writers.
-                events.sort_by(|x, y| x.1.cmp(&y.1));
-                written.extend(write_txn(&mut client, &events, false).await.unwrap());
-                remaining -= n;
-            }
-            written
-        }));
-    }
-    let mut all = Vec::new();
-    for h in handles {
-        all.extend(h.await.unwrap());
-    }
-    all
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_event_from_concurrent_transactions_arrives_in_aggregate_commit_order() {
     let brokers = kafka_brokers();
@@ -127,6 +84,7 @@ async fn events_of_rolled_back_transactions_never_arrive() {
             .await
             .unwrap();
         rolled_back.push(Written {
+            order: None,
             id: row.get(0),
             aggregatetype: "order".into(),
             aggregateid: "a1".into(),

@@ -358,6 +358,93 @@ impl Decoder {
     }
 }
 
+/// Waits until `client`'s session holds the advisory lock derived from `name` (the slot, or
+/// the polling cursor): one publishing instance per slot. Returns `false` if `stop` fired.
+pub async fn acquire_leadership(
+    client: &Client,
+    name: &str,
+    stop: &mut tokio::sync::watch::Receiver<bool>,
+    health: &Health,
+) -> Result<bool> {
+    let mut announced = false;
+    loop {
+        let got: bool = client
+            .query_one(
+                "SELECT pg_try_advisory_lock(hashtextextended('outboxd.slot.' || $1, 0))",
+                &[&name],
+            )
+            .await
+            .map_err(|e| Error::pg("taking the leadership advisory lock", e))?
+            .get(0);
+        if got {
+            if announced {
+                tracing::info!(slot = %name, "took over: this instance now publishes");
+            }
+            return Ok(true);
+        }
+        health.set_role(Role::Standby);
+        if !announced {
+            tracing::info!(slot = %name, "another outboxd instance holds this slot's lock; waiting as standby");
+            announced = true;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = stop.changed() => return Ok(false),
+        }
+    }
+}
+
+/// The relay-owned dead-letter table of a schema.
+pub struct DlqTable<'a> {
+    pub client: &'a Client,
+    pub schema: &'a str,
+}
+
+impl DlqTable<'_> {
+    /// The last resort for a poison event the DLQ topic refused: a row in the relay-owned
+    /// table `<schema>.outboxd_dead_letter` (created by `outboxd migrate`).
+    pub async fn insert(
+        &self,
+        event_id: Option<&str>,
+        record: &crate::route::Record,
+        reason: &str,
+        detail: &str,
+    ) -> Result<()> {
+        let headers: serde_json::Map<String, serde_json::Value> = record
+            .headers
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.clone(),
+                    serde_json::Value::String(String::from_utf8_lossy(v).into_owned()),
+                )
+            })
+            .collect();
+        let headers = serde_json::Value::Object(headers).to_string();
+        let sql = format!(
+            "INSERT INTO {}.outboxd_dead_letter (event_id, topic, key, payload, headers, reason, error) \
+             VALUES ($1, $2, $3, $4, $5::text::jsonb, $6, $7)",
+            crate::config::quote_ident(self.schema)
+        );
+        self.client
+            .execute(
+                &sql,
+                &[
+                    &event_id,
+                    &record.topic,
+                    &record.key,
+                    &record.value,
+                    &headers,
+                    &reason,
+                    &detail,
+                ],
+            )
+            .await
+            .map_err(|e| Error::pg("writing to the dead-letter table", e))?;
+        Ok(())
+    }
+}
+
 /// The slot as seen in `pg_replication_slots`.
 #[derive(Debug, Clone)]
 pub struct SlotState {
@@ -497,33 +584,7 @@ impl SlotReader {
         stop: &mut tokio::sync::watch::Receiver<bool>,
         health: &Health,
     ) -> Result<bool> {
-        let mut announced = false;
-        loop {
-            let got: bool = self
-                .client
-                .query_one(
-                    "SELECT pg_try_advisory_lock(hashtextextended('outboxd.slot.' || $1, 0))",
-                    &[&self.cfg.slot],
-                )
-                .await
-                .map_err(|e| Error::pg("taking the slot's advisory lock", e))?
-                .get(0);
-            if got {
-                if announced {
-                    tracing::info!(slot = %self.cfg.slot, "took over: this instance now publishes");
-                }
-                return Ok(true);
-            }
-            health.set_role(Role::Standby);
-            if !announced {
-                tracing::info!(slot = %self.cfg.slot, "another outboxd instance holds this slot's lock; waiting as standby");
-                announced = true;
-            }
-            tokio::select! {
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                _ = stop.changed() => return Ok(false),
-            }
-        }
+        acquire_leadership(&self.client, &self.cfg.slot, stop, health).await
     }
 
     /// Run by the leader before streaming: an invalidated slot (`wal_status = lost`) stops the
@@ -595,47 +656,12 @@ impl SlotReader {
         self.confirmed
     }
 
-    /// The last resort for a poison event the DLQ topic refused: a row in the relay-owned
-    /// table `<schema>.outboxd_dead_letter` (created by `outboxd migrate`).
-    pub async fn dead_letter_row(
-        &self,
-        event_id: Option<&str>,
-        record: &crate::route::Record,
-        reason: &str,
-        detail: &str,
-    ) -> Result<()> {
-        let headers: serde_json::Map<String, serde_json::Value> = record
-            .headers
-            .iter()
-            .map(|(k, v)| {
-                (
-                    k.clone(),
-                    serde_json::Value::String(String::from_utf8_lossy(v).into_owned()),
-                )
-            })
-            .collect();
-        let headers = serde_json::Value::Object(headers).to_string();
-        let sql = format!(
-            "INSERT INTO {}.outboxd_dead_letter (event_id, topic, key, payload, headers, reason, error) \
-             VALUES ($1, $2, $3, $4, $5::text::jsonb, $6, $7)",
-            crate::config::quote_ident(&self.cfg.schema)
-        );
-        self.client
-            .execute(
-                &sql,
-                &[
-                    &event_id,
-                    &record.topic,
-                    &record.key,
-                    &record.value,
-                    &headers,
-                    &reason,
-                    &detail,
-                ],
-            )
-            .await
-            .map_err(|e| Error::pg("writing to the dead-letter table", e))?;
-        Ok(())
+    /// Where poison events go when the DLQ topic refuses them.
+    pub fn dlq_table(&self) -> DlqTable<'_> {
+        DlqTable {
+            client: &self.client,
+            schema: &self.cfg.schema,
+        }
     }
 
     /// Proves the session (and with it the advisory lock) is still alive.

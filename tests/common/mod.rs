@@ -100,7 +100,16 @@ impl TestDb {
             slot = self.slot(),
             db = self.name,
         );
-        let text = merge_sections(&text);
+        // Keys of `extra` before its first table header belong at the top level.
+        let (root, rest) = match extra
+            .find("\n[")
+            .map(|i| i + 1)
+            .or(extra.starts_with('[').then_some(0))
+        {
+            Some(i) => extra.split_at(i),
+            None => (extra, ""),
+        };
+        let text = merge_sections(&format!("{root}\n{}", text.replace(extra, rest)));
         std::fs::write(&path, text).unwrap();
         path
     }
@@ -307,6 +316,8 @@ impl Drop for Relay {
 /// An event as the test wrote it.
 #[derive(Debug, Clone)]
 pub struct Written {
+    /// Polling mode: (transaction id, insertion sequence), the order polling guarantees.
+    pub order: Option<(u64, i64)>,
     pub id: String,
     pub aggregatetype: String,
     pub aggregateid: String,
@@ -367,6 +378,7 @@ pub async fn write_txn_mixed(
         };
         let row = tx.query_one(sql, &[agg_type, agg_id, &payload]).await?;
         out.push(Written {
+            order: None,
             id: row.get(0),
             aggregatetype: agg_type.clone(),
             aggregateid: agg_id.clone(),
@@ -509,7 +521,7 @@ pub fn assert_exactly_written(written: &[Written], received: &[Received]) -> usi
     let mut ordered: Vec<&Received> = received.iter().collect();
     ordered
         .sort_by(|a, b| (&a.topic, a.partition, a.offset).cmp(&(&b.topic, b.partition, b.offset)));
-    let mut last_seq: HashMap<&str, i64> = HashMap::new();
+    let mut last_seq: HashMap<&str, (u64, i64)> = HashMap::new();
     for r in ordered {
         let id = r.id.as_deref().expect("record without header `id`");
         let w = by_id.get(id).unwrap_or_else(|| {
@@ -542,15 +554,15 @@ pub fn assert_exactly_written(written: &[Written], received: &[Received]) -> usi
             duplicates += 1;
             continue;
         }
-        let last = last_seq.entry(w.aggregateid.as_str()).or_insert(0);
+        // Logical mode: per-aggregate commit order (seq); polling: (xid, sequence) order.
+        let key = w.order.unwrap_or((0, w.seq));
+        let last = last_seq.entry(w.aggregateid.as_str()).or_insert((0, 0));
         assert!(
-            w.seq > *last,
-            "aggregate {} out of order: seq {} (event {id}) arrived after seq {}",
+            key > *last,
+            "aggregate {} out of order: {key:?} (event {id}) arrived after {last:?}",
             w.aggregateid,
-            w.seq,
-            last
         );
-        *last = w.seq;
+        *last = key;
     }
     let missing: Vec<&str> = written
         .iter()
@@ -565,6 +577,74 @@ pub fn assert_exactly_written(written: &[Written], received: &[Received]) -> usi
         &missing[..missing.len().min(5)]
     );
     duplicates
+}
+
+/// Inserts `total` events from `connections` concurrent writers, 1–20 events per transaction,
+/// over `aggregates` aggregates of `types` aggregate types. Returns the committed events.
+pub async fn concurrent_workload(
+    db: &TestDb,
+    total: usize,
+    connections: usize,
+    aggregates: u64,
+    types: &[&str],
+) -> Vec<Written> {
+    let per_conn = total / connections;
+    let mut handles = Vec::new();
+    for c in 0..connections {
+        let url = db.url.clone();
+        let types: Vec<String> = types.iter().map(|s| s.to_string()).collect();
+        handles.push(tokio::spawn(async move {
+            let mut client = connect(&url).await;
+            let mut rng = Rng::new(0x5eed + c as u64 * 7919);
+            let mut written = Vec::new();
+            let mut remaining = per_conn;
+            while remaining > 0 {
+                let n = (rng.range(1, 20) as usize).min(remaining);
+                let mut events: Vec<(String, String)> = (0..n)
+                    .map(|_| {
+                        let a = rng.range(0, aggregates - 1);
+                        let t = &types[(a % types.len() as u64) as usize];
+                        (t.clone(), format!("agg-{a}"))
+                    })
+                    .collect();
+                // Lock aggregates in one global order: no deadlocks between writers.
+                events.sort_by(|x, y| x.1.cmp(&y.1));
+                written.extend(write_txn(&mut client, &events, false).await.unwrap());
+                remaining -= n;
+            }
+            written
+        }));
+    }
+    let mut all = Vec::new();
+    for h in handles {
+        all.extend(h.await.unwrap());
+    }
+    all
+}
+
+/// Polling mode: reads each written event's (xid, sequence) from the table.
+pub async fn fill_polling_order(db: &TestDb, written: &mut [Written]) {
+    let rows = db
+        .client()
+        .await
+        .query(
+            "SELECT id::text, outboxd_xid::text, outboxd_seq FROM outbox",
+            &[],
+        )
+        .await
+        .unwrap();
+    let order: HashMap<String, (u64, i64)> = rows
+        .iter()
+        .map(|r| {
+            (
+                r.get::<_, String>(0),
+                (r.get::<_, String>(1).parse().unwrap(), r.get(2)),
+            )
+        })
+        .collect();
+    for w in written {
+        w.order = Some(order[&w.id]);
+    }
 }
 
 /// Polls `f` until it returns true or `timeout` passes.

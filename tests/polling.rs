@@ -1,0 +1,317 @@
+//! Polling mode (`mode = "polling"`), for databases without logical replication: gap-free
+//! reads by (transaction id, sequence), against real PostgreSQL and the real broker.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use common::*;
+
+const POLLING: &str = "mode = \"polling\"\n[polling]\ninterval_ms = 200\n";
+
+async fn setup_polling(prefix: &str, extra: &str) -> (TestDb, std::path::PathBuf, String) {
+    let brokers = kafka_brokers();
+    let (db, config) = setup(prefix, &brokers, &format!("{POLLING}{extra}")).await;
+    (db, config, brokers)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn polling_delivers_10k_concurrent_events_in_transaction_id_order() {
+    let (db, config, brokers) = setup_polling("pconc", "").await;
+    let mut relay = Relay::start(&config);
+    let mut written = concurrent_workload(&db, 10_000, 4, 300, &["order", "customer"]).await;
+    fill_polling_order(&db, &mut written).await;
+    let topics = vec![db.topic("order"), db.topic("customer")];
+    let received = consume(
+        &brokers,
+        &topics,
+        &ids(&written),
+        Duration::from_secs(120),
+        Duration::from_secs(1),
+    );
+    relay.assert_running();
+    assert_eq!(assert_exactly_written(&written, &received), 0);
+    // The cursor is stored once everything is acknowledged.
+    let max = written.iter().map(|w| w.order.unwrap()).max().unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "cursor stored at the last event",
+        || async {
+            let row = db
+                .client()
+                .await
+                .query_opt("SELECT xid::text, seq FROM outboxd_cursor", &[])
+                .await
+                .unwrap();
+            row.is_some_and(|r| {
+                (
+                    r.get::<_, String>(0).parse::<u64>().unwrap(),
+                    r.get::<_, i64>(1),
+                ) == max
+            })
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transaction_that_inserts_first_and_commits_last_is_not_skipped() {
+    let (db, config, brokers) = setup_polling("pgap", "").await;
+    let _relay = Relay::start(&config);
+    // The slow transaction takes its xid and sequence first...
+    let mut slow = db.client().await;
+    let tx = slow.transaction().await.unwrap();
+    let slow_id: String = tx
+        .query_one(
+            "INSERT INTO outbox (aggregatetype, aggregateid, type, payload) VALUES ('order', 'slow', 'Changed', '{}') RETURNING id::text",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    // ...many others commit meanwhile (with `id > last_id` polling, the slow row is lost)...
+    let mut client = db.client().await;
+    let mut fast = Vec::new();
+    for i in 0..50 {
+        fast.extend(
+            write_txn(
+                &mut client,
+                &[("order".into(), format!("f{}", i % 5))],
+                false,
+            )
+            .await
+            .unwrap(),
+        );
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // ...and it commits last.
+    tx.commit().await.unwrap();
+    let mut expect = ids(&fast);
+    expect.insert(slow_id.clone());
+    let received = consume(
+        &brokers,
+        &[db.topic("order")],
+        &expect,
+        Duration::from_secs(60),
+        Duration::from_secs(1),
+    );
+    let got: HashSet<String> = received.iter().filter_map(|r| r.id.clone()).collect();
+    assert!(
+        got.contains(&slow_id),
+        "the slow transaction's event was skipped"
+    );
+    fill_polling_order(&db, &mut fast).await;
+    assert_exactly_written(
+        &fast,
+        &received
+            .into_iter()
+            .filter(|r| r.id.as_deref() != Some(&slow_id))
+            .collect::<Vec<_>>(),
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_running_unrelated_transaction_delays_publishing_but_loses_nothing() {
+    let (db, config, brokers) = setup_polling("plong", "").await;
+    let _relay = Relay::start(&config);
+    let mut other = db.client().await;
+    other
+        .batch_execute("CREATE TABLE unrelated (v int)")
+        .await
+        .unwrap();
+    let tx = other.transaction().await.unwrap();
+    tx.batch_execute("INSERT INTO unrelated VALUES (1)")
+        .await
+        .unwrap(); // takes an xid, stays open
+    let mut client = db.client().await;
+    let mut written = Vec::new();
+    for i in 0..20 {
+        written.extend(
+            write_txn(
+                &mut client,
+                &[("order".into(), format!("a{}", i % 3))],
+                false,
+            )
+            .await
+            .unwrap(),
+        );
+    }
+    // Held back by the open transaction (its xid bounds the snapshot's xmin): after several
+    // polls nothing was published, so no cursor was stored.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let stored: i64 = client
+        .query_one("SELECT count(*) FROM outboxd_cursor", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(stored, 0, "published past a running transaction");
+    tx.rollback().await.unwrap();
+    let received = consume(
+        &brokers,
+        &[db.topic("order")],
+        &ids(&written),
+        Duration::from_secs(60),
+        Duration::from_secs(1),
+    );
+    fill_polling_order(&db, &mut written).await;
+    assert_exactly_written(&written, &received);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn no_event_lost_when_polling_relay_killed_mid_stream() {
+    let (db, config, brokers) = setup_polling("pkill", "[polling]\nbatch_size = 200\n").await;
+    let mut relay = Relay::start(&config);
+    let writer = {
+        let db = db.clone();
+        tokio::spawn(async move { concurrent_workload(&db, 6_000, 3, 100, &["order"]).await })
+    };
+    eventually(
+        Duration::from_secs(60),
+        "cursor stored mid-stream",
+        || async {
+            let stored = db
+                .client()
+                .await
+                .query_opt("SELECT 1 FROM outboxd_cursor", &[])
+                .await
+                .unwrap()
+                .is_some();
+            stored && !writer.is_finished()
+        },
+    )
+    .await;
+    relay.kill();
+    let mut relay = Relay::start(&config);
+    let mut written = writer.await.unwrap();
+    fill_polling_order(&db, &mut written).await;
+    let received = consume(
+        &brokers,
+        &[db.topic("order")],
+        &ids(&written),
+        Duration::from_secs(120),
+        Duration::from_secs(1),
+    );
+    relay.assert_running();
+    let dups = assert_exactly_written(&written, &received);
+    eprintln!(
+        "{} records, {dups} duplicates after the kill",
+        received.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notify_wakes_an_idle_polling_relay_well_before_its_interval() {
+    let (db, config, brokers) = setup_polling("pnotify", "[polling]\ninterval_ms = 60000\n").await;
+    let _relay = Relay::start(&config);
+    tokio::time::sleep(Duration::from_secs(2)).await; // idle: waiting up to 60 s
+    let mut client = db.client().await;
+    let written = write_txn(&mut client, &[("order".into(), "a".into())], false)
+        .await
+        .unwrap();
+    let start = std::time::Instant::now();
+    let received = consume(
+        &brokers,
+        &[db.topic("order")],
+        &ids(&written),
+        Duration::from_secs(20),
+        Duration::ZERO,
+    );
+    assert_eq!(
+        received.len(),
+        1,
+        "the NOTIFY trigger must wake the relay (interval is 60 s)"
+    );
+    assert!(start.elapsed() < Duration::from_secs(20));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poll_query_is_one_index_range_scan_on_a_million_published_rows() {
+    let (db, config, _) = setup_polling("pexplain", "").await;
+    let client = db.client().await;
+    client
+        .batch_execute(
+            "INSERT INTO outbox (aggregatetype, aggregateid, type, payload) \
+             SELECT 'order', 'a' || (g % 1000), 'Changed', '{}' FROM generate_series(1, 1000000) g; \
+             ANALYZE outbox;",
+        )
+        .await
+        .unwrap();
+    let (xid, seq): (String, i64) = {
+        let r = client
+            .query_one(
+                "SELECT max(outboxd_xid)::text, max(outboxd_seq) FROM outbox",
+                &[],
+            )
+            .await
+            .unwrap();
+        (r.get(0), r.get(1))
+    };
+    let _ = config;
+    let plan: String = client
+        .query(
+            &format!(
+                "EXPLAIN SELECT id FROM outbox WHERE (outboxd_xid, outboxd_seq) > ('{xid}'::xid8, {seq}) \
+                 AND outboxd_xid < pg_snapshot_xmin(pg_current_snapshot()) ORDER BY outboxd_xid, outboxd_seq LIMIT 1000"
+            ),
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get::<_, String>(0))
+        .collect::<Vec<_>>()
+        .join("\n");
+    eprintln!("{plan}");
+    assert!(
+        plan.contains("Index Scan using outbox_outboxd_poll"),
+        "{plan}"
+    );
+    assert!(
+        plan.contains("Index Cond"),
+        "the cursor must bound the scan:\n{plan}"
+    );
+    assert!(
+        !plan.contains("Seq Scan") && !plan.contains("Sort"),
+        "{plan}"
+    );
+}
+
+#[tokio::test]
+async fn migrate_in_polling_mode_adds_columns_index_cursor_and_trigger_idempotently() {
+    let (db, config, _) = setup_polling("pmigrate", "").await;
+    let out = outboxd(&["migrate", "--config", config.to_str().unwrap()], &[]);
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    for item in [
+        "outboxd_xid",
+        "outboxd_seq",
+        "outbox_outboxd_poll",
+        "outboxd_cursor",
+        "trigger outboxd_notify",
+    ] {
+        assert!(
+            text.lines()
+                .any(|l| l.contains(item) && l.contains("already exists")),
+            "{item}: {text}"
+        );
+    }
+    // The service's INSERTs stay as they were: no new column needs a value.
+    db.client()
+        .await
+        .batch_execute("INSERT INTO outbox (aggregatetype, aggregateid, type, payload) VALUES ('order', 'x', 'T', '{}')")
+        .await
+        .unwrap();
+    let slots: i64 = db
+        .client()
+        .await
+        .query_one(
+            "SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1",
+            &[&db.slot()],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(slots, 0, "polling mode needs no replication slot");
+}
