@@ -38,6 +38,19 @@ pub enum Command {
     Run,
     /// Validate the configuration and print it with secrets redacted.
     CheckConfig,
+    /// Republish retained outbox rows with their original ids (consumers dedupe).
+    Replay {
+        #[command(flatten)]
+        selection: SelectionArgs,
+    },
+    /// Read the target topics back and list retained events missing from Kafka (exit 1 if any).
+    Verify {
+        #[command(flatten)]
+        selection: SelectionArgs,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
     /// Mode, slot position and lag, WAL retention, leader, lag of the local instance, last
     /// error. Exit 0 healthy, 1 degraded, 2 cannot connect.
     Status {
@@ -45,4 +58,28 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// Which retained events `replay` and `verify` cover.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SelectionArgs {
+    /// Timestamp (`2026-11-22 10:00:00+00`) or interval back from now (`2 hours`).
+    #[arg(long)]
+    pub since: String,
+    /// Same forms as --since; default: now.
+    #[arg(long)]
+    pub until: Option<String>,
+    /// Only events of this aggregate type.
+    #[arg(long)]
+    pub aggregatetype: Option<String>,
+}
+
+impl From<SelectionArgs> for crate::replay::Selection {
+    fn from(a: SelectionArgs) -> Self {
+        crate::replay::Selection {
+            since: a.since,
+            until: a.until,
+            aggregatetype: a.aggregatetype,
+        }
+    }
 }

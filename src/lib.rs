@@ -19,6 +19,7 @@ pub mod migrate;
 pub mod monitor;
 pub mod pg;
 pub mod relay;
+pub mod replay;
 pub mod route;
 pub mod sink;
 pub mod source;

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use outboxd::config::Config;
 use outboxd::health::Health;
 use outboxd::relay::Backoff;
+use outboxd::replay::Selection;
 use tokio::sync::watch;
 
 fn main() -> ExitCode {
@@ -69,6 +70,34 @@ async fn dispatch(command: Command, config: Config) -> anyhow::Result<u8> {
         Command::Migrate => migrate(&config).await.map(|()| 0),
         Command::Run => run(config).await.map(|()| 0),
         Command::Status { json } => status(&config, json).await,
+        Command::Replay { selection } => {
+            let sel = Selection::from(selection);
+            let (published, poison) = outboxd::replay::replay(&config, &sel)
+                .await
+                .context("replay")?;
+            println!("replayed {published} events ({poison} not replayable: poison, see log)");
+            Ok(0)
+        }
+        Command::Verify { selection, json } => {
+            let sel = Selection::from(selection);
+            let v = outboxd::replay::verify(&config, &sel)
+                .await
+                .context("verify")?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v).context("encoding")?);
+            } else {
+                println!(
+                    "checked {} retained events in {} topic(s): {} missing from Kafka",
+                    v.checked,
+                    v.topics.len(),
+                    v.missing.len()
+                );
+                for id in &v.missing {
+                    println!("missing {id}");
+                }
+            }
+            Ok(u8::from(!v.missing.is_empty()))
+        }
     }
 }
 

@@ -27,7 +27,7 @@ use crate::config::{Config, Mode, RetryConfig};
 use crate::error::{Error, Result};
 use crate::health::{Health, Role};
 use crate::metrics as m;
-use crate::route::{Poison, PoisonKind, Record, Router, TopicTemplate};
+use crate::route::{Poison, PoisonKind, Record, Router};
 use crate::sink::kafka::{KafkaSink, SendError};
 use crate::source::logical::{acquire_leadership, Change, Decoder, DlqTable, SlotReader};
 use crate::source::pgoutput::format_lsn;
@@ -69,17 +69,7 @@ impl Backoff {
 
 /// Runs the relay until `stop` turns true (graceful shutdown) or a permanent error occurs.
 pub async fn run(cfg: Config, mut stop: watch::Receiver<bool>, health: Arc<Health>) -> Result<()> {
-    let template = TopicTemplate::parse(&cfg.kafka.topic_template)
-        .map_err(|p| Error::setup(format!("kafka.topic_template: {p}"), "correct the template"))?;
-    let router = Router {
-        template,
-        require_key: cfg.kafka.require_key,
-        max_message_bytes: cfg.kafka.max_message_bytes,
-        cloudevents_source: cfg
-            .kafka
-            .cloudevents
-            .then(|| cfg.kafka.cloudevents_source.clone()),
-    };
+    let router = Router::from_config(&cfg)?;
     let mut backoff = Backoff::new(&cfg.retry);
     let mut attempt: u32 = 0;
     loop {

@@ -213,6 +213,21 @@ pub struct Router {
 pub struct RouteWarning(pub String);
 
 impl Router {
+    pub fn from_config(cfg: &crate::config::Config) -> crate::error::Result<Router> {
+        let template = TopicTemplate::parse(&cfg.kafka.topic_template).map_err(|p| {
+            crate::error::Error::setup(format!("kafka.topic_template: {p}"), "correct the template")
+        })?;
+        Ok(Router {
+            template,
+            require_key: cfg.kafka.require_key,
+            max_message_bytes: cfg.kafka.max_message_bytes,
+            cloudevents_source: cfg
+                .kafka
+                .cloudevents
+                .then(|| cfg.kafka.cloudevents_source.clone()),
+        })
+    }
+
     /// Builds the record: headers `id` and `type` first, then every member of the `headers`
     /// object (string values; `null` members are left out). `Err` carries the record as far
     /// as it could be built (for the dead-letter destination) and why it is poison.

@@ -161,6 +161,135 @@ pub async fn migrate(client: &Client, cfg: &Config) -> Result<Vec<(String, Outco
     Ok(items)
 }
 
+/// The data type of a column of the outbox table, if it exists.
+async fn column_type(client: &Client, cfg: &Config, name: &str) -> Result<Option<String>> {
+    client
+        .query_opt(
+            "SELECT data_type FROM information_schema.columns WHERE table_schema = $1 AND table_name = $2 AND column_name = $3",
+            &[&cfg.postgres.schema, &cfg.postgres.table, &name],
+        )
+        .await
+        .map(|r| r.map(|r| r.get::<_, String>(0)))
+        .map_err(|e| Error::pg("reading the outbox table's columns", e))
+}
+
+/// The SELECT list that reads an event with the configured column mapping (11 columns plus
+/// the header columns; see [`row_event`]).
+pub struct EventSelect {
+    pub list: String,
+    pub payload_is_bytea: bool,
+}
+
+/// Checks the mapped columns exist and builds the SELECT list for them.
+pub async fn event_select(client: &Client, cfg: &Config) -> Result<EventSelect> {
+    let c = &cfg.postgres.columns;
+    let column_type = |name: String| async move { column_type(client, cfg, &name).await };
+    for (key, name) in [
+        ("id", &c.id),
+        ("aggregatetype", &c.aggregatetype),
+        ("aggregateid", &c.aggregateid),
+        ("type", &c.event_type),
+        ("payload", &c.payload),
+    ] {
+        if column_type(name.clone()).await?.is_none() {
+            return Err(Error::setup(
+                format!(
+                    "outbox table {} has no column `{name}` (postgres.columns.{key})",
+                    cfg.postgres.qualified_table()
+                ),
+                "map the table's columns in [postgres.columns]",
+            ));
+        }
+    }
+    let payload_is_bytea = column_type(c.payload.clone()).await?.as_deref() == Some("bytea");
+    let optional = |name: &str| {
+        let name = name.to_string();
+        async move {
+            if name.is_empty() {
+                Ok(None)
+            } else {
+                column_type(name.clone()).await.map(|t| t.map(|_| name))
+            }
+        }
+    };
+    let text = |col: Option<String>| {
+        col.map_or("NULL::text".to_string(), |c| {
+            format!("{}::text", quote_ident(&c))
+        })
+    };
+    let headers = text(optional(&c.headers).await?);
+    let timestamp = text(optional(&c.timestamp).await?);
+    let topic = text(optional(&c.topic).await?);
+    let partition = text(optional(&c.partition).await?);
+    let mut extra = String::new();
+    for h in &c.header_columns {
+        if column_type(h.clone()).await?.is_none() {
+            return Err(Error::setup(
+                format!("outbox table has no column `{h}` (postgres.columns.header_columns)"),
+                "map the table's columns in [postgres.columns]",
+            ));
+        }
+        extra.push_str(&format!(", {}::text", quote_ident(h)));
+    }
+    let payload = if payload_is_bytea {
+        quote_ident(&c.payload)
+    } else {
+        format!("convert_to({}::text, 'UTF8')", quote_ident(&c.payload))
+    };
+    let list = format!(
+            "{}::text, {}::text, {}::text, {}::text, {payload}, {headers}, {timestamp}, {topic}, {partition}{extra}",
+            quote_ident(&c.id),
+            quote_ident(&c.aggregatetype),
+            quote_ident(&c.aggregateid),
+            quote_ident(&c.event_type),
+        );
+    Ok(EventSelect {
+        list,
+        payload_is_bytea,
+    })
+}
+
+/// An event from a row read with [`event_select`]'s list starting at column `first`.
+pub fn row_event(
+    r: &tokio_postgres::Row,
+    first: usize,
+    cfg: &Config,
+    payload_is_bytea: bool,
+) -> Event {
+    let header_columns = &cfg.postgres.columns.header_columns;
+    let timestamp: Option<String> = r.get(first + 6);
+    let headers = header_columns
+        .iter()
+        .enumerate()
+        .filter_map(|(i, name)| {
+            r.get::<_, Option<String>>(first + 9 + i)
+                .map(|v| (name.clone(), v))
+        })
+        .collect();
+    let timestamp_ms = timestamp.as_deref().and_then(parse_timestamp_ms);
+    Event {
+        id: r.get::<_, Option<String>>(first).unwrap_or_default(),
+        aggregatetype: r.get::<_, Option<String>>(first + 1).unwrap_or_default(),
+        aggregateid: r.get(first + 2),
+        event_type: r.get::<_, Option<String>>(first + 3).unwrap_or_default(),
+        payload: r.get(first + 4),
+        headers: r.get(first + 5),
+        // Rows carry no commit time; the row's timestamp (or now) stands in.
+        commit_time: timestamp_ms
+            .map(|ms| SystemTime::UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64))
+            .unwrap_or_else(SystemTime::now),
+        extra: EventExtra {
+            timestamp_ms,
+            topic: r.get(first + 7),
+            partition: r
+                .get::<_, Option<String>>(first + 8)
+                .and_then(|p| p.trim().parse().ok()),
+            headers,
+            binary_payload: payload_is_bytea,
+        },
+    }
+}
+
 /// Reads committed outbox rows past the cursor.
 pub struct Poller {
     pub client: Client,
@@ -191,23 +320,8 @@ impl Poller {
             .batch_execute("SET TimeZone = 'UTC'; SET DateStyle = 'ISO'")
             .await
             .map_err(|e| Error::pg("setting the session time zone", e))?;
-        let c = &cfg.postgres.columns;
-        let column_type = |name: String| {
-            let (s, t) = (cfg.postgres.schema.clone(), cfg.postgres.table.clone());
-            let client = &client;
-            async move {
-                client
-                    .query_opt(
-                        "SELECT data_type FROM information_schema.columns WHERE table_schema = $1 AND table_name = $2 AND column_name = $3",
-                        &[&s, &t, &name],
-                    )
-                    .await
-                    .map(|r| r.map(|r| r.get::<_, String>(0)))
-                    .map_err(|e| Error::pg("reading the outbox table's columns", e))
-            }
-        };
         for needed in ["outboxd_xid", "outboxd_seq"] {
-            if column_type(needed.to_string()).await?.is_none() {
+            if column_type(&client, cfg, needed).await?.is_none() {
                 return Err(Error::setup(
                     format!(
                         "outbox table {} has no column {needed} (polling mode)",
@@ -217,70 +331,17 @@ impl Poller {
                 ));
             }
         }
-        for (key, name) in [
-            ("id", &c.id),
-            ("aggregatetype", &c.aggregatetype),
-            ("aggregateid", &c.aggregateid),
-            ("type", &c.event_type),
-            ("payload", &c.payload),
-        ] {
-            if column_type(name.clone()).await?.is_none() {
-                return Err(Error::setup(
-                    format!(
-                        "outbox table {} has no column `{name}` (postgres.columns.{key})",
-                        cfg.postgres.qualified_table()
-                    ),
-                    "map the table's columns in [postgres.columns]",
-                ));
-            }
-        }
-        let payload_is_bytea = column_type(c.payload.clone()).await?.as_deref() == Some("bytea");
-        let optional = |name: &str| {
-            let name = name.to_string();
-            async move {
-                if name.is_empty() {
-                    Ok(None)
-                } else {
-                    column_type(name.clone()).await.map(|t| t.map(|_| name))
-                }
-            }
-        };
-        let text = |col: Option<String>| {
-            col.map_or("NULL::text".to_string(), |c| {
-                format!("{}::text", quote_ident(&c))
-            })
-        };
-        let headers = text(optional(&c.headers).await?);
-        let timestamp = text(optional(&c.timestamp).await?);
-        let topic = text(optional(&c.topic).await?);
-        let partition = text(optional(&c.partition).await?);
-        let mut extra = String::new();
-        for h in &c.header_columns {
-            if column_type(h.clone()).await?.is_none() {
-                return Err(Error::setup(
-                    format!("outbox table has no column `{h}` (postgres.columns.header_columns)"),
-                    "map the table's columns in [postgres.columns]",
-                ));
-            }
-            extra.push_str(&format!(", {}::text", quote_ident(h)));
-        }
-        let payload = if payload_is_bytea {
-            quote_ident(&c.payload)
-        } else {
-            format!("convert_to({}::text, 'UTF8')", quote_ident(&c.payload))
-        };
+        let EventSelect {
+            list,
+            payload_is_bytea,
+        } = event_select(&client, cfg).await?;
         let table = cfg.postgres.qualified_table();
         let query = format!(
-            "SELECT outboxd_xid::text, outboxd_seq, {}::text, {}::text, {}::text, {}::text, {payload}, \
-                    {headers}, {timestamp}, {topic}, {partition}{extra} \
+            "SELECT outboxd_xid::text, outboxd_seq, {list} \
                FROM {table} \
               WHERE (outboxd_xid, outboxd_seq) > ($1::text::xid8, $2::int8) \
                 AND outboxd_xid < pg_snapshot_xmin(pg_current_snapshot()) \
-              ORDER BY outboxd_xid, outboxd_seq LIMIT $3::int8",
-            quote_ident(&c.id),
-            quote_ident(&c.aggregatetype),
-            quote_ident(&c.aggregateid),
-            quote_ident(&c.event_type),
+              ORDER BY outboxd_xid, outboxd_seq LIMIT $3::int8"
         );
         let count_query = format!(
             "SELECT count(*) FROM (SELECT 1 FROM {table} WHERE (outboxd_xid, outboxd_seq) > ($1::text::xid8, $2::int8) LIMIT 1000000) s"
@@ -382,39 +443,10 @@ impl Poller {
             .query(&self.query, &[&xid, &self.cursor.1, &limit])
             .await
             .map_err(|e| Error::pg("polling the outbox table", e))?;
-        let now = SystemTime::now();
-        let ncols = 11 + self.cfg.postgres.columns.header_columns.len();
         let mut out = Vec::with_capacity(rows.len());
         for r in rows {
             let pos: Cursor = (r.get::<_, String>(0).parse().unwrap_or(0), r.get(1));
-            let timestamp: Option<String> = r.get(8);
-            let headers = (11..ncols)
-                .zip(&self.cfg.postgres.columns.header_columns)
-                .filter_map(|(i, name)| r.get::<_, Option<String>>(i).map(|v| (name.clone(), v)))
-                .collect();
-            let event = Event {
-                id: r.get::<_, Option<String>>(2).unwrap_or_default(),
-                aggregatetype: r.get::<_, Option<String>>(3).unwrap_or_default(),
-                aggregateid: r.get(4),
-                event_type: r.get::<_, Option<String>>(5).unwrap_or_default(),
-                payload: r.get(6),
-                headers: r.get(7),
-                // Polling cannot see commit times; the row's timestamp (or now) stands in.
-                commit_time: timestamp
-                    .as_deref()
-                    .and_then(parse_timestamp_ms)
-                    .map(|ms| SystemTime::UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64))
-                    .unwrap_or(now),
-                extra: EventExtra {
-                    timestamp_ms: timestamp.as_deref().and_then(parse_timestamp_ms),
-                    topic: r.get(9),
-                    partition: r
-                        .get::<_, Option<String>>(10)
-                        .and_then(|p| p.trim().parse().ok()),
-                    headers,
-                    binary_payload: self.payload_is_bytea,
-                },
-            };
+            let event = row_event(&r, 2, &self.cfg, self.payload_is_bytea);
             out.push((event, pos));
         }
         Ok(out)
