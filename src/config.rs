@@ -194,7 +194,7 @@ struct RawPolling {
     interval_ms: Option<u64>,
     batch_size: Option<i64>,
     notify: Option<bool>,
-    retention_hours: Option<u64>,
+    retention_hours: Option<f64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -354,7 +354,16 @@ impl Config {
             )?,
             batch_size,
             notify: pr.notify.unwrap_or(true),
-            retention: Duration::from_secs(pr.retention_hours.unwrap_or(168) * 3600),
+            retention: {
+                let hours = pr.retention_hours.unwrap_or(168.0);
+                if !(0.0..=1_000_000.0).contains(&hours) {
+                    return Err(invalid(
+                        "polling.retention_hours",
+                        "must be between 0 and 1000000",
+                    ));
+                }
+                Duration::from_secs_f64(hours * 3600.0)
+            },
         };
         let p = raw.postgres;
         let url = p.url.ok_or_else(|| {

@@ -288,7 +288,7 @@ async fn session_polling(
         let batch = poller.fetch(cfg.polling.batch_size).await?;
         let full = batch.len() as i64 >= cfg.polling.batch_size;
         if batch.is_empty() {
-            if last_clean.elapsed() >= Duration::from_secs(60) {
+            if last_clean.elapsed() >= Duration::from_secs(10) {
                 last_clean = Instant::now();
                 let deleted = poller.clean(cfg.polling.retention, 1000).await?;
                 if deleted > 0 {

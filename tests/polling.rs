@@ -315,3 +315,82 @@ async fn migrate_in_polling_mode_adds_columns_index_cursor_and_trigger_idempoten
         .get(0);
     assert_eq!(slots, 0, "polling mode needs no replication slot");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn published_rows_past_the_retention_are_deleted_unpublished_ones_are_kept() {
+    // About one second of retention.
+    let (db, config, brokers) =
+        setup_polling("pretain", "[polling]\nretention_hours = 0.0003\n").await;
+    let mut client = db.client().await;
+    // Held back: an open transaction keeps these rows unpublished for now.
+    let mut other = db.client().await;
+    let mut relay = Relay::start(&config);
+    let mut published = Vec::new();
+    for i in 0..20 {
+        published.extend(
+            write_txn(
+                &mut client,
+                &[("order".into(), format!("a{}", i % 4))],
+                false,
+            )
+            .await
+            .unwrap(),
+        );
+    }
+    fill_polling_order(&db, &mut published).await;
+    let received = consume(
+        &brokers,
+        &[db.topic("order")],
+        &ids(&published),
+        Duration::from_secs(30),
+        Duration::ZERO,
+    );
+    assert_exactly_written(&published, &received);
+    let tx = other.transaction().await.unwrap();
+    tx.batch_execute("CREATE TEMP TABLE hold (v int); INSERT INTO hold VALUES (1)")
+        .await
+        .unwrap();
+    let held = write_txn(&mut client, &[("order".into(), "held".into())], false)
+        .await
+        .unwrap();
+    eventually(
+        Duration::from_secs(40),
+        "published rows deleted after the retention",
+        || async {
+            let ids: Vec<String> = published.iter().map(|w| w.id.clone()).collect();
+            let left: i64 = db
+                .client()
+                .await
+                .query_one(
+                    "SELECT count(*) FROM outbox WHERE id::text = ANY($1)",
+                    &[&ids],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            left == 0
+        },
+    )
+    .await;
+    let still: i64 = client
+        .query_one(
+            "SELECT count(*) FROM outbox WHERE id::text = $1",
+            &[&held[0].id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(still, 1, "a row not yet published must never be deleted");
+    tx.rollback().await.unwrap();
+    let received = consume(
+        &brokers,
+        &[db.topic("order")],
+        &ids(&held),
+        Duration::from_secs(30),
+        Duration::ZERO,
+    );
+    assert!(received
+        .iter()
+        .any(|r| r.id.as_deref() == Some(held[0].id.as_str())));
+    relay.assert_running();
+}
