@@ -47,6 +47,9 @@ struct Args {
     /// The outboxd binary to measure.
     #[arg(long, default_value = "target/release/outboxd")]
     relay: PathBuf,
+    /// How the relay reads PostgreSQL: logical or polling.
+    #[arg(long, default_value = "logical")]
+    read: String,
     /// Extra TOML appended to the relay's config (e.g. "[kafka.properties]\nlinger.ms = 1").
     #[arg(long, default_value = "")]
     extra_config: String,
@@ -80,8 +83,8 @@ async fn main() -> anyhow::Result<()> {
     std::fs::write(
         &config,
         format!(
-            "[postgres]\nurl = \"{url}\"\nslot = \"{db}\"\n[kafka]\nbrokers = \"{brokers}\"\ntopic_template = \"{db}.{{aggregatetype}}\"\n{}\n",
-            args.extra_config
+            "mode = \"{}\"\n[postgres]\nurl = \"{url}\"\nslot = \"{db}\"\n[kafka]\nbrokers = \"{brokers}\"\ntopic_template = \"{db}.{{aggregatetype}}\"\n{}\n",
+            args.read, args.extra_config
         ),
     )?;
     let topic = format!("{db}.bench");
@@ -126,7 +129,8 @@ async fn main() -> anyhow::Result<()> {
         wait_for(&arrivals, 0, Duration::from_secs(60)).await?;
     }
     println!(
-        "outboxd bench: mode={:?} events={n} writers={} txn_size={} rate={} payload≈{}B",
+        "outboxd bench: read={} mode={:?} events={n} writers={} txn_size={} rate={} payload≈{}B",
+        args.read,
         args.mode,
         args.writers,
         args.txn_size,

@@ -75,9 +75,10 @@ pub async fn retained(cfg: &Config, sel: &Selection) -> Result<Vec<Event>> {
     };
     let select = event_select(&client, cfg).await?;
     let ts = quote_ident(timestamp);
+    // Qualified with `o.`: unqualified ORDER BY names would bind to the text-cast outputs.
     let sql = format!(
-        "SELECT {} FROM {} WHERE {ts} >= $1::text::timestamptz AND {ts} < $2::text::timestamptz \
-           AND ($3::text IS NULL OR {}::text = $3::text) ORDER BY {ts}, {}",
+        "SELECT {} FROM {} o WHERE o.{ts} >= $1::text::timestamptz AND o.{ts} < $2::text::timestamptz \
+           AND ($3::text IS NULL OR o.{}::text = $3::text) ORDER BY o.{ts}, o.{}",
         select.list,
         cfg.postgres.qualified_table(),
         quote_ident(&cfg.postgres.columns.aggregatetype),

@@ -248,14 +248,14 @@ async fn poll_query_is_one_index_range_scan_on_a_million_published_rows() {
             .unwrap();
         (r.get(0), r.get(1))
     };
-    let _ = config;
+    // EXPLAIN the relay's own poll query, with the cursor at the end of the published rows.
+    let cfg = outboxd::config::Config::load(Some(&config)).unwrap();
+    let poller = outboxd::source::polling::Poller::open(&cfg).await.unwrap();
+    let limit = 1000i64;
     let plan: String = client
         .query(
-            &format!(
-                "EXPLAIN SELECT id FROM outbox WHERE (outboxd_xid, outboxd_seq) > ('{xid}'::xid8, {seq}) \
-                 AND outboxd_xid < pg_snapshot_xmin(pg_current_snapshot()) ORDER BY outboxd_xid, outboxd_seq LIMIT 1000"
-            ),
-            &[],
+            &format!("EXPLAIN {}", poller.query()),
+            &[&xid, &seq, &limit],
         )
         .await
         .unwrap()

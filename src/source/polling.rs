@@ -337,11 +337,13 @@ impl Poller {
         } = event_select(&client, cfg).await?;
         let table = cfg.postgres.qualified_table();
         let query = format!(
-            "SELECT outboxd_xid::text, outboxd_seq, {list} \
-               FROM {table} \
-              WHERE (outboxd_xid, outboxd_seq) > ($1::text::xid8, $2::int8) \
-                AND outboxd_xid < pg_snapshot_xmin(pg_current_snapshot()) \
-              ORDER BY outboxd_xid, outboxd_seq LIMIT $3::int8"
+            // Qualified with `o.`: an unqualified ORDER BY name would bind to the text-cast
+            // output column of the same name and sort xids as strings ("1000" < "999").
+            "SELECT o.outboxd_xid::text AS cursor_xid, o.outboxd_seq AS cursor_seq, {list} \
+               FROM {table} o \
+              WHERE (o.outboxd_xid, o.outboxd_seq) > ($1::text::xid8, $2::int8) \
+                AND o.outboxd_xid < pg_snapshot_xmin(pg_current_snapshot()) \
+              ORDER BY o.outboxd_xid, o.outboxd_seq LIMIT $3::int8"
         );
         let count_query = format!(
             "SELECT count(*) FROM (SELECT 1 FROM {table} WHERE (outboxd_xid, outboxd_seq) > ($1::text::xid8, $2::int8) LIMIT 1000000) s"
@@ -390,6 +392,11 @@ impl Poller {
             self.cursor = (r.get::<_, String>(0).parse().unwrap_or(0), r.get(1));
         }
         Ok(())
+    }
+
+    /// The poll query ($1 cursor xid as text, $2 cursor seq, $3 limit), for EXPLAIN.
+    pub fn query(&self) -> &str {
+        &self.query
     }
 
     pub fn cursor(&self) -> Cursor {
