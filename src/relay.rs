@@ -25,6 +25,7 @@ use tokio::sync::watch;
 use crate::checkpoint::Checkpoint;
 use crate::config::{Config, Mode, RetryConfig};
 use crate::error::{Error, Result};
+use crate::event::Event;
 use crate::health::{Health, Role};
 use crate::metrics as m;
 use crate::route::{Poison, PoisonKind, Record, Router};
@@ -137,11 +138,7 @@ async fn session(
         "relay started; streaming from the confirmed position"
     );
     let mut decoder = Decoder::new(&cfg.postgres);
-    let mut window = Window {
-        inflight: VecDeque::new(),
-        sent: 0,
-        acked: 0,
-    };
+    let mut window = Window::new();
     let mut checkpoint = Checkpoint::new();
     let mut status_tick = tokio::time::interval(Duration::from_secs(1));
     status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -164,7 +161,7 @@ async fn session(
                 return shutdown(cfg, stream, &mut sink, &dlq, window, checkpoint, confirmed).await;
             }
             settled = window.settle_oldest(), if !window.inflight.is_empty() => {
-                window.handle(settled, &mut sink, &dlq, confirmed).await?;
+                window.handle(settled, &mut sink, &dlq).await?;
                 checkpoint.acked(window.acked);
                 window.report(health);
             }
@@ -178,50 +175,8 @@ async fn session(
                         dead_letter(&mut sink, &dlq, id.as_deref(), &record, &poison).await?;
                     }
                     Some(Change::Event(event)) => {
-                        let record = match router.route(&event) {
-                            Ok((record, warnings)) => {
-                                for w in warnings {
-                                    tracing::warn!(event_id = %event.id, "{}", w.0);
-                                }
-                                record
-                            }
-                            Err(rejected) => {
-                                let (record, poison) = *rejected;
-                                dead_letter(&mut sink, &dlq, Some(&event.id), &record, &poison).await?;
-                                continue;
-                            }
-                        };
-                        sink.ensure_topic(&record.topic).await;
-                        loop {
-                            match sink.send(&record) {
-                                Ok(fut) => {
-                                    window.inflight.push_back(InFlight { fut, topic: record.topic.clone(), commit_time: event.commit_time });
-                                    window.sent += 1;
-                                    window.report(health);
-                                    break;
-                                }
-                                Err(SendError::QueueFull) => {
-                                    // librdkafka's queue is full: let deliveries drain.
-                                    let settled = window.settle_oldest().await;
-                                    window.handle(settled, &mut sink, &dlq, confirmed).await?;
-                                    checkpoint.acked(window.acked);
-                                }
-                                Err(SendError::Other(e)) => match crate::sink::kafka::permanent(&e) {
-                                    Some(kind) => {
-                                        let poison = Poison { kind, detail: e.to_string() };
-                                        dead_letter(&mut sink, &dlq, Some(&event.id), &record, &poison).await?;
-                                        break;
-                                    }
-                                    None => {
-                                        return Err(Error::Kafka(format!(
-                                            "event {} to topic {}: {e}; resending from {}",
-                                            event.id, record.topic, format_lsn(confirmed)
-                                        )));
-                                    }
-                                },
-                            }
-                        }
-                        tracing::trace!(event_id = %event.id, topic = %record.topic, "event sent");
+                        window.publish(&event, router, &mut sink, &dlq, health).await?;
+                        checkpoint.acked(window.acked);
                     }
                 },
                 ReplicationMessage::Keepalive { wal_end, reply_requested } => {
@@ -311,11 +266,7 @@ async fn session_polling(
             }
             continue;
         }
-        let mut window = Window {
-            inflight: VecDeque::new(),
-            sent: 0,
-            acked: 0,
-        };
+        let mut window = Window::new();
         // Each row's position, safe to store once this many sent events are acknowledged.
         let mut bounds: Vec<(u64, Cursor)> = Vec::new();
         let dlq = DlqTable {
@@ -327,59 +278,19 @@ async fn session_polling(
             if *stop.borrow() {
                 break;
             }
-            let record = match router.route(&event) {
-                Ok((record, warnings)) => {
-                    for w in warnings {
-                        tracing::warn!(event_id = %event.id, "{}", w.0);
-                    }
-                    record
-                }
-                Err(rejected) => {
-                    let (record, poison) = *rejected;
-                    if let Err(e) =
-                        dead_letter(&mut sink, &dlq, Some(&event.id), &record, &poison).await
-                    {
-                        outcome = Err(e);
-                        break;
-                    }
-                    bounds.push((window.sent, pos));
-                    continue;
-                }
-            };
-            sink.ensure_topic(&record.topic).await;
-            let sent = loop {
-                match sink.send(&record) {
-                    Ok(fut) => break Ok(fut),
-                    Err(SendError::QueueFull) => {
-                        let settled = window.settle_oldest().await;
-                        if let Err(e) = window.handle(settled, &mut sink, &dlq, 0).await {
-                            break Err(e);
-                        }
-                    }
-                    Err(SendError::Other(e)) => {
-                        break Err(Error::Kafka(format!("event {}: {e}", event.id)))
-                    }
-                }
-            };
-            match sent {
-                Ok(fut) => {
-                    window.inflight.push_back(InFlight {
-                        fut,
-                        topic: record.topic.clone(),
-                        commit_time: event.commit_time,
-                    });
-                    window.sent += 1;
-                    bounds.push((window.sent, pos));
-                    window.report(health);
-                }
-                Err(e) => {
-                    outcome = Err(e);
-                    break;
-                }
+            if let Err(e) = window
+                .publish(&event, router, &mut sink, &dlq, health)
+                .await
+            {
+                outcome = Err(e);
+                break;
             }
+            // Sent or dead-lettered: either way the row is done once the events sent before
+            // (and including) it are acknowledged.
+            bounds.push((window.sent, pos));
             while window.inflight.len() >= cfg.kafka.max_in_flight {
                 let settled = window.settle_oldest().await;
-                if let Err(e) = window.handle(settled, &mut sink, &dlq, 0).await {
+                if let Err(e) = window.handle(settled, &mut sink, &dlq).await {
                     outcome = Err(e);
                     break;
                 }
@@ -398,7 +309,7 @@ async fn session_polling(
                 },
                 None => window.settle_oldest().await,
             };
-            if let Err(e) = window.handle(settled, &mut sink, &dlq, 0).await {
+            if let Err(e) = window.handle(settled, &mut sink, &dlq).await {
                 outcome = Err(e);
             }
         }
@@ -442,7 +353,7 @@ async fn shutdown(
     while !window.inflight.is_empty() {
         match tokio::time::timeout_at(deadline, window.settle_oldest()).await {
             Ok(settled) => {
-                if let Err(e) = window.handle(settled, sink, dlq, confirmed).await {
+                if let Err(e) = window.handle(settled, sink, dlq).await {
                     tracing::warn!(error = %e, "delivery failed during shutdown; it will be resent on restart");
                     break;
                 }
@@ -519,6 +430,14 @@ struct Window {
 }
 
 impl Window {
+    fn new() -> Window {
+        Window {
+            inflight: VecDeque::new(),
+            sent: 0,
+            acked: 0,
+        }
+    }
+
     /// Publishes the oldest unacknowledged commit time (the lag) and the in-flight count.
     fn report(&self, health: &Health) {
         health.set_inflight(
@@ -590,6 +509,67 @@ impl Window {
         }
     }
 
+    /// Routes one event and hands it to the producer, or dead-letters it if it is poison
+    /// (routing rejects it, or librdkafka refuses it for good). Waits for deliveries to
+    /// drain while librdkafka's queue is full. Transient producer errors end the session.
+    async fn publish(
+        &mut self,
+        event: &Event,
+        router: &Router,
+        sink: &mut KafkaSink,
+        dlq: &DlqTable<'_>,
+        health: &Health,
+    ) -> Result<()> {
+        let record = match router.route(event) {
+            Ok((record, warnings)) => {
+                for w in warnings {
+                    tracing::warn!(event_id = %event.id, "{}", w.0);
+                }
+                record
+            }
+            Err(rejected) => {
+                let (record, poison) = *rejected;
+                return dead_letter(sink, dlq, Some(&event.id), &record, &poison).await;
+            }
+        };
+        sink.ensure_topic(&record.topic).await;
+        loop {
+            match sink.send(&record) {
+                Ok(fut) => {
+                    self.inflight.push_back(InFlight {
+                        fut,
+                        topic: record.topic.clone(),
+                        commit_time: event.commit_time,
+                    });
+                    self.sent += 1;
+                    self.report(health);
+                    tracing::trace!(event_id = %event.id, topic = %record.topic, "event sent");
+                    return Ok(());
+                }
+                Err(SendError::QueueFull) => {
+                    // librdkafka's queue is full: let deliveries drain.
+                    let settled = self.settle_oldest().await;
+                    self.handle(settled, sink, dlq).await?;
+                }
+                Err(SendError::Other(e)) => {
+                    return match crate::sink::kafka::permanent(&e) {
+                        Some(kind) => {
+                            let poison = Poison {
+                                kind,
+                                detail: e.to_string(),
+                            };
+                            dead_letter(sink, dlq, Some(&event.id), &record, &poison).await
+                        }
+                        None => Err(Error::Kafka(format!(
+                            "event {} to topic {}: {e}",
+                            event.id, record.topic
+                        ))),
+                    };
+                }
+            }
+        }
+    }
+
     /// Acts on a settled delivery: a poison record is dead-lettered and counts as handled;
     /// a transient failure ends the session (resend from the confirmed position).
     async fn handle(
@@ -597,7 +577,6 @@ impl Window {
         settled: std::result::Result<(), Failure>,
         sink: &mut KafkaSink,
         dlq: &DlqTable<'_>,
-        confirmed: u64,
     ) -> Result<()> {
         match settled {
             Ok(()) => Ok(()),
@@ -607,8 +586,7 @@ impl Window {
                 Ok(())
             }
             Err(Failure::Transient(reason)) => Err(Error::Kafka(format!(
-                "delivery failed, resending from {}: {reason}",
-                format_lsn(confirmed)
+                "delivery failed, resending from the last confirmed position: {reason}"
             ))),
         }
     }
