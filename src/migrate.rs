@@ -45,6 +45,49 @@ BEGIN
 END
 $fn$";
 
+/// Whether a table, index or other relation `schema.name` exists.
+pub(crate) async fn relation_exists(
+    client: &tokio_postgres::Client,
+    schema: &str,
+    name: &str,
+) -> Result<bool> {
+    catalog_has(
+        client,
+        "SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = $1 AND c.relname = $2",
+        schema,
+        name,
+    )
+    .await
+}
+
+/// Whether a function `schema.name` exists.
+async fn function_exists(
+    client: &tokio_postgres::Client,
+    schema: &str,
+    name: &str,
+) -> Result<bool> {
+    catalog_has(
+        client,
+        "SELECT 1 FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname = $1 AND p.proname = $2",
+        schema,
+        name,
+    )
+    .await
+}
+
+async fn catalog_has(
+    client: &tokio_postgres::Client,
+    sql: &str,
+    schema: &str,
+    name: &str,
+) -> Result<bool> {
+    client
+        .query_opt(sql, &[&schema, &name])
+        .await
+        .map(|r| r.is_some())
+        .map_err(|e| Error::pg(format!("looking up {schema}.{name}"), e))
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     Created,
@@ -117,21 +160,6 @@ pub async fn migrate(config: &Config) -> Result<Report> {
     }
 
     let schema_q = quote_ident(&cfg.schema);
-    let exists = |relkind: &'static str, name: &'static str| {
-        let client = &client;
-        let schema = cfg.schema.clone();
-        async move {
-            let sql = if relkind == "f" {
-                "SELECT 1 FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname = $1 AND p.proname = $2"
-            } else {
-                "SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = $1 AND c.relname = $2"
-            };
-            client
-                .query_opt(sql, &[&schema, &name])
-                .await
-                .map(|r| r.is_some())
-        }
-    };
     for (kind, name, ddl, label) in [
         (
             "r",
@@ -142,10 +170,12 @@ pub async fn migrate(config: &Config) -> Result<Report> {
         ("f", "outbox_emit", OUTBOX_EMIT_DDL, "function"),
     ] {
         let what = format!("{label} {schema_q}.{}", quote_ident(name));
-        if exists(kind, name)
-            .await
-            .map_err(pg("looking up outboxd's helper objects"))?
-        {
+        let found = if kind == "f" {
+            function_exists(&client, &cfg.schema, name).await?
+        } else {
+            relation_exists(&client, &cfg.schema, name).await?
+        };
+        if found {
             items.push((what, Outcome::Existed));
         } else {
             client

@@ -88,28 +88,8 @@ pub async fn gather(cfg: &Config) -> Result<Status> {
     let mut problems = Vec::new();
     let (mut cursor, mut pending_events) = (None, None);
     if cfg.mode == crate::config::Mode::Polling {
-        let schema = crate::config::quote_ident(&cfg.postgres.schema);
-        let row = client
-            .query_opt(
-                &format!("SELECT xid::text, seq FROM {schema}.outboxd_cursor WHERE name = $1"),
-                &[&cfg.postgres.slot],
-            )
-            .await
-            .map_err(|e| Error::pg("reading the polling cursor (run `outboxd migrate`)", e))?;
-        let (xid, seq) = row
-            .map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1)))
-            .unwrap_or(("0".into(), 0));
-        let pending: i64 = client
-            .query_one(
-                &format!(
-                    "SELECT count(*) FROM (SELECT 1 FROM {} WHERE (outboxd_xid, outboxd_seq) > ($1::text::xid8, $2::int8) LIMIT 1000000) s",
-                    cfg.postgres.qualified_table()
-                ),
-                &[&xid, &seq],
-            )
-            .await
-            .map_err(|e| Error::pg("counting pending events", e))?
-            .get(0);
+        let (xid, seq) = crate::source::polling::read_cursor(&client, cfg).await?;
+        let pending = crate::source::polling::pending_events(&client, cfg, (xid, seq)).await?;
         cursor = Some(format!("{xid}/{seq}"));
         pending_events = Some(pending);
         if leader.is_none() {
