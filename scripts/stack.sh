@@ -1,25 +1,29 @@
 #!/usr/bin/env bash
 # Local stack for the demo, the tests and the benchmark: a throwaway PostgreSQL cluster
-# (wal_level=logical, its own data directory and free port) and a tansu Kafka-protocol broker.
+# (wal_level=logical, its own data directory and free port) and a single-node Apache Kafka
+# 4.x broker in KRaft mode (its own data directory and free ports).
 #
 #   scripts/stack.sh up      start both (installs what is missing), print the env file path
 #   scripts/stack.sh down    stop both and remove the data directory
 #   scripts/stack.sh env     print the env file path of the running stack
 #   scripts/stack.sh pg-start DIR PORT [OPTIONS], pg-stop DIR
 #                            an extra cluster with settings of its own (one test uses it)
+#   scripts/stack.sh kafka-start DIR, kafka-stop DIR
+#                            an extra broker of its own (prints its bootstrap address)
 #
 # The env file sets OUTBOXD_TEST_PG_URL (superuser URL of the cluster's `postgres` database)
 # and OUTBOXD_TEST_KAFKA (bootstrap address of the broker). `source` it.
 #
-# Cached between runs (never required to exist): the tansu binary under
-# ${OUTBOXD_CACHE:-$HOME/.cache/outboxd}. Built once from crates.io (about 15 minutes on
-# 2 cores).
+# Kafka is `java -cp <jars> kafka.Kafka`: the jars come from Maven Central
+# (scripts/kafka/pom.xml, resolved with maven-dependency-plugin) and are cached between runs
+# under ${OUTBOXD_CACHE:-$HOME/.cache/outboxd} (never required to exist; ~45 MB, seconds to
+# fetch). Java and Maven are installed from Debian's packages when missing.
 set -euo pipefail
 
-TANSU_VERSION=0.6.0
+HERE=$(cd "$(dirname "$0")" && pwd)
+KAFKA_VERSION=$(sed -n 's#.*<kafka.version>\(.*\)</kafka.version>.*#\1#p' "$HERE/kafka/pom.xml")
 CACHE=${OUTBOXD_CACHE:-$HOME/.cache/outboxd}
-TANSU_ROOT=$CACHE/tansu-$TANSU_VERSION
-TANSU=$TANSU_ROOT/bin/tansu
+KAFKA_LIB=$CACHE/kafka-$KAFKA_VERSION/lib
 STACK_DIR=${OUTBOXD_STACK_DIR:-/tmp/outboxd-stack-$(id -u)}
 
 log() { echo "stack: $*" >&2; }
@@ -61,6 +65,8 @@ ensure_packages() {
   dpkg -s zlib1g-dev >/dev/null 2>&1 || missing+=(zlib1g-dev)
   command -v python3 >/dev/null || missing+=(python3)
   command -v promtool >/dev/null || missing+=(prometheus)   # promtool validates /metrics and rules
+  command -v java >/dev/null || missing+=(openjdk-17-jre-headless)
+  command -v mvn >/dev/null || missing+=(maven)
   if [ "$(id -u)" = 0 ] && ! id postgres >/dev/null 2>&1; then missing+=(postgresql); fi
   if [ ${#missing[@]} -gt 0 ]; then apt_install "${missing[@]}"; fi
   # The tests parse the shipped YAML (compose, Kubernetes) with PyYAML.
@@ -70,13 +76,17 @@ ensure_packages() {
   fi
 }
 
-ensure_tansu() {
-  if [ -x "$TANSU" ]; then return 0; fi
-  log "building tansu $TANSU_VERSION once (cached in $TANSU_ROOT; ~15 minutes on 2 cores)"
-  mkdir -p "$TANSU_ROOT"
-  # The dynostore build keeps topics in memory and creates topics on first produce.
-  cargo install tansu --version "$TANSU_VERSION" --locked --no-default-features \
-    --features dynostore --root "$TANSU_ROOT" --quiet
+ensure_kafka() {
+  if [ -f "$KAFKA_LIB/.complete" ]; then return 0; fi
+  log "fetching Apache Kafka $KAFKA_VERSION jars from Maven Central (cached in $KAFKA_LIB)"
+  rm -rf "$KAFKA_LIB"
+  mkdir -p "$KAFKA_LIB"
+  mvn -B -q -Dstyle.color=never -f "$HERE/kafka/pom.xml" \
+    org.apache.maven.plugins:maven-dependency-plugin:3.6.1:copy-dependencies \
+    -DincludeScope=runtime -DoutputDirectory="$KAFKA_LIB" >&2
+  # Without the log4j2 slf4j binding the broker logs nothing and readiness is never seen.
+  ls "$KAFKA_LIB" | grep -q '^log4j-slf4j-impl' || { log "log4j-slf4j-impl missing from $KAFKA_LIB"; exit 1; }
+  touch "$KAFKA_LIB/.complete"
 }
 
 free_port() {
@@ -124,6 +134,55 @@ stop_pg() {
   fi
 }
 
+# start_kafka DIR [PROPERTY=VALUE...]: a single-node KRaft broker (combined broker and
+# controller) in DIR with free ports; writes DIR/kafka.pid and DIR/bootstrap. Extra
+# properties are appended to server.properties (the later line wins).
+start_kafka() {
+  local dir=$1 port ctl cid cp i
+  shift
+  port=$(free_port)
+  ctl=$(free_port)
+  mkdir -p "$dir/kafka-data"
+  sed -e "s#@DATA_DIR@#$dir/kafka-data#" -e "s#@PORT@#$port#" -e "s#@CONTROLLER_PORT@#$ctl#" \
+    -e "s#@NODE_ID@#1#" -e "s#@VOTERS@#1@127.0.0.1:$ctl#" -e "s#@REPLICAS@#1#" \
+    "$HERE/kafka/server.properties" >"$dir/server.properties"
+  for i in "$@"; do echo "$i" >>"$dir/server.properties"; done
+  cp=$(find "$KAFKA_LIB" -name '*.jar' | sort | paste -sd: -)
+  local jopts=(-Xms256m -Xmx512m -XX:+UseSerialGC -XX:TieredStopAtLevel=1
+    -XX:+ExitOnOutOfMemoryError -Djava.awt.headless=true
+    -Dlog4j2.configurationFile="$HERE/kafka/log4j2.xml")
+  # The cluster id is a Kafka Uuid: url-safe base64 of 16 bytes without padding.
+  cid=$(python3 -c 'import base64,os;print(base64.urlsafe_b64encode(os.urandom(16)).rstrip(b"=").decode())')
+  java "${jopts[@]}" -cp "$cp" kafka.tools.StorageTool format -t "$cid" \
+    -c "$dir/server.properties" >"$dir/kafka-format.log" 2>&1 \
+    || { cat "$dir/kafka-format.log" >&2; exit 1; }
+  log "starting Apache Kafka $KAFKA_VERSION on 127.0.0.1:$port"
+  nohup java "${jopts[@]}" -cp "$cp" kafka.Kafka "$dir/server.properties" >"$dir/kafka.log" 2>&1 &
+  echo $! >"$dir/kafka.pid"
+  for i in $(seq 1 120); do
+    if grep -q 'Kafka Server started' "$dir/kafka.log"; then
+      echo "127.0.0.1:$port" >"$dir/bootstrap"
+      return 0
+    fi
+    kill -0 "$(cat "$dir/kafka.pid")" 2>/dev/null || { tail -30 "$dir/kafka.log" >&2; exit 1; }
+    sleep 0.5
+  done
+  log "Kafka did not start within 60 s"; tail -30 "$dir/kafka.log" >&2; exit 1
+}
+
+stop_kafka() {
+  local dir=$1 pid i
+  [ -f "$dir/kafka.pid" ] || return 0
+  pid=$(cat "$dir/kafka.pid")
+  kill -TERM "$pid" 2>/dev/null || { rm -f "$dir/kafka.pid"; return 0; }
+  for i in $(seq 1 40); do
+    kill -0 "$pid" 2>/dev/null || break
+    sleep 0.25
+  done
+  kill -KILL "$pid" 2>/dev/null || true
+  rm -f "$dir/kafka.pid"
+}
+
 up() {
   if [ -f "$STACK_DIR/env" ]; then
     # shellcheck disable=SC1091
@@ -137,20 +196,14 @@ up() {
     down
   fi
   ensure_packages
-  ensure_tansu
+  ensure_kafka
   local pg_port kafka_port
   mkdir -p "$STACK_DIR"
   pg_port=$(free_port)
   start_pg "$STACK_DIR" "$pg_port" "-c max_slot_wal_keep_size=4GB"
 
-  kafka_port=$(free_port)
-  log "starting tansu $TANSU_VERSION on 127.0.0.1:$kafka_port"
-  nohup "$TANSU" broker \
-    --listener-url "tcp://127.0.0.1:$kafka_port" \
-    --advertised-listener-url "tcp://127.0.0.1:$kafka_port" \
-    --storage-engine memory://tansu/ >"$STACK_DIR/tansu.log" 2>&1 &
-  echo $! >"$STACK_DIR/tansu.pid"
-  wait_port "$kafka_port" tansu || { tail -20 "$STACK_DIR/tansu.log" >&2; exit 1; }
+  start_kafka "$STACK_DIR"
+  kafka_port=$(cut -d: -f2 "$STACK_DIR/bootstrap")
 
   cat >"$STACK_DIR/env" <<EOF
 export OUTBOXD_STACK_DIR=$STACK_DIR
@@ -158,17 +211,13 @@ export OUTBOXD_STACK_PG_PORT=$pg_port
 export OUTBOXD_STACK_KAFKA_PORT=$kafka_port
 export OUTBOXD_TEST_PG_URL=postgres://postgres@127.0.0.1:$pg_port/postgres
 export OUTBOXD_TEST_KAFKA=127.0.0.1:$kafka_port
-export OUTBOXD_TANSU_BIN=$TANSU
 EOF
-  log "up: PostgreSQL 127.0.0.1:$pg_port, Kafka (tansu) 127.0.0.1:$kafka_port; env in $STACK_DIR/env"
+  log "up: PostgreSQL 127.0.0.1:$pg_port, Apache Kafka 127.0.0.1:$kafka_port; env in $STACK_DIR/env"
   echo "$STACK_DIR/env"
 }
 
 down() {
-  if [ -f "$STACK_DIR/tansu.pid" ]; then
-    kill "$(cat "$STACK_DIR/tansu.pid")" 2>/dev/null || true
-    rm -f "$STACK_DIR/tansu.pid"
-  fi
+  stop_kafka "$STACK_DIR"
   stop_pg "$STACK_DIR"
   rm -rf "$STACK_DIR"
   log "down"
@@ -178,8 +227,10 @@ case "${1:-}" in
   up) up ;;
   down) down ;;
   env) [ -f "$STACK_DIR/env" ] && echo "$STACK_DIR/env" ;;
-  install) ensure_packages; ensure_tansu ;;
+  install) ensure_packages; ensure_kafka ;;
   pg-start) start_pg "$2" "$3" "${4:-}" ;;
   pg-stop) stop_pg "$2"; rm -rf "$2" ;;
-  *) echo "usage: $0 up|down|env|install|pg-start DIR PORT [OPTIONS]|pg-stop DIR" >&2; exit 2 ;;
+  kafka-start) dir=$2; shift 2; ensure_kafka; start_kafka "$dir" "$@"; cat "$dir/bootstrap" ;;
+  kafka-stop) stop_kafka "$2"; rm -rf "$2" ;;
+  *) echo "usage: $0 up|down|env|install|pg-start DIR PORT [OPTIONS]|pg-stop DIR|kafka-start DIR [PROP=VALUE...]|kafka-stop DIR" >&2; exit 2 ;;
 esac
