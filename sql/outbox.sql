@@ -43,8 +43,11 @@ BEGIN
 END
 $fn$;
 
--- Only INSERTs are relayed; the service may delete published rows at will.
-CREATE PUBLICATION outboxd FOR TABLE public.outbox WITH (publish = 'insert');
+-- Only INSERTs are relayed; the service may delete published rows at will. A partitioned
+-- outbox (say, a partition a month) must be published under its own name, not each
+-- partition's: outboxd refuses a publication without publish_via_partition_root.
+CREATE PUBLICATION outboxd FOR TABLE public.outbox
+    WITH (publish = 'insert', publish_via_partition_root = true);
 
 -- Needs wal_level = logical. Creating a slot waits for running transactions to finish.
 SELECT pg_create_logical_replication_slot('outboxd', 'pgoutput');

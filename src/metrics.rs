@@ -11,6 +11,9 @@ pub const LAG_SECONDS: &str = "outboxd_lag_seconds";
 pub const EVENTS_PUBLISHED: &str = "outboxd_events_published_total";
 /// Events sent to the dead-letter destination, by reason.
 pub const EVENTS_DEAD_LETTERED: &str = "outboxd_events_dead_lettered_total";
+/// Changes in the replication stream that are deliberately not events, by kind (a logical
+/// message of another prefix, an update, a delete, a truncate).
+pub const IGNORED_CHANGES: &str = "outboxd_ignored_changes_total";
 /// Times publishing restarted from the confirmed position after a failed delivery.
 pub const PUBLISH_RETRIES: &str = "outboxd_publish_retries_total";
 /// Commit timestamp → Kafka acknowledgement.
@@ -71,6 +74,10 @@ fn describe() {
     describe_counter!(
         PUBLISH_RETRIES,
         "Times publishing restarted from the confirmed position after a failed delivery"
+    );
+    describe_counter!(
+        IGNORED_CHANGES,
+        "Changes in the replication stream that are deliberately not events, by kind"
     );
     describe_histogram!(
         COMMIT_TO_ACK,

@@ -204,8 +204,11 @@ pub async fn migrate(config: &Config) -> Result<Report> {
     match publication {
         None => {
             client
+                // A partitioned outbox publishes its rows under its own name, not the
+                // partition's (the decoder matches the table by name).
                 .batch_execute(&format!(
-                    "CREATE PUBLICATION {pub_name} FOR TABLE {table} WITH (publish = 'insert')"
+                    "CREATE PUBLICATION {pub_name} FOR TABLE {table} \
+                     WITH (publish = 'insert', publish_via_partition_root = true)"
                 ))
                 .await
                 .map_err(pg("creating the publication"))?;
@@ -220,6 +223,8 @@ pub async fn migrate(config: &Config) -> Result<Report> {
                     format!("ALTER PUBLICATION {pub_name} ADD TABLE {table}; ALTER PUBLICATION {pub_name} SET (publish = 'insert') — or configure another postgres.publication"),
                 ));
             }
+            // The same check the relay makes at start (partitioned table published via root).
+            crate::source::publication::verify(&client, cfg, None).await?;
             items.push((format!("publication {pub_name}"), Outcome::Existed));
         }
     }

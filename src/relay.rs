@@ -33,6 +33,7 @@ use crate::sink::kafka::{KafkaSink, SendError};
 use crate::source::logical::{acquire_leadership, Change, Decoder, DlqTable, SlotReader};
 use crate::source::pgoutput::format_lsn;
 use crate::source::polling::{Cursor, Poller};
+use crate::source::publication::lost_publication;
 use crate::source::walsender::{ReplicationMessage, ReplicationStream};
 
 /// Capped exponential backoff with jitter, reset after progress.
@@ -117,7 +118,11 @@ async fn session(
     if !reader.acquire_leadership(stop, health).await? {
         return Ok(());
     }
+    // The slot may have moved while this instance waited as standby: a position read before
+    // would move it back (PostgreSQL 15/16 accept a lower confirmed position).
+    reader.refresh_confirmed().await?;
     reader.ensure_slot_usable().await?;
+    let mut published = reader.verify_publication(None).await?;
     let dlq = reader.dlq_table();
     let mut sink = KafkaSink::new(&cfg.kafka)?;
     let brokers = sink.check_reachable(Duration::from_secs(10)).await?;
@@ -139,7 +144,9 @@ async fn session(
     );
     let mut decoder = Decoder::new(&cfg.postgres);
     let mut window = Window::new();
-    let mut checkpoint = Checkpoint::new();
+    // Nothing is confirmed beyond the last position at which the outbox table was verified to
+    // be in the publication (see source::publication).
+    let mut checkpoint = Checkpoint::limited(published.lsn);
     let mut status_tick = tokio::time::interval(Duration::from_secs(1));
     status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_progress = Instant::now();
@@ -169,6 +176,10 @@ async fn session(
                 ReplicationMessage::XLogData { data } => match decoder.feed(&data)? {
                     None => {}
                     Some(Change::Boundary(lsn)) => checkpoint.boundary(window.sent, lsn),
+                    Some(Change::UnknownRelation(id)) => {
+                        let partition = reader.is_outbox_partition(id, published.table_oid).await?;
+                        decoder.classify(id, partition)?;
+                    }
                     Some(Change::Poison { id, reason, raw }) => {
                         let record = Record { topic: String::new(), key: None, value: Some(raw), headers: id.iter().map(|i| ("id".to_string(), i.clone().into_bytes())).collect(), partition: None, timestamp_ms: None };
                         let poison = Poison { kind: PoisonKind::MalformedMessage, detail: reason };
@@ -192,7 +203,15 @@ async fn session(
             },
             _ = status_tick.tick() => {
                 stream.send_status(confirmed, false).await?;
-                reader.ping().await?;
+                // Also proves the session (and with it the leadership lock) is alive.
+                match reader.verify_publication(Some(published.table_oid)).await {
+                    Ok(p) => {
+                        checkpoint.limit(p.lsn);
+                        published = p;
+                    }
+                    Err(e @ Error::Setup { .. }) => return Err(lost_publication(e, &published)),
+                    Err(e) => return Err(e),
+                }
                 if window.inflight.is_empty()
                     && last_progress.elapsed() >= cfg.postgres.heartbeat_interval
                 {

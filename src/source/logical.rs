@@ -50,6 +50,7 @@ use crate::error::{Error, Result};
 use crate::event::{Event, EventExtra};
 use crate::health::{Health, Role};
 use crate::source::pgoutput::{self, Column, Message, Relation};
+use crate::source::publication::Published;
 
 /// Prefix of table-less events: `pg_logical_emit_message(true, 'outbox', <json>)`.
 pub const OUTBOX_MESSAGE_PREFIX: &str = "outbox";
@@ -126,6 +127,11 @@ fn message_event(
     })
 }
 
+/// Counts a change the decoder saw and deliberately did not turn into an event.
+fn ignored(kind: &'static str) {
+    metrics::counter!(crate::metrics::IGNORED_CHANGES, "kind" => kind).increment(1);
+}
+
 /// Prefix of the relay's heartbeat messages.
 pub const HEARTBEAT_PREFIX: &str = "outboxd.heartbeat";
 
@@ -143,6 +149,23 @@ pub enum Change {
     },
     /// A position that is safe to confirm once every earlier event is acknowledged.
     Boundary(u64),
+    /// The stream describes a relation that is not the outbox table by name (relation OID).
+    /// It may be a partition of the outbox (a publication without
+    /// `publish_via_partition_root`): the relay asks the catalog and tells the decoder with
+    /// [`Decoder::classify`] before feeding the next message.
+    UnknownRelation(u32),
+}
+
+/// What the decoder knows of a relation the stream described.
+#[derive(Debug, Clone)]
+enum RelationKind {
+    /// The outbox table, or one of its partitions: its rows are events.
+    Outbox(OutboxColumns),
+    /// Not yet classified (see [`Change::UnknownRelation`]).
+    Pending(Relation),
+    /// Another table. An insert into it stops the relay: the publication carries rows outboxd
+    /// cannot tell are not events, and skipping them could lose events.
+    Foreign(String),
 }
 
 /// Column positions of the outbox table, resolved from a Relation message.
@@ -215,11 +238,20 @@ impl OutboxColumns {
 
 /// Turns pgoutput messages into [`Change`]s. Keeps the relation cache and the current
 /// transaction's commit time.
+///
+/// Nothing is dropped silently: an insert into a relation that is neither the outbox nor one
+/// of its partitions stops the relay (exit 2, naming the relation and the commit LSN, before
+/// that transaction is confirmed); logical messages with a prefix that is not outboxd's, and
+/// updates, deletes or truncates (which a publication shared with other tools may carry) are
+/// not events: they are counted in `outboxd_ignored_changes_total` and logged at debug level.
 pub struct Decoder {
     schema: String,
     table: String,
-    relations: HashMap<u32, Option<OutboxColumns>>,
+    publication: String,
+    relations: HashMap<u32, RelationKind>,
     commit_time: SystemTime,
+    /// LSN of the current transaction's commit record.
+    commit_lsn: u64,
     in_transaction: bool,
     columns: ColumnsConfig,
 }
@@ -229,8 +261,10 @@ impl Decoder {
         Decoder {
             schema: cfg.schema.clone(),
             table: cfg.table.clone(),
+            publication: cfg.publication.clone(),
             relations: HashMap::new(),
             commit_time: SystemTime::now(),
+            commit_lsn: 0,
             in_transaction: false,
             columns: cfg.columns.clone(),
         }
@@ -243,8 +277,13 @@ impl Decoder {
 
     pub fn feed(&mut self, data: &[u8]) -> Result<Option<Change>> {
         match pgoutput::decode(data)? {
-            Message::Begin { commit_time, .. } => {
+            Message::Begin {
+                commit_time,
+                final_lsn,
+                ..
+            } => {
                 self.commit_time = commit_time;
+                self.commit_lsn = final_lsn;
                 self.in_transaction = true;
                 Ok(None)
             }
@@ -253,18 +292,32 @@ impl Decoder {
                 Ok(Some(Change::Boundary(end_lsn)))
             }
             Message::Relation(rel) => {
-                let cols = if rel.namespace == self.schema && rel.name == self.table {
-                    Some(OutboxColumns::resolve(&rel, &self.columns)?)
+                if rel.namespace == self.schema && rel.name == self.table {
+                    let cols = OutboxColumns::resolve(&rel, &self.columns)?;
+                    self.relations.insert(rel.id, RelationKind::Outbox(cols));
+                    Ok(None)
                 } else {
-                    tracing::debug!(relation = %format!("{}.{}", rel.namespace, rel.name), "ignoring changes of a table that is not the outbox");
-                    None
-                };
-                self.relations.insert(rel.id, cols);
-                Ok(None)
+                    let id = rel.id;
+                    self.relations.insert(id, RelationKind::Pending(rel));
+                    Ok(Some(Change::UnknownRelation(id)))
+                }
             }
             Message::Insert { relation_id, tuple } => match self.relations.get(&relation_id) {
-                Some(Some(cols)) => Ok(Some(Change::Event(self.event(cols, tuple)?))),
-                Some(None) => Ok(None),
+                Some(RelationKind::Outbox(cols)) => {
+                    Ok(Some(Change::Event(self.event(cols, tuple)?)))
+                }
+                Some(RelationKind::Foreign(name)) | Some(RelationKind::Pending(Relation { name, .. })) => {
+                    Err(Error::setup(
+                        format!(
+                            "publication `{}` carries an insert into table {name} (relation OID {relation_id}) in the transaction committing at {}; it is neither the outbox table {}.{} nor one of its partitions, so outboxd cannot tell whether it is an event and stops rather than skip it",
+                            self.publication,
+                            crate::source::pgoutput::format_lsn(self.commit_lsn),
+                            self.schema,
+                            self.table
+                        ),
+                        "publish only the outbox table (ALTER PUBLICATION … DROP TABLE …), or point postgres.table at the right table; nothing from this transaction on was confirmed",
+                    ))
+                }
                 None => Err(Error::setup(
                     format!(
                         "insert for relation {relation_id} arrived before its Relation message"
@@ -292,9 +345,46 @@ impl Decoder {
                     },
                 }))
             }
-            // Non-transactional messages other than boundaries, other prefixes: not ours.
-            Message::LogicalMessage { .. } | Message::Other(_) => Ok(None),
+            // Transactional messages of other applications: not events.
+            Message::LogicalMessage { prefix, .. } => {
+                ignored("message");
+                tracing::debug!(prefix = %prefix, commit_lsn = %crate::source::pgoutput::format_lsn(self.commit_lsn), "ignoring a logical message whose prefix is not `outbox`");
+                Ok(None)
+            }
+            Message::Other(tag) => {
+                let kind = match tag {
+                    b'U' => "update",
+                    b'D' => "delete",
+                    b'T' => "truncate",
+                    _ => "other",
+                };
+                if kind != "other" {
+                    ignored(kind);
+                    tracing::debug!(kind, commit_lsn = %crate::source::pgoutput::format_lsn(self.commit_lsn), "ignoring a change that is not an insert");
+                }
+                Ok(None)
+            }
         }
+    }
+
+    /// Tells the decoder what relation `id` ([`Change::UnknownRelation`]) is: a partition of
+    /// the outbox (its rows are events, decoded by column name) or another table.
+    pub fn classify(&mut self, id: u32, partition_of_outbox: bool) -> Result<()> {
+        let Some(RelationKind::Pending(rel)) = self.relations.remove(&id) else {
+            return Ok(());
+        };
+        let name = format!("{}.{}", rel.namespace, rel.name);
+        let kind = if partition_of_outbox {
+            // PostgreSQL 15 describes a partition even with publish_via_partition_root (its
+            // inserts then name the root); without it, the inserts name the partition.
+            tracing::debug!(relation = %name, "relation is a partition of the outbox; its rows are events");
+            RelationKind::Outbox(OutboxColumns::resolve(&rel, &self.columns)?)
+        } else {
+            tracing::warn!(relation = %name, "the publication carries a table that is not the outbox; an insert into it will stop the relay");
+            RelationKind::Foreign(name)
+        };
+        self.relations.insert(id, kind);
+        Ok(())
     }
 
     fn event(&self, cols: &OutboxColumns, mut tuple: Vec<Column>) -> Result<Event> {
@@ -501,20 +591,8 @@ impl SlotReader {
                 "ALTER ROLE <user> REPLICATION (the role also needs SELECT on the outbox table)",
             ));
         }
-        let publication_exists = client
-            .query_opt(
-                "SELECT 1 FROM pg_publication WHERE pubname = $1",
-                &[&cfg.publication],
-            )
-            .await
-            .map_err(|e| Error::pg("looking up the publication", e))?
-            .is_some();
-        if !publication_exists {
-            return Err(Error::setup(
-                format!("publication `{}` does not exist", cfg.publication),
-                "run `outboxd migrate` with the same configuration",
-            ));
-        }
+        // The publication and the table in it: checked again by the leader every second.
+        crate::source::publication::verify(&client, cfg, None).await?;
         let mut reader = SlotReader {
             client,
             cfg: cfg.clone(),
@@ -649,6 +727,24 @@ impl SlotReader {
         }
         tracing::warn!(slot = %self.cfg.slot, pid, application_name = app.as_deref().unwrap_or("?"), "slot is held by another session; waiting for it to end (postgres.stale_slot_holder = wait, or the holder is not outboxd)");
         Ok(false)
+    }
+
+    /// Re-reads the slot's confirmed position (after waiting for leadership: the previous
+    /// leader moved it meanwhile).
+    pub async fn refresh_confirmed(&mut self) -> Result<()> {
+        self.confirmed = self.state().await?.confirmed_flush;
+        Ok(())
+    }
+
+    /// Checks that the outbox table (the same one, if `table_oid` is given) is still
+    /// published; see [`crate::source::publication`].
+    pub async fn verify_publication(&self, table_oid: Option<u32>) -> Result<Published> {
+        crate::source::publication::verify(&self.client, &self.cfg, table_oid).await
+    }
+
+    /// Whether relation `oid` is a partition of the outbox table `table_oid`.
+    pub async fn is_outbox_partition(&self, oid: u32, table_oid: u32) -> Result<bool> {
+        crate::source::publication::is_partition_of(&self.client, oid, table_oid).await
     }
 
     /// The slot's confirmed position when this reader opened it.

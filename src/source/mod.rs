@@ -2,4 +2,5 @@
 pub mod logical;
 pub mod pgoutput;
 pub mod polling;
+pub mod publication;
 pub mod walsender;

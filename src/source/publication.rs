@@ -1,0 +1,159 @@
+//! The outbox table must stay in the publication, or events vanish without an error.
+//!
+//! pgoutput sends a table's rows only while the table is in the publication *as of the WAL
+//! position being decoded*. Three ordinary operations break that silently:
+//!
+//! * **A partitioned outbox** (say, one partition a month, so old events are retired by
+//!   dropping a partition): without `publish_via_partition_root = true`, pgoutput reports each
+//!   row under its leaf partition's name. `outboxd migrate` creates the publication with that
+//!   option, and the relay refuses a publication that lacks it for a partitioned table.
+//! * **A table dropped and recreated** by a schema migration: the new table is not in the
+//!   publication, so its rows are not decoded at all; nothing arrives that could be noticed.
+//! * **A table removed from the publication**, or the publication altered not to publish
+//!   inserts.
+//!
+//! So the relay checks at start and then every second ([`verify`]) that the table it started
+//! with (same OID) is still published with inserts, and remembers the WAL insert position read
+//! *before* each successful check. The checkpoint never confirms a position beyond the last
+//! such position ([`crate::checkpoint::Checkpoint::limited`]): if the check fails, the slot
+//! has not passed the first event that could have been missed, and the relay stops with exit
+//! code 2 and the way to recover (fix the publication, `outboxd replay --since …` for rows
+//! written in between, restart).
+//!
+//! Limit: a table removed from the publication and added back between two checks (within a
+//! second) is not detected; rows written in that window are not relayed.
+
+use std::time::SystemTime;
+
+use tokio_postgres::Client;
+
+use crate::config::{quote_ident, PostgresConfig};
+use crate::error::{Error, Result};
+use crate::source::pgoutput::{format_lsn, parse_lsn};
+
+/// A successful check: the table, and a WAL position up to which it was published.
+#[derive(Debug, Clone, Copy)]
+pub struct Published {
+    /// WAL insert position read before the catalog was checked.
+    pub lsn: u64,
+    /// The outbox table's OID; a different OID means the table was dropped and recreated.
+    pub table_oid: u32,
+    /// When the check ran.
+    pub at: SystemTime,
+}
+
+/// Checks that the outbox table (with OID `expected_oid`, if given) is in the publication and
+/// that the publication publishes its inserts under the table's own name.
+pub async fn verify(
+    client: &Client,
+    cfg: &PostgresConfig,
+    expected_oid: Option<u32>,
+) -> Result<Published> {
+    let at = SystemTime::now();
+    // Read the position first: the catalog query's snapshot is taken after it, so a change
+    // that committed before this position is visible to the check.
+    let lsn: String = client
+        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+        .await
+        .map_err(|e| Error::pg("reading the current WAL position", e))?
+        .get(0);
+    let lsn = parse_lsn(&lsn).unwrap_or(0);
+    let row = client
+        .query_opt(
+            "SELECT (SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+                      WHERE n.nspname = $2 AND c.relname = $3 AND c.relkind IN ('r', 'p')), \
+                    (SELECT c.relkind::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+                      WHERE n.nspname = $2 AND c.relname = $3), \
+                    p.pubinsert, p.pubviaroot, \
+                    EXISTS (SELECT 1 FROM pg_publication_tables t \
+                             WHERE t.pubname = p.pubname AND t.schemaname = $2 AND t.tablename = $3) \
+               FROM pg_publication p WHERE p.pubname = $1",
+            &[&cfg.publication, &cfg.schema, &cfg.table],
+        )
+        .await
+        .map_err(|e| Error::pg("checking that the outbox table is in the publication", e))?;
+    let table = cfg.qualified_table();
+    let publication = quote_ident(&cfg.publication);
+    let Some(row) = row else {
+        return Err(Error::setup(
+            format!("publication {publication} does not exist"),
+            "run `outboxd migrate` with the same configuration",
+        ));
+    };
+    let oid: Option<u32> = row.get(0);
+    let relkind: Option<String> = row.get(1);
+    let inserts: bool = row.get(2);
+    let via_root: bool = row.get(3);
+    let listed: bool = row.get(4);
+    let Some(oid) = oid else {
+        return Err(Error::setup(
+            format!("outbox table {table} does not exist"),
+            "create it (`outboxd migrate`) or correct postgres.table",
+        ));
+    };
+    if let Some(expected) = expected_oid {
+        if oid != expected {
+            return Err(Error::setup(
+                format!("outbox table {table} was dropped and recreated (OID {expected} became {oid}); rows written to the new table before it joined publication {publication} are not in the replication stream"),
+                format!("make sure {publication} publishes the new table (ALTER PUBLICATION {publication} ADD TABLE {table})"),
+            ));
+        }
+    }
+    let partitioned = relkind.as_deref() == Some("p");
+    if partitioned && !via_root {
+        return Err(Error::setup(
+            format!("outbox table {table} is partitioned but publication {publication} publishes its rows under each partition's name"),
+            format!("ALTER PUBLICATION {publication} SET (publish_via_partition_root = true)"),
+        ));
+    }
+    if !listed {
+        return Err(Error::setup(
+            format!("outbox table {table} is not in publication {publication}, so its rows are not in the replication stream"),
+            format!("ALTER PUBLICATION {publication} ADD TABLE {table}"),
+        ));
+    }
+    if !inserts {
+        return Err(Error::setup(
+            format!("publication {publication} does not publish inserts"),
+            format!("ALTER PUBLICATION {publication} SET (publish = 'insert')"),
+        ));
+    }
+    Ok(Published {
+        lsn,
+        table_oid: oid,
+        at,
+    })
+}
+
+/// The error a failed check mid-stream becomes: what happened, since when events may be
+/// missing, and how to recover them.
+pub fn lost_publication(problem: Error, last_good: &Published) -> Error {
+    let ms = last_good
+        .at
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0);
+    let since = crate::route::rfc3339_ms(ms);
+    let (problem, fix) = match problem {
+        Error::Setup { problem, fix } => (problem, fix),
+        other => return other,
+    };
+    Error::setup(
+        format!(
+            "{problem}. Events written to it after {since} may not have been relayed; the slot is confirmed no further than {} (the last position at which the table was verified)",
+            format_lsn(last_good.lsn)
+        ),
+        format!("{fix}; then republish what was written since with `outboxd replay --since '{since}'` (repeats keep their id) and restart outboxd"),
+    )
+}
+
+/// Whether relation `oid` is a partition (at any depth) of the table `root_oid`. A relation
+/// that no longer exists is not.
+pub async fn is_partition_of(client: &Client, oid: u32, root_oid: u32) -> Result<bool> {
+    let root: Option<u32> = client
+        .query_one("SELECT pg_partition_root($1::oid)::oid", &[&oid])
+        .await
+        .map_err(|e| Error::pg("looking up a relation's partition root", e))?
+        .get(0);
+    Ok(root == Some(root_oid) && oid != root_oid)
+}
