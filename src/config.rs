@@ -145,8 +145,13 @@ pub struct KafkaConfig {
     pub shutdown_timeout: Duration,
     /// Create a missing topic through the admin API before the first record is sent to it.
     pub create_topics: bool,
+    /// Partitions of a topic the relay creates; -1 = the broker's `num.partitions`.
     pub topic_partitions: i32,
+    /// Replicas of a topic the relay creates; -1 = the broker's `default.replication.factor`.
     pub topic_replication_factor: i32,
+    /// A record that fails with the same error of the "could be either" class
+    /// (`sink::classify`) this many times in a row is dead-lettered (`retries_exhausted`).
+    pub max_record_retries: u32,
     /// An event whose aggregateid is NULL is poison (dead-lettered) instead of sent unkeyed.
     pub require_key: bool,
     /// Records larger than this are poison (dead-lettered). librdkafka's `message.max.bytes`
@@ -167,6 +172,8 @@ pub struct KafkaConfig {
 pub struct RetryConfig {
     pub initial_backoff: Duration,
     pub max_backoff: Duration,
+    /// While publishing keeps failing for longer than this, `/readyz` fails.
+    pub unready_after: Duration,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -245,6 +252,7 @@ struct RawKafka {
     create_topics: Option<bool>,
     topic_partitions: Option<i32>,
     topic_replication_factor: Option<i32>,
+    max_record_retries: Option<u32>,
     require_key: Option<bool>,
     max_message_bytes: Option<usize>,
     dlq_topic: Option<String>,
@@ -259,6 +267,7 @@ struct RawKafka {
 struct RawRetry {
     initial_backoff_ms: Option<u64>,
     max_backoff_ms: Option<u64>,
+    unready_after_ms: Option<u64>,
 }
 
 /// Environment variables read by [`Config::load`], with the key each one overrides.
@@ -473,14 +482,21 @@ impl Config {
             0,
             600_000,
         )?;
-        let topic_partitions = k.topic_partitions.unwrap_or(3);
-        if !(1..=10_000).contains(&topic_partitions) {
+        let topic_partitions = k.topic_partitions.unwrap_or(-1);
+        if topic_partitions != -1 && !(1..=10_000).contains(&topic_partitions) {
             return Err(invalid(
                 "kafka.topic_partitions",
+                "must be between 1 and 10000, or -1 for the broker default",
+            ));
+        }
+        let max_record_retries = k.max_record_retries.unwrap_or(10);
+        if !(1..=10_000).contains(&max_record_retries) {
+            return Err(invalid(
+                "kafka.max_record_retries",
                 "must be between 1 and 10000",
             ));
         }
-        let topic_replication_factor = k.topic_replication_factor.unwrap_or(1);
+        let topic_replication_factor = k.topic_replication_factor.unwrap_or(-1);
         if topic_replication_factor != -1 && !(1..=32).contains(&topic_replication_factor) {
             return Err(invalid(
                 "kafka.topic_replication_factor",
@@ -537,6 +553,12 @@ impl Config {
             1,
             3_600_000,
         )?;
+        let unready_after = ms(
+            "retry.unready_after_ms",
+            r.unready_after_ms.unwrap_or(60_000),
+            0,
+            86_400_000,
+        )?;
         if max_backoff < initial_backoff {
             return Err(invalid(
                 "retry.max_backoff_ms",
@@ -568,6 +590,7 @@ impl Config {
                 create_topics: k.create_topics.unwrap_or(true),
                 topic_partitions,
                 topic_replication_factor,
+                max_record_retries,
                 require_key: k.require_key.unwrap_or(true),
                 max_message_bytes,
                 dlq_topic,
@@ -578,6 +601,7 @@ impl Config {
             retry: RetryConfig {
                 initial_backoff,
                 max_backoff,
+                unready_after,
             },
             http: HttpConfig { addr },
         })
@@ -760,6 +784,7 @@ impl fmt::Debug for KafkaConfig {
             .field("create_topics", &self.create_topics)
             .field("topic_partitions", &self.topic_partitions)
             .field("topic_replication_factor", &self.topic_replication_factor)
+            .field("max_record_retries", &self.max_record_retries)
             .field("require_key", &self.require_key)
             .field("max_message_bytes", &self.max_message_bytes)
             .field("dlq_topic", &self.dlq_topic)
@@ -889,6 +914,7 @@ mod tests {
         assert_eq!(format!("{:?}", c.polling), format!("{:?}", d.polling));
         assert_eq!(c.retry.max_backoff, d.retry.max_backoff);
         assert_eq!(c.retry.initial_backoff, d.retry.initial_backoff);
+        assert_eq!(c.retry.unready_after, d.retry.unready_after);
     }
 
     #[test]

@@ -34,6 +34,24 @@ pub enum Error {
     #[error("kafka: {0}")]
     Kafka(String),
 
+    /// A delivery failed with an error that may be about the record or about the cluster
+    /// (`sink::classify`): retried; the relay counts identical failures of the same record.
+    #[error("kafka: {message}")]
+    Delivery {
+        event_id: Option<String>,
+        /// librdkafka's error code name.
+        code: String,
+        message: String,
+        /// Other records were acknowledged in the same session: the cluster accepts records,
+        /// so a repeat of this failure is about this record.
+        others_acked: bool,
+    },
+
+    /// A record was refused for a reason about a record, while in a batch: the next session
+    /// sends it alone to learn whether it is the one (`crate::window`).
+    #[error("kafka: {message}")]
+    Suspect { event_id: String, message: String },
+
     /// A pgoutput message we could not decode: a bug or an incompatible server.
     #[error("decoding the replication stream: {0}")]
     Decode(#[from] crate::source::pgoutput::DecodeError),
@@ -86,7 +104,7 @@ impl Error {
     pub fn is_transient(&self) -> bool {
         match self {
             Error::Config(_) | Error::Setup { .. } | Error::Decode(_) => false,
-            Error::Kafka(_) => true,
+            Error::Kafka(_) | Error::Delivery { .. } | Error::Suspect { .. } => true,
             Error::Postgres { source, .. } => match source.code() {
                 // No SQLSTATE: I/O error, connection closed, timeout.
                 None => true,

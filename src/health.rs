@@ -52,6 +52,8 @@ struct Inner {
     oldest_unacked_commit: Option<SystemTime>,
     inflight: usize,
     slot: SlotFacts,
+    /// Since when publishing keeps failing (None after progress).
+    failing_since: Option<SystemTime>,
 }
 
 #[derive(Debug)]
@@ -59,10 +61,16 @@ pub struct Health {
     inner: Mutex<Inner>,
     mode: &'static str,
     max_slot_lag_bytes: u64,
+    unready_after: std::time::Duration,
 }
 
 impl Health {
-    pub fn new(mode: &'static str, slot: &str, max_slot_lag_bytes: u64) -> Health {
+    pub fn new(
+        mode: &'static str,
+        slot: &str,
+        max_slot_lag_bytes: u64,
+        unready_after: std::time::Duration,
+    ) -> Health {
         Health {
             inner: Mutex::new(Inner {
                 role: Role::Starting,
@@ -75,8 +83,10 @@ impl Health {
                     slot: slot.to_string(),
                     ..SlotFacts::default()
                 },
+                failing_since: None,
             }),
             max_slot_lag_bytes,
+            unready_after,
             mode,
         }
     }
@@ -100,6 +110,17 @@ impl Health {
 
     pub fn set_kafka_ok(&self, ok: bool) {
         self.lock().kafka_ok = ok;
+    }
+
+    /// A session failed; publishing is failing from now on unless it already was.
+    pub fn failing(&self) {
+        let mut g = self.lock();
+        g.failing_since.get_or_insert_with(SystemTime::now);
+    }
+
+    /// The position moved forward: publishing works.
+    pub fn recovered(&self) {
+        self.lock().failing_since = None;
     }
 
     pub fn record_error(&self, error: &str) {
@@ -144,6 +165,19 @@ impl Health {
                 "replication slot {} is invalidated (wal_status = lost)",
                 g.slot.slot
             ));
+        }
+        if let Some(since) = g.failing_since {
+            let failing = SystemTime::now().duration_since(since).unwrap_or_default();
+            if failing >= self.unready_after {
+                return Err(format!(
+                    "publishing has been failing for {} s (retry.unready_after_ms): {}",
+                    failing.as_secs(),
+                    g.last_error
+                        .as_ref()
+                        .map(|(_, e)| e.as_str())
+                        .unwrap_or("?")
+                ));
+            }
         }
         if let Some(lag) = g.slot.lag_bytes {
             if lag > 0 && lag as u64 > self.max_slot_lag_bytes {

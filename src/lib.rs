@@ -24,5 +24,6 @@ pub mod route;
 pub mod sink;
 pub mod source;
 pub mod status;
+pub mod window;
 
 pub use error::{Error, Result};

@@ -161,6 +161,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         config.mode.as_str(),
         &config.postgres.slot,
         config.postgres.max_slot_lag_bytes,
+        config.retry.unready_after,
     ));
     let listener = outboxd::http::bind(config.http.addr).await?;
     tracing::info!(addr = %config.http.addr, "serving /metrics /healthz /readyz /status");

@@ -14,6 +14,9 @@ pub const EVENTS_DEAD_LETTERED: &str = "outboxd_events_dead_lettered_total";
 /// Changes in the replication stream that are deliberately not events, by kind (a logical
 /// message of another prefix, an update, a delete, a truncate).
 pub const IGNORED_CHANGES: &str = "outboxd_ignored_changes_total";
+/// Failed deliveries by class (record, cluster, unclear; see `sink::classify`) and
+/// librdkafka error code.
+pub const DELIVERY_FAILURES: &str = "outboxd_delivery_failures_total";
 /// Times publishing restarted from the confirmed position after a failed delivery.
 pub const PUBLISH_RETRIES: &str = "outboxd_publish_retries_total";
 /// Commit timestamp → Kafka acknowledgement.
@@ -78,6 +81,10 @@ fn describe() {
     describe_counter!(
         IGNORED_CHANGES,
         "Changes in the replication stream that are deliberately not events, by kind"
+    );
+    describe_counter!(
+        DELIVERY_FAILURES,
+        "Failed deliveries by class (record, cluster, unclear) and librdkafka error code"
     );
     describe_histogram!(
         COMMIT_TO_ACK,

@@ -14,27 +14,25 @@
 //! resumes from the slot's confirmed position (duplicates carry their original `id`).
 //! Transient PostgreSQL or Kafka errors do the same; permanent ones end the daemon.
 
-use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use backon::BackoffBuilder;
-use rdkafka::producer::DeliveryFuture;
 use tokio::sync::watch;
 
 use crate::checkpoint::Checkpoint;
 use crate::config::{Config, Mode, RetryConfig};
 use crate::error::{Error, Result};
-use crate::event::Event;
 use crate::health::{Health, Role};
 use crate::metrics as m;
 use crate::route::{Poison, PoisonKind, Record, Router};
-use crate::sink::kafka::{KafkaSink, SendError};
+use crate::sink::kafka::KafkaSink;
 use crate::source::logical::{acquire_leadership, Change, Decoder, DlqTable, SlotReader};
 use crate::source::pgoutput::format_lsn;
 use crate::source::polling::{Cursor, Poller};
 use crate::source::publication::lost_publication;
 use crate::source::walsender::{ReplicationMessage, ReplicationStream};
+use crate::window::{dead_letter, Hints, Repeats, Window};
 
 /// Capped exponential backoff with jitter, reset after progress.
 pub struct Backoff {
@@ -74,13 +72,17 @@ pub async fn run(cfg: Config, mut stop: watch::Receiver<bool>, health: Arc<Healt
     let router = Router::from_config(&cfg)?;
     let mut backoff = Backoff::new(&cfg.retry);
     let mut attempt: u32 = 0;
+    let mut repeats = Repeats::default();
     loop {
         if *stop.borrow() {
             return Ok(());
         }
+        let hints = repeats.hints.clone();
         let result = match cfg.mode {
-            Mode::Logical => session(&cfg, &router, &mut stop, &mut backoff, &health).await,
-            Mode::Polling => session_polling(&cfg, &router, &mut stop, &mut backoff, &health).await,
+            Mode::Logical => session(&cfg, &router, &mut stop, &mut backoff, &health, hints).await,
+            Mode::Polling => {
+                session_polling(&cfg, &router, &mut stop, &mut backoff, &health, hints).await
+            }
         };
         health.set_role(Role::Starting);
         match result {
@@ -88,11 +90,19 @@ pub async fn run(cfg: Config, mut stop: watch::Receiver<bool>, health: Arc<Healt
             Err(e) if e.is_transient() => {
                 attempt += 1;
                 health.record_error(&e.to_string());
-                if matches!(e, Error::Kafka(_)) {
-                    metrics::counter!(m::PUBLISH_RETRIES).increment(1);
-                }
+                health.failing();
                 let delay = backoff.next_delay();
-                tracing::warn!(error = %e, attempt, retry_in_ms = delay.as_millis() as u64, "relay interrupted; retrying");
+                if matches!(
+                    e,
+                    Error::Kafka(_) | Error::Delivery { .. } | Error::Suspect { .. }
+                ) {
+                    metrics::counter!(m::PUBLISH_RETRIES).increment(1);
+                    repeats.record(&e, cfg.kafka.max_record_retries);
+                    // Loud: a delivery that keeps failing holds the slot back.
+                    tracing::error!(error = %e, attempt, retry_in_ms = delay.as_millis() as u64, "publishing failed; retrying from the last confirmed position");
+                } else {
+                    tracing::warn!(error = %e, attempt, retry_in_ms = delay.as_millis() as u64, "relay interrupted; retrying");
+                }
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
                     _ = stop.changed() => return Ok(()),
@@ -113,6 +123,7 @@ async fn session(
     stop: &mut watch::Receiver<bool>,
     backoff: &mut Backoff,
     health: &Health,
+    hints: Hints,
 ) -> Result<()> {
     let mut reader = SlotReader::open(&cfg.postgres).await?;
     if !reader.acquire_leadership(stop, health).await? {
@@ -143,7 +154,7 @@ async fn session(
         "relay started; streaming from the confirmed position"
     );
     let mut decoder = Decoder::new(&cfg.postgres);
-    let mut window = Window::new();
+    let mut window = Window::new(hints);
     // Nothing is confirmed beyond the last position at which the outbox table was verified to
     // be in the publication (see source::publication).
     let mut checkpoint = Checkpoint::limited(published.lsn);
@@ -159,15 +170,16 @@ async fn session(
                 confirmed = safe;
                 last_progress = Instant::now();
                 backoff.reset();
+                health.recovered();
             }
         }
-        let can_read = window.inflight.len() < cfg.kafka.max_in_flight;
+        let can_read = window.has_room(cfg.kafka.max_in_flight);
         tokio::select! {
             biased;
             _ = stop.changed() => {
                 return shutdown(cfg, stream, &mut sink, &dlq, window, checkpoint, confirmed).await;
             }
-            settled = window.settle_oldest(), if !window.inflight.is_empty() => {
+            settled = window.settle_oldest(), if !window.is_empty() => {
                 window.handle(settled, &mut sink, &dlq).await?;
                 checkpoint.acked(window.acked);
                 window.report(health);
@@ -212,7 +224,7 @@ async fn session(
                     Err(e @ Error::Setup { .. }) => return Err(lost_publication(e, &published)),
                     Err(e) => return Err(e),
                 }
-                if window.inflight.is_empty()
+                if window.is_empty()
                     && last_progress.elapsed() >= cfg.postgres.heartbeat_interval
                 {
                     // Normally keepalives advance an idle slot; the heartbeat is the fallback.
@@ -232,6 +244,7 @@ async fn session_polling(
     stop: &mut watch::Receiver<bool>,
     backoff: &mut Backoff,
     health: &Health,
+    mut hints: Hints,
 ) -> Result<()> {
     let mut poller = Poller::open(cfg).await?;
     if !acquire_leadership(&poller.client, &cfg.postgres.slot, stop, health).await? {
@@ -285,7 +298,7 @@ async fn session_polling(
             }
             continue;
         }
-        let mut window = Window::new();
+        let mut window = Window::new(hints.clone());
         // Each row's position, safe to store once this many sent events are acknowledged.
         let mut bounds: Vec<(u64, Cursor)> = Vec::new();
         let dlq = DlqTable {
@@ -307,7 +320,7 @@ async fn session_polling(
             // Sent or dead-lettered: either way the row is done once the events sent before
             // (and including) it are acknowledged.
             bounds.push((window.sent, pos));
-            while window.inflight.len() >= cfg.kafka.max_in_flight {
+            while !window.has_room(cfg.kafka.max_in_flight) {
                 let settled = window.settle_oldest().await;
                 if let Err(e) = window.handle(settled, &mut sink, &dlq).await {
                     outcome = Err(e);
@@ -320,7 +333,7 @@ async fn session_polling(
         }
         let deadline =
             (*stop.borrow()).then(|| tokio::time::Instant::now() + cfg.kafka.shutdown_timeout);
-        while outcome.is_ok() && !window.inflight.is_empty() {
+        while outcome.is_ok() && !window.is_empty() {
             let settled = match deadline {
                 Some(d) => match tokio::time::timeout_at(d, window.settle_oldest()).await {
                     Ok(s) => s,
@@ -339,9 +352,11 @@ async fn session_polling(
             .take_while(|(needed, _)| *needed <= window.acked)
             .map(|(_, pos)| *pos)
             .last();
+        hints = window.into_hints();
         if let Some(pos) = stored {
             poller.store(pos).await?;
             backoff.reset();
+            health.recovered();
         }
         outcome?;
         if *stop.borrow() {
@@ -369,7 +384,7 @@ async fn shutdown(
     confirmed: u64,
 ) -> Result<()> {
     let deadline = tokio::time::Instant::now() + cfg.kafka.shutdown_timeout;
-    while !window.inflight.is_empty() {
+    while !window.is_empty() {
         match tokio::time::timeout_at(deadline, window.settle_oldest()).await {
             Ok(settled) => {
                 if let Err(e) = window.handle(settled, sink, dlq).await {
@@ -379,7 +394,7 @@ async fn shutdown(
             }
             Err(_) => {
                 tracing::warn!(
-                    outstanding = window.inflight.len(),
+                    outstanding = window.len(),
                     "shutdown timeout reached with deliveries outstanding; they will be resent on restart"
                 );
                 break;
@@ -396,217 +411,4 @@ async fn shutdown(
     sink.flush(Duration::from_millis(100));
     tracing::info!(confirmed_lsn = %format_lsn(safe), "stopped; acknowledged events confirmed");
     Ok(())
-}
-
-/// Why a delivery did not succeed.
-enum Failure {
-    /// Retrying can help (broker down, timeout): resend from the confirmed position.
-    Transient(String),
-    /// Kafka will never accept this record.
-    Poison {
-        id: Option<String>,
-        record: Record,
-        poison: Poison,
-    },
-}
-
-/// Sends a poison event to the dead-letter topic or, if that fails, the dead-letter table.
-/// Logged with its id and counted; only if both fail does the session fail (and retry).
-async fn dead_letter(
-    sink: &mut KafkaSink,
-    dlq: &DlqTable<'_>,
-    event_id: Option<&str>,
-    record: &Record,
-    poison: &Poison,
-) -> Result<()> {
-    let reason = poison.kind.label();
-    let id = event_id.unwrap_or("?");
-    match sink.dead_letter(record, poison.kind, &poison.detail).await {
-        Ok(()) => {
-            tracing::error!(event_id = id, reason, topic = %record.topic, detail = %poison.detail, "poison event dead-lettered to the DLQ topic");
-        }
-        Err(dlq_error) => {
-            dlq.insert(event_id, record, reason, &poison.detail).await?;
-            tracing::error!(event_id = id, reason, topic = %record.topic, detail = %poison.detail, dlq_error = %dlq_error, "poison event dead-lettered to the outboxd_dead_letter table (the DLQ topic refused it)");
-        }
-    }
-    metrics::counter!(m::EVENTS_DEAD_LETTERED, "reason" => reason).increment(1);
-    Ok(())
-}
-
-/// A delivery awaiting acknowledgement.
-struct InFlight {
-    fut: DeliveryFuture,
-    topic: String,
-    commit_time: SystemTime,
-}
-
-/// Deliveries awaiting acknowledgement, oldest first.
-struct Window {
-    inflight: VecDeque<InFlight>,
-    sent: u64,
-    acked: u64,
-}
-
-impl Window {
-    fn new() -> Window {
-        Window {
-            inflight: VecDeque::new(),
-            sent: 0,
-            acked: 0,
-        }
-    }
-
-    /// Publishes the oldest unacknowledged commit time (the lag) and the in-flight count.
-    fn report(&self, health: &Health) {
-        health.set_inflight(
-            self.inflight.front().map(|f| f.commit_time),
-            self.inflight.len(),
-        );
-    }
-
-    /// Awaits the oldest delivery. Cancel-safe: the delivery is removed only once resolved.
-    /// `Err` carries the failure reason, naming the event id.
-    async fn settle_oldest(&mut self) -> std::result::Result<(), Failure> {
-        let Some(front) = self.inflight.front_mut() else {
-            return Ok(());
-        };
-        let result = (&mut front.fut).await;
-        let Some(done) = self.inflight.pop_front() else {
-            return Ok(());
-        };
-        match result {
-            Ok(Ok(_)) => {
-                self.acked += 1;
-                metrics::counter!(m::EVENTS_PUBLISHED, "topic" => done.topic).increment(1);
-                if let Ok(age) = SystemTime::now().duration_since(done.commit_time) {
-                    metrics::histogram!(m::COMMIT_TO_ACK).record(age.as_secs_f64());
-                }
-                Ok(())
-            }
-            Ok(Err((e, msg))) => {
-                use rdkafka::message::{Headers, Message};
-                let headers: Vec<(String, Vec<u8>)> = msg
-                    .headers()
-                    .map(|h| {
-                        h.iter()
-                            .map(|h| (h.key.to_string(), h.value.unwrap_or_default().to_vec()))
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                let id = headers
-                    .iter()
-                    .find(|(k, _)| k == "id")
-                    .map(|(_, v)| String::from_utf8_lossy(v).into_owned());
-                let record = Record {
-                    topic: msg.topic().to_string(),
-                    key: msg.key().map(|k| String::from_utf8_lossy(k).into_owned()),
-                    value: msg.payload().map(<[u8]>::to_vec),
-                    headers,
-                    partition: None,
-                    timestamp_ms: None,
-                };
-                match crate::sink::kafka::permanent(&e) {
-                    Some(kind) => Err(Failure::Poison {
-                        id,
-                        record,
-                        poison: Poison {
-                            kind,
-                            detail: e.to_string(),
-                        },
-                    }),
-                    None => Err(Failure::Transient(format!(
-                        "event {} to topic {}: {e}",
-                        id.unwrap_or_default(),
-                        msg.topic()
-                    ))),
-                }
-            }
-            Err(_) => Err(Failure::Transient(
-                "delivery was cancelled (producer dropped)".into(),
-            )),
-        }
-    }
-
-    /// Routes one event and hands it to the producer, or dead-letters it if it is poison
-    /// (routing rejects it, or librdkafka refuses it for good). Waits for deliveries to
-    /// drain while librdkafka's queue is full. Transient producer errors end the session.
-    async fn publish(
-        &mut self,
-        event: &Event,
-        router: &Router,
-        sink: &mut KafkaSink,
-        dlq: &DlqTable<'_>,
-        health: &Health,
-    ) -> Result<()> {
-        let record = match router.route(event) {
-            Ok((record, warnings)) => {
-                for w in warnings {
-                    tracing::warn!(event_id = %event.id, "{}", w.0);
-                }
-                record
-            }
-            Err(rejected) => {
-                let (record, poison) = *rejected;
-                return dead_letter(sink, dlq, Some(&event.id), &record, &poison).await;
-            }
-        };
-        sink.ensure_topic(&record.topic).await;
-        loop {
-            match sink.send(&record) {
-                Ok(fut) => {
-                    self.inflight.push_back(InFlight {
-                        fut,
-                        topic: record.topic.clone(),
-                        commit_time: event.commit_time,
-                    });
-                    self.sent += 1;
-                    self.report(health);
-                    tracing::trace!(event_id = %event.id, topic = %record.topic, "event sent");
-                    return Ok(());
-                }
-                Err(SendError::QueueFull) => {
-                    // librdkafka's queue is full: let deliveries drain.
-                    let settled = self.settle_oldest().await;
-                    self.handle(settled, sink, dlq).await?;
-                }
-                Err(SendError::Other(e)) => {
-                    return match crate::sink::kafka::permanent(&e) {
-                        Some(kind) => {
-                            let poison = Poison {
-                                kind,
-                                detail: e.to_string(),
-                            };
-                            dead_letter(sink, dlq, Some(&event.id), &record, &poison).await
-                        }
-                        None => Err(Error::Kafka(format!(
-                            "event {} to topic {}: {e}",
-                            event.id, record.topic
-                        ))),
-                    };
-                }
-            }
-        }
-    }
-
-    /// Acts on a settled delivery: a poison record is dead-lettered and counts as handled;
-    /// a transient failure ends the session (resend from the confirmed position).
-    async fn handle(
-        &mut self,
-        settled: std::result::Result<(), Failure>,
-        sink: &mut KafkaSink,
-        dlq: &DlqTable<'_>,
-    ) -> Result<()> {
-        match settled {
-            Ok(()) => Ok(()),
-            Err(Failure::Poison { id, record, poison }) => {
-                dead_letter(sink, dlq, id.as_deref(), &record, &poison).await?;
-                self.acked += 1;
-                Ok(())
-            }
-            Err(Failure::Transient(reason)) => Err(Error::Kafka(format!(
-                "delivery failed, resending from the last confirmed position: {reason}"
-            ))),
-        }
-    }
 }

@@ -83,8 +83,12 @@ pub struct Record {
 pub enum PoisonKind {
     /// Larger than `kafka.max_message_bytes`, or rejected by the broker as too large.
     TooLarge,
-    /// The broker refuses the relay access to the topic.
-    NotAuthorized,
+    /// An explicit partition the topic does not have.
+    UnknownPartition,
+    /// A record timestamp the topic refuses (`message.timestamp.before/after.max.ms`).
+    InvalidTimestamp,
+    /// The same record failed the same way `kafka.max_record_retries` times in a row.
+    RetriesExhausted,
     /// The topic name is not a legal Kafka topic name.
     InvalidTopic,
     /// `aggregateid` is NULL while `kafka.require_key` is on.
@@ -102,7 +106,9 @@ impl PoisonKind {
     pub fn label(self) -> &'static str {
         match self {
             PoisonKind::TooLarge => "too_large",
-            PoisonKind::NotAuthorized => "not_authorized",
+            PoisonKind::UnknownPartition => "unknown_partition",
+            PoisonKind::InvalidTimestamp => "invalid_timestamp",
+            PoisonKind::RetriesExhausted => "retries_exhausted",
             PoisonKind::InvalidTopic => "invalid_topic",
             PoisonKind::MissingKey => "missing_key",
             PoisonKind::InvalidHeaders => "invalid_headers",

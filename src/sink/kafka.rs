@@ -60,6 +60,9 @@ pub fn client_config(cfg: &KafkaConfig) -> ClientConfig {
         .set("enable.idempotence", "true")
         .set("acks", "all")
         .set("linger.ms", "5")
+        // The Java client's partitioner (murmur2), not librdkafka's CRC32 default: a key lands
+        // on the same partition as with Debezium or any Java producer on the same topic.
+        .set("partitioner", "murmur2_random")
         .set(
             "message.timeout.ms",
             cfg.delivery_timeout.as_millis().to_string(),
@@ -78,18 +81,13 @@ pub fn client_config(cfg: &KafkaConfig) -> ClientConfig {
     c
 }
 
-/// Kafka errors that no retry can fix: the record is poison.
-pub fn permanent(e: &KafkaError) -> Option<PoisonKind> {
-    use RDKafkaErrorCode as C;
-    Some(match e.rdkafka_error_code()? {
-        C::MessageSizeTooLarge | C::MessageBatchTooLarge | C::InvalidMessageSize => {
-            PoisonKind::TooLarge
-        }
-        C::TopicAuthorizationFailed | C::ClusterAuthorizationFailed => PoisonKind::NotAuthorized,
-        C::InvalidTopic => PoisonKind::InvalidTopic,
-        C::InvalidRecord | C::PolicyViolation | C::InvalidMessage => PoisonKind::Rejected,
-        _ => return None,
-    })
+/// `-1` (KIP-464) reads as "broker default" in logs.
+fn broker_default(n: i32) -> String {
+    if n == -1 {
+        "broker default".into()
+    } else {
+        n.to_string()
+    }
 }
 
 pub struct KafkaSink {
@@ -179,7 +177,7 @@ impl KafkaSink {
                 for r in results {
                     match r {
                         Ok(name) => {
-                            tracing::info!(topic = %name, partitions = self.cfg.topic_partitions, "created topic")
+                            tracing::info!(topic = %name, partitions = %broker_default(self.cfg.topic_partitions), replicas = %broker_default(self.cfg.topic_replication_factor), "created topic")
                         }
                         Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
                         Err((name, code)) => {
@@ -258,6 +256,11 @@ impl KafkaSink {
             Ok(Err(_)) => Err("delivery cancelled".into()),
             Err(_) => Err("timed out".into()),
         }
+    }
+
+    /// librdkafka's `message.timeout.ms`.
+    pub fn delivery_timeout(&self) -> Duration {
+        self.cfg.delivery_timeout
     }
 
     /// Waits up to `timeout` for librdkafka to deliver what it holds.

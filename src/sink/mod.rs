@@ -1,2 +1,3 @@
 //! Destinations. Kafka is the only one; the relay talks to it through [`kafka::KafkaSink`].
+pub mod classify;
 pub mod kafka;

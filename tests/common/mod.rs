@@ -682,3 +682,91 @@ impl Rng {
         lo + self.next() % (hi_inclusive - lo + 1)
     }
 }
+
+/// Reads a dead-letter topic: event id → (`outboxd.dlq.reason`, `outboxd.dlq.topic`).
+pub fn dlq(
+    brokers: &str,
+    topic: &str,
+    expect: &HashSet<String>,
+) -> HashMap<String, (String, String)> {
+    consume(
+        brokers,
+        &[topic.to_string()],
+        expect,
+        Duration::from_secs(60),
+        Duration::from_millis(500),
+    )
+    .into_iter()
+    .filter_map(|r| {
+        let id = r.id.clone()?;
+        Some((
+            id,
+            (
+                r.headers
+                    .get("outboxd.dlq.reason")
+                    .cloned()
+                    .unwrap_or_default(),
+                r.headers
+                    .get("outboxd.dlq.topic")
+                    .cloned()
+                    .unwrap_or_default(),
+            ),
+        ))
+    })
+    .collect()
+}
+
+/// Creates `topic` with `partitions` and topic configs `configs` through the admin API.
+pub async fn create_topic(brokers: &str, topic: &str, partitions: i32, configs: &[(&str, &str)]) {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::client::DefaultClientContext;
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .unwrap();
+    let mut new = NewTopic::new(topic, partitions, TopicReplication::Fixed(-1));
+    for (k, v) in configs {
+        new = new.set(k, v);
+    }
+    let results = admin
+        .create_topics([&new], &AdminOptions::new())
+        .await
+        .unwrap();
+    for r in results {
+        r.unwrap_or_else(|(t, e)| panic!("creating topic {t}: {e}"));
+    }
+}
+
+/// A broker of a test's own (`scripts/stack.sh kafka-start`), with extra server properties.
+/// Stopped and removed on drop.
+pub struct PrivateKafka {
+    pub dir: PathBuf,
+    pub brokers: String,
+}
+
+impl PrivateKafka {
+    pub fn start(properties: &[&str]) -> PrivateKafka {
+        let dir = std::env::temp_dir().join(unique("outboxd-kafka"));
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/stack.sh");
+        let out = Command::new(script)
+            .arg("kafka-start")
+            .arg(&dir)
+            .args(properties)
+            .stderr(Stdio::inherit())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "kafka-start failed");
+        let brokers = String::from_utf8(out.stdout).unwrap().trim().to_string();
+        PrivateKafka { dir, brokers }
+    }
+}
+
+impl Drop for PrivateKafka {
+    fn drop(&mut self) {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/stack.sh");
+        let _ = Command::new(script)
+            .arg("kafka-stop")
+            .arg(&self.dir)
+            .status();
+    }
+}

@@ -1,0 +1,432 @@
+//! The delivery window: records handed to the producer and not yet acknowledged, resolved
+//! in sending order, so the checkpoint can count the acknowledged prefix.
+//!
+//! ## A refused record, or a refused batch?
+//!
+//! librdkafka sends a partition's records in batches, and a broker that refuses a batch
+//! refuses every record in it with the same error: measured with Apache Kafka 4.3, a topic
+//! limited by `message.timestamp.before.max.ms` answered `INVALID_TIMESTAMP` for the one old
+//! record *and* the two good records batched with it. Dead-lettering on a delivery error
+//! would dead-letter innocent events. So an error that is about a record
+//! (`sink::classify`) is not believed at delivery time unless the record travelled alone:
+//! the session ends, the next one sends records one at a time up to and including the
+//! *suspect* ([`Hints::isolate`]), and only a failure of the record alone dead-letters it.
+//! Errors raised by `produce()` itself (local checks of one record) need no such proof.
+//!
+//! ## Failures that repeat
+//!
+//! An error that could be about the record or the cluster (`sink::classify::Class::Unclear`)
+//! is retried; [`Repeats`] counts identical failures of the same record in a row, but only
+//! while other records are acknowledged in the same session (else the whole cluster may be
+//! refusing), and after `kafka.max_record_retries` of them the record is dead-lettered with
+//! reason `retries_exhausted`.
+
+use std::collections::VecDeque;
+use std::time::SystemTime;
+
+use rdkafka::producer::DeliveryFuture;
+
+use crate::error::{Error, Result};
+use crate::event::Event;
+use crate::health::Health;
+use crate::metrics as m;
+use crate::route::{Poison, PoisonKind, Record, Router};
+use crate::sink::classify::{classify, Class, Stage};
+use crate::sink::kafka::{KafkaSink, SendError};
+use crate::source::logical::DlqTable;
+
+/// What earlier failures taught the next session.
+#[derive(Debug, Clone, Default)]
+pub struct Hints {
+    /// (event id, why): a record that failed the same way too often; dead-letter it instead
+    /// of sending it.
+    pub exhausted: Option<(String, String)>,
+    /// A record refused at delivery, maybe only because of its batch: send records one at a
+    /// time until it has been settled alone.
+    pub isolate: Option<String>,
+}
+
+/// Identical failures of one record in a row (the "could be either" class of
+/// `sink::classify`); after `kafka.max_record_retries` of them the record is dead-lettered.
+#[derive(Default)]
+pub struct Repeats {
+    /// (event id, librdkafka code, count)
+    last: Option<(String, String, u32)>,
+    pub hints: Hints,
+}
+
+impl Repeats {
+    /// Learns from the error that ended a session.
+    pub fn record(&mut self, e: &Error, max: u32) {
+        if let Error::Suspect { event_id, .. } = e {
+            self.hints.isolate = Some(event_id.clone());
+            return;
+        }
+        let Error::Delivery {
+            event_id: Some(id),
+            code,
+            message,
+            others_acked,
+        } = e
+        else {
+            // A failure of the cluster breaks the series.
+            self.last = None;
+            return;
+        };
+        if !others_acked {
+            // Nothing else got through either: maybe the whole cluster refuses. Retry, and
+            // never dead-letter on this evidence.
+            return;
+        }
+        let count = match &self.last {
+            Some((i, c, n)) if i == id && c == code => n + 1,
+            _ => 1,
+        };
+        if count >= max {
+            tracing::error!(event_id = %id, code = %code, count, "the same record failed the same way too often; it will be dead-lettered (retries_exhausted)");
+            self.hints.exhausted = Some((
+                id.clone(),
+                format!("failed {count} times in a row: {message}"),
+            ));
+            self.last = None;
+        } else {
+            self.last = Some((id.clone(), code.clone(), count));
+        }
+    }
+}
+
+/// Why a delivery did not succeed (see `sink::classify`).
+pub enum Failure {
+    /// About the cluster or the connection: resend from the confirmed position, forever.
+    Cluster(String),
+    /// About the record or the cluster: resend; the relay counts repeats of the same record.
+    Unclear {
+        id: Option<String>,
+        code: String,
+        message: String,
+    },
+    /// Refused for a reason about the record, but in a batch: maybe about a batchmate.
+    Suspect { id: String, poison: Poison },
+    /// Kafka will never accept this record.
+    Poison {
+        id: Option<String>,
+        record: Record,
+        poison: Poison,
+    },
+}
+
+/// The error that ends a session for a failure that is not the record's own.
+fn failure_error(failure: Failure, others_acked: bool) -> Error {
+    match failure {
+        Failure::Cluster(reason) => Error::Kafka(format!(
+            "delivery failed, resending from the last confirmed position: {reason}"
+        )),
+        Failure::Unclear { id, code, message } => Error::Delivery {
+            event_id: id,
+            code,
+            others_acked,
+            message: format!(
+                "delivery failed, resending from the last confirmed position: {message}"
+            ),
+        },
+        Failure::Suspect { id, poison } => Error::Suspect {
+            message: format!(
+                "event {id} was refused ({}: {}), maybe only because of its batch; sending it alone",
+                poison.kind.label(),
+                poison.detail
+            ),
+            event_id: id,
+        },
+        Failure::Poison { poison, .. } => Error::Kafka(format!(
+            "a refused record was not dead-lettered: {}",
+            poison.detail
+        )),
+    }
+}
+
+/// Classifies a librdkafka error for the record `id` to `topic`.
+fn classify_failure(
+    e: &rdkafka::error::KafkaError,
+    stage: Stage,
+    id: Option<String>,
+    topic: &str,
+    record: impl FnOnce() -> Record,
+) -> Failure {
+    let message = format!(
+        "event {} to topic {topic}: {e}",
+        id.as_deref().unwrap_or("?")
+    );
+    let Some(code) = e.rdkafka_error_code() else {
+        return Failure::Cluster(message);
+    };
+    let class = classify(code, stage);
+    let label = match class {
+        Class::Record(_) => "record",
+        Class::Cluster => "cluster",
+        Class::Unclear => "unclear",
+    };
+    metrics::counter!(m::DELIVERY_FAILURES, "class" => label, "code" => format!("{code:?}"))
+        .increment(1);
+    match class {
+        Class::Record(kind) => {
+            let poison = Poison {
+                kind,
+                detail: e.to_string(),
+            };
+            match (stage, id) {
+                (Stage::Delivery, Some(id)) => Failure::Suspect { id, poison },
+                (_, id) => Failure::Poison {
+                    id,
+                    record: record(),
+                    poison,
+                },
+            }
+        }
+        Class::Cluster => Failure::Cluster(message),
+        Class::Unclear => Failure::Unclear {
+            id,
+            code: format!("{code:?}"),
+            message,
+        },
+    }
+}
+
+/// Sends a poison event to the dead-letter topic or, if that fails, the dead-letter table.
+/// Logged with its id and counted; only if both fail does the session fail (and retry).
+pub async fn dead_letter(
+    sink: &mut KafkaSink,
+    dlq: &DlqTable<'_>,
+    event_id: Option<&str>,
+    record: &Record,
+    poison: &Poison,
+) -> Result<()> {
+    let reason = poison.kind.label();
+    let id = event_id.unwrap_or("?");
+    match sink.dead_letter(record, poison.kind, &poison.detail).await {
+        Ok(()) => {
+            tracing::error!(event_id = id, reason, topic = %record.topic, detail = %poison.detail, "poison event dead-lettered to the DLQ topic");
+        }
+        Err(dlq_error) => {
+            dlq.insert(event_id, record, reason, &poison.detail).await?;
+            tracing::error!(event_id = id, reason, topic = %record.topic, detail = %poison.detail, dlq_error = %dlq_error, "poison event dead-lettered to the outboxd_dead_letter table (the DLQ topic refused it)");
+        }
+    }
+    metrics::counter!(m::EVENTS_DEAD_LETTERED, "reason" => reason).increment(1);
+    Ok(())
+}
+
+/// A delivery awaiting acknowledgement.
+struct InFlight {
+    fut: DeliveryFuture,
+    id: String,
+    topic: String,
+    commit_time: SystemTime,
+}
+
+/// Deliveries awaiting acknowledgement, oldest first.
+pub struct Window {
+    inflight: VecDeque<InFlight>,
+    /// Events handed to the producer (or dead-lettered) so far.
+    pub sent: u64,
+    /// Events acknowledged (or dead-lettered) so far, in sending order.
+    pub acked: u64,
+    hints: Hints,
+}
+
+impl Window {
+    pub fn new(hints: Hints) -> Window {
+        Window {
+            inflight: VecDeque::new(),
+            sent: 0,
+            acked: 0,
+            hints,
+        }
+    }
+
+    /// No delivery outstanding.
+    pub fn is_empty(&self) -> bool {
+        self.inflight.is_empty()
+    }
+
+    /// Deliveries outstanding.
+    pub fn len(&self) -> usize {
+        self.inflight.len()
+    }
+
+    /// Whether another record may be sent: fewer than `max` outstanding, or none while a
+    /// suspect record is being isolated.
+    pub fn has_room(&self, max: usize) -> bool {
+        let max = if self.hints.isolate.is_some() { 1 } else { max };
+        self.inflight.len() < max
+    }
+
+    /// What the window still has to teach the next session (an isolation not finished).
+    pub fn into_hints(self) -> Hints {
+        self.hints
+    }
+
+    /// Publishes the oldest unacknowledged commit time (the lag) and the in-flight count.
+    pub fn report(&self, health: &Health) {
+        health.set_inflight(
+            self.inflight.front().map(|f| f.commit_time),
+            self.inflight.len(),
+        );
+    }
+
+    /// Awaits the oldest delivery. Cancel-safe: the delivery is removed only once resolved.
+    /// `Err` carries the failure reason, naming the event id.
+    pub async fn settle_oldest(&mut self) -> std::result::Result<(), Failure> {
+        let Some(front) = self.inflight.front_mut() else {
+            return Ok(());
+        };
+        let result = (&mut front.fut).await;
+        let Some(done) = self.inflight.pop_front() else {
+            return Ok(());
+        };
+        // The suspect settled alone: whatever it says now is about this record.
+        let alone = self.hints.isolate.as_deref() == Some(done.id.as_str());
+        if alone {
+            self.hints.isolate = None;
+        }
+        match result {
+            Ok(Ok(_)) => {
+                self.acked += 1;
+                metrics::counter!(m::EVENTS_PUBLISHED, "topic" => done.topic).increment(1);
+                if let Ok(age) = SystemTime::now().duration_since(done.commit_time) {
+                    metrics::histogram!(m::COMMIT_TO_ACK).record(age.as_secs_f64());
+                }
+                Ok(())
+            }
+            Ok(Err((e, msg))) => {
+                use rdkafka::message::{Headers, Message};
+                let headers: Vec<(String, Vec<u8>)> = msg
+                    .headers()
+                    .map(|h| {
+                        h.iter()
+                            .map(|h| (h.key.to_string(), h.value.unwrap_or_default().to_vec()))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let id = headers
+                    .iter()
+                    .find(|(k, _)| k == "id")
+                    .map(|(_, v)| String::from_utf8_lossy(v).into_owned());
+                let stage = if alone { Stage::Alone } else { Stage::Delivery };
+                Err(classify_failure(&e, stage, id, msg.topic(), || Record {
+                    topic: msg.topic().to_string(),
+                    key: msg.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+                    value: msg.payload().map(<[u8]>::to_vec),
+                    headers,
+                    partition: None,
+                    timestamp_ms: None,
+                }))
+            }
+            Err(_) => Err(Failure::Cluster(
+                "delivery was cancelled (producer dropped)".into(),
+            )),
+        }
+    }
+
+    /// Routes one event and hands it to the producer, or dead-letters it if it is poison
+    /// (routing rejects it, or librdkafka refuses it for good). Waits for deliveries to
+    /// drain while librdkafka's queue is full. Transient producer errors end the session.
+    pub async fn publish(
+        &mut self,
+        event: &Event,
+        router: &Router,
+        sink: &mut KafkaSink,
+        dlq: &DlqTable<'_>,
+        health: &Health,
+    ) -> Result<()> {
+        let record = match router.route(event) {
+            Ok((record, warnings)) => {
+                for w in warnings {
+                    tracing::warn!(event_id = %event.id, "{}", w.0);
+                }
+                record
+            }
+            Err(rejected) => {
+                let (record, poison) = *rejected;
+                return dead_letter(sink, dlq, Some(&event.id), &record, &poison).await;
+            }
+        };
+        if let Some(detail) = self
+            .hints
+            .exhausted
+            .take_if(|(id, _)| *id == event.id)
+            .map(|e| e.1)
+        {
+            let poison = Poison {
+                kind: PoisonKind::RetriesExhausted,
+                detail,
+            };
+            return dead_letter(sink, dlq, Some(&event.id), &record, &poison).await;
+        }
+        sink.ensure_topic(&record.topic).await;
+        loop {
+            match sink.send(&record) {
+                Ok(fut) => {
+                    self.inflight.push_back(InFlight {
+                        fut,
+                        id: event.id.clone(),
+                        topic: record.topic.clone(),
+                        commit_time: event.commit_time,
+                    });
+                    self.sent += 1;
+                    self.report(health);
+                    tracing::trace!(event_id = %event.id, topic = %record.topic, "event sent");
+                    return Ok(());
+                }
+                Err(SendError::QueueFull) => {
+                    // librdkafka's queue is full: let deliveries drain.
+                    let settled = self.settle_oldest().await;
+                    self.handle(settled, sink, dlq).await?;
+                }
+                Err(SendError::Other(e)) => {
+                    let id = Some(event.id.clone());
+                    return match classify_failure(&e, Stage::Send, id, &record.topic, || {
+                        record.clone()
+                    }) {
+                        Failure::Poison { id, record, poison } => {
+                            dead_letter(sink, dlq, id.as_deref(), &record, &poison).await
+                        }
+                        other => Err(failure_error(other, self.acked > 0)),
+                    };
+                }
+            }
+        }
+    }
+
+    /// Acts on a settled delivery: a poison record is dead-lettered and counts as handled;
+    /// a transient failure ends the session (resend from the confirmed position).
+    pub async fn handle(
+        &mut self,
+        settled: std::result::Result<(), Failure>,
+        sink: &mut KafkaSink,
+        dlq: &DlqTable<'_>,
+    ) -> Result<()> {
+        match settled {
+            Ok(()) => Ok(()),
+            Err(Failure::Poison { id, record, poison }) => {
+                dead_letter(sink, dlq, id.as_deref(), &record, &poison).await?;
+                self.acked += 1;
+                Ok(())
+            }
+            Err(other @ Failure::Unclear { .. }) => {
+                // Was it this record, or the cluster? Let the rest of the window settle: if
+                // anything else is acknowledged, the cluster accepts records.
+                let mut others_acked = self.acked > 0;
+                let deadline = tokio::time::Instant::now() + sink.delivery_timeout();
+                while let Some(f) = self.inflight.pop_front() {
+                    match tokio::time::timeout_at(deadline, f.fut).await {
+                        Ok(Ok(Ok(_))) => others_acked = true,
+                        Ok(_) => {}
+                        Err(_) => break,
+                    }
+                }
+                Err(failure_error(other, others_acked))
+            }
+            Err(other) => Err(failure_error(other, false)),
+        }
+    }
+}
