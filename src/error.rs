@@ -52,6 +52,10 @@ pub enum Error {
     #[error("kafka: {message}")]
     Suspect { event_id: String, message: String },
 
+    /// Stopping did not complete: acknowledged work was not confirmed (exit code 1).
+    #[error("{0}")]
+    Shutdown(String),
+
     /// A pgoutput message we could not decode: a bug or an incompatible server.
     #[error("decoding the replication stream: {0}")]
     Decode(#[from] crate::source::pgoutput::DecodeError),
@@ -104,7 +108,10 @@ impl Error {
     pub fn is_transient(&self) -> bool {
         match self {
             Error::Config(_) | Error::Setup { .. } | Error::Decode(_) => false,
-            Error::Kafka(_) | Error::Delivery { .. } | Error::Suspect { .. } => true,
+            Error::Kafka(_)
+            | Error::Delivery { .. }
+            | Error::Suspect { .. }
+            | Error::Shutdown(_) => true,
             Error::Postgres { source, .. } => match source.code() {
                 // No SQLSTATE: I/O error, connection closed, timeout.
                 None => true,

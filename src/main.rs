@@ -185,8 +185,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
             let _ = (&mut { signals }).await;
             tokio::time::sleep(grace).await;
         } => {
-            tracing::warn!("relay did not stop within the grace period; exiting (unconfirmed events will be resent)");
-            return Ok(());
+            // Acknowledged events may not be confirmed: say so with a non-zero status.
+            anyhow::bail!("the relay did not stop within the grace period (kafka.shutdown_timeout_ms + 15 s); events acknowledged since the last confirmation will be published again after a restart");
         }
     };
     result.context("relay task panicked")?.context("relay")

@@ -87,6 +87,12 @@ pub async fn run(cfg: Config, mut stop: watch::Receiver<bool>, health: Arc<Healt
         health.set_role(Role::Starting);
         match result {
             Ok(()) => return Ok(()),
+            // Stopping: an error now (say, the final confirmation did not land) is the exit
+            // status, not a reason to start another session.
+            Err(e) if *stop.borrow() => {
+                health.record_error(&e.to_string());
+                return Err(e);
+            }
             Err(e) if e.is_transient() => {
                 attempt += 1;
                 health.record_error(&e.to_string());
@@ -177,7 +183,8 @@ async fn session(
         tokio::select! {
             biased;
             _ = stop.changed() => {
-                return shutdown(cfg, stream, &mut sink, &dlq, window, checkpoint, confirmed).await;
+                let state = (window, checkpoint, confirmed, published.table_oid);
+                return shutdown(cfg, stream, &mut sink, &reader, state).await;
             }
             settled = window.settle_oldest(), if !window.is_empty() => {
                 window.handle(settled, &mut sink, &dlq).await?;
@@ -373,16 +380,17 @@ async fn session_polling(
 }
 
 /// Stop reading, wait (bounded) for outstanding acknowledgements, confirm what was
-/// acknowledged.
+/// acknowledged, and check that the confirmation reached the slot: an error (exit code 1)
+/// when it did not, so a supervisor knows events will be repeated.
 async fn shutdown(
     cfg: &Config,
     mut stream: ReplicationStream,
     sink: &mut KafkaSink,
-    dlq: &DlqTable<'_>,
-    mut window: Window,
-    mut checkpoint: Checkpoint,
-    confirmed: u64,
+    reader: &SlotReader,
+    (mut window, mut checkpoint, confirmed, table_oid): (Window, Checkpoint, u64, u32),
 ) -> Result<()> {
+    let dlq = reader.dlq_table();
+    let dlq = &dlq;
     let deadline = tokio::time::Instant::now() + cfg.kafka.shutdown_timeout;
     while !window.is_empty() {
         match tokio::time::timeout_at(deadline, window.settle_oldest()).await {
@@ -402,12 +410,53 @@ async fn shutdown(
         }
     }
     checkpoint.acked(window.acked);
+    let limit = Duration::from_secs(5);
+    // One last check that the outbox is published lets the checkpoint reach the last
+    // acknowledged transaction (it holds back what was decoded after the previous check).
+    if let Ok(Ok(p)) = tokio::time::timeout(limit, reader.verify_publication(Some(table_oid))).await
+    {
+        checkpoint.limit(p.lsn);
+    }
     let safe = checkpoint
         .safe_position()
         .unwrap_or(confirmed)
         .max(confirmed);
-    stream.send_status(safe, false).await?;
-    stream.close().await;
+    let unconfirmed = |why: String| {
+        Error::Shutdown(format!(
+            "acknowledged events up to {} could not be confirmed ({why}); they will be published again after a restart",
+            format_lsn(safe)
+        ))
+    };
+    match tokio::time::timeout(limit, stream.send_status(safe, false)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(unconfirmed(e.to_string())),
+        Err(_) => {
+            return Err(unconfirmed(
+                "PostgreSQL did not take the status update".into(),
+            ))
+        }
+    }
+    if safe > reader.confirmed() {
+        // The walsender applies the update when it reads it: wait until the slot shows it.
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            match tokio::time::timeout_at(deadline, reader.state()).await {
+                Ok(Ok(state)) if state.confirmed_flush >= safe => break,
+                Ok(Ok(_)) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Ok(Ok(state)) => {
+                    return Err(unconfirmed(format!(
+                        "the slot stayed at {}",
+                        format_lsn(state.confirmed_flush)
+                    )))
+                }
+                Ok(Err(e)) => return Err(unconfirmed(e.to_string())),
+                Err(_) => return Err(unconfirmed("PostgreSQL did not answer".into())),
+            }
+        }
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(1), stream.close()).await;
     sink.flush(Duration::from_millis(100));
     tracing::info!(confirmed_lsn = %format_lsn(safe), "stopped; acknowledged events confirmed");
     Ok(())

@@ -280,6 +280,37 @@ async fn sigterm_confirms_acknowledged_events_and_exits_0() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_while_postgres_is_unreachable_exits_non_zero() {
+    // Acknowledged events that cannot be confirmed will be published again: the exit status
+    // must say the stop was not clean.
+    let brokers = kafka_brokers();
+    let (db, _) = setup("sigterm_unreachable", &brokers, "").await;
+    let proxy = common::proxy::Proxy::start(db.socket_addr());
+    let config = db.via_port(proxy.port).config(&brokers, "");
+    let mut relay = Relay::start(&config);
+    let mut client = db.client().await;
+    let written = write_txn(&mut client, &[("order".into(), "a".into())], false)
+        .await
+        .unwrap();
+    let received = consume(
+        &brokers,
+        &[db.topic("order")],
+        &ids(&written),
+        Duration::from_secs(30),
+        Duration::ZERO,
+    );
+    assert_exactly_written(&written, &received);
+    proxy.black_hole(true);
+    let status = relay.terminate(Duration::from_secs(40));
+    assert_ne!(status.code(), Some(0), "log:\n{}", relay.log_text());
+    assert!(
+        relay.log_text().contains("published again after a restart"),
+        "log:\n{}",
+        relay.log_text()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_outbox_lets_the_slot_advance_past_other_tables_wal() {
     let brokers = kafka_brokers();
     let (db, config) = setup(

@@ -3,6 +3,8 @@
 //! publication and topics, so tests run in parallel.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod proxy;
+
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -768,5 +770,24 @@ impl Drop for PrivateKafka {
             .arg("kafka-stop")
             .arg(&self.dir)
             .status();
+    }
+}
+
+impl TestDb {
+    /// This database reached through `port` on loopback (a [`proxy::Proxy`]).
+    pub fn via_port(&self, port: u16) -> TestDb {
+        let (head, db) = self.url.rsplit_once('/').unwrap();
+        let (userhost, _) = head.rsplit_once(':').unwrap();
+        TestDb {
+            url: format!("{userhost}:{port}/{db}"),
+            ..self.clone()
+        }
+    }
+
+    /// The server's address, for a proxy in front of it.
+    pub fn socket_addr(&self) -> std::net::SocketAddr {
+        let head = self.url.rsplit_once('/').unwrap().0;
+        let hostport = head.rsplit_once('@').unwrap().1;
+        hostport.parse().unwrap()
     }
 }
