@@ -138,8 +138,8 @@ pub struct KafkaConfig {
     pub topic_template: String,
     /// Upper bound of deliveries awaiting Kafka's acknowledgement; bounds the relay's memory.
     pub max_in_flight: usize,
-    /// librdkafka `message.timeout.ms`: a delivery not acknowledged within it fails and the
-    /// relay resends from the last confirmed position.
+    /// A delivery not acknowledged within this time is reported as stalled (never given up:
+    /// librdkafka's `message.timeout.ms` is 0).
     pub delivery_timeout: Duration,
     /// How long a graceful shutdown waits for outstanding acknowledgements.
     pub shutdown_timeout: Duration,

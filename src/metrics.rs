@@ -17,6 +17,9 @@ pub const IGNORED_CHANGES: &str = "outboxd_ignored_changes_total";
 /// Failed deliveries by class (record, cluster, unclear; see `sink::classify`) and
 /// librdkafka error code.
 pub const DELIVERY_FAILURES: &str = "outboxd_delivery_failures_total";
+/// Times a delivery stayed unacknowledged past `kafka.delivery_timeout_ms` (reported, not
+/// given up).
+pub const DELIVERY_STALLS: &str = "outboxd_delivery_stalls_total";
 /// Times publishing restarted from the confirmed position after a failed delivery.
 pub const PUBLISH_RETRIES: &str = "outboxd_publish_retries_total";
 /// Commit timestamp → Kafka acknowledgement.
@@ -86,6 +89,10 @@ fn describe() {
         DELIVERY_FAILURES,
         "Failed deliveries by class (record, cluster, unclear) and librdkafka error code"
     );
+    describe_counter!(
+        DELIVERY_STALLS,
+        "Deliveries unacknowledged past kafka.delivery_timeout_ms (reported, still retried)"
+    );
     describe_histogram!(
         COMMIT_TO_ACK,
         Unit::Seconds,
@@ -114,4 +121,5 @@ fn describe() {
     metrics::gauge!(LAG_SECONDS).set(0.0);
     metrics::gauge!(INFLIGHT).set(0.0);
     metrics::counter!(PUBLISH_RETRIES).absolute(0);
+    metrics::counter!(DELIVERY_STALLS).absolute(0);
 }

@@ -143,16 +143,17 @@ async fn session(
     let dlq = reader.dlq_table();
     let mut sink = KafkaSink::new(&cfg.kafka)?;
     let brokers = sink.check_reachable(Duration::from_secs(10)).await?;
-    let mut stream = match ReplicationStream::start(&cfg.postgres, 4096).await {
+    let mut confirmed = reader.confirmed();
+    let stream = ReplicationStream::start(&cfg.postgres, 4096, confirmed).await;
+    let mut stream = match stream {
         Err(e) if e.is_slot_in_use() && reader.resolve_stale_holder().await? => {
             // The stale holder is gone (its backend exits asynchronously): try again shortly.
             tokio::time::sleep(Duration::from_millis(500)).await;
-            ReplicationStream::start(&cfg.postgres, 4096).await?
+            ReplicationStream::start(&cfg.postgres, 4096, confirmed).await?
         }
         other => other?,
     };
     health.set_role(Role::Leader);
-    let mut confirmed = reader.confirmed();
     tracing::info!(
         slot = %cfg.postgres.slot,
         confirmed_lsn = %format_lsn(confirmed),
@@ -171,7 +172,7 @@ async fn session(
     loop {
         if let Some(safe) = checkpoint.safe_position() {
             if safe > confirmed {
-                stream.send_status(safe, false).await?;
+                stream.confirm(safe);
                 tracing::trace!(lsn = %format_lsn(safe), "confirmed");
                 confirmed = safe;
                 last_progress = Instant::now();
@@ -209,19 +210,17 @@ async fn session(
                         checkpoint.acked(window.acked);
                     }
                 },
-                ReplicationMessage::Keepalive { wal_end, reply_requested } => {
+                ReplicationMessage::Keepalive { wal_end, .. } => {
                     // Everything before wal_end was sent to us; outside a transaction it is
-                    // safe once the events before it are acknowledged.
+                    // safe once the events before it are acknowledged. (Replies are the
+                    // status task's: see source::walsender.)
                     if !decoder.in_transaction() {
                         checkpoint.boundary(window.sent, wal_end);
-                    }
-                    if reply_requested {
-                        stream.send_status(confirmed, false).await?;
                     }
                 }
             },
             _ = status_tick.tick() => {
-                stream.send_status(confirmed, false).await?;
+                window.report_stall(cfg.kafka.delivery_timeout, health);
                 // Also proves the session (and with it the leadership lock) is alive.
                 match reader.verify_publication(Some(published.table_oid)).await {
                     Ok(p) => {
@@ -328,7 +327,9 @@ async fn session_polling(
             // (and including) it are acknowledged.
             bounds.push((window.sent, pos));
             while !window.has_room(cfg.kafka.max_in_flight) {
-                let settled = window.settle_oldest().await;
+                let settled = window
+                    .settle_reporting(cfg.kafka.delivery_timeout, health)
+                    .await;
                 if let Err(e) = window.handle(settled, &mut sink, &dlq).await {
                     outcome = Err(e);
                     break;
@@ -346,7 +347,11 @@ async fn session_polling(
                     Ok(s) => s,
                     Err(_) => break,
                 },
-                None => window.settle_oldest().await,
+                None => {
+                    window
+                        .settle_reporting(cfg.kafka.delivery_timeout, health)
+                        .await
+                }
             };
             if let Err(e) = window.handle(settled, &mut sink, &dlq).await {
                 outcome = Err(e);
@@ -384,7 +389,7 @@ async fn session_polling(
 /// when it did not, so a supervisor knows events will be repeated.
 async fn shutdown(
     cfg: &Config,
-    mut stream: ReplicationStream,
+    stream: ReplicationStream,
     sink: &mut KafkaSink,
     reader: &SlotReader,
     (mut window, mut checkpoint, confirmed, table_oid): (Window, Checkpoint, u64, u32),
@@ -427,7 +432,7 @@ async fn shutdown(
             format_lsn(safe)
         ))
     };
-    match tokio::time::timeout(limit, stream.send_status(safe, false)).await {
+    match tokio::time::timeout(limit, stream.finish(safe)).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => return Err(unconfirmed(e.to_string())),
         Err(_) => {
@@ -456,7 +461,6 @@ async fn shutdown(
             }
         }
     }
-    let _ = tokio::time::timeout(Duration::from_secs(1), stream.close()).await;
     sink.flush(Duration::from_millis(100));
     tracing::info!(confirmed_lsn = %format_lsn(safe), "stopped; acknowledged events confirmed");
     Ok(())

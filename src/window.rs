@@ -22,7 +22,7 @@
 //! reason `retries_exhausted`.
 
 use std::collections::VecDeque;
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
 use rdkafka::producer::DeliveryFuture;
 
@@ -219,6 +219,7 @@ pub async fn dead_letter(
 struct InFlight {
     fut: DeliveryFuture,
     id: String,
+    sent_at: Instant,
     topic: String,
     commit_time: SystemTime,
 }
@@ -231,6 +232,8 @@ pub struct Window {
     /// Events acknowledged (or dead-lettered) so far, in sending order.
     pub acked: u64,
     hints: Hints,
+    /// When a stall was last logged.
+    stall_logged: Option<Instant>,
 }
 
 impl Window {
@@ -240,6 +243,7 @@ impl Window {
             sent: 0,
             acked: 0,
             hints,
+            stall_logged: None,
         }
     }
 
@@ -263,6 +267,46 @@ impl Window {
     /// What the window still has to teach the next session (an isolation not finished).
     pub fn into_hints(self) -> Hints {
         self.hints
+    }
+
+    /// Kafka has not acknowledged the oldest delivery for longer than `after`: librdkafka
+    /// keeps retrying it (in order, `message.timeout.ms = 0`), and the relay says so — an
+    /// error line every `after`, and `/readyz` failing after `retry.unready_after_ms`.
+    pub fn report_stall(&mut self, after: Duration, health: &Health) {
+        let Some(oldest) = self.inflight.front() else {
+            return;
+        };
+        let waited = oldest.sent_at.elapsed();
+        if waited < after {
+            return;
+        }
+        health.failing();
+        if self.stall_logged.is_none_or(|t| t.elapsed() >= after) {
+            self.stall_logged = Some(Instant::now());
+            metrics::counter!(m::DELIVERY_STALLS).increment(1);
+            let message = format!(
+                "Kafka has not acknowledged event {} (topic {}) for {} s; librdkafka keeps retrying, in order, and nothing after it is confirmed",
+                oldest.id,
+                oldest.topic,
+                waited.as_secs()
+            );
+            health.record_error(&message);
+            tracing::error!(event_id = %oldest.id, topic = %oldest.topic, waited_s = waited.as_secs(), inflight = self.inflight.len(), "delivery stalled: {message}");
+        }
+    }
+
+    /// [`Window::settle_oldest`], reporting a stall every second while it waits.
+    pub async fn settle_reporting(
+        &mut self,
+        after: Duration,
+        health: &Health,
+    ) -> std::result::Result<(), Failure> {
+        loop {
+            match tokio::time::timeout(Duration::from_secs(1), self.settle_oldest()).await {
+                Ok(settled) => return settled,
+                Err(_) => self.report_stall(after, health),
+            }
+        }
     }
 
     /// Publishes the oldest unacknowledged commit time (the lag) and the in-flight count.
@@ -369,6 +413,7 @@ impl Window {
                     self.inflight.push_back(InFlight {
                         fut,
                         id: event.id.clone(),
+                        sent_at: Instant::now(),
                         topic: record.topic.clone(),
                         commit_time: event.commit_time,
                     });
@@ -379,7 +424,7 @@ impl Window {
                 }
                 Err(SendError::QueueFull) => {
                     // librdkafka's queue is full: let deliveries drain.
-                    let settled = self.settle_oldest().await;
+                    let settled = self.settle_reporting(sink.delivery_timeout(), health).await;
                     self.handle(settled, sink, dlq).await?;
                 }
                 Err(SendError::Other(e)) => {

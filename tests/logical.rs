@@ -311,6 +311,134 @@ async fn sigterm_while_postgres_is_unreachable_exits_non_zero() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_dead_letter_wait_does_not_starve_the_servers_status_replies() {
+    // The server ends a walsender that hears nothing for wal_sender_timeout (2 s here). A
+    // poison event whose DLQ topic does not exist keeps the relay waiting for ~11 s; if that
+    // wait starved status replies, the stream would be cut and the same transaction replayed
+    // and dead-lettered again, forever.
+    let brokers = kafka_brokers();
+    let db = TestDb::new("starve").await;
+    let config = db.config(
+        &brokers,
+        &format!(
+            "[kafka]\ncreate_topics = false\ndelivery_timeout_ms = 6000\ndlq_topic = \"{}.missing\"\n",
+            db.name
+        ),
+    );
+    migrate(&config);
+    let mut client = db.client().await;
+    create_aggregates_table(&client).await;
+    client
+        .batch_execute(&format!(
+            "ALTER DATABASE \"{}\" SET wal_sender_timeout = '2s'",
+            db.name
+        ))
+        .await
+        .unwrap();
+    create_topic(&brokers, &db.topic("order"), 3, &[]).await;
+    let relay = Relay::start(&config);
+    let mut good = write_txn(&mut client, &[("order".into(), "a".into())], false)
+        .await
+        .unwrap();
+    let poison: String = client
+        .query_one(
+            "INSERT INTO outbox (aggregatetype, aggregateid, type, payload, headers) \
+             VALUES ('order', 'a', 'Bad', '{}', '[1]') RETURNING id::text",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    good.extend(
+        write_txn(&mut client, &[("order".into(), "a".into())], false)
+            .await
+            .unwrap(),
+    );
+    let after = db.current_lsn().await;
+    eventually(
+        Duration::from_secs(60),
+        "slot confirmed past the poison event",
+        || async { db.confirmed_lsn().await >= after },
+    )
+    .await;
+    let received = consume(
+        &brokers,
+        &[db.topic("order")],
+        &ids(&good),
+        Duration::from_secs(30),
+        Duration::from_millis(500),
+    );
+    assert_exactly_written(&good, &received);
+    let rows: i64 = client
+        .query_one(
+            "SELECT count(*) FROM outboxd_dead_letter WHERE event_id = $1",
+            &[&poison],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        rows,
+        1,
+        "dead-lettered once, not once per cut stream; log:\n{}",
+        relay.log_text()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outage_longer_than_the_delivery_timeout_gives_up_no_record_and_keeps_key_order() {
+    // A record given up after a timeout while later records of its key are still queued lets
+    // those land first; resending it then puts it after them. So records are never given up:
+    // the outage is reported, and when the broker returns every event lands once, in order.
+    let mock = rdkafka::mocking::MockCluster::new(1).unwrap();
+    let brokers = mock.bootstrap_servers();
+    let (db, config) = setup(
+        "outage",
+        &brokers,
+        "[kafka]\ndelivery_timeout_ms = 1000\ncreate_topics = false\n",
+    )
+    .await;
+    mock.create_topic(&db.topic("order"), 2, 1).unwrap();
+    let relay = Relay::start(&config);
+    let writer = {
+        let db = db.clone();
+        tokio::spawn(async move {
+            let mut client = db.client().await;
+            let mut written = Vec::new();
+            for i in 0..120 {
+                let events = [("order".to_string(), format!("k{}", i % 3))];
+                written.extend(write_txn(&mut client, &events, false).await.unwrap());
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            written
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    mock.broker_down(1).unwrap();
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    mock.broker_up(1).unwrap();
+    let written = writer.await.unwrap();
+    let received = consume(
+        &brokers,
+        &[db.topic("order")],
+        &ids(&written),
+        Duration::from_secs(60),
+        Duration::from_millis(500),
+    );
+    let dups = assert_exactly_written(&written, &received);
+    let log = relay.log_text();
+    assert!(
+        log.contains("delivery stalled"),
+        "the outage is reported; log:\n{log}"
+    );
+    assert!(
+        !log.contains("resending from the last confirmed position"),
+        "no record may be given up and resent; log:\n{log}"
+    );
+    assert_eq!(dups, 0, "each event once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_outbox_lets_the_slot_advance_past_other_tables_wal() {
     let brokers = kafka_brokers();
     let (db, config) = setup(

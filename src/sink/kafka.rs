@@ -63,10 +63,11 @@ pub fn client_config(cfg: &KafkaConfig) -> ClientConfig {
         // The Java client's partitioner (murmur2), not librdkafka's CRC32 default: a key lands
         // on the same partition as with Debezium or any Java producer on the same topic.
         .set("partitioner", "murmur2_random")
-        .set(
-            "message.timeout.ms",
-            cfg.delivery_timeout.as_millis().to_string(),
-        )
+        // Never time a record out: librdkafka retries it, in order, until the broker takes it.
+        // A timed-out record with later ones of the same partition still queued could let
+        // those land first and the retry after them — out of order for the key. The relay
+        // reports a stalled window itself (kafka.delivery_timeout_ms, `window`).
+        .set("message.timeout.ms", "0")
         .set(
             "queue.buffering.max.messages",
             (cfg.max_in_flight.max(50_000) * 2).to_string(),

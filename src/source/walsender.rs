@@ -4,8 +4,18 @@
 //! is built on, so this adds no dependency to the build.
 //!
 //! A reader task owns the socket's read half and forwards decoded messages over a bounded
-//! channel (so a slow Kafka backs up into TCP, not into memory); the relay owns the write half
-//! and sends standby status updates (the confirmed position) as acknowledgements arrive.
+//! channel (so a slow Kafka backs up into TCP, not into memory). A status task owns the write
+//! half and sends standby status updates: when the relay confirms a higher position, when the
+//! server asks for a reply, and every second regardless.
+//!
+//! ## Why status updates have a task of their own
+//!
+//! The server ends a walsender that hears nothing for `wal_sender_timeout` (60 s by default,
+//! often lowered). If status updates were sent from the relay's loop, any long wait there —
+//! Kafka's queue full, a dead-letter delivery, a topic being created, a slow catalog query —
+//! would starve them; the server would cut the stream, the session would replay the same
+//! transaction, wait again, and be cut again, forever. The status task answers whatever the
+//! relay is doing, always with the last position the relay confirmed, which is safe.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -13,7 +23,7 @@ use bytes::{Buf, BytesMut};
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256, SCRAM_SHA_256};
 use postgres_protocol::message::frontend;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use crate::config::{quote_ident, quote_literal, PostgresConfig};
 use crate::error::{Error, Result};
@@ -37,13 +47,18 @@ pub enum ReplicationMessage {
 /// A started logical replication stream.
 pub struct ReplicationStream {
     rx: mpsc::Receiver<Result<ReplicationMessage>>,
-    writer: Writer,
+    /// The position to confirm; only ever raised.
+    confirmed: watch::Sender<u64>,
     reader_task: tokio::task::JoinHandle<()>,
+    status_task: Option<tokio::task::JoinHandle<Result<()>>>,
 }
 
 impl Drop for ReplicationStream {
     fn drop(&mut self) {
         self.reader_task.abort();
+        if let Some(t) = &self.status_task {
+            t.abort();
+        }
     }
 }
 
@@ -140,7 +155,11 @@ async fn send(w: &mut Writer, buf: &mut BytesMut, context: &str) -> Result<()> {
 impl ReplicationStream {
     /// Connects with `replication=database`, authenticates, and starts streaming the slot
     /// from its confirmed position.
-    pub async fn start(cfg: &PostgresConfig, channel_capacity: usize) -> Result<ReplicationStream> {
+    pub async fn start(
+        cfg: &PostgresConfig,
+        channel_capacity: usize,
+        confirmed: u64,
+    ) -> Result<ReplicationStream> {
         let pgcfg: tokio_postgres::Config = cfg
             .url
             .parse()
@@ -222,11 +241,15 @@ impl ReplicationStream {
         }
 
         let (tx, rx) = mpsc::channel(channel_capacity.max(1));
-        let reader_task = tokio::spawn(read_loop(reader, tx));
+        let (reply_tx, reply_rx) = mpsc::channel(1);
+        let (confirmed_tx, confirmed_rx) = watch::channel(confirmed);
+        let reader_task = tokio::spawn(read_loop(reader, tx.clone(), reply_tx));
+        let status_task = tokio::spawn(status_loop(writer, confirmed_rx, reply_rx, tx));
         Ok(ReplicationStream {
             rx,
-            writer,
+            confirmed: confirmed_tx,
             reader_task,
+            status_task: Some(status_task),
         })
     }
 
@@ -241,35 +264,95 @@ impl ReplicationStream {
         }
     }
 
-    /// Standby status update: everything up to `flushed` is durably handled.
-    pub async fn send_status(&mut self, flushed: u64, reply: bool) -> Result<()> {
-        let mut body = Vec::with_capacity(34);
-        body.push(b'r');
-        body.extend_from_slice(&flushed.to_be_bytes()); // written
-        body.extend_from_slice(&flushed.to_be_bytes()); // flushed
-        body.extend_from_slice(&flushed.to_be_bytes()); // applied
-        body.extend_from_slice(&pg_now_micros().to_be_bytes());
-        body.push(u8::from(reply));
-        let mut buf = BytesMut::new();
-        frontend::CopyData::new(&body[..])
-            .map_err(|e| io_error("encoding status update", e))?
-            .write(&mut buf);
-        send(
-            &mut self.writer,
-            &mut buf,
-            &format!("confirming {}", format_lsn(flushed)),
-        )
-        .await
+    /// Everything up to `lsn` is durably handled: the status task tells the server. A lower
+    /// position than one confirmed before is ignored (PostgreSQL before its 2025 minor
+    /// releases would move the slot back).
+    pub fn confirm(&self, lsn: u64) {
+        self.confirmed.send_if_modified(|c| {
+            let higher = lsn > *c;
+            if higher {
+                *c = lsn;
+            }
+            higher
+        });
     }
 
-    /// Ends the stream politely (CopyDone, Terminate); errors are irrelevant at this point.
-    pub async fn close(mut self) {
-        let mut buf = BytesMut::new();
-        frontend::copy_done(&mut buf);
-        frontend::terminate(&mut buf);
-        let _ = self.writer.write_all(&buf).await;
-        let _ = self.writer.flush().await;
+    /// Confirms `lsn`, sends that status update at once and ends the stream politely
+    /// (CopyDone, Terminate). `Err` if the update could not be written.
+    pub async fn finish(mut self, lsn: u64) -> Result<()> {
+        self.confirm(lsn);
+        let Some(task) = self.status_task.take() else {
+            return Ok(());
+        };
+        // Closing the channel tells the status task to send the last position and stop.
+        let (closed, _) = watch::channel(0);
+        drop(std::mem::replace(&mut self.confirmed, closed));
+        match task.await {
+            Ok(r) => r,
+            Err(e) => Err(io_error(
+                "confirming the last position",
+                std::io::Error::other(e.to_string()),
+            )),
+        }
     }
+}
+
+/// Sends standby status updates: on a higher confirmed position, on the server's request,
+/// every second; on close, a last one followed by CopyDone and Terminate. A write error is
+/// also reported to the relay through the message channel.
+async fn status_loop(
+    mut w: Writer,
+    mut confirmed: watch::Receiver<u64>,
+    mut reply: mpsc::Receiver<()>,
+    errors: mpsc::Sender<Result<ReplicationMessage>>,
+) -> Result<()> {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let closing = tokio::select! {
+            changed = confirmed.changed() => changed.is_err(),
+            _ = reply.recv() => false,
+            _ = tick.tick() => false,
+        };
+        let lsn = *confirmed.borrow_and_update();
+        if let Err(e) = send_status(&mut w, lsn).await {
+            let _ = errors.try_send(Err(io_error(&e.0, e.1)));
+            return Err(io_error(
+                &e.0,
+                std::io::Error::other("status update failed"),
+            ));
+        }
+        tracing::trace!(lsn = %format_lsn(lsn), "status update sent");
+        if closing {
+            let mut buf = BytesMut::new();
+            frontend::copy_done(&mut buf);
+            frontend::terminate(&mut buf);
+            let _ = w.write_all(&buf).await;
+            let _ = w.flush().await;
+            return Ok(());
+        }
+    }
+}
+
+/// One standby status update: written, flushed and applied all `lsn`.
+async fn send_status(
+    w: &mut Writer,
+    lsn: u64,
+) -> std::result::Result<(), (String, std::io::Error)> {
+    let context = || format!("confirming {}", format_lsn(lsn));
+    let mut body = Vec::with_capacity(34);
+    body.push(b'r');
+    body.extend_from_slice(&lsn.to_be_bytes()); // written
+    body.extend_from_slice(&lsn.to_be_bytes()); // flushed
+    body.extend_from_slice(&lsn.to_be_bytes()); // applied
+    body.extend_from_slice(&pg_now_micros().to_be_bytes());
+    body.push(0); // no reply requested
+    let mut buf = BytesMut::new();
+    frontend::CopyData::new(&body[..])
+        .map_err(|e| (context(), e))?
+        .write(&mut buf);
+    w.write_all(&buf).await.map_err(|e| (context(), e))?;
+    w.flush().await.map_err(|e| (context(), e))
 }
 
 async fn authenticate(
@@ -360,7 +443,11 @@ async fn authenticate(
     }
 }
 
-async fn read_loop(mut r: Reader, tx: mpsc::Sender<Result<ReplicationMessage>>) {
+async fn read_loop(
+    mut r: Reader,
+    tx: mpsc::Sender<Result<ReplicationMessage>>,
+    reply: mpsc::Sender<()>,
+) {
     loop {
         let msg = match read_message(&mut r).await {
             Err(e) => Err(io_error("reading the replication stream", e)),
@@ -376,6 +463,10 @@ async fn read_loop(mut r: Reader, tx: mpsc::Sender<Result<ReplicationMessage>>) 
                     let wal_end = body.get_u64();
                     let _time = body.get_i64();
                     let reply_requested = body.get_u8() == 1;
+                    if reply_requested {
+                        // Answered by the status task at once, whatever the relay is doing.
+                        let _ = reply.try_send(());
+                    }
                     Ok(ReplicationMessage::Keepalive {
                         wal_end,
                         reply_requested,
