@@ -33,6 +33,8 @@ pub const SLOT_SAFE_WAL_SIZE: &str = "outboxd_replication_slot_safe_wal_size_byt
 pub const SLOT_WAL_STATUS: &str = "outboxd_replication_slot_wal_status";
 /// Rows past the cursor (polling mode only).
 pub const POLLING_PENDING: &str = "outboxd_polling_pending_events";
+/// Published rows deleted by polling-mode retention.
+pub const POLLING_DELETED: &str = "outboxd_polling_rows_deleted_total";
 /// Deliveries handed to the producer and not yet acknowledged.
 pub const INFLIGHT: &str = "outboxd_inflight_events";
 /// 1 while this instance holds the slot's lock and publishes.
@@ -110,6 +112,10 @@ fn describe() {
     );
     describe_gauge!(SLOT_WAL_STATUS, "1 for the slot's current wal_status");
     describe_gauge!(POLLING_PENDING, "Outbox rows past the polling cursor");
+    describe_counter!(
+        POLLING_DELETED,
+        "Published rows deleted by polling-mode retention"
+    );
     describe_gauge!(INFLIGHT, "Deliveries awaiting Kafka's acknowledgement");
     describe_gauge!(
         IS_LEADER,

@@ -258,6 +258,7 @@ async fn session_polling(
     }
     // Another instance may have moved the cursor while this one waited for the lock.
     poller.reload_cursor().await?;
+    poller.check_cursor_in_this_cluster().await?;
     let mut sink = KafkaSink::new(&cfg.kafka)?;
     let brokers = sink.check_reachable(Duration::from_secs(10)).await?;
     if cfg.polling.notify {
@@ -268,7 +269,10 @@ async fn session_polling(
     health.set_role(Role::Leader);
     let (xid, seq) = poller.cursor();
     tracing::info!(cursor = %format!("{xid}/{seq}"), brokers, "relay started (polling mode)");
-    let mut last_clean = Instant::now();
+    // Retention runs beside publishing, on its own connection; it ends with the session.
+    let _retention = AbortOnDrop(tokio::spawn(crate::source::polling::retention_loop(
+        cfg.clone(),
+    )));
     let mut last_pending = Instant::now() - Duration::from_secs(60);
     loop {
         if *stop.borrow() {
@@ -281,16 +285,8 @@ async fn session_polling(
         let batch = poller.fetch(cfg.polling.batch_size).await?;
         let full = batch.len() as i64 >= cfg.polling.batch_size;
         if batch.is_empty() {
-            if last_clean.elapsed() >= Duration::from_secs(10) {
-                last_clean = Instant::now();
-                let deleted = poller.clean(cfg.polling.retention, 1000).await?;
-                if deleted > 0 {
-                    tracing::info!(
-                        deleted,
-                        "deleted published rows past polling.retention_hours"
-                    );
-                }
-            }
+            // A dump/restore under a running relay shows up as a cursor from the future.
+            poller.check_cursor_in_this_cluster().await?;
             // Rows that exist but are not yet safe to read (a transaction anywhere in the
             // cluster holds the snapshot's xmin back) send no second NOTIFY: look again soon.
             let wait = if poller.has_unpublished().await? {
@@ -381,6 +377,15 @@ async fn session_polling(
                 _ = stop.changed() => return Ok(()),
             }
         }
+    }
+}
+
+/// Aborts a background task when the session that started it ends.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

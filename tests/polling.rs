@@ -5,7 +5,7 @@
 mod common;
 
 use std::collections::HashSet;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::*;
 
@@ -393,4 +393,129 @@ async fn published_rows_past_the_retention_are_deleted_unpublished_ones_are_kept
         .iter()
         .any(|r| r.id.as_deref() == Some(held[0].id.as_str())));
     relay.assert_running();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_keeps_up_while_the_relay_is_never_idle() {
+    // About one second of retention, and a writer that never lets a poll come back empty.
+    let (db, config, _) = setup_polling(
+        "pkeepup",
+        "[polling]\nretention_hours = 0.0003\nbatch_size = 50\n",
+    )
+    .await;
+    let _relay = Relay::start(&config);
+    let mut client = db.client().await;
+    let started = Instant::now();
+    let mut written = 0usize;
+    while started.elapsed() < Duration::from_secs(12) {
+        let events: Vec<(String, String)> = (0..20)
+            .map(|i| ("order".to_string(), format!("a{i}")))
+            .collect();
+        written += write_txn(&mut client, &events, false).await.unwrap().len();
+    }
+    // Still under load: published rows written more than 5 s ago must be gone.
+    let stale: i64 = client
+        .query_one(
+            "SELECT count(*) FROM outbox o JOIN outboxd_cursor c ON c.name = $1 \
+             WHERE (o.outboxd_xid, o.outboxd_seq) <= (c.xid, c.seq) \
+               AND o.created_at < now() - interval '5 seconds'",
+            &[&db.slot()],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let total: i64 = client
+        .query_one("SELECT count(*) FROM outbox", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        stale, 0,
+        "{stale} published rows older than 5 s are still there ({total} rows left of {written} written)"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cursor_from_another_cluster_stops_the_relay_with_the_fix() {
+    // After a dump/restore into another cluster the stored cursor can be far ahead of the new
+    // cluster's transaction ids: new rows would sort below it and be skipped.
+    let (db, config, _) = setup_polling("pmoved", "").await;
+    let client = db.client().await;
+    client
+        .execute(
+            "INSERT INTO outboxd_cursor (name, xid, seq) VALUES ($1, '999999999999', 7)",
+            &[&db.slot()],
+        )
+        .await
+        .unwrap();
+    let mut relay = Relay::start(&config);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = relay.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "relay kept running on a cursor from another cluster; log:\n{}",
+            relay.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let log = relay.log_text();
+    assert_eq!(status.code(), Some(2), "log:\n{log}");
+    assert!(
+        log.contains("ahead of this cluster") && log.contains("UPDATE"),
+        "log:\n{log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeat_carries_the_first_copys_timestamp_without_a_timestamp_column() {
+    let (db, config, brokers) = setup_polling(
+        "prepeat",
+        "[postgres.columns]\ntimestamp = \"\"\n[kafka]\ncloudevents = true\n",
+    )
+    .await;
+    let mut client = db.client().await;
+    let written = write_txn(&mut client, &[("order".into(), "a".into())], false)
+        .await
+        .unwrap();
+    let mut relay = Relay::start(&config);
+    let first = consume(
+        &brokers,
+        &[db.topic("order")],
+        &ids(&written),
+        Duration::from_secs(30),
+        Duration::ZERO,
+    );
+    assert_eq!(relay.terminate(Duration::from_secs(20)).code(), Some(0));
+    // Publish everything again, as a crash before the cursor was stored would.
+    client
+        .execute("UPDATE outboxd_cursor SET xid = '0', seq = 0", &[])
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let _relay = Relay::start(&config);
+    let mut all = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while all.len() < 2 && Instant::now() < deadline {
+        all = consume(
+            &brokers,
+            &[db.topic("order")],
+            &ids(&written),
+            Duration::from_secs(5),
+            Duration::from_millis(500),
+        );
+    }
+    assert_eq!(all.len(), 2, "the event and its repeat: {all:?}");
+    assert_eq!(first.len(), 1);
+    assert_eq!(
+        all[0].timestamp_ms, all[1].timestamp_ms,
+        "record timestamps differ"
+    );
+    assert_eq!(
+        all[0].headers.get("ce_time"),
+        all[1].headers.get("ce_time"),
+        "ce_time differs"
+    );
 }
