@@ -53,6 +53,10 @@ struct Args {
     /// Extra TOML appended to the relay's config (e.g. "[kafka.properties]\nlinger.ms = 1").
     #[arg(long, default_value = "")]
     extra_config: String,
+    /// Every this many seconds, print the outbox table's rows and size (0 = never): shows
+    /// whether polling-mode retention keeps up with the insert rate.
+    #[arg(long, default_value_t = 0)]
+    table_report_secs: u64,
 }
 
 struct Arrivals {
@@ -143,6 +147,34 @@ async fn main() -> anyhow::Result<()> {
     );
 
     let first_commit = Instant::now();
+    let reporter = (args.table_report_secs > 0).then(|| {
+        let url = url.clone();
+        let every = Duration::from_secs(args.table_report_secs);
+        tokio::spawn(async move {
+            let Ok((client, conn)) = tokio_postgres::connect(&url, NoTls).await else {
+                return;
+            };
+            tokio::spawn(conn);
+            println!("  t(s)   rows in outbox   table+indexes");
+            loop {
+                tokio::time::sleep(every).await;
+                let row = client
+                    .query_one(
+                        "SELECT count(*), pg_total_relation_size('outbox') FROM outbox",
+                        &[],
+                    )
+                    .await;
+                if let Ok(r) = row {
+                    let (rows, bytes): (i64, i64) = (r.get(0), r.get(1));
+                    println!(
+                        "  {:>4}   {rows:>14}   {:>9.1} MiB",
+                        first_commit.elapsed().as_secs(),
+                        bytes as f64 / 1048576.0
+                    );
+                }
+            }
+        })
+    });
     let mut writers = Vec::new();
     let per_writer = n / args.writers;
     for w in 0..args.writers {
@@ -190,6 +222,9 @@ async fn main() -> anyhow::Result<()> {
         w.await??;
     }
     let last_commit = Instant::now();
+    if let Some(r) = reporter {
+        r.abort();
+    }
     let relay_start = Instant::now();
     if args.mode == Mode::Backlog {
         relay = Some(start_relay()?);

@@ -449,18 +449,7 @@ async fn cursor_from_another_cluster_stops_the_relay_with_the_fix() {
         .await
         .unwrap();
     let mut relay = Relay::start(&config);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        if let Some(status) = relay.child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "relay kept running on a cursor from another cluster; log:\n{}",
-            relay.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let status = relay.wait_exit(Duration::from_secs(20));
     let log = relay.log_text();
     assert_eq!(status.code(), Some(2), "log:\n{log}");
     assert!(

@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use tokio_postgres::Client;
@@ -148,7 +148,7 @@ async fn relay_refuses_a_partitioned_outbox_published_under_partition_names() {
         .await
         .unwrap();
     let mut relay = Relay::start(&config);
-    let status = wait_exit(&mut relay, Duration::from_secs(20));
+    let status = relay.wait_exit(Duration::from_secs(20));
     assert_eq!(status.code(), Some(2), "log:\n{}", relay.log_text());
     assert!(
         relay
@@ -157,22 +157,6 @@ async fn relay_refuses_a_partitioned_outbox_published_under_partition_names() {
         "the fix is named; log:\n{}",
         relay.log_text()
     );
-}
-
-/// Waits for the relay to exit by itself.
-fn wait_exit(relay: &mut Relay, within: Duration) -> std::process::ExitStatus {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(status) = relay.child.try_wait().unwrap() {
-            return status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "relay still running after {within:?}; log:\n{}",
-            relay.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -209,7 +193,7 @@ async fn outbox_recreated_under_a_running_relay_stops_it_before_the_slot_passes_
         .await
         .unwrap();
 
-    let status = wait_exit(&mut relay, Duration::from_secs(30));
+    let status = relay.wait_exit(Duration::from_secs(30));
     let log = relay.log_text();
     assert_eq!(status.code(), Some(2), "log:\n{log}");
     assert!(
@@ -281,7 +265,7 @@ async fn insert_into_a_foreign_table_in_the_publication_stops_the_relay_naming_i
         .batch_execute("INSERT INTO not_events VALUES (1)")
         .await
         .unwrap();
-    let status = wait_exit(&mut relay, Duration::from_secs(30));
+    let status = relay.wait_exit(Duration::from_secs(30));
     let log = relay.log_text();
     assert_eq!(status.code(), Some(2), "log:\n{log}");
     assert!(
