@@ -8,6 +8,9 @@
 #   scripts/stack.sh env     print the env file path of the running stack
 #   scripts/stack.sh pg-start DIR PORT [OPTIONS], pg-stop DIR
 #                            an extra cluster with settings of its own (one test uses it)
+#   scripts/stack.sh tls-certs DIR
+#                            a throwaway CA and server certificate (the TLS tests use them;
+#                            OUTBOXD_PG_HBA then replaces pg-start's pg_hba.conf)
 #   scripts/stack.sh kafka-start DIR, kafka-stop DIR
 #                            an extra broker of its own (prints its bootstrap address)
 #
@@ -116,8 +119,12 @@ start_pg() {
     --locale=C.UTF-8 >"$dir/initdb.log" 2>&1 || { cat "$dir/initdb.log" >&2; exit 1; }
   # The superuser connects without a password; every other role must give its password, so
   # the tests can check what a wrong one does.
-  printf '%s\n' 'local all all trust' 'host all postgres 127.0.0.1/32 trust' \
-    'host all all 127.0.0.1/32 scram-sha-256' >"$dir/pg_hba.conf"
+  if [ -n "${OUTBOXD_PG_HBA:-}" ]; then
+    printf '%s\n' "$OUTBOXD_PG_HBA" >"$dir/pg_hba.conf"
+  else
+    printf '%s\n' 'local all all trust' 'host all postgres 127.0.0.1/32 trust' \
+      'host all all 127.0.0.1/32 scram-sha-256' >"$dir/pg_hba.conf"
+  fi
   if [ "$(id -u)" = 0 ]; then chown postgres: "$dir/pg_hba.conf"; fi
   as_pg "$bindir/pg_ctl" -D "$dir/pg/data" -l "$dir/pg/postgres.log" -w -t 60 start -o \
     "-c wal_level=logical -c max_replication_slots=200 -c max_wal_senders=50 \
@@ -125,6 +132,28 @@ start_pg() {
      -c unix_socket_directories=$dir/pg -c hba_file=$dir/pg_hba.conf \
      -c fsync=off -c synchronous_commit=on -c full_page_writes=off $extra" >/dev/null \
     || { tail -20 "$dir/pg/postgres.log" >&2; exit 1; }
+}
+
+# make_certs DIR: a throwaway CA (ca.pem), a server certificate it signed for DNS:localhost
+# only (server.pem, server.key readable by the postgres OS user), and an unrelated CA
+# (other-ca.pem) — for the TLS tests.
+make_certs() {
+  local d=$1
+  mkdir -p "$d"
+  chmod 755 "$d"
+  (
+    cd "$d"
+    openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj "/CN=outboxd test CA" \
+      -keyout ca.key -out ca.pem
+    openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj "/CN=unrelated CA" \
+      -keyout other-ca.key -out other-ca.pem
+    openssl req -newkey rsa:2048 -nodes -subj "/CN=localhost" -keyout server.key -out server.csr
+    printf 'subjectAltName=DNS:localhost\n' >san.ext
+    openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 \
+      -extfile san.ext -out server.pem
+    chmod 600 server.key
+    if [ "$(id -u)" = 0 ]; then chown postgres: server.key server.pem; fi
+  ) >"$d/openssl.log" 2>&1 || { cat "$d/openssl.log" >&2; exit 1; }
 }
 
 stop_pg() {
@@ -230,7 +259,8 @@ case "${1:-}" in
   install) ensure_packages; ensure_kafka ;;
   pg-start) start_pg "$2" "$3" "${4:-}" ;;
   pg-stop) stop_pg "$2"; rm -rf "$2" ;;
+  tls-certs) make_certs "$2" ;;
   kafka-start) dir=$2; shift 2; ensure_kafka; start_kafka "$dir" "$@"; cat "$dir/bootstrap" ;;
   kafka-stop) stop_kafka "$2"; rm -rf "$2" ;;
-  *) echo "usage: $0 up|down|env|install|pg-start DIR PORT [OPTIONS]|pg-stop DIR|kafka-start DIR [PROP=VALUE...]|kafka-stop DIR" >&2; exit 2 ;;
+  *) echo "usage: $0 up|down|env|install|pg-start DIR PORT [OPTIONS]|pg-stop DIR|tls-certs DIR|kafka-start DIR [PROP=VALUE...]|kafka-stop DIR" >&2; exit 2 ;;
 esac

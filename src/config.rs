@@ -381,12 +381,26 @@ impl Config {
                 "missing; set it in the config file or OUTBOXD_POSTGRES_URL",
             )
         })?;
-        if let Err(e) = url.parse::<tokio_postgres::Config>() {
+        // TLS parameters (sslmode verify-ca/verify-full, sslrootcert, …) are libpq's, not
+        // tokio-postgres's: taken out first (crate::pg::tls).
+        let (rest, _) = crate::pg::tls::split_url(&url).map_err(|e| invalid("postgres.url", e))?;
+        match rest.parse::<tokio_postgres::Config>() {
             // The parser's message never echoes the password back.
-            return Err(invalid(
-                "postgres.url",
-                format!("not a valid connection string: {e}"),
-            ));
+            Err(e) => {
+                return Err(invalid(
+                    "postgres.url",
+                    format!("not a valid connection string: {e}"),
+                ))
+            }
+            // The SQL connection would try the hosts in turn, the replication connection
+            // could land on another: the leadership lock on one server, the stream on another.
+            Ok(c) if c.get_hosts().len() > 1 => {
+                return Err(invalid(
+                    "postgres.url",
+                    "several hosts are not supported (the leadership lock and the replication stream must be on one server); use one host name that always points at the primary",
+                ))
+            }
+            Ok(_) => {}
         }
         let (schema, table) = split_table(p.table.as_deref().unwrap_or("public.outbox"))?;
         let slot = p.slot.unwrap_or_else(|| "outboxd".into());

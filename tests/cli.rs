@@ -224,3 +224,27 @@ fn unreachable_postgres_is_retried_with_backoff_and_logged() {
     );
     assert!(!log.contains("Secr3t"), "password leaked into logs:\n{log}");
 }
+
+#[test]
+fn multi_host_url_exits_2_naming_the_key() {
+    // The leadership lock and the replication stream must be on one server.
+    for url in [
+        "postgres://u:secret@db1:5432,db2:5432/app?target_session_attrs=read-write",
+        "host=db1,db2 user=u password=secret dbname=app",
+    ] {
+        let out = outboxd(
+            &["check-config"],
+            &[
+                ("OUTBOXD_POSTGRES_URL", url),
+                ("OUTBOXD_KAFKA_BROKERS", "k:9092"),
+            ],
+        );
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "{url}: {err}");
+        assert!(
+            err.contains("postgres.url") && err.contains("several hosts"),
+            "{err}"
+        );
+        assert!(!err.contains("secret"), "{err}");
+    }
+}

@@ -538,47 +538,6 @@ fn shipped_prometheus_files_and_manifests_validate() {
     );
 }
 
-/// A cluster of its own (max_slot_wal_keep_size = 1MB), stopped on drop.
-struct PrivateCluster {
-    dir: std::path::PathBuf,
-    url: String,
-}
-
-impl PrivateCluster {
-    fn start(options: &str) -> PrivateCluster {
-        let dir = std::env::temp_dir().join(unique("cluster"));
-        let port = free_port();
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/stack.sh");
-        let out = Command::new(&script)
-            .args([
-                "pg-start",
-                dir.to_str().unwrap(),
-                &port.to_string(),
-                options,
-            ])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        PrivateCluster {
-            dir,
-            url: format!("postgres://postgres@127.0.0.1:{port}/postgres"),
-        }
-    }
-}
-
-impl Drop for PrivateCluster {
-    fn drop(&mut self) {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/stack.sh");
-        let _ = Command::new(script)
-            .args(["pg-stop", self.dir.to_str().unwrap()])
-            .output();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalidated_slot_stops_with_the_fix_unless_recreation_is_configured() {
     let brokers = kafka_brokers();

@@ -29,7 +29,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::Notify;
-use tokio_postgres::{AsyncMessage, Client, NoTls};
+use tokio_postgres::{AsyncMessage, Client};
 
 use crate::config::{quote_ident, quote_literal, Config};
 use crate::error::{Error, Result};
@@ -407,16 +407,12 @@ impl Poller {
 
     /// LISTENs on a connection of its own; notifications wake [`Poller::wait`].
     pub async fn listen(&mut self) -> Result<()> {
-        let pgcfg: tokio_postgres::Config = self
-            .cfg
-            .postgres
-            .url
-            .parse()
-            .map_err(|e| Error::pg("parsing postgres.url", e))?;
-        let (client, mut connection) = pgcfg
-            .connect(NoTls)
+        let target = crate::pg::Target::parse(&self.cfg.postgres.url)?;
+        let (client, mut connection) = target
+            .config
+            .connect(target.make_tls()?)
             .await
-            .map_err(|e| Error::pg("connecting the LISTEN session", e))?;
+            .map_err(|e| crate::pg::connect_error(&target, e))?;
         let wake = self.wake.clone();
         let task = tokio::spawn(async move {
             while let Some(msg) = std::future::poll_fn(|cx| connection.poll_message(cx)).await {

@@ -160,10 +160,8 @@ impl ReplicationStream {
         channel_capacity: usize,
         confirmed: u64,
     ) -> Result<ReplicationStream> {
-        let pgcfg: tokio_postgres::Config = cfg
-            .url
-            .parse()
-            .map_err(|e| Error::pg("parsing postgres.url", e))?;
+        let target = crate::pg::Target::parse(&cfg.url)?;
+        let pgcfg = &target.config;
         let port = pgcfg.get_ports().first().copied().unwrap_or(5432);
         let timeout = pgcfg
             .get_connect_timeout()
@@ -182,12 +180,21 @@ impl ReplicationStream {
                     Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
                     _ => "localhost".to_string(),
                 };
-                let target = format!("{host}:{port}");
+                let address = format!("{host}:{port}");
                 let connect = tokio::net::TcpStream::connect((host.as_str(), port));
-                let s = within(timeout, &target, connect).await?;
+                let s = within(timeout, &address, connect).await?;
                 let _ = s.set_nodelay(true);
-                let (r, w) = tokio::io::split(s);
-                (Box::new(r), Box::new(w))
+                let described = target.describe();
+                match start_tls(s, &target, &host, &described).await? {
+                    Stream::Plain(s) => {
+                        let (r, w) = tokio::io::split(s);
+                        (Box::new(r), Box::new(w))
+                    }
+                    Stream::Tls(s) => {
+                        let (r, w) = tokio::io::split(*s);
+                        (Box::new(r), Box::new(w))
+                    }
+                }
             }
         };
 
@@ -353,6 +360,64 @@ async fn send_status(
         .write(&mut buf);
     w.write_all(&buf).await.map_err(|e| (context(), e))?;
     w.flush().await.map_err(|e| (context(), e))
+}
+
+/// The replication connection's socket, after TLS negotiation.
+enum Stream {
+    Plain(tokio::net::TcpStream),
+    Tls(Box<tokio_openssl::SslStream<tokio::net::TcpStream>>),
+}
+
+/// The SSLRequest handshake libpq does (tokio-postgres does it for the SQL connections):
+/// TLS when the server accepts it, plaintext only when `sslmode` allows.
+async fn start_tls(
+    mut s: tokio::net::TcpStream,
+    target: &crate::pg::Target,
+    host: &str,
+    described: &str,
+) -> Result<Stream> {
+    let tls = &target.tls;
+    if tls.mode == crate::pg::tls::SslMode::Disable {
+        return Ok(Stream::Plain(s));
+    }
+    let context = "negotiating TLS for replication";
+    let mut buf = BytesMut::new();
+    frontend::ssl_request(&mut buf);
+    s.write_all(&buf).await.map_err(|e| io_error(context, e))?;
+    let mut answer = [0u8; 1];
+    s.read_exact(&mut answer)
+        .await
+        .map_err(|e| io_error(context, e))?;
+    if answer[0] != b'S' {
+        if tls.mode.requires_tls() {
+            let text = "server does not support TLS";
+            return Err(crate::pg::tls_problem(text, tls)
+                .map(|p| p(described))
+                .unwrap_or_else(|| io_error(context, std::io::Error::other(text))));
+        }
+        return Ok(Stream::Plain(s));
+    }
+    let connector = target.make_tls_connector()?;
+    let ssl = connector
+        .configure()
+        .map_err(|e| io_error(context, std::io::Error::other(e.to_string())))?
+        .verify_hostname(tls.mode == crate::pg::tls::SslMode::VerifyFull)
+        .into_ssl(host)
+        .map_err(|e| io_error(context, std::io::Error::other(e.to_string())))?;
+    let mut stream = tokio_openssl::SslStream::new(ssl, s)
+        .map_err(|e| io_error(context, std::io::Error::other(e.to_string())))?;
+    if let Err(e) = std::pin::Pin::new(&mut stream).connect().await {
+        let verify = stream.ssl().verify_result();
+        let text = if verify == openssl::x509::X509VerifyResult::OK {
+            e.to_string()
+        } else {
+            format!("certificate verify failed ({})", verify.error_string())
+        };
+        return Err(crate::pg::tls_problem(&text, tls)
+            .map(|p| p(described))
+            .unwrap_or_else(|| io_error(context, std::io::Error::other(text))));
+    }
+    Ok(Stream::Tls(Box::new(stream)))
 }
 
 async fn authenticate(

@@ -807,3 +807,63 @@ impl TestDb {
         hostport.parse().unwrap()
     }
 }
+
+/// A PostgreSQL cluster of a test's own (`scripts/stack.sh pg-start`) with extra server
+/// options and, if given, its own pg_hba.conf. Stopped and removed on drop.
+pub struct PrivateCluster {
+    pub dir: PathBuf,
+    pub port: u16,
+    pub url: String,
+}
+
+impl PrivateCluster {
+    pub fn start(options: &str) -> PrivateCluster {
+        Self::start_with(unique("cluster"), options, None)
+    }
+
+    pub fn start_with(name: String, options: &str, hba: Option<&str>) -> PrivateCluster {
+        let dir = std::env::temp_dir().join(name);
+        let port = free_port();
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/stack.sh");
+        let mut cmd = Command::new(&script);
+        cmd.args([
+            "pg-start",
+            dir.to_str().unwrap(),
+            &port.to_string(),
+            options,
+        ]);
+        if let Some(hba) = hba {
+            cmd.env("OUTBOXD_PG_HBA", hba);
+        }
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        PrivateCluster {
+            url: format!("postgres://postgres@127.0.0.1:{port}/postgres"),
+            dir,
+            port,
+        }
+    }
+
+    /// A superuser connection over the cluster's Unix socket (TCP may demand TLS).
+    pub async fn local_client(&self, db: &str) -> Client {
+        let url = format!(
+            "host={} port={} user=postgres dbname={db}",
+            self.dir.join("pg").display(),
+            self.port
+        );
+        connect(&url).await
+    }
+}
+
+impl Drop for PrivateCluster {
+    fn drop(&mut self) {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/stack.sh");
+        let _ = Command::new(script)
+            .args(["pg-stop", self.dir.to_str().unwrap()])
+            .output();
+    }
+}

@@ -1,0 +1,178 @@
+//! PostgreSQL connections for SQL (tokio-postgres), with TLS ([`tls`]).
+
+pub mod tls;
+
+use std::time::Duration;
+
+use postgres_openssl::MakeTlsConnector;
+use tokio_postgres::Client;
+
+use crate::error::{Error, Result};
+
+/// `postgres.url` parsed: what tokio-postgres takes, and the TLS settings it does not know.
+pub struct Target {
+    pub config: tokio_postgres::Config,
+    pub tls: tls::TlsSettings,
+    /// Why the server's certificate was refused, once a handshake failed on it.
+    pub refusal: std::sync::Arc<std::sync::Mutex<Option<String>>>,
+}
+
+impl Target {
+    pub fn parse(url: &str) -> Result<Target> {
+        let (rest, tls) = tls::split_url(url)
+            .map_err(|e| Error::setup(format!("postgres.url: {e}"), "correct postgres.url"))?;
+        let mut config: tokio_postgres::Config = rest
+            .parse()
+            .map_err(|e| Error::pg("parsing postgres.url", e))?;
+        config.ssl_mode(tls.tokio_mode());
+        Ok(Target {
+            config,
+            tls,
+            refusal: Default::default(),
+        })
+    }
+
+    /// The OpenSSL connector of these settings.
+    pub fn make_tls_connector(&self) -> Result<openssl::ssl::SslConnector> {
+        self.tls.connector().map_err(|e| {
+            Error::setup(
+                format!("TLS to PostgreSQL: {e}"),
+                "correct the ssl parameters of postgres.url",
+            )
+        })
+    }
+
+    /// The connector tokio-postgres uses; hostname checks only for `verify-full`. Why a
+    /// certificate was refused ("self-signed certificate", "hostname mismatch") is kept in
+    /// [`Target::refusal`] for the error line.
+    pub fn make_tls(&self) -> Result<MakeTlsConnector> {
+        let mut make = MakeTlsConnector::new(self.make_tls_connector()?);
+        let full = self.tls.mode == tls::SslMode::VerifyFull;
+        let mode = if self.tls.verifies_chain() {
+            openssl::ssl::SslVerifyMode::PEER
+        } else {
+            openssl::ssl::SslVerifyMode::NONE
+        };
+        let refusal = self.refusal.clone();
+        make.set_callback(move |c, _| {
+            c.set_verify_hostname(full);
+            let refusal = refusal.clone();
+            c.set_verify_callback(mode, move |ok, ctx| {
+                if !ok {
+                    if let Ok(mut r) = refusal.lock() {
+                        r.get_or_insert_with(|| ctx.error().error_string().to_string());
+                    }
+                }
+                ok
+            });
+            Ok(())
+        });
+        Ok(make)
+    }
+
+    /// `user@host:port/dbname` without the password.
+    pub fn describe(&self) -> String {
+        describe_target(&self.config)
+    }
+}
+
+/// A connection error, classified: a TLS handshake that failed on the certificate, or a
+/// server that refuses TLS when the mode requires it, cannot be fixed by retrying (exit 2).
+pub fn connect_error(target: &Target, e: tokio_postgres::Error) -> Error {
+    let mut text = e.to_string();
+    let mut src = std::error::Error::source(&e);
+    while let Some(cause) = src {
+        text.push_str(&format!(": {cause}"));
+        src = cause.source();
+    }
+    if let Some(reason) = target.refusal.lock().ok().and_then(|r| r.clone()) {
+        text = format!("certificate verify failed ({reason})");
+    }
+    let described = target.describe();
+    if let Some(problem) = tls_problem(&text, &target.tls) {
+        return problem(&described);
+    }
+    Error::pg(format!("connecting to PostgreSQL at {described}"), e)
+}
+
+/// A permanent TLS problem described by `text`, if it is one.
+pub fn tls_problem(text: &str, tls: &tls::TlsSettings) -> Option<impl FnOnce(&str) -> Error> {
+    let (problem, fix): (&str, String) = if text.contains("certificate verify failed") {
+        (
+            "the server's certificate was not accepted",
+            format!(
+                "check that sslrootcert is the CA that signed the server's certificate{}",
+                if tls.mode == tls::SslMode::VerifyFull {
+                    " and that the host in postgres.url is a name in it (sslmode=verify-full)"
+                } else {
+                    ""
+                }
+            ),
+        )
+    } else if text.contains("server does not support TLS") {
+        (
+            "the server does not accept TLS",
+            format!(
+                "enable ssl on the server, or connect with a lower sslmode than {}",
+                tls.mode
+            ),
+        )
+    } else {
+        return None;
+    };
+    // "certificate verify failed (self-signed certificate in certificate chain)" → the part
+    // in parentheses; OpenSSL's error stack is left out.
+    let detail = text
+        .split_once('(')
+        .and_then(|(_, rest)| rest.split_once(')'))
+        .map(|(d, _)| format!(" ({d})"))
+        .unwrap_or_default();
+    let mode = tls.mode;
+    Some(move |target: &str| {
+        Error::setup(
+            format!("TLS to PostgreSQL at {target} (sslmode={mode}): {problem}{detail}"),
+            fix,
+        )
+    })
+}
+
+/// Connects, spawning the connection task. `application_name` shows in `pg_stat_activity`.
+pub async fn connect(url: &str, application_name: &str) -> Result<Client> {
+    let target = Target::parse(url)?;
+    let make = target.make_tls()?;
+    let mut config = target.config.clone();
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(Duration::from_secs(10));
+    }
+    if config.get_application_name().is_none() {
+        config.application_name(application_name);
+    }
+    config.keepalives_idle(Duration::from_secs(30));
+    let (client, connection) = config
+        .connect(make)
+        .await
+        .map_err(|e| connect_error(&target, e))?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %e, "PostgreSQL connection ended");
+        }
+    });
+    Ok(client)
+}
+
+/// `user@host:port/dbname` without the password.
+fn describe_target(c: &tokio_postgres::Config) -> String {
+    let host = match c.get_hosts().first() {
+        Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+        Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
+        None => "localhost".into(),
+    };
+    let port = c.get_ports().first().copied().unwrap_or(5432);
+    format!(
+        "{}@{}:{}/{}",
+        c.get_user().unwrap_or("?"),
+        host,
+        port,
+        c.get_dbname().unwrap_or("?")
+    )
+}
