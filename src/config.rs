@@ -103,6 +103,10 @@ pub struct PostgresConfig {
     /// When nothing was confirmed for this long, write a tiny non-transactional logical
     /// message so the slot can advance past WAL written by other tables.
     pub heartbeat_interval: Duration,
+    /// No message from the server on the replication stream for this long means a dead
+    /// network path: reconnect. Also bounds the relay's SQL calls and sets the TCP user
+    /// timeout; the server's `wal_sender_timeout` for outboxd's walsender is this + 5 s.
+    pub stream_timeout: Duration,
     /// Above this many bytes of slot lag, `/readyz` fails and `outboxd status` exits 1.
     pub max_slot_lag_bytes: u64,
     pub stale_slot_holder: StaleHolder,
@@ -218,6 +222,7 @@ struct RawPostgres {
     slot: Option<String>,
     publication: Option<String>,
     heartbeat_interval_ms: Option<u64>,
+    stream_timeout_ms: Option<u64>,
     max_slot_lag_bytes: Option<u64>,
     stale_slot_holder: Option<String>,
     recreate_lost_slot: Option<bool>,
@@ -414,6 +419,12 @@ impl Config {
             3_600_000,
         )?;
 
+        let stream_timeout = ms(
+            "postgres.stream_timeout_ms",
+            p.stream_timeout_ms.unwrap_or(30_000),
+            1_000,
+            3_600_000,
+        )?;
         let max_slot_lag_bytes = p.max_slot_lag_bytes.unwrap_or(1 << 30);
         let stale_slot_holder = match p.stale_slot_holder.as_deref().unwrap_or("terminate") {
             "terminate" => StaleHolder::Terminate,
@@ -590,6 +601,7 @@ impl Config {
                 slot,
                 publication,
                 heartbeat_interval,
+                stream_timeout,
                 max_slot_lag_bytes,
                 stale_slot_holder,
                 recreate_lost_slot,
@@ -767,6 +779,7 @@ impl fmt::Debug for PostgresConfig {
             .field("slot", &self.slot)
             .field("publication", &self.publication)
             .field("heartbeat_interval", &self.heartbeat_interval)
+            .field("stream_timeout", &self.stream_timeout)
             .field("max_slot_lag_bytes", &self.max_slot_lag_bytes)
             .field("stale_slot_holder", &self.stale_slot_holder)
             .field("recreate_lost_slot", &self.recreate_lost_slot)
@@ -919,6 +932,7 @@ mod tests {
             format!("{:?}", d.kafka).replace("localhost:9092", "X")
         );
         assert_eq!(c.postgres.heartbeat_interval, d.postgres.heartbeat_interval);
+        assert_eq!(c.postgres.stream_timeout, d.postgres.stream_timeout);
         assert_eq!(c.postgres.max_slot_lag_bytes, d.postgres.max_slot_lag_bytes);
         assert_eq!(c.postgres.stale_slot_holder, d.postgres.stale_slot_holder);
         assert_eq!(c.postgres.recreate_lost_slot, d.postgres.recreate_lost_slot);

@@ -52,6 +52,10 @@ pub enum Error {
     #[error("kafka: {message}")]
     Suspect { event_id: String, message: String },
 
+    /// PostgreSQL did not answer in time (a dead network path): transient.
+    #[error("{0}")]
+    Timeout(String),
+
     /// Stopping did not complete: acknowledged work was not confirmed (exit code 1).
     #[error("{0}")]
     Shutdown(String),
@@ -111,7 +115,8 @@ impl Error {
             Error::Kafka(_)
             | Error::Delivery { .. }
             | Error::Suspect { .. }
-            | Error::Shutdown(_) => true,
+            | Error::Shutdown(_)
+            | Error::Timeout(_) => true,
             Error::Postgres { source, .. } => match source.code() {
                 // No SQLSTATE: I/O error, connection closed, timeout.
                 None => true,

@@ -25,12 +25,16 @@ use crate::config::{Config, Mode, RetryConfig};
 use crate::error::{Error, Result};
 use crate::health::{Health, Role};
 use crate::metrics as m;
+use crate::pg::within;
 use crate::route::{Poison, PoisonKind, Record, Router};
 use crate::sink::kafka::KafkaSink;
-use crate::source::logical::{acquire_leadership, Change, Decoder, DlqTable, SlotReader};
+use crate::source::logical::{
+    acquire_leadership, Change, Decoder, DlqTable, LockSession, SlotReader,
+};
 use crate::source::pgoutput::format_lsn;
 use crate::source::polling::{Cursor, Poller};
 use crate::source::publication::lost_publication;
+use crate::source::replication_conn::ReplicationConn;
 use crate::source::walsender::{ReplicationMessage, ReplicationStream};
 use crate::window::{dead_letter, Hints, Repeats, Window};
 
@@ -132,7 +136,10 @@ async fn session(
     hints: Hints,
 ) -> Result<()> {
     let mut reader = SlotReader::open(&cfg.postgres).await?;
-    if !reader.acquire_leadership(stop, health).await? {
+    // Leadership is held by the replication connection itself (source::replication_conn).
+    let mut repl = ReplicationConn::connect(&cfg.postgres).await?;
+    let lock = LockSession::Replication(&mut repl);
+    if !acquire_leadership(lock, &cfg.postgres.slot, stop, health).await? {
         return Ok(());
     }
     // The slot may have moved while this instance waited as standby: a position read before
@@ -144,15 +151,15 @@ async fn session(
     let mut sink = KafkaSink::new(&cfg.kafka)?;
     let brokers = sink.check_reachable(Duration::from_secs(10)).await?;
     let mut confirmed = reader.confirmed();
-    let stream = ReplicationStream::start(&cfg.postgres, 4096, confirmed).await;
-    let mut stream = match stream {
+    match repl.start(&cfg.postgres).await {
         Err(e) if e.is_slot_in_use() && reader.resolve_stale_holder().await? => {
             // The stale holder is gone (its backend exits asynchronously): try again shortly.
             tokio::time::sleep(Duration::from_millis(500)).await;
-            ReplicationStream::start(&cfg.postgres, 4096, confirmed).await?
+            repl.start(&cfg.postgres).await?
         }
         other => other?,
-    };
+    }
+    let mut stream = repl.stream(4096, confirmed);
     health.set_role(Role::Leader);
     tracing::info!(
         slot = %cfg.postgres.slot,
@@ -253,7 +260,8 @@ async fn session_polling(
     mut hints: Hints,
 ) -> Result<()> {
     let mut poller = Poller::open(cfg).await?;
-    if !acquire_leadership(&poller.client, &cfg.postgres.slot, stop, health).await? {
+    let lock = LockSession::Sql(&poller.client);
+    if !acquire_leadership(lock, &cfg.postgres.slot, stop, health).await? {
         return Ok(());
     }
     // Another instance may have moved the cursor while this one waited for the lock.
@@ -274,22 +282,29 @@ async fn session_polling(
         cfg.clone(),
     )));
     let mut last_pending = Instant::now() - Duration::from_secs(60);
+    let limit = cfg.postgres.stream_timeout;
     loop {
         if *stop.borrow() {
             return Ok(());
         }
         if last_pending.elapsed() >= Duration::from_secs(5) {
             last_pending = Instant::now();
-            metrics::gauge!(m::POLLING_PENDING).set(poller.pending().await? as f64);
+            let pending = within(limit, "counting pending rows", poller.pending()).await?;
+            metrics::gauge!(m::POLLING_PENDING).set(pending as f64);
         }
-        let batch = poller.fetch(cfg.polling.batch_size).await?;
+        let batch = within(limit, "polling", poller.fetch(cfg.polling.batch_size)).await?;
         let full = batch.len() as i64 >= cfg.polling.batch_size;
         if batch.is_empty() {
             // A dump/restore under a running relay shows up as a cursor from the future.
-            poller.check_cursor_in_this_cluster().await?;
+            within(
+                limit,
+                "checking the cursor",
+                poller.check_cursor_in_this_cluster(),
+            )
+            .await?;
             // Rows that exist but are not yet safe to read (a transaction anywhere in the
             // cluster holds the snapshot's xmin back) send no second NOTIFY: look again soon.
-            let wait = if poller.has_unpublished().await? {
+            let wait = if within(limit, "polling", poller.has_unpublished()).await? {
                 cfg.polling.interval.min(Duration::from_millis(200))
             } else {
                 cfg.polling.interval
@@ -306,6 +321,7 @@ async fn session_polling(
         let dlq = DlqTable {
             client: &poller.client,
             schema: &cfg.postgres.schema,
+            timeout: cfg.postgres.stream_timeout,
         };
         let mut outcome: Result<()> = Ok(());
         for (event, pos) in batch {
@@ -362,7 +378,7 @@ async fn session_polling(
             .last();
         hints = window.into_hints();
         if let Some(pos) = stored {
-            poller.store(pos).await?;
+            within(limit, "storing the cursor", poller.store(pos)).await?;
             backoff.reset();
             health.recovered();
         }

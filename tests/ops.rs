@@ -259,6 +259,72 @@ async fn standby_takes_over_when_the_leader_is_killed_mid_stream_and_nothing_is_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standby_takes_over_when_the_leaders_network_goes_silent_and_nothing_is_lost() {
+    // The leader reaches PostgreSQL through a proxy that stops moving bytes without closing
+    // anything: PostgreSQL still sees live TCP peers, nobody says goodbye. The standby must
+    // take over within postgres.stream_timeout_ms (3 s) + a few seconds.
+    let brokers = kafka_brokers();
+    let extra = "[postgres]\nstream_timeout_ms = 3000\n";
+    let (db, _) = setup("silent", &brokers, extra).await;
+    let proxy = common::proxy::Proxy::start(db.socket_addr());
+    let config_a = db.via_port(proxy.port).config(&brokers, extra);
+    let config_b = db.config(&brokers, extra);
+    let (addr_a, addr_b) = (http_addr(&config_a), http_addr(&config_b));
+    let a = Relay::start(&config_a);
+    wait_http(&addr_a, "/readyz", Duration::from_secs(30), |c, b| {
+        c == 200 && b.contains("leader")
+    })
+    .await;
+    let _b = Relay::start(&config_b);
+    wait_http(&addr_b, "/readyz", Duration::from_secs(30), |c, b| {
+        c == 200 && b.contains("standby")
+    })
+    .await;
+    let writer = {
+        let db = db.clone();
+        tokio::spawn(async move {
+            let mut client = db.client().await;
+            let mut written = Vec::new();
+            for i in 0..300 {
+                let events = [("order".to_string(), format!("k{}", i % 7))];
+                written.extend(write_txn(&mut client, &events, false).await.unwrap());
+                tokio::time::sleep(Duration::from_millis(40)).await;
+            }
+            written
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    proxy.black_hole(true);
+    let silenced = Instant::now();
+    wait_http(&addr_b, "/readyz", Duration::from_secs(30), |c, body| {
+        c == 200 && body.contains("leader")
+    })
+    .await;
+    let takeover = silenced.elapsed();
+    assert!(
+        takeover < Duration::from_secs(3 + 5 + 4),
+        "takeover took {takeover:?}; leader log:\n{}",
+        a.log_text()
+    );
+    let written = writer.await.unwrap();
+    let received = consume(
+        &brokers,
+        &[db.topic("order")],
+        &ids(&written),
+        Duration::from_secs(60),
+        Duration::from_millis(500),
+    );
+    let dups = assert_exactly_written(&written, &received);
+    assert!(
+        a.log_text().contains("no message from the server")
+            || a.log_text().contains("did not answer within 3 s"),
+        "the silenced leader noticed by itself; log:\n{}",
+        a.log_text()
+    );
+    eprintln!("takeover {takeover:?} after the leader's path went silent; {dups} duplicates");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn standby_that_takes_over_never_moves_the_slot_back() {
     // The standby opened the slot long before it took over; the position it read then is
     // stale. PostgreSQL 15/16 before their 2025 minor releases accept a lower confirmed

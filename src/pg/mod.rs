@@ -136,6 +136,22 @@ pub fn tls_problem(text: &str, tls: &tls::TlsSettings) -> Option<impl FnOnce(&st
     })
 }
 
+/// `f`, or a transient error if PostgreSQL does not answer within `limit`: a session behind a
+/// dead network path must not hold the relay (or its leadership) forever.
+pub async fn within<T>(
+    limit: Duration,
+    what: &str,
+    f: impl std::future::Future<Output = Result<T>>,
+) -> Result<T> {
+    match tokio::time::timeout(limit, f).await {
+        Ok(r) => r,
+        Err(_) => Err(Error::Timeout(format!(
+            "{what}: PostgreSQL did not answer within {} s (postgres.stream_timeout_ms)",
+            limit.as_secs()
+        ))),
+    }
+}
+
 /// Connects, spawning the connection task. `application_name` shows in `pg_stat_activity`.
 pub async fn connect(url: &str, application_name: &str) -> Result<Client> {
     let target = Target::parse(url)?;
@@ -147,7 +163,22 @@ pub async fn connect(url: &str, application_name: &str) -> Result<Client> {
     if config.get_application_name().is_none() {
         config.application_name(application_name);
     }
-    config.keepalives_idle(Duration::from_secs(30));
+    // A dead peer ends the session in about half a minute on both sides, not the kernels'
+    // two hours: client-side keepalives and user timeout, and the same asked of the server
+    // for its end of the session (a leadership lock in polling mode lives on it).
+    config
+        .keepalives(true)
+        .keepalives_idle(Duration::from_secs(10))
+        .keepalives_interval(Duration::from_secs(5))
+        .keepalives_retries(3)
+        .tcp_user_timeout(Duration::from_secs(30));
+    let server_side = "-c tcp_keepalives_idle=10 -c tcp_keepalives_interval=5 \
+                       -c tcp_keepalives_count=3 -c tcp_user_timeout=30000";
+    let options = match config.get_options() {
+        Some(o) if !o.is_empty() => format!("{o} {server_side}"),
+        _ => server_side.to_string(),
+    };
+    config.options(&options);
     let (client, connection) = config
         .connect(make)
         .await

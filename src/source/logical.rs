@@ -448,25 +448,41 @@ impl Decoder {
     }
 }
 
-/// Waits until `client`'s session holds the advisory lock derived from `name` (the slot, or
-/// the polling cursor): one publishing instance per slot. Returns `false` if `stop` fired.
+/// The session that holds the leadership lock: the replication connection in logical mode
+/// (see `source::replication_conn`), the SQL connection in polling mode.
+pub enum LockSession<'a> {
+    Sql(&'a Client),
+    Replication(&'a mut crate::source::replication_conn::ReplicationConn),
+}
+
+impl LockSession<'_> {
+    async fn try_lock(&mut self, name: &str) -> Result<bool> {
+        match self {
+            LockSession::Sql(client) => client
+                .query_one(
+                    "SELECT pg_try_advisory_lock(hashtextextended('outboxd.slot.' || $1, 0))",
+                    &[&name],
+                )
+                .await
+                .map(|r| r.get(0))
+                .map_err(|e| Error::pg("taking the leadership advisory lock", e)),
+            LockSession::Replication(conn) => conn.try_lock(name).await,
+        }
+    }
+}
+
+/// Waits until `session` holds the advisory lock derived from `name` (the slot, or the
+/// polling cursor): one publishing instance per slot. A standby says once that it waits, and
+/// that it took over. Returns `false` if `stop` fired.
 pub async fn acquire_leadership(
-    client: &Client,
+    mut session: LockSession<'_>,
     name: &str,
     stop: &mut tokio::sync::watch::Receiver<bool>,
     health: &Health,
 ) -> Result<bool> {
     let mut announced = false;
     loop {
-        let got: bool = client
-            .query_one(
-                "SELECT pg_try_advisory_lock(hashtextextended('outboxd.slot.' || $1, 0))",
-                &[&name],
-            )
-            .await
-            .map_err(|e| Error::pg("taking the leadership advisory lock", e))?
-            .get(0);
-        if got {
+        if session.try_lock(name).await? {
             if announced {
                 tracing::info!(slot = %name, "took over: this instance now publishes");
             }
@@ -488,6 +504,8 @@ pub async fn acquire_leadership(
 pub struct DlqTable<'a> {
     pub client: &'a Client,
     pub schema: &'a str,
+    /// Bound of the INSERT (`postgres.stream_timeout_ms`).
+    pub timeout: Duration,
 }
 
 impl DlqTable<'_> {
@@ -516,21 +534,24 @@ impl DlqTable<'_> {
              VALUES ($1, $2, $3, $4, $5::text::jsonb, $6, $7)",
             crate::config::quote_ident(self.schema)
         );
-        self.client
-            .execute(
-                &sql,
-                &[
-                    &event_id,
-                    &record.topic,
-                    &record.key,
-                    &record.value,
-                    &headers,
-                    &reason,
-                    &detail,
-                ],
-            )
-            .await
-            .map_err(|e| Error::pg("writing to the dead-letter table", e))?;
+        let insert = async {
+            self.client
+                .execute(
+                    &sql,
+                    &[
+                        &event_id,
+                        &record.topic,
+                        &record.key,
+                        &record.value,
+                        &headers,
+                        &reason,
+                        &detail,
+                    ],
+                )
+                .await
+                .map_err(|e| Error::pg("writing to the dead-letter table", e))
+        };
+        crate::pg::within(self.timeout, "writing to the dead-letter table", insert).await?;
         Ok(())
     }
 }
@@ -655,16 +676,6 @@ impl SlotReader {
         })
     }
 
-    /// Waits until this session holds the slot's advisory lock (one publishing instance per
-    /// slot). Returns `false` if `stop` fired first.
-    pub async fn acquire_leadership(
-        &self,
-        stop: &mut tokio::sync::watch::Receiver<bool>,
-        health: &Health,
-    ) -> Result<bool> {
-        acquire_leadership(&self.client, &self.cfg.slot, stop, health).await
-    }
-
     /// Run by the leader before streaming: an invalidated slot (`wal_status = lost`) stops the
     /// relay with the fix, or — only with `postgres.recreate_lost_slot = true` — is dropped and
     /// recreated with a loud warning.
@@ -739,12 +750,14 @@ impl SlotReader {
     /// Checks that the outbox table (the same one, if `table_oid` is given) is still
     /// published; see [`crate::source::publication`].
     pub async fn verify_publication(&self, table_oid: Option<u32>) -> Result<Published> {
-        crate::source::publication::verify(&self.client, &self.cfg, table_oid).await
+        let check = crate::source::publication::verify(&self.client, &self.cfg, table_oid);
+        crate::pg::within(self.cfg.stream_timeout, "checking the publication", check).await
     }
 
     /// Whether relation `oid` is a partition of the outbox table `table_oid`.
     pub async fn is_outbox_partition(&self, oid: u32, table_oid: u32) -> Result<bool> {
-        crate::source::publication::is_partition_of(&self.client, oid, table_oid).await
+        let check = crate::source::publication::is_partition_of(&self.client, oid, table_oid);
+        crate::pg::within(self.cfg.stream_timeout, "looking up a relation", check).await
     }
 
     /// The slot's confirmed position when this reader opened it.
@@ -757,20 +770,17 @@ impl SlotReader {
         DlqTable {
             client: &self.client,
             schema: &self.cfg.schema,
+            timeout: self.cfg.stream_timeout,
         }
-    }
-
-    /// Proves the session (and with it the advisory lock) is still alive.
-    pub async fn ping(&self) -> Result<()> {
-        self.client
-            .simple_query("")
-            .await
-            .map(|_| ())
-            .map_err(|e| Error::pg("checking the PostgreSQL session", e))
     }
 
     /// Writes a heartbeat message if WAL was written since `confirmed`.
     pub async fn heartbeat_if_wal_moved(&self, confirmed: u64) -> Result<bool> {
+        let limit = self.cfg.stream_timeout;
+        crate::pg::within(limit, "writing a heartbeat", self.heartbeat(confirmed)).await
+    }
+
+    async fn heartbeat(&self, confirmed: u64) -> Result<bool> {
         let current: String = self
             .client
             .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])

@@ -3,4 +3,5 @@ pub mod logical;
 pub mod pgoutput;
 pub mod polling;
 pub mod publication;
+pub mod replication_conn;
 pub mod walsender;

@@ -20,20 +20,18 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::{Buf, BytesMut};
-use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256, SCRAM_SHA_256};
 use postgres_protocol::message::frontend;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, watch};
 
-use crate::config::{quote_ident, quote_literal, PostgresConfig};
 use crate::error::{Error, Result};
 use crate::source::pgoutput::format_lsn;
 
 /// `application_name` of the replication connection; identifies a stale holder as outboxd.
 pub const APPLICATION_NAME: &str = "outboxd-replication";
 
-type Reader = Box<dyn AsyncRead + Unpin + Send>;
-type Writer = Box<dyn AsyncWrite + Unpin + Send>;
+pub(crate) type Reader = Box<dyn AsyncRead + Unpin + Send>;
+pub(crate) type Writer = Box<dyn AsyncWrite + Unpin + Send>;
 
 /// What the server sends once streaming.
 #[derive(Debug)]
@@ -73,7 +71,7 @@ fn pg_now_micros() -> i64 {
 }
 
 /// An ErrorResponse from the server, with its SQLSTATE.
-fn server_error(context: &str, body: &[u8]) -> Error {
+pub(crate) fn server_error(context: &str, body: &[u8]) -> Error {
     let mut code = None;
     let mut message = String::new();
     let mut detail = None;
@@ -108,7 +106,7 @@ fn server_error(context: &str, body: &[u8]) -> Error {
     }
 }
 
-fn io_error(context: &str, e: std::io::Error) -> Error {
+pub(crate) fn io_error(context: &str, e: std::io::Error) -> Error {
     Error::Replication {
         context: context.to_string(),
         sqlstate: None,
@@ -117,7 +115,7 @@ fn io_error(context: &str, e: std::io::Error) -> Error {
 }
 
 /// Reads one backend message: (tag, body).
-async fn read_message(r: &mut Reader) -> std::io::Result<(u8, BytesMut)> {
+pub(crate) async fn read_message(r: &mut Reader) -> std::io::Result<(u8, BytesMut)> {
     let mut head = [0u8; 5];
     r.read_exact(&mut head).await?;
     let len = i32::from_be_bytes([head[1], head[2], head[3], head[4]]);
@@ -133,7 +131,7 @@ async fn read_message(r: &mut Reader) -> std::io::Result<(u8, BytesMut)> {
 }
 
 /// Connects within `timeout`; errors name the target.
-async fn within<T>(
+pub(crate) async fn within<T>(
     timeout: Duration,
     target: &str,
     connect: impl std::future::Future<Output = std::io::Result<T>>,
@@ -145,7 +143,7 @@ async fn within<T>(
     }
 }
 
-async fn send(w: &mut Writer, buf: &mut BytesMut, context: &str) -> Result<()> {
+pub(crate) async fn send(w: &mut Writer, buf: &mut BytesMut, context: &str) -> Result<()> {
     w.write_all(buf).await.map_err(|e| io_error(context, e))?;
     w.flush().await.map_err(|e| io_error(context, e))?;
     buf.clear();
@@ -153,111 +151,26 @@ async fn send(w: &mut Writer, buf: &mut BytesMut, context: &str) -> Result<()> {
 }
 
 impl ReplicationStream {
-    /// Connects with `replication=database`, authenticates, and starts streaming the slot
-    /// from its confirmed position.
-    pub async fn start(
-        cfg: &PostgresConfig,
+    /// Streams over `reader`/`writer`, on which the server answered START_REPLICATION with
+    /// CopyBothResponse: spawns the reader and the status task.
+    pub(crate) fn spawn(
+        reader: Reader,
+        writer: Writer,
         channel_capacity: usize,
         confirmed: u64,
-    ) -> Result<ReplicationStream> {
-        let target = crate::pg::Target::parse(&cfg.url)?;
-        let pgcfg = &target.config;
-        let port = pgcfg.get_ports().first().copied().unwrap_or(5432);
-        let timeout = pgcfg
-            .get_connect_timeout()
-            .copied()
-            .unwrap_or(Duration::from_secs(10));
-        let (mut reader, mut writer): (Reader, Writer) = match pgcfg.get_hosts().first() {
-            Some(tokio_postgres::config::Host::Unix(dir)) => {
-                let path = dir.join(format!(".s.PGSQL.{port}"));
-                let target = path.display().to_string();
-                let s = within(timeout, &target, tokio::net::UnixStream::connect(&path)).await?;
-                let (r, w) = tokio::io::split(s);
-                (Box::new(r), Box::new(w))
-            }
-            host => {
-                let host = match host {
-                    Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
-                    _ => "localhost".to_string(),
-                };
-                let address = format!("{host}:{port}");
-                let connect = tokio::net::TcpStream::connect((host.as_str(), port));
-                let s = within(timeout, &address, connect).await?;
-                let _ = s.set_nodelay(true);
-                let described = target.describe();
-                match start_tls(s, &target, &host, &described).await? {
-                    Stream::Plain(s) => {
-                        let (r, w) = tokio::io::split(s);
-                        (Box::new(r), Box::new(w))
-                    }
-                    Stream::Tls(s) => {
-                        let (r, w) = tokio::io::split(*s);
-                        (Box::new(r), Box::new(w))
-                    }
-                }
-            }
-        };
-
-        let user = pgcfg.get_user().unwrap_or("postgres").to_string();
-        let dbname = pgcfg.get_dbname().unwrap_or(&user).to_string();
-        let mut buf = BytesMut::new();
-        frontend::startup_message(
-            [
-                ("user", user.as_str()),
-                ("database", dbname.as_str()),
-                ("replication", "database"),
-                ("application_name", APPLICATION_NAME),
-                ("client_encoding", "UTF8"),
-                // Column values arrive in text form: make timestamps and bytea predictable.
-                ("TimeZone", "UTC"),
-                ("DateStyle", "ISO"),
-                ("bytea_output", "hex"),
-            ],
-            &mut buf,
-        )
-        .map_err(|e| io_error("encoding startup", e))?;
-        send(&mut writer, &mut buf, "sending startup").await?;
-        authenticate(&mut reader, &mut writer, &user, pgcfg.get_password()).await?;
-
-        let command = format!(
-            "START_REPLICATION SLOT {} LOGICAL 0/0 (\"proto_version\" '1', \"publication_names\" {}, \"messages\" 'true')",
-            quote_ident(&cfg.slot),
-            quote_literal(&quote_ident(&cfg.publication)),
-        );
-        frontend::query(&command, &mut buf)
-            .map_err(|e| io_error("encoding START_REPLICATION", e))?;
-        send(&mut writer, &mut buf, "sending START_REPLICATION").await?;
-        loop {
-            let (tag, body) = read_message(&mut reader)
-                .await
-                .map_err(|e| io_error("starting replication", e))?;
-            match tag {
-                b'W' => break, // CopyBothResponse
-                b'E' => return Err(server_error("starting replication", &body)),
-                b'N' | b'S' => {}
-                other => {
-                    return Err(io_error(
-                        "starting replication",
-                        std::io::Error::new(
-                            std::io::ErrorKind::InvalidData,
-                            format!("unexpected message {:?}", other as char),
-                        ),
-                    ))
-                }
-            }
-        }
-
+        stream_timeout: Duration,
+    ) -> ReplicationStream {
         let (tx, rx) = mpsc::channel(channel_capacity.max(1));
         let (reply_tx, reply_rx) = mpsc::channel(1);
         let (confirmed_tx, confirmed_rx) = watch::channel(confirmed);
-        let reader_task = tokio::spawn(read_loop(reader, tx.clone(), reply_tx));
+        let reader_task = tokio::spawn(read_loop(reader, tx.clone(), reply_tx, stream_timeout));
         let status_task = tokio::spawn(status_loop(writer, confirmed_rx, reply_rx, tx));
-        Ok(ReplicationStream {
+        ReplicationStream {
             rx,
             confirmed: confirmed_tx,
             reader_task,
             status_task: Some(status_task),
-        })
+        }
     }
 
     /// The next message; `None` never happens before an error is delivered.
@@ -316,13 +229,15 @@ async fn status_loop(
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let closing = tokio::select! {
-            changed = confirmed.changed() => changed.is_err(),
-            _ = reply.recv() => false,
-            _ = tick.tick() => false,
+        // The periodic update asks the server to answer: its keepalive proves the path works
+        // both ways (the reader's stream timeout).
+        let (closing, ask) = tokio::select! {
+            changed = confirmed.changed() => (changed.is_err(), false),
+            _ = reply.recv() => (false, false),
+            _ = tick.tick() => (false, true),
         };
         let lsn = *confirmed.borrow_and_update();
-        if let Err(e) = send_status(&mut w, lsn).await {
+        if let Err(e) = send_status(&mut w, lsn, ask).await {
             let _ = errors.try_send(Err(io_error(&e.0, e.1)));
             return Err(io_error(
                 &e.0,
@@ -345,6 +260,7 @@ async fn status_loop(
 async fn send_status(
     w: &mut Writer,
     lsn: u64,
+    reply_requested: bool,
 ) -> std::result::Result<(), (String, std::io::Error)> {
     let context = || format!("confirming {}", format_lsn(lsn));
     let mut body = Vec::with_capacity(34);
@@ -353,7 +269,7 @@ async fn send_status(
     body.extend_from_slice(&lsn.to_be_bytes()); // flushed
     body.extend_from_slice(&lsn.to_be_bytes()); // applied
     body.extend_from_slice(&pg_now_micros().to_be_bytes());
-    body.push(0); // no reply requested
+    body.push(u8::from(reply_requested));
     let mut buf = BytesMut::new();
     frontend::CopyData::new(&body[..])
         .map_err(|e| (context(), e))?
@@ -362,159 +278,29 @@ async fn send_status(
     w.flush().await.map_err(|e| (context(), e))
 }
 
-/// The replication connection's socket, after TLS negotiation.
-enum Stream {
-    Plain(tokio::net::TcpStream),
-    Tls(Box<tokio_openssl::SslStream<tokio::net::TcpStream>>),
-}
-
-/// The SSLRequest handshake libpq does (tokio-postgres does it for the SQL connections):
-/// TLS when the server accepts it, plaintext only when `sslmode` allows.
-async fn start_tls(
-    mut s: tokio::net::TcpStream,
-    target: &crate::pg::Target,
-    host: &str,
-    described: &str,
-) -> Result<Stream> {
-    let tls = &target.tls;
-    if tls.mode == crate::pg::tls::SslMode::Disable {
-        return Ok(Stream::Plain(s));
-    }
-    let context = "negotiating TLS for replication";
-    let mut buf = BytesMut::new();
-    frontend::ssl_request(&mut buf);
-    s.write_all(&buf).await.map_err(|e| io_error(context, e))?;
-    let mut answer = [0u8; 1];
-    s.read_exact(&mut answer)
-        .await
-        .map_err(|e| io_error(context, e))?;
-    if answer[0] != b'S' {
-        if tls.mode.requires_tls() {
-            let text = "server does not support TLS";
-            return Err(crate::pg::tls_problem(text, tls)
-                .map(|p| p(described))
-                .unwrap_or_else(|| io_error(context, std::io::Error::other(text))));
-        }
-        return Ok(Stream::Plain(s));
-    }
-    let connector = target.make_tls_connector()?;
-    let ssl = connector
-        .configure()
-        .map_err(|e| io_error(context, std::io::Error::other(e.to_string())))?
-        .verify_hostname(tls.mode == crate::pg::tls::SslMode::VerifyFull)
-        .into_ssl(host)
-        .map_err(|e| io_error(context, std::io::Error::other(e.to_string())))?;
-    let mut stream = tokio_openssl::SslStream::new(ssl, s)
-        .map_err(|e| io_error(context, std::io::Error::other(e.to_string())))?;
-    if let Err(e) = std::pin::Pin::new(&mut stream).connect().await {
-        let verify = stream.ssl().verify_result();
-        let text = if verify == openssl::x509::X509VerifyResult::OK {
-            e.to_string()
-        } else {
-            format!("certificate verify failed ({})", verify.error_string())
-        };
-        return Err(crate::pg::tls_problem(&text, tls)
-            .map(|p| p(described))
-            .unwrap_or_else(|| io_error(context, std::io::Error::other(text))));
-    }
-    Ok(Stream::Tls(Box::new(stream)))
-}
-
-async fn authenticate(
-    r: &mut Reader,
-    w: &mut Writer,
-    user: &str,
-    password: Option<&[u8]>,
-) -> Result<()> {
-    let mut buf = BytesMut::new();
-    let mut scram: Option<ScramSha256> = None;
-    let need_password = || {
-        Error::setup(
-            "PostgreSQL asks for a password but postgres.url has none",
-            "put the password in postgres.url (OUTBOXD_POSTGRES_URL)",
-        )
-    };
-    loop {
-        let (tag, mut body) = read_message(r)
-            .await
-            .map_err(|e| io_error("authenticating", e))?;
-        match tag {
-            b'R' => {
-                if body.len() < 4 {
-                    return Err(io_error(
-                        "authenticating",
-                        std::io::ErrorKind::InvalidData.into(),
-                    ));
-                }
-                let code = body.get_i32();
-                match code {
-                    0 => {}
-                    3 => {
-                        frontend::password_message(password.ok_or_else(need_password)?, &mut buf)
-                            .map_err(|e| io_error("authenticating", e))?;
-                        send(w, &mut buf, "authenticating").await?;
-                    }
-                    5 => {
-                        let mut salt = [0u8; 4];
-                        if body.len() < 4 {
-                            return Err(io_error("authenticating", std::io::ErrorKind::InvalidData.into()));
-                        }
-                        body.copy_to_slice(&mut salt);
-                        let hash = postgres_protocol::authentication::md5_hash(
-                            user.as_bytes(),
-                            password.ok_or_else(need_password)?,
-                            salt,
-                        );
-                        frontend::password_message(hash.as_bytes(), &mut buf)
-                            .map_err(|e| io_error("authenticating", e))?;
-                        send(w, &mut buf, "authenticating").await?;
-                    }
-                    10 => {
-                        let mechanisms: Vec<&[u8]> = body[..].split(|&b| b == 0).filter(|m| !m.is_empty()).collect();
-                        if !mechanisms.contains(&SCRAM_SHA_256.as_bytes()) {
-                            return Err(Error::setup(
-                                "PostgreSQL offers no SASL mechanism outboxd supports (SCRAM-SHA-256)",
-                                "allow scram-sha-256 or md5 for this role in pg_hba.conf",
-                            ));
-                        }
-                        let s = ScramSha256::new(password.ok_or_else(need_password)?, ChannelBinding::unsupported());
-                        frontend::sasl_initial_response(SCRAM_SHA_256, s.message(), &mut buf)
-                            .map_err(|e| io_error("authenticating", e))?;
-                        send(w, &mut buf, "authenticating").await?;
-                        scram = Some(s);
-                    }
-                    11 => {
-                        let s = scram.as_mut().ok_or_else(|| io_error("authenticating", std::io::ErrorKind::InvalidData.into()))?;
-                        s.update(&body).map_err(|e| io_error("authenticating (SCRAM)", e))?;
-                        frontend::sasl_response(s.message(), &mut buf).map_err(|e| io_error("authenticating", e))?;
-                        send(w, &mut buf, "authenticating").await?;
-                    }
-                    12 => {
-                        let s = scram.as_mut().ok_or_else(|| io_error("authenticating", std::io::ErrorKind::InvalidData.into()))?;
-                        s.finish(&body).map_err(|e| io_error("authenticating (SCRAM)", e))?;
-                    }
-                    other => {
-                        return Err(Error::setup(
-                            format!("PostgreSQL asks for authentication method {other}, which outboxd does not support"),
-                            "use scram-sha-256, md5, password or trust for this role in pg_hba.conf",
-                        ))
-                    }
-                }
-            }
-            b'E' => return Err(server_error("connecting for replication", &body)),
-            b'Z' => return Ok(()), // ReadyForQuery
-            _ => {}                // ParameterStatus, BackendKeyData, NoticeResponse
-        }
-    }
-}
-
 async fn read_loop(
     mut r: Reader,
     tx: mpsc::Sender<Result<ReplicationMessage>>,
     reply: mpsc::Sender<()>,
+    stream_timeout: Duration,
 ) {
     loop {
-        let msg = match read_message(&mut r).await {
+        // The status task asks for a reply every second, so a healthy server is never silent
+        // this long; a silent one is behind a dead network path (postgres.stream_timeout_ms).
+        let read = tokio::time::timeout(stream_timeout, read_message(&mut r)).await;
+        let msg = match read {
+            Err(_) => Err(io_error(
+                "reading the replication stream",
+                std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!(
+                        "no message from the server for {} s (postgres.stream_timeout_ms); reconnecting",
+                        stream_timeout.as_secs()
+                    ),
+                ),
+            )),
+            Ok(Err(e)) => Err(io_error("reading the replication stream", e)),
+            Ok(read) => match read {
             Err(e) => Err(io_error("reading the replication stream", e)),
             Ok((b'd', mut body)) => match body.first() {
                 Some(b'w') if body.len() >= 25 => {
@@ -545,6 +331,7 @@ async fn read_loop(
                 std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "server ended the stream"),
             )),
             Ok(_) => continue, // NoticeResponse, ParameterStatus
+            },
         };
         let fatal = msg.is_err();
         if tx.send(msg).await.is_err() || fatal {
