@@ -68,6 +68,7 @@ ensure_packages() {
   dpkg -s zlib1g-dev >/dev/null 2>&1 || missing+=(zlib1g-dev)
   command -v python3 >/dev/null || missing+=(python3)
   command -v promtool >/dev/null || missing+=(prometheus)   # promtool validates /metrics and rules
+  command -v openssl >/dev/null || missing+=(openssl)   # the TLS tests' throwaway CA
   command -v java >/dev/null || missing+=(openjdk-17-jre-headless)
   command -v mvn >/dev/null || missing+=(maven)
   if [ "$(id -u)" = 0 ] && ! id postgres >/dev/null 2>&1; then missing+=(postgresql); fi

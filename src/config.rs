@@ -142,6 +142,9 @@ pub struct KafkaConfig {
     pub topic_template: String,
     /// Upper bound of deliveries awaiting Kafka's acknowledgement; bounds the relay's memory.
     pub max_in_flight: usize,
+    /// Upper bound of the bytes (key, value, headers) awaiting acknowledgement, and of the
+    /// replication stream read ahead; one record is always admitted, however large.
+    pub max_in_flight_bytes: usize,
     /// A delivery not acknowledged within this time is reported as stalled (never given up:
     /// librdkafka's `message.timeout.ms` is 0).
     pub delivery_timeout: Duration,
@@ -252,6 +255,7 @@ struct RawKafka {
     brokers: Option<String>,
     topic_template: Option<String>,
     max_in_flight: Option<usize>,
+    max_in_flight_bytes: Option<usize>,
     delivery_timeout_ms: Option<u64>,
     shutdown_timeout_ms: Option<u64>,
     create_topics: Option<bool>,
@@ -495,6 +499,13 @@ impl Config {
                 "must be between 1 and 1000000",
             ));
         }
+        let max_in_flight_bytes = k.max_in_flight_bytes.unwrap_or(64 << 20);
+        if !((1 << 20)..=(16 << 30)).contains(&max_in_flight_bytes) {
+            return Err(invalid(
+                "kafka.max_in_flight_bytes",
+                "must be between 1048576 (1 MiB) and 17179869184 (16 GiB)",
+            ));
+        }
         let delivery_timeout = ms(
             "kafka.delivery_timeout_ms",
             k.delivery_timeout_ms.unwrap_or(30_000),
@@ -611,6 +622,7 @@ impl Config {
                 brokers,
                 topic_template,
                 max_in_flight,
+                max_in_flight_bytes,
                 delivery_timeout,
                 shutdown_timeout,
                 create_topics: k.create_topics.unwrap_or(true),
@@ -806,6 +818,7 @@ impl fmt::Debug for KafkaConfig {
             .field("brokers", &self.brokers)
             .field("topic_template", &self.topic_template)
             .field("max_in_flight", &self.max_in_flight)
+            .field("max_in_flight_bytes", &self.max_in_flight_bytes)
             .field("delivery_timeout", &self.delivery_timeout)
             .field("shutdown_timeout", &self.shutdown_timeout)
             .field("create_topics", &self.create_topics)

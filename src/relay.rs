@@ -159,7 +159,7 @@ async fn session(
         }
         other => other?,
     }
-    let mut stream = repl.stream(4096, confirmed);
+    let mut stream = repl.stream(4096, cfg.kafka.max_in_flight_bytes / 4, confirmed);
     health.set_role(Role::Leader);
     tracing::info!(
         slot = %cfg.postgres.slot,
@@ -187,7 +187,7 @@ async fn session(
                 health.recovered();
             }
         }
-        let can_read = window.has_room(cfg.kafka.max_in_flight);
+        let can_read = window.has_room(cfg.kafka.max_in_flight, cfg.kafka.max_in_flight_bytes);
         tokio::select! {
             biased;
             _ = stop.changed() => {
@@ -200,7 +200,7 @@ async fn session(
                 window.report(health);
             }
             msg = stream.recv(), if can_read => match msg? {
-                ReplicationMessage::XLogData { data } => match decoder.feed(&data)? {
+                ReplicationMessage::XLogData { data, .. } => match decoder.feed(&data)? {
                     None => {}
                     Some(Change::Boundary(lsn)) => checkpoint.boundary(window.sent, lsn),
                     Some(Change::UnknownRelation(id)) => {
@@ -338,7 +338,7 @@ async fn session_polling(
             // Sent or dead-lettered: either way the row is done once the events sent before
             // (and including) it are acknowledged.
             bounds.push((window.sent, pos));
-            while !window.has_room(cfg.kafka.max_in_flight) {
+            while !window.has_room(cfg.kafka.max_in_flight, cfg.kafka.max_in_flight_bytes) {
                 let settled = window
                     .settle_reporting(cfg.kafka.delivery_timeout, health)
                     .await;

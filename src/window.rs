@@ -215,9 +215,21 @@ pub async fn dead_letter(
     Ok(())
 }
 
+/// The bytes of a record the window counts: key, value, header names and values.
+fn record_bytes(r: &Record) -> usize {
+    r.key.as_ref().map_or(0, String::len)
+        + r.value.as_ref().map_or(0, Vec::len)
+        + r.headers
+            .iter()
+            .map(|(k, v)| k.len() + v.len())
+            .sum::<usize>()
+}
+
 /// A delivery awaiting acknowledgement.
 struct InFlight {
     fut: DeliveryFuture,
+    /// Key, value and header bytes handed to the producer.
+    bytes: usize,
     id: String,
     sent_at: Instant,
     topic: String,
@@ -231,6 +243,8 @@ pub struct Window {
     pub sent: u64,
     /// Events acknowledged (or dead-lettered) so far, in sending order.
     pub acked: u64,
+    /// Bytes of the deliveries outstanding.
+    bytes: usize,
     hints: Hints,
     /// When a stall was last logged.
     stall_logged: Option<Instant>,
@@ -242,6 +256,7 @@ impl Window {
             inflight: VecDeque::new(),
             sent: 0,
             acked: 0,
+            bytes: 0,
             hints,
             stall_logged: None,
         }
@@ -257,11 +272,15 @@ impl Window {
         self.inflight.len()
     }
 
-    /// Whether another record may be sent: fewer than `max` outstanding, or none while a
-    /// suspect record is being isolated.
-    pub fn has_room(&self, max: usize) -> bool {
+    /// Whether another record may be sent: fewer than `max` deliveries and `max_bytes` bytes
+    /// outstanding (one is always admitted, however large), or none while a suspect record is
+    /// being isolated.
+    pub fn has_room(&self, max: usize, max_bytes: usize) -> bool {
+        if self.inflight.is_empty() {
+            return true;
+        }
         let max = if self.hints.isolate.is_some() { 1 } else { max };
-        self.inflight.len() < max
+        self.inflight.len() < max && self.bytes < max_bytes
     }
 
     /// What the window still has to teach the next session (an isolation not finished).
@@ -327,6 +346,7 @@ impl Window {
         let Some(done) = self.inflight.pop_front() else {
             return Ok(());
         };
+        self.bytes = self.bytes.saturating_sub(done.bytes);
         // The suspect settled alone: whatever it says now is about this record.
         let alone = self.hints.isolate.as_deref() == Some(done.id.as_str());
         if alone {
@@ -410,8 +430,11 @@ impl Window {
         loop {
             match sink.send(&record) {
                 Ok(fut) => {
+                    let bytes = record_bytes(&record);
+                    self.bytes += bytes;
                     self.inflight.push_back(InFlight {
                         fut,
+                        bytes,
                         id: event.id.clone(),
                         sent_at: Instant::now(),
                         topic: record.topic.clone(),

@@ -293,3 +293,67 @@ async fn topic_authorization_failure_is_retried_loudly_and_never_dead_lettered()
     );
     assert!(dead.is_empty(), "nothing may be dead-lettered: {dead:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_larger_than_the_byte_budget_still_flow_one_at_a_time() {
+    // kafka.max_in_flight_bytes bounds memory, but one record is always admitted: a 2 MB row
+    // with a 1 MiB budget must not wedge the relay.
+    let brokers = kafka_brokers();
+    let db = TestDb::new("bytes").await;
+    let config = db.config(
+        &brokers,
+        "[kafka]\nmax_in_flight_bytes = 1048576\nmax_message_bytes = 3000000\n",
+    );
+    migrate(&config);
+    let mut client = db.client().await;
+    create_aggregates_table(&client).await;
+    create_topic(
+        &brokers,
+        &db.topic("order"),
+        3,
+        &[("max.message.bytes", "4000000")],
+    )
+    .await;
+    let _relay = Relay::start(&config);
+    let mut written = Vec::new();
+    for i in 0..12 {
+        let size: i32 = if i % 5 == 4 { 2_000_000 } else { 600_000 };
+        let tx = client.transaction().await.unwrap();
+        let agg = format!("a{}", i % 3);
+        let seq: i64 = tx
+            .query_one(
+                "INSERT INTO aggregates (id, seq) VALUES ($1, 1) \
+                 ON CONFLICT (id) DO UPDATE SET seq = aggregates.seq + 1 RETURNING seq",
+                &[&agg],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        let row = tx
+            .query_one(
+                "INSERT INTO outbox (aggregatetype, aggregateid, type, payload, headers) \
+                 VALUES ('order', $1, 'Changed', jsonb_build_object('seq', $2::int8, 'pad', repeat(md5($2::text), $3 / 32)), \
+                         '{\"traceparent\": \"00-test\"}') RETURNING id::text, payload::text",
+                &[&agg, &seq, &size],
+            )
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        written.push(Written {
+            order: None,
+            id: row.get(0),
+            aggregatetype: "order".into(),
+            aggregateid: agg,
+            seq,
+            payload: row.get(1),
+        });
+    }
+    let received = consume(
+        &brokers,
+        &[db.topic("order")],
+        &ids(&written),
+        Duration::from_secs(60),
+        Duration::from_millis(500),
+    );
+    assert_exactly_written(&written, &received);
+}

@@ -71,6 +71,12 @@ pub fn client_config(cfg: &KafkaConfig) -> ClientConfig {
         .set(
             "queue.buffering.max.messages",
             (cfg.max_in_flight.max(50_000) * 2).to_string(),
+        )
+        // librdkafka's queue holds what the window lets through (twice its byte bound, and at
+        // least one largest record), so the window, not a QueueFull, is what waits.
+        .set(
+            "queue.buffering.max.kbytes",
+            ((cfg.max_in_flight_bytes * 2 + cfg.max_message_bytes * 2) / 1024).to_string(),
         );
     c.set(
         "message.max.bytes",

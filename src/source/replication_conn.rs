@@ -185,11 +185,17 @@ impl ReplicationConn {
     }
 
     /// Streams (after a successful [`ReplicationConn::start`]).
-    pub fn stream(self, channel_capacity: usize, confirmed: u64) -> ReplicationStream {
+    pub fn stream(
+        self,
+        channel_capacity: usize,
+        read_ahead_bytes: usize,
+        confirmed: u64,
+    ) -> ReplicationStream {
         ReplicationStream::spawn(
             self.reader,
             self.writer,
             channel_capacity,
+            read_ahead_bytes,
             confirmed,
             self.stream_timeout,
         )

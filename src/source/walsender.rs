@@ -37,7 +37,11 @@ pub(crate) type Writer = Box<dyn AsyncWrite + Unpin + Send>;
 #[derive(Debug)]
 pub enum ReplicationMessage {
     /// A pgoutput message.
-    XLogData { data: bytes::Bytes },
+    XLogData {
+        data: bytes::Bytes,
+        /// Its share of the read-ahead byte budget, returned when the message is dropped.
+        budget: Option<tokio::sync::OwnedSemaphorePermit>,
+    },
     /// The server's position; `reply_requested` asks for a status update now.
     Keepalive { wal_end: u64, reply_requested: bool },
 }
@@ -157,13 +161,21 @@ impl ReplicationStream {
         reader: Reader,
         writer: Writer,
         channel_capacity: usize,
+        read_ahead_bytes: usize,
         confirmed: u64,
         stream_timeout: Duration,
     ) -> ReplicationStream {
         let (tx, rx) = mpsc::channel(channel_capacity.max(1));
+        let budget = ReadAhead::new(read_ahead_bytes);
         let (reply_tx, reply_rx) = mpsc::channel(1);
         let (confirmed_tx, confirmed_rx) = watch::channel(confirmed);
-        let reader_task = tokio::spawn(read_loop(reader, tx.clone(), reply_tx, stream_timeout));
+        let reader_task = tokio::spawn(read_loop(
+            reader,
+            tx.clone(),
+            reply_tx,
+            stream_timeout,
+            budget,
+        ));
         let status_task = tokio::spawn(status_loop(writer, confirmed_rx, reply_rx, tx));
         ReplicationStream {
             rx,
@@ -278,11 +290,34 @@ async fn send_status(
     w.flush().await.map_err(|e| (context(), e))
 }
 
+/// The bytes of the stream read ahead of the relay, bounded: with 1 MB rows, 4,096 queued
+/// messages would be 4 GB. A message larger than the whole budget still passes, alone.
+struct ReadAhead {
+    permits: std::sync::Arc<tokio::sync::Semaphore>,
+    total: u32,
+}
+
+impl ReadAhead {
+    fn new(bytes: usize) -> ReadAhead {
+        let total = u32::try_from(bytes.clamp(1, 1 << 30)).unwrap_or(1 << 30);
+        ReadAhead {
+            permits: std::sync::Arc::new(tokio::sync::Semaphore::new(total as usize)),
+            total,
+        }
+    }
+
+    async fn take(&self, len: usize) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        let n = u32::try_from(len).unwrap_or(u32::MAX).clamp(1, self.total);
+        self.permits.clone().acquire_many_owned(n).await.ok()
+    }
+}
+
 async fn read_loop(
     mut r: Reader,
     tx: mpsc::Sender<Result<ReplicationMessage>>,
     reply: mpsc::Sender<()>,
     stream_timeout: Duration,
+    budget: ReadAhead,
 ) {
     loop {
         // The status task asks for a reply every second, so a healthy server is never silent
@@ -305,8 +340,10 @@ async fn read_loop(
             Ok((b'd', mut body)) => match body.first() {
                 Some(b'w') if body.len() >= 25 => {
                     body.advance(25); // tag, start LSN, end LSN, send time
+                    let budget = budget.take(body.len()).await;
                     Ok(ReplicationMessage::XLogData {
                         data: body.freeze(),
+                        budget,
                     })
                 }
                 Some(b'k') if body.len() >= 18 => {
