@@ -9,6 +9,7 @@
 pub mod checkpoint;
 pub mod cli;
 pub mod config;
+pub mod dead_letter;
 pub mod error;
 pub mod event;
 pub mod health;

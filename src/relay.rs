@@ -22,21 +22,21 @@ use tokio::sync::watch;
 
 use crate::checkpoint::Checkpoint;
 use crate::config::{Config, Mode, RetryConfig};
+use crate::dead_letter::{dead_letter, DlqTable};
 use crate::error::{Error, Result};
 use crate::health::{Health, Role};
 use crate::metrics as m;
 use crate::pg::within;
 use crate::route::{Poison, PoisonKind, Record, Router};
 use crate::sink::kafka::KafkaSink;
-use crate::source::logical::{
-    acquire_leadership, Change, Decoder, DlqTable, LockSession, SlotReader,
-};
+use crate::source::decode::{Change, Decoder};
+use crate::source::logical::{acquire_leadership, LockSession, SlotReader};
 use crate::source::pgoutput::format_lsn;
 use crate::source::polling::{Cursor, Poller};
 use crate::source::publication::lost_publication;
 use crate::source::replication_conn::ReplicationConn;
 use crate::source::walsender::{ReplicationMessage, ReplicationStream};
-use crate::window::{dead_letter, Hints, Repeats, Window};
+use crate::window::{Hints, Repeats, Window};
 
 /// Capped exponential backoff with jitter, reset after progress.
 pub struct Backoff {

@@ -26,6 +26,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use rdkafka::producer::DeliveryFuture;
 
+use crate::dead_letter::{dead_letter, DlqTable};
 use crate::error::{Error, Result};
 use crate::event::Event;
 use crate::health::Health;
@@ -33,7 +34,6 @@ use crate::metrics as m;
 use crate::route::{Poison, PoisonKind, Record, Router};
 use crate::sink::classify::{classify, Class, Stage};
 use crate::sink::kafka::{KafkaSink, SendError};
-use crate::source::logical::DlqTable;
 
 /// What earlier failures taught the next session.
 #[derive(Debug, Clone, Default)]
@@ -189,30 +189,6 @@ fn classify_failure(
             message,
         },
     }
-}
-
-/// Sends a poison event to the dead-letter topic or, if that fails, the dead-letter table.
-/// Logged with its id and counted; only if both fail does the session fail (and retry).
-pub async fn dead_letter(
-    sink: &mut KafkaSink,
-    dlq: &DlqTable<'_>,
-    event_id: Option<&str>,
-    record: &Record,
-    poison: &Poison,
-) -> Result<()> {
-    let reason = poison.kind.label();
-    let id = event_id.unwrap_or("?");
-    match sink.dead_letter(record, poison.kind, &poison.detail).await {
-        Ok(()) => {
-            tracing::error!(event_id = id, reason, topic = %record.topic, detail = %poison.detail, "poison event dead-lettered to the DLQ topic");
-        }
-        Err(dlq_error) => {
-            dlq.insert(event_id, record, reason, &poison.detail).await?;
-            tracing::error!(event_id = id, reason, topic = %record.topic, detail = %poison.detail, dlq_error = %dlq_error, "poison event dead-lettered to the outboxd_dead_letter table (the DLQ topic refused it)");
-        }
-    }
-    metrics::counter!(m::EVENTS_DEAD_LETTERED, "reason" => reason).increment(1);
-    Ok(())
 }
 
 /// The bytes of a record the window counts: key, value, header names and values.

@@ -1,4 +1,5 @@
 //! Sources: where events come from. `logical` reads a pgoutput replication slot.
+pub mod decode;
 pub mod logical;
 pub mod pgoutput;
 pub mod polling;

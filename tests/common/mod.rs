@@ -474,6 +474,14 @@ pub fn consume(
         }
     }
     consumer.assign(&tpl).unwrap();
+    // A topic seconds old may not show every partition in its first metadata: look again
+    // every second and read any partition that appears.
+    let mut assigned: HashSet<(String, i32)> = tpl
+        .elements()
+        .iter()
+        .map(|e| (e.topic().to_string(), e.partition()))
+        .collect();
+    let mut last_refresh = Instant::now();
     let mut out = Vec::new();
     let mut seen: HashSet<String> = HashSet::new();
     let mut linger_until: Option<Instant> = None;
@@ -487,6 +495,25 @@ pub fn consume(
             linger_until = Some(now + linger);
         } else if now >= deadline {
             break;
+        }
+        if last_refresh.elapsed() >= Duration::from_secs(1) {
+            last_refresh = Instant::now();
+            let mut more = TopicPartitionList::new();
+            for topic in topics {
+                if let Ok(md) = consumer.fetch_metadata(Some(topic), Duration::from_secs(2)) {
+                    for t in md.topics() {
+                        for p in t.partitions() {
+                            if assigned.insert((topic.clone(), p.id())) {
+                                more.add_partition_offset(topic, p.id(), Offset::Beginning)
+                                    .unwrap();
+                            }
+                        }
+                    }
+                }
+            }
+            if more.count() > 0 {
+                consumer.incremental_assign(&more).unwrap();
+            }
         }
         match consumer.poll(Duration::from_millis(100)) {
             None => {}

@@ -1,0 +1,411 @@
+//! pgoutput messages → events: the relation cache, outbox rows (by column name, from the
+//! table or any of its partitions), table-less events (`pg_logical_emit_message` with prefix
+//! `outbox`), and the positions that are safe to confirm.
+//!
+//! Nothing is dropped silently. An insert into a relation that is neither the outbox nor one
+//! of its partitions stops the relay before its transaction is confirmed: the publication
+//! carries rows outboxd cannot tell are not events. Whether an unknown relation is a
+//! partition is asked of the catalog ([`Change::UnknownRelation`]): PostgreSQL 15 describes
+//! partitions even with `publish_via_partition_root` (the inserts then name the root), and
+//! without it the inserts name the partition.
+
+use std::collections::HashMap;
+use std::time::SystemTime;
+
+use crate::config::{ColumnsConfig, PostgresConfig};
+use crate::error::{Error, Result};
+use crate::event::{Event, EventExtra};
+use crate::source::pgoutput::{self, Column, Message, Relation};
+
+/// Prefix of table-less events: `pg_logical_emit_message(true, 'outbox', <json>)`.
+pub const OUTBOX_MESSAGE_PREFIX: &str = "outbox";
+
+/// The JSON of a table-less event; the same fields as an outbox row.
+#[derive(serde::Deserialize)]
+struct MessageEvent<'a> {
+    #[serde(borrow)]
+    id: Option<&'a serde_json::value::RawValue>,
+    aggregatetype: Option<String>,
+    aggregateid: Option<serde_json::Value>,
+    #[serde(rename = "type")]
+    event_type: Option<String>,
+    #[serde(borrow)]
+    payload: Option<&'a serde_json::value::RawValue>,
+    headers: Option<serde_json::Value>,
+}
+
+/// Parses a table-less event. The payload's JSON text is kept exactly as written.
+/// `Err((id if known, reason))` for a message that cannot be published.
+fn message_event(
+    content: &[u8],
+    commit_time: SystemTime,
+) -> std::result::Result<Event, (Option<String>, String)> {
+    let m: MessageEvent<'_> = serde_json::from_slice(content).map_err(|e| {
+        (
+            None,
+            format!("outbox message is not a JSON object with the outbox fields: {e}"),
+        )
+    })?;
+    let id = match m
+        .id
+        .map(|r| serde_json::from_str::<serde_json::Value>(r.get()))
+    {
+        Some(Ok(serde_json::Value::String(s))) => s,
+        Some(Ok(serde_json::Value::Number(n))) => n.to_string(),
+        _ => return Err((None, "outbox message has no string `id`".into())),
+    };
+    let fail = |what: &str| {
+        Err((
+            Some(id.clone()),
+            format!("outbox message has no string `{what}`"),
+        ))
+    };
+    let Some(aggregatetype) = m.aggregatetype else {
+        return fail("aggregatetype");
+    };
+    let Some(event_type) = m.event_type else {
+        return fail("type");
+    };
+    let aggregateid = match m.aggregateid {
+        Some(serde_json::Value::String(s)) => Some(s),
+        Some(serde_json::Value::Null) | None => None,
+        Some(other) => Some(other.to_string()),
+    };
+    let payload = m
+        .payload
+        .map(|r| r.get())
+        .filter(|t| *t != "null")
+        .map(|t| t.as_bytes().to_vec());
+    let headers = match m.headers {
+        None | Some(serde_json::Value::Null) => None,
+        Some(v) => Some(v.to_string()),
+    };
+    Ok(Event {
+        id,
+        aggregatetype,
+        aggregateid,
+        event_type,
+        payload,
+        headers,
+        commit_time,
+        extra: EventExtra::default(),
+    })
+}
+
+/// Counts a change the decoder saw and deliberately did not turn into an event.
+fn ignored(kind: &'static str) {
+    metrics::counter!(crate::metrics::IGNORED_CHANGES, "kind" => kind).increment(1);
+}
+
+/// What the decoder makes of one pgoutput message.
+#[derive(Debug)]
+pub enum Change {
+    /// An outbox row or outbox message to publish.
+    Event(Event),
+    /// An outbox message that cannot become an event (not JSON, fields missing). It must
+    /// not stall the pipeline and must not vanish: the relay dead-letters it.
+    Poison {
+        id: Option<String>,
+        reason: String,
+        raw: Vec<u8>,
+    },
+    /// A position that is safe to confirm once every earlier event is acknowledged.
+    Boundary(u64),
+    /// The stream describes a relation that is not the outbox table by name (relation OID).
+    /// It may be a partition of the outbox (a publication without
+    /// `publish_via_partition_root`): the relay asks the catalog and tells the decoder with
+    /// [`Decoder::classify`] before feeding the next message.
+    UnknownRelation(u32),
+}
+
+/// What the decoder knows of a relation the stream described.
+#[derive(Debug, Clone)]
+enum RelationKind {
+    /// The outbox table, or one of its partitions: its rows are events.
+    Outbox(OutboxColumns),
+    /// Not yet classified (see [`Change::UnknownRelation`]).
+    Pending(Relation),
+    /// Another table. An insert into it stops the relay: the publication carries rows outboxd
+    /// cannot tell are not events, and skipping them could lose events.
+    Foreign(String),
+}
+
+/// Column positions of the outbox table, resolved from a Relation message.
+#[derive(Debug, Clone)]
+struct OutboxColumns {
+    id: usize,
+    aggregatetype: usize,
+    aggregateid: usize,
+    event_type: usize,
+    payload: usize,
+    payload_is_bytea: bool,
+    headers: Option<usize>,
+    timestamp: Option<usize>,
+    topic: Option<usize>,
+    partition: Option<usize>,
+    header_columns: Vec<(String, usize)>,
+}
+
+/// PostgreSQL's type OID of `bytea`.
+const BYTEA_OID: u32 = 17;
+
+impl OutboxColumns {
+    fn resolve(rel: &Relation, names: &ColumnsConfig) -> Result<OutboxColumns> {
+        let find = |name: &str| {
+            if name.is_empty() {
+                None
+            } else {
+                rel.columns.iter().position(|c| c == name)
+            }
+        };
+        let need = |key: &str, name: &str| {
+            find(name).ok_or_else(|| {
+                Error::setup(
+                    format!(
+                        "outbox table {}.{} has no column `{name}` (postgres.columns.{key})",
+                        rel.namespace, rel.name
+                    ),
+                    "map the table's columns in [postgres.columns], or use the Debezium-compatible shape (sql/outbox.sql)",
+                )
+            })
+        };
+        // Optional columns that were configured explicitly must exist.
+        let optional = |key: &str, name: &str, default: &str| -> Result<Option<usize>> {
+            match find(name) {
+                Some(i) => Ok(Some(i)),
+                None if name.is_empty() || name == default => Ok(None),
+                None => need(key, name).map(Some),
+            }
+        };
+        let payload = need("payload", &names.payload)?;
+        let mut header_columns = Vec::new();
+        for name in &names.header_columns {
+            header_columns.push((name.clone(), need("header_columns", name)?));
+        }
+        Ok(OutboxColumns {
+            id: need("id", &names.id)?,
+            aggregatetype: need("aggregatetype", &names.aggregatetype)?,
+            aggregateid: need("aggregateid", &names.aggregateid)?,
+            event_type: need("type", &names.event_type)?,
+            payload,
+            payload_is_bytea: rel.types.get(payload) == Some(&BYTEA_OID),
+            headers: optional("headers", &names.headers, "headers")?,
+            timestamp: optional("timestamp", &names.timestamp, "created_at")?,
+            topic: optional("topic", &names.topic, "")?,
+            partition: optional("partition", &names.partition, "")?,
+            header_columns,
+        })
+    }
+}
+
+/// Turns pgoutput messages into [`Change`]s. Keeps the relation cache and the current
+/// transaction's commit time.
+///
+/// Nothing is dropped silently: an insert into a relation that is neither the outbox nor one
+/// of its partitions stops the relay (exit 2, naming the relation and the commit LSN, before
+/// that transaction is confirmed); logical messages with a prefix that is not outboxd's, and
+/// updates, deletes or truncates (which a publication shared with other tools may carry) are
+/// not events: they are counted in `outboxd_ignored_changes_total` and logged at debug level.
+pub struct Decoder {
+    schema: String,
+    table: String,
+    publication: String,
+    relations: HashMap<u32, RelationKind>,
+    commit_time: SystemTime,
+    /// LSN of the current transaction's commit record.
+    commit_lsn: u64,
+    in_transaction: bool,
+    columns: ColumnsConfig,
+}
+
+impl Decoder {
+    pub fn new(cfg: &PostgresConfig) -> Decoder {
+        Decoder {
+            schema: cfg.schema.clone(),
+            table: cfg.table.clone(),
+            publication: cfg.publication.clone(),
+            relations: HashMap::new(),
+            commit_time: SystemTime::now(),
+            commit_lsn: 0,
+            in_transaction: false,
+            columns: cfg.columns.clone(),
+        }
+    }
+
+    /// Between a Begin and its Commit: no position in between is safe to confirm.
+    pub fn in_transaction(&self) -> bool {
+        self.in_transaction
+    }
+
+    pub fn feed(&mut self, data: &[u8]) -> Result<Option<Change>> {
+        match pgoutput::decode(data)? {
+            Message::Begin {
+                commit_time,
+                final_lsn,
+                ..
+            } => {
+                self.commit_time = commit_time;
+                self.commit_lsn = final_lsn;
+                self.in_transaction = true;
+                Ok(None)
+            }
+            Message::Commit { end_lsn, .. } => {
+                self.in_transaction = false;
+                Ok(Some(Change::Boundary(end_lsn)))
+            }
+            Message::Relation(rel) => {
+                if rel.namespace == self.schema && rel.name == self.table {
+                    let cols = OutboxColumns::resolve(&rel, &self.columns)?;
+                    self.relations.insert(rel.id, RelationKind::Outbox(cols));
+                    Ok(None)
+                } else {
+                    let id = rel.id;
+                    self.relations.insert(id, RelationKind::Pending(rel));
+                    Ok(Some(Change::UnknownRelation(id)))
+                }
+            }
+            Message::Insert { relation_id, tuple } => match self.relations.get(&relation_id) {
+                Some(RelationKind::Outbox(cols)) => {
+                    Ok(Some(Change::Event(self.event(cols, tuple)?)))
+                }
+                Some(RelationKind::Foreign(name)) | Some(RelationKind::Pending(Relation { name, .. })) => {
+                    Err(Error::setup(
+                        format!(
+                            "publication `{}` carries an insert into table {name} (relation OID {relation_id}) in the transaction committing at {}; it is neither the outbox table {}.{} nor one of its partitions, so outboxd cannot tell whether it is an event and stops rather than skip it",
+                            self.publication,
+                            crate::source::pgoutput::format_lsn(self.commit_lsn),
+                            self.schema,
+                            self.table
+                        ),
+                        "publish only the outbox table (ALTER PUBLICATION … DROP TABLE …), or point postgres.table at the right table; nothing from this transaction on was confirmed",
+                    ))
+                }
+                None => Err(Error::setup(
+                    format!(
+                        "insert for relation {relation_id} arrived before its Relation message"
+                    ),
+                    "report this as a bug in outboxd",
+                )),
+            },
+            Message::LogicalMessage {
+                transactional: false,
+                lsn,
+                ..
+            } => Ok(Some(Change::Boundary(lsn))),
+            Message::LogicalMessage {
+                transactional: true,
+                prefix,
+                content,
+                ..
+            } if prefix == OUTBOX_MESSAGE_PREFIX => {
+                Ok(Some(match message_event(&content, self.commit_time) {
+                    Ok(event) => Change::Event(event),
+                    Err((id, reason)) => Change::Poison {
+                        id,
+                        reason,
+                        raw: content,
+                    },
+                }))
+            }
+            // Transactional messages of other applications: not events.
+            Message::LogicalMessage { prefix, .. } => {
+                ignored("message");
+                tracing::debug!(prefix = %prefix, commit_lsn = %crate::source::pgoutput::format_lsn(self.commit_lsn), "ignoring a logical message whose prefix is not `outbox`");
+                Ok(None)
+            }
+            Message::Other(tag) => {
+                let kind = match tag {
+                    b'U' => "update",
+                    b'D' => "delete",
+                    b'T' => "truncate",
+                    _ => "other",
+                };
+                if kind != "other" {
+                    ignored(kind);
+                    tracing::debug!(kind, commit_lsn = %crate::source::pgoutput::format_lsn(self.commit_lsn), "ignoring a change that is not an insert");
+                }
+                Ok(None)
+            }
+        }
+    }
+
+    /// Tells the decoder what relation `id` ([`Change::UnknownRelation`]) is: a partition of
+    /// the outbox (its rows are events, decoded by column name) or another table.
+    pub fn classify(&mut self, id: u32, partition_of_outbox: bool) -> Result<()> {
+        let Some(RelationKind::Pending(rel)) = self.relations.remove(&id) else {
+            return Ok(());
+        };
+        let name = format!("{}.{}", rel.namespace, rel.name);
+        let kind = if partition_of_outbox {
+            // PostgreSQL 15 describes a partition even with publish_via_partition_root (its
+            // inserts then name the root); without it, the inserts name the partition.
+            tracing::debug!(relation = %name, "relation is a partition of the outbox; its rows are events");
+            RelationKind::Outbox(OutboxColumns::resolve(&rel, &self.columns)?)
+        } else {
+            tracing::warn!(relation = %name, "the publication carries a table that is not the outbox; an insert into it will stop the relay");
+            RelationKind::Foreign(name)
+        };
+        self.relations.insert(id, kind);
+        Ok(())
+    }
+
+    fn event(&self, cols: &OutboxColumns, mut tuple: Vec<Column>) -> Result<Event> {
+        let mut take = |i: usize| -> Option<Vec<u8>> {
+            match tuple.get_mut(i) {
+                Some(Column::Text(v)) => Some(std::mem::take(v)),
+                _ => None,
+            }
+        };
+        let text = |v: Option<Vec<u8>>| v.map(|b| String::from_utf8_lossy(&b).into_owned());
+        let id = text(take(cols.id)).unwrap_or_default();
+        let aggregatetype = text(take(cols.aggregatetype)).unwrap_or_default();
+        let aggregateid = text(take(cols.aggregateid));
+        let event_type = text(take(cols.event_type)).unwrap_or_default();
+        let raw_payload = take(cols.payload);
+        let payload = if cols.payload_is_bytea {
+            match raw_payload.as_deref().map(pgoutput::decode_bytea_hex) {
+                None => None,
+                Some(Some(bytes)) => Some(bytes),
+                Some(None) => {
+                    return Err(Error::setup(
+                        format!("bytea payload of event {id} is not in hex format"),
+                        "leave bytea_output at its default (hex) for the replication role",
+                    ))
+                }
+            }
+        } else {
+            raw_payload
+        };
+        let headers = cols.headers.and_then(|i| text(take(i)));
+        let timestamp_ms = cols
+            .timestamp
+            .and_then(|i| text(take(i)))
+            .and_then(|t| pgoutput::parse_timestamp_ms(&t));
+        let topic = cols.topic.and_then(|i| text(take(i)));
+        let partition = cols
+            .partition
+            .and_then(|i| text(take(i)))
+            .and_then(|p| p.trim().parse().ok());
+        let extra_headers = cols
+            .header_columns
+            .iter()
+            .filter_map(|(name, i)| text(take(*i)).map(|v| (name.clone(), v)))
+            .collect();
+        Ok(Event {
+            id,
+            aggregatetype,
+            aggregateid,
+            event_type,
+            payload,
+            headers,
+            commit_time: self.commit_time,
+            extra: EventExtra {
+                timestamp_ms,
+                topic,
+                partition,
+                headers: extra_headers,
+                binary_payload: cols.payload_is_bytea,
+            },
+        })
+    }
+}
