@@ -142,8 +142,9 @@ pub struct KafkaConfig {
     pub topic_template: String,
     /// Upper bound of deliveries awaiting Kafka's acknowledgement; bounds the relay's memory.
     pub max_in_flight: usize,
-    /// Upper bound of the bytes (key, value, headers) awaiting acknowledgement, and of the
-    /// replication stream read ahead; one record is always admitted, however large.
+    /// Upper bound of the bytes (key, value, headers) awaiting acknowledgement, and (again as
+    /// much) of the replication stream read ahead; one record is always admitted, however
+    /// large.
     pub max_in_flight_bytes: usize,
     /// A delivery not acknowledged within this time is reported as stalled (never given up:
     /// librdkafka's `message.timeout.ms` is 0).

@@ -159,7 +159,7 @@ async fn session(
         }
         other => other?,
     }
-    let mut stream = repl.stream(4096, cfg.kafka.max_in_flight_bytes / 4, confirmed);
+    let mut stream = repl.stream(4096, cfg.kafka.max_in_flight_bytes, confirmed);
     health.set_role(Role::Leader);
     tracing::info!(
         slot = %cfg.postgres.slot,
@@ -200,7 +200,12 @@ async fn session(
                 window.report(health);
             }
             msg = stream.recv(), if can_read => match msg? {
-                ReplicationMessage::XLogData { data, .. } => match decoder.feed(&data)? {
+                ReplicationMessage::XLogData { data, budget } => {
+                    let change = decoder.feed(&data)?;
+                    // The decoded event owns its bytes: free the message (and its share of
+                    // the read-ahead) before publishing.
+                    drop((data, budget));
+                    match change {
                     None => {}
                     Some(Change::Boundary(lsn)) => checkpoint.boundary(window.sent, lsn),
                     Some(Change::UnknownRelation(id)) => {
@@ -212,11 +217,12 @@ async fn session(
                         let poison = Poison { kind: PoisonKind::MalformedMessage, detail: reason };
                         dead_letter(&mut sink, &dlq, id.as_deref(), &record, &poison).await?;
                     }
-                    Some(Change::Event(event)) => {
-                        window.publish(&event, router, &mut sink, &dlq, health).await?;
+                    Some(Change::Event(mut event)) => {
+                        window.publish(&mut event, router, &mut sink, &dlq, health).await?;
                         checkpoint.acked(window.acked);
                     }
-                },
+                    }
+                }
                 ReplicationMessage::Keepalive { wal_end, .. } => {
                     // Everything before wal_end was sent to us; outside a transaction it is
                     // safe once the events before it are acknowledged. (Replies are the
@@ -324,12 +330,12 @@ async fn session_polling(
             timeout: cfg.postgres.stream_timeout,
         };
         let mut outcome: Result<()> = Ok(());
-        for (event, pos) in batch {
+        for (mut event, pos) in batch {
             if *stop.borrow() {
                 break;
             }
             if let Err(e) = window
-                .publish(&event, router, &mut sink, &dlq, health)
+                .publish(&mut event, router, &mut sink, &dlq, health)
                 .await
             {
                 outcome = Err(e);

@@ -372,13 +372,14 @@ impl Window {
     /// drain while librdkafka's queue is full. Transient producer errors end the session.
     pub async fn publish(
         &mut self,
-        event: &Event,
+        event: &mut Event,
         router: &Router,
         sink: &mut KafkaSink,
         dlq: &DlqTable<'_>,
         health: &Health,
     ) -> Result<()> {
-        let record = match router.route(event) {
+        let payload = event.payload.take();
+        let record = match router.route_with_value(event, payload) {
             Ok((record, warnings)) => {
                 for w in warnings {
                     tracing::warn!(event_id = %event.id, "{}", w.0);
