@@ -257,7 +257,7 @@ async fn poll_query_is_one_index_range_scan_on_a_million_published_rows() {
     let plan: String = client
         .query(
             &format!("EXPLAIN {}", poller.query()),
-            &[&xid, &seq, &limit],
+            &[&xid, &seq, &limit, &(64i64 << 20)],
         )
         .await
         .unwrap()
@@ -509,4 +509,38 @@ async fn a_repeat_carries_the_first_copys_timestamp_without_a_timestamp_column()
         all[1].headers.get("ce_time"),
         "ce_time differs"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poll_batches_are_bounded_by_bytes_and_always_take_one_row() {
+    // kafka.max_in_flight_bytes (1 MiB here) bounds a poll as well as batch_size: rows are
+    // taken while the rows before them stay under it, so a row larger than the budget still
+    // comes, alone.
+    let (db, config, _) = setup_polling("pbytes", "[kafka]\nmax_in_flight_bytes = 1048576\n").await;
+    let client = db.client().await;
+    for kb in [600i32, 600, 600, 3000, 10] {
+        client
+            .execute(
+                "INSERT INTO outbox (aggregatetype, aggregateid, type, payload) \
+                 VALUES ('order', 'a', 'Changed', jsonb_build_object('pad', repeat('x', $1 * 1000)))",
+                &[&kb],
+            )
+            .await
+            .unwrap();
+    }
+    let cfg = outboxd::config::Config::load(Some(&config)).unwrap();
+    let mut poller = outboxd::source::polling::Poller::open(&cfg).await.unwrap();
+    let mut sizes = Vec::new();
+    loop {
+        let batch = poller.fetch(1000).await.unwrap();
+        let Some((_, last)) = batch.last().cloned() else {
+            break;
+        };
+        sizes.push(batch.len());
+        poller.store(last).await.unwrap();
+    }
+    // 600+600 kB (the second starts at 600 kB < 1 MiB; a third would start at 1.2 MB), then
+    // 600 kB + the 3 MB row (it starts at 600 kB), then the 10 kB row: at most the budget plus
+    // one row, however large.
+    assert_eq!(sizes, vec![2, 2, 1]);
 }

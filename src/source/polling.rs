@@ -304,6 +304,8 @@ pub struct Poller {
     listen_client: Option<Client>,
     cfg: Config,
     payload_is_bytea: bool,
+    /// Payload bytes per poll at most (`kafka.max_in_flight_bytes`); one row always.
+    max_bytes: i64,
 }
 
 impl Drop for Poller {
@@ -337,15 +339,29 @@ impl Poller {
             payload_is_bytea,
         } = event_select(&client, cfg).await?;
         let table = cfg.postgres.qualified_table();
+        let payload = quote_ident(&cfg.postgres.columns.payload);
+        let row_bytes = if payload_is_bytea {
+            format!("coalesce(octet_length(o.{payload}), 0)")
+        } else {
+            format!("coalesce(octet_length(o.{payload}::text), 0)")
+        };
         let query = format!(
             // Qualified with `o.`: an unqualified ORDER BY name would bind to the text-cast
             // output column of the same name and sort xids as strings ("1000" < "999").
-            "SELECT o.outboxd_xid::text AS cursor_xid, o.outboxd_seq AS cursor_seq, \
-                    o.outboxd_written_at::text AS written_at, {list} \
-               FROM {table} o \
-              WHERE (o.outboxd_xid, o.outboxd_seq) > ($1::text::xid8, $2::int8) \
-                AND o.outboxd_xid < pg_snapshot_xmin(pg_current_snapshot()) \
-              ORDER BY o.outboxd_xid, o.outboxd_seq LIMIT $3::int8"
+            // The outer query bounds the batch by payload bytes ($4) as well as rows ($3):
+            // a row is taken while the rows before it stay under the budget, so the first
+            // row always is.
+            "SELECT * FROM ( \
+               SELECT s.*, sum(s.row_bytes) OVER (ORDER BY s.k_xid, s.k_seq ROWS UNBOUNDED PRECEDING) AS running \
+                 FROM ( \
+                   SELECT o.outboxd_xid::text AS cursor_xid, o.outboxd_seq AS cursor_seq, \
+                          o.outboxd_written_at::text AS written_at, {list}, \
+                          o.outboxd_xid AS k_xid, o.outboxd_seq AS k_seq, {row_bytes} AS row_bytes \
+                     FROM {table} o \
+                    WHERE (o.outboxd_xid, o.outboxd_seq) > ($1::text::xid8, $2::int8) \
+                      AND o.outboxd_xid < pg_snapshot_xmin(pg_current_snapshot()) \
+                    ORDER BY o.outboxd_xid, o.outboxd_seq LIMIT $3::int8) s) b \
+             WHERE b.running - b.row_bytes < $4::int8"
         );
         let cursor = read_cursor(&client, cfg).await?;
         let schema = quote_ident(&cfg.postgres.schema);
@@ -360,6 +376,7 @@ impl Poller {
             listen_client: None,
             cfg: cfg.clone(),
             payload_is_bytea,
+            max_bytes: i64::try_from(cfg.kafka.max_in_flight_bytes).unwrap_or(i64::MAX),
         })
     }
 
@@ -445,7 +462,10 @@ impl Poller {
         let xid = self.cursor.0.to_string();
         let rows = self
             .client
-            .query(&self.query, &[&xid, &self.cursor.1, &limit])
+            .query(
+                &self.query,
+                &[&xid, &self.cursor.1, &limit, &self.max_bytes],
+            )
             .await
             .map_err(|e| Error::pg("polling the outbox table", e))?;
         let mut out = Vec::with_capacity(rows.len());
