@@ -741,38 +741,105 @@ impl PostgresConfig {
 
 /// The URL with any password replaced, for logs and `Debug`.
 pub fn redact_url(url: &str) -> String {
+    // The heuristic below knows the shapes (userinfo, password=…); the parser knows the
+    // password itself, however it is written: every spelling of it is blanked as well.
+    let mut out = redact_shapes(url);
+    let password = crate::pg::tls::split_url(url)
+        .ok()
+        .and_then(|(rest, _)| rest.parse::<tokio_postgres::Config>().ok())
+        .and_then(|c| {
+            c.get_password()
+                .map(|p| String::from_utf8_lossy(p).into_owned())
+        });
+    if let Some(p) = password.filter(|p| !p.is_empty()) {
+        for spelling in [
+            p.clone(),
+            percent_encode(&p),
+            p.replace('\\', "\\\\").replace('\'', "\\'"),
+        ] {
+            out = out.replace(&spelling, "***");
+        }
+    }
+    out
+}
+
+/// Every byte outside `[A-Za-z0-9-._~]` percent-encoded.
+fn percent_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+/// The shapes a password takes in a URL (`user:password@`, `?password=`) or a key/value
+/// string (`password=x`, `password = 'a b'`).
+fn redact_shapes(url: &str) -> String {
     // URL form: scheme://user:password@host...
     if let Some(scheme_end) = url.find("://") {
         let rest = &url[scheme_end + 3..];
-        let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
-        let authority = &rest[..authority_end];
-        if let Some(at) = authority.rfind('@') {
-            let userinfo = &authority[..at];
+        // The password may contain '/', '?' or '#': the userinfo ends at the last '@'
+        // before the path, so look for '@' first.
+        if let Some(at) = rest.rfind('@') {
+            let userinfo = &rest[..at];
             if let Some(colon) = userinfo.find(':') {
-                return format!(
+                let redacted = format!(
                     "{}{}:***{}",
                     &url[..scheme_end + 3],
                     &userinfo[..colon],
                     &rest[at..]
                 );
+                return redact_kv(&redacted);
             }
         }
-        // password=... may also appear as a query parameter.
         return redact_kv(url);
     }
     redact_kv(url)
 }
 
-/// Redacts `password=...` in key=value connection strings and URL query strings.
+/// Redacts `password=...` (also `password = '…'`) in key=value connection strings and URL
+/// query strings.
 fn redact_kv(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     let mut rest = s;
-    while let Some(pos) = rest.to_ascii_lowercase().find("password=") {
-        out.push_str(&rest[..pos + "password=".len()]);
-        out.push_str("***");
-        let after = &rest[pos + "password=".len()..];
-        let end = after.find([' ', '&']).unwrap_or(after.len());
-        rest = &after[end..];
+    loop {
+        let lower = rest.to_ascii_lowercase();
+        let Some(pos) = lower.find("password") else {
+            break;
+        };
+        let after_key = &rest[pos + "password".len()..];
+        let trimmed = after_key.trim_start();
+        let Some(value) = trimmed.strip_prefix('=') else {
+            out.push_str(&rest[..pos + "password".len()]);
+            rest = after_key;
+            continue;
+        };
+        let value = value.trim_start();
+        out.push_str(&rest[..pos]);
+        out.push_str("password=***");
+        let end = if let Some(quoted) = value.strip_prefix('\'') {
+            // A quoted value ends at the first quote not escaped by a backslash.
+            let mut escaped = false;
+            let mut end = quoted.len();
+            for (i, c) in quoted.char_indices() {
+                match c {
+                    '\\' if !escaped => escaped = true,
+                    '\'' if !escaped => {
+                        end = i + 1;
+                        break;
+                    }
+                    _ => escaped = false,
+                }
+            }
+            1 + end.min(quoted.len())
+        } else {
+            value.find([' ', '&']).unwrap_or(value.len())
+        };
+        rest = &value[end.min(value.len())..];
     }
     out.push_str(rest);
     out
@@ -957,6 +1024,39 @@ mod tests {
         assert_eq!(c.retry.max_backoff, d.retry.max_backoff);
         assert_eq!(c.retry.initial_backoff, d.retry.initial_backoff);
         assert_eq!(c.retry.unready_after, d.retry.unready_after);
+    }
+
+    #[test]
+    fn no_generated_password_survives_redaction_in_any_url_form() {
+        let alphabet: Vec<char> = "abcXYZ019/?#@:&=% '\"\\;,.-_~+!$*()[]{}".chars().collect();
+        let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for case in 0..2000 {
+            let len = 6 + (next() % 12) as usize;
+            let password: String = (0..len)
+                .map(|_| alphabet[(next() % alphabet.len() as u64) as usize])
+                .collect();
+            let encoded = super::percent_encode(&password);
+            let escaped = password.replace('\\', "\\\\").replace('\'', "\\'");
+            let forms = [
+                format!("postgres://app:{encoded}@db.example.com:5432/app?sslmode=require"),
+                format!("postgres://app@db.example.com/app?password={encoded}&sslmode=require"),
+                format!("host=db user=app password='{escaped}' dbname=app"),
+                format!("host=db user=app password = '{escaped}' dbname=app"),
+            ];
+            for url in forms {
+                let out = redact_url(&url);
+                assert!(
+                    !out.contains(&password) && !out.contains(&encoded) && !out.contains(&escaped),
+                    "case {case}: password {password:?} survives in {out:?} (from {url:?})"
+                );
+            }
+        }
     }
 
     #[test]

@@ -86,6 +86,9 @@ pub async fn gather(cfg: &Config) -> Result<Status> {
     let instance = fetch_instance_status(&instance_addr).await;
 
     let mut problems = Vec::new();
+    if let Some(warning) = crate::source::logical::sync_replication_risk(&client).await? {
+        problems.push(warning);
+    }
     let (mut cursor, mut pending_events) = (None, None);
     if cfg.mode == crate::config::Mode::Polling {
         let (xid, seq) = crate::source::polling::read_cursor(&client, cfg).await?;

@@ -840,3 +840,53 @@ async fn stale_outboxd_slot_holder_is_terminated_and_a_foreign_one_is_waited_for
     );
     let _ = stale.wait();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn synchronous_standby_names_that_can_pick_the_relay_are_reported() {
+    // With the relay's walsender as a synchronous standby every commit would wait for Kafka.
+    // (synchronous_commit = local keeps this test's own commits from waiting.)
+    let brokers = kafka_brokers();
+    let cluster = PrivateCluster::start("-c synchronous_commit=local");
+    let admin = cluster.local_client("postgres").await;
+    for sql in [
+        "ALTER SYSTEM SET synchronous_standby_names = '\"outboxd-replication\"'",
+        "SELECT pg_reload_conf()",
+    ] {
+        admin.execute(sql, &[]).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let env = [
+        ("OUTBOXD_POSTGRES_URL", cluster.url.as_str()),
+        ("OUTBOXD_KAFKA_BROKERS", brokers.as_str()),
+        ("OUTBOXD_HTTP_ADDR", "127.0.0.1:0"),
+    ];
+    let out = outboxd(&["migrate"], &env);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = outboxd(&["status"], &env);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("synchronous_standby_names"), "{text}");
+
+    let dir = std::env::temp_dir().join(unique("syncrep"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("c.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[postgres]\nurl = \"{}\"\n[kafka]\nbrokers = \"{brokers}\"\n[http]\naddr = \"127.0.0.1:{}\"\n",
+            cluster.url,
+            free_port()
+        ),
+    )
+    .unwrap();
+    let relay = Relay::start(&config);
+    eventually(Duration::from_secs(20), "the relay warns at start", || {
+        let log = relay.log_text();
+        async move { log.contains("WARN") && log.contains("every commit would wait for Kafka") }
+    })
+    .await;
+}

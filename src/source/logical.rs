@@ -105,6 +105,31 @@ pub async fn acquire_leadership(
     }
 }
 
+/// Whether `synchronous_standby_names` can pick outboxd's walsender
+/// (`application_name = outboxd-replication`) as a synchronous standby: then every commit on
+/// the database waits until outboxd confirmed it — that is, until Kafka acknowledged it. A
+/// Kafka outage would stop the application's writes. Returns the warning, if any.
+pub async fn sync_replication_risk(client: &Client) -> Result<Option<String>> {
+    let names: String = client
+        .query_one("SELECT current_setting('synchronous_standby_names')", &[])
+        .await
+        .map_err(|e| Error::pg("reading synchronous_standby_names", e))?
+        .get(0);
+    Ok(selects_outboxd(&names).then(|| {
+        format!(
+            "synchronous_standby_names = '{names}' can select outboxd's walsender (application_name {}): every commit would wait for Kafka; list your standbys by name instead",
+            crate::source::walsender::APPLICATION_NAME
+        )
+    }))
+}
+
+/// Whether a `synchronous_standby_names` value names `*` or outboxd's application name.
+fn selects_outboxd(names: &str) -> bool {
+    let lower = names.to_ascii_lowercase();
+    !lower.trim().is_empty()
+        && (lower.contains('*') || lower.contains(crate::source::walsender::APPLICATION_NAME))
+}
+
 /// The slot as seen in `pg_replication_slots`.
 #[derive(Debug, Clone)]
 pub struct SlotState {
@@ -160,6 +185,9 @@ impl SlotReader {
                 "the PostgreSQL role has neither REPLICATION nor SUPERUSER, so it cannot read a replication slot",
                 "ALTER ROLE <user> REPLICATION (the role also needs SELECT on the outbox table)",
             ));
+        }
+        if let Some(warning) = sync_replication_risk(&client).await? {
+            tracing::warn!("{warning}");
         }
         // The publication and the table in it: checked again by the leader every second.
         crate::source::publication::verify(&client, cfg, None).await?;
@@ -348,5 +376,23 @@ impl SlotReader {
             .await
             .map_err(|e| Error::pg("writing a heartbeat message", e))?;
         Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn synchronous_standby_lists_that_can_pick_outboxd_are_recognised() {
+        for risky in [
+            "*",
+            "ANY 1 (*)",
+            "FIRST 1 (replica1, \"outboxd-replication\")",
+            "outboxd-replication",
+        ] {
+            assert!(super::selects_outboxd(risky), "{risky}");
+        }
+        for safe in ["", "replica1", "FIRST 2 (replica1, replica2)"] {
+            assert!(!super::selects_outboxd(safe), "{safe}");
+        }
     }
 }
