@@ -248,3 +248,33 @@ fn multi_host_url_exits_2_naming_the_key() {
         assert!(!err.contains("secret"), "{err}");
     }
 }
+
+#[test]
+fn check_config_never_prints_a_password_however_it_is_written() {
+    for (url, password) in [
+        ("postgres://u:s%2Fe%3Fc%23r@h:5432/db", "s/e?c#r"),
+        ("postgres://u@h/db?password=top%20secret%3F", "top secret?"),
+        (
+            "host=h user=u password='two words\\'quote' dbname=db",
+            "two words'quote",
+        ),
+        ("host=h user=u password = hunter2x dbname=db", "hunter2x"),
+    ] {
+        let out = outboxd(
+            &["check-config"],
+            &[
+                ("OUTBOXD_POSTGRES_URL", url),
+                ("OUTBOXD_KAFKA_BROKERS", "k:9092"),
+            ],
+        );
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), stderr(&out));
+        assert!(out.status.success(), "{url}: {text}");
+        for spelling in [password, url.split("password").nth(1).unwrap_or("\u{0}")] {
+            let bare = spelling.trim_start_matches([' ', '=', '\'']);
+            if bare.len() >= 6 && !bare.contains("dbname") {
+                assert!(!text.contains(bare), "{url}: `{bare}` printed:\n{text}");
+            }
+        }
+        assert!(!text.contains(password), "{url}: password printed:\n{text}");
+    }
+}
