@@ -91,12 +91,14 @@ pub async fn run(cfg: Config, mut stop: watch::Receiver<bool>, health: Arc<Healt
         health.set_role(Role::Starting);
         match result {
             Ok(()) => return Ok(()),
-            // Stopping: an error now (say, the final confirmation did not land) is the exit
-            // status, not a reason to start another session.
-            Err(e) if *stop.borrow() => {
+            // Stopping: acknowledged work that could not be confirmed is the exit status
+            // (1); any other error while stopping (say, PostgreSQL still unreachable) only
+            // ends the retries.
+            Err(e @ Error::Shutdown(_)) => {
                 health.record_error(&e.to_string());
                 return Err(e);
             }
+            Err(_) if *stop.borrow() => return Ok(()),
             Err(e) if e.is_transient() => {
                 attempt += 1;
                 health.record_error(&e.to_string());
@@ -266,7 +268,7 @@ async fn session_polling(
     mut hints: Hints,
 ) -> Result<()> {
     let mut poller = Poller::open(cfg).await?;
-    let lock = LockSession::Sql(&poller.client);
+    let lock = LockSession::Sql(&poller.client, cfg.postgres.stream_timeout);
     if !acquire_leadership(lock, &cfg.postgres.slot, stop, health).await? {
         return Ok(());
     }
@@ -384,7 +386,15 @@ async fn session_polling(
             .last();
         hints = window.into_hints();
         if let Some(pos) = stored {
-            within(limit, "storing the cursor", poller.store(pos)).await?;
+            if let Err(e) = within(limit, "storing the cursor", poller.store(pos)).await {
+                if *stop.borrow() {
+                    return Err(Error::Shutdown(format!(
+                        "acknowledged events up to cursor {}/{} could not be stored ({e}); they will be published again after a restart",
+                        pos.0, pos.1
+                    )));
+                }
+                return Err(e);
+            }
             backoff.reset();
             health.recovered();
         }

@@ -56,21 +56,27 @@ pub const HEARTBEAT_PREFIX: &str = "outboxd.heartbeat";
 /// The session that holds the leadership lock: the replication connection in logical mode
 /// (see `source::replication_conn`), the SQL connection in polling mode.
 pub enum LockSession<'a> {
-    Sql(&'a Client),
+    /// The SQL session, and how long its answer may take (`postgres.stream_timeout_ms`).
+    Sql(&'a Client, Duration),
     Replication(&'a mut crate::source::replication_conn::ReplicationConn),
 }
 
 impl LockSession<'_> {
     async fn try_lock(&mut self, name: &str) -> Result<bool> {
         match self {
-            LockSession::Sql(client) => client
-                .query_one(
-                    "SELECT pg_try_advisory_lock(hashtextextended('outboxd.slot.' || $1, 0))",
-                    &[&name],
-                )
-                .await
-                .map(|r| r.get(0))
-                .map_err(|e| Error::pg("taking the leadership advisory lock", e)),
+            LockSession::Sql(client, limit) => {
+                let query = async {
+                    client
+                        .query_one(
+                            "SELECT pg_try_advisory_lock(hashtextextended('outboxd.slot.' || $1, 0))",
+                            &[&name],
+                        )
+                        .await
+                        .map(|r| r.get(0))
+                        .map_err(|e| Error::pg("taking the leadership advisory lock", e))
+                };
+                crate::pg::within(*limit, "taking the leadership advisory lock", query).await
+            }
             LockSession::Replication(conn) => conn.try_lock(name).await,
         }
     }
@@ -204,6 +210,11 @@ impl SlotReader {
     /// Reads the slot's row; a missing slot, a slot of another plugin or database is a
     /// setup error.
     pub async fn state(&self) -> Result<SlotState> {
+        let limit = self.cfg.stream_timeout;
+        crate::pg::within(limit, "looking up the replication slot", self.read_state()).await
+    }
+
+    async fn read_state(&self) -> Result<SlotState> {
         let row = self
             .client
             .query_opt(
