@@ -89,14 +89,12 @@ pub fn connect_error(target: &Target, e: tokio_postgres::Error) -> Error {
         text = format!("certificate verify failed ({reason})");
     }
     let described = target.describe();
-    if let Some(problem) = tls_problem(&text, &target.tls) {
-        return problem(&described);
-    }
-    Error::pg(format!("connecting to PostgreSQL at {described}"), e)
+    tls_problem(&text, &target.tls, &described)
+        .unwrap_or_else(|| Error::pg(format!("connecting to PostgreSQL at {described}"), e))
 }
 
-/// A permanent TLS problem described by `text`, if it is one.
-pub fn tls_problem(text: &str, tls: &tls::TlsSettings) -> Option<impl FnOnce(&str) -> Error> {
+/// A permanent TLS problem described by `text` (connecting to `target`), if it is one.
+pub fn tls_problem(text: &str, tls: &tls::TlsSettings, target: &str) -> Option<Error> {
     let (problem, fix): (&str, String) = if text.contains("certificate verify failed") {
         (
             "the server's certificate was not accepted",
@@ -127,13 +125,13 @@ pub fn tls_problem(text: &str, tls: &tls::TlsSettings) -> Option<impl FnOnce(&st
         .and_then(|(_, rest)| rest.split_once(')'))
         .map(|(d, _)| format!(" ({d})"))
         .unwrap_or_default();
-    let mode = tls.mode;
-    Some(move |target: &str| {
-        Error::setup(
-            format!("TLS to PostgreSQL at {target} (sslmode={mode}): {problem}{detail}"),
-            fix,
-        )
-    })
+    Some(Error::setup(
+        format!(
+            "TLS to PostgreSQL at {target} (sslmode={}): {problem}{detail}",
+            tls.mode
+        ),
+        fix,
+    ))
 }
 
 /// `f`, or a transient error if PostgreSQL does not answer within `limit`: a session behind a

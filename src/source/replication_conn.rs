@@ -258,8 +258,7 @@ async fn start_tls(
     if answer[0] != b'S' {
         if tls.mode.requires_tls() {
             let text = "server does not support TLS";
-            return Err(crate::pg::tls_problem(text, tls)
-                .map(|p| p(described))
+            return Err(crate::pg::tls_problem(text, tls, described)
                 .unwrap_or_else(|| io_error(context, std::io::Error::other(text))));
         }
         return Ok(Stream::Plain(s));
@@ -280,8 +279,7 @@ async fn start_tls(
         } else {
             format!("certificate verify failed ({})", verify.error_string())
         };
-        return Err(crate::pg::tls_problem(&text, tls)
-            .map(|p| p(described))
+        return Err(crate::pg::tls_problem(&text, tls, described)
             .unwrap_or_else(|| io_error(context, std::io::Error::other(text))));
     }
     Ok(Stream::Tls(Box::new(stream)))
