@@ -11,8 +11,15 @@
 #   scripts/stack.sh tls-certs DIR
 #                            a throwaway CA and server certificate (the TLS tests use them;
 #                            OUTBOXD_PG_HBA then replaces pg-start's pg_hba.conf)
-#   scripts/stack.sh kafka-start DIR, kafka-stop DIR
+#   scripts/stack.sh kafka-start DIR [PROP=VALUE...], kafka-stop DIR
 #                            an extra broker of its own (prints its bootstrap address)
+#   scripts/stack.sh kafka-start-sasl DIR USER PASSWORD
+#                            an extra broker with a SASL_SSL (SCRAM-SHA-256) listener on
+#                            localhost and a throwaway CA in DIR/certs (prints that address)
+#   scripts/stack.sh kafka-cluster-start DIR N [PROP=VALUE...]
+#                            an N-node KRaft cluster, replication N, min.insync.replicas N-1
+#   scripts/stack.sh kafka-node-kill DIR I, kafka-node-start DIR I
+#                            SIGKILL node I of that cluster / start it again on its data
 #
 # The env file sets OUTBOXD_TEST_PG_URL (superuser URL of the cluster's `postgres` database)
 # and OUTBOXD_TEST_KAFKA (bootstrap address of the broker). `source` it.
@@ -164,53 +171,154 @@ stop_pg() {
   fi
 }
 
-# start_kafka DIR [PROPERTY=VALUE...]: a single-node KRaft broker (combined broker and
-# controller) in DIR with free ports; writes DIR/kafka.pid and DIR/bootstrap. Extra
-# properties are appended to server.properties (the later line wins).
-start_kafka() {
-  local dir=$1 port ctl cid cp i
-  shift
-  port=$(free_port)
-  ctl=$(free_port)
+kafka_classpath() { find "$KAFKA_LIB" -name '*.jar' | sort | paste -sd: -; }
+
+kafka_jopts() {
+  # ${KAFKA_HEAP:-512m}: the 3-node cluster gives each node less.
+  echo "-Xms128m -Xmx${KAFKA_HEAP:-512m} -XX:+UseSerialGC -XX:TieredStopAtLevel=1 \
+    -XX:+ExitOnOutOfMemoryError -Djava.awt.headless=true \
+    -Dlog4j2.configurationFile=$HERE/kafka/log4j2.xml"
+}
+
+# kafka_node_config DIR NODE_ID PORT CONTROLLER_PORT VOTERS REPLICAS [PROPERTY=VALUE...]:
+# writes DIR/server.properties from the template; extra properties are appended (the later
+# line wins).
+kafka_node_config() {
+  local dir=$1 id=$2 port=$3 ctl=$4 voters=$5 replicas=$6 i
+  shift 6
   mkdir -p "$dir/kafka-data"
   sed -e "s#@DATA_DIR@#$dir/kafka-data#" -e "s#@PORT@#$port#" -e "s#@CONTROLLER_PORT@#$ctl#" \
-    -e "s#@NODE_ID@#1#" -e "s#@VOTERS@#1@127.0.0.1:$ctl#" -e "s#@REPLICAS@#1#" \
+    -e "s#@NODE_ID@#$id#" -e "s#@VOTERS@#$voters#" -e "s#@REPLICAS@#$replicas#" \
     "$HERE/kafka/server.properties" >"$dir/server.properties"
   for i in "$@"; do echo "$i" >>"$dir/server.properties"; done
-  cp=$(find "$KAFKA_LIB" -name '*.jar' | sort | paste -sd: -)
-  local jopts=(-Xms256m -Xmx512m -XX:+UseSerialGC -XX:TieredStopAtLevel=1
-    -XX:+ExitOnOutOfMemoryError -Djava.awt.headless=true
-    -Dlog4j2.configurationFile="$HERE/kafka/log4j2.xml")
-  # The cluster id is a Kafka Uuid: url-safe base64 of 16 bytes without padding.
-  cid=$(python3 -c 'import base64,os;print(base64.urlsafe_b64encode(os.urandom(16)).rstrip(b"=").decode())')
-  java "${jopts[@]}" -cp "$cp" kafka.tools.StorageTool format -t "$cid" \
-    -c "$dir/server.properties" >"$dir/kafka-format.log" 2>&1 \
+  echo "127.0.0.1:$port" >"$dir/bootstrap"
+}
+
+# kafka_format DIR CLUSTER_ID [STORAGE-TOOL ARGS...]
+kafka_format() {
+  local dir=$1 cid=$2
+  shift 2
+  # shellcheck disable=SC2046
+  java $(kafka_jopts) -cp "$(kafka_classpath)" kafka.tools.StorageTool format -t "$cid" \
+    -c "$dir/server.properties" "$@" >"$dir/kafka-format.log" 2>&1 \
     || { cat "$dir/kafka-format.log" >&2; exit 1; }
-  log "starting Apache Kafka $KAFKA_VERSION on 127.0.0.1:$port"
-  nohup java "${jopts[@]}" -cp "$cp" kafka.Kafka "$dir/server.properties" >"$dir/kafka.log" 2>&1 &
+}
+
+# kafka_launch DIR: starts the node formatted in DIR (again after a kill: same data).
+kafka_launch() {
+  local dir=$1
+  # shellcheck disable=SC2046
+  nohup java $(kafka_jopts) -cp "$(kafka_classpath)" kafka.Kafka "$dir/server.properties" \
+    >>"$dir/kafka.log" 2>&1 &
   echo $! >"$dir/kafka.pid"
-  for i in $(seq 1 120); do
-    if grep -q 'Kafka Server started' "$dir/kafka.log"; then
-      echo "127.0.0.1:$port" >"$dir/bootstrap"
+}
+
+# kafka_wait DIR: until the node in DIR logged that it started (the log is appended to, so
+# count the lines).
+kafka_wait() {
+  local dir=$1 want=${2:-1} i
+  for i in $(seq 1 180); do
+    local started
+    started=$(grep -c 'Kafka Server started' "$dir/kafka.log" 2>/dev/null || true)
+    if [ "${started:-0}" -ge "$want" ]; then
       return 0
     fi
     kill -0 "$(cat "$dir/kafka.pid")" 2>/dev/null || { tail -30 "$dir/kafka.log" >&2; exit 1; }
     sleep 0.5
   done
-  log "Kafka did not start within 60 s"; tail -30 "$dir/kafka.log" >&2; exit 1
+  log "Kafka ($dir) did not start within 90 s"; tail -30 "$dir/kafka.log" >&2; exit 1
 }
 
-stop_kafka() {
-  local dir=$1 pid i
-  [ -f "$dir/kafka.pid" ] || return 0
-  pid=$(cat "$dir/kafka.pid")
-  kill -TERM "$pid" 2>/dev/null || { rm -f "$dir/kafka.pid"; return 0; }
+new_cluster_id() {
+  # A Kafka Uuid: url-safe base64 of 16 bytes without padding.
+  python3 -c 'import base64,os;print(base64.urlsafe_b64encode(os.urandom(16)).rstrip(b"=").decode())'
+}
+
+# start_kafka DIR [PROPERTY=VALUE...]: a single-node KRaft broker (combined broker and
+# controller) in DIR with free ports; writes DIR/kafka.pid and DIR/bootstrap.
+start_kafka() {
+  local dir=$1 port ctl
+  shift
+  port=$(free_port)
+  ctl=$(free_port)
+  kafka_node_config "$dir" 1 "$port" "$ctl" "1@127.0.0.1:$ctl" 1 "$@"
+  kafka_format "$dir" "$(new_cluster_id)"
+  log "starting Apache Kafka $KAFKA_VERSION on 127.0.0.1:$port"
+  kafka_launch "$dir"
+  kafka_wait "$dir"
+}
+
+# start_kafka_sasl DIR USER PASSWORD: a single-node broker with a second listener,
+# SASL_SSL on localhost (SCRAM-SHA-256, USER/PASSWORD created at format time, certificate
+# for DNS:localhost from a throwaway CA in DIR/certs: ca.pem, other-ca.pem). DIR/bootstrap
+# holds the plaintext address, DIR/sasl_bootstrap the SASL_SSL one.
+start_kafka_sasl() {
+  local dir=$1 user=$2 password=$3 port ctl sasl ks_pass
+  port=$(free_port)
+  ctl=$(free_port)
+  sasl=$(free_port)
+  make_certs "$dir/certs"
+  ks_pass=$(new_cluster_id)
+  openssl pkcs12 -export -in "$dir/certs/server.pem" -inkey "$dir/certs/server.key" \
+    -name localhost -out "$dir/certs/server.p12" -passout "pass:$ks_pass" 2>>"$dir/certs/openssl.log"
+  kafka_node_config "$dir" 1 "$port" "$ctl" "1@127.0.0.1:$ctl" 1 \
+    "listeners=PLAINTEXT://127.0.0.1:$port,CONTROLLER://127.0.0.1:$ctl,SASL_SSL://localhost:$sasl" \
+    "advertised.listeners=PLAINTEXT://127.0.0.1:$port,SASL_SSL://localhost:$sasl" \
+    "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,SASL_SSL:SASL_SSL" \
+    "sasl.enabled.mechanisms=SCRAM-SHA-256" \
+    "listener.name.sasl_ssl.scram-sha-256.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;" \
+    "ssl.keystore.type=PKCS12" "ssl.keystore.location=$dir/certs/server.p12" \
+    "ssl.keystore.password=$ks_pass" "ssl.key.password=$ks_pass"
+  kafka_format "$dir" "$(new_cluster_id)" --add-scram "SCRAM-SHA-256=[name=$user,password=$password]"
+  log "starting Apache Kafka $KAFKA_VERSION on 127.0.0.1:$port, SASL_SSL on localhost:$sasl"
+  kafka_launch "$dir"
+  kafka_wait "$dir"
+  echo "localhost:$sasl" >"$dir/sasl_bootstrap"
+}
+
+# start_kafka_cluster DIR N [PROPERTY=VALUE...]: N combined broker+controller nodes in
+# DIR/node1..N (small heaps), replication factor N for internal and new topics,
+# min.insync.replicas=N-1. DIR/bootstrap lists every node.
+start_kafka_cluster() {
+  local dir=$1 n=$2 i voters="" ports=() ctls=()
+  shift 2
+  for i in $(seq 1 "$n"); do
+    ports[$i]=$(free_port)
+    ctls[$i]=$(free_port)
+    voters="${voters:+$voters,}$i@127.0.0.1:${ctls[$i]}"
+  done
+  local cid
+  cid=$(new_cluster_id)
+  for i in $(seq 1 "$n"); do
+    kafka_node_config "$dir/node$i" "$i" "${ports[$i]}" "${ctls[$i]}" "$voters" "$n" \
+      "min.insync.replicas=$((n - 1))" "transaction.state.log.min.isr=$((n - 1))" "$@"
+    KAFKA_HEAP=256m kafka_format "$dir/node$i" "$cid"
+  done
+  log "starting a $n-node Apache Kafka $KAFKA_VERSION cluster in $dir"
+  for i in $(seq 1 "$n"); do KAFKA_HEAP=256m kafka_launch "$dir/node$i"; done
+  for i in $(seq 1 "$n"); do kafka_wait "$dir/node$i"; done
+  cat "$dir"/node*/bootstrap | paste -sd, - >"$dir/bootstrap"
+}
+
+kill_pid_file() {
+  local f=$1 signal=$2 pid i
+  [ -f "$f" ] || return 0
+  pid=$(cat "$f")
+  kill "-$signal" "$pid" 2>/dev/null || { rm -f "$f"; return 0; }
   for i in $(seq 1 40); do
     kill -0 "$pid" 2>/dev/null || break
     sleep 0.25
   done
   kill -KILL "$pid" 2>/dev/null || true
-  rm -f "$dir/kafka.pid"
+  rm -f "$f"
+}
+
+stop_kafka() {
+  local dir=$1 f
+  for f in "$dir/kafka.pid" "$dir"/node*/kafka.pid; do
+    [ -f "$f" ] && kill_pid_file "$f" TERM
+  done
+  return 0
 }
 
 up() {
@@ -262,6 +370,10 @@ case "${1:-}" in
   pg-stop) stop_pg "$2"; rm -rf "$2" ;;
   tls-certs) make_certs "$2" ;;
   kafka-start) dir=$2; shift 2; ensure_kafka; start_kafka "$dir" "$@"; cat "$dir/bootstrap" ;;
+  kafka-start-sasl) ensure_kafka; start_kafka_sasl "$2" "$3" "$4"; cat "$2/sasl_bootstrap" ;;
+  kafka-cluster-start) dir=$2; n=$3; shift 3; ensure_kafka; start_kafka_cluster "$dir" "$n" "$@"; cat "$dir/bootstrap" ;;
+  kafka-node-kill) kill_pid_file "$2/node$3/kafka.pid" KILL ;;
+  kafka-node-start) KAFKA_HEAP=256m kafka_launch "$2/node$3"; kafka_wait "$2/node$3" "$(( $(grep -c 'Kafka Server started' "$2/node$3/kafka.log") + 1 ))" ;;
   kafka-stop) stop_kafka "$2"; rm -rf "$2" ;;
-  *) echo "usage: $0 up|down|env|install|pg-start DIR PORT [OPTIONS]|pg-stop DIR|tls-certs DIR|kafka-start DIR [PROP=VALUE...]|kafka-stop DIR" >&2; exit 2 ;;
+  *) echo "usage: $0 up|down|env|install|pg-start DIR PORT [OPTIONS]|pg-stop DIR|tls-certs DIR|kafka-start DIR [PROP=VALUE...]|kafka-start-sasl DIR USER PASSWORD|kafka-cluster-start DIR N [PROP=VALUE...]|kafka-node-kill DIR I|kafka-node-start DIR I|kafka-stop DIR" >&2; exit 2 ;;
 esac

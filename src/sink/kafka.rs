@@ -7,6 +7,7 @@
 //! not exist is never a reason to skip an event.
 
 use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -20,9 +21,13 @@ use crate::config::KafkaConfig;
 use crate::error::{Error, Result};
 use crate::route::{PoisonKind, Record};
 
-/// Routes librdkafka's log lines and global errors into `tracing`.
+/// Routes librdkafka's log lines and global errors into `tracing`, and remembers the last
+/// global error: a metadata request that times out says nothing of *why* (a refused password,
+/// an untrusted certificate); that error does.
 #[derive(Clone, Default)]
-pub struct LogContext;
+pub struct LogContext {
+    last_error: Arc<Mutex<Option<(Option<RDKafkaErrorCode>, String)>>>,
+}
 
 impl ClientContext for LogContext {
     fn log(&self, level: RDKafkaLogLevel, fac: &str, msg: &str) {
@@ -48,6 +53,13 @@ impl ClientContext for LogContext {
     fn error(&self, error: KafkaError, reason: &str) {
         // Broker connection failures land here; librdkafka keeps reconnecting by itself.
         tracing::warn!(target: "librdkafka", error = %error, "kafka client error: {reason}");
+        let code = error.rdkafka_error_code();
+        // "All brokers down" follows every failed connection; the reason is the error before.
+        if code != Some(RDKafkaErrorCode::AllBrokersDown) {
+            if let Ok(mut last) = self.last_error.lock() {
+                *last = Some((code, reason.to_string()));
+            }
+        }
     }
 }
 
@@ -88,6 +100,24 @@ pub fn client_config(cfg: &KafkaConfig) -> ClientConfig {
     c
 }
 
+/// A client error that no retry can mend: the broker refused our credentials, or we do not
+/// trust its certificate. librdkafka's reason names neither password nor key material.
+fn refusal(code: Option<RDKafkaErrorCode>, reason: &str) -> Option<Error> {
+    if code == Some(RDKafkaErrorCode::Authentication) || reason.contains("SASL authentication") {
+        return Some(Error::setup(
+            format!("kafka refused the authentication: {reason}"),
+            "check sasl.username, sasl.password and sasl.mechanisms in [kafka.properties]",
+        ));
+    }
+    if reason.contains("certificate verify failed") || reason.contains("certificate") {
+        return Some(Error::setup(
+            format!("the broker's TLS certificate is not trusted: {reason}"),
+            "point ssl.ca.location in [kafka.properties] at the CA that signed the broker's certificate (and check the broker address matches it)",
+        ));
+    }
+    None
+}
+
 /// `-1` (KIP-464) reads as "broker default" in logs.
 fn broker_default(n: i32) -> String {
     if n == -1 {
@@ -102,6 +132,7 @@ pub struct KafkaSink {
     admin: Option<AdminClient<LogContext>>,
     known_topics: HashSet<String>,
     cfg: KafkaConfig,
+    context: LogContext,
 }
 
 /// Why a record could not be handed to the producer.
@@ -113,8 +144,9 @@ pub enum SendError {
 
 impl KafkaSink {
     pub fn new(cfg: &KafkaConfig) -> Result<KafkaSink> {
+        let context = LogContext::default();
         let producer: FutureProducer<LogContext> = client_config(cfg)
-            .create_with_context(LogContext)
+            .create_with_context(context.clone())
             .map_err(|e| {
                 Error::setup(
                     format!("kafka producer configuration: {e}"),
@@ -131,7 +163,7 @@ impl KafkaSink {
                     ac.set(k, v);
                 }
             }
-            Some(ac.create_with_context(LogContext).map_err(|e| {
+            Some(ac.create_with_context(context.clone()).map_err(|e| {
                 Error::setup(
                     format!("kafka admin client configuration: {e}"),
                     "correct kafka.properties",
@@ -145,20 +177,33 @@ impl KafkaSink {
             admin,
             known_topics: HashSet::new(),
             cfg: cfg.clone(),
+            context,
         })
     }
 
     /// Asks the cluster for its metadata: proves the brokers are reachable and authenticate us.
+    /// Credentials or trust that can never work are a setup error (exit code 2), not a
+    /// reason to retry forever; an unreachable cluster is retried.
     pub async fn check_reachable(&self, timeout: Duration) -> Result<usize> {
         let producer = self.producer.clone();
         let md =
             tokio::task::spawn_blocking(move || producer.client().fetch_metadata(None, timeout))
                 .await
-                .map_err(|e| Error::Kafka(format!("metadata task failed: {e}")))?
-                .map_err(|e| {
-                    Error::Kafka(format!("cannot reach brokers {}: {e}", self.cfg.brokers))
-                })?;
-        Ok(md.brokers().len())
+                .map_err(|e| Error::Kafka(format!("metadata task failed: {e}")))?;
+        match md {
+            Ok(md) => Ok(md.brokers().len()),
+            Err(e) => {
+                let last = self.context.last_error.lock().ok().and_then(|l| l.clone());
+                Err(
+                    match last.and_then(|(code, reason)| refusal(code, &reason)) {
+                        Some(setup) => setup,
+                        None => {
+                            Error::Kafka(format!("cannot reach brokers {}: {e}", self.cfg.brokers))
+                        }
+                    },
+                )
+            }
+        }
     }
 
     /// Creates `topic` if the relay has not seen it yet and topic creation is enabled.

@@ -795,6 +795,63 @@ impl PrivateKafka {
     }
 }
 
+impl PrivateKafka {
+    /// A broker with a SASL_SSL listener (SCRAM-SHA-256 user `user`/`password`, throwaway CA
+    /// in `dir/certs`). `brokers` is its plaintext address (for verifying consumers),
+    /// the returned string the SASL_SSL one.
+    pub fn start_sasl(user: &str, password: &str) -> (PrivateKafka, String) {
+        let dir = std::env::temp_dir().join(unique("outboxd-kafka-sasl"));
+        let out = stack(&["kafka-start-sasl", dir.to_str().unwrap(), user, password]);
+        let sasl = String::from_utf8(out.stdout).unwrap().trim().to_string();
+        let brokers = std::fs::read_to_string(dir.join("bootstrap"))
+            .unwrap()
+            .trim()
+            .to_string();
+        (PrivateKafka { dir, brokers }, sasl)
+    }
+
+    /// An `n`-node KRaft cluster (replication `n`, `min.insync.replicas` n-1).
+    pub fn start_cluster(n: u32, properties: &[&str]) -> PrivateKafka {
+        let dir = std::env::temp_dir().join(unique("outboxd-kafka-cluster"));
+        let n = n.to_string();
+        let mut args = vec!["kafka-cluster-start", dir.to_str().unwrap(), &n];
+        args.extend_from_slice(properties);
+        let out = stack(&args);
+        let brokers = String::from_utf8(out.stdout).unwrap().trim().to_string();
+        PrivateKafka { dir, brokers }
+    }
+
+    /// SIGKILL node `i` of a cluster.
+    pub fn kill_node(&self, i: u32) {
+        stack(&[
+            "kafka-node-kill",
+            self.dir.to_str().unwrap(),
+            &i.to_string(),
+        ]);
+    }
+
+    /// Starts node `i` of a cluster again on its data and waits until it is up.
+    pub fn start_node(&self, i: u32) {
+        stack(&[
+            "kafka-node-start",
+            self.dir.to_str().unwrap(),
+            &i.to_string(),
+        ]);
+    }
+}
+
+/// Runs `scripts/stack.sh args…`, failing the test if it fails.
+pub fn stack(args: &[&str]) -> Output {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/stack.sh");
+    let out = Command::new(script)
+        .args(args)
+        .stderr(Stdio::inherit())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "stack.sh {args:?} failed");
+    out
+}
+
 impl Drop for PrivateKafka {
     fn drop(&mut self) {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/stack.sh");
