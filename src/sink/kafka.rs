@@ -26,8 +26,11 @@ use crate::route::{PoisonKind, Record};
 /// an untrusted certificate); that error does.
 #[derive(Clone, Default)]
 pub struct LogContext {
-    last_error: Arc<Mutex<Option<(Option<RDKafkaErrorCode>, String)>>>,
+    last_error: Arc<Mutex<Option<ClientError>>>,
 }
+
+/// librdkafka's code and reason for a global client error.
+type ClientError = (Option<RDKafkaErrorCode>, String);
 
 impl ClientContext for LogContext {
     fn log(&self, level: RDKafkaLogLevel, fac: &str, msg: &str) {
