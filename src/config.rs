@@ -174,6 +174,28 @@ pub struct KafkaConfig {
     pub dlq_topic: String,
     /// Passed verbatim to librdkafka (TLS, SASL, compression, linger, …).
     pub properties: BTreeMap<String, String>,
+    /// At-least-once (the default) or exactly-once (see `crate::transaction`).
+    pub delivery: Delivery,
+    /// Exactly-once: the producer's `transactional.id`; `None` derives it from the database
+    /// and slot (or polling table), the same for every instance of one pipeline.
+    pub transactional_id: Option<String>,
+    /// Exactly-once: the compacted topic the source position is written to, inside each
+    /// Kafka transaction.
+    pub position_topic: String,
+    /// Exactly-once: a Kafka transaction is committed at the first source transaction
+    /// boundary after it is this old…
+    pub transaction_interval: Duration,
+    /// …or holds this many events.
+    pub transaction_max_events: u64,
+}
+
+/// What a consumer may see (README, "Delivery modes").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Delivery {
+    /// Every committed event, possibly more than once after a crash or a retry.
+    AtLeastOnce,
+    /// A `read_committed` consumer sees every committed event exactly once.
+    ExactlyOnce,
 }
 
 #[derive(Clone, Debug)]
@@ -268,6 +290,11 @@ struct RawKafka {
     dlq_topic: Option<String>,
     cloudevents: Option<bool>,
     cloudevents_source: Option<String>,
+    delivery: Option<String>,
+    transactional_id: Option<String>,
+    position_topic: Option<String>,
+    transaction_ms: Option<u64>,
+    transaction_max_events: Option<u64>,
     #[serde(default)]
     properties: BTreeMap<String, toml::Value>,
 }
@@ -576,6 +603,52 @@ impl Config {
             }
             properties.insert(name, value);
         }
+        let delivery = match k.delivery.as_deref().unwrap_or("at-least-once") {
+            "at-least-once" => Delivery::AtLeastOnce,
+            "exactly-once" => Delivery::ExactlyOnce,
+            other => {
+                return Err(invalid(
+                    "kafka.delivery",
+                    format!("`{other}` is not one of at-least-once, exactly-once"),
+                ))
+            }
+        };
+        if properties.contains_key("transactional.id") {
+            return Err(invalid(
+                "kafka.properties",
+                "set `kafka.transactional_id` (with kafka.delivery = \"exactly-once\") instead of `transactional.id`",
+            ));
+        }
+        if let Some(id) = &k.transactional_id {
+            if id.is_empty() || id.len() > 200 {
+                return Err(invalid(
+                    "kafka.transactional_id",
+                    "must be between 1 and 200 characters",
+                ));
+            }
+        }
+        let position_topic = k
+            .position_topic
+            .unwrap_or_else(|| "outboxd.positions".into());
+        if !crate::route::valid_topic_name(&position_topic) {
+            return Err(invalid(
+                "kafka.position_topic",
+                format!("`{position_topic}` is not a legal Kafka topic name"),
+            ));
+        }
+        let transaction_interval = ms(
+            "kafka.transaction_ms",
+            k.transaction_ms.unwrap_or(100),
+            1,
+            600_000,
+        )?;
+        let transaction_max_events = k.transaction_max_events.unwrap_or(10_000);
+        if !(1..=10_000_000).contains(&transaction_max_events) {
+            return Err(invalid(
+                "kafka.transaction_max_events",
+                "must be between 1 and 10000000",
+            ));
+        }
 
         let r = raw.retry;
         let initial_backoff = ms(
@@ -636,6 +709,11 @@ impl Config {
                 cloudevents: k.cloudevents.unwrap_or(false),
                 cloudevents_source: k.cloudevents_source.unwrap_or_else(|| "/outboxd".into()),
                 properties,
+                delivery,
+                transactional_id: k.transactional_id,
+                position_topic,
+                transaction_interval,
+                transaction_max_events,
             },
             retry: RetryConfig {
                 initial_backoff,
@@ -899,6 +977,11 @@ impl fmt::Debug for KafkaConfig {
             .field("cloudevents", &self.cloudevents)
             .field("cloudevents_source", &self.cloudevents_source)
             .field("properties", &props)
+            .field("delivery", &self.delivery)
+            .field("transactional_id", &self.transactional_id)
+            .field("position_topic", &self.position_topic)
+            .field("transaction_interval", &self.transaction_interval)
+            .field("transaction_max_events", &self.transaction_max_events)
             .finish()
     }
 }

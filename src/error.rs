@@ -52,6 +52,20 @@ pub enum Error {
     #[error("kafka: {message}")]
     Suspect { event_id: String, message: String },
 
+    /// Exactly-once: another instance with our `transactional.id` initialised its producer
+    /// after us; this one must stop publishing and leave leadership (transient: it may lead
+    /// again later, with a fresh producer).
+    #[error("kafka: fenced: {0}")]
+    Fenced(String),
+
+    /// Exactly-once: Kafka refused this record alone, inside a transaction that must now be
+    /// aborted; the next session dead-letters it in its place (`crate::window`).
+    #[error("kafka refused event {event_id} ({}: {}); its transaction is aborted and the next one dead-letters it", poison.kind.label(), poison.detail)]
+    Refused {
+        event_id: String,
+        poison: crate::route::Poison,
+    },
+
     /// PostgreSQL did not answer in time (a dead network path): transient.
     #[error("{0}")]
     Timeout(String),
@@ -116,6 +130,8 @@ impl Error {
             | Error::Delivery { .. }
             | Error::Suspect { .. }
             | Error::Shutdown(_)
+            | Error::Fenced(_)
+            | Error::Refused { .. }
             | Error::Timeout(_) => true,
             Error::Postgres { source, .. } => match source.code() {
                 // No SQLSTATE: I/O error, connection closed, timeout.

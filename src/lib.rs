@@ -25,6 +25,7 @@ pub mod route;
 pub mod sink;
 pub mod source;
 pub mod status;
+pub mod transaction;
 pub mod window;
 
 pub use error::{Error, Result};

@@ -22,6 +22,11 @@ pub const DELIVERY_FAILURES: &str = "outboxd_delivery_failures_total";
 pub const DELIVERY_STALLS: &str = "outboxd_delivery_stalls_total";
 /// Times publishing restarted from the confirmed position after a failed delivery.
 pub const PUBLISH_RETRIES: &str = "outboxd_publish_retries_total";
+/// Exactly-once: Kafka transactions committed (each with its source position).
+pub const TRANSACTIONS_COMMITTED: &str = "outboxd_kafka_transactions_committed_total";
+/// Exactly-once: events skipped after a restart because the Kafka transaction holding them
+/// had committed before the source position was confirmed.
+pub const EVENTS_SKIPPED: &str = "outboxd_events_skipped_total";
 /// Commit timestamp → Kafka acknowledgement.
 pub const COMMIT_TO_ACK: &str = "outboxd_commit_to_ack_seconds";
 /// Current WAL position minus the slot's confirmed position.
@@ -94,6 +99,14 @@ fn describe() {
     describe_counter!(
         DELIVERY_STALLS,
         "Deliveries unacknowledged past kafka.delivery_timeout_ms (reported, still retried)"
+    );
+    describe_counter!(
+        TRANSACTIONS_COMMITTED,
+        "Exactly-once: Kafka transactions committed with their source position"
+    );
+    describe_counter!(
+        EVENTS_SKIPPED,
+        "Exactly-once: events skipped after a restart, already committed to Kafka"
     );
     describe_histogram!(
         COMMIT_TO_ACK,

@@ -21,7 +21,7 @@ use backon::BackoffBuilder;
 use tokio::sync::watch;
 
 use crate::checkpoint::Checkpoint;
-use crate::config::{Config, Mode, RetryConfig};
+use crate::config::{Config, Delivery, Mode, RetryConfig};
 use crate::dead_letter::{dead_letter, DlqTable};
 use crate::error::{Error, Result};
 use crate::health::{Health, Role};
@@ -29,6 +29,7 @@ use crate::metrics as m;
 use crate::pg::within;
 use crate::route::{Poison, PoisonKind, Record, Router};
 use crate::sink::kafka::KafkaSink;
+use crate::sink::positions::{self, Position};
 use crate::source::decode::{Change, Decoder};
 use crate::source::logical::{acquire_leadership, LockSession, SlotReader};
 use crate::source::pgoutput::format_lsn;
@@ -36,6 +37,7 @@ use crate::source::polling::{Cursor, Poller};
 use crate::source::publication::lost_publication;
 use crate::source::replication_conn::ReplicationConn;
 use crate::source::walsender::{ReplicationMessage, ReplicationStream};
+use crate::transaction::Transactions;
 use crate::window::{Hints, Repeats, Window};
 
 /// Capped exponential backoff with jitter, reset after progress.
@@ -104,9 +106,16 @@ pub async fn run(cfg: Config, mut stop: watch::Receiver<bool>, health: Arc<Healt
                 health.record_error(&e.to_string());
                 health.failing();
                 let delay = backoff.next_delay();
-                if matches!(
+                if let Error::Fenced(_) = e {
+                    // Another instance took over our transactional.id: this session ended
+                    // (and with it leadership); try again as a standby.
+                    tracing::error!(error = %e, retry_in_ms = delay.as_millis() as u64, "fenced by another instance; stopped publishing and left leadership");
+                } else if matches!(
                     e,
-                    Error::Kafka(_) | Error::Delivery { .. } | Error::Suspect { .. }
+                    Error::Kafka(_)
+                        | Error::Delivery { .. }
+                        | Error::Suspect { .. }
+                        | Error::Refused { .. }
                 ) {
                     metrics::counter!(m::PUBLISH_RETRIES).increment(1);
                     repeats.record(&e, cfg.kafka.max_record_retries);
@@ -150,9 +159,30 @@ async fn session(
     reader.ensure_slot_usable().await?;
     let mut published = reader.verify_publication(None).await?;
     let dlq = reader.dlq_table();
-    let mut sink = KafkaSink::new(&cfg.kafka)?;
+    let exactly_once = match cfg.kafka.delivery {
+        Delivery::ExactlyOnce => Some(reader.pipeline_identity().await?),
+        Delivery::AtLeastOnce => None,
+    };
+    let pipeline = exactly_once.as_ref().map(|(id, _)| {
+        cfg.kafka
+            .transactional_id
+            .clone()
+            .unwrap_or_else(|| id.clone())
+    });
+    let mut sink = KafkaSink::new(&cfg.kafka, pipeline.as_deref())?;
     let brokers = sink.check_reachable(Duration::from_secs(10)).await?;
     let mut confirmed = reader.confirmed();
+    let mut eos = match (&pipeline, &exactly_once) {
+        (Some(pipeline), Some((_, wal_now))) => {
+            let resume = resume_position(cfg, &sink, pipeline, *wal_now).await?;
+            Some(Transactions::new(
+                cfg.kafka.transaction_interval,
+                cfg.kafka.transaction_max_events,
+                resume,
+            ))
+        }
+        _ => None,
+    };
     match repl.start(&cfg.postgres).await {
         Err(e) if e.is_slot_in_use() && reader.resolve_stale_holder().await? => {
             // The stale holder is gone (its backend exits asynchronously): try again shortly.
@@ -170,16 +200,22 @@ async fn session(
         "relay started; streaming from the confirmed position"
     );
     let mut decoder = Decoder::new(&cfg.postgres);
-    let mut window = Window::new(hints);
+    let mut window = Window::new(hints, eos.is_some());
     // Nothing is confirmed beyond the last position at which the outbox table was verified to
     // be in the publication (see source::publication).
     let mut checkpoint = Checkpoint::limited(published.lsn);
+    if let Some(e) = &eos {
+        // Already in Kafka: the slot may move up to it now.
+        checkpoint.boundary(0, e.last_committed());
+    }
     let mut status_tick = tokio::time::interval(Duration::from_secs(1));
     status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_progress = Instant::now();
+    let mut skipped: u64 = 0;
 
     loop {
-        if let Some(safe) = checkpoint.safe_position() {
+        let ceiling = eos.as_ref().map_or(u64::MAX, Transactions::ceiling);
+        if let Some(safe) = checkpoint.safe_position().map(|s| s.min(ceiling)) {
             if safe > confirmed {
                 stream.confirm(safe);
                 tracing::trace!(lsn = %format_lsn(safe), "confirmed");
@@ -190,11 +226,20 @@ async fn session(
             }
         }
         let can_read = window.has_room(cfg.kafka.max_in_flight, cfg.kafka.max_in_flight_bytes);
+        let commit_at = eos.as_ref().and_then(|e| e.deadline(window.sent));
         tokio::select! {
             biased;
             _ = stop.changed() => {
                 let state = (window, checkpoint, confirmed, published.table_oid);
-                return shutdown(cfg, stream, &mut sink, &reader, state).await;
+                let eos = eos.as_mut().zip(pipeline.as_deref());
+                return shutdown(cfg, stream, &mut sink, &reader, state, eos, health).await;
+            }
+            _ = sleep_until(commit_at), if commit_at.is_some() => {
+                if let (Some(e), Some(p)) = (eos.as_mut(), pipeline.as_deref()) {
+                    commit(cfg, &mut window, &mut sink, &dlq, e, p, health).await?;
+                    checkpoint.acked(window.acked);
+                    window.report(health);
+                }
             }
             settled = window.settle_oldest(), if !window.is_empty() => {
                 window.handle(settled, &mut sink, &dlq).await?;
@@ -207,19 +252,38 @@ async fn session(
                     // The decoded event owns its bytes: free the message (and its share of
                     // the read-ahead) before publishing.
                     drop((data, budget));
+                    let skip = eos.as_ref().is_some_and(|e| e.already_published(decoder.commit_lsn()));
                     match change {
                     None => {}
-                    Some(Change::Boundary(lsn)) => checkpoint.boundary(window.sent, lsn),
+                    Some(Change::Boundary(lsn)) => {
+                        checkpoint.boundary(window.sent, lsn);
+                        if let Some(e) = eos.as_mut() {
+                            e.boundary(window.sent, lsn);
+                        }
+                    }
                     Some(Change::UnknownRelation(id)) => {
                         let partition = reader.is_outbox_partition(id, published.table_oid).await?;
                         decoder.classify(id, partition)?;
                     }
+                    Some(Change::Event(_) | Change::Poison { .. }) if skip => {
+                        if skipped == 0 {
+                            tracing::info!(commit_lsn = %format_lsn(decoder.commit_lsn()), "skipping events of source transactions already committed to Kafka (the slot had not been confirmed past them)");
+                        }
+                        skipped += 1;
+                        metrics::counter!(m::EVENTS_SKIPPED).increment(1);
+                    }
                     Some(Change::Poison { id, reason, raw }) => {
+                        if let Some(e) = eos.as_mut() {
+                            e.sending(window.sent);
+                        }
                         let record = Record { topic: String::new(), key: None, value: Some(raw), headers: id.iter().map(|i| ("id".to_string(), i.clone().into_bytes())).collect(), partition: None, timestamp_ms: None };
                         let poison = Poison { kind: PoisonKind::MalformedMessage, detail: reason };
                         dead_letter(&mut sink, &dlq, id.as_deref(), &record, &poison).await?;
                     }
                     Some(Change::Event(mut event)) => {
+                        if let Some(e) = eos.as_mut() {
+                            e.sending(window.sent);
+                        }
                         window.publish(&mut event, router, &mut sink, &dlq, health).await?;
                         checkpoint.acked(window.acked);
                     }
@@ -231,6 +295,9 @@ async fn session(
                     // status task's: see source::walsender.)
                     if !decoder.in_transaction() {
                         checkpoint.boundary(window.sent, wal_end);
+                        if let Some(e) = eos.as_mut() {
+                            e.boundary(window.sent, wal_end);
+                        }
                     }
                 }
             },
@@ -275,7 +342,7 @@ async fn session_polling(
     // Another instance may have moved the cursor while this one waited for the lock.
     poller.reload_cursor().await?;
     poller.check_cursor_in_this_cluster().await?;
-    let mut sink = KafkaSink::new(&cfg.kafka)?;
+    let mut sink = KafkaSink::new(&cfg.kafka, None)?;
     let brokers = sink.check_reachable(Duration::from_secs(10)).await?;
     if cfg.polling.notify {
         if let Err(e) = poller.listen().await {
@@ -323,7 +390,7 @@ async fn session_polling(
             }
             continue;
         }
-        let mut window = Window::new(hints.clone());
+        let mut window = Window::new(hints.clone(), false);
         // Each row's position, safe to store once this many sent events are acknowledged.
         let mut bounds: Vec<(u64, Cursor)> = Vec::new();
         let dlq = DlqTable {
@@ -412,6 +479,81 @@ async fn session_polling(
     }
 }
 
+/// Exactly-once: registers the producer (fencing any earlier one with the same
+/// `transactional.id`) and reads the pipeline's last committed position back. A position
+/// beyond this database's WAL belongs to another database (or a restored copy): stopping is
+/// the only safe answer, since skipping to it could skip events never published.
+async fn resume_position(
+    cfg: &Config,
+    sink: &KafkaSink,
+    pipeline: &str,
+    wal_now: u64,
+) -> Result<u64> {
+    let timeout = cfg.kafka.delivery_timeout;
+    sink.init_transactions(timeout).await?;
+    let read = positions::read_last(&cfg.kafka, pipeline, timeout * 2).await?;
+    let resume = match read {
+        None => 0,
+        Some(Position::Lsn(lsn)) if lsn <= wal_now => lsn,
+        Some(Position::Lsn(lsn)) => {
+            return Err(Error::setup(
+                format!(
+                    "the position topic {} holds {} for pipeline {pipeline}, beyond this database's WAL ({}): it was written for another database or before a restore",
+                    cfg.kafka.position_topic,
+                    format_lsn(lsn),
+                    format_lsn(wal_now)
+                ),
+                "reset the pipeline's position (README: exactly-once, resetting the position) or set kafka.transactional_id for this database",
+            ))
+        }
+        Some(Position::Cursor { .. }) => {
+            return Err(Error::setup(
+                format!("the position topic {} holds a polling cursor for pipeline {pipeline}, which runs in logical mode", cfg.kafka.position_topic),
+                "give each pipeline its own kafka.transactional_id, or reset the position",
+            ))
+        }
+    };
+    tracing::info!(pipeline, position = %format_lsn(resume), "exactly-once: resuming after the last committed Kafka transaction");
+    Ok(resume)
+}
+
+/// Exactly-once: commits the open Kafka transaction with its position. Every record of it
+/// is acknowledged first, so a refused one is known before the commit (and aborts it).
+async fn commit(
+    cfg: &Config,
+    window: &mut Window,
+    sink: &mut KafkaSink,
+    dlq: &DlqTable<'_>,
+    eos: &mut Transactions,
+    pipeline: &str,
+    health: &Health,
+) -> Result<()> {
+    let Some(position) = eos.committable(window.sent) else {
+        return Ok(());
+    };
+    while !window.is_empty() {
+        let settled = window
+            .settle_reporting(cfg.kafka.delivery_timeout, health)
+            .await;
+        window.handle(settled, sink, dlq).await?;
+    }
+    sink.write_position(pipeline, Position::Lsn(position))
+        .await?;
+    sink.commit(cfg.kafka.delivery_timeout).await?;
+    eos.committed(position);
+    metrics::counter!(m::TRANSACTIONS_COMMITTED).increment(1);
+    tracing::trace!(position = %format_lsn(position), "kafka transaction committed");
+    Ok(())
+}
+
+/// Sleeps until `at`, or forever.
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Aborts a background task when the session that started it ends.
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
@@ -430,6 +572,8 @@ async fn shutdown(
     sink: &mut KafkaSink,
     reader: &SlotReader,
     (mut window, mut checkpoint, confirmed, table_oid): (Window, Checkpoint, u64, u32),
+    eos: Option<(&mut Transactions, &str)>,
+    health: &Health,
 ) -> Result<()> {
     let dlq = reader.dlq_table();
     let dlq = &dlq;
@@ -452,6 +596,22 @@ async fn shutdown(
         }
     }
     checkpoint.acked(window.acked);
+    let mut ceiling = u64::MAX;
+    if let Some((eos, pipeline)) = eos {
+        // Commit what ended in the source; abort the rest (it is resent after a restart).
+        let done = window.is_empty() && eos.committable(window.sent).is_some();
+        let committed = done
+            && tokio::time::timeout_at(
+                deadline,
+                commit(cfg, &mut window, sink, dlq, eos, pipeline, health),
+            )
+            .await
+            .is_ok_and(|r| r.is_ok());
+        if !committed {
+            sink.abort(Duration::from_secs(5)).await;
+        }
+        ceiling = eos.ceiling();
+    }
     let limit = Duration::from_secs(5);
     // One last check that the outbox is published lets the checkpoint reach the last
     // acknowledged transaction (it holds back what was decoded after the previous check).
@@ -462,6 +622,7 @@ async fn shutdown(
     let safe = checkpoint
         .safe_position()
         .unwrap_or(confirmed)
+        .min(ceiling)
         .max(confirmed);
     let unconfirmed = |why: String| {
         Error::Shutdown(format!(

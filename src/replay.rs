@@ -98,7 +98,7 @@ pub async fn retained(cfg: &Config, sel: &Selection) -> Result<Vec<Event>> {
 pub async fn replay(cfg: &Config, sel: &Selection) -> Result<(usize, usize)> {
     let events = retained(cfg, sel).await?;
     let router = Router::from_config(cfg)?;
-    let mut sink = KafkaSink::new(&cfg.kafka)?;
+    let mut sink = KafkaSink::new(&cfg.kafka, None)?;
     sink.check_reachable(Duration::from_secs(10)).await?;
     let mut pending = Vec::with_capacity(events.len());
     let mut poison = 0;

@@ -38,9 +38,10 @@ use crate::sink::kafka::{KafkaSink, SendError};
 /// What earlier failures taught the next session.
 #[derive(Debug, Clone, Default)]
 pub struct Hints {
-    /// (event id, why): a record that failed the same way too often; dead-letter it instead
-    /// of sending it.
-    pub exhausted: Option<(String, String)>,
+    /// (event id, why): dead-letter this record instead of sending it — it failed the same
+    /// way too often, or (exactly-once) Kafka refused it alone inside a transaction that had
+    /// to be aborted for it.
+    pub dead_letter: Option<(String, Poison)>,
     /// A record refused at delivery, maybe only because of its batch: send records one at a
     /// time until it has been settled alone.
     pub isolate: Option<String>,
@@ -60,6 +61,10 @@ impl Repeats {
     pub fn record(&mut self, e: &Error, max: u32) {
         if let Error::Suspect { event_id, .. } = e {
             self.hints.isolate = Some(event_id.clone());
+            return;
+        }
+        if let Error::Refused { event_id, poison } = e {
+            self.hints.dead_letter = Some((event_id.clone(), poison.clone()));
             return;
         }
         let Error::Delivery {
@@ -84,9 +89,12 @@ impl Repeats {
         };
         if count >= max {
             tracing::error!(event_id = %id, code = %code, count, "the same record failed the same way too often; it will be dead-lettered (retries_exhausted)");
-            self.hints.exhausted = Some((
+            self.hints.dead_letter = Some((
                 id.clone(),
-                format!("failed {count} times in a row: {message}"),
+                Poison {
+                    kind: PoisonKind::RetriesExhausted,
+                    detail: format!("failed {count} times in a row: {message}"),
+                },
             ));
             self.last = None;
         } else {
@@ -224,10 +232,12 @@ pub struct Window {
     hints: Hints,
     /// When a stall was last logged.
     stall_logged: Option<Instant>,
+    /// Exactly-once: records travel inside Kafka transactions.
+    transactional: bool,
 }
 
 impl Window {
-    pub fn new(hints: Hints) -> Window {
+    pub fn new(hints: Hints, transactional: bool) -> Window {
         Window {
             inflight: VecDeque::new(),
             sent: 0,
@@ -235,6 +245,7 @@ impl Window {
             bytes: 0,
             hints,
             stall_logged: None,
+            transactional,
         }
     }
 
@@ -391,16 +402,7 @@ impl Window {
                 return dead_letter(sink, dlq, Some(&event.id), &record, &poison).await;
             }
         };
-        if let Some(detail) = self
-            .hints
-            .exhausted
-            .take_if(|(id, _)| *id == event.id)
-            .map(|e| e.1)
-        {
-            let poison = Poison {
-                kind: PoisonKind::RetriesExhausted,
-                detail,
-            };
+        if let Some((_, poison)) = self.hints.dead_letter.take_if(|(id, _)| *id == event.id) {
             return dead_letter(sink, dlq, Some(&event.id), &record, &poison).await;
         }
         sink.ensure_topic(&record.topic).await;
@@ -452,6 +454,16 @@ impl Window {
     ) -> Result<()> {
         match settled {
             Ok(()) => Ok(()),
+            // A refusal at delivery leaves a Kafka transaction fit only for aborting: the
+            // dead letter goes into the next one, in place of the record.
+            Err(Failure::Poison {
+                id: Some(id),
+                poison,
+                ..
+            }) if self.transactional => Err(Error::Refused {
+                event_id: id,
+                poison,
+            }),
             Err(Failure::Poison { id, record, poison }) => {
                 dead_letter(sink, dlq, id.as_deref(), &record, &poison).await?;
                 self.acked += 1;

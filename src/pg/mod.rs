@@ -205,3 +205,21 @@ fn describe_target(c: &tokio_postgres::Config) -> String {
         c.get_dbname().unwrap_or("?")
     )
 }
+
+/// Exactly-once: the default identity of a pipeline (its `transactional.id` and position
+/// key): `outboxd-<system identifier>-<database>-<name>`, the same for every instance
+/// relaying this database's `name` (slot or table), different for any other cluster. Also
+/// returns the current WAL position, to check a position read back against.
+pub async fn pipeline_identity(client: &Client, name: &str) -> Result<(String, u64)> {
+    let row = client
+        .query_one(
+            "SELECT (SELECT system_identifier FROM pg_control_system())::text, \
+             current_database()::text, pg_current_wal_lsn()::text",
+            &[],
+        )
+        .await
+        .map_err(|e| Error::pg("reading the system identifier", e))?;
+    let (sysid, db, lsn): (String, String, String) = (row.get(0), row.get(1), row.get(2));
+    let lsn = crate::source::pgoutput::parse_lsn(&lsn).unwrap_or(0);
+    Ok((format!("outboxd-{sysid}-{db}-{name}"), lsn))
+}

@@ -20,6 +20,7 @@ use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use crate::config::KafkaConfig;
 use crate::error::{Error, Result};
 use crate::route::{PoisonKind, Record};
+use crate::sink::positions::{self, Position};
 
 /// Routes librdkafka's log lines and global errors into `tracing`, and remembers the last
 /// global error: a metadata request that times out says nothing of *why* (a refused password,
@@ -28,6 +29,8 @@ use crate::route::{PoisonKind, Record};
 pub struct LogContext {
     last_error: Arc<Mutex<Option<ClientError>>>,
 }
+
+impl rdkafka::consumer::ConsumerContext for LogContext {}
 
 /// librdkafka's code and reason for a global client error.
 type ClientError = (Option<RDKafkaErrorCode>, String);
@@ -103,6 +106,46 @@ pub fn client_config(cfg: &KafkaConfig) -> ClientConfig {
     c
 }
 
+/// The producer configuration for exactly-once delivery: a transactional producer. A
+/// record that times out fails its transaction (which is then aborted and resent whole), so
+/// unlike at-least-once mode a timeout cannot reorder anything: `message.timeout.ms` follows
+/// `transaction.timeout.ms`, as librdkafka requires.
+fn transactional_config(cfg: &KafkaConfig, transactional_id: &str) -> ClientConfig {
+    let mut c = client_config(cfg);
+    let txn_timeout = cfg
+        .properties
+        .get("transaction.timeout.ms")
+        .cloned()
+        .unwrap_or_else(|| "60000".into());
+    c.set("transactional.id", transactional_id)
+        .set("transaction.timeout.ms", &txn_timeout)
+        .set("message.timeout.ms", &txn_timeout);
+    c
+}
+
+/// A transactional operation's error: fenced (another instance took over), or anything
+/// else (the session ends and resends from the last committed position).
+fn txn_error(what: &str, e: KafkaError, fatal: Option<(RDKafkaErrorCode, String)>) -> Error {
+    if let Some((code, reason)) = fatal {
+        // The producer itself is done for (librdkafka purges its queue): say why.
+        return Error::Fenced(format!(
+            "{what}: {e}; the producer failed for good ({code:?}: {reason}); another instance with the same transactional.id took over"
+        ));
+    }
+    let code = e.rdkafka_error_code();
+    let fatal = matches!(&e, KafkaError::Transaction(r) if r.is_fatal());
+    if matches!(
+        code,
+        Some(RDKafkaErrorCode::ProducerFenced) | Some(RDKafkaErrorCode::InvalidProducerEpoch)
+    ) || fatal
+    {
+        return Error::Fenced(format!(
+            "{what}: {e}; another instance with the same transactional.id took over"
+        ));
+    }
+    Error::Kafka(format!("{what}: {e}"))
+}
+
 /// A client error that no retry can mend: the broker refused our credentials, or we do not
 /// trust its certificate. librdkafka's reason names neither password nor key material.
 fn refusal(code: Option<RDKafkaErrorCode>, reason: &str) -> Option<Error> {
@@ -121,6 +164,14 @@ fn refusal(code: Option<RDKafkaErrorCode>, reason: &str) -> Option<Error> {
     None
 }
 
+/// The `kafka.properties` that every client of the relay needs (security: TLS, SASL), as
+/// opposed to producer-only settings.
+pub fn security_properties(cfg: &KafkaConfig) -> impl Iterator<Item = (&String, &String)> {
+    cfg.properties.iter().filter(|(k, _)| {
+        k.starts_with("security.") || k.starts_with("ssl.") || k.starts_with("sasl.")
+    })
+}
+
 /// `-1` (KIP-464) reads as "broker default" in logs.
 fn broker_default(n: i32) -> String {
     if n == -1 {
@@ -132,6 +183,9 @@ fn broker_default(n: i32) -> String {
 
 pub struct KafkaSink {
     producer: FutureProducer<LogContext>,
+    /// Exactly-once: a Kafka transaction is open (begun at the first record after a commit).
+    txn_open: bool,
+    transactional: bool,
     admin: Option<AdminClient<LogContext>>,
     known_topics: HashSet<String>,
     cfg: KafkaConfig,
@@ -146,11 +200,16 @@ pub enum SendError {
 }
 
 impl KafkaSink {
-    pub fn new(cfg: &KafkaConfig) -> Result<KafkaSink> {
+    /// An idempotent producer (at-least-once), or with `transactional_id` a transactional
+    /// one: call [`KafkaSink::init_transactions`] before the first record.
+    pub fn new(cfg: &KafkaConfig, transactional_id: Option<&str>) -> Result<KafkaSink> {
         let context = LogContext::default();
-        let producer: FutureProducer<LogContext> = client_config(cfg)
-            .create_with_context(context.clone())
-            .map_err(|e| {
+        let config = match transactional_id {
+            Some(id) => transactional_config(cfg, id),
+            None => client_config(cfg),
+        };
+        let producer: FutureProducer<LogContext> =
+            config.create_with_context(context.clone()).map_err(|e| {
                 Error::setup(
                     format!("kafka producer configuration: {e}"),
                     "correct kafka.properties",
@@ -161,10 +220,8 @@ impl KafkaSink {
             ac.set("bootstrap.servers", &cfg.brokers)
                 .set("client.id", "outboxd-admin");
             // Security settings apply to the admin connection too; producer-only keys do not.
-            for (k, v) in &cfg.properties {
-                if k.starts_with("security.") || k.starts_with("ssl.") || k.starts_with("sasl.") {
-                    ac.set(k, v);
-                }
+            for (k, v) in security_properties(cfg) {
+                ac.set(k, v);
             }
             Some(ac.create_with_context(context.clone()).map_err(|e| {
                 Error::setup(
@@ -181,6 +238,8 @@ impl KafkaSink {
             known_topics: HashSet::new(),
             cfg: cfg.clone(),
             context,
+            txn_open: false,
+            transactional: transactional_id.is_some(),
         })
     }
 
@@ -214,6 +273,17 @@ impl KafkaSink {
     /// created the topic with rights we lack; if the topic really is missing, delivery fails
     /// and the relay retries from its last confirmed position.
     pub async fn ensure_topic(&mut self, topic: &str) {
+        let partitions = self.cfg.topic_partitions;
+        self.ensure_topic_with(topic, partitions, &[]).await
+    }
+
+    /// [`KafkaSink::ensure_topic`] with `partitions` (-1: broker default) and topic configs.
+    pub async fn ensure_topic_with(
+        &mut self,
+        topic: &str,
+        partitions: i32,
+        configs: &[(&str, &str)],
+    ) {
         if self.known_topics.contains(topic) {
             return;
         }
@@ -221,18 +291,21 @@ impl KafkaSink {
             self.known_topics.insert(topic.to_string());
             return;
         };
-        let new = NewTopic::new(
+        let mut new = NewTopic::new(
             topic,
-            self.cfg.topic_partitions,
+            partitions,
             TopicReplication::Fixed(self.cfg.topic_replication_factor),
         );
+        for (k, v) in configs {
+            new = new.set(k, v);
+        }
         let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
         match admin.create_topics([&new], &opts).await {
             Ok(results) => {
                 for r in results {
                     match r {
                         Ok(name) => {
-                            tracing::info!(topic = %name, partitions = %broker_default(self.cfg.topic_partitions), replicas = %broker_default(self.cfg.topic_replication_factor), "created topic")
+                            tracing::info!(topic = %name, partitions = %broker_default(partitions), replicas = %broker_default(self.cfg.topic_replication_factor), "created topic")
                         }
                         Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
                         Err((name, code)) => {
@@ -249,9 +322,45 @@ impl KafkaSink {
         }
     }
 
+    /// Exactly-once: writes `pipeline`'s position into the open transaction (see
+    /// `sink::positions`) and waits for the acknowledgement.
+    pub async fn write_position(&mut self, pipeline: &str, position: Position) -> Result<()> {
+        let topic = self.cfg.position_topic.clone();
+        // One partition, compacted: the newest record per pipeline is all that matters.
+        self.ensure_topic_with(&topic, 1, &[("cleanup.policy", "compact")])
+            .await;
+        let record = Record {
+            topic,
+            key: Some(pipeline.to_string()),
+            value: Some(positions::encode(pipeline, position)),
+            headers: Vec::new(),
+            partition: None,
+            timestamp_ms: None,
+        };
+        let fut = self.send(&record).map_err(|e| match e {
+            SendError::QueueFull => Error::Kafka("writing the position: local queue full".into()),
+            SendError::Other(e) => self.txn_error("writing the position", e),
+        })?;
+        match tokio::time::timeout(self.cfg.delivery_timeout, fut).await {
+            Ok(Ok(Ok(_))) => Ok(()),
+            Ok(Ok(Err((e, _)))) => Err(self.txn_error("writing the position", e)),
+            Ok(Err(_)) => Err(Error::Kafka(
+                "writing the position: delivery cancelled".into(),
+            )),
+            Err(_) => Err(Error::Kafka("writing the position: timed out".into())),
+        }
+    }
+
     /// Hands a record to librdkafka; the future resolves when Kafka acknowledged it (or
-    /// delivery finally failed).
-    pub fn send(&self, record: &Record) -> std::result::Result<DeliveryFuture, SendError> {
+    /// delivery finally failed). Exactly-once: inside the open transaction, begun here if
+    /// none is.
+    pub fn send(&mut self, record: &Record) -> std::result::Result<DeliveryFuture, SendError> {
+        if self.transactional && !self.txn_open {
+            self.producer
+                .begin_transaction()
+                .map_err(SendError::Other)?;
+            self.txn_open = true;
+        }
         let mut headers = OwnedHeaders::new_with_capacity(record.headers.len());
         for (k, v) in &record.headers {
             headers = headers.insert(Header {
@@ -310,6 +419,66 @@ impl KafkaSink {
             Ok(Ok(Err((e, _)))) => Err(e.to_string()),
             Ok(Err(_)) => Err("delivery cancelled".into()),
             Err(_) => Err("timed out".into()),
+        }
+    }
+
+    /// Exactly-once: registers this producer's `transactional.id` with the cluster, which
+    /// fences every earlier producer with the same id and aborts its open transaction.
+    pub async fn init_transactions(&self, timeout: Duration) -> Result<()> {
+        let producer = self.producer.clone();
+        tokio::task::spawn_blocking(move || producer.init_transactions(timeout))
+            .await
+            .map_err(|e| Error::Kafka(format!("init_transactions task failed: {e}")))?
+            .map_err(|e| self.txn_error("initialising transactions", e))
+    }
+
+    /// A transactional operation's error, read together with the producer's fatal error.
+    fn txn_error(&self, what: &str, e: KafkaError) -> Error {
+        txn_error(what, e, self.producer.client().fatal_error())
+    }
+
+    /// Exactly-once: a transaction is open.
+    pub fn txn_open(&self) -> bool {
+        self.txn_open
+    }
+
+    /// Exactly-once: commits the open transaction (every record sent since it began is
+    /// flushed first). An error leaves the transaction aborted or the producer fenced: the
+    /// session must end and resend from the last committed position.
+    pub async fn commit(&mut self, timeout: Duration) -> Result<()> {
+        if !self.txn_open {
+            return Ok(());
+        }
+        let producer = self.producer.clone();
+        let result = tokio::task::spawn_blocking(move || producer.commit_transaction(timeout))
+            .await
+            .map_err(|e| Error::Kafka(format!("commit task failed: {e}")))?;
+        self.txn_open = false;
+        match result {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                let err = self.txn_error("committing a transaction", e);
+                if !matches!(err, Error::Fenced(_)) {
+                    self.abort(timeout).await;
+                }
+                Err(err)
+            }
+        }
+    }
+
+    /// Exactly-once: aborts the open transaction, if any (best effort: a producer that
+    /// cannot abort is dropped with the session, and its transaction times out or is
+    /// aborted by the next `init_transactions`).
+    pub async fn abort(&mut self, timeout: Duration) {
+        if !self.transactional {
+            return;
+        }
+        self.txn_open = false;
+        let producer = self.producer.clone();
+        match tokio::task::spawn_blocking(move || producer.abort_transaction(timeout)).await {
+            Ok(Ok(())) => tracing::info!("kafka transaction aborted"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "aborting the kafka transaction failed"),
+            Err(e) => tracing::warn!(error = %e, "abort task failed"),
         }
     }
 

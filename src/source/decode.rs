@@ -237,6 +237,11 @@ impl Decoder {
         self.in_transaction
     }
 
+    /// The LSN of the current (or last) transaction's commit record.
+    pub fn commit_lsn(&self) -> u64 {
+        self.commit_lsn
+    }
+
     pub fn feed(&mut self, data: &[u8]) -> Result<Option<Change>> {
         match pgoutput::decode(data)? {
             Message::Begin {

@@ -348,6 +348,18 @@ impl SlotReader {
         crate::pg::within(self.cfg.stream_timeout, "looking up a relation", check).await
     }
 
+    /// Exactly-once: the pipeline's default identity and the current WAL position
+    /// (`crate::pg::pipeline_identity`).
+    pub async fn pipeline_identity(&self) -> Result<(String, u64)> {
+        let query = crate::pg::pipeline_identity(&self.client, &self.cfg.slot);
+        crate::pg::within(
+            self.cfg.stream_timeout,
+            "reading the system identifier",
+            query,
+        )
+        .await
+    }
+
     /// The slot's confirmed position when this reader opened it.
     pub fn confirmed(&self) -> u64 {
         self.confirmed

@@ -434,8 +434,22 @@ pub fn consume(
     timeout: Duration,
     linger: Duration,
 ) -> Vec<Received> {
+    consume_isolated(brokers, topics, expect, timeout, linger, "read_committed")
+}
+
+/// [`consume`] with the given `isolation.level` (`read_committed`, librdkafka's default, or
+/// `read_uncommitted`).
+pub fn consume_isolated(
+    brokers: &str,
+    topics: &[String],
+    expect: &HashSet<String>,
+    timeout: Duration,
+    linger: Duration,
+    isolation: &str,
+) -> Vec<Received> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
+        .set("isolation.level", isolation)
         .set("group.id", unique("verify"))
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", "earliest")

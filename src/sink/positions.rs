@@ -1,0 +1,198 @@
+//! The position topic (exactly-once delivery): the source position a Kafka transaction
+//! reached is written *inside* that transaction, as one record keyed by the pipeline's
+//! identity (its `transactional.id`) to a compacted topic, `outboxd.positions` by default.
+//! So the events and the position become visible together or not at all.
+//!
+//! The PostgreSQL side (the slot's confirmed position, the polling cursor) is confirmed only
+//! after the Kafka commit; a crash between the two leaves it behind. On start the relay reads
+//! the last committed position back with `isolation.level=read_committed` and skips every
+//! source transaction at or below it — they are already in Kafka, once.
+//!
+//! Reading back: the topic is compacted but compaction lags, so the partitions are read
+//! from the end backwards in growing windows until the pipeline's key is found. An open
+//! transaction of another pipeline below our last record holds the last stable offset back;
+//! the read waits for it (bounded by `transaction.timeout.ms`) rather than return a stale
+//! position, which would publish a committed transaction twice.
+
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::{Message, Offset, TopicPartitionList};
+use serde::{Deserialize, Serialize};
+
+use crate::config::KafkaConfig;
+use crate::error::{Error, Result};
+use crate::sink::kafka::{security_properties, LogContext};
+
+/// Where a pipeline's last Kafka transaction ended in the source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Position {
+    /// Logical mode: the end LSN of the last source transaction (or keepalive position)
+    /// whose events the Kafka transaction holds.
+    Lsn(u64),
+    /// Polling mode: the cursor (transaction id, sequence) of the last row published.
+    Cursor { xid: u64, seq: i64 },
+}
+
+/// The record value: the position, and for people reading the topic, the LSN as PostgreSQL
+/// prints it and the pipeline.
+#[derive(Serialize, Deserialize)]
+struct Value {
+    pipeline: String,
+    position: Position,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    lsn_text: Option<String>,
+}
+
+pub fn encode(pipeline: &str, position: Position) -> Vec<u8> {
+    let lsn_text = match position {
+        Position::Lsn(l) => Some(crate::source::pgoutput::format_lsn(l)),
+        Position::Cursor { .. } => None,
+    };
+    let value = Value {
+        pipeline: pipeline.to_string(),
+        position,
+        lsn_text,
+    };
+    serde_json::to_vec(&value).unwrap_or_default()
+}
+
+fn decode(bytes: &[u8]) -> Option<Position> {
+    serde_json::from_slice::<Value>(bytes)
+        .ok()
+        .map(|v| v.position)
+}
+
+/// Reads the last committed position of `pipeline` from `cfg.position_topic`; `None` when
+/// the topic or the key does not exist (a first start, or a reset).
+pub async fn read_last(
+    cfg: &KafkaConfig,
+    pipeline: &str,
+    timeout: Duration,
+) -> Result<Option<Position>> {
+    let cfg = cfg.clone();
+    let pipeline = pipeline.to_string();
+    tokio::task::spawn_blocking(move || read_last_blocking(&cfg, &pipeline, timeout))
+        .await
+        .map_err(|e| Error::Kafka(format!("position read task failed: {e}")))?
+}
+
+fn read_last_blocking(
+    cfg: &KafkaConfig,
+    pipeline: &str,
+    timeout: Duration,
+) -> Result<Option<Position>> {
+    let mut c = rdkafka::ClientConfig::new();
+    c.set("bootstrap.servers", &cfg.brokers)
+        .set("client.id", "outboxd-positions")
+        .set("group.id", "outboxd-positions-reader")
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .set("enable.partition.eof", "true");
+    for (k, v) in security_properties(cfg) {
+        c.set(k, v);
+    }
+    let consumer: BaseConsumer<LogContext> =
+        c.create_with_context(LogContext::default()).map_err(|e| {
+            Error::setup(
+                format!("kafka consumer configuration: {e}"),
+                "correct kafka.properties",
+            )
+        })?;
+    let topic = cfg.position_topic.as_str();
+    let kerr = |what: &str, e: KafkaError| Error::Kafka(format!("reading {topic}: {what}: {e}"));
+    let md = consumer
+        .fetch_metadata(Some(topic), timeout)
+        .map_err(|e| kerr("metadata", e))?;
+    let Some(t) = md.topics().first() else {
+        return Ok(None);
+    };
+    if t.error().is_some() || t.partitions().is_empty() {
+        // The topic does not exist (yet): nothing was ever committed.
+        return Ok(None);
+    }
+    let partitions: Vec<i32> = t.partitions().iter().map(|p| p.id()).collect();
+    let deadline = Instant::now() + timeout;
+    for p in partitions {
+        let (low, high) = consumer
+            .fetch_watermarks(topic, p, timeout)
+            .map_err(|e| kerr("watermarks", e))?;
+        let mut window = 1_000i64;
+        let mut end = high;
+        while end > low {
+            let start = (end - window).max(low);
+            if let Some(pos) = scan(&consumer, topic, p, start, high, pipeline, deadline)? {
+                return Ok(Some(pos));
+            }
+            end = start;
+            window = window.saturating_mul(8);
+        }
+    }
+    Ok(None)
+}
+
+/// The last position of `pipeline` in offsets `start..high` of one partition.
+fn scan(
+    consumer: &BaseConsumer<LogContext>,
+    topic: &str,
+    partition: i32,
+    start: i64,
+    high: i64,
+    pipeline: &str,
+    deadline: Instant,
+) -> Result<Option<Position>> {
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, partition, Offset::Offset(start))
+        .map_err(|e| Error::Kafka(format!("reading {topic}: {e}")))?;
+    consumer
+        .assign(&tpl)
+        .map_err(|e| Error::Kafka(format!("reading {topic}: {e}")))?;
+    let mut found = None;
+    loop {
+        if Instant::now() >= deadline {
+            return Err(Error::Kafka(format!(
+                "reading the last position from {topic} partition {partition} timed out; an open transaction may hold its last stable offset back"
+            )));
+        }
+        let polled = consumer.poll(Duration::from_millis(200));
+        let at_end = matches!(polled, None | Some(Err(KafkaError::PartitionEOF(_))));
+        match polled {
+            None | Some(Err(KafkaError::PartitionEOF(_))) => {}
+            Some(Ok(m)) => {
+                if m.offset() >= high {
+                    break;
+                }
+                if m.key() == Some(pipeline.as_bytes()) {
+                    match m.payload().and_then(decode) {
+                        Some(pos) => found = Some(pos),
+                        None => {
+                            return Err(Error::setup(
+                                format!("the record for pipeline {pipeline} at offset {} of {topic} is not a position outboxd wrote", m.offset()),
+                                "delete the pipeline's key from the position topic (README: resetting the position) or point kafka.position_topic elsewhere",
+                            ))
+                        }
+                    }
+                }
+            }
+            Some(Err(e)) => tracing::debug!(error = %e, "position topic read"),
+        }
+        if at_end {
+            // Nothing more to read now: read_committed stops at the last stable offset.
+            // Below the high watermark, another transaction is still open: wait for it.
+            let position = consumer
+                .position()
+                .ok()
+                .and_then(|tpl| {
+                    tpl.find_partition(topic, partition)
+                        .and_then(|e| e.offset().to_raw())
+                })
+                .unwrap_or(start);
+            if position >= high {
+                break;
+            }
+        }
+    }
+    Ok(found)
+}
