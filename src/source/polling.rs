@@ -390,13 +390,7 @@ impl Poller {
     /// outbox was dumped and restored, or moved blue/green): new rows would sort below it and
     /// be skipped silently. That stops the relay (exit 2) with the way out.
     pub async fn check_cursor_in_this_cluster(&self) -> Result<()> {
-        let next: String = self
-            .client
-            .query_one("SELECT pg_snapshot_xmax(pg_current_snapshot())::text", &[])
-            .await
-            .map_err(|e| Error::pg("reading the next transaction id", e))?
-            .get(0);
-        let next: u64 = next.parse().unwrap_or(u64::MAX);
+        let next = self.next_xid().await?;
         if self.cursor.0 < next {
             return Ok(());
         }
@@ -411,6 +405,36 @@ impl Poller {
                 "check with `outboxd verify --since …` which events the consumers have, then restart from the table's beginning: UPDATE {schema}.outboxd_cursor SET xid = '0', seq = 0 WHERE name = {name} (retained rows are published again, with their ids)"
             ),
         ))
+    }
+
+    async fn next_xid(&self) -> Result<u64> {
+        let next: String = self
+            .client
+            .query_one("SELECT pg_snapshot_xmax(pg_current_snapshot())::text", &[])
+            .await
+            .map_err(|e| Error::pg("reading the next transaction id", e))?
+            .get(0);
+        Ok(next.parse().unwrap_or(u64::MAX))
+    }
+
+    /// Exactly-once: moves the cursor up to `pos`, the position read back from the position
+    /// topic `topic` (rows up to it are in Kafka already). A cursor from another cluster is
+    /// refused before it is stored.
+    pub async fn adopt(&mut self, pos: Cursor, topic: &str) -> Result<()> {
+        let next = self.next_xid().await?;
+        if pos.0 >= next {
+            return Err(Error::setup(
+                format!(
+                    "the position topic {topic} holds cursor {}/{} for this pipeline, ahead of this cluster's next transaction id ({next}): it was written for another cluster or before a restore",
+                    pos.0, pos.1
+                ),
+                "reset the pipeline's position (README: exactly-once, resetting the position) or set kafka.transactional_id for this database",
+            ));
+        }
+        if pos > self.cursor {
+            tracing::info!(cursor = %format!("{}/{}", pos.0, pos.1), "exactly-once: the cursor moves up to the last committed Kafka transaction");
+        }
+        self.store(pos).await
     }
 
     /// The poll query ($1 cursor xid as text, $2 cursor seq, $3 limit), for EXPLAIN.

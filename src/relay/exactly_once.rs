@@ -1,0 +1,126 @@
+//! Kafka transactions around a session (`kafka.delivery = "exactly-once"`): where the
+//! pipeline resumes, and how a transaction commits with its position. When to commit is
+//! `crate::transaction`'s.
+
+use std::time::Instant;
+
+use crate::config::Config;
+use crate::dead_letter::DlqTable;
+use crate::error::{Error, Result};
+use crate::health::Health;
+use crate::metrics as m;
+use crate::sink::kafka::KafkaSink;
+use crate::sink::positions::{self, Position};
+use crate::source::pgoutput::format_lsn;
+use crate::source::polling::Cursor;
+use crate::transaction::Transactions;
+use crate::window::Window;
+
+/// Exactly-once: registers the producer (fencing any earlier one with the same
+/// `transactional.id`) and reads the pipeline's last committed position back. A position
+/// beyond this database's WAL belongs to another database (or a restored copy): stopping is
+/// the only safe answer, since skipping to it could skip events never published.
+pub(super) async fn resume_position(
+    cfg: &Config,
+    sink: &KafkaSink,
+    pipeline: &str,
+    wal_now: u64,
+) -> Result<u64> {
+    let timeout = cfg.kafka.delivery_timeout;
+    sink.init_transactions(timeout).await?;
+    let read = positions::read_last(&cfg.kafka, pipeline, timeout * 2).await?;
+    let resume = match read {
+        None => 0,
+        Some(Position::Lsn(lsn)) if lsn <= wal_now => lsn,
+        Some(Position::Lsn(lsn)) => {
+            return Err(Error::setup(
+                format!(
+                    "the position topic {} holds {} for pipeline {pipeline}, beyond this database's WAL ({}): it was written for another database or before a restore",
+                    cfg.kafka.position_topic,
+                    format_lsn(lsn),
+                    format_lsn(wal_now)
+                ),
+                "reset the pipeline's position (README: exactly-once, resetting the position) or set kafka.transactional_id for this database",
+            ))
+        }
+        Some(Position::Cursor { .. }) => {
+            return Err(Error::setup(
+                format!("the position topic {} holds a polling cursor for pipeline {pipeline}, which runs in logical mode", cfg.kafka.position_topic),
+                "give each pipeline its own kafka.transactional_id, or reset the position",
+            ))
+        }
+    };
+    tracing::info!(pipeline, position = %format_lsn(resume), "exactly-once: resuming after the last committed Kafka transaction");
+    Ok(resume)
+}
+
+/// Polling mode's [`resume_position`]: the cursor of the last committed Kafka transaction.
+pub(super) async fn resume_cursor(
+    cfg: &Config,
+    sink: &KafkaSink,
+    pipeline: &str,
+) -> Result<Option<Cursor>> {
+    let timeout = cfg.kafka.delivery_timeout;
+    sink.init_transactions(timeout).await?;
+    match positions::read_last(&cfg.kafka, pipeline, timeout * 2).await? {
+        None => Ok(None),
+        Some(Position::Cursor { xid, seq }) => Ok(Some((xid, seq))),
+        Some(Position::Lsn(_)) => Err(Error::setup(
+            format!("the position topic {} holds a replication position for pipeline {pipeline}, which runs in polling mode", cfg.kafka.position_topic),
+            "give each pipeline its own kafka.transactional_id, or reset the position",
+        )),
+    }
+}
+
+/// Polling mode: commits the open Kafka transaction with the cursor of the last row it
+/// holds (every record of it acknowledged: the caller drained the window).
+pub(super) async fn commit_cursor(
+    cfg: &Config,
+    sink: &mut KafkaSink,
+    pipeline: &str,
+    cursor: Cursor,
+) -> Result<()> {
+    let (xid, seq) = cursor;
+    sink.write_position(pipeline, Position::Cursor { xid, seq })
+        .await?;
+    sink.commit(cfg.kafka.delivery_timeout).await?;
+    metrics::counter!(m::TRANSACTIONS_COMMITTED).increment(1);
+    Ok(())
+}
+
+/// Exactly-once: commits the open Kafka transaction with its position. Every record of it
+/// is acknowledged first, so a refused one is known before the commit (and aborts it).
+pub(super) async fn commit(
+    cfg: &Config,
+    window: &mut Window,
+    sink: &mut KafkaSink,
+    dlq: &DlqTable<'_>,
+    eos: &mut Transactions,
+    pipeline: &str,
+    health: &Health,
+) -> Result<()> {
+    let Some(position) = eos.committable(window.sent) else {
+        return Ok(());
+    };
+    while !window.is_empty() {
+        let settled = window
+            .settle_reporting(cfg.kafka.delivery_timeout, health)
+            .await;
+        window.handle(settled, sink, dlq).await?;
+    }
+    sink.write_position(pipeline, Position::Lsn(position))
+        .await?;
+    sink.commit(cfg.kafka.delivery_timeout).await?;
+    eos.committed(position);
+    metrics::counter!(m::TRANSACTIONS_COMMITTED).increment(1);
+    tracing::trace!(position = %format_lsn(position), "kafka transaction committed");
+    Ok(())
+}
+
+/// Sleeps until `at`, or forever.
+pub(super) async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}

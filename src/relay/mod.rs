@@ -1,0 +1,134 @@
+//! Wires source → route → sink → checkpoint, and owns retry and shutdown.
+//!
+//! One continuous pass per session:
+//! 1. the replication stream delivers whole transactions in commit order;
+//! 2. each outbox row is routed and handed to the producer, with at most
+//!    `kafka.max_in_flight` deliveries outstanding — when the window is full the relay stops
+//!    reading, so a backlog stays in PostgreSQL, not in memory;
+//! 3. deliveries are resolved in sending order, counting the acknowledged prefix;
+//! 4. the highest transaction end (or idle keepalive position) whose events were all
+//!    acknowledged is sent to PostgreSQL as the slot's confirmed position.
+//!
+//! A failed delivery ends the session: nothing after the acknowledged prefix was confirmed,
+//! the producer is dropped, and after a capped, jittered exponential backoff a new session
+//! resumes from the slot's confirmed position (duplicates carry their original `id`).
+//! Transient PostgreSQL or Kafka errors do the same; permanent ones end the daemon.
+//!
+//! Files: [`logical`] (the replication session and its shutdown), [`polling`] (the polling
+//! session), [`exactly_once`] (Kafka transactions around either).
+
+mod exactly_once;
+mod logical;
+mod polling;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use backon::BackoffBuilder;
+use tokio::sync::watch;
+
+use crate::config::{Config, Mode, RetryConfig};
+use crate::error::{Error, Result};
+use crate::health::{Health, Role};
+use crate::metrics as m;
+use crate::route::Router;
+use crate::window::Repeats;
+
+/// Capped exponential backoff with jitter, reset after progress.
+pub struct Backoff {
+    cfg: RetryConfig,
+    iter: backon::ExponentialBackoff,
+}
+
+impl Backoff {
+    pub fn new(cfg: &RetryConfig) -> Backoff {
+        Backoff {
+            cfg: cfg.clone(),
+            iter: Self::build(cfg),
+        }
+    }
+    fn build(cfg: &RetryConfig) -> backon::ExponentialBackoff {
+        backon::ExponentialBuilder::default()
+            .with_min_delay(cfg.initial_backoff)
+            .with_max_delay(cfg.max_backoff)
+            .with_factor(2.0)
+            .with_jitter()
+            .without_max_times()
+            .build()
+    }
+    pub fn next_delay(&mut self) -> Duration {
+        self.iter
+            .next()
+            .unwrap_or(self.cfg.max_backoff)
+            .min(self.cfg.max_backoff)
+    }
+    pub fn reset(&mut self) {
+        self.iter = Self::build(&self.cfg);
+    }
+}
+
+/// Runs the relay until `stop` turns true (graceful shutdown) or a permanent error occurs.
+pub async fn run(cfg: Config, mut stop: watch::Receiver<bool>, health: Arc<Health>) -> Result<()> {
+    let router = Router::from_config(&cfg)?;
+    let mut backoff = Backoff::new(&cfg.retry);
+    let mut attempt: u32 = 0;
+    let mut repeats = Repeats::default();
+    loop {
+        if *stop.borrow() {
+            return Ok(());
+        }
+        let hints = repeats.hints.clone();
+        let result = match cfg.mode {
+            Mode::Logical => {
+                logical::session(&cfg, &router, &mut stop, &mut backoff, &health, hints).await
+            }
+            Mode::Polling => {
+                polling::session(&cfg, &router, &mut stop, &mut backoff, &health, hints).await
+            }
+        };
+        health.set_role(Role::Starting);
+        match result {
+            Ok(()) => return Ok(()),
+            // Stopping: acknowledged work that could not be confirmed is the exit status
+            // (1); any other error while stopping (say, PostgreSQL still unreachable) only
+            // ends the retries.
+            Err(e @ Error::Shutdown(_)) => {
+                health.record_error(&e.to_string());
+                return Err(e);
+            }
+            Err(_) if *stop.borrow() => return Ok(()),
+            Err(e) if e.is_transient() => {
+                attempt += 1;
+                health.record_error(&e.to_string());
+                health.failing();
+                let delay = backoff.next_delay();
+                if let Error::Fenced(_) = e {
+                    // Another instance took over our transactional.id: this session ended
+                    // (and with it leadership); try again as a standby.
+                    tracing::error!(error = %e, retry_in_ms = delay.as_millis() as u64, "fenced by another instance; stopped publishing and left leadership");
+                } else if matches!(
+                    e,
+                    Error::Kafka(_)
+                        | Error::Delivery { .. }
+                        | Error::Suspect { .. }
+                        | Error::Refused { .. }
+                ) {
+                    metrics::counter!(m::PUBLISH_RETRIES).increment(1);
+                    repeats.record(&e, cfg.kafka.max_record_retries);
+                    // Loud: a delivery that keeps failing holds the slot back.
+                    tracing::error!(error = %e, attempt, retry_in_ms = delay.as_millis() as u64, "publishing failed; retrying from the last confirmed position");
+                } else {
+                    tracing::warn!(error = %e, attempt, retry_in_ms = delay.as_millis() as u64, "relay interrupted; retrying");
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = stop.changed() => return Ok(()),
+                }
+            }
+            Err(e) => {
+                health.record_error(&e.to_string());
+                return Err(e);
+            }
+        }
+    }
+}
