@@ -638,7 +638,7 @@ impl Config {
         }
         let transaction_interval = ms(
             "kafka.transaction_ms",
-            k.transaction_ms.unwrap_or(100),
+            k.transaction_ms.unwrap_or(50),
             1,
             600_000,
         )?;
@@ -1058,6 +1058,31 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("postgres.slot"), "{e}");
+    }
+
+    #[test]
+    fn delivery_mode_and_its_keys_are_validated_by_name() {
+        let c = Config::from_toml_str(MIN, no_env).unwrap();
+        assert_eq!(c.kafka.delivery, Delivery::AtLeastOnce);
+        let eos = MIN.replace("[kafka]", "[kafka]\ndelivery = \"exactly-once\"");
+        let c = Config::from_toml_str(&eos, no_env).unwrap();
+        assert_eq!(c.kafka.delivery, Delivery::ExactlyOnce);
+        assert_eq!(c.kafka.position_topic, "outboxd.positions");
+        for (text, key) in [
+            ("delivery = \"exactly_once\"", "kafka.delivery"),
+            ("position_topic = \"a b\"", "kafka.position_topic"),
+            ("transaction_ms = 0", "kafka.transaction_ms"),
+            ("transaction_max_events = 0", "kafka.transaction_max_events"),
+            ("transactional_id = \"\"", "kafka.transactional_id"),
+        ] {
+            let e =
+                Config::from_toml_str(&MIN.replace("[kafka]", &format!("[kafka]\n{text}")), no_env)
+                    .unwrap_err();
+            assert!(e.to_string().contains(key), "{text}: {e}");
+        }
+        let raw = format!("{MIN}[kafka.properties]\n\"transactional.id\" = \"x\"\n");
+        let e = Config::from_toml_str(&raw, no_env).unwrap_err();
+        assert!(e.to_string().contains("kafka.transactional_id"), "{e}");
     }
 
     #[test]
