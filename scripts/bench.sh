@@ -3,6 +3,7 @@
 #   scripts/bench.sh                               100,000 events, writers as fast as they can
 #   scripts/bench.sh --rate 10000 --events 100000  steady 10,000 events/s (latency)
 #   scripts/bench.sh --mode backlog                drain a pre-written backlog
+#   scripts/bench.sh --extra-config 'delivery = "exactly-once"'   the same in exactly-once mode
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/stack.sh install

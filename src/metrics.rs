@@ -24,6 +24,9 @@ pub const DELIVERY_STALLS: &str = "outboxd_delivery_stalls_total";
 pub const PUBLISH_RETRIES: &str = "outboxd_publish_retries_total";
 /// Exactly-once: Kafka transactions committed (each with its source position).
 pub const TRANSACTIONS_COMMITTED: &str = "outboxd_kafka_transactions_committed_total";
+/// Exactly-once: time from deciding to commit a Kafka transaction to the broker's answer
+/// (the relay reads nothing meanwhile).
+pub const TRANSACTION_COMMIT: &str = "outboxd_kafka_transaction_commit_seconds";
 /// Exactly-once: events skipped after a restart because the Kafka transaction holding them
 /// had committed before the source position was confirmed.
 pub const EVENTS_SKIPPED: &str = "outboxd_events_skipped_total";
@@ -50,6 +53,13 @@ pub const BUILD_INFO: &str = "outboxd_build_info";
 /// Installs the global recorder and describes every metric. Call once.
 pub fn install() -> Result<PrometheusHandle, String> {
     let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            Matcher::Full(TRANSACTION_COMMIT.to_string()),
+            &[
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+            ],
+        )
+        .map_err(|e| e.to_string())?
         .set_buckets_for_metric(
             Matcher::Full(COMMIT_TO_ACK.to_string()),
             &[
@@ -103,6 +113,11 @@ fn describe() {
     describe_counter!(
         TRANSACTIONS_COMMITTED,
         "Exactly-once: Kafka transactions committed with their source position"
+    );
+    describe_histogram!(
+        TRANSACTION_COMMIT,
+        Unit::Seconds,
+        "Exactly-once: acknowledgements, position record and commit of one Kafka transaction"
     );
     describe_counter!(
         EVENTS_SKIPPED,
