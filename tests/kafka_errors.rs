@@ -66,7 +66,8 @@ fn good_arrive_bad_dead_lettered(
         Duration::from_secs(60),
         Duration::from_millis(500),
     );
-    assert_exactly_written(good, &received);
+    let dups = assert_exactly_written(good, &received);
+    assert_eq!(dups, 0, "a refused neighbour repeated nothing");
     assert_dead_lettered(&brokers, dlq_topic, bad, reason, &db.topic("order"));
 }
 
@@ -103,15 +104,18 @@ async fn explicit_partition_the_topic_lacks_is_dead_lettered_and_the_rest_flows_
     good_arrive_bad_dead_lettered(&db, &dlq_topic, &good, &bad, "unknown_partition");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn timestamp_the_topic_refuses_is_dead_lettered_and_the_rest_flows_on() {
+/// A topic that accepts record timestamps at most one hour old, and an event two days old
+/// between two good ones; `extra` goes into `[kafka]`.
+async fn old_timestamp_between_good_ones(prefix: &str, extra: &str) {
     let brokers = kafka_brokers();
-    let db = TestDb::new("oldts").await;
+    let db = TestDb::new(prefix).await;
     let dlq_topic = format!("{}.dlq", db.name);
-    let config = db.config(&brokers, &format!("[kafka]\ndlq_topic = \"{dlq_topic}\"\n"));
+    let config = db.config(
+        &brokers,
+        &format!("[kafka]\ndlq_topic = \"{dlq_topic}\"\n{extra}"),
+    );
     migrate(&config);
     create_aggregates_table(&db.client().await).await;
-    // The topic accepts record timestamps at most one hour old.
     create_topic(
         &brokers,
         &db.topic("order"),
@@ -127,6 +131,20 @@ async fn timestamp_the_topic_refuses_is_dead_lettered_and_the_rest_flows_on() {
     )
     .await;
     good_arrive_bad_dead_lettered(&db, &dlq_topic, &good, &bad, "invalid_timestamp");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timestamp_the_topic_refuses_is_dead_lettered_and_the_rest_flows_on() {
+    old_timestamp_between_good_ones("oldts", "").await;
+}
+
+/// Exactly-once: the refusal fails the Kafka transaction; it is aborted, the record sent
+/// alone in the next one, refused again, and that transaction aborted too; the one after
+/// carries the dead letter in its place. A read_committed consumer sees neither the refused
+/// record nor a second copy of its neighbours.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exactly_once_dead_letters_a_refused_record_in_the_next_transaction() {
+    old_timestamp_between_good_ones("oldts_eos", "delivery = \"exactly-once\"\n").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
