@@ -365,7 +365,8 @@ case "${1:-}" in
   up) up ;;
   down) down ;;
   env) [ -f "$STACK_DIR/env" ] && echo "$STACK_DIR/env" ;;
-  install) ensure_packages; ensure_kafka ;;
+  # The Debezium jars too: the compatibility and switch-over tests run Debezium beside outboxd.
+  install) ensure_packages; ensure_kafka; "$HERE/../bench/debezium/debezium.sh" fetch ;;
   pg-start) start_pg "$2" "$3" "${4:-}" ;;
   pg-stop) stop_pg "$2"; rm -rf "$2" ;;
   tls-certs) make_certs "$2" ;;

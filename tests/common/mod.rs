@@ -103,14 +103,11 @@ impl TestDb {
             db = self.name,
         );
         // Keys of `extra` before its first table header belong at the top level.
-        let (root, rest) = match extra
-            .find("\n[")
-            .map(|i| i + 1)
-            .or(extra.starts_with('[').then_some(0))
-        {
-            Some(i) => extra.split_at(i),
-            None => (extra, ""),
-        };
+        let (root, rest) =
+            match (extra.starts_with('[').then_some(0)).or(extra.find("\n[").map(|i| i + 1)) {
+                Some(i) => extra.split_at(i),
+                None => (extra, ""),
+            };
         let text = merge_sections(&format!("{root}\n{}", text.replace(extra, rest)));
         std::fs::write(&path, text).unwrap();
         path
