@@ -8,6 +8,13 @@
 //!   which includes the broker's fetch path, so it is an upper bound of commit→ack.
 //! * `backlog`: all events are committed first, then the relay starts; throughput is
 //!   N / (relay start → last event consumed): how fast a backlog drains.
+//!
+//! `--system debezium` measures Debezium's PostgreSQL connector with the Outbox EventRouter on
+//! Kafka Connect (`bench/debezium/debezium.sh`) on the same workload and topic instead. In
+//! backlog mode Debezium is started (and streaming) first, then paused with SIGSTOP while the
+//! backlog is written, and resumed: its drain time excludes the JVM's start, outboxd's
+//! includes its own. CPU is the relay process's user + system time from the first commit
+//! (backlog: from the relay's start or resume) to the last event consumed.
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -27,8 +34,17 @@ enum Mode {
     Backlog,
 }
 
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
+enum System {
+    Outboxd,
+    Debezium,
+}
+
 #[derive(Parser, Debug)]
 struct Args {
+    /// The relay to measure.
+    #[arg(long, value_enum, default_value_t = System::Outboxd)]
+    system: System,
     #[arg(long, default_value_t = 100_000)]
     events: u64,
     /// Events per second across all writers; 0 = as fast as possible.
@@ -110,28 +126,54 @@ async fn main() -> anyhow::Result<()> {
     }));
 
     let log = std::fs::File::create(dir.join("outboxd.log"))?;
-    let start_relay = || -> anyhow::Result<std::process::Child> {
-        Ok(Command::new(&args.relay)
-            .args(["run", "--config"])
-            .arg(&config)
-            .stderr(Stdio::from(log.try_clone()?))
-            .stdout(Stdio::null())
-            .spawn()?)
-    };
-
-    // Warm-up event 0: the relay is connected and the topic exists before timing starts.
     let (client, conn) = tokio_postgres::connect(&url, NoTls).await?;
     tokio::spawn(conn);
-    insert(&client, 0, 0, args.payload_pad).await?;
+    let pg_port = admin_url
+        .rsplit_once(':')
+        .and_then(|(_, rest)| rest.split('/').next())
+        .context("port in OUTBOXD_TEST_PG_URL")?
+        .to_string();
+    let start_relay = || -> anyhow::Result<Relay> {
+        match args.system {
+            System::Outboxd => Ok(Relay::Outboxd(
+                Command::new(&args.relay)
+                    .args(["run", "--config"])
+                    .arg(&config)
+                    .stderr(Stdio::from(log.try_clone()?))
+                    .stdout(Stdio::null())
+                    .spawn()?,
+            )),
+            System::Debezium => Relay::debezium(&dir.join("debezium"), &brokers, &pg_port, &db),
+        }
+    };
+    if args.system == System::Debezium {
+        // Debezium makes its own slot and publication.
+        client
+            .batch_execute(&format!(
+                "SELECT pg_drop_replication_slot('{db}'); DROP PUBLICATION outboxd;"
+            ))
+            .await?;
+    }
+
+    // Warm-up event 0: the relay is connected and the topic exists before timing starts.
+    // Debezium (snapshot.mode=no_data) publishes only what is committed after it started.
     let mut relay = None;
-    if args.mode == Mode::Live {
+    if args.system == System::Debezium {
+        relay = Some(start_relay()?);
+    }
+    insert(&client, 0, 0, args.payload_pad).await?;
+    if args.mode == Mode::Live && relay.is_none() {
         relay = Some(start_relay()?);
     }
     let consumer = spawn_consumer(brokers.clone(), topic.clone(), arrivals.clone(), n)?;
 
-    if args.mode == Mode::Live {
-        wait_for(&arrivals, 0, Duration::from_secs(60)).await?;
+    if args.mode == Mode::Live || relay.is_some() {
+        wait_for(&arrivals, 0, Duration::from_secs(120)).await?;
     }
+    if let (Mode::Backlog, Some(r)) = (args.mode, &relay) {
+        r.signal("-STOP");
+    }
+    let mut cpu_from = relay.as_ref().and_then(|r| cpu_secs(r.pid()));
     println!(
         "outboxd bench: read={} mode={:?} events={n} writers={} txn_size={} rate={} payload≈{}B",
         args.read,
@@ -226,17 +268,23 @@ async fn main() -> anyhow::Result<()> {
         r.abort();
     }
     let relay_start = Instant::now();
-    if args.mode == Mode::Backlog {
-        relay = Some(start_relay()?);
+    match (args.mode, &relay) {
+        (Mode::Backlog, Some(r)) => {
+            cpu_from = cpu_secs(r.pid());
+            r.signal("-CONT");
+        }
+        (Mode::Backlog, None) => {
+            relay = Some(start_relay()?);
+            cpu_from = Some(0.0);
+        }
+        (Mode::Live, _) => {}
     }
     let deadline = Duration::from_secs(600);
     wait_for_all(&arrivals, n, deadline).await?;
-    let mut relay = relay.context("relay not started")?;
-    let rss_kib = peak_rss_kib(relay.id()).unwrap_or(0);
-    let _ = Command::new("kill")
-        .args(["-TERM", &relay.id().to_string()])
-        .status();
-    let _ = relay.wait();
+    let relay = relay.context("relay not started")?;
+    let rss_kib = peak_rss_kib(relay.pid()).unwrap_or(0);
+    let cpu = cpu_secs(relay.pid()).unwrap_or(0.0) - cpu_from.unwrap_or(0.0);
+    relay.stop(&dir.join("debezium"));
     drop(consumer);
 
     let arr = arrivals.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
@@ -275,11 +323,92 @@ async fn main() -> anyhow::Result<()> {
         }
         Mode::Backlog => {
             let secs = (last_arrival - relay_start).as_secs_f64();
-            println!("throughput: {:.0} events/s (relay start → last event consumed, {secs:.2} s, backlog drain incl. startup)", n as f64 / secs);
+            println!("throughput: {:.0} events/s (relay start, Debezium: resume → last event consumed, {secs:.2} s, backlog drain)", n as f64 / secs);
         }
     }
+    println!(
+        "relay ({:?}) CPU: {cpu:.2} s = {:.2} CPU-s per 100k events, {:.0} events per CPU-second",
+        args.system,
+        cpu * 100_000.0 / n as f64,
+        n as f64 / cpu.max(0.001)
+    );
     println!("relay peak RSS: {:.1} MiB", rss_kib as f64 / 1024.0);
     Ok(())
+}
+
+/// The measured relay process.
+enum Relay {
+    Outboxd(std::process::Child),
+    /// Kafka Connect's pid.
+    Debezium(u32),
+}
+
+impl Relay {
+    /// Debezium on the bench database, routing aggregate type `bench` to `<db>.bench`.
+    fn debezium(
+        dir: &std::path::Path,
+        brokers: &str,
+        port: &str,
+        db: &str,
+    ) -> anyhow::Result<Relay> {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/bench/debezium/debezium.sh");
+        let status = Command::new(script)
+            .arg("start")
+            .arg(dir)
+            .arg(brokers)
+            .arg(format!("database.port={port}"))
+            .arg(format!("database.dbname={db}"))
+            .arg(format!("slot.name={db}_dbz"))
+            .arg(format!("publication.name={db}_dbz"))
+            .arg(format!(
+                "transforms.outbox.route.topic.replacement={db}.${{routedByValue}}"
+            ))
+            .status()?;
+        if !status.success() {
+            bail!("debezium.sh start failed");
+        }
+        let pid = std::fs::read_to_string(dir.join("connect.pid"))?;
+        Ok(Relay::Debezium(pid.trim().parse()?))
+    }
+
+    fn pid(&self) -> u32 {
+        match self {
+            Relay::Outboxd(c) => c.id(),
+            Relay::Debezium(pid) => *pid,
+        }
+    }
+
+    fn signal(&self, sig: &str) {
+        let _ = Command::new("kill")
+            .args([sig, &self.pid().to_string()])
+            .status();
+    }
+
+    fn stop(self, dir: &std::path::Path) {
+        if let Relay::Outboxd(_) = self {
+            self.signal("-TERM");
+        }
+        match self {
+            Relay::Outboxd(mut c) => {
+                let _ = c.wait();
+            }
+            Relay::Debezium(_) => {
+                let script = concat!(env!("CARGO_MANIFEST_DIR"), "/bench/debezium/debezium.sh");
+                let _ = Command::new(script).arg("stop").arg(dir).status();
+            }
+        }
+    }
+}
+
+/// User + system CPU seconds of `pid` so far (/proc/<pid>/stat, 100 ticks per second).
+fn cpu_secs(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may contain spaces) start after the last ')'.
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) / 100.0)
 }
 
 async fn insert(

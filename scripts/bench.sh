@@ -4,6 +4,8 @@
 #   scripts/bench.sh --rate 10000 --events 100000  steady 10,000 events/s (latency)
 #   scripts/bench.sh --mode backlog                drain a pre-written backlog
 #   scripts/bench.sh --extra-config 'delivery = "exactly-once"'   the same in exactly-once mode
+#   scripts/bench.sh --compare debezium [args]     the same run for outboxd, then for Debezium
+#                                                  (bench/debezium: Kafka Connect + EventRouter)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/stack.sh install
@@ -12,4 +14,13 @@ if [ -z "${KEEP:-}" ]; then trap 'scripts/stack.sh down' EXIT; fi
 # shellcheck disable=SC1090
 . "$env_file"
 cargo build --release --quiet --bin outboxd --example bench
-target/release/examples/bench "$@"
+if [ "${1:-}" = "--compare" ]; then
+  other=${2:?--compare needs a system: debezium}
+  shift 2
+  for system in outboxd "$other"; do
+    echo "== $system"
+    target/release/examples/bench --system "$system" "$@"
+  done
+else
+  target/release/examples/bench "$@"
+fi

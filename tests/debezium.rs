@@ -233,25 +233,15 @@ async fn outboxd_continues_on_debeziums_slot_without_a_gap() {
         &format!("{}.", db.name),
         &["extended.headers.enabled=false"],
     );
-    let writer = {
-        let db = db.clone();
-        tokio::spawn(async move {
-            let mut client = db.client().await;
-            let mut rng = Rng::new(0xdb2);
-            let mut written = Vec::new();
-            let start = std::time::Instant::now();
-            while start.elapsed() < Duration::from_secs(14) {
-                let n = rng.range(1, 4) as usize;
-                let mut events: Vec<(String, String)> = (0..n)
-                    .map(|_| ("order".to_string(), format!("agg-{}", rng.range(0, 24))))
-                    .collect();
-                events.sort_by(|a, b| a.1.cmp(&b.1));
-                written.extend(write_txn(&mut client, &events, false).await.unwrap());
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            written
-        })
-    };
+    let writer = SteadyWriter {
+        run_for: Duration::from_secs(14),
+        aggregates: 25,
+        max_per_txn: 4,
+        rollback_one_in: 0,
+        pause: Duration::from_millis(5),
+        seed: 0xdb2,
+    }
+    .spawn(&db);
     tokio::time::sleep(Duration::from_secs(5)).await;
     debezium.stop();
     let confirmed_by_debezium = db_confirmed(&db, &slot).await;
@@ -260,7 +250,7 @@ async fn outboxd_continues_on_debeziums_slot_without_a_gap() {
         &format!("[postgres]\nslot = \"{slot}\"\npublication = \"{slot}\"\n"),
     );
     let mut relay = Relay::start(&config);
-    let written = writer.await.unwrap();
+    let (written, _) = writer.await.unwrap();
     let received = consume(
         &brokers,
         &[db.topic("order")],

@@ -8,7 +8,7 @@ mod common;
 
 use std::collections::HashSet;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 
@@ -157,30 +157,15 @@ async fn killed_at_random_points(prefix: &str, before: &str, kafka: &str) {
     let brokers = kafka_brokers();
     let extra = format!("{before}{EXACTLY_ONCE}{kafka}");
     let (db, config) = setup(prefix, &brokers, &extra).await;
-    let writer_db = db.clone();
-    let writer = tokio::spawn(async move {
-        let mut client = writer_db.client().await;
-        let mut rng = Rng::new(0xe05);
-        let mut written = Vec::new();
-        let mut rolled_back = Vec::new();
-        let start = Instant::now();
-        while start.elapsed() < Duration::from_secs(25) {
-            let n = rng.range(1, 6) as usize;
-            let mut events: Vec<(String, String)> = (0..n)
-                .map(|_| ("order".to_string(), format!("agg-{}", rng.range(0, 29))))
-                .collect();
-            events.sort_by(|a, b| a.1.cmp(&b.1));
-            let rollback = rng.range(0, 9) == 0;
-            let w = write_txn(&mut client, &events, rollback).await.unwrap();
-            if rollback {
-                rolled_back.extend(w);
-            } else {
-                written.extend(w);
-            }
-            tokio::time::sleep(Duration::from_millis(rng.range(0, 4))).await;
-        }
-        (written, rolled_back)
-    });
+    let writer = SteadyWriter {
+        run_for: Duration::from_secs(25),
+        aggregates: 30,
+        max_per_txn: 6,
+        rollback_one_in: 10,
+        pause: Duration::from_millis(2),
+        seed: 0xe05,
+    }
+    .spawn(&db);
     let mut rng = Rng::new(0x5161);
     let mut kills = 0;
     while !writer.is_finished() {

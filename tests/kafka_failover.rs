@@ -56,23 +56,15 @@ async fn leader_broker_killed_mid_stream_and_restarted_loses_nothing_and_keeps_o
     let mut relay = Relay::start(&config);
 
     // Writers commit small transactions over 20 aggregates for the whole run.
-    let writer_db = db.clone();
-    let writer = tokio::spawn(async move {
-        let mut client = writer_db.client().await;
-        let mut rng = Rng::new(0xfa11);
-        let mut written = Vec::new();
-        let start = Instant::now();
-        while start.elapsed() < Duration::from_secs(24) {
-            let n = rng.range(1, 5) as usize;
-            let mut events: Vec<(String, String)> = (0..n)
-                .map(|_| ("order".to_string(), format!("agg-{}", rng.range(0, 19))))
-                .collect();
-            events.sort_by(|a, b| a.1.cmp(&b.1));
-            written.extend(write_txn(&mut client, &events, false).await.unwrap());
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        written
-    });
+    let writer = SteadyWriter {
+        run_for: Duration::from_secs(24),
+        aggregates: 20,
+        max_per_txn: 5,
+        rollback_one_in: 0,
+        pause: Duration::from_millis(10),
+        seed: 0xfa11,
+    }
+    .spawn(&db);
 
     let topic = db.topic("order");
     let leader = {
@@ -95,7 +87,7 @@ async fn leader_broker_killed_mid_stream_and_restarted_loses_nothing_and_keeps_o
             ])
         })
     };
-    let written = writer.await.unwrap();
+    let (written, _) = writer.await.unwrap();
     restart.await.unwrap();
     assert!(written.len() > 500, "the writers kept committing");
 

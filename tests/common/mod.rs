@@ -675,6 +675,51 @@ pub async fn concurrent_workload(
     all
 }
 
+/// A steady writer, for tests that do something to the relay or the broker mid-stream:
+/// for `run_for`, transactions of 1–`max_per_txn` events of type `order` over `aggregates`
+/// aggregates, one in `rollback_one_in` rolled back (0: none), `pause` between them.
+/// Returns (committed, rolled back).
+pub struct SteadyWriter {
+    pub run_for: Duration,
+    pub aggregates: u64,
+    pub max_per_txn: u64,
+    pub rollback_one_in: u64,
+    pub pause: Duration,
+    pub seed: u64,
+}
+
+impl SteadyWriter {
+    pub fn spawn(self, db: &TestDb) -> tokio::task::JoinHandle<(Vec<Written>, Vec<Written>)> {
+        let db = db.clone();
+        tokio::spawn(async move {
+            let mut client = db.client().await;
+            let mut rng = Rng::new(self.seed);
+            let (mut written, mut rolled_back) = (Vec::new(), Vec::new());
+            let start = Instant::now();
+            while start.elapsed() < self.run_for {
+                let n = rng.range(1, self.max_per_txn) as usize;
+                let mut events: Vec<(String, String)> = (0..n)
+                    .map(|_| {
+                        let a = rng.range(0, self.aggregates - 1);
+                        ("order".to_string(), format!("agg-{a}"))
+                    })
+                    .collect();
+                // Lock aggregates in one global order: no deadlocks between writers.
+                events.sort_by(|a, b| a.1.cmp(&b.1));
+                let rollback = self.rollback_one_in > 0 && rng.range(1, self.rollback_one_in) == 1;
+                let w = write_txn(&mut client, &events, rollback).await.unwrap();
+                if rollback {
+                    rolled_back.extend(w);
+                } else {
+                    written.extend(w);
+                }
+                tokio::time::sleep(self.pause).await;
+            }
+            (written, rolled_back)
+        })
+    }
+}
+
 /// Polling mode: reads each written event's (xid, sequence) from the table.
 pub async fn fill_polling_order(db: &TestDb, written: &mut [Written]) {
     let rows = db
