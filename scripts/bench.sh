@@ -8,7 +8,7 @@
 #                                                  (bench/debezium: Kafka Connect + EventRouter)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/stack.sh install
+scripts/stack.sh install debezium
 env_file=$(scripts/stack.sh up)
 if [ -z "${KEEP:-}" ]; then trap 'scripts/stack.sh down' EXIT; fi
 # shellcheck disable=SC1090

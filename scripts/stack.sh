@@ -4,6 +4,8 @@
 # 4.x broker in KRaft mode (its own data directory and free ports).
 #
 #   scripts/stack.sh up      start both (installs what is missing), print the env file path
+#   scripts/stack.sh install [debezium]
+#                            install what is missing (with `debezium`: its jars too)
 #   scripts/stack.sh down    stop both and remove the data directory
 #   scripts/stack.sh env     print the env file path of the running stack
 #   scripts/stack.sh pg-start DIR PORT [OPTIONS], pg-stop DIR
@@ -365,8 +367,11 @@ case "${1:-}" in
   up) up ;;
   down) down ;;
   env) [ -f "$STACK_DIR/env" ] && echo "$STACK_DIR/env" ;;
-  # The Debezium jars too: the compatibility and switch-over tests run Debezium beside outboxd.
-  install) ensure_packages; ensure_kafka; "$HERE/../bench/debezium/debezium.sh" fetch ;;
+  # `install debezium`: the Debezium jars too (the tests run Debezium beside outboxd; the
+  # demo does not need them).
+  install)
+    ensure_packages; ensure_kafka
+    if [ "${2:-}" = debezium ]; then "$HERE/../bench/debezium/debezium.sh" fetch; fi ;;
   pg-start) start_pg "$2" "$3" "${4:-}" ;;
   pg-stop) stop_pg "$2"; rm -rf "$2" ;;
   tls-certs) make_certs "$2" ;;

