@@ -24,6 +24,8 @@ pub struct Leader {
 #[derive(Debug, Serialize)]
 pub struct Status {
     pub mode: &'static str,
+    /// `at-least-once` or `exactly-once` (with the position topic).
+    pub delivery: String,
     pub slot: SlotFacts,
     pub slot_exists: bool,
     pub max_slot_lag_bytes: u64,
@@ -126,6 +128,13 @@ pub async fn gather(cfg: &Config) -> Result<Status> {
     }
     Ok(Status {
         mode: cfg.mode.as_str(),
+        delivery: match cfg.kafka.delivery {
+            crate::config::Delivery::AtLeastOnce => "at-least-once".into(),
+            crate::config::Delivery::ExactlyOnce => format!(
+                "exactly-once (positions in topic {})",
+                cfg.kafka.position_topic
+            ),
+        },
         slot,
         slot_exists,
         max_slot_lag_bytes: cfg.postgres.max_slot_lag_bytes,
@@ -181,6 +190,7 @@ impl std::fmt::Display for Status {
         let s = &self.slot;
         writeln!(f, "outboxd status")?;
         writeln!(f, "  mode:          {}", self.mode)?;
+        writeln!(f, "  delivery:      {}", self.delivery)?;
         if let Some(cursor) = &self.cursor {
             writeln!(f, "  cursor:        {cursor} (xid/seq)")?;
             writeln!(
