@@ -137,7 +137,7 @@ start_pg() {
   fi
   if [ "$(id -u)" = 0 ]; then chown postgres: "$dir/pg_hba.conf"; fi
   as_pg "$bindir/pg_ctl" -D "$dir/pg/data" -l "$dir/pg/postgres.log" -w -t 60 start -o \
-    "-c wal_level=logical -c max_replication_slots=200 -c max_wal_senders=50 \
+    "-c wal_level=logical -c max_replication_slots=400 -c max_wal_senders=50 \
      -c max_connections=300 -c port=$port -c listen_addresses=127.0.0.1 \
      -c unix_socket_directories=$dir/pg -c hba_file=$dir/pg_hba.conf \
      -c fsync=off -c synchronous_commit=on -c full_page_writes=off $extra" >/dev/null \

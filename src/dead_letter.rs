@@ -20,7 +20,16 @@ pub struct DlqTable<'a> {
     pub timeout: Duration,
 }
 
-impl DlqTable<'_> {
+impl<'a> DlqTable<'a> {
+    /// The dead-letter table of `cfg.schema`, written through `client`.
+    pub fn new(client: &'a Client, cfg: &'a crate::config::PostgresConfig) -> DlqTable<'a> {
+        DlqTable {
+            client,
+            schema: &cfg.schema,
+            timeout: cfg.stream_timeout,
+        }
+    }
+
     /// The last resort for a poison event the DLQ topic refused: a row in the relay-owned
     /// table `<schema>.outboxd_dead_letter` (created by `outboxd migrate`).
     pub async fn insert(

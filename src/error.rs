@@ -63,7 +63,7 @@ pub enum Error {
     #[error("kafka refused event {event_id} ({}: {}); its transaction is aborted and the next one dead-letters it", poison.kind.label(), poison.detail)]
     Refused {
         event_id: String,
-        poison: crate::route::Poison,
+        poison: crate::poison::Poison,
     },
 
     /// PostgreSQL did not answer in time (a dead network path): transient.
@@ -76,7 +76,7 @@ pub enum Error {
 
     /// A pgoutput message we could not decode: a bug or an incompatible server.
     #[error("decoding the replication stream: {0}")]
-    Decode(#[from] crate::source::pgoutput::DecodeError),
+    Decode(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

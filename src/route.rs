@@ -1,68 +1,8 @@
 //! Event → Kafka record: topic from a template, key, headers, value.
 
-use crate::event::Event;
-
-/// A topic template such as `outbox.event.{aggregatetype}`.
-#[derive(Debug, Clone)]
-pub struct TopicTemplate {
-    parts: Vec<Part>,
-}
-
-#[derive(Debug, Clone)]
-enum Part {
-    Literal(String),
-    AggregateType,
-    Type,
-}
-
-impl TopicTemplate {
-    /// Parses a template; placeholders are `{aggregatetype}` and `{type}`.
-    pub fn parse(template: &str) -> Result<TopicTemplate, String> {
-        let mut parts = Vec::new();
-        let mut rest = template;
-        while let Some(open) = rest.find('{') {
-            if open > 0 {
-                parts.push(Part::Literal(rest[..open].to_string()));
-            }
-            let close = rest[open..]
-                .find('}')
-                .ok_or_else(|| format!("unclosed `{{` in `{template}`"))?;
-            let name = &rest[open + 1..open + close];
-            parts.push(match name {
-                "aggregatetype" => Part::AggregateType,
-                "type" => Part::Type,
-                other => {
-                    return Err(format!(
-                        "unknown placeholder `{{{other}}}` (known: {{aggregatetype}}, {{type}})"
-                    ))
-                }
-            });
-            rest = &rest[open + close + 1..];
-        }
-        if rest.contains('}') {
-            return Err(format!("unmatched `}}` in `{template}`"));
-        }
-        if !rest.is_empty() {
-            parts.push(Part::Literal(rest.to_string()));
-        }
-        if parts.is_empty() {
-            return Err("must not be empty".into());
-        }
-        Ok(TopicTemplate { parts })
-    }
-
-    pub fn render(&self, event: &Event) -> String {
-        let mut out = String::new();
-        for part in &self.parts {
-            match part {
-                Part::Literal(s) => out.push_str(s),
-                Part::AggregateType => out.push_str(&event.aggregatetype),
-                Part::Type => out.push_str(&event.event_type),
-            }
-        }
-        out
-    }
-}
+use crate::event::{rfc3339_ms, Event};
+pub use crate::poison::{Poison, PoisonKind};
+pub use crate::topic::{valid_topic_name, TopicTemplate};
 
 /// A record ready for the sink.
 #[derive(Debug, Clone, PartialEq)]
@@ -77,64 +17,6 @@ pub struct Record {
     pub timestamp_ms: Option<i64>,
 }
 
-/// Why an event can never become a Kafka record as it is. Poison events are dead-lettered,
-/// never retried forever and never dropped.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PoisonKind {
-    /// Larger than `kafka.max_message_bytes`, or rejected by the broker as too large.
-    TooLarge,
-    /// An explicit partition the topic does not have.
-    UnknownPartition,
-    /// A record timestamp the topic refuses (`message.timestamp.before/after.max.ms`).
-    InvalidTimestamp,
-    /// The same record failed the same way `kafka.max_record_retries` times in a row.
-    RetriesExhausted,
-    /// The topic name is not a legal Kafka topic name.
-    InvalidTopic,
-    /// `aggregateid` is NULL while `kafka.require_key` is on.
-    MissingKey,
-    /// `headers` is not a JSON object of strings.
-    InvalidHeaders,
-    /// A table-less event whose message is not the outbox JSON.
-    MalformedMessage,
-    /// Another permanent rejection by the broker.
-    Rejected,
-}
-
-impl PoisonKind {
-    /// The `reason` label of `outboxd_events_dead_lettered_total` and the DLQ header.
-    pub fn label(self) -> &'static str {
-        match self {
-            PoisonKind::TooLarge => "too_large",
-            PoisonKind::UnknownPartition => "unknown_partition",
-            PoisonKind::InvalidTimestamp => "invalid_timestamp",
-            PoisonKind::RetriesExhausted => "retries_exhausted",
-            PoisonKind::InvalidTopic => "invalid_topic",
-            PoisonKind::MissingKey => "missing_key",
-            PoisonKind::InvalidHeaders => "invalid_headers",
-            PoisonKind::MalformedMessage => "malformed_message",
-            PoisonKind::Rejected => "rejected",
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct Poison {
-    pub kind: PoisonKind,
-    pub detail: String,
-}
-
-/// Kafka's rule for topic names: 1–249 of `[A-Za-z0-9._-]`, not `.` or `..`.
-pub fn valid_topic_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 249
-        && name != "."
-        && name != ".."
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
-}
-
 /// Approximate size of a record on the wire (key, value, headers, framing).
 pub fn record_size(record: &Record) -> usize {
     let headers: usize = record
@@ -146,30 +28,6 @@ pub fn record_size(record: &Record) -> usize {
         + record.value.as_ref().map_or(0, Vec::len)
         + headers
         + 64
-}
-
-/// `2026-11-22T19:50:00.158Z` from milliseconds since the epoch (UTC).
-pub fn rfc3339_ms(ms: i64) -> String {
-    let secs = ms.div_euclid(1000);
-    let millis = ms.rem_euclid(1000);
-    let days = secs.div_euclid(86_400);
-    let sod = secs.rem_euclid(86_400);
-    // Civil from days (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{millis:03}Z",
-        sod / 3600,
-        sod % 3600 / 60,
-        sod % 60
-    )
 }
 
 /// The string members of a `headers` JSON object (`null` members left out, `id`/`type`

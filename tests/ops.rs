@@ -410,12 +410,18 @@ async fn standby_that_takes_over_never_moves_the_slot_back() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readyz_fails_and_status_exits_1_when_slot_lag_exceeds_the_threshold() {
     let brokers = kafka_brokers();
-    let (db, config) = setup(
-        "threshold",
-        &brokers,
-        "[postgres]\nmax_slot_lag_bytes = 65536\n",
-    )
-    .await;
+    // A cluster of its own: the shared one takes WAL from every parallel test, which can
+    // exceed any small threshold before the first check.
+    let cluster = PrivateCluster::start("");
+    let name = unique("threshold").to_lowercase();
+    let db = TestDb {
+        dir: std::env::temp_dir().join(format!("outboxd-test-{name}")),
+        url: cluster.url.clone(),
+        name,
+    };
+    std::fs::create_dir_all(&db.dir).unwrap();
+    let config = db.config(&brokers, "[postgres]\nmax_slot_lag_bytes = 65536\n");
+    migrate(&config);
     // Hold the slot's leadership lock ourselves: the relay stays a standby, the slot stays put.
     let holder = db.client().await;
     holder

@@ -309,7 +309,7 @@ impl Config {
         let topic_template = k
             .topic_template
             .unwrap_or_else(|| "outbox.event.{aggregatetype}".into());
-        crate::route::TopicTemplate::parse(&topic_template)
+        crate::topic::TopicTemplate::parse(&topic_template)
             .map_err(|problem| invalid("kafka.topic_template", problem))?;
         let max_in_flight = k.max_in_flight.unwrap_or(50_000);
         if !(1..=1_000_000).contains(&max_in_flight) {
@@ -366,7 +366,7 @@ impl Config {
             ));
         }
         let dlq_topic = k.dlq_topic.unwrap_or_else(|| "outbox.dlq".into());
-        if !crate::route::valid_topic_name(&dlq_topic) {
+        if !crate::topic::valid_topic_name(&dlq_topic) {
             return Err(invalid(
                 "kafka.dlq_topic",
                 format!("`{dlq_topic}` is not a legal Kafka topic name"),
@@ -421,7 +421,7 @@ impl Config {
         let position_topic = k
             .position_topic
             .unwrap_or_else(|| "outboxd.positions".into());
-        if !crate::route::valid_topic_name(&position_topic) {
+        if !crate::topic::valid_topic_name(&position_topic) {
             return Err(invalid(
                 "kafka.position_topic",
                 format!("`{position_topic}` is not a legal Kafka topic name"),

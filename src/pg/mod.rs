@@ -220,6 +220,6 @@ pub async fn pipeline_identity(client: &Client, name: &str) -> Result<(String, u
         .await
         .map_err(|e| Error::pg("reading the system identifier", e))?;
     let (sysid, db, lsn): (String, String, String) = (row.get(0), row.get(1), row.get(2));
-    let lsn = crate::source::pgoutput::parse_lsn(&lsn).unwrap_or(0);
+    let lsn = crate::lsn::parse_lsn(&lsn).unwrap_or(0);
     Ok((format!("outboxd-{sysid}-{db}-{name}"), lsn))
 }

@@ -81,8 +81,8 @@ pub(super) async fn commit_cursor(
     cursor: Cursor,
 ) -> Result<()> {
     let (xid, seq) = cursor;
-    sink.write_position(pipeline, Position::Cursor { xid, seq })
-        .await?;
+    let topic = &cfg.kafka.position_topic;
+    positions::write(sink, topic, pipeline, Position::Cursor { xid, seq }).await?;
     sink.commit(cfg.kafka.delivery_timeout).await?;
     metrics::counter!(m::TRANSACTIONS_COMMITTED).increment(1);
     Ok(())
@@ -110,10 +110,8 @@ pub(super) async fn commit(
             .await;
         window.handle(settled, sink, dlq).await?;
     }
-    // Awaited before the commit: measured, a commit that must also flush the position
-    // record (and register its partition) took ~150 ms longer.
-    sink.write_position(pipeline, Position::Lsn(position))
-        .await?;
+    let topic = &cfg.kafka.position_topic;
+    positions::write(sink, topic, pipeline, Position::Lsn(position)).await?;
     let written = started.elapsed();
     sink.commit(cfg.kafka.delivery_timeout).await?;
     eos.committed(position);

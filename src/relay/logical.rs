@@ -8,7 +8,7 @@ use super::exactly_once::{commit, resume_position, sleep_until};
 use super::Backoff;
 use crate::checkpoint::Checkpoint;
 use crate::config::{Config, Delivery};
-use crate::dead_letter::dead_letter;
+use crate::dead_letter::{dead_letter, DlqTable};
 use crate::error::{Error, Result};
 use crate::health::{Health, Role};
 use crate::metrics as m;
@@ -44,7 +44,7 @@ pub(super) async fn session(
     reader.refresh_confirmed().await?;
     reader.ensure_slot_usable().await?;
     let mut published = reader.verify_publication(None).await?;
-    let dlq = reader.dlq_table();
+    let dlq = DlqTable::new(reader.client(), &cfg.postgres);
     let exactly_once = match cfg.kafka.delivery {
         Delivery::ExactlyOnce => Some(reader.pipeline_identity().await?),
         Delivery::AtLeastOnce => None,
@@ -222,7 +222,7 @@ async fn shutdown(
     eos: Option<(&mut Transactions, &str)>,
     health: &Health,
 ) -> Result<()> {
-    let dlq = reader.dlq_table();
+    let dlq = DlqTable::new(reader.client(), &cfg.postgres);
     let dlq = &dlq;
     let deadline = tokio::time::Instant::now() + cfg.kafka.shutdown_timeout;
     while !window.is_empty() {

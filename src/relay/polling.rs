@@ -107,11 +107,7 @@ pub(super) async fn session(
         let mut window = Window::new(hints.clone(), pipeline.is_some());
         // Each row's position, safe to store once this many sent events are acknowledged.
         let mut bounds: Vec<(u64, Cursor)> = Vec::new();
-        let dlq = DlqTable {
-            client: &poller.client,
-            schema: &cfg.postgres.schema,
-            timeout: cfg.postgres.stream_timeout,
-        };
+        let dlq = DlqTable::new(&poller.client, &cfg.postgres);
         let mut outcome: Result<()> = Ok(());
         for (mut event, pos) in batch {
             if *stop.borrow() {

@@ -26,7 +26,7 @@
 
 use rdkafka::error::RDKafkaErrorCode as C;
 
-use crate::route::PoisonKind;
+use crate::poison::PoisonKind;
 
 /// What a failure says about the record that failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -20,7 +20,6 @@ use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use crate::config::KafkaConfig;
 use crate::error::{Error, Result};
 use crate::route::{PoisonKind, Record};
-use crate::sink::positions::{self, Position};
 
 /// Routes librdkafka's log lines and global errors into `tracing`, and remembers the last
 /// global error: a metadata request that times out says nothing of *why* (a refused password,
@@ -327,32 +326,21 @@ impl KafkaSink {
         }
     }
 
-    /// Exactly-once: writes `pipeline`'s position into the open transaction (see
-    /// `sink::positions`) and waits for the acknowledgement.
-    pub async fn write_position(&mut self, pipeline: &str, position: Position) -> Result<()> {
-        let topic = self.cfg.position_topic.clone();
-        // One partition, compacted: the newest record per pipeline is all that matters.
-        self.ensure_topic_with(&topic, 1, &[("cleanup.policy", "compact")])
-            .await;
-        let record = Record {
-            topic,
-            key: Some(pipeline.to_string()),
-            value: Some(positions::encode(pipeline, position)),
-            headers: Vec::new(),
-            partition: None,
-            timestamp_ms: None,
+    /// Sends `record` and waits for its acknowledgement; errors read as a transactional
+    /// producer's (fenced, or the transaction must end). `what` names it in errors.
+    pub async fn send_and_wait(&mut self, record: &Record, what: &str) -> Result<()> {
+        let fut = match self.send(record) {
+            Ok(f) => f,
+            Err(SendError::QueueFull) => {
+                return Err(Error::Kafka(format!("{what}: local queue full")))
+            }
+            Err(SendError::Other(e)) => return Err(self.txn_error(what, e)),
         };
-        let fut = self.send(&record).map_err(|e| match e {
-            SendError::QueueFull => Error::Kafka("writing the position: local queue full".into()),
-            SendError::Other(e) => self.txn_error("writing the position", e),
-        })?;
         match tokio::time::timeout(self.cfg.delivery_timeout, fut).await {
             Ok(Ok(Ok(_))) => Ok(()),
-            Ok(Ok(Err((e, _)))) => Err(self.txn_error("writing the position", e)),
-            Ok(Err(_)) => Err(Error::Kafka(
-                "writing the position: delivery cancelled".into(),
-            )),
-            Err(_) => Err(Error::Kafka("writing the position: timed out".into())),
+            Ok(Ok(Err((e, _)))) => Err(self.txn_error(what, e)),
+            Ok(Err(_)) => Err(Error::Kafka(format!("{what}: delivery cancelled"))),
+            Err(_) => Err(Error::Kafka(format!("{what}: timed out"))),
         }
     }
 

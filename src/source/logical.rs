@@ -44,7 +44,6 @@ use std::time::Duration;
 use tokio_postgres::Client;
 
 use crate::config::{PostgresConfig, StaleHolder};
-use crate::dead_letter::DlqTable;
 use crate::error::{Error, Result};
 use crate::health::{Health, Role};
 use crate::source::pgoutput;
@@ -365,13 +364,9 @@ impl SlotReader {
         self.confirmed
     }
 
-    /// Where poison events go when the DLQ topic refuses them.
-    pub fn dlq_table(&self) -> DlqTable<'_> {
-        DlqTable {
-            client: &self.client,
-            schema: &self.cfg.schema,
-            timeout: self.cfg.stream_timeout,
-        }
+    /// The SQL connection (the dead-letter table is written through it).
+    pub fn client(&self) -> &Client {
+        &self.client
     }
 
     /// Writes a heartbeat message if WAL was written since `confirmed`.

@@ -274,20 +274,14 @@ pub fn parse_timestamp_ms(text: &str) -> Option<i64> {
     Some(secs * 1000 + (sec * 1000.0).round() as i64)
 }
 
-/// Formats an LSN the way PostgreSQL prints it (`16/B374D848`).
-pub fn format_lsn(lsn: u64) -> String {
-    format!("{:X}/{:X}", lsn >> 32, lsn & 0xffff_ffff)
-}
+pub use crate::lsn::{format_lsn, parse_lsn};
 
-/// Parses PostgreSQL's `X/Y` LSN text.
-pub fn parse_lsn(text: &str) -> Option<u64> {
-    let (hi, lo) = text.split_once('/')?;
-    let hi = u64::from_str_radix(hi, 16).ok()?;
-    let lo = u64::from_str_radix(lo, 16).ok()?;
-    if hi > u32::MAX as u64 || lo > u32::MAX as u64 {
-        return None;
+/// Every decoding error is an error of the relay (exit code 2: a bug or an incompatible
+/// server, never transient).
+impl From<DecodeError> for crate::error::Error {
+    fn from(e: DecodeError) -> Self {
+        crate::error::Error::Decode(e.to_string())
     }
-    Some((hi << 32) | lo)
 }
 
 #[cfg(test)]

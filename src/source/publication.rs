@@ -133,7 +133,7 @@ pub fn lost_publication(problem: Error, last_good: &Published) -> Error {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0);
-    let since = crate::route::rfc3339_ms(ms);
+    let since = crate::event::rfc3339_ms(ms);
     let (problem, fix) = match problem {
         Error::Setup { problem, fix } => (problem, fix),
         other => return other,

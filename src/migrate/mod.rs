@@ -1,6 +1,8 @@
 //! `outboxd migrate`: creates what the relay needs, idempotently. Never drops or alters
 //! anything that exists; reports what it created and what was already there.
 
+mod polling;
+
 use crate::config::{quote_ident, quote_literal, Config, Mode};
 use crate::error::{Error, Result};
 
@@ -187,7 +189,7 @@ pub async fn migrate(config: &Config) -> Result<Report> {
     }
 
     if config.mode == Mode::Polling {
-        items.extend(crate::source::polling::migrate(&client, config).await?);
+        items.extend(polling::migrate(&client, config).await?);
         return Ok(Report { items });
     }
 
@@ -292,7 +294,7 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     #[test]
     fn shipped_sql_matches_the_ddl_migrate_runs() {
-        let shipped = include_str!("../sql/outbox.sql");
+        let shipped = include_str!("../../sql/outbox.sql");
         let ddl = super::OUTBOX_TABLE_DDL.replace("{table}", "public.outbox");
         assert!(
             shipped.contains(&format!("{ddl};")),

@@ -1,0 +1,77 @@
+//! Topic names: the template that makes them from an event, and Kafka's rule for them.
+//! A leaf module: configuration validates templates with it, routing renders them.
+
+use crate::event::Event;
+
+/// A topic template such as `outbox.event.{aggregatetype}`.
+#[derive(Debug, Clone)]
+pub struct TopicTemplate {
+    parts: Vec<Part>,
+}
+
+#[derive(Debug, Clone)]
+enum Part {
+    Literal(String),
+    AggregateType,
+    Type,
+}
+
+impl TopicTemplate {
+    /// Parses a template; placeholders are `{aggregatetype}` and `{type}`.
+    pub fn parse(template: &str) -> Result<TopicTemplate, String> {
+        let mut parts = Vec::new();
+        let mut rest = template;
+        while let Some(open) = rest.find('{') {
+            if open > 0 {
+                parts.push(Part::Literal(rest[..open].to_string()));
+            }
+            let close = rest[open..]
+                .find('}')
+                .ok_or_else(|| format!("unclosed `{{` in `{template}`"))?;
+            let name = &rest[open + 1..open + close];
+            parts.push(match name {
+                "aggregatetype" => Part::AggregateType,
+                "type" => Part::Type,
+                other => {
+                    return Err(format!(
+                        "unknown placeholder `{{{other}}}` (known: {{aggregatetype}}, {{type}})"
+                    ))
+                }
+            });
+            rest = &rest[open + close + 1..];
+        }
+        if rest.contains('}') {
+            return Err(format!("unmatched `}}` in `{template}`"));
+        }
+        if !rest.is_empty() {
+            parts.push(Part::Literal(rest.to_string()));
+        }
+        if parts.is_empty() {
+            return Err("must not be empty".into());
+        }
+        Ok(TopicTemplate { parts })
+    }
+
+    pub fn render(&self, event: &Event) -> String {
+        let mut out = String::new();
+        for part in &self.parts {
+            match part {
+                Part::Literal(s) => out.push_str(s),
+                Part::AggregateType => out.push_str(&event.aggregatetype),
+                Part::Type => out.push_str(&event.event_type),
+            }
+        }
+        out
+    }
+}
+
+/// Kafka's rule for topic names: 1–249 of `[A-Za-z0-9._-]`, not `.` or `..`.
+pub fn valid_topic_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 249
+        && name != "."
+        && name != ".."
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
+}
