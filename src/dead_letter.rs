@@ -10,7 +10,7 @@ use tokio_postgres::Client;
 use crate::error::{Error, Result};
 use crate::metrics as m;
 use crate::route::{Poison, Record};
-use crate::sink::kafka::KafkaSink;
+use crate::sink::Sink;
 
 /// The relay-owned dead-letter table of a schema.
 pub struct DlqTable<'a> {
@@ -79,8 +79,8 @@ impl<'a> DlqTable<'a> {
 
 /// Sends a poison event to the dead-letter topic or, if that fails, the dead-letter table.
 /// Logged with its id and counted; only if both fail does the session fail (and retry).
-pub async fn dead_letter(
-    sink: &mut KafkaSink,
+pub async fn dead_letter<S: Sink>(
+    sink: &mut S,
     dlq: &DlqTable<'_>,
     event_id: Option<&str>,
     record: &Record,

@@ -19,7 +19,8 @@ use crate::config::{quote_ident, Config};
 use crate::error::{Error, Result};
 use crate::event::Event;
 use crate::route::Router;
-use crate::sink::kafka::{KafkaSink, SendError};
+use crate::sink::kafka::KafkaSink;
+use crate::sink::SendError;
 use crate::source::polling::{event_select, row_event};
 
 /// Which retained events: `since`/`until` are PostgreSQL timestamps (`2026-11-22 10:00`,
@@ -120,18 +121,19 @@ pub async fn replay(cfg: &Config, sel: &Selection) -> Result<(usize, usize)> {
                     break;
                 }
                 Err(SendError::QueueFull) => tokio::time::sleep(Duration::from_millis(20)).await,
-                Err(SendError::Other(e)) => {
-                    return Err(Error::Kafka(format!("event {}: {e}", event.id)))
+                Err(SendError::Refused(r)) => {
+                    return Err(Error::Kafka(format!("event {}: {}", event.id, r.detail)))
                 }
             }
         }
     }
     let published = pending.len();
     for (id, f) in pending {
-        match f.await {
-            Ok(Ok(_)) => {}
-            Ok(Err((e, _))) => return Err(Error::Kafka(format!("event {id}: {e}"))),
-            Err(_) => return Err(Error::Kafka(format!("event {id}: delivery cancelled"))),
+        if let Err(failed) = f.await {
+            return Err(Error::Kafka(format!(
+                "event {id}: {}",
+                failed.refusal.detail
+            )));
         }
     }
     Ok((published, poison))

@@ -24,7 +24,7 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant, SystemTime};
 
-use rdkafka::producer::DeliveryFuture;
+use std::future::Future;
 
 use crate::dead_letter::{dead_letter, DlqTable};
 use crate::error::{Error, Result};
@@ -32,8 +32,8 @@ use crate::event::Event;
 use crate::health::Health;
 use crate::metrics as m;
 use crate::route::{Poison, PoisonKind, Record, Router};
-use crate::sink::classify::{classify, Class, Stage};
-use crate::sink::kafka::{KafkaSink, SendError};
+use crate::sink::kafka::KafkaDelivery;
+use crate::sink::{Class, Failed, Refusal, SendError, Sink};
 
 /// What earlier failures taught the next session.
 #[derive(Debug, Clone, Default)]
@@ -152,48 +152,60 @@ fn failure_error(failure: Failure, others_acked: bool) -> Error {
     }
 }
 
-/// Classifies a librdkafka error for the record `id` to `topic`.
-fn classify_failure(
-    e: &rdkafka::error::KafkaError,
-    stage: Stage,
+/// Where a refusal surfaced: whether it can be believed to be about this record.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Seen {
+    /// Refused before it left the process: a check of this one record.
+    Send,
+    /// In a delivery report of a record that travelled with others: maybe a batchmate's.
+    InBatch,
+    /// In the delivery report of a record sent alone.
+    Alone,
+}
+
+/// What a sink's refusal of the record `id` to `topic` means for the session.
+fn failure(
+    refusal: Refusal,
+    seen: Seen,
     id: Option<String>,
     topic: &str,
-    record: impl FnOnce() -> Record,
+    record: impl FnOnce() -> Option<Record>,
 ) -> Failure {
     let message = format!(
-        "event {} to topic {topic}: {e}",
-        id.as_deref().unwrap_or("?")
+        "event {} to topic {topic}: {}",
+        id.as_deref().unwrap_or("?"),
+        refusal.detail
     );
-    let Some(code) = e.rdkafka_error_code() else {
-        return Failure::Cluster(message);
-    };
-    let class = classify(code, stage);
-    let label = match class {
-        Class::Record(_) => "record",
-        Class::Cluster => "cluster",
-        Class::Unclear => "unclear",
-    };
-    metrics::counter!(m::DELIVERY_FAILURES, "class" => label, "code" => format!("{code:?}"))
-        .increment(1);
-    match class {
+    if !refusal.code.is_empty() {
+        let label = match refusal.class {
+            Class::Record(_) => "record",
+            Class::Cluster => "cluster",
+            Class::Unclear => "unclear",
+        };
+        metrics::counter!(m::DELIVERY_FAILURES, "class" => label, "code" => refusal.code.clone())
+            .increment(1);
+    }
+    match refusal.class {
         Class::Record(kind) => {
             let poison = Poison {
                 kind,
-                detail: e.to_string(),
+                detail: refusal.detail,
             };
-            match (stage, id) {
-                (Stage::Delivery, Some(id)) => Failure::Suspect { id, poison },
-                (_, id) => Failure::Poison {
+            match (seen, id, record()) {
+                (Seen::InBatch, Some(id), _) => Failure::Suspect { id, poison },
+                (_, id, Some(record)) => Failure::Poison { id, record, poison },
+                // Nothing left to dead-letter: resend it.
+                (_, id, None) => Failure::Unclear {
                     id,
-                    record: record(),
-                    poison,
+                    code: refusal.code,
+                    message,
                 },
             }
         }
         Class::Cluster => Failure::Cluster(message),
         Class::Unclear => Failure::Unclear {
             id,
-            code: format!("{code:?}"),
+            code: refusal.code,
             message,
         },
     }
@@ -210,8 +222,8 @@ fn record_bytes(r: &Record) -> usize {
 }
 
 /// A delivery awaiting acknowledgement.
-struct InFlight {
-    fut: DeliveryFuture,
+struct InFlight<D> {
+    fut: D,
     /// Key, value and header bytes handed to the producer.
     bytes: usize,
     id: String,
@@ -220,9 +232,9 @@ struct InFlight {
     commit_time: SystemTime,
 }
 
-/// Deliveries awaiting acknowledgement, oldest first.
-pub struct Window {
-    inflight: VecDeque<InFlight>,
+/// Deliveries awaiting acknowledgement, oldest first; `D` is the sink's delivery future.
+pub struct Window<D = KafkaDelivery> {
+    inflight: VecDeque<InFlight<D>>,
     /// Events handed to the producer (or dead-lettered) so far.
     pub sent: u64,
     /// Events acknowledged (or dead-lettered) so far, in sending order.
@@ -236,8 +248,11 @@ pub struct Window {
     transactional: bool,
 }
 
-impl Window {
-    pub fn new(hints: Hints, transactional: bool) -> Window {
+impl<D> Window<D>
+where
+    D: Future<Output = std::result::Result<(), Failed>> + Unpin,
+{
+    pub fn new(hints: Hints, transactional: bool) -> Window<D> {
         Window {
             inflight: VecDeque::new(),
             sent: 0,
@@ -340,7 +355,7 @@ impl Window {
             self.hints.isolate = None;
         }
         match result {
-            Ok(Ok(_)) => {
+            Ok(()) => {
                 self.acked += 1;
                 metrics::counter!(m::EVENTS_PUBLISHED, "topic" => done.topic).increment(1);
                 if let Ok(age) = SystemTime::now().duration_since(done.commit_time) {
@@ -348,44 +363,23 @@ impl Window {
                 }
                 Ok(())
             }
-            Ok(Err((e, msg))) => {
-                use rdkafka::message::{Headers, Message};
-                let headers: Vec<(String, Vec<u8>)> = msg
-                    .headers()
-                    .map(|h| {
-                        h.iter()
-                            .map(|h| (h.key.to_string(), h.value.unwrap_or_default().to_vec()))
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                let id = headers
-                    .iter()
-                    .find(|(k, _)| k == "id")
-                    .map(|(_, v)| String::from_utf8_lossy(v).into_owned());
-                let stage = if alone { Stage::Alone } else { Stage::Delivery };
-                Err(classify_failure(&e, stage, id, msg.topic(), || Record {
-                    topic: msg.topic().to_string(),
-                    key: msg.key().map(|k| String::from_utf8_lossy(k).into_owned()),
-                    value: msg.payload().map(<[u8]>::to_vec),
-                    headers,
-                    partition: None,
-                    timestamp_ms: None,
+            Err(Failed { refusal, record }) => {
+                let seen = if alone { Seen::Alone } else { Seen::InBatch };
+                Err(failure(refusal, seen, Some(done.id), &done.topic, || {
+                    record
                 }))
             }
-            Err(_) => Err(Failure::Cluster(
-                "delivery was cancelled (producer dropped)".into(),
-            )),
         }
     }
 
     /// Routes one event and hands it to the producer, or dead-letters it if it is poison
     /// (routing rejects it, or librdkafka refuses it for good). Waits for deliveries to
     /// drain while librdkafka's queue is full. Transient producer errors end the session.
-    pub async fn publish(
+    pub async fn publish<S: Sink<Delivery = D>>(
         &mut self,
         event: &mut Event,
         router: &Router,
-        sink: &mut KafkaSink,
+        sink: &mut S,
         dlq: &DlqTable<'_>,
         health: &Health,
     ) -> Result<()> {
@@ -429,10 +423,10 @@ impl Window {
                     let settled = self.settle_reporting(sink.delivery_timeout(), health).await;
                     self.handle(settled, sink, dlq).await?;
                 }
-                Err(SendError::Other(e)) => {
+                Err(SendError::Refused(refusal)) => {
                     let id = Some(event.id.clone());
-                    return match classify_failure(&e, Stage::Send, id, &record.topic, || {
-                        record.clone()
+                    return match failure(refusal, Seen::Send, id, &record.topic, || {
+                        Some(record.clone())
                     }) {
                         Failure::Poison { id, record, poison } => {
                             dead_letter(sink, dlq, id.as_deref(), &record, &poison).await
@@ -446,10 +440,10 @@ impl Window {
 
     /// Acts on a settled delivery: a poison record is dead-lettered and counts as handled;
     /// a transient failure ends the session (resend from the confirmed position).
-    pub async fn handle(
+    pub async fn handle<S: Sink<Delivery = D>>(
         &mut self,
         settled: std::result::Result<(), Failure>,
-        sink: &mut KafkaSink,
+        sink: &mut S,
         dlq: &DlqTable<'_>,
     ) -> Result<()> {
         match settled {
@@ -476,7 +470,7 @@ impl Window {
                 let deadline = tokio::time::Instant::now() + sink.delivery_timeout();
                 while let Some(f) = self.inflight.pop_front() {
                     match tokio::time::timeout_at(deadline, f.fut).await {
-                        Ok(Ok(Ok(_))) => others_acked = true,
+                        Ok(Ok(())) => others_acked = true,
                         Ok(_) => {}
                         Err(_) => break,
                     }

@@ -28,27 +28,16 @@ use rdkafka::error::RDKafkaErrorCode as C;
 
 use crate::poison::PoisonKind;
 
-/// What a failure says about the record that failed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Class {
-    /// Certainly about this record: dead-letter it.
-    Record(PoisonKind),
-    /// About the cluster or the connection: retry, never dead-letter.
-    Cluster,
-    /// Either: retry; dead-letter after `kafka.max_record_retries` identical failures.
-    Unclear,
-}
+pub use super::Class;
 
 /// Where the error surfaced.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stage {
     /// `produce()` refused the record locally (it never left the process).
     Send,
-    /// The delivery report of a record that travelled in a batch: a refusal may be about
-    /// another record of the batch.
+    /// The delivery report (whether the refusal is about this record or a batchmate is
+    /// the window's question: `crate::window`).
     Delivery,
-    /// The delivery report of a record sent alone.
-    Alone,
 }
 
 /// Classifies `code` raised at `stage`.

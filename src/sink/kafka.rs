@@ -7,19 +7,24 @@
 //! not exist is never a reason to skip an event.
 
 use std::collections::HashSet;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::ClientContext;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 
 use crate::config::KafkaConfig;
 use crate::error::{Error, Result};
 use crate::route::{PoisonKind, Record};
+use crate::sink::classify::{classify, Stage};
+use crate::sink::{Class, Failed, Refusal, SendError, Sink};
 
 /// Routes librdkafka's log lines and global errors into `tracing`, and remembers the last
 /// global error: a metadata request that times out says nothing of *why* (a refused password,
@@ -152,7 +157,7 @@ fn txn_error(what: &str, e: KafkaError, fatal: Option<(RDKafkaErrorCode, String)
 
 /// A client error that no retry can mend: the broker refused our credentials, or we do not
 /// trust its certificate. librdkafka's reason names neither password nor key material.
-fn refusal(code: Option<RDKafkaErrorCode>, reason: &str) -> Option<Error> {
+fn unusable_credentials(code: Option<RDKafkaErrorCode>, reason: &str) -> Option<Error> {
     if code == Some(RDKafkaErrorCode::Authentication) || reason.contains("SASL authentication") {
         return Some(Error::setup(
             format!("kafka refused the authentication: {reason}"),
@@ -196,11 +201,66 @@ pub struct KafkaSink {
     context: LogContext,
 }
 
-/// Why a record could not be handed to the producer.
-pub enum SendError {
-    /// librdkafka's local queue is full: wait for some deliveries, then try again.
-    QueueFull,
-    Other(KafkaError),
+/// A Kafka delivery report as the relay reads it (see [`Sink::Delivery`]).
+pub struct KafkaDelivery(DeliveryFuture);
+
+impl Future for KafkaDelivery {
+    type Output = std::result::Result<(), Failed>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Poll::Ready(match std::task::ready!(Pin::new(&mut self.0).poll(cx)) {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err((e, msg))) => Err(Failed {
+                refusal: refusal(&e, Stage::Delivery),
+                record: Some(record_of(&msg)),
+            }),
+            Err(_) => Err(Failed {
+                refusal: Refusal {
+                    class: Class::Cluster,
+                    code: String::new(),
+                    detail: "delivery was cancelled (producer dropped)".into(),
+                },
+                record: None,
+            }),
+        })
+    }
+}
+
+/// A librdkafka error, classified (`sink::classify`); one without a code is about the
+/// client or the connection.
+fn refusal(e: &KafkaError, stage: Stage) -> Refusal {
+    match e.rdkafka_error_code() {
+        Some(code) => Refusal {
+            class: classify(code, stage),
+            code: format!("{code:?}"),
+            detail: e.to_string(),
+        },
+        None => Refusal {
+            class: Class::Cluster,
+            code: String::new(),
+            detail: e.to_string(),
+        },
+    }
+}
+
+/// The record a failed delivery report carries, as it was sent.
+fn record_of(msg: &OwnedMessage) -> Record {
+    let headers = msg
+        .headers()
+        .map(|h| {
+            h.iter()
+                .map(|h| (h.key.to_string(), h.value.unwrap_or_default().to_vec()))
+                .collect()
+        })
+        .unwrap_or_default();
+    Record {
+        topic: msg.topic().to_string(),
+        key: msg.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+        value: msg.payload().map(<[u8]>::to_vec),
+        headers,
+        partition: None,
+        timestamp_ms: None,
+    }
 }
 
 impl KafkaSink {
@@ -261,7 +321,7 @@ impl KafkaSink {
             Err(e) => {
                 let last = self.context.last_error.lock().ok().and_then(|l| l.clone());
                 Err(
-                    match last.and_then(|(code, reason)| refusal(code, &reason)) {
+                    match last.and_then(|(code, reason)| unusable_credentials(code, &reason)) {
                         Some(setup) => setup,
                         None => {
                             Error::Kafka(format!("cannot reach brokers {}: {e}", self.cfg.brokers))
@@ -330,11 +390,11 @@ impl KafkaSink {
     /// producer's (fenced, or the transaction must end). `what` names it in errors.
     pub async fn send_and_wait(&mut self, record: &Record, what: &str) -> Result<()> {
         let fut = match self.send(record) {
-            Ok(f) => f,
+            Ok(f) => f.0,
             Err(SendError::QueueFull) => {
                 return Err(Error::Kafka(format!("{what}: local queue full")))
             }
-            Err(SendError::Other(e)) => return Err(self.txn_error(what, e)),
+            Err(SendError::Refused(r)) => return Err(self.txn_failure(what, r.detail)),
         };
         match tokio::time::timeout(self.cfg.delivery_timeout, fut).await {
             Ok(Ok(Ok(_))) => Ok(()),
@@ -347,11 +407,11 @@ impl KafkaSink {
     /// Hands a record to librdkafka; the future resolves when Kafka acknowledged it (or
     /// delivery finally failed). Exactly-once: inside the open transaction, begun here if
     /// none is.
-    pub fn send(&mut self, record: &Record) -> std::result::Result<DeliveryFuture, SendError> {
+    pub fn send(&mut self, record: &Record) -> std::result::Result<KafkaDelivery, SendError> {
         if self.transactional && !self.txn_open {
             self.producer
                 .begin_transaction()
-                .map_err(SendError::Other)?;
+                .map_err(|e| SendError::Refused(refusal(&e, Stage::Send)))?;
             self.txn_open = true;
         }
         let mut headers = OwnedHeaders::new_with_capacity(record.headers.len());
@@ -374,10 +434,13 @@ impl KafkaSink {
         if let Some(ts) = record.timestamp_ms {
             fr = fr.timestamp(ts);
         }
-        self.producer.send_result(fr).map_err(|(e, _)| match e {
-            KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull) => SendError::QueueFull,
-            other => SendError::Other(other),
-        })
+        match self.producer.send_result(fr) {
+            Ok(f) => Ok(KafkaDelivery(f)),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                Err(SendError::QueueFull)
+            }
+            Err((e, _)) => Err(SendError::Refused(refusal(&e, Stage::Send))),
+        }
     }
 
     /// Sends a poison record to the dead-letter topic and waits for the acknowledgement: the
@@ -405,12 +468,11 @@ impl KafkaSink {
         let fut = match self.send(&dlq) {
             Ok(f) => f,
             Err(SendError::QueueFull) => return Err("local queue full".into()),
-            Err(SendError::Other(e)) => return Err(e.to_string()),
+            Err(SendError::Refused(r)) => return Err(r.detail),
         };
         match tokio::time::timeout(self.cfg.delivery_timeout + Duration::from_secs(5), fut).await {
-            Ok(Ok(Ok(_))) => Ok(()),
-            Ok(Ok(Err((e, _)))) => Err(e.to_string()),
-            Ok(Err(_)) => Err("delivery cancelled".into()),
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(failed)) => Err(failed.refusal.detail),
             Err(_) => Err("timed out".into()),
         }
     }
@@ -428,6 +490,17 @@ impl KafkaSink {
     /// A transactional operation's error, read together with the producer's fatal error.
     fn txn_error(&self, what: &str, e: KafkaError) -> Error {
         txn_error(what, e, self.producer.client().fatal_error())
+    }
+
+    /// [`KafkaSink::txn_error`] for a refusal already classified: fenced if the producer
+    /// failed for good, else a transient Kafka error.
+    fn txn_failure(&self, what: &str, detail: String) -> Error {
+        match self.producer.client().fatal_error() {
+            Some((code, reason)) => Error::Fenced(format!(
+                "{what}: {detail}; the producer failed for good ({code:?}: {reason}); another instance with the same transactional.id took over"
+            )),
+            None => Error::Kafka(format!("{what}: {detail}")),
+        }
     }
 
     /// Exactly-once: a transaction is open.
@@ -495,5 +568,30 @@ impl KafkaSink {
         if let Err(e) = self.producer.flush(timeout) {
             tracing::warn!(error = %e, "kafka flush incomplete");
         }
+    }
+}
+
+impl Sink for KafkaSink {
+    type Delivery = KafkaDelivery;
+
+    fn send(&mut self, record: &Record) -> std::result::Result<KafkaDelivery, SendError> {
+        KafkaSink::send(self, record)
+    }
+
+    async fn ensure_topic(&mut self, topic: &str) {
+        KafkaSink::ensure_topic(self, topic).await
+    }
+
+    async fn dead_letter(
+        &mut self,
+        record: &Record,
+        kind: PoisonKind,
+        detail: &str,
+    ) -> std::result::Result<(), String> {
+        KafkaSink::dead_letter(self, record, kind, detail).await
+    }
+
+    fn delivery_timeout(&self) -> Duration {
+        KafkaSink::delivery_timeout(self)
     }
 }

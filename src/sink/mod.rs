@@ -1,4 +1,77 @@
-//! Destinations. Kafka is the only one; the relay talks to it through [`kafka::KafkaSink`].
+//! Destinations. The relay drives a [`Sink`]: hand it a routed [`Record`], get a delivery
+//! future that resolves once the broker has the record (or with the refusal, classified by
+//! the sink that saw it), create destinations, dead-letter. Kafka is the implementation
+//! ([`kafka::KafkaSink`]; its error codes are classified in [`classify`]); what only Kafka
+//! does — transactions, the position topic — stays on `KafkaSink` itself.
+
 pub mod classify;
 pub mod kafka;
 pub mod positions;
+
+use std::future::Future;
+use std::time::Duration;
+
+use crate::poison::PoisonKind;
+use crate::route::Record;
+
+/// What a refusal says about the record that was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Class {
+    /// Certainly about this record: dead-letter it (once it failed alone; `crate::window`).
+    Record(PoisonKind),
+    /// About the broker or the connection: retry, never dead-letter.
+    Cluster,
+    /// Either: retry; dead-letter after `kafka.max_record_retries` identical failures.
+    Unclear,
+}
+
+/// A refusal, classified by the sink that saw it.
+#[derive(Debug, Clone)]
+pub struct Refusal {
+    pub class: Class,
+    /// The broker's or client library's code (metrics, repeat counting); empty if none.
+    pub code: String,
+    pub detail: String,
+}
+
+/// A delivery that did not succeed: the refusal and, where the sink still has it, the
+/// record as it was sent (for the dead-letter destination).
+#[derive(Debug)]
+pub struct Failed {
+    pub refusal: Refusal,
+    pub record: Option<Record>,
+}
+
+/// Why a record could not be handed to the sink.
+#[derive(Debug)]
+pub enum SendError {
+    /// The client's local queue is full: wait for some deliveries, then try again.
+    QueueFull,
+    /// Refused before it left the process (a local check of this one record).
+    Refused(Refusal),
+}
+
+/// A destination the relay publishes to.
+pub trait Sink {
+    /// Resolves when the broker acknowledged the record, or with why not.
+    type Delivery: Future<Output = Result<(), Failed>> + Unpin;
+
+    /// Hands `record` to the client; many deliveries may be outstanding, and they resolve in
+    /// sending order per key.
+    fn send(&mut self, record: &Record) -> Result<Self::Delivery, SendError>;
+
+    /// Creates `topic` (exchange, subject…) if it is new to the relay and creation is
+    /// enabled; failures are logged, and delivery then fails if it really is missing.
+    fn ensure_topic(&mut self, topic: &str) -> impl Future<Output = ()>;
+
+    /// Sends a poison record to the dead-letter destination with its reason, and waits.
+    fn dead_letter(
+        &mut self,
+        record: &Record,
+        kind: PoisonKind,
+        detail: &str,
+    ) -> impl Future<Output = Result<(), String>>;
+
+    /// After this long unacknowledged, a delivery is reported as stalled.
+    fn delivery_timeout(&self) -> Duration;
+}
