@@ -201,7 +201,7 @@ kafka_format() {
   local dir=$1 cid=$2
   shift 2
   # shellcheck disable=SC2046
-  java $(kafka_jopts) -cp "$(kafka_classpath)" kafka.tools.StorageTool format -t "$cid" \
+  java $(kafka_jopts) -cp "$(kafka_classpath)" kafka.tools.StorageTool format --cluster-id="$cid" \
     -c "$dir/server.properties" "$@" >"$dir/kafka-format.log" 2>&1 \
     || { cat "$dir/kafka-format.log" >&2; exit 1; }
 }
@@ -232,8 +232,15 @@ kafka_wait() {
 }
 
 new_cluster_id() {
-  # A Kafka Uuid: url-safe base64 of 16 bytes without padding.
-  python3 -c 'import base64,os;print(base64.urlsafe_b64encode(os.urandom(16)).rstrip(b"=").decode())'
+  # A Kafka Uuid: url-safe base64 of 16 bytes without padding — never one starting with '-'
+  # (1 in 64 would: the storage tool then reads it as an option and refuses to format).
+  python3 -c '
+import base64, os
+while True:
+    u = base64.urlsafe_b64encode(os.urandom(16)).rstrip(b"=").decode()
+    if not u.startswith("-"):
+        print(u)
+        break'
 }
 
 # start_kafka DIR [PROPERTY=VALUE...]: a single-node KRaft broker (combined broker and

@@ -24,15 +24,12 @@ fn sasl_properties(kafka: &PrivateKafka, password: &str, ca: &str) -> String {
     )
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn relay_publishes_over_sasl_ssl_with_scram_and_creates_its_topics_there() {
+/// Publishes 60 events over SASL_SSL with `extra` config; verified through the broker's
+/// plaintext listener.
+async fn publishes_over_sasl_ssl(prefix: &str, extra: &str) {
     let (kafka, sasl) = PrivateKafka::start_sasl(USER, PASSWORD);
-    let (db, config) = setup(
-        "sasl_ok",
-        &sasl,
-        &sasl_properties(&kafka, PASSWORD, "ca.pem"),
-    )
-    .await;
+    let config_extra = format!("{extra}{}", sasl_properties(&kafka, PASSWORD, "ca.pem"));
+    let (db, config) = setup(prefix, &sasl, &config_extra).await;
     let mut relay = Relay::start(&config);
     let mut client = db.client().await;
     let mut written = Vec::new();
@@ -40,7 +37,6 @@ async fn relay_publishes_over_sasl_ssl_with_scram_and_creates_its_topics_there()
         let events = vec![("order".to_string(), format!("agg-{}", i % 4)); 3];
         written.extend(write_txn(&mut client, &events, false).await.unwrap());
     }
-    // Verified through the broker's plaintext listener: what the relay wrote over SASL_SSL.
     let received = consume(
         &kafka.brokers,
         &[db.topic("order")],
@@ -48,9 +44,50 @@ async fn relay_publishes_over_sasl_ssl_with_scram_and_creates_its_topics_there()
         Duration::from_secs(60),
         Duration::from_millis(300),
     );
-    assert_exactly_written(&written, &received);
+    let dups = assert_exactly_written(&written, &received);
     relay.assert_running();
     assert!(!relay.log_text().contains(PASSWORD), "password in the log");
+    if extra.contains("exactly-once") {
+        assert_eq!(dups, 0);
+        // Restarted, it reads its position back over the same SASL_SSL connection settings.
+        relay.kill();
+        let relay = Relay::start(&config);
+        let more = write_txn(
+            &mut client,
+            &[("order".to_string(), "agg-9".to_string())],
+            false,
+        )
+        .await
+        .unwrap();
+        written.extend(more);
+        let received = consume(
+            &kafka.brokers,
+            &[db.topic("order")],
+            &ids(&written),
+            Duration::from_secs(60),
+            Duration::from_millis(500),
+        );
+        assert_eq!(assert_exactly_written(&written, &received), 0);
+        assert!(
+            relay
+                .log_text()
+                .contains("resuming after the last committed Kafka transaction"),
+            "{}",
+            relay.log_text()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_publishes_over_sasl_ssl_with_scram_and_creates_its_topics_there() {
+    publishes_over_sasl_ssl("sasl_ok", "").await;
+}
+
+/// Exactly-once over SASL_SSL: the transactional producer, the position topic and the
+/// position reader all authenticate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exactly_once_works_over_sasl_ssl_including_the_position_read_back() {
+    publishes_over_sasl_ssl("sasl_eos", "[kafka]\ndelivery = \"exactly-once\"\n").await;
 }
 
 /// Runs the relay against the SASL_SSL listener with `password` and `ca`, and returns its
