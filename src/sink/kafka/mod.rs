@@ -2,19 +2,20 @@
 //! librdkafka's internal retries neither duplicate nor reorder records within a partition.
 //!
 //! The sink never awaits one send at a time: the relay keeps a bounded window of
-//! [`DeliveryFuture`]s and resolves them in order. A missing topic is created through the admin
-//! API (when `kafka.create_topics` is on) before the first record goes to it; a topic that does
-//! not exist is never a reason to skip an event.
+//! deliveries ([`KafkaDelivery`]) and resolves them in order. A missing topic is created
+//! through the admin API (when `kafka.create_topics` is on) before the first record goes to
+//! it; a topic that does not exist is never a reason to skip an event.
+//!
+//! Files: `context.rs` (librdkafka's logs and errors, refused credentials), `transactions.rs`
+//! (exactly-once: the transactional producer's operations).
 
 use std::collections::HashSet;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::ClientContext;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
@@ -26,52 +27,12 @@ use crate::route::{PoisonKind, Record};
 use crate::sink::classify::{classify, Stage};
 use crate::sink::{Class, Failed, Refusal, SendError, Sink};
 
-/// Routes librdkafka's log lines and global errors into `tracing`, and remembers the last
-/// global error: a metadata request that times out says nothing of *why* (a refused password,
-/// an untrusted certificate); that error does.
-#[derive(Clone, Default)]
-pub struct LogContext {
-    last_error: Arc<Mutex<Option<ClientError>>>,
-}
+mod context;
+mod transactions;
 
-impl rdkafka::consumer::ConsumerContext for LogContext {}
-
-/// librdkafka's code and reason for a global client error.
-type ClientError = (Option<RDKafkaErrorCode>, String);
-
-impl ClientContext for LogContext {
-    fn log(&self, level: RDKafkaLogLevel, fac: &str, msg: &str) {
-        match level {
-            RDKafkaLogLevel::Emerg
-            | RDKafkaLogLevel::Alert
-            | RDKafkaLogLevel::Critical
-            | RDKafkaLogLevel::Error => {
-                tracing::error!(target: "librdkafka", facility = fac, "{msg}")
-            }
-            RDKafkaLogLevel::Warning => {
-                tracing::warn!(target: "librdkafka", facility = fac, "{msg}")
-            }
-            RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
-                tracing::info!(target: "librdkafka", facility = fac, "{msg}")
-            }
-            RDKafkaLogLevel::Debug => {
-                tracing::debug!(target: "librdkafka", facility = fac, "{msg}")
-            }
-        }
-    }
-
-    fn error(&self, error: KafkaError, reason: &str) {
-        // Broker connection failures land here; librdkafka keeps reconnecting by itself.
-        tracing::warn!(target: "librdkafka", error = %error, "kafka client error: {reason}");
-        let code = error.rdkafka_error_code();
-        // "All brokers down" follows every failed connection; the reason is the error before.
-        if code != Some(RDKafkaErrorCode::AllBrokersDown) {
-            if let Ok(mut last) = self.last_error.lock() {
-                *last = Some((code, reason.to_string()));
-            }
-        }
-    }
-}
+use context::unusable_credentials;
+pub use context::LogContext;
+use transactions::transactional_config;
 
 /// The librdkafka configuration the relay uses: safe defaults first, then the operator's
 /// `kafka.properties`, which win.
@@ -113,64 +74,6 @@ pub fn client_config(cfg: &KafkaConfig) -> ClientConfig {
         c.set_log_level(RDKafkaLogLevel::Debug);
     }
     c
-}
-
-/// The producer configuration for exactly-once delivery: a transactional producer. A
-/// record that times out fails its transaction (which is then aborted and resent whole), so
-/// unlike at-least-once mode a timeout cannot reorder anything: `message.timeout.ms` follows
-/// `transaction.timeout.ms`, as librdkafka requires.
-fn transactional_config(cfg: &KafkaConfig, transactional_id: &str) -> ClientConfig {
-    let mut c = client_config(cfg);
-    let txn_timeout = cfg
-        .properties
-        .get("transaction.timeout.ms")
-        .cloned()
-        .unwrap_or_else(|| "60000".into());
-    c.set("transactional.id", transactional_id)
-        .set("transaction.timeout.ms", &txn_timeout)
-        .set("message.timeout.ms", &txn_timeout);
-    c
-}
-
-/// A transactional operation's error: fenced (another instance took over), or anything
-/// else (the session ends and resends from the last committed position).
-fn txn_error(what: &str, e: KafkaError, fatal: Option<(RDKafkaErrorCode, String)>) -> Error {
-    if let Some((code, reason)) = fatal {
-        // The producer itself is done for (librdkafka purges its queue): say why.
-        return Error::Fenced(format!(
-            "{what}: {e}; the producer failed for good ({code:?}: {reason}); another instance with the same transactional.id took over"
-        ));
-    }
-    let code = e.rdkafka_error_code();
-    let fatal = matches!(&e, KafkaError::Transaction(r) if r.is_fatal());
-    if matches!(
-        code,
-        Some(RDKafkaErrorCode::ProducerFenced) | Some(RDKafkaErrorCode::InvalidProducerEpoch)
-    ) || fatal
-    {
-        return Error::Fenced(format!(
-            "{what}: {e}; another instance with the same transactional.id took over"
-        ));
-    }
-    Error::Kafka(format!("{what}: {e}"))
-}
-
-/// A client error that no retry can mend: the broker refused our credentials, or we do not
-/// trust its certificate. librdkafka's reason names neither password nor key material.
-fn unusable_credentials(code: Option<RDKafkaErrorCode>, reason: &str) -> Option<Error> {
-    if code == Some(RDKafkaErrorCode::Authentication) || reason.contains("SASL authentication") {
-        return Some(Error::setup(
-            format!("kafka refused the authentication: {reason}"),
-            "check sasl.username, sasl.password and sasl.mechanisms in [kafka.properties]",
-        ));
-    }
-    if reason.contains("certificate verify failed") || reason.contains("certificate") {
-        return Some(Error::setup(
-            format!("the broker's TLS certificate is not trusted: {reason}"),
-            "point ssl.ca.location in [kafka.properties] at the CA that signed the broker's certificate (and check the broker address matches it)",
-        ));
-    }
-    None
 }
 
 /// The `kafka.properties` that every client of the relay needs (security: TLS, SASL), as
@@ -474,87 +377,6 @@ impl KafkaSink {
             Ok(Ok(())) => Ok(()),
             Ok(Err(failed)) => Err(failed.refusal.detail),
             Err(_) => Err("timed out".into()),
-        }
-    }
-
-    /// Exactly-once: registers this producer's `transactional.id` with the cluster, which
-    /// fences every earlier producer with the same id and aborts its open transaction.
-    pub async fn init_transactions(&self, timeout: Duration) -> Result<()> {
-        let producer = self.producer.clone();
-        tokio::task::spawn_blocking(move || producer.init_transactions(timeout))
-            .await
-            .map_err(|e| Error::Kafka(format!("init_transactions task failed: {e}")))?
-            .map_err(|e| self.txn_error("initialising transactions", e))
-    }
-
-    /// A transactional operation's error, read together with the producer's fatal error.
-    fn txn_error(&self, what: &str, e: KafkaError) -> Error {
-        txn_error(what, e, self.producer.client().fatal_error())
-    }
-
-    /// [`KafkaSink::txn_error`] for a refusal already classified: fenced if the producer
-    /// failed for good, else a transient Kafka error.
-    fn txn_failure(&self, what: &str, detail: String) -> Error {
-        match self.producer.client().fatal_error() {
-            Some((code, reason)) => Error::Fenced(format!(
-                "{what}: {detail}; the producer failed for good ({code:?}: {reason}); another instance with the same transactional.id took over"
-            )),
-            None => Error::Kafka(format!("{what}: {detail}")),
-        }
-    }
-
-    /// Exactly-once: a transaction is open.
-    pub fn txn_open(&self) -> bool {
-        self.txn_open
-    }
-
-    /// Exactly-once: commits the open transaction (every record sent since it began is
-    /// flushed first). An error leaves the transaction aborted or the producer fenced: the
-    /// session must end and resend from the last committed position.
-    pub async fn commit(&mut self, timeout: Duration) -> Result<()> {
-        if !self.txn_open {
-            return Ok(());
-        }
-        // rdkafka's commit_transaction flushes first, and its flush polls in steps of 100 ms
-        // while librdkafka still counts an event (say, a delivery report the producer's own
-        // thread is about to serve): measured, a 100 ms stall in one commit of ten. Every
-        // record is acknowledged by now, so wait (briefly) for that count to reach zero.
-        for _ in 0..100 {
-            if self.producer.in_flight_count() == 0 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-        let producer = self.producer.clone();
-        let result = tokio::task::spawn_blocking(move || producer.commit_transaction(timeout))
-            .await
-            .map_err(|e| Error::Kafka(format!("commit task failed: {e}")))?;
-        self.txn_open = false;
-        match result {
-            Ok(()) => Ok(()),
-            Err(e) => {
-                let err = self.txn_error("committing a transaction", e);
-                if !matches!(err, Error::Fenced(_)) {
-                    self.abort(timeout).await;
-                }
-                Err(err)
-            }
-        }
-    }
-
-    /// Exactly-once: aborts the open transaction, if any (best effort: a producer that
-    /// cannot abort is dropped with the session, and its transaction times out or is
-    /// aborted by the next `init_transactions`).
-    pub async fn abort(&mut self, timeout: Duration) {
-        if !self.transactional {
-            return;
-        }
-        self.txn_open = false;
-        let producer = self.producer.clone();
-        match tokio::task::spawn_blocking(move || producer.abort_transaction(timeout)).await {
-            Ok(Ok(())) => tracing::info!("kafka transaction aborted"),
-            Ok(Err(e)) => tracing::warn!(error = %e, "aborting the kafka transaction failed"),
-            Err(e) => tracing::warn!(error = %e, "abort task failed"),
         }
     }
 
