@@ -1,5 +1,5 @@
 //! Logical-mode guarantees, against a real PostgreSQL cluster and a real Kafka-protocol broker
-//! (tansu), or librdkafka's MockCluster where a broker must fail on cue.
+//! (Apache Kafka), or librdkafka's MockCluster where a broker must fail on cue.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;

@@ -11,11 +11,11 @@ use common::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn verify_lists_exactly_the_events_missing_from_kafka_and_replay_restores_them() {
-    let tansu = kafka_brokers();
+    let kafka = kafka_brokers();
     let mock = rdkafka::mocking::MockCluster::new(1).unwrap();
     let elsewhere = mock.bootstrap_servers();
-    let (db, config) = setup("verify", &tansu, "").await;
-    // The same slot, once published to another cluster: those records are not in tansu.
+    let (db, config) = setup("verify", &kafka, "").await;
+    // The same slot, once published to another cluster: those records are not in this one.
     let config_elsewhere = db.config(&elsewhere, "[kafka]\ncreate_topics = false\n");
     mock.create_topic(&db.topic("order"), 1, 1).unwrap();
     let mut client = db.client().await;
@@ -49,7 +49,7 @@ async fn verify_lists_exactly_the_events_missing_from_kafka_and_replay_restores_
         );
     }
     let got = consume(
-        &tansu,
+        &kafka,
         &[db.topic("order")],
         &ids(&kept),
         Duration::from_secs(30),
@@ -111,7 +111,7 @@ async fn verify_lists_exactly_the_events_missing_from_kafka_and_replay_restores_
     let mut all = lost.clone();
     all.extend(kept.iter().cloned());
     let got = consume(
-        &tansu,
+        &kafka,
         &[db.topic("order")],
         &ids(&all),
         Duration::from_secs(30),
