@@ -83,6 +83,7 @@ pub(super) async fn session(
         slot = %cfg.postgres.slot,
         confirmed_lsn = %format_lsn(confirmed),
         brokers,
+        sink = %crate::sink::Sink::promises(&sink),
         "relay started; streaming from the confirmed position"
     );
     let mut decoder = Decoder::new(&cfg.postgres);

@@ -65,7 +65,7 @@ pub(super) async fn session(
     }
     health.set_role(Role::Leader);
     let (xid, seq) = poller.cursor();
-    tracing::info!(cursor = %format!("{xid}/{seq}"), brokers, "relay started (polling mode)");
+    tracing::info!(cursor = %format!("{xid}/{seq}"), brokers, sink = %crate::sink::Sink::promises(&sink), "relay started (polling mode)");
     // Retention runs beside publishing, on its own connection; it ends with the session.
     let _retention = AbortOnDrop(tokio::spawn(crate::source::polling::retention_loop(
         cfg.clone(),

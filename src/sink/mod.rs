@@ -51,8 +51,39 @@ pub enum SendError {
     Refused(Refusal),
 }
 
+/// What a sink can promise; the relay states it at start, and what it cannot promise is
+/// what the README says consumers must handle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Promises {
+    /// One key's records keep their sending order through retries.
+    pub per_key_order: bool,
+    /// The broker drops a resent record by its id (across reconnects and restarts).
+    pub broker_dedup: bool,
+    /// Records and a position can be made visible atomically.
+    pub transactions: bool,
+}
+
+impl std::fmt::Display for Promises {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let yes_no = |b: bool| if b { "yes" } else { "no" };
+        write!(
+            f,
+            "per-key order: {}, broker-side dedup: {}, transactions: {}",
+            yes_no(self.per_key_order),
+            yes_no(self.broker_dedup),
+            yes_no(self.transactions)
+        )
+    }
+}
+
 /// A destination the relay publishes to.
 pub trait Sink {
+    /// What this sink promises (see [`Promises`]).
+    fn promises(&self) -> Promises;
+
+    /// Waits up to `timeout` for what the client still holds to be delivered (a stop).
+    fn flush(&self, timeout: Duration);
+
     /// Resolves when the broker acknowledged the record, or with why not.
     type Delivery: Future<Output = Result<(), Failed>> + Unpin;
 

@@ -25,7 +25,7 @@ use crate::config::KafkaConfig;
 use crate::error::{Error, Result};
 use crate::route::{PoisonKind, Record};
 use crate::sink::classify::{classify, Stage};
-use crate::sink::{Class, Failed, Refusal, SendError, Sink};
+use crate::sink::{Class, Failed, Promises, Refusal, SendError, Sink};
 
 mod context;
 mod transactions;
@@ -395,6 +395,21 @@ impl KafkaSink {
 
 impl Sink for KafkaSink {
     type Delivery = KafkaDelivery;
+
+    /// The idempotent producer keeps a partition's order through retries; its dedup covers
+    /// one producer session only, so a resend after a restart is a second copy (exactly-once
+    /// mode hides it from `read_committed` consumers instead).
+    fn promises(&self) -> Promises {
+        Promises {
+            per_key_order: true,
+            broker_dedup: false,
+            transactions: true,
+        }
+    }
+
+    fn flush(&self, timeout: Duration) {
+        KafkaSink::flush(self, timeout)
+    }
 
     fn send(&mut self, record: &Record) -> std::result::Result<KafkaDelivery, SendError> {
         KafkaSink::send(self, record)
