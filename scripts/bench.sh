@@ -19,8 +19,8 @@ if [ "${1:-}" = "--compare" ]; then
   shift 2
   for system in outboxd "$other"; do
     echo "== $system"
-    target/release/examples/bench --system "$system" "$@"
+    "${CARGO_TARGET_DIR:-target}"/release/examples/bench --system "$system" "$@"
   done
 else
-  target/release/examples/bench "$@"
+  "${CARGO_TARGET_DIR:-target}"/release/examples/bench "$@"
 fi

@@ -12,7 +12,8 @@ env_file=$(scripts/stack.sh up)
 . "$env_file"
 cargo build --quiet --bin outboxd --example consume
 
-OUTBOXD=target/debug/outboxd
+TARGET=${CARGO_TARGET_DIR:-target}
+OUTBOXD=$TARGET/debug/outboxd
 export OUTBOXD_POSTGRES_URL="$OUTBOXD_TEST_PG_URL"
 export OUTBOXD_KAFKA_BROKERS="$OUTBOXD_TEST_KAFKA"
 PSQL=(psql -X -q -v ON_ERROR_STOP=1 "$OUTBOXD_POSTGRES_URL")
@@ -53,4 +54,4 @@ COMMIT;
 SQL
 
 echo "== consuming outbox.event.order (the rolled-back order-1002 must not appear)"
-target/debug/examples/consume --brokers "$OUTBOXD_KAFKA_BROKERS" --topic outbox.event.order --count 3 --timeout-secs 60
+"$TARGET"/debug/examples/consume --brokers "$OUTBOXD_KAFKA_BROKERS" --topic outbox.event.order --count 3 --timeout-secs 60
