@@ -24,7 +24,7 @@ pub const DELIVERY_STALLS: &str = "outboxd_delivery_stalls_total";
 pub const PUBLISH_RETRIES: &str = "outboxd_publish_retries_total";
 /// Exactly-once: Kafka transactions committed (each with its source position).
 pub const TRANSACTIONS_COMMITTED: &str = "outboxd_kafka_transactions_committed_total";
-/// Exactly-once: time from deciding to commit a Kafka transaction to the broker's answer
+/// Exactly-once: writing the position record and committing a Kafka transaction
 /// (the relay reads nothing meanwhile).
 pub const TRANSACTION_COMMIT: &str = "outboxd_kafka_transaction_commit_seconds";
 /// Exactly-once: events skipped after a restart because the Kafka transaction holding them
@@ -117,7 +117,7 @@ fn describe() {
     describe_histogram!(
         TRANSACTION_COMMIT,
         Unit::Seconds,
-        "Exactly-once: acknowledgements, position record and commit of one Kafka transaction"
+        "Exactly-once: writing the position record and committing one Kafka transaction"
     );
     describe_counter!(
         EVENTS_SKIPPED,

@@ -169,7 +169,7 @@ fn failure(
     seen: Seen,
     id: Option<String>,
     topic: &str,
-    record: impl FnOnce() -> Option<Record>,
+    record: Option<Record>,
 ) -> Failure {
     let message = format!(
         "event {} to topic {topic}: {}",
@@ -191,7 +191,7 @@ fn failure(
                 kind,
                 detail: refusal.detail,
             };
-            match (seen, id, record()) {
+            match (seen, id, record) {
                 (Seen::InBatch, Some(id), _) => Failure::Suspect { id, poison },
                 (_, id, Some(record)) => Failure::Poison { id, record, poison },
                 // Nothing left to dead-letter: resend it.
@@ -365,9 +365,7 @@ where
             }
             Err(Failed { refusal, record }) => {
                 let seen = if alone { Seen::Alone } else { Seen::InBatch };
-                Err(failure(refusal, seen, Some(done.id), &done.topic, || {
-                    record
-                }))
+                Err(failure(refusal, seen, Some(done.id), &done.topic, record))
             }
         }
     }
@@ -425,9 +423,13 @@ where
                 }
                 Err(SendError::Refused(refusal)) => {
                     let id = Some(event.id.clone());
-                    return match failure(refusal, Seen::Send, id, &record.topic, || {
-                        Some(record.clone())
-                    }) {
+                    return match failure(
+                        refusal,
+                        Seen::Send,
+                        id,
+                        &record.topic,
+                        Some(record.clone()),
+                    ) {
                         Failure::Poison { id, record, poison } => {
                             dead_letter(sink, dlq, id.as_deref(), &record, &poison).await
                         }

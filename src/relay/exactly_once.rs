@@ -26,10 +26,7 @@ pub(super) async fn resume_position(
     pipeline: &str,
     wal_now: u64,
 ) -> Result<u64> {
-    let timeout = cfg.kafka.delivery_timeout;
-    sink.init_transactions(timeout).await?;
-    let read = positions::read_last(&cfg.kafka, pipeline, timeout * 2).await?;
-    let resume = match read {
+    let resume = match registered_position(cfg, sink, pipeline).await? {
         None => 0,
         Some(Position::Lsn(lsn)) if lsn <= wal_now => lsn,
         Some(Position::Lsn(lsn)) => {
@@ -54,15 +51,24 @@ pub(super) async fn resume_position(
     Ok(resume)
 }
 
+/// Registers the producer (fencing earlier ones) and reads the last committed position.
+async fn registered_position(
+    cfg: &Config,
+    sink: &KafkaSink,
+    pipeline: &str,
+) -> Result<Option<Position>> {
+    let timeout = cfg.kafka.delivery_timeout;
+    sink.init_transactions(timeout).await?;
+    positions::read_last(&cfg.kafka, pipeline, timeout * 2).await
+}
+
 /// Polling mode's [`resume_position`]: the cursor of the last committed Kafka transaction.
 pub(super) async fn resume_cursor(
     cfg: &Config,
     sink: &KafkaSink,
     pipeline: &str,
 ) -> Result<Option<Cursor>> {
-    let timeout = cfg.kafka.delivery_timeout;
-    sink.init_transactions(timeout).await?;
-    match positions::read_last(&cfg.kafka, pipeline, timeout * 2).await? {
+    match registered_position(cfg, sink, pipeline).await? {
         None => Ok(None),
         Some(Position::Cursor { xid, seq }) => Ok(Some((xid, seq))),
         Some(Position::Lsn(_)) => Err(Error::setup(
@@ -81,10 +87,21 @@ pub(super) async fn commit_cursor(
     cursor: Cursor,
 ) -> Result<()> {
     let (xid, seq) = cursor;
-    let topic = &cfg.kafka.position_topic;
-    positions::write(sink, topic, pipeline, Position::Cursor { xid, seq }).await?;
+    commit_with_position(cfg, sink, pipeline, Position::Cursor { xid, seq }).await
+}
+
+/// Writes `position` into the open transaction and commits it.
+async fn commit_with_position(
+    cfg: &Config,
+    sink: &mut KafkaSink,
+    pipeline: &str,
+    position: Position,
+) -> Result<()> {
+    let started = Instant::now();
+    positions::write(sink, &cfg.kafka.position_topic, pipeline, position).await?;
     sink.commit(cfg.kafka.delivery_timeout).await?;
     metrics::counter!(m::TRANSACTIONS_COMMITTED).increment(1);
+    metrics::histogram!(m::TRANSACTION_COMMIT).record(started.elapsed().as_secs_f64());
     Ok(())
 }
 
@@ -110,14 +127,10 @@ pub(super) async fn commit(
             .await;
         window.handle(settled, sink, dlq).await?;
     }
-    let topic = &cfg.kafka.position_topic;
-    positions::write(sink, topic, pipeline, Position::Lsn(position)).await?;
-    let written = started.elapsed();
-    sink.commit(cfg.kafka.delivery_timeout).await?;
+    let drained = started.elapsed();
+    commit_with_position(cfg, sink, pipeline, Position::Lsn(position)).await?;
     eos.committed(position);
-    metrics::counter!(m::TRANSACTIONS_COMMITTED).increment(1);
-    metrics::histogram!(m::TRANSACTION_COMMIT).record(started.elapsed().as_secs_f64());
-    tracing::debug!(position = %format_lsn(position), position_written_ms = written.as_millis() as u64, total_ms = started.elapsed().as_millis() as u64, "kafka transaction committed");
+    tracing::debug!(position = %format_lsn(position), drained_ms = drained.as_millis() as u64, total_ms = started.elapsed().as_millis() as u64, "kafka transaction committed");
     Ok(())
 }
 

@@ -29,27 +29,25 @@ pub(super) fn transactional_config(cfg: &KafkaConfig, transactional_id: &str) ->
     c
 }
 
-/// A transactional operation's error: fenced (another instance took over), or anything
-/// else (the session ends and resends from the last committed position).
-fn txn_error(what: &str, e: KafkaError, fatal: Option<(RDKafkaErrorCode, String)>) -> Error {
-    if let Some((code, reason)) = fatal {
+/// A transactional operation's error: fenced (another instance took over: the producer
+/// failed for good, or the broker said fenced), or anything else (the session ends and
+/// resends from the last committed position).
+fn txn_error(
+    what: &str,
+    detail: String,
+    fenced_code: bool,
+    fatal: Option<(RDKafkaErrorCode, String)>,
+) -> Error {
+    match fatal {
         // The producer itself is done for (librdkafka purges its queue): say why.
-        return Error::Fenced(format!(
-            "{what}: {e}; the producer failed for good ({code:?}: {reason}); another instance with the same transactional.id took over"
-        ));
+        Some((code, reason)) => Error::Fenced(format!(
+            "{what}: {detail}; the producer failed for good ({code:?}: {reason}); another instance with the same transactional.id took over"
+        )),
+        None if fenced_code => Error::Fenced(format!(
+            "{what}: {detail}; another instance with the same transactional.id took over"
+        )),
+        None => Error::Kafka(format!("{what}: {detail}")),
     }
-    let code = e.rdkafka_error_code();
-    let fatal = matches!(&e, KafkaError::Transaction(r) if r.is_fatal());
-    if matches!(
-        code,
-        Some(RDKafkaErrorCode::ProducerFenced) | Some(RDKafkaErrorCode::InvalidProducerEpoch)
-    ) || fatal
-    {
-        return Error::Fenced(format!(
-            "{what}: {e}; another instance with the same transactional.id took over"
-        ));
-    }
-    Error::Kafka(format!("{what}: {e}"))
 }
 
 impl KafkaSink {
@@ -65,18 +63,21 @@ impl KafkaSink {
 
     /// A transactional operation's error, read together with the producer's fatal error.
     pub(super) fn txn_error(&self, what: &str, e: KafkaError) -> Error {
-        txn_error(what, e, self.producer.client().fatal_error())
+        let fenced_code = matches!(
+            e.rdkafka_error_code(),
+            Some(RDKafkaErrorCode::ProducerFenced) | Some(RDKafkaErrorCode::InvalidProducerEpoch)
+        ) || matches!(&e, KafkaError::Transaction(r) if r.is_fatal());
+        txn_error(
+            what,
+            e.to_string(),
+            fenced_code,
+            self.producer.client().fatal_error(),
+        )
     }
 
-    /// [`KafkaSink::txn_error`] for a refusal already classified: fenced if the producer
-    /// failed for good, else a transient Kafka error.
+    /// [`KafkaSink::txn_error`] for a refusal already classified.
     pub(super) fn txn_failure(&self, what: &str, detail: String) -> Error {
-        match self.producer.client().fatal_error() {
-            Some((code, reason)) => Error::Fenced(format!(
-                "{what}: {detail}; the producer failed for good ({code:?}: {reason}); another instance with the same transactional.id took over"
-            )),
-            None => Error::Kafka(format!("{what}: {detail}")),
-        }
+        txn_error(what, detail, false, self.producer.client().fatal_error())
     }
 
     /// Exactly-once: a transaction is open.
