@@ -22,6 +22,12 @@
 #                            an N-node KRaft cluster, replication N, min.insync.replicas N-1
 #   scripts/stack.sh kafka-node-kill DIR I, kafka-node-start DIR I
 #                            SIGKILL node I of that cluster / start it again on its data
+#   scripts/stack.sh nats-start DIR, rabbitmq-start DIR
+#                            a NATS server (JetStream) / RabbitMQ node of its own in DIR
+#                            (prints its URL; started again on the same DIR, it keeps its
+#                            port and data)
+#   scripts/stack.sh broker-kill DIR, broker-stop DIR [--remove]
+#                            SIGKILL / stop that server (--remove: and its directory)
 #
 # The env file sets OUTBOXD_TEST_PG_URL (superuser URL of the cluster's `postgres` database)
 # and OUTBOXD_TEST_KAFKA (bootstrap address of the broker). `source` it.
@@ -80,6 +86,8 @@ ensure_packages() {
   command -v openssl >/dev/null || missing+=(openssl)   # the TLS tests' throwaway CA
   command -v java >/dev/null || missing+=(openjdk-17-jre-headless)
   command -v mvn >/dev/null || missing+=(maven)
+  command -v nats-server >/dev/null || missing+=(nats-server)          # the NATS sink's tests
+  [ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || missing+=(rabbitmq-server)   # the RabbitMQ sink's
   if [ "$(id -u)" = 0 ] && ! id postgres >/dev/null 2>&1; then missing+=(postgresql); fi
   if [ ${#missing[@]} -gt 0 ]; then apt_install "${missing[@]}"; fi
   # The tests parse the shipped YAML (compose, Kubernetes) with PyYAML.
@@ -330,6 +338,91 @@ stop_kafka() {
   return 0
 }
 
+# start_nats DIR: nats-server with JetStream, its store in DIR/js, on 127.0.0.1 and a free
+# port (kept in DIR/port, so a restart on the same DIR listens where clients reconnect).
+start_nats() {
+  local dir=$1 port
+  mkdir -p "$dir"
+  [ -f "$dir/port" ] || free_port >"$dir/port"
+  port=$(cat "$dir/port")
+  setsid nats-server -a 127.0.0.1 -p "$port" -js -sd "$dir/js" -l "$dir/nats.log" \
+    </dev/null >/dev/null 2>&1 &
+  echo $! >"$dir/nats.pid"
+  wait_port "$port" nats-server
+  echo "nats://127.0.0.1:$port" >"$dir/url"
+}
+
+# start_rabbitmq DIR: a RabbitMQ node of its own (name, AMQP, distribution and epmd ports,
+# data and log directories in DIR), run as the rabbitmq user when root. Ready when the node
+# log says so (~3 s); prints nothing on stdout.
+start_rabbitmq() {
+  local dir=$1 name i
+  mkdir -p "$dir/home"
+  if [ ! -f "$dir/ports" ]; then
+    echo "$(free_port) $(free_port) $(free_port)" >"$dir/ports"
+    echo '[].' >"$dir/enabled_plugins"
+  fi
+  read -r amqp dist epmd <"$dir/ports"
+  name="outboxd$amqp@localhost"
+  local run=()
+  if [ "$(id -u)" = 0 ]; then
+    chown -R rabbitmq: "$dir"
+    run=(runuser -u rabbitmq --)
+  fi
+  local before n
+  before=$(rabbitmq_started "$dir/log/$name.log")
+  setsid "${run[@]}" env HOME="$dir/home" RABBITMQ_NODENAME="$name" \
+    RABBITMQ_NODE_IP_ADDRESS=127.0.0.1 RABBITMQ_NODE_PORT="$amqp" \
+    RABBITMQ_DIST_PORT="$dist" ERL_EPMD_PORT="$epmd" \
+    RABBITMQ_MNESIA_BASE="$dir/mnesia" RABBITMQ_LOG_BASE="$dir/log" \
+    RABBITMQ_ENABLED_PLUGINS_FILE="$dir/enabled_plugins" \
+    /usr/lib/rabbitmq/bin/rabbitmq-server </dev/null >"$dir/stdout" 2>&1 &
+  echo $! >"$dir/rabbitmq.pid"
+  for i in $(seq 1 300); do
+    n=$(rabbitmq_started "$dir/log/$name.log")
+    if [ "$n" -gt "$before" ]; then
+      echo "amqp://guest:guest@127.0.0.1:$amqp/%2f" >"$dir/url"
+      return 0
+    fi
+    kill -0 "$(cat "$dir/rabbitmq.pid")" 2>/dev/null || break
+    sleep 0.1
+  done
+  log "RabbitMQ did not start in $dir:"; tail -20 "$dir/stdout" >&2
+  return 1
+}
+
+rabbitmq_started() {
+  local n=0
+  [ -f "$1" ] && n=$(grep -c 'Server startup complete' "$1" || true)
+  echo "${n:-0}"
+}
+
+# stop_broker DIR SIGNAL: the process group of a NATS or RabbitMQ started above (TERM: a
+# clean stop; KILL: a crash), and, for RabbitMQ, the epmd it started on its own port.
+stop_broker() {
+  local dir=$1 signal=$2 f pid i epmd
+  for f in "$dir/nats.pid" "$dir/rabbitmq.pid"; do
+    [ -f "$f" ] || continue
+    pid=$(cat "$f")
+    kill "-$signal" -- "-$pid" 2>/dev/null || true
+    for i in $(seq 1 100); do
+      pgrep -g "$pid" >/dev/null || break
+      sleep 0.1
+    done
+    kill -KILL -- "-$pid" 2>/dev/null || true
+    rm -f "$f"
+  done
+  if [ -f "$dir/ports" ] && [ "$signal" = TERM ]; then
+    read -r _ _ epmd <"$dir/ports"
+    for pid in $(pgrep -x epmd || true); do
+      if tr '\0' '\n' <"/proc/$pid/environ" 2>/dev/null | grep -qx "ERL_EPMD_PORT=$epmd"; then
+        kill "$pid" 2>/dev/null || true
+      fi
+    done
+  fi
+  return 0
+}
+
 up() {
   if [ -f "$STACK_DIR/env" ]; then
     # shellcheck disable=SC1091
@@ -388,5 +481,9 @@ case "${1:-}" in
   kafka-node-kill) kill_pid_file "$2/node$3/kafka.pid" KILL ;;
   kafka-node-start) KAFKA_HEAP=256m kafka_launch "$2/node$3"; kafka_wait "$2/node$3" "$(( $(grep -c 'Kafka Server started' "$2/node$3/kafka.log") + 1 ))" ;;
   kafka-stop) stop_kafka "$2"; rm -rf "$2" ;;
-  *) echo "usage: $0 up|down|env|install|pg-start DIR PORT [OPTIONS]|pg-stop DIR|tls-certs DIR|kafka-start DIR [PROP=VALUE...]|kafka-start-sasl DIR USER PASSWORD|kafka-cluster-start DIR N [PROP=VALUE...]|kafka-node-kill DIR I|kafka-node-start DIR I|kafka-stop DIR" >&2; exit 2 ;;
+  nats-start) start_nats "$2"; cat "$2/url" ;;
+  rabbitmq-start) start_rabbitmq "$2"; cat "$2/url" ;;
+  broker-kill) stop_broker "$2" KILL ;;
+  broker-stop) stop_broker "$2" TERM; if [ "${3:-}" = --remove ]; then rm -rf "$2"; fi ;;
+  *) echo "usage: $0 up|down|env|install|pg-start DIR PORT [OPTIONS]|pg-stop DIR|tls-certs DIR|kafka-start DIR [PROP=VALUE...]|kafka-start-sasl DIR USER PASSWORD|kafka-cluster-start DIR N [PROP=VALUE...]|kafka-node-kill DIR I|kafka-node-start DIR I|kafka-stop DIR|nats-start DIR|rabbitmq-start DIR|broker-kill DIR|broker-stop DIR [--remove]" >&2; exit 2 ;;
 esac

@@ -34,9 +34,14 @@ pub enum Error {
     #[error("kafka: {0}")]
     Kafka(String),
 
+    /// Publishing to the sink failed for a reason about the broker or the connection (any
+    /// sink; the message names it): transient, resent from the confirmed position.
+    #[error("{0}")]
+    Publish(String),
+
     /// A delivery failed with an error that may be about the record or about the cluster
     /// (`sink::classify`): retried; the relay counts identical failures of the same record.
-    #[error("kafka: {message}")]
+    #[error("publishing: {message}")]
     Delivery {
         event_id: Option<String>,
         /// librdkafka's error code name.
@@ -49,7 +54,7 @@ pub enum Error {
 
     /// A record was refused for a reason about a record, while in a batch: the next session
     /// sends it alone to learn whether it is the one (`crate::window`).
-    #[error("kafka: {message}")]
+    #[error("publishing: {message}")]
     Suspect { event_id: String, message: String },
 
     /// Exactly-once: another instance with our `transactional.id` initialised its producer
@@ -127,6 +132,7 @@ impl Error {
         match self {
             Error::Config(_) | Error::Setup { .. } | Error::Decode(_) => false,
             Error::Kafka(_)
+            | Error::Publish(_)
             | Error::Delivery { .. }
             | Error::Suspect { .. }
             | Error::Shutdown(_)

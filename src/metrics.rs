@@ -49,6 +49,10 @@ pub const INFLIGHT: &str = "outboxd_inflight_events";
 pub const IS_LEADER: &str = "outboxd_is_leader";
 /// Always 1, labelled with the version.
 pub const BUILD_INFO: &str = "outboxd_build_info";
+/// Always 1, labelled with the sink (`kafka`, `rabbitmq`, `nats`) and delivery mode.
+pub const SINK_INFO: &str = "outboxd_sink_info";
+/// NATS: publishes the stream acknowledged as duplicates of an id it already held.
+pub const DUPLICATES_DROPPED: &str = "outboxd_broker_duplicates_dropped_total";
 
 /// Installs the global recorder and describes every metric. Call once.
 pub fn install() -> Result<PrometheusHandle, String> {
@@ -87,9 +91,20 @@ fn describe() {
     describe_gauge!(
         LAG_SECONDS,
         Unit::Seconds,
-        "Age of the oldest committed event not yet acknowledged by Kafka (0 when caught up)"
+        "Age of the oldest committed event not yet acknowledged by the broker (0 when caught up)"
     );
-    describe_counter!(EVENTS_PUBLISHED, "Records acknowledged by Kafka, by topic");
+    describe_counter!(
+        EVENTS_PUBLISHED,
+        "Records acknowledged by the broker, by topic (subject, routing key)"
+    );
+    describe_gauge!(
+        SINK_INFO,
+        "The broker published to (label sink) and the delivery mode"
+    );
+    describe_counter!(
+        DUPLICATES_DROPPED,
+        "NATS: publishes the stream dropped as repeats of an event id within its duplicate window"
+    );
     describe_counter!(
         EVENTS_DEAD_LETTERED,
         "Events sent to the dead-letter destination, by reason"
@@ -104,7 +119,7 @@ fn describe() {
     );
     describe_counter!(
         DELIVERY_FAILURES,
-        "Failed deliveries by class (record, cluster, unclear) and librdkafka error code"
+        "Failed deliveries by class (record, cluster, unclear) and the broker's or client's error code"
     );
     describe_counter!(
         DELIVERY_STALLS,
@@ -126,7 +141,7 @@ fn describe() {
     describe_histogram!(
         COMMIT_TO_ACK,
         Unit::Seconds,
-        "Commit timestamp to Kafka acknowledgement"
+        "Commit timestamp to the broker's acknowledgement"
     );
     describe_gauge!(
         SLOT_LAG_BYTES,

@@ -21,6 +21,8 @@ pub enum PoisonKind {
     InvalidHeaders,
     /// A table-less event whose message is not the outbox JSON.
     MalformedMessage,
+    /// RabbitMQ returned it: no queue is bound to its exchange and routing key.
+    Unroutable,
     /// Another permanent rejection by the broker.
     Rejected,
 }
@@ -37,6 +39,7 @@ impl PoisonKind {
             PoisonKind::MissingKey => "missing_key",
             PoisonKind::InvalidHeaders => "invalid_headers",
             PoisonKind::MalformedMessage => "malformed_message",
+            PoisonKind::Unroutable => "unroutable",
             PoisonKind::Rejected => "rejected",
         }
     }

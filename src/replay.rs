@@ -8,7 +8,7 @@
 //! Both select rows by the timestamp column (`postgres.columns.timestamp`, default
 //! `created_at`). Table-less events (`outbox_emit`) leave no row and are not covered.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::Duration;
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -19,8 +19,9 @@ use crate::config::{quote_ident, Config};
 use crate::error::{Error, Result};
 use crate::event::Event;
 use crate::route::Router;
-use crate::sink::kafka::KafkaSink;
+use crate::sink::broker::{Broker, BrokerDelivery};
 use crate::sink::SendError;
+use crate::sink::Sink;
 use crate::source::polling::{event_select, row_event};
 
 /// Which retained events: `since`/`until` are PostgreSQL timestamps (`2026-11-22 10:00`,
@@ -99,9 +100,9 @@ pub async fn retained(cfg: &Config, sel: &Selection) -> Result<Vec<Event>> {
 pub async fn replay(cfg: &Config, sel: &Selection) -> Result<(usize, usize)> {
     let events = retained(cfg, sel).await?;
     let router = Router::from_config(cfg)?;
-    let mut sink = KafkaSink::new(&cfg.kafka, None)?;
-    sink.check_reachable(Duration::from_secs(10)).await?;
-    let mut pending = Vec::with_capacity(events.len());
+    let (mut sink, _) = Broker::connect(cfg, None).await?;
+    let mut pending = VecDeque::with_capacity(events.len());
+    let mut published = 0;
     let mut poison = 0;
     for event in &events {
         let record = match router.route(event) {
@@ -113,30 +114,38 @@ pub async fn replay(cfg: &Config, sel: &Selection) -> Result<(usize, usize)> {
                 continue;
             }
         };
-        sink.ensure_topic(&record.topic).await;
+        sink.ensure_topic(&record).await;
         loop {
-            match sink.send(&record) {
+            match sink.send(&record).await {
                 Ok(f) => {
-                    pending.push((event.id.clone(), f));
+                    pending.push_back((event.id.clone(), f));
                     break;
                 }
-                Err(SendError::QueueFull) => tokio::time::sleep(Duration::from_millis(20)).await,
+                // The client holds too many: wait for the oldest acknowledgement.
+                Err(SendError::QueueFull) => match pending.pop_front() {
+                    Some((id, f)) => {
+                        acknowledged(&id, f).await?;
+                        published += 1;
+                    }
+                    None => tokio::time::sleep(Duration::from_millis(20)).await,
+                },
                 Err(SendError::Refused(r)) => {
-                    return Err(Error::Kafka(format!("event {}: {}", event.id, r.detail)))
+                    return Err(Error::Publish(format!("event {}: {}", event.id, r.detail)))
                 }
             }
         }
     }
-    let published = pending.len();
     for (id, f) in pending {
-        if let Err(failed) = f.await {
-            return Err(Error::Kafka(format!(
-                "event {id}: {}",
-                failed.refusal.detail
-            )));
-        }
+        acknowledged(&id, f).await?;
+        published += 1;
     }
     Ok((published, poison))
+}
+
+async fn acknowledged(id: &str, delivery: BrokerDelivery) -> Result<()> {
+    delivery
+        .await
+        .map_err(|failed| Error::Publish(format!("event {id}: {}", failed.refusal.detail)))
 }
 
 /// The outcome of `outboxd verify`.

@@ -2,12 +2,15 @@
 
 use crate::event::{rfc3339_ms, Event};
 pub use crate::poison::{Poison, PoisonKind};
-pub use crate::topic::{valid_topic_name, TopicTemplate};
+pub use crate::topic::{valid_amqp_name, valid_topic_name, Naming, TopicTemplate};
 
 /// A record ready for the sink.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Record {
+    /// The Kafka topic, NATS subject or AMQP routing key.
     pub topic: String,
+    /// RabbitMQ only: the exchange (`None` for the other sinks).
+    pub exchange: Option<String>,
     pub key: Option<String>,
     pub value: Option<Vec<u8>>,
     pub headers: Vec<(String, Vec<u8>)>,
@@ -65,7 +68,12 @@ pub type Rejected = Box<(Record, Poison)>;
 /// Event → record, with the checks that make an event poison.
 #[derive(Debug, Clone)]
 pub struct Router {
+    /// Topic, subject or routing key.
     pub template: TopicTemplate,
+    /// RabbitMQ: the exchange template.
+    pub exchange: Option<TopicTemplate>,
+    /// The rule a rendered destination must follow.
+    pub naming: Naming,
     pub require_key: bool,
     pub max_message_bytes: usize,
     /// `Some(source)`: add CloudEvents binary-mode headers with this `ce_source`.
@@ -78,11 +86,33 @@ pub struct RouteWarning(pub String);
 
 impl Router {
     pub fn from_config(cfg: &crate::config::Config) -> crate::error::Result<Router> {
-        let template = TopicTemplate::parse(&cfg.kafka.topic_template).map_err(|p| {
-            crate::error::Error::setup(format!("kafka.topic_template: {p}"), "correct the template")
-        })?;
+        use crate::config::SinkKind;
+        let parse = |key: &str, text: &str| {
+            TopicTemplate::parse(text).map_err(|p| {
+                crate::error::Error::setup(format!("{key}: {p}"), "correct the template")
+            })
+        };
+        let (template, exchange, naming) = match cfg.sink {
+            SinkKind::Kafka => (
+                parse("kafka.topic_template", &cfg.kafka.topic_template)?,
+                None,
+                Naming::KafkaTopic,
+            ),
+            SinkKind::RabbitMq => (
+                parse("rabbitmq.routing_key", &cfg.rabbitmq.routing_key)?,
+                Some(parse("rabbitmq.exchange", &cfg.rabbitmq.exchange)?),
+                Naming::AmqpRoutingKey,
+            ),
+            SinkKind::Nats => (
+                parse("nats.subject", &cfg.nats.subject)?,
+                None,
+                Naming::NatsSubject,
+            ),
+        };
         Ok(Router {
             template,
+            exchange,
+            naming,
             require_key: cfg.kafka.require_key,
             max_message_bytes: cfg.kafka.max_message_bytes,
             cloudevents_source: cfg
@@ -119,6 +149,7 @@ impl Router {
                 Some(t) if !t.is_empty() => t.clone(),
                 _ => self.template.render(event),
             },
+            exchange: self.exchange.as_ref().map(|t| t.render(event)),
             key: event.aggregateid.clone(),
             value,
             headers: vec![
@@ -161,9 +192,14 @@ impl Router {
                 }
             }
         }
-        if !valid_topic_name(&record.topic) {
-            let detail = format!("`{}` is not a legal Kafka topic name", record.topic);
+        if let Err(detail) = self.naming.check(&record.topic) {
             return poison(record, PoisonKind::InvalidTopic, detail);
+        }
+        if let Some(exchange) = record.exchange.as_deref() {
+            if !valid_amqp_name(exchange) {
+                let detail = format!("`{exchange}` is not a legal RabbitMQ exchange name");
+                return poison(record, PoisonKind::InvalidTopic, detail);
+            }
         }
         if self.require_key && record.key.is_none() {
             return poison(
@@ -206,6 +242,8 @@ mod tests {
     fn router(template: &str) -> Router {
         Router {
             template: TopicTemplate::parse(template).unwrap(),
+            exchange: None,
+            naming: Naming::KafkaTopic,
             require_key: true,
             max_message_bytes: 1_000_000,
             cloudevents_source: None,

@@ -75,3 +75,53 @@ pub fn valid_topic_name(name: &str) -> bool {
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
 }
+
+/// A NATS subject one publishes to: dot-separated tokens, none empty, no whitespace, no
+/// wildcards (`*`, `>`).
+pub fn valid_nats_subject(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .split('.')
+            .all(|t| !t.is_empty() && t != "*" && t != ">" && !t.chars().any(char::is_whitespace))
+}
+
+/// A RabbitMQ exchange or queue name: 1–255 of `[A-Za-z0-9._:-]`.
+pub fn valid_amqp_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 255
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._:-".contains(&b))
+}
+
+/// An AMQP routing key: at most 255 bytes (a short string).
+pub fn valid_routing_key(name: &str) -> bool {
+    name.len() <= 255
+}
+
+/// Which broker's rule a rendered destination name must follow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Naming {
+    KafkaTopic,
+    NatsSubject,
+    /// A routing key (the exchange is checked with [`valid_amqp_name`]).
+    AmqpRoutingKey,
+}
+
+impl Naming {
+    /// `Err` says why `name` is not a legal destination.
+    pub fn check(self, name: &str) -> Result<(), String> {
+        let (ok, what) = match self {
+            Naming::KafkaTopic => (valid_topic_name(name), "a legal Kafka topic name"),
+            Naming::NatsSubject => (valid_nats_subject(name), "a NATS subject without wildcards"),
+            Naming::AmqpRoutingKey => {
+                (valid_routing_key(name), "an AMQP routing key (≤ 255 bytes)")
+            }
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err(format!("`{name}` is not {what}"))
+        }
+    }
+}

@@ -32,7 +32,7 @@ use crate::event::Event;
 use crate::health::Health;
 use crate::metrics as m;
 use crate::route::{Poison, PoisonKind, Record, Router};
-use crate::sink::kafka::KafkaDelivery;
+use crate::sink::broker::BrokerDelivery;
 use crate::sink::{Class, Failed, Refusal, SendError, Sink};
 
 /// What earlier failures taught the next session.
@@ -126,7 +126,7 @@ pub enum Failure {
 /// The error that ends a session for a failure that is not the record's own.
 fn failure_error(failure: Failure, others_acked: bool) -> Error {
     match failure {
-        Failure::Cluster(reason) => Error::Kafka(format!(
+        Failure::Cluster(reason) => Error::Publish(format!(
             "delivery failed, resending from the last confirmed position: {reason}"
         )),
         Failure::Unclear { id, code, message } => Error::Delivery {
@@ -145,7 +145,7 @@ fn failure_error(failure: Failure, others_acked: bool) -> Error {
             ),
             event_id: id,
         },
-        Failure::Poison { poison, .. } => Error::Kafka(format!(
+        Failure::Poison { poison, .. } => Error::Publish(format!(
             "a refused record was not dead-lettered: {}",
             poison.detail
         )),
@@ -233,7 +233,7 @@ struct InFlight<D> {
 }
 
 /// Deliveries awaiting acknowledgement, oldest first; `D` is the sink's delivery future.
-pub struct Window<D = KafkaDelivery> {
+pub struct Window<D = BrokerDelivery> {
     inflight: VecDeque<InFlight<D>>,
     /// Events handed to the producer (or dead-lettered) so far.
     pub sent: u64,
@@ -290,8 +290,9 @@ where
         self.hints
     }
 
-    /// Kafka has not acknowledged the oldest delivery for longer than `after`: librdkafka
-    /// keeps retrying it (in order, `message.timeout.ms = 0`), and the relay says so — an
+    /// The broker has not acknowledged the oldest delivery for longer than `after`: the
+    /// client keeps retrying it (librdkafka in order, `message.timeout.ms = 0`; RabbitMQ and
+    /// NATS until the session ends on a connection error or ack timeout), and the relay says so — an
     /// error line every `after`, and `/readyz` failing after `retry.unready_after_ms`.
     pub fn report_stall(&mut self, after: Duration, health: &Health) {
         let Some(oldest) = self.inflight.front() else {
@@ -306,7 +307,7 @@ where
             self.stall_logged = Some(Instant::now());
             metrics::counter!(m::DELIVERY_STALLS).increment(1);
             let message = format!(
-                "Kafka has not acknowledged event {} (topic {}) for {} s; librdkafka keeps retrying, in order, and nothing after it is confirmed",
+                "the broker has not acknowledged event {} (topic {}) for {} s; the client keeps retrying, and nothing after it is confirmed",
                 oldest.id,
                 oldest.topic,
                 waited.as_secs()
@@ -364,8 +365,18 @@ where
                 Ok(())
             }
             Err(Failed { refusal, record }) => {
-                let seen = if alone { Seen::Alone } else { Seen::InBatch };
-                Err(failure(refusal, seen, Some(done.id), &done.topic, record))
+                let seen = if alone || refusal.alone {
+                    Seen::Alone
+                } else {
+                    Seen::InBatch
+                };
+                Err(failure(
+                    refusal,
+                    seen,
+                    Some(done.id),
+                    &done.topic,
+                    record.map(|r| *r),
+                ))
             }
         }
     }
@@ -397,9 +408,9 @@ where
         if let Some((_, poison)) = self.hints.dead_letter.take_if(|(id, _)| *id == event.id) {
             return dead_letter(sink, dlq, Some(&event.id), &record, &poison).await;
         }
-        sink.ensure_topic(&record.topic).await;
+        sink.ensure_topic(&record).await;
         loop {
-            match sink.send(&record) {
+            match sink.send(&record).await {
                 Ok(fut) => {
                     let bytes = record_bytes(&record);
                     self.bytes += bytes;

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use super::sinks;
 use super::*;
 
 // ---------------------------------------------------------------------------------------------
@@ -26,6 +27,12 @@ struct RawConfig {
     retry: RawRetry,
     #[serde(default)]
     http: RawHttp,
+    #[serde(default)]
+    sink: sinks::RawSink,
+    #[serde(default)]
+    rabbitmq: sinks::RawRabbitMq,
+    #[serde(default)]
+    nats: sinks::RawNats,
 }
 
 #[derive(Deserialize, Default)]
@@ -77,19 +84,19 @@ struct RawColumns {
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
-struct RawKafka {
+pub(super) struct RawKafka {
     brokers: Option<String>,
     topic_template: Option<String>,
-    max_in_flight: Option<usize>,
-    max_in_flight_bytes: Option<usize>,
-    delivery_timeout_ms: Option<u64>,
-    shutdown_timeout_ms: Option<u64>,
+    pub(super) max_in_flight: Option<usize>,
+    pub(super) max_in_flight_bytes: Option<usize>,
+    pub(super) delivery_timeout_ms: Option<u64>,
+    pub(super) shutdown_timeout_ms: Option<u64>,
     create_topics: Option<bool>,
     topic_partitions: Option<i32>,
     topic_replication_factor: Option<i32>,
-    max_record_retries: Option<u32>,
-    require_key: Option<bool>,
-    max_message_bytes: Option<usize>,
+    pub(super) max_record_retries: Option<u32>,
+    pub(super) require_key: Option<bool>,
+    pub(super) max_message_bytes: Option<usize>,
     dlq_topic: Option<String>,
     cloudevents: Option<bool>,
     cloudevents_source: Option<String>,
@@ -162,6 +169,15 @@ impl Config {
         }
         if let Some(v) = env_nonempty("OUTBOXD_HTTP_ADDR") {
             raw.http.addr = Some(v);
+        }
+        if let Some(v) = env_nonempty("OUTBOXD_SINK") {
+            raw.sink.kind = Some(v);
+        }
+        if let Some(v) = env_nonempty("OUTBOXD_RABBITMQ_URL") {
+            raw.rabbitmq.url = Some(v);
+        }
+        if let Some(v) = env_nonempty("OUTBOXD_NATS_URL") {
+            raw.nats.url = Some(v);
         }
 
         let mode = match raw.mode.as_deref().unwrap_or("logical") {
@@ -296,14 +312,22 @@ impl Config {
             )
         })?;
 
+        let sink = sinks::sink_kind(&raw.sink)?;
+        let keys = sinks::merge_window_keys(&mut raw.sink, &mut raw.kafka)?;
+        let rabbitmq = sinks::rabbitmq(raw.rabbitmq, sink == SinkKind::RabbitMq)?;
+        let nats = sinks::nats(raw.nats, sink == SinkKind::Nats)?;
         let k = raw.kafka;
-        let brokers = k.brokers.ok_or_else(|| {
-            invalid(
-                "kafka.brokers",
-                "missing; set it in the config file or OUTBOXD_KAFKA_BROKERS",
-            )
-        })?;
-        if brokers.trim().is_empty() {
+        let brokers = match (k.brokers, sink) {
+            (Some(b), _) => b,
+            (None, SinkKind::Kafka) => {
+                return Err(invalid(
+                    "kafka.brokers",
+                    "missing; set it in the config file or OUTBOXD_KAFKA_BROKERS",
+                ))
+            }
+            (None, _) => String::new(),
+        };
+        if sink == SinkKind::Kafka && brokers.trim().is_empty() {
             return Err(invalid("kafka.brokers", "must not be empty"));
         }
         let topic_template = k
@@ -313,26 +337,23 @@ impl Config {
             .map_err(|problem| invalid("kafka.topic_template", problem))?;
         let max_in_flight = k.max_in_flight.unwrap_or(50_000);
         if !(1..=1_000_000).contains(&max_in_flight) {
-            return Err(invalid(
-                "kafka.max_in_flight",
-                "must be between 1 and 1000000",
-            ));
+            return Err(invalid(keys.max_in_flight, "must be between 1 and 1000000"));
         }
         let max_in_flight_bytes = k.max_in_flight_bytes.unwrap_or(64 << 20);
         if !((1 << 20)..=(16 << 30)).contains(&max_in_flight_bytes) {
             return Err(invalid(
-                "kafka.max_in_flight_bytes",
+                keys.max_in_flight_bytes,
                 "must be between 1048576 (1 MiB) and 17179869184 (16 GiB)",
             ));
         }
         let delivery_timeout = ms(
-            "kafka.delivery_timeout_ms",
+            keys.delivery_timeout_ms,
             k.delivery_timeout_ms.unwrap_or(30_000),
             1_000,
             3_600_000,
         )?;
         let shutdown_timeout = ms(
-            "kafka.shutdown_timeout_ms",
+            keys.shutdown_timeout_ms,
             k.shutdown_timeout_ms.unwrap_or(10_000),
             0,
             600_000,
@@ -347,7 +368,7 @@ impl Config {
         let max_record_retries = k.max_record_retries.unwrap_or(10);
         if !(1..=10_000).contains(&max_record_retries) {
             return Err(invalid(
-                "kafka.max_record_retries",
+                keys.max_record_retries,
                 "must be between 1 and 10000",
             ));
         }
@@ -361,7 +382,7 @@ impl Config {
         let max_message_bytes = k.max_message_bytes.unwrap_or(1_000_000);
         if !(1_000..=1_000_000_000).contains(&max_message_bytes) {
             return Err(invalid(
-                "kafka.max_message_bytes",
+                keys.max_message_bytes,
                 "must be between 1000 and 1000000000",
             ));
         }
@@ -404,6 +425,15 @@ impl Config {
                 ))
             }
         };
+        if delivery == Delivery::ExactlyOnce && sink != SinkKind::Kafka {
+            return Err(invalid(
+                "kafka.delivery",
+                format!(
+                    "exactly-once needs Kafka transactions; sink.kind = \"{}\" has none",
+                    sink.as_str()
+                ),
+            ));
+        }
         if properties.contains_key("transactional.id") {
             return Err(invalid(
                 "kafka.properties",
@@ -512,6 +542,9 @@ impl Config {
                 unready_after,
             },
             http: HttpConfig { addr },
+            sink,
+            rabbitmq,
+            nats,
         })
     }
 }

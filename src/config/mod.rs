@@ -13,6 +13,7 @@
 
 mod load;
 mod redact;
+mod sinks;
 
 pub use redact::redact_url;
 
@@ -46,6 +47,67 @@ pub struct Config {
     pub kafka: KafkaConfig,
     pub retry: RetryConfig,
     pub http: HttpConfig,
+    /// The broker the relay publishes to (`[sink] kind`).
+    pub sink: SinkKind,
+    pub rabbitmq: RabbitMqConfig,
+    pub nats: NatsConfig,
+}
+
+/// Which broker the relay publishes to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SinkKind {
+    Kafka,
+    RabbitMq,
+    Nats,
+}
+
+impl SinkKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SinkKind::Kafka => "kafka",
+            SinkKind::RabbitMq => "rabbitmq",
+            SinkKind::Nats => "nats",
+        }
+    }
+}
+
+/// `[rabbitmq]`: AMQP 0-9-1 with publisher confirms (see `crate::sink::rabbitmq`).
+#[derive(Clone)]
+pub struct RabbitMqConfig {
+    /// `amqp://user:password@host:port/vhost` (`amqps://` for TLS); the password is never
+    /// logged.
+    pub url: String,
+    /// Exchange template (`{aggregatetype}`, `{type}`).
+    pub exchange: String,
+    /// The type of the exchanges the relay declares.
+    pub exchange_type: String,
+    /// Declare (durable) each exchange before the first message to it.
+    pub declare_exchange: bool,
+    /// Routing-key template.
+    pub routing_key: String,
+    /// A durable queue the relay declares and dead-letters into (default exchange).
+    pub dead_letter_queue: String,
+}
+
+/// `[nats]`: JetStream with `Nats-Msg-Id` deduplication (see `crate::sink::nats`).
+#[derive(Clone)]
+pub struct NatsConfig {
+    /// `nats://[user:password@]host:port` (`tls://` for TLS); the password is never logged.
+    pub url: String,
+    /// Subject template (`{aggregatetype}`, `{type}`).
+    pub subject: String,
+    /// The stream the subjects belong to.
+    pub stream: String,
+    /// Create the stream (with `stream_subjects`) if it does not exist.
+    pub create_stream: bool,
+    pub stream_subjects: Vec<String>,
+    /// The stream's duplicate window, when the relay creates it: a repeat of an event id
+    /// within it is dropped by the server.
+    pub duplicate_window: Duration,
+    /// Where poison events go (must belong to a stream).
+    pub dead_letter_subject: String,
+    /// How long a publish waits for the stream's acknowledgement before it is retried.
+    pub ack_timeout: Duration,
 }
 
 /// How outboxd reads PostgreSQL.
@@ -220,6 +282,9 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("OUTBOXD_KAFKA_BROKERS", "kafka.brokers"),
     ("OUTBOXD_TOPIC_TEMPLATE", "kafka.topic_template"),
     ("OUTBOXD_HTTP_ADDR", "http.addr"),
+    ("OUTBOXD_SINK", "sink.kind"),
+    ("OUTBOXD_RABBITMQ_URL", "rabbitmq.url"),
+    ("OUTBOXD_NATS_URL", "nats.url"),
 ];
 
 /// Quotes an SQL identifier: `a"b` becomes `"a""b"`.

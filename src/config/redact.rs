@@ -184,6 +184,37 @@ impl fmt::Debug for Config {
             .field("kafka", &self.kafka)
             .field("retry", &self.retry)
             .field("http", &self.http)
+            .field("sink", &self.sink)
+            .field("rabbitmq", &self.rabbitmq)
+            .field("nats", &self.nats)
+            .finish()
+    }
+}
+
+impl fmt::Debug for RabbitMqConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RabbitMqConfig")
+            .field("url", &redact_url(&self.url))
+            .field("exchange", &self.exchange)
+            .field("exchange_type", &self.exchange_type)
+            .field("declare_exchange", &self.declare_exchange)
+            .field("routing_key", &self.routing_key)
+            .field("dead_letter_queue", &self.dead_letter_queue)
+            .finish()
+    }
+}
+
+impl fmt::Debug for NatsConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NatsConfig")
+            .field("url", &redact_url(&self.url))
+            .field("subject", &self.subject)
+            .field("stream", &self.stream)
+            .field("create_stream", &self.create_stream)
+            .field("stream_subjects", &self.stream_subjects)
+            .field("duplicate_window", &self.duplicate_window)
+            .field("dead_letter_subject", &self.dead_letter_subject)
+            .field("ack_timeout", &self.ack_timeout)
             .finish()
     }
 }

@@ -9,6 +9,7 @@ use crate::dead_letter::DlqTable;
 use crate::error::{Error, Result};
 use crate::health::Health;
 use crate::metrics as m;
+use crate::sink::broker::Broker;
 use crate::sink::kafka::KafkaSink;
 use crate::sink::positions::{self, Position};
 use crate::source::pgoutput::format_lsn;
@@ -82,12 +83,12 @@ pub(super) async fn resume_cursor(
 /// holds (every record of it acknowledged: the caller drained the window).
 pub(super) async fn commit_cursor(
     cfg: &Config,
-    sink: &mut KafkaSink,
+    sink: &mut Broker,
     pipeline: &str,
     cursor: Cursor,
 ) -> Result<()> {
     let (xid, seq) = cursor;
-    commit_with_position(cfg, sink, pipeline, Position::Cursor { xid, seq }).await
+    commit_with_position(cfg, sink.kafka()?, pipeline, Position::Cursor { xid, seq }).await
 }
 
 /// Writes `position` into the open transaction and commits it.
@@ -109,7 +110,7 @@ async fn commit_with_position(
 pub(super) async fn commit(
     cfg: &Config,
     window: &mut Window,
-    sink: &mut KafkaSink,
+    sink: &mut Broker,
     dlq: &DlqTable<'_>,
     eos: &mut Transactions,
     pipeline: &str,
@@ -128,7 +129,7 @@ pub(super) async fn commit(
         window.handle(settled, sink, dlq).await?;
     }
     let drained = started.elapsed();
-    commit_with_position(cfg, sink, pipeline, Position::Lsn(position)).await?;
+    commit_with_position(cfg, sink.kafka()?, pipeline, Position::Lsn(position)).await?;
     eos.committed(position);
     tracing::debug!(position = %format_lsn(position), drained_ms = drained.as_millis() as u64, total_ms = started.elapsed().as_millis() as u64, "kafka transaction committed");
     Ok(())

@@ -13,7 +13,8 @@ use crate::error::{Error, Result};
 use crate::health::{Health, Role};
 use crate::metrics as m;
 use crate::route::{Poison, PoisonKind, Record, Router};
-use crate::sink::kafka::KafkaSink;
+use crate::sink::broker::Broker;
+use crate::sink::Sink;
 use crate::source::decode::{Change, Decoder};
 use crate::source::logical::{acquire_leadership, LockSession, SlotReader};
 use crate::source::pgoutput::format_lsn;
@@ -55,12 +56,11 @@ pub(super) async fn session(
             .clone()
             .unwrap_or_else(|| id.clone())
     });
-    let mut sink = KafkaSink::new(&cfg.kafka, pipeline.as_deref())?;
-    let brokers = sink.check_reachable(Duration::from_secs(10)).await?;
+    let (mut sink, broker) = Broker::connect(cfg, pipeline.as_deref()).await?;
     let mut confirmed = reader.confirmed();
     let mut eos = match (&pipeline, &exactly_once) {
         (Some(pipeline), Some((_, wal_now))) => {
-            let resume = resume_position(cfg, &sink, pipeline, *wal_now).await?;
+            let resume = resume_position(cfg, sink.kafka()?, pipeline, *wal_now).await?;
             Some(Transactions::new(
                 cfg.kafka.transaction_interval,
                 cfg.kafka.transaction_max_events,
@@ -82,8 +82,8 @@ pub(super) async fn session(
     tracing::info!(
         slot = %cfg.postgres.slot,
         confirmed_lsn = %format_lsn(confirmed),
-        brokers,
-        sink = %crate::sink::Sink::promises(&sink),
+        sink = %broker,
+        promises = %crate::sink::Sink::promises(&sink),
         "relay started; streaming from the confirmed position"
     );
     let mut decoder = Decoder::new(&cfg.postgres);
@@ -163,7 +163,7 @@ pub(super) async fn session(
                         if let Some(e) = eos.as_mut() {
                             e.sending(window.sent);
                         }
-                        let record = Record { topic: String::new(), key: None, value: Some(raw), headers: id.iter().map(|i| ("id".to_string(), i.clone().into_bytes())).collect(), partition: None, timestamp_ms: None };
+                        let record = Record { topic: String::new(), exchange: None, key: None, value: Some(raw), headers: id.iter().map(|i| ("id".to_string(), i.clone().into_bytes())).collect(), partition: None, timestamp_ms: None };
                         let poison = Poison { kind: PoisonKind::MalformedMessage, detail: reason };
                         dead_letter(&mut sink, &dlq, id.as_deref(), &record, &poison).await?;
                     }
@@ -217,7 +217,7 @@ pub(super) async fn session(
 async fn shutdown(
     cfg: &Config,
     stream: ReplicationStream,
-    sink: &mut KafkaSink,
+    sink: &mut Broker,
     reader: &SlotReader,
     (mut window, mut checkpoint, confirmed, table_oid): (Window, Checkpoint, u64, u32),
     eos: Option<(&mut Transactions, &str)>,
@@ -256,7 +256,7 @@ async fn shutdown(
             .await
             .is_ok_and(|r| r.is_ok());
         if !committed {
-            sink.abort(Duration::from_secs(5)).await;
+            sink.kafka()?.abort(Duration::from_secs(5)).await;
         }
         ceiling = eos.ceiling();
     }

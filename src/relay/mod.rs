@@ -109,6 +109,7 @@ pub async fn run(cfg: Config, mut stop: watch::Receiver<bool>, health: Arc<Healt
                 } else if matches!(
                     e,
                     Error::Kafka(_)
+                        | Error::Publish(_)
                         | Error::Delivery { .. }
                         | Error::Suspect { .. }
                         | Error::Refused { .. }

@@ -13,7 +13,7 @@ use crate::health::{Health, Role};
 use crate::metrics as m;
 use crate::pg::{pipeline_identity, within};
 use crate::route::Router;
-use crate::sink::kafka::KafkaSink;
+use crate::sink::broker::Broker;
 use crate::source::logical::{acquire_leadership, LockSession};
 use crate::source::polling::{Cursor, Poller};
 use crate::window::{Hints, Window};
@@ -50,10 +50,9 @@ pub(super) async fn session(
             )
         }
     };
-    let mut sink = KafkaSink::new(&cfg.kafka, pipeline.as_deref())?;
-    let brokers = sink.check_reachable(Duration::from_secs(10)).await?;
+    let (mut sink, broker) = Broker::connect(cfg, pipeline.as_deref()).await?;
     if let Some(p) = &pipeline {
-        if let Some(pos) = resume_cursor(cfg, &sink, p).await? {
+        if let Some(pos) = resume_cursor(cfg, sink.kafka()?, p).await? {
             let adopt = poller.adopt(pos, &cfg.kafka.position_topic);
             within(limit, "storing the cursor", adopt).await?;
         }
@@ -65,7 +64,7 @@ pub(super) async fn session(
     }
     health.set_role(Role::Leader);
     let (xid, seq) = poller.cursor();
-    tracing::info!(cursor = %format!("{xid}/{seq}"), brokers, sink = %crate::sink::Sink::promises(&sink), "relay started (polling mode)");
+    tracing::info!(cursor = %format!("{xid}/{seq}"), sink = %broker, promises = %crate::sink::Sink::promises(&sink), "relay started (polling mode)");
     // Retention runs beside publishing, on its own connection; it ends with the session.
     let _retention = AbortOnDrop(tokio::spawn(crate::source::polling::retention_loop(
         cfg.clone(),
@@ -163,13 +162,17 @@ pub(super) async fn session(
             .last();
         let drained = window.is_empty();
         hints = window.into_hints();
-        if let (Some(p), true) = (&pipeline, sink.txn_open()) {
+        let txn_open = match &pipeline {
+            Some(_) => sink.kafka()?.txn_open(),
+            None => false,
+        };
+        if let (Some(p), true) = (&pipeline, txn_open) {
             // The cursor is stored only after the transaction holding its rows committed,
             // and a transaction commits only whole: every record in it acknowledged.
             match (stored, &outcome) {
                 (Some(pos), Ok(())) if drained => commit_cursor(cfg, &mut sink, p, pos).await?,
                 _ => {
-                    sink.abort(cfg.kafka.delivery_timeout).await;
+                    sink.kafka()?.abort(cfg.kafka.delivery_timeout).await;
                     outcome?;
                     continue;
                 }

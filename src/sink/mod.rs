@@ -1,14 +1,21 @@
 //! Destinations. The relay drives a [`Sink`]: hand it a routed [`Record`], get a delivery
 //! future that resolves once the broker has the record (or with the refusal, classified by
-//! the sink that saw it), create destinations, dead-letter. Kafka is the implementation
-//! ([`kafka::KafkaSink`]; its error codes are classified in [`classify`]); what only Kafka
-//! does — transactions, the position topic — stays on `KafkaSink` itself.
+//! the sink that saw it), create destinations, dead-letter. Three implementations:
+//! [`kafka::KafkaSink`] (its error codes are classified in [`classify`]),
+//! [`rabbitmq::RabbitSink`] (publisher confirms, mandatory) and [`nats::NatsSink`]
+//! (JetStream, `Nats-Msg-Id`); [`broker::Broker`] is the one the relay holds, chosen by
+//! `[sink] kind`. What only Kafka does — transactions, the position topic — stays on
+//! `KafkaSink` itself.
 
+pub mod broker;
 pub mod classify;
 pub mod kafka;
+pub mod nats;
 pub mod positions;
+pub mod rabbitmq;
 
 use std::future::Future;
+use std::pin::Pin;
 use std::time::Duration;
 
 use crate::poison::PoisonKind;
@@ -32,14 +39,20 @@ pub struct Refusal {
     /// The broker's or client library's code (metrics, repeat counting); empty if none.
     pub code: String,
     pub detail: String,
+    /// The broker judged this record by itself (not a batch it travelled in): a
+    /// [`Class::Record`] refusal is believed at once.
+    pub alone: bool,
 }
+
+/// A delivery future of a sink whose client hands out its own (RabbitMQ, NATS).
+pub type BoxDelivery = Pin<Box<dyn Future<Output = Result<(), Failed>> + Send>>;
 
 /// A delivery that did not succeed: the refusal and, where the sink still has it, the
 /// record as it was sent (for the dead-letter destination).
 #[derive(Debug)]
 pub struct Failed {
     pub refusal: Refusal,
-    pub record: Option<Record>,
+    pub record: Option<Box<Record>>,
 }
 
 /// Why a record could not be handed to the sink.
@@ -87,13 +100,14 @@ pub trait Sink {
     /// Resolves when the broker acknowledged the record, or with why not.
     type Delivery: Future<Output = Result<(), Failed>> + Unpin;
 
-    /// Hands `record` to the client; many deliveries may be outstanding, and they resolve in
-    /// sending order per key.
-    fn send(&mut self, record: &Record) -> Result<Self::Delivery, SendError>;
+    /// Hands `record` to the client (waiting only for the client's own buffer); many
+    /// deliveries may be outstanding, and they resolve in sending order per key.
+    fn send(&mut self, record: &Record) -> impl Future<Output = Result<Self::Delivery, SendError>>;
 
-    /// Creates `topic` (exchange, subject…) if it is new to the relay and creation is
-    /// enabled; failures are logged, and delivery then fails if it really is missing.
-    fn ensure_topic(&mut self, topic: &str) -> impl Future<Output = ()>;
+    /// Creates the record's destination (topic, exchange) if it is new to the relay and
+    /// creation is enabled; failures are logged, and delivery then fails if it really is
+    /// missing.
+    fn ensure_topic(&mut self, record: &Record) -> impl Future<Output = ()>;
 
     /// Sends a poison record to the dead-letter destination with its reason, and waits.
     fn dead_letter(

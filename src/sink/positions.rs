@@ -79,6 +79,7 @@ pub async fn write(
     sink.ensure_topic_with(topic, 1, &[("cleanup.policy", "compact")])
         .await;
     let record = Record {
+        exchange: None,
         topic: topic.to_string(),
         key: Some(pipeline.to_string()),
         value: Some(encode(pipeline, position)),

@@ -3,12 +3,15 @@
 //! publication and topics, so tests run in parallel.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+mod brokers;
 mod kafka;
 mod pg;
 pub mod proxy;
 mod relay;
 mod workload;
 
+#[allow(unused_imports)] // only the sink tests use them
+pub use brokers::*;
 pub use kafka::*;
 pub use pg::*;
 pub use relay::*;

@@ -115,13 +115,14 @@ impl Future for KafkaDelivery {
             Ok(Ok(_)) => Ok(()),
             Ok(Err((e, msg))) => Err(Failed {
                 refusal: refusal(&e, Stage::Delivery),
-                record: Some(record_of(&msg)),
+                record: Some(Box::new(record_of(&msg))),
             }),
             Err(_) => Err(Failed {
                 refusal: Refusal {
                     class: Class::Cluster,
                     code: String::new(),
                     detail: "delivery was cancelled (producer dropped)".into(),
+                    alone: false,
                 },
                 record: None,
             }),
@@ -137,11 +138,13 @@ fn refusal(e: &KafkaError, stage: Stage) -> Refusal {
             class: classify(code, stage),
             code: format!("{code:?}"),
             detail: e.to_string(),
+            alone: false,
         },
         None => Refusal {
             class: Class::Cluster,
             code: String::new(),
             detail: e.to_string(),
+            alone: false,
         },
     }
 }
@@ -157,6 +160,7 @@ fn record_of(msg: &OwnedMessage) -> Record {
         })
         .unwrap_or_default();
     Record {
+        exchange: None,
         topic: msg.topic().to_string(),
         key: msg.key().map(|k| String::from_utf8_lossy(k).into_owned()),
         value: msg.payload().map(<[u8]>::to_vec),
@@ -411,12 +415,12 @@ impl Sink for KafkaSink {
         KafkaSink::flush(self, timeout)
     }
 
-    fn send(&mut self, record: &Record) -> std::result::Result<KafkaDelivery, SendError> {
+    async fn send(&mut self, record: &Record) -> std::result::Result<KafkaDelivery, SendError> {
         KafkaSink::send(self, record)
     }
 
-    async fn ensure_topic(&mut self, topic: &str) {
-        KafkaSink::ensure_topic(self, topic).await
+    async fn ensure_topic(&mut self, record: &Record) {
+        KafkaSink::ensure_topic(self, &record.topic).await
     }
 
     async fn dead_letter(

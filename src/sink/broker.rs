@@ -1,0 +1,133 @@
+//! The sink the relay holds, chosen by `[sink] kind`: one session loop, one window and one
+//! checkpoint path serve every broker, and this enum is the only place that names them all.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use super::kafka::{KafkaDelivery, KafkaSink};
+use super::nats::NatsSink;
+use super::rabbitmq::RabbitSink;
+use super::{BoxDelivery, Failed, Promises, SendError, Sink};
+use crate::config::{Config, SinkKind};
+use crate::error::{Error, Result};
+use crate::poison::PoisonKind;
+use crate::route::Record;
+
+/// One of the sinks.
+pub enum Broker {
+    Kafka(KafkaSink),
+    RabbitMq(RabbitSink),
+    Nats(NatsSink),
+}
+
+/// The delivery future of a [`Broker`].
+pub enum BrokerDelivery {
+    Kafka(KafkaDelivery),
+    Other(BoxDelivery),
+}
+
+impl Future for BrokerDelivery {
+    type Output = std::result::Result<(), Failed>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.get_mut() {
+            BrokerDelivery::Kafka(d) => Pin::new(d).poll(cx),
+            BrokerDelivery::Other(d) => d.as_mut().poll(cx),
+        }
+    }
+}
+
+impl Broker {
+    /// Connects to the configured broker and checks it answers; `pipeline` is the Kafka
+    /// transactional id (exactly-once). Returns the sink and a line for the start log.
+    pub async fn connect(cfg: &Config, pipeline: Option<&str>) -> Result<(Broker, String)> {
+        let timeout = Duration::from_secs(10);
+        match cfg.sink {
+            SinkKind::Kafka => {
+                let sink = KafkaSink::new(&cfg.kafka, pipeline)?;
+                let brokers = sink.check_reachable(timeout).await?;
+                Ok((Broker::Kafka(sink), format!("kafka, {brokers} brokers")))
+            }
+            SinkKind::RabbitMq => {
+                let sink = RabbitSink::connect(&cfg.rabbitmq, cfg.kafka.delivery_timeout).await?;
+                Ok((Broker::RabbitMq(sink), "rabbitmq".into()))
+            }
+            SinkKind::Nats => {
+                let sink = NatsSink::connect(&cfg.nats, &cfg.kafka).await?;
+                let stream = cfg.nats.stream.clone();
+                Ok((Broker::Nats(sink), format!("nats, stream {stream}")))
+            }
+        }
+    }
+
+    /// The Kafka sink, for what only Kafka does (transactions, the position topic).
+    pub fn kafka(&mut self) -> Result<&mut KafkaSink> {
+        match self {
+            Broker::Kafka(k) => Ok(k),
+            // Configuration refuses exactly-once with another sink; this is the backstop.
+            _ => Err(Error::setup(
+                "exactly-once delivery needs sink.kind = \"kafka\"",
+                "set kafka.delivery = \"at-least-once\" or publish to Kafka",
+            )),
+        }
+    }
+}
+
+impl Sink for Broker {
+    type Delivery = BrokerDelivery;
+
+    fn promises(&self) -> Promises {
+        match self {
+            Broker::Kafka(s) => s.promises(),
+            Broker::RabbitMq(s) => s.promises(),
+            Broker::Nats(s) => s.promises(),
+        }
+    }
+
+    fn flush(&self, timeout: Duration) {
+        match self {
+            Broker::Kafka(s) => Sink::flush(s, timeout),
+            Broker::RabbitMq(s) => s.flush(timeout),
+            Broker::Nats(s) => s.flush(timeout),
+        }
+    }
+
+    async fn send(&mut self, record: &Record) -> std::result::Result<BrokerDelivery, SendError> {
+        Ok(match self {
+            Broker::Kafka(s) => BrokerDelivery::Kafka(Sink::send(s, record).await?),
+            Broker::RabbitMq(s) => BrokerDelivery::Other(s.send(record).await?),
+            Broker::Nats(s) => BrokerDelivery::Other(s.send(record).await?),
+        })
+    }
+
+    async fn ensure_topic(&mut self, record: &Record) {
+        match self {
+            Broker::Kafka(s) => Sink::ensure_topic(s, record).await,
+            Broker::RabbitMq(s) => s.ensure_topic(record).await,
+            Broker::Nats(s) => s.ensure_topic(record).await,
+        }
+    }
+
+    async fn dead_letter(
+        &mut self,
+        record: &Record,
+        kind: PoisonKind,
+        detail: &str,
+    ) -> std::result::Result<(), String> {
+        match self {
+            Broker::Kafka(s) => Sink::dead_letter(s, record, kind, detail).await,
+            Broker::RabbitMq(s) => s.dead_letter(record, kind, detail).await,
+            Broker::Nats(s) => s.dead_letter(record, kind, detail).await,
+        }
+    }
+
+    fn delivery_timeout(&self) -> Duration {
+        match self {
+            Broker::Kafka(s) => Sink::delivery_timeout(s),
+            Broker::RabbitMq(s) => s.delivery_timeout(),
+            Broker::Nats(s) => s.delivery_timeout(),
+        }
+    }
+}

@@ -1,0 +1,298 @@
+//! NATS JetStream through `async-nats`: every event is a JetStream publish whose `PubAck`
+//! (the stream stored it) is what the window awaits.
+//!
+//! ## Deduplication, and what it makes the guarantee
+//!
+//! Each message carries `Nats-Msg-Id` = event id. The stream drops a message whose id it has
+//! seen within its duplicate window (`nats.duplicate_window_ms`, default 2 minutes, set when
+//! the relay creates the stream) and acknowledges it as a duplicate. So a resend after a relay
+//! crash, a lost ack or a reconnect is stored once as long as it happens within the window of
+//! the first copy: within the window, delivery into the stream is effectively exactly-once;
+//! beyond it (a relay down for longer than the window with unconfirmed events), at-least-once,
+//! with the repeat carrying the same id.
+//!
+//! ## Order
+//!
+//! One connection publishes in order, and the stream stores in arrival order, so one
+//! aggregate's events are stored in order while nothing fails. The client's automatic
+//! reconnect would break that: messages it buffered while the server was away reach the new
+//! connection *before* the lost ones are resent. So a session never reconnects: the lost
+//! connection's acks time out (`nats.ack_timeout_ms`), the session ends, and the next one
+//! resends from the confirmed position — the stored prefix is dropped as duplicates, the rest
+//! follows in order. What can still reorder: the stream refusing one message and storing the
+//! next (a rare per-message error); the refused one's resend lands after it. `promises()`
+//! says so: no strict per-key order through retries.
+//!
+//! ## Flow control
+//!
+//! The client refuses a publish beyond `max_in_flight` outstanding acks (it is told not to
+//! wait: waiting there, inside the relay's send, would deadlock against the window that holds
+//! the acks) — that is the window's "queue full", and the relay settles acks first.
+
+use std::time::Duration;
+
+use async_nats::jetstream::context::{
+    ContextBuilder, PublishAckFuture, PublishError, PublishErrorKind,
+};
+use async_nats::jetstream::stream::{Config as StreamConfig, StorageType};
+use async_nats::{ConnectErrorKind, HeaderMap, HeaderName};
+use bytes::Bytes;
+
+use super::{BoxDelivery, Class, Failed, Promises, Refusal, SendError, Sink};
+use crate::config::{redact_url, KafkaConfig, NatsConfig};
+use crate::error::{Error, Result};
+use crate::metrics as m;
+use crate::poison::PoisonKind;
+use crate::route::Record;
+
+pub struct NatsSink {
+    client: async_nats::Client,
+    js: async_nats::jetstream::Context,
+    cfg: NatsConfig,
+    delivery_timeout: Duration,
+}
+
+impl NatsSink {
+    /// Connects, and creates the stream if configured (or checks it exists). `window` gives
+    /// the relay-wide delivery settings.
+    pub async fn connect(cfg: &NatsConfig, window: &KafkaConfig) -> Result<NatsSink> {
+        let url = redact_url(&cfg.url);
+        // The client asks this callback for the delay of its first connection too.
+        let first = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let client = async_nats::ConnectOptions::new()
+            .name("outboxd")
+            .connection_timeout(Duration::from_secs(10))
+            // Never reconnect within a session (see "Order" above): what the client still
+            // buffers would reach the server after a gap. The acks time out, the session
+            // ends, and the next one connects afresh and resends from the confirmed position.
+            .reconnect_delay_callback(move |_| {
+                if first.swap(false, std::sync::atomic::Ordering::Relaxed) {
+                    Duration::ZERO
+                } else {
+                    Duration::from_secs(86_400)
+                }
+            })
+            .event_callback(|event| async move {
+                tracing::warn!(%event, "nats connection event");
+            })
+            .connect(cfg.url.as_str())
+            .await
+            .map_err(|e| match e.kind() {
+                ConnectErrorKind::Authentication | ConnectErrorKind::AuthorizationViolation => {
+                    Error::setup(
+                        format!("NATS at {url} refused the login: {e}"),
+                        "check the user and password (or token) in nats.url (OUTBOXD_NATS_URL)",
+                    )
+                }
+                ConnectErrorKind::ServerParse => Error::setup(
+                    format!("nats.url is not a NATS server address: {e}"),
+                    "use nats://host:port",
+                ),
+                _ => Error::Publish(format!("nats at {url}: {e}")),
+            })?;
+        let js = ContextBuilder::new()
+            .timeout(cfg.ack_timeout)
+            .max_ack_inflight(window.max_in_flight.max(1))
+            .backpressure_on_inflight(false)
+            .build(client.clone());
+        if cfg.create_stream {
+            let config = StreamConfig {
+                name: cfg.stream.clone(),
+                subjects: cfg.stream_subjects.clone(),
+                duplicate_window: cfg.duplicate_window,
+                storage: StorageType::File,
+                ..StreamConfig::default()
+            };
+            js.get_or_create_stream(config).await.map_err(|e| {
+                stream_error(&url, &cfg.stream, e.to_string(), "creating the stream")
+            })?;
+        } else {
+            js.get_stream(cfg.stream.as_str()).await.map_err(|e| {
+                stream_error(&url, &cfg.stream, e.to_string(), "finding the stream")
+            })?;
+        }
+        Ok(NatsSink {
+            client,
+            js,
+            cfg: cfg.clone(),
+            delivery_timeout: window.delivery_timeout,
+        })
+    }
+
+    fn headers(record: &Record) -> std::result::Result<HeaderMap, Refusal> {
+        let mut map = HeaderMap::new();
+        let mut add = |name: &str, value: &[u8]| {
+            let refuse = |detail: String| Refusal {
+                class: Class::Record(PoisonKind::InvalidHeaders),
+                code: "header".into(),
+                detail,
+                alone: true,
+            };
+            let header = HeaderName::try_from(name)
+                .map_err(|_| refuse(format!("`{name:.40}` is not a NATS header name")))?;
+            let text = String::from_utf8_lossy(value);
+            if text.contains(['\r', '\n']) {
+                return Err(refuse(format!(
+                    "the value of header `{name:.40}` contains a line break"
+                )));
+            }
+            map.insert(header, text.as_ref());
+            Ok(())
+        };
+        for (name, value) in &record.headers {
+            if name == "id" {
+                add("Nats-Msg-Id", value)?;
+            }
+            add(name, value)?;
+        }
+        if let Some(key) = &record.key {
+            add("key", key.as_bytes())?;
+        }
+        Ok(map)
+    }
+
+    async fn publish(
+        &self,
+        subject: &str,
+        record: &Record,
+        headers: HeaderMap,
+    ) -> std::result::Result<PublishAckFuture, SendError> {
+        let payload = Bytes::from(record.value.clone().unwrap_or_default());
+        self.js
+            .publish_with_headers(subject.to_string(), headers, payload)
+            .await
+            .map_err(|e| match e.kind() {
+                PublishErrorKind::MaxAckPending => SendError::QueueFull,
+                PublishErrorKind::MaxPayloadExceeded => SendError::Refused(Refusal {
+                    class: Class::Record(PoisonKind::TooLarge),
+                    code: "max_payload".into(),
+                    detail: format!("nats: {e}"),
+                    alone: true,
+                }),
+                _ => SendError::Refused(Refusal {
+                    class: Class::Cluster,
+                    code: String::new(),
+                    detail: format!("nats: {e}"),
+                    alone: false,
+                }),
+            })
+    }
+}
+
+fn stream_error(url: &str, stream: &str, e: String, doing: &str) -> Error {
+    if e.contains("timed out") || e.contains("no responders") || e.contains("broken pipe") {
+        return Error::Publish(format!("nats at {url}: {doing} {stream}: {e}"));
+    }
+    Error::setup(
+        format!("nats at {url}: {doing} {stream}: {e}"),
+        "check nats.stream and nats.stream_subjects (a subject may belong to another stream), or that the server runs with JetStream (-js)",
+    )
+}
+
+/// What a JetStream publish error says about the record.
+fn refusal(e: &PublishError) -> Refusal {
+    let detail = format!("nats: {e}");
+    let (class, code) = match e.kind() {
+        // Nobody answers on that subject: no stream covers it (or JetStream is restarting).
+        PublishErrorKind::StreamNotFound => (Class::Unclear, "no_stream"),
+        PublishErrorKind::TimedOut => (Class::Cluster, ""),
+        PublishErrorKind::BrokenPipe => (Class::Cluster, ""),
+        _ if detail.contains("exceeds maximum") => {
+            (Class::Record(PoisonKind::TooLarge), "exceeds_maximum")
+        }
+        _ => (Class::Unclear, "other"),
+    };
+    Refusal {
+        class,
+        code: code.into(),
+        detail,
+        alone: true,
+    }
+}
+
+impl Sink for NatsSink {
+    type Delivery = BoxDelivery;
+
+    fn promises(&self) -> Promises {
+        Promises {
+            per_key_order: false,
+            broker_dedup: true,
+            transactions: false,
+        }
+    }
+
+    fn flush(&self, timeout: Duration) {
+        let client = self.client.clone();
+        // Best effort on a stop: the acks the window awaited are already in.
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(timeout, client.flush()).await;
+        });
+    }
+
+    async fn send(&mut self, record: &Record) -> std::result::Result<BoxDelivery, SendError> {
+        let headers = Self::headers(record).map_err(SendError::Refused)?;
+        let ack = self.publish(&record.topic, record, headers).await?;
+        Ok(Box::pin(async move {
+            match ack.await {
+                Ok(ack) => {
+                    if ack.duplicate {
+                        metrics::counter!(m::DUPLICATES_DROPPED).increment(1);
+                    }
+                    Ok(())
+                }
+                Err(e) => Err(Failed {
+                    refusal: refusal(&e),
+                    record: None,
+                }),
+            }
+        }))
+    }
+
+    async fn ensure_topic(&mut self, _record: &Record) {
+        // Subjects need no creating; the stream was made (or found) at connect.
+    }
+
+    /// Publishes to `nats.dead_letter_subject` with `outboxd.dlq.reason`, `outboxd.dlq.topic`
+    /// and `outboxd.dlq.error` (and the event's `Nats-Msg-Id`), and waits for the ack.
+    async fn dead_letter(
+        &mut self,
+        record: &Record,
+        kind: PoisonKind,
+        detail: &str,
+    ) -> std::result::Result<(), String> {
+        let mut dlq = record.clone();
+        if kind == PoisonKind::InvalidHeaders {
+            dlq.headers.retain(|(k, v)| {
+                HeaderName::try_from(k.as_str()).is_ok()
+                    && !v.contains(&b'\n')
+                    && !v.contains(&b'\r')
+            });
+        }
+        let one_line = detail.replace(['\r', '\n'], " ");
+        dlq.headers.extend([
+            (
+                "outboxd.dlq.reason".to_string(),
+                kind.label().as_bytes().to_vec(),
+            ),
+            (
+                "outboxd.dlq.topic".to_string(),
+                record.topic.clone().into_bytes(),
+            ),
+            ("outboxd.dlq.error".to_string(), one_line.into_bytes()),
+        ]);
+        let headers = Self::headers(&dlq).map_err(|r| r.detail)?;
+        let subject = self.cfg.dead_letter_subject.clone();
+        let ack = self
+            .publish(&subject, &dlq, headers)
+            .await
+            .map_err(|e| match e {
+                SendError::Refused(r) => r.detail,
+                SendError::QueueFull => "too many acks outstanding".into(),
+            })?;
+        ack.await.map(|_| ()).map_err(|e| format!("nats: {e}"))
+    }
+
+    fn delivery_timeout(&self) -> Duration {
+        self.delivery_timeout
+    }
+}

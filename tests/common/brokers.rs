@@ -1,0 +1,281 @@
+//! RabbitMQ and NATS servers of a test's own (`scripts/stack.sh nats-start` /
+//! `rabbitmq-start`), and readers that turn what they hold into [`Received`] records, so the
+//! Kafka assertions ([`assert_written`]) apply to every sink.
+
+use super::*;
+
+use async_nats::jetstream::consumer::pull::Config as PullConfig;
+use async_nats::jetstream::consumer::DeliverPolicy;
+use futures_util::StreamExt;
+use lapin::options::{BasicGetOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable};
+
+/// A broker server of a test's own; stopped and removed on drop.
+pub struct PrivateBroker {
+    pub dir: PathBuf,
+    pub url: String,
+    kind: &'static str,
+}
+
+impl PrivateBroker {
+    pub fn nats() -> PrivateBroker {
+        Self::start("nats")
+    }
+
+    pub fn rabbitmq() -> PrivateBroker {
+        Self::start("rabbitmq")
+    }
+
+    fn start(kind: &'static str) -> PrivateBroker {
+        let dir = std::env::temp_dir().join(unique(&format!("outboxd-{kind}")));
+        let out = stack(&[&format!("{kind}-start"), dir.to_str().unwrap()]);
+        let url = String::from_utf8(out.stdout).unwrap().trim().to_string();
+        PrivateBroker { dir, url, kind }
+    }
+
+    /// Stops the server (SIGTERM, a clean stop), keeping its data and port.
+    pub fn stop(&self) {
+        stack(&["broker-stop", self.dir.to_str().unwrap()]);
+    }
+
+    /// SIGKILLs the server, keeping its data and port.
+    pub fn kill(&self) {
+        stack(&["broker-kill", self.dir.to_str().unwrap()]);
+    }
+
+    /// Starts the server again on its data and port.
+    pub fn restart(&self) {
+        stack(&[&format!("{}-start", self.kind), self.dir.to_str().unwrap()]);
+    }
+}
+
+impl Drop for PrivateBroker {
+    fn drop(&mut self) {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/stack.sh");
+        let _ = Command::new(script)
+            .args(["broker-stop", self.dir.to_str().unwrap(), "--remove"])
+            .status();
+    }
+}
+
+/// The config lines that point a test's relay at NATS: stream `<DB>` over subjects
+/// `<db>.>`, dead letters to `<db>_dlq` (in the same stream).
+pub fn nats_sink_config(db: &TestDb, url: &str) -> String {
+    format!(
+        "[sink]\nkind = \"nats\"\n\n[nats]\nurl = \"{url}\"\nstream = \"{stream}\"\n\
+         subject = \"{db}.{{aggregatetype}}.{{type}}\"\nstream_subjects = [\"{db}.>\", \"{db}_dlq\"]\n\
+         dead_letter_subject = \"{db}_dlq\"\nack_timeout_ms = 2000\n",
+        db = db.name,
+        stream = db.name.to_uppercase(),
+    )
+}
+
+/// The config lines that point a test's relay at RabbitMQ: topic exchange `<db>`, routing
+/// key `{aggregatetype}.{type}`, dead letters to queue `<db>_dlq`.
+pub fn rabbitmq_sink_config(db: &TestDb, url: &str) -> String {
+    format!(
+        "[sink]\nkind = \"rabbitmq\"\n\n[rabbitmq]\nurl = \"{url}\"\nexchange = \"{db}\"\n\
+         dead_letter_queue = \"{db}_dlq\"\n",
+        db = db.name,
+    )
+}
+
+fn header_text(v: &AMQPValue) -> Option<String> {
+    match v {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.to_string()),
+        _ => None,
+    }
+}
+
+/// Reads every message of `stream` (subjects matching `filter`) from the start until each id
+/// in `expect` was seen or `timeout` passed, then `linger` more. `offset` is the stream
+/// sequence, `topic` the stream (one order for the whole stream), `key` the `key` header.
+pub async fn nats_read(
+    url: &str,
+    stream: &str,
+    filter: &str,
+    expect: &HashSet<String>,
+    timeout: Duration,
+    linger: Duration,
+) -> Vec<Received> {
+    let client = async_nats::connect(url).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    // The relay creates the stream when it starts: wait for it.
+    let deadline = Instant::now() + timeout;
+    let stream = loop {
+        match js.get_stream(stream).await {
+            Ok(s) => break s,
+            Err(e) => assert!(Instant::now() < deadline, "stream {stream}: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let consumer = stream
+        .create_consumer(PullConfig {
+            filter_subject: filter.to_string(),
+            deliver_policy: DeliverPolicy::All,
+            ..PullConfig::default()
+        })
+        .await
+        .unwrap();
+    let mut messages = consumer.messages().await.unwrap();
+    let mut out = Vec::new();
+    let mut seen: HashSet<String> = HashSet::new();
+    let mut linger_until: Option<Instant> = None;
+    loop {
+        let now = Instant::now();
+        let until = match linger_until {
+            Some(l) => l,
+            None if expect.iter().all(|id| seen.contains(id)) => {
+                linger_until = Some(now + linger);
+                continue;
+            }
+            None => deadline,
+        };
+        if now >= until {
+            break;
+        }
+        let Ok(Some(msg)) = tokio::time::timeout(until - now, messages.next()).await else {
+            break;
+        };
+        let msg = msg.unwrap();
+        let info = msg.info().unwrap();
+        let offset = info.stream_sequence as i64;
+        let mut headers = HashMap::new();
+        if let Some(h) = &msg.headers {
+            for (name, values) in h.iter() {
+                if let Some(v) = values.first() {
+                    headers.insert(name.to_string(), v.to_string());
+                }
+            }
+        }
+        let id = headers.get("id").cloned();
+        if let Some(id) = &id {
+            seen.insert(id.clone());
+        }
+        out.push(Received {
+            topic: msg.subject.to_string(),
+            partition: 0,
+            offset,
+            key: headers.get("key").cloned(),
+            id,
+            payload: Some(String::from_utf8_lossy(&msg.payload).into_owned()),
+            raw_payload: Some(msg.payload.to_vec()),
+            headers,
+            timestamp_ms: None,
+        });
+        msg.ack().await.unwrap();
+    }
+    // One order for the whole stream: assert_written sorts by (topic, partition, offset).
+    for r in &mut out {
+        r.topic = String::new();
+    }
+    out
+}
+
+/// Declares a durable queue bound to `exchange` (a topic exchange, declared here if missing)
+/// with `binding`, so the relay's messages are routable before it starts.
+pub async fn rabbitmq_queue(url: &str, exchange: &str, queue: &str, binding: &str) {
+    let conn = lapin::Connection::connect(url, lapin::ConnectionProperties::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    ch.exchange_declare(
+        exchange.into(),
+        lapin::ExchangeKind::Topic,
+        lapin::options::ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.queue_declare(
+        queue.into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.queue_bind(
+        queue.into(),
+        exchange.into(),
+        binding.into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let _ = conn.close(200, "done".into()).await;
+}
+
+/// Takes every message from `queue` (basic.get, acknowledged) until each id in `expect` was
+/// seen or `timeout` passed, then `linger` more. `offset` is the arrival order in the queue.
+pub async fn rabbitmq_read(
+    url: &str,
+    queue: &str,
+    expect: &HashSet<String>,
+    timeout: Duration,
+    linger: Duration,
+) -> Vec<Received> {
+    let conn = lapin::Connection::connect(url, lapin::ConnectionProperties::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    let mut out = Vec::new();
+    let mut seen: HashSet<String> = HashSet::new();
+    let deadline = Instant::now() + timeout;
+    let mut linger_until: Option<Instant> = None;
+    loop {
+        let now = Instant::now();
+        if linger_until.is_none() && expect.iter().all(|id| seen.contains(id)) {
+            linger_until = Some(now + linger);
+        }
+        if now >= linger_until.unwrap_or(deadline) {
+            break;
+        }
+        let got = ch
+            .basic_get(
+                queue.into(),
+                BasicGetOptions {
+                    no_ack: true,
+                },
+            )
+            .await
+            .unwrap();
+        let Some(msg) = got else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let d = &msg.delivery;
+        let mut headers = HashMap::new();
+        if let Some(table) = d.properties.headers() {
+            for (k, v) in table.inner() {
+                if let Some(text) = header_text(v) {
+                    headers.insert(k.to_string(), text);
+                }
+            }
+        }
+        let id = d.properties.message_id().as_ref().map(|s| s.to_string());
+        if let Some(id) = &id {
+            seen.insert(id.clone());
+        }
+        out.push(Received {
+            topic: String::new(),
+            partition: 0,
+            offset: out.len() as i64,
+            key: headers.get("key").cloned(),
+            id,
+            payload: Some(String::from_utf8_lossy(&d.data).into_owned()),
+            raw_payload: Some(d.data.clone()),
+            headers,
+            timestamp_ms: d.properties.timestamp().map(|s| s as i64 * 1000),
+        });
+    }
+    let _ = conn.close(200, "done".into()).await;
+    out
+}

@@ -1,0 +1,310 @@
+//! The RabbitMQ and NATS JetStream sinks against real servers (Debian's `rabbitmq-server` and
+//! `nats-server -js`, one of a test's own each): every committed id arrives, per-aggregate
+//! order holds, a crash of the relay or of the broker loses nothing, an unroutable event is
+//! dead-lettered while the rest flows, and bad sink config exits 2 naming the key.
+//!
+//! Each guarantee is one body run against both sinks ([`Kind`]).
+
+mod common;
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use common::*;
+
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Nats,
+    RabbitMq,
+}
+
+/// A broker, a database and a relay config pointed at it; `extra` goes into the config.
+struct Rig {
+    kind: Kind,
+    broker: PrivateBroker,
+    db: TestDb,
+    config: PathBuf,
+}
+
+impl Rig {
+    async fn new(kind: Kind, prefix: &str, extra: &str) -> Rig {
+        let broker = match kind {
+            Kind::Nats => PrivateBroker::nats(),
+            Kind::RabbitMq => PrivateBroker::rabbitmq(),
+        };
+        let db = TestDb::new(prefix).await;
+        let sink = match kind {
+            Kind::Nats => nats_sink_config(&db, &broker.url),
+            Kind::RabbitMq => {
+                // Bound before the relay starts: with `mandatory`, a message no queue takes is
+                // dead-lettered, not dropped.
+                rabbitmq_queue(&broker.url, &db.name, &db.name, "order.#").await;
+                rabbitmq_sink_config(&db, &broker.url)
+            }
+        };
+        let config = db.config(&kafka_brokers(), &format!("{sink}\n{extra}"));
+        migrate(&config);
+        create_aggregates_table(&db.client().await).await;
+        Rig {
+            kind,
+            broker,
+            db,
+            config,
+        }
+    }
+
+    /// What the broker holds for the `order` events, read until every id in `expect` came.
+    async fn read(&self, expect: &HashSet<String>) -> Vec<Received> {
+        let (timeout, linger) = (Duration::from_secs(120), Duration::from_secs(2));
+        match self.kind {
+            Kind::Nats => {
+                let filter = format!("{}.order.>", self.db.name);
+                let stream = self.db.name.to_uppercase();
+                nats_read(&self.broker.url, &stream, &filter, expect, timeout, linger).await
+            }
+            Kind::RabbitMq => {
+                rabbitmq_read(&self.broker.url, &self.db.name, expect, timeout, linger).await
+            }
+        }
+    }
+
+    /// The dead letters: event id → `outboxd.dlq.reason`.
+    async fn dead_letters(&self, expect: &HashSet<String>) -> Vec<(String, String)> {
+        let dlq = format!("{}_dlq", self.db.name);
+        let (timeout, linger) = (Duration::from_secs(60), Duration::from_millis(500));
+        let got = match self.kind {
+            Kind::Nats => {
+                let stream = self.db.name.to_uppercase();
+                nats_read(&self.broker.url, &stream, &dlq, expect, timeout, linger).await
+            }
+            Kind::RabbitMq => rabbitmq_read(&self.broker.url, &dlq, expect, timeout, linger).await,
+        };
+        got.into_iter()
+            .map(|r| {
+                let reason = r.headers.get("outboxd.dlq.reason").cloned();
+                (r.id.unwrap_or_default(), reason.unwrap_or_default())
+            })
+            .collect()
+    }
+
+    /// NATS drops a resend of an id within the stream's duplicate window; RabbitMQ does not.
+    fn assert_duplicates(&self, duplicates: usize) {
+        if self.kind == Kind::Nats {
+            assert_eq!(duplicates, 0, "the stream stored an event id twice");
+        }
+    }
+}
+
+async fn concurrent_events_arrive_in_per_aggregate_order(kind: Kind, prefix: &str) {
+    let rig = Rig::new(kind, prefix, "").await;
+    let mut relay = Relay::start(&rig.config);
+    let written = concurrent_workload(&rig.db, 10_000, 8, 200, &["order"]).await;
+    let received = rig.read(&ids(&written)).await;
+    let duplicates = assert_exactly_written(&written, &received);
+    rig.assert_duplicates(duplicates);
+    assert_eq!(written.len(), 10_000);
+    relay.assert_running();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nats_10000_concurrent_events_arrive_each_once_in_per_aggregate_order() {
+    concurrent_events_arrive_in_per_aggregate_order(Kind::Nats, "nats_order").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rabbitmq_10000_concurrent_events_arrive_in_per_aggregate_order() {
+    concurrent_events_arrive_in_per_aggregate_order(Kind::RabbitMq, "rmq_order").await;
+}
+
+/// A steady writer for 12 s; the relay is SIGKILLed at ~3 s and ~7 s and started again.
+async fn relay_sigkilled_twice_loses_nothing(kind: Kind, prefix: &str) {
+    let rig = Rig::new(kind, prefix, "").await;
+    let writer = SteadyWriter {
+        run_for: Duration::from_secs(12),
+        aggregates: 30,
+        max_per_txn: 6,
+        rollback_one_in: 10,
+        pause: Duration::from_millis(2),
+        seed: 0x51c,
+    }
+    .spawn(&rig.db);
+    let mut relay = Relay::start(&rig.config);
+    for at in [3, 4] {
+        tokio::time::sleep(Duration::from_secs(at)).await;
+        relay.kill();
+        relay = Relay::start(&rig.config);
+    }
+    let (written, rolled_back) = writer.await.unwrap();
+    let received = rig.read(&ids(&written)).await;
+    let duplicates = assert_exactly_written(&written, &received);
+    rig.assert_duplicates(duplicates);
+    let seen: HashSet<_> = received.iter().filter_map(|r| r.id.clone()).collect();
+    assert!(rolled_back.iter().all(|w| !seen.contains(&w.id)));
+    eprintln!(
+        "{} events, {} rolled back, {duplicates} duplicates after 2 SIGKILLs",
+        written.len(),
+        rolled_back.len()
+    );
+    relay.assert_running();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nats_relay_sigkilled_twice_mid_stream_loses_nothing_and_stores_no_repeat() {
+    relay_sigkilled_twice_loses_nothing(Kind::Nats, "nats_kill").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rabbitmq_relay_sigkilled_twice_mid_stream_loses_nothing() {
+    relay_sigkilled_twice_loses_nothing(Kind::RabbitMq, "rmq_kill").await;
+}
+
+/// A steady writer for 15 s; the broker is stopped at ~4 s (SIGTERM, or SIGKILL with
+/// `crash`) and started again on its data 4 s later.
+async fn broker_restarted_loses_nothing(kind: Kind, prefix: &str, crash: bool) {
+    let rig = Rig::new(kind, prefix, "").await;
+    let writer = SteadyWriter {
+        run_for: Duration::from_secs(15),
+        aggregates: 30,
+        max_per_txn: 6,
+        rollback_one_in: 0,
+        pause: Duration::from_millis(2),
+        seed: 0xb0b,
+    }
+    .spawn(&rig.db);
+    let mut relay = Relay::start(&rig.config);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    if crash {
+        rig.broker.kill();
+    } else {
+        rig.broker.stop();
+    }
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    rig.broker.restart();
+    let (written, _) = writer.await.unwrap();
+    let received = rig.read(&ids(&written)).await;
+    let duplicates = assert_exactly_written(&written, &received);
+    rig.assert_duplicates(duplicates);
+    let log = relay.log_text();
+    assert!(
+        log.contains("retrying from the last confirmed position") || log.contains("retrying"),
+        "the relay never noticed the broker was gone: {log}"
+    );
+    eprintln!("{} events, {duplicates} duplicates", written.len());
+    relay.assert_running();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nats_server_killed_and_restarted_mid_stream_loses_nothing_and_keeps_order() {
+    broker_restarted_loses_nothing(Kind::Nats, "nats_restart", true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rabbitmq_stopped_and_restarted_mid_stream_loses_nothing_and_keeps_order() {
+    broker_restarted_loses_nothing(Kind::RabbitMq, "rmq_restart", false).await;
+}
+
+/// 20 `order` events, one `stray` event no queue / stream takes, 20 more `order` events.
+async fn unroutable_event_is_dead_lettered(kind: Kind, prefix: &str, reason: &str) {
+    // NATS: the stream takes only `<db>.order.>` and the dead-letter subject.
+    let rig = Rig::new(kind, prefix, "[sink]\nmax_record_retries = 3\n").await;
+    if kind == Kind::Nats {
+        let text = std::fs::read_to_string(&rig.config).unwrap();
+        let narrowed = text.replace(
+            &format!("\"{}.>\"", rig.db.name),
+            &format!("\"{}.order.>\"", rig.db.name),
+        );
+        assert_ne!(text, narrowed);
+        std::fs::write(&rig.config, narrowed).unwrap();
+    }
+    let mut client = rig.db.client().await;
+    let mut written = Vec::new();
+    for i in 0..20 {
+        let e = [("order".to_string(), format!("agg-{}", i % 5))];
+        written.extend(write_txn(&mut client, &e, false).await.unwrap());
+    }
+    let stray = write_txn(&mut client, &[("stray".into(), "agg-x".into())], false)
+        .await
+        .unwrap();
+    for i in 0..20 {
+        let e = [("order".to_string(), format!("agg-{}", i % 5))];
+        written.extend(write_txn(&mut client, &e, false).await.unwrap());
+    }
+    let mut relay = Relay::start(&rig.config);
+    let received = rig.read(&ids(&written)).await;
+    assert_exactly_written(&written, &received);
+    let dead = rig.dead_letters(&ids(&stray)).await;
+    assert_eq!(
+        dead,
+        vec![(stray[0].id.clone(), reason.to_string())],
+        "dead letters; log:\n{}",
+        relay.log_text()
+    );
+    relay.assert_running();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nats_event_whose_subject_no_stream_takes_is_dead_lettered_and_the_rest_flows() {
+    unroutable_event_is_dead_lettered(Kind::Nats, "nats_dlq", "retries_exhausted").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rabbitmq_unroutable_event_is_dead_lettered_and_the_rest_flows() {
+    unroutable_event_is_dead_lettered(Kind::RabbitMq, "rmq_dlq", "unroutable").await;
+}
+
+fn run_with(config: &str) -> std::process::Output {
+    let dir = std::env::temp_dir().join(unique("sinkcfg"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("c.toml");
+    std::fs::write(&path, config).unwrap();
+    outboxd(&["run", "--config", path.to_str().unwrap()], &[])
+}
+
+#[test]
+fn bad_sink_config_exits_2_with_one_line_naming_the_key() {
+    let pg = "[postgres]\nurl = \"postgres://u@localhost/db\"\n";
+    for (config, key) in [
+        ("[sink]\nkind = \"pulsar\"\n", "sink.kind"),
+        ("[sink]\nkind = \"nats\"\n", "nats.url"),
+        ("[sink]\nkind = \"rabbitmq\"\n", "rabbitmq.url"),
+        (
+            "[sink]\nkind = \"rabbitmq\"\n[rabbitmq]\nurl = \"http://h\"\n",
+            "rabbitmq.url",
+        ),
+        (
+            "[sink]\nkind = \"nats\"\n[nats]\nurl = \"nats://h:4222\"\nsubject = \"a.{nope}\"\n",
+            "nats.subject",
+        ),
+        (
+            "[sink]\nkind = \"nats\"\nmax_in_flight = 0\n[nats]\nurl = \"nats://h:4222\"\n",
+            "sink.max_in_flight",
+        ),
+        (
+            "[sink]\nkind = \"nats\"\n[nats]\nurl = \"nats://h:4222\"\n[kafka]\ndelivery = \"exactly-once\"\n",
+            "kafka.delivery",
+        ),
+    ] {
+        let out = run_with(&format!("{pg}{config}"));
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert_eq!(out.status.code(), Some(2), "{config}: {err}");
+        assert!(err.contains(key), "{config}: expected `{key}` in: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "one line expected: {err}");
+    }
+}
+
+/// Wrong credentials are the operator's to fix: exit 2, one line, the password nowhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_wrong_password_exits_2_without_the_password_in_the_log() {
+    let rig = Rig::new(Kind::RabbitMq, "rmq_auth", "").await;
+    let text = std::fs::read_to_string(&rig.config).unwrap();
+    let wrong = text.replace("guest:guest@", "guest:hunter2-wrong@");
+    assert_ne!(text, wrong);
+    std::fs::write(&rig.config, wrong).unwrap();
+    let mut relay = Relay::start(&rig.config);
+    let status = relay.wait_exit(Duration::from_secs(60));
+    let log = relay.log_text();
+    assert_eq!(status.code(), Some(2), "{log}");
+    assert!(log.contains("rabbitmq.url"), "{log}");
+    assert!(!log.contains("hunter2"), "the password reached the log: {log}");
+}
