@@ -16,6 +16,9 @@
 //! includes its own. CPU is the relay process's user + system time from the first commit
 //! (backlog: from the relay's start or resume) to the last event consumed.
 
+#[path = "support/proc.rs"]
+mod proc_stats;
+
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -173,7 +176,7 @@ async fn main() -> anyhow::Result<()> {
     if let (Mode::Backlog, Some(r)) = (args.mode, &relay) {
         r.signal("-STOP");
     }
-    let mut cpu_from = relay.as_ref().and_then(|r| cpu_secs(r.pid()));
+    let mut cpu_from = relay.as_ref().and_then(|r| proc_stats::cpu_secs(r.pid()));
     println!(
         "outboxd bench: read={} mode={:?} events={n} writers={} txn_size={} rate={} payload≈{}B",
         args.read,
@@ -270,7 +273,7 @@ async fn main() -> anyhow::Result<()> {
     let relay_start = Instant::now();
     match (args.mode, &relay) {
         (Mode::Backlog, Some(r)) => {
-            cpu_from = cpu_secs(r.pid());
+            cpu_from = proc_stats::cpu_secs(r.pid());
             r.signal("-CONT");
         }
         (Mode::Backlog, None) => {
@@ -282,8 +285,8 @@ async fn main() -> anyhow::Result<()> {
     let deadline = Duration::from_secs(600);
     wait_for_all(&arrivals, n, deadline).await?;
     let relay = relay.context("relay not started")?;
-    let rss_kib = peak_rss_kib(relay.pid()).unwrap_or(0);
-    let cpu = cpu_secs(relay.pid()).unwrap_or(0.0) - cpu_from.unwrap_or(0.0);
+    let rss_kib = proc_stats::peak_rss_kib(relay.pid()).unwrap_or(0);
+    let cpu = proc_stats::cpu_secs(relay.pid()).unwrap_or(0.0) - cpu_from.unwrap_or(0.0);
     relay.stop(&dir.join("debezium"));
     drop(consumer);
 
@@ -398,17 +401,6 @@ impl Relay {
             }
         }
     }
-}
-
-/// User + system CPU seconds of `pid` so far (/proc/<pid>/stat, 100 ticks per second).
-fn cpu_secs(pid: u32) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command name (which may contain spaces) start after the last ')'.
-    let rest = stat.rsplit_once(')')?.1;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let utime: f64 = fields.get(11)?.parse().ok()?;
-    let stime: f64 = fields.get(12)?.parse().ok()?;
-    Some((utime + stime) / 100.0)
 }
 
 async fn insert(
@@ -532,15 +524,4 @@ async fn wait_for_all(
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-}
-
-fn peak_rss_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
 }

@@ -6,6 +6,8 @@
 #   scripts/bench.sh --extra-config 'delivery = "exactly-once"'   the same in exactly-once mode
 #   scripts/bench.sh --compare debezium [args]     the same run for outboxd, then for Debezium
 #                                                  (bench/debezium: Kafka Connect + EventRouter)
+#   scripts/bench.sh --sink nats|rabbitmq [args]   drain a backlog into a NATS JetStream stream /
+#                                                  a RabbitMQ queue (examples/bench_sinks.rs)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/stack.sh install debezium
@@ -13,8 +15,15 @@ env_file=$(scripts/stack.sh up)
 if [ -z "${KEEP:-}" ]; then trap 'scripts/stack.sh down' EXIT; fi
 # shellcheck disable=SC1090
 . "$env_file"
-cargo build --release --quiet --bin outboxd --example bench
-if [ "${1:-}" = "--compare" ]; then
+cargo build --release --quiet --bin outboxd --example bench --example bench_sinks
+if [ "${1:-}" = "--sink" ]; then
+  sink=${2:?--sink needs nats or rabbitmq}
+  shift 2
+  broker_dir=$(mktemp -d /tmp/outboxd-bench-broker.XXXXXX)
+  trap 'scripts/stack.sh broker-stop "$broker_dir" --remove; [ -n "${KEEP:-}" ] || scripts/stack.sh down' EXIT
+  url=$(scripts/stack.sh "$sink-start" "$broker_dir")
+  "${CARGO_TARGET_DIR:-target}"/release/examples/bench_sinks --sink "$sink" --url "$url" "$@"
+elif [ "${1:-}" = "--compare" ]; then
   other=${2:?--compare needs a system: debezium}
   shift 2
   for system in outboxd "$other"; do

@@ -87,10 +87,11 @@ async fn dispatch(command: Command, config: Config) -> anyhow::Result<u8> {
                 println!("{}", serde_json::to_string_pretty(&v).context("encoding")?);
             } else {
                 println!(
-                    "checked {} retained events in {} topic(s): {} missing from Kafka",
+                    "checked {} retained events in {} topic(s): {} missing from {}",
                     v.checked,
                     v.topics.len(),
-                    v.missing.len()
+                    v.missing.len(),
+                    config.sink.as_str()
                 );
                 for id in &v.missing {
                     println!("missing {id}");

@@ -3,7 +3,9 @@
 //! * replay republishes retained events with their original ids (consumers dedupe), e.g. to
 //!   rebuild a downstream service.
 //! * verify reads the target topics back and lists every retained event whose id is not in
-//!   Kafka — a proof that nothing was lost, or the exact list of what was.
+//!   Kafka — a proof that nothing was lost, or the exact list of what was. NATS: the stream
+//!   is read back the same way (by subject). RabbitMQ cannot be read back (a queue hands a
+//!   message to one consumer and removes it): verify says so and exits 2.
 //!
 //! Both select rows by the timestamp column (`postgres.columns.timestamp`, default
 //! `created_at`). Table-less events (`outbox_emit`) leave no row and are not covered.
@@ -15,7 +17,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Headers;
 use rdkafka::{Message, Offset, TopicPartitionList};
 
-use crate::config::{quote_ident, Config};
+use crate::config::{quote_ident, Config, SinkKind};
 use crate::error::{Error, Result};
 use crate::event::Event;
 use crate::route::Router;
@@ -101,6 +103,7 @@ pub async fn replay(cfg: &Config, sel: &Selection) -> Result<(usize, usize)> {
     let events = retained(cfg, sel).await?;
     let router = Router::from_config(cfg)?;
     let (mut sink, _) = Broker::connect(cfg, None).await?;
+    sink.replaying();
     let mut pending = VecDeque::with_capacity(events.len());
     let mut published = 0;
     let mut poison = 0;
@@ -165,19 +168,31 @@ pub async fn verify(cfg: &Config, sel: &Selection) -> Result<Verification> {
     let mut by_topic: HashMap<String, Vec<String>> = HashMap::new();
     for event in &events {
         // Poison events are expected in the dead-letter topic, under their own id.
-        let topic = match router.route(event) {
-            Ok((record, _)) => record.topic,
-            Err(_) => cfg.kafka.dlq_topic.clone(),
+        let topic = match (router.route(event), cfg.sink) {
+            (Ok((record, _)), _) => record.topic,
+            (Err(_), SinkKind::Nats) => cfg.nats.dead_letter_subject.clone(),
+            (Err(_), _) => cfg.kafka.dlq_topic.clone(),
         };
         by_topic.entry(topic).or_default().push(event.id.clone());
     }
     let mut topics: Vec<String> = by_topic.keys().cloned().collect();
     topics.sort();
-    let kafka = cfg.kafka.clone();
-    let wanted = topics.clone();
-    let seen = tokio::task::spawn_blocking(move || read_ids(&kafka, &wanted))
-        .await
-        .map_err(|e| Error::Kafka(format!("verify task failed: {e}")))??;
+    let seen = match cfg.sink {
+        SinkKind::Kafka => {
+            let kafka = cfg.kafka.clone();
+            let wanted = topics.clone();
+            tokio::task::spawn_blocking(move || read_ids(&kafka, &wanted))
+                .await
+                .map_err(|e| Error::Kafka(format!("verify task failed: {e}")))??
+        }
+        SinkKind::Nats => crate::sink::nats::read_back(&cfg.nats).await?,
+        SinkKind::RabbitMq => {
+            return Err(Error::setup(
+                "verify cannot read RabbitMQ back: a queue hands each message to one consumer and removes it",
+                "check deliveries at your consumers (message_id = event id), or replay what they miss",
+            ))
+        }
+    };
     let mut missing = Vec::new();
     for (topic, ids) in &by_topic {
         let present = seen.get(topic);

@@ -24,6 +24,8 @@ pub struct Leader {
 #[derive(Debug, Serialize)]
 pub struct Status {
     pub mode: &'static str,
+    /// `kafka`, `rabbitmq` or `nats`.
+    pub sink: &'static str,
     /// `at-least-once` or `exactly-once` (with the position topic).
     pub delivery: String,
     pub slot: SlotFacts,
@@ -128,6 +130,7 @@ pub async fn gather(cfg: &Config) -> Result<Status> {
     }
     Ok(Status {
         mode: cfg.mode.as_str(),
+        sink: cfg.sink.as_str(),
         delivery: match cfg.kafka.delivery {
             crate::config::Delivery::AtLeastOnce => "at-least-once".into(),
             crate::config::Delivery::ExactlyOnce => format!(
@@ -190,6 +193,7 @@ impl std::fmt::Display for Status {
         let s = &self.slot;
         writeln!(f, "outboxd status")?;
         writeln!(f, "  mode:          {}", self.mode)?;
+        writeln!(f, "  sink:          {}", self.sink)?;
         writeln!(f, "  delivery:      {}", self.delivery)?;
         if let Some(cursor) = &self.cursor {
             writeln!(f, "  cursor:        {cursor} (xid/seq)")?;

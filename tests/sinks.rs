@@ -5,6 +5,8 @@
 //!
 //! Each guarantee is one body run against both sinks ([`Kind`]).
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::collections::HashSet;
@@ -306,5 +308,65 @@ async fn rabbitmq_wrong_password_exits_2_without_the_password_in_the_log() {
     let log = relay.log_text();
     assert_eq!(status.code(), Some(2), "{log}");
     assert!(log.contains("rabbitmq.url"), "{log}");
-    assert!(!log.contains("hunter2"), "the password reached the log: {log}");
+    assert!(
+        !log.contains("hunter2"),
+        "the password reached the log: {log}"
+    );
+}
+
+/// `verify` reads the stream back: three messages deleted from it are exactly the three ids
+/// it reports missing; after `replay`, none are.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nats_verify_names_exactly_the_events_missing_from_the_stream_and_replay_restores_them() {
+    let rig = Rig::new(Kind::Nats, "nats_verify", "").await;
+    let mut client = rig.db.client().await;
+    let mut written = Vec::new();
+    for i in 0..12 {
+        let e = [("order".to_string(), format!("agg-{i}"))];
+        written.extend(write_txn(&mut client, &e, false).await.unwrap());
+    }
+    let mut relay = Relay::start(&rig.config);
+    let received = rig.read(&ids(&written)).await;
+    assert_exactly_written(&written, &received);
+    relay.terminate(Duration::from_secs(20));
+    // Remove three events from the stream, as a retention mistake would.
+    let js = async_nats::jetstream::new(async_nats::connect(&rig.broker.url).await.unwrap());
+    let stream = js.get_stream(rig.db.name.to_uppercase()).await.unwrap();
+    let mut removed: Vec<String> = Vec::new();
+    for r in received.iter().take(3) {
+        stream.delete_message(r.offset as u64).await.unwrap();
+        removed.push(r.id.clone().unwrap());
+    }
+    removed.sort();
+    let cfg = rig.config.to_str().unwrap();
+    let out = outboxd(&["verify", "--since", "1 hour", "--config", cfg], &[]);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    let mut missing: Vec<String> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("missing ").map(str::to_string))
+        .collect();
+    missing.sort();
+    assert_eq!(missing, removed, "{text}");
+    let out = outboxd(&["replay", "--since", "1 hour", "--config", cfg], &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = outboxd(&["verify", "--since", "1 hour", "--config", cfg], &[]);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(text.contains("0 missing"), "{text}");
+}
+
+/// RabbitMQ cannot be read back: verify says so in one line and exits 2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_verify_exits_2_saying_queues_cannot_be_read_back() {
+    let rig = Rig::new(Kind::RabbitMq, "rmq_verify", "").await;
+    let cfg = rig.config.to_str().unwrap();
+    let out = outboxd(&["verify", "--since", "1 hour", "--config", cfg], &[]);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("cannot read RabbitMQ back"), "{err}");
 }

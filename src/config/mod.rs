@@ -437,6 +437,56 @@ mod tests {
         assert_eq!(c.retry.max_backoff, d.retry.max_backoff);
         assert_eq!(c.retry.initial_backoff, d.retry.initial_backoff);
         assert_eq!(c.retry.unready_after, d.retry.unready_after);
+        assert_eq!(c.sink, d.sink);
+        assert_eq!(format!("{:?}", c.rabbitmq), format!("{:?}", d.rabbitmq));
+        assert_eq!(format!("{:?}", c.nats), format!("{:?}", d.nats));
+    }
+
+    #[test]
+    fn window_keys_in_sink_apply_and_clash_with_the_same_key_in_kafka() {
+        let nats = "[postgres]\nurl = \"postgres://u@h/db\"\n[nats]\nurl = \"nats://h:4222\"\n";
+        let c = Config::from_toml_str(
+            &format!("{nats}[sink]\nkind = \"nats\"\nmax_in_flight = 7\n"),
+            no_env,
+        )
+        .unwrap();
+        assert_eq!(c.sink, SinkKind::Nats);
+        assert_eq!(c.kafka.max_in_flight, 7);
+        let e = Config::from_toml_str(
+            &format!(
+                "{nats}[sink]\nkind = \"nats\"\nmax_in_flight = 7\n[kafka]\nmax_in_flight = 8\n"
+            ),
+            no_env,
+        )
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(
+            e.contains("sink.max_in_flight") && e.contains("kafka.max_in_flight"),
+            "{e}"
+        );
+        let e = Config::from_toml_str(
+            &format!("{nats}[sink]\nkind = \"nats\"\nmax_in_flight = 0\n"),
+            no_env,
+        )
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(e.contains("`sink.max_in_flight`"), "{e}");
+    }
+
+    #[test]
+    fn sink_urls_are_redacted_in_debug() {
+        let c = Config::from_toml_str(
+            "[postgres]\nurl = \"postgres://u@h/db\"\n[sink]\nkind = \"rabbitmq\"\n[rabbitmq]\nurl = \"amqp://u:s3cret@h/%2f\"\n[nats]\nurl = \"nats://n:t0ken@h:4222\"\n",
+            no_env,
+        )
+        .unwrap();
+        let shown = format!("{c:?}");
+        assert!(
+            !shown.contains("s3cret") && !shown.contains("t0ken"),
+            "{shown}"
+        );
     }
 
     #[test]

@@ -70,6 +70,11 @@ impl Backoff {
 /// Runs the relay until `stop` turns true (graceful shutdown) or a permanent error occurs.
 pub async fn run(cfg: Config, mut stop: watch::Receiver<bool>, health: Arc<Health>) -> Result<()> {
     let router = Router::from_config(&cfg)?;
+    let delivery = match cfg.kafka.delivery {
+        crate::config::Delivery::AtLeastOnce => "at-least-once",
+        crate::config::Delivery::ExactlyOnce => "exactly-once",
+    };
+    metrics::gauge!(m::SINK_INFO, "sink" => cfg.sink.as_str(), "delivery" => delivery).set(1.0);
     let mut backoff = Backoff::new(&cfg.retry);
     let mut attempt: u32 = 0;
     let mut repeats = Repeats::default();

@@ -62,6 +62,13 @@ impl Broker {
         }
     }
 
+    /// `outboxd replay`: republishing on purpose, past any broker-side dedup (NATS).
+    pub fn replaying(&mut self) {
+        if let Broker::Nats(s) = self {
+            s.replaying();
+        }
+    }
+
     /// The Kafka sink, for what only Kafka does (transactions, the position topic).
     pub fn kafka(&mut self) -> Result<&mut KafkaSink> {
         match self {

@@ -29,6 +29,7 @@
 //! wait: waiting there, inside the relay's send, would deadlock against the window that holds
 //! the acks) — that is the window's "queue full", and the relay settles acks first.
 
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use async_nats::jetstream::context::{
@@ -50,6 +51,9 @@ pub struct NatsSink {
     js: async_nats::jetstream::Context,
     cfg: NatsConfig,
     delivery_timeout: Duration,
+    /// `outboxd replay`: appended to `Nats-Msg-Id`, so the stream's dedup does not drop a
+    /// republished event (the `id` header stays the event id).
+    replay_suffix: Option<String>,
 }
 
 impl NatsSink {
@@ -116,10 +120,22 @@ impl NatsSink {
             js,
             cfg: cfg.clone(),
             delivery_timeout: window.delivery_timeout,
+            replay_suffix: None,
         })
     }
 
-    fn headers(record: &Record) -> std::result::Result<HeaderMap, Refusal> {
+    /// `outboxd replay` republishes on purpose: a replayed event must not be dropped as a
+    /// repeat of its first copy (the stream remembers ids for its duplicate window, even of
+    /// messages since deleted), so its `Nats-Msg-Id` gets a suffix unique to this replay.
+    pub fn replaying(&mut self) {
+        let ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis())
+            .unwrap_or(0);
+        self.replay_suffix = Some(format!(":replay-{ms}"));
+    }
+
+    fn headers(&self, record: &Record) -> std::result::Result<HeaderMap, Refusal> {
         let mut map = HeaderMap::new();
         let mut add = |name: &str, value: &[u8]| {
             let refuse = |detail: String| Refusal {
@@ -141,7 +157,13 @@ impl NatsSink {
         };
         for (name, value) in &record.headers {
             if name == "id" {
-                add("Nats-Msg-Id", value)?;
+                match &self.replay_suffix {
+                    Some(suffix) => add(
+                        "Nats-Msg-Id",
+                        &[value.as_slice(), suffix.as_bytes()].concat(),
+                    )?,
+                    None => add("Nats-Msg-Id", value)?,
+                }
             }
             add(name, value)?;
         }
@@ -176,6 +198,64 @@ impl NatsSink {
                     alone: false,
                 }),
             })
+    }
+}
+
+/// Every `id` header in the stream, by subject (`outboxd verify`): an ephemeral consumer
+/// reads from the first message to the last one stored when it began.
+pub async fn read_back(cfg: &NatsConfig) -> Result<HashMap<String, HashSet<String>>> {
+    use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
+    use futures_util::StreamExt;
+    let url = redact_url(&cfg.url);
+    let fail = |doing: &str, e: String| Error::Publish(format!("nats at {url}: {doing}: {e}"));
+    let client = async_nats::connect(cfg.url.as_str())
+        .await
+        .map_err(|e| fail("connecting", e.to_string()))?;
+    let js = async_nats::jetstream::new(client);
+    let mut stream = js
+        .get_stream(cfg.stream.as_str())
+        .await
+        .map_err(|e| fail("finding the stream", e.to_string()))?;
+    let last = stream
+        .info()
+        .await
+        .map_err(|e| fail("reading the stream", e.to_string()))?
+        .state
+        .last_sequence;
+    let mut out: HashMap<String, HashSet<String>> = HashMap::new();
+    if last == 0 {
+        return Ok(out);
+    }
+    let consumer = stream
+        .create_consumer(pull::Config {
+            deliver_policy: DeliverPolicy::All,
+            ack_policy: AckPolicy::None,
+            ..pull::Config::default()
+        })
+        .await
+        .map_err(|e| fail("creating a reader", e.to_string()))?;
+    let mut messages = consumer
+        .messages()
+        .await
+        .map_err(|e| fail("reading", e.to_string()))?;
+    loop {
+        let next = tokio::time::timeout(Duration::from_secs(30), messages.next()).await;
+        let msg = match next {
+            Ok(Some(Ok(m))) => m,
+            Ok(Some(Err(e))) => return Err(fail("reading", e.to_string())),
+            Ok(None) | Err(_) => {
+                return Err(fail("reading", "the stream stopped answering".into()))
+            }
+        };
+        if let Some(id) = msg.headers.as_ref().and_then(|h| h.get("id")) {
+            out.entry(msg.subject.to_string())
+                .or_default()
+                .insert(id.to_string());
+        }
+        let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(last);
+        if seq >= last {
+            return Ok(out);
+        }
     }
 }
 
@@ -230,7 +310,7 @@ impl Sink for NatsSink {
     }
 
     async fn send(&mut self, record: &Record) -> std::result::Result<BoxDelivery, SendError> {
-        let headers = Self::headers(record).map_err(SendError::Refused)?;
+        let headers = self.headers(record).map_err(SendError::Refused)?;
         let ack = self.publish(&record.topic, record, headers).await?;
         Ok(Box::pin(async move {
             match ack.await {
@@ -280,7 +360,7 @@ impl Sink for NatsSink {
             ),
             ("outboxd.dlq.error".to_string(), one_line.into_bytes()),
         ]);
-        let headers = Self::headers(&dlq).map_err(|r| r.detail)?;
+        let headers = self.headers(&dlq).map_err(|r| r.detail)?;
         let subject = self.cfg.dead_letter_subject.clone();
         let ack = self
             .publish(&subject, &dlq, headers)

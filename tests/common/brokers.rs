@@ -239,12 +239,7 @@ pub async fn rabbitmq_read(
             break;
         }
         let got = ch
-            .basic_get(
-                queue.into(),
-                BasicGetOptions {
-                    no_ack: true,
-                },
-            )
+            .basic_get(queue.into(), BasicGetOptions { no_ack: true })
             .await
             .unwrap();
         let Some(msg) = got else {

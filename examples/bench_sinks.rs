@@ -1,0 +1,204 @@
+//! Backlog-drain benchmark for the RabbitMQ and NATS sinks: `--events` are committed first,
+//! then a real `outboxd run` starts; throughput is N / (relay start → the broker holds all N).
+//! "Holds" is read from the broker itself: the stream's message count (NATS), the bound
+//! queue's message count (RabbitMQ). Prints events/s, the relay's CPU seconds and peak RSS.
+//! Run it with `scripts/bench.sh --sink nats|rabbitmq`.
+
+#[path = "support/proc.rs"]
+mod proc_stats;
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::{Parser, ValueEnum};
+use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
+use tokio_postgres::NoTls;
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
+enum SinkKind {
+    Nats,
+    Rabbitmq,
+}
+
+#[derive(Parser, Debug)]
+struct Args {
+    #[arg(long, value_enum)]
+    sink: SinkKind,
+    /// The broker's URL (`scripts/stack.sh nats-start` / `rabbitmq-start` print it).
+    #[arg(long)]
+    url: String,
+    #[arg(long, default_value_t = 100_000)]
+    events: u64,
+    /// Bytes of padding in each payload.
+    #[arg(long, default_value_t = 100)]
+    payload_pad: usize,
+    #[arg(long, default_value = "target/release/outboxd")]
+    relay: PathBuf,
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let admin_url = std::env::var("OUTBOXD_TEST_PG_URL")
+        .context("OUTBOXD_TEST_PG_URL not set; use scripts/bench.sh")?;
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
+    let db = format!("bench_sink_{stamp}");
+    let (admin, conn) = tokio_postgres::connect(&admin_url, NoTls).await?;
+    tokio::spawn(conn);
+    admin
+        .batch_execute(&format!("CREATE DATABASE {db}"))
+        .await?;
+    let url = format!("{}/{db}", admin_url.rsplit_once('/').context("url")?.0);
+    let dir = std::env::temp_dir().join(&db);
+    std::fs::create_dir_all(&dir)?;
+    let sink = match args.sink {
+        SinkKind::Nats => format!(
+            "[sink]\nkind = \"nats\"\n[nats]\nurl = \"{}\"\nstream = \"{}\"\nsubject = \"{db}.{{aggregatetype}}\"\nstream_subjects = [\"{db}.>\", \"{db}_dlq\"]\ndead_letter_subject = \"{db}_dlq\"\n",
+            args.url,
+            db.to_uppercase()
+        ),
+        SinkKind::Rabbitmq => format!(
+            "[sink]\nkind = \"rabbitmq\"\n[rabbitmq]\nurl = \"{}\"\nexchange = \"{db}\"\ndead_letter_queue = \"{db}_dlq\"\n",
+            args.url
+        ),
+    };
+    let config = dir.join("outboxd.toml");
+    std::fs::write(
+        &config,
+        format!("[postgres]\nurl = \"{url}\"\nslot = \"{db}\"\n{sink}"),
+    )?;
+    let status = Command::new(&args.relay)
+        .args(["migrate", "--config"])
+        .arg(&config)
+        .stdout(Stdio::null())
+        .status()?;
+    if !status.success() {
+        bail!("outboxd migrate failed");
+    }
+    let amqp = match args.sink {
+        SinkKind::Rabbitmq => Some(rabbitmq_queue(&args.url, &db).await?),
+        SinkKind::Nats => None,
+    };
+
+    let (client, conn) = tokio_postgres::connect(&url, NoTls).await?;
+    tokio::spawn(conn);
+    let n = args.events;
+    let chunk = 10_000;
+    let mut lo = 1;
+    while lo <= n {
+        let hi = (lo + chunk - 1).min(n);
+        client
+            .execute(
+                "INSERT INTO outbox (aggregatetype, aggregateid, type, payload) \
+                 SELECT 'bench', 'agg-' || (g % 1000), 'BenchEvent', jsonb_build_object('n', g, 'pad', repeat('x', $3)) \
+                   FROM generate_series($1::int8, $2::int8) g",
+                &[&(lo as i64), &(hi as i64), &(args.payload_pad as i32)],
+            )
+            .await?;
+        lo = hi + 1;
+    }
+    println!(
+        "outboxd sink bench: sink={:?} backlog={n} events payload≈{}B",
+        args.sink,
+        args.payload_pad + 30
+    );
+
+    let log = std::fs::File::create(dir.join("outboxd.log"))?;
+    let started = Instant::now();
+    let mut relay = Command::new(&args.relay)
+        .args(["run", "--config"])
+        .arg(&config)
+        .stderr(Stdio::from(log))
+        .stdout(Stdio::null())
+        .spawn()?;
+    let pid = relay.id();
+    let deadline = started + Duration::from_secs(600);
+    loop {
+        let held = match (&amqp, args.sink) {
+            (Some(ch), _) => ch
+                .queue_declare(
+                    db.as_str().into(),
+                    QueueDeclareOptions {
+                        passive: true,
+                        ..Default::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await?
+                .message_count() as u64,
+            (None, _) => nats_count(&args.url, &db.to_uppercase()).await.unwrap_or(0),
+        };
+        if held >= n {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("only {held} of {n} events reached the broker in 10 minutes");
+        }
+        if let Some(status) = relay.try_wait()? {
+            bail!("the relay exited with {status}; see {}", dir.display());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let elapsed = started.elapsed();
+    let cpu = proc_stats::cpu_secs(pid).unwrap_or(0.0);
+    let rss = proc_stats::peak_rss_kib(pid).unwrap_or(0);
+    let _ = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status();
+    let _ = relay.wait();
+    println!(
+        "  drained {n} events in {:.2} s: {:.0} events/s; relay CPU {cpu:.2} s ({:.0} events per CPU-second); peak RSS {:.1} MiB",
+        elapsed.as_secs_f64(),
+        n as f64 / elapsed.as_secs_f64(),
+        n as f64 / cpu.max(0.001),
+        rss as f64 / 1024.0
+    );
+    Ok(())
+}
+
+async fn nats_count(url: &str, stream: &str) -> anyhow::Result<u64> {
+    let client = async_nats::connect(url).await?;
+    let js = async_nats::jetstream::new(client);
+    let mut stream = js.get_stream(stream).await?;
+    Ok(stream.info().await?.state.messages)
+}
+
+/// A durable queue bound to the relay's exchange (so messages are routable and counted);
+/// returns a channel to read its depth.
+async fn rabbitmq_queue(url: &str, db: &str) -> anyhow::Result<lapin::Channel> {
+    let conn = lapin::Connection::connect(url, lapin::ConnectionProperties::default()).await?;
+    let ch = conn.create_channel().await?;
+    let durable = ExchangeDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    ch.exchange_declare(
+        db.into(),
+        lapin::ExchangeKind::Topic,
+        durable,
+        FieldTable::default(),
+    )
+    .await?;
+    let q = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    ch.queue_declare(db.into(), q, FieldTable::default())
+        .await?;
+    ch.queue_bind(
+        db.into(),
+        db.into(),
+        "#".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await?;
+    // The connection lives as long as the channel is used: leak it for the run.
+    std::mem::forget(conn);
+    Ok(ch)
+}
