@@ -37,6 +37,9 @@ struct Args {
     payload_pad: usize,
     #[arg(long, default_value = "target/release/outboxd")]
     relay: PathBuf,
+    /// TOML appended to the sink's table, e.g. "channels = 1".
+    #[arg(long, default_value = "")]
+    extra_config: String,
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -70,7 +73,10 @@ async fn main() -> anyhow::Result<()> {
     let config = dir.join("outboxd.toml");
     std::fs::write(
         &config,
-        format!("[postgres]\nurl = \"{url}\"\nslot = \"{db}\"\n{sink}"),
+        format!(
+            "[postgres]\nurl = \"{url}\"\nslot = \"{db}\"\n{sink}{}\n",
+            args.extra_config
+        ),
     )?;
     let status = Command::new(&args.relay)
         .args(["migrate", "--config"])
