@@ -532,7 +532,7 @@ async fn poll_batches_are_bounded_by_bytes_and_always_take_one_row() {
     let mut poller = outboxd::source::polling::Poller::open(&cfg).await.unwrap();
     let mut sizes = Vec::new();
     loop {
-        let batch = poller.fetch(1000).await.unwrap();
+        let batch = poller.fetch(poller.cursor(), 1000).await.unwrap();
         let Some((_, last)) = batch.last().cloned() else {
             break;
         };

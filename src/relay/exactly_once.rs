@@ -4,6 +4,7 @@
 
 use std::time::Instant;
 
+use super::session::Eos;
 use crate::config::Config;
 use crate::dead_letter::DlqTable;
 use crate::error::{Error, Result};
@@ -14,7 +15,6 @@ use crate::sink::kafka::KafkaSink;
 use crate::sink::positions::{self, Position};
 use crate::source::pgoutput::format_lsn;
 use crate::source::polling::Cursor;
-use crate::transaction::Transactions;
 use crate::window::Window;
 
 /// Exactly-once: registers the producer (fencing any earlier one with the same
@@ -79,18 +79,6 @@ pub(super) async fn resume_cursor(
     }
 }
 
-/// Polling mode: commits the open Kafka transaction with the cursor of the last row it
-/// holds (every record of it acknowledged: the caller drained the window).
-pub(super) async fn commit_cursor(
-    cfg: &Config,
-    sink: &mut Broker,
-    pipeline: &str,
-    cursor: Cursor,
-) -> Result<()> {
-    let (xid, seq) = cursor;
-    commit_with_position(cfg, sink.kafka()?, pipeline, Position::Cursor { xid, seq }).await
-}
-
 /// Writes `position` into the open transaction and commits it.
 async fn commit_with_position(
     cfg: &Config,
@@ -106,17 +94,18 @@ async fn commit_with_position(
     Ok(())
 }
 
-/// Exactly-once: commits the open Kafka transaction with its position.
+/// Exactly-once: commits the open Kafka transaction with its position (`describe` turns the
+/// source's position into the record written to the position topic).
 pub(super) async fn commit(
     cfg: &Config,
     window: &mut Window,
     sink: &mut Broker,
     dlq: &DlqTable<'_>,
-    eos: &mut Transactions,
-    pipeline: &str,
+    eos: &mut Eos,
+    describe: impl Fn(u64) -> Result<Position>,
     health: &Health,
 ) -> Result<()> {
-    let Some(position) = eos.committable(window.sent) else {
+    let Some(position) = eos.transactions.committable(window.sent) else {
         return Ok(());
     };
     let started = Instant::now();
@@ -129,9 +118,15 @@ pub(super) async fn commit(
         window.handle(settled, sink, dlq).await?;
     }
     let drained = started.elapsed();
-    commit_with_position(cfg, sink.kafka()?, pipeline, Position::Lsn(position)).await?;
-    eos.committed(position);
-    tracing::debug!(position = %format_lsn(position), drained_ms = drained.as_millis() as u64, total_ms = started.elapsed().as_millis() as u64, "kafka transaction committed");
+    let record = describe(position)?;
+    commit_with_position(cfg, sink.kafka()?, &eos.pipeline, record).await?;
+    eos.transactions.committed(position);
+    tracing::debug!(
+        position,
+        drained_ms = drained.as_millis() as u64,
+        total_ms = started.elapsed().as_millis() as u64,
+        "kafka transaction committed"
+    );
     Ok(())
 }
 

@@ -14,12 +14,16 @@
 //! resumes from the slot's confirmed position (duplicates carry their original `id`).
 //! Transient PostgreSQL or Kafka errors do the same; permanent ones end the daemon.
 //!
-//! Files: [`logical`] (the replication session and its shutdown), [`polling`] (the polling
-//! session), [`exactly_once`] (Kafka transactions around either).
+//! Files: [`session`] (the one loop, for every source and sink, and its graceful stop),
+//! [`source`] (what the loop needs from a source), [`logical`] and [`polling`] (the two
+//! sources, and how a session on each begins), [`exactly_once`] (Kafka transactions around
+//! the loop).
 
 mod exactly_once;
 mod logical;
 mod polling;
+mod session;
+mod source;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -83,13 +87,22 @@ pub async fn run(cfg: Config, mut stop: watch::Receiver<bool>, health: Arc<Healt
             return Ok(());
         }
         let hints = repeats.hints.clone();
+        let ctx = session::Context {
+            cfg: &cfg,
+            router: &router,
+            health: &health,
+        };
+        // Open a session on the configured source (waiting as standby while another
+        // instance leads), then the one loop.
         let result = match cfg.mode {
-            Mode::Logical => {
-                logical::session(&cfg, &router, &mut stop, &mut backoff, &health, hints).await
-            }
-            Mode::Polling => {
-                polling::session(&cfg, &router, &mut stop, &mut backoff, &health, hints).await
-            }
+            Mode::Logical => match logical::open(&cfg, &mut stop, &health).await {
+                Ok(Some(opened)) => session::run(ctx, opened, &mut stop, &mut backoff, hints).await,
+                other => other.map(|_| ()),
+            },
+            Mode::Polling => match polling::open(&cfg, &mut stop, &health).await {
+                Ok(Some(opened)) => session::run(ctx, opened, &mut stop, &mut backoff, hints).await,
+                other => other.map(|_| ()),
+            },
         };
         health.set_role(Role::Starting);
         match result {

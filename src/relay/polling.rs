@@ -1,37 +1,46 @@
-//! The polling session: fetch committed rows past the cursor, publish, store the cursor.
+//! The polling source: committed rows past a cursor (`crate::source::polling`), as the one
+//! session loop (`super::session`) reads them; and how a session on it begins and ends.
+//!
+//! Rows are read ahead of the stored cursor: each row gets an ordinal (the position the loop
+//! counts with) and the source remembers which cursor each ordinal stands for, so the cursor
+//! stored is always that of a row whose predecessors were all acknowledged. Storing is an
+//! UPDATE, so it happens at most every [`CONFIRM_EVERY`].
 
+use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
+use tokio_postgres::Client;
 
-use super::exactly_once::{commit_cursor, resume_cursor};
-use super::Backoff;
+use super::exactly_once::resume_cursor;
+use super::session::{unconfirmed, Eos, Opened};
+use super::source::{Item, Source};
+use crate::checkpoint::Checkpoint;
 use crate::config::{Config, Delivery};
-use crate::dead_letter::DlqTable;
 use crate::error::{Error, Result};
-use crate::health::{Health, Role};
+use crate::event::Event;
+use crate::health::Health;
 use crate::metrics as m;
 use crate::pg::{pipeline_identity, within};
-use crate::route::Router;
 use crate::sink::broker::Broker;
+use crate::sink::positions::Position;
 use crate::source::logical::{acquire_leadership, LockSession};
 use crate::source::polling::{Cursor, Poller};
-use crate::window::{Hints, Window};
+use crate::transaction::Transactions;
 
-/// Polling mode: fetch committed rows past the cursor, publish them with many in flight,
-/// store the cursor once Kafka acknowledged them; wait for a NOTIFY or the interval when idle.
-pub(super) async fn session(
-    cfg: &Config,
-    router: &Router,
+/// The cursor row is updated at most this often while events flow.
+const CONFIRM_EVERY: Duration = Duration::from_millis(100);
+
+/// Polling mode: leadership by an advisory lock on the SQL session, then the loop.
+pub(super) async fn open<'a>(
+    cfg: &'a Config,
     stop: &mut watch::Receiver<bool>,
-    backoff: &mut Backoff,
     health: &Health,
-    mut hints: Hints,
-) -> Result<()> {
+) -> Result<Option<Opened<PollingSource<'a>>>> {
     let mut poller = Poller::open(cfg).await?;
     let lock = LockSession::Sql(&poller.client, cfg.postgres.stream_timeout);
     if !acquire_leadership(lock, &cfg.postgres.slot, stop, health).await? {
-        return Ok(());
+        return Ok(None);
     }
     // Another instance may have moved the cursor while this one waited for the lock.
     poller.reload_cursor().await?;
@@ -51,157 +60,189 @@ pub(super) async fn session(
         }
     };
     let (mut sink, broker) = Broker::connect(cfg, pipeline.as_deref()).await?;
-    if let Some(p) = &pipeline {
-        if let Some(pos) = resume_cursor(cfg, sink.kafka()?, p).await? {
-            let adopt = poller.adopt(pos, &cfg.kafka.position_topic);
-            within(limit, "storing the cursor", adopt).await?;
+    let eos = match pipeline {
+        None => None,
+        Some(pipeline) => {
+            if let Some(pos) = resume_cursor(cfg, sink.kafka()?, &pipeline).await? {
+                let adopt = poller.adopt(pos, &cfg.kafka.position_topic);
+                within(limit, "storing the cursor", adopt).await?;
+            }
+            // Ordinals start at 1 each session: position 0 is the cursor adopted above.
+            let transactions = Transactions::new(
+                cfg.kafka.transaction_interval,
+                cfg.kafka.transaction_max_events,
+                0,
+            );
+            Some(Eos {
+                transactions,
+                pipeline,
+            })
         }
-    }
+    };
     if cfg.polling.notify {
         if let Err(e) = poller.listen().await {
             tracing::warn!(error = %e, "LISTEN failed; polling every polling.interval_ms instead");
         }
     }
-    health.set_role(Role::Leader);
-    let (xid, seq) = poller.cursor();
-    tracing::info!(cursor = %format!("{xid}/{seq}"), sink = %broker, promises = %crate::sink::Sink::promises(&sink), "relay started (polling mode)");
-    // Retention runs beside publishing, on its own connection; it ends with the session.
-    let _retention = AbortOnDrop(tokio::spawn(crate::source::polling::retention_loop(
-        cfg.clone(),
-    )));
-    let mut last_pending = Instant::now() - Duration::from_secs(60);
-    loop {
-        if *stop.borrow() {
-            return Ok(());
+    let source = PollingSource {
+        cfg,
+        read: poller.cursor(),
+        poller,
+        batch: VecDeque::new(),
+        boundary: None,
+        ordinal: 0,
+        cursors: VecDeque::new(),
+        last_pending: Instant::now() - Duration::from_secs(60),
+        // Retention runs beside publishing, on its own connection; it ends with the session.
+        _retention: AbortOnDrop(tokio::spawn(crate::source::polling::retention_loop(
+            cfg.clone(),
+        ))),
+    };
+    Ok(Some(Opened {
+        source,
+        sink,
+        broker,
+        eos,
+    }))
+}
+
+/// Rows past the cursor, read ahead in batches.
+pub(super) struct PollingSource<'a> {
+    cfg: &'a Config,
+    poller: Poller,
+    /// The last row read (ahead of the stored cursor).
+    read: Cursor,
+    batch: VecDeque<(Event, Cursor)>,
+    /// The ordinal of the row just yielded, to be yielded as a boundary next.
+    boundary: Option<u64>,
+    ordinal: u64,
+    /// (ordinal, cursor) of rows yielded and not yet stored, oldest first.
+    cursors: VecDeque<(u64, Cursor)>,
+    last_pending: Instant,
+    _retention: AbortOnDrop,
+}
+
+impl PollingSource<'_> {
+    fn cursor_of(&self, position: u64) -> Result<Cursor> {
+        self.cursors
+            .iter()
+            .find(|(o, _)| *o == position)
+            .map(|(_, c)| *c)
+            .ok_or_else(|| Error::Decode(format!("no cursor for polling position {position}")))
+    }
+}
+
+impl Source for PollingSource<'_> {
+    type Message = Item;
+
+    fn describe(&self) -> String {
+        let (xid, seq) = self.poller.cursor();
+        format!("polling cursor {xid}/{seq}")
+    }
+
+    fn client(&self) -> &Client {
+        &self.poller.client
+    }
+
+    fn confirmed(&self) -> u64 {
+        0
+    }
+
+    fn limit(&self) -> u64 {
+        u64::MAX
+    }
+
+    fn commit_position(&self) -> u64 {
+        // Exactly-once adopts the committed cursor before reading: nothing to skip.
+        u64::MAX
+    }
+
+    fn confirm_every(&self) -> Duration {
+        CONFIRM_EVERY
+    }
+
+    async fn recv(&mut self) -> Result<Item> {
+        if let Some(b) = self.boundary.take() {
+            return Ok(Item::Boundary(b));
         }
-        if last_pending.elapsed() >= Duration::from_secs(5) {
-            last_pending = Instant::now();
-            let pending = within(limit, "counting pending rows", poller.pending()).await?;
-            metrics::gauge!(m::POLLING_PENDING).set(pending as f64);
-        }
-        let batch = within(limit, "polling", poller.fetch(cfg.polling.batch_size)).await?;
-        let full = batch.len() as i64 >= cfg.polling.batch_size;
-        if batch.is_empty() {
+        let limit = self.cfg.postgres.stream_timeout;
+        loop {
+            if let Some((event, cursor)) = self.batch.pop_front() {
+                self.ordinal += 1;
+                self.cursors.push_back((self.ordinal, cursor));
+                self.boundary = Some(self.ordinal);
+                return Ok(Item::Event(event));
+            }
+            let fetch = self.poller.fetch(self.read, self.cfg.polling.batch_size);
+            let batch = within(limit, "polling", fetch).await?;
+            if let Some((_, last)) = batch.last() {
+                self.read = *last;
+                self.batch = batch.into();
+                continue;
+            }
             // A dump/restore under a running relay shows up as a cursor from the future.
-            within(
-                limit,
-                "checking the cursor",
-                poller.check_cursor_in_this_cluster(),
-            )
-            .await?;
+            let check = self.poller.check_cursor_in_this_cluster();
+            within(limit, "checking the cursor", check).await?;
             // Rows that exist but are not yet safe to read (a transaction anywhere in the
             // cluster holds the snapshot's xmin back) send no second NOTIFY: look again soon.
-            let wait = if within(limit, "polling", poller.has_unpublished()).await? {
-                cfg.polling.interval.min(Duration::from_millis(200))
+            let unpublished = self.poller.has_unpublished(self.read);
+            let wait = if within(limit, "polling", unpublished).await? {
+                self.cfg.polling.interval.min(Duration::from_millis(200))
             } else {
-                cfg.polling.interval
+                self.cfg.polling.interval
             };
-            tokio::select! {
-                _ = poller.wait(wait) => {}
-                _ = stop.changed() => return Ok(()),
-            }
-            continue;
+            self.poller.wait(wait).await;
         }
-        // Exactly-once: one Kafka transaction per batch.
-        let mut window = Window::new(hints.clone(), pipeline.is_some());
-        // Each row's position, safe to store once this many sent events are acknowledged.
-        let mut bounds: Vec<(u64, Cursor)> = Vec::new();
-        let dlq = DlqTable::new(&poller.client, &cfg.postgres);
-        let mut outcome: Result<()> = Ok(());
-        for (mut event, pos) in batch {
-            if *stop.borrow() {
+    }
+
+    async fn decode(&mut self, item: Item) -> Result<Option<Item>> {
+        Ok(Some(item))
+    }
+
+    async fn confirm(&mut self, position: u64) -> Result<()> {
+        let mut cursor = None;
+        while let Some(&(o, c)) = self.cursors.front() {
+            if o > position {
                 break;
             }
-            if let Err(e) = window
-                .publish(&mut event, router, &mut sink, &dlq, health)
-                .await
-            {
-                outcome = Err(e);
-                break;
-            }
-            // Sent or dead-lettered: either way the row is done once the events sent before
-            // (and including) it are acknowledged.
-            bounds.push((window.sent, pos));
-            while !window.has_room(cfg.kafka.max_in_flight, cfg.kafka.max_in_flight_bytes) {
-                let settled = window
-                    .settle_reporting(cfg.kafka.delivery_timeout, health)
-                    .await;
-                if let Err(e) = window.handle(settled, &mut sink, &dlq).await {
-                    outcome = Err(e);
-                    break;
-                }
-            }
-            if outcome.is_err() {
-                break;
-            }
+            cursor = Some(c);
+            self.cursors.pop_front();
         }
-        let deadline =
-            (*stop.borrow()).then(|| tokio::time::Instant::now() + cfg.kafka.shutdown_timeout);
-        while outcome.is_ok() && !window.is_empty() {
-            let settled = match deadline {
-                Some(d) => match tokio::time::timeout_at(d, window.settle_oldest()).await {
-                    Ok(s) => s,
-                    Err(_) => break,
-                },
-                None => {
-                    window
-                        .settle_reporting(cfg.kafka.delivery_timeout, health)
-                        .await
-                }
-            };
-            if let Err(e) = window.handle(settled, &mut sink, &dlq).await {
-                outcome = Err(e);
-            }
+        if let Some(c) = cursor {
+            let limit = self.cfg.postgres.stream_timeout;
+            within(limit, "storing the cursor", self.poller.store(c)).await?;
         }
-        window.report(health);
-        // Store the position after the acknowledged prefix.
-        let stored = bounds
-            .iter()
-            .take_while(|(needed, _)| *needed <= window.acked)
-            .map(|(_, pos)| *pos)
-            .last();
-        let drained = window.is_empty();
-        hints = window.into_hints();
-        let txn_open = match &pipeline {
-            Some(_) => sink.kafka()?.txn_open(),
-            None => false,
+        Ok(())
+    }
+
+    async fn tick(&mut self, _checkpoint: &mut Checkpoint, _quiet: bool) -> Result<()> {
+        if self.last_pending.elapsed() >= Duration::from_secs(5) {
+            self.last_pending = Instant::now();
+            let limit = self.cfg.postgres.stream_timeout;
+            let pending = within(limit, "counting pending rows", self.poller.pending()).await?;
+            metrics::gauge!(m::POLLING_PENDING).set(pending as f64);
+        }
+        Ok(())
+    }
+
+    fn position(&self, position: u64) -> Result<Position> {
+        let (xid, seq) = self.cursor_of(position)?;
+        Ok(Position::Cursor { xid, seq })
+    }
+
+    async fn last_check(&mut self, _checkpoint: &mut Checkpoint) {}
+
+    async fn finish(mut self, safe: u64) -> Result<()> {
+        let stored = match self.cursors.iter().rfind(|(o, _)| *o <= safe) {
+            Some(&(_, c)) => c,
+            None => self.poller.cursor(),
         };
-        if let (Some(p), true) = (&pipeline, txn_open) {
-            // The cursor is stored only after the transaction holding its rows committed,
-            // and a transaction commits only whole: every record in it acknowledged.
-            match (stored, &outcome) {
-                (Some(pos), Ok(())) if drained => commit_cursor(cfg, &mut sink, p, pos).await?,
-                _ => {
-                    sink.kafka()?.abort(cfg.kafka.delivery_timeout).await;
-                    outcome?;
-                    continue;
-                }
-            }
+        if let Err(e) = self.confirm(safe).await {
+            let at = format!("cursor {}/{}", stored.0, stored.1);
+            return Err(unconfirmed(&at, e.to_string()));
         }
-        if let Some(pos) = stored {
-            if let Err(e) = within(limit, "storing the cursor", poller.store(pos)).await {
-                if *stop.borrow() {
-                    return Err(Error::Shutdown(format!(
-                        "acknowledged events up to cursor {}/{} could not be stored ({e}); they will be published again after a restart",
-                        pos.0, pos.1
-                    )));
-                }
-                return Err(e);
-            }
-            backoff.reset();
-            health.recovered();
-        }
-        outcome?;
-        if *stop.borrow() {
-            tracing::info!("stopped; acknowledged events stored in the cursor");
-            return Ok(());
-        }
-        if !full {
-            tokio::select! {
-                _ = poller.wait(cfg.polling.interval) => {}
-                _ = stop.changed() => return Ok(()),
-            }
-        }
+        tracing::info!(cursor = %format!("{}/{}", stored.0, stored.1), "stopped; acknowledged events stored in the cursor");
+        Ok(())
     }
 }
 

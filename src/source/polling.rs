@@ -398,15 +398,13 @@ impl Poller {
         let _ = tokio::time::timeout(interval, self.wake.notified()).await;
     }
 
-    /// The next committed rows past the cursor, with their positions.
-    pub async fn fetch(&self, limit: i64) -> Result<Vec<(Event, Cursor)>> {
-        let xid = self.cursor.0.to_string();
+    /// The next committed rows past `after` (the stored cursor, or the last row read ahead
+    /// of it), with their positions.
+    pub async fn fetch(&self, after: Cursor, limit: i64) -> Result<Vec<(Event, Cursor)>> {
+        let xid = after.0.to_string();
         let rows = self
             .client
-            .query(
-                &self.query,
-                &[&xid, &self.cursor.1, &limit, &self.max_bytes],
-            )
+            .query(&self.query, &[&xid, &after.1, &limit, &self.max_bytes])
             .await
             .map_err(|e| Error::pg("polling the outbox table", e))?;
         let mut out = Vec::with_capacity(rows.len());
@@ -450,15 +448,15 @@ impl Poller {
         Ok(())
     }
 
-    /// Whether rows exist past the cursor (committed or not yet visible as safe).
-    pub async fn has_unpublished(&self) -> Result<bool> {
-        let xid = self.cursor.0.to_string();
+    /// Whether rows exist past `after` (committed or not yet visible as safe).
+    pub async fn has_unpublished(&self, after: Cursor) -> Result<bool> {
+        let xid = after.0.to_string();
         let sql = format!(
             "SELECT EXISTS (SELECT 1 FROM {} WHERE (outboxd_xid, outboxd_seq) > ($1::text::xid8, $2::int8))",
             self.cfg.postgres.qualified_table()
         );
         self.client
-            .query_one(&sql, &[&xid, &self.cursor.1])
+            .query_one(&sql, &[&xid, &after.1])
             .await
             .map(|r| r.get(0))
             .map_err(|e| Error::pg("looking for unpublished rows", e))
