@@ -22,10 +22,11 @@
 #                            an N-node KRaft cluster, replication N, min.insync.replicas N-1
 #   scripts/stack.sh kafka-node-kill DIR I, kafka-node-start DIR I
 #                            SIGKILL node I of that cluster / start it again on its data
-#   scripts/stack.sh nats-start DIR, rabbitmq-start DIR
+#   scripts/stack.sh nats-start DIR [CERTDIR], rabbitmq-start DIR [CERTDIR]
 #                            a NATS server (JetStream) / RabbitMQ node of its own in DIR
 #                            (prints its URL; started again on the same DIR, it keeps its
-#                            port and data)
+#                            port and data); with CERTDIR (tls-certs) NATS is TLS-only and
+#                            RabbitMQ adds an AMQPS listener (its URL in DIR/tls_url)
 #   scripts/stack.sh broker-kill DIR, broker-stop DIR [--remove]
 #                            SIGKILL / stop that server (--remove: and its directory)
 #
@@ -338,31 +339,55 @@ stop_kafka() {
   return 0
 }
 
-# start_nats DIR: nats-server with JetStream, its store in DIR/js, on 127.0.0.1 and a free
-# port (kept in DIR/port, so a restart on the same DIR listens where clients reconnect).
+# start_nats DIR [CERTDIR]: nats-server with JetStream, its store in DIR/js, on 127.0.0.1 and
+# a free port (kept in DIR/port, so a restart on the same DIR listens where clients
+# reconnect). With CERTDIR (from tls-certs): TLS only, with CERTDIR's server certificate
+# (CN localhost), and the URL is tls://localhost:PORT.
 start_nats() {
-  local dir=$1 port
+  local dir=$1 certs=${2:-} port tls=()
   mkdir -p "$dir"
   [ -f "$dir/port" ] || free_port >"$dir/port"
   port=$(cat "$dir/port")
-  setsid nats-server -a 127.0.0.1 -p "$port" -js -sd "$dir/js" -l "$dir/nats.log" \
+  if [ -n "$certs" ]; then
+    tls=(--tls --tlscert "$certs/server.pem" --tlskey "$certs/server.key")
+  fi
+  setsid nats-server -a 127.0.0.1 -p "$port" -js -sd "$dir/js" -l "$dir/nats.log" "${tls[@]}" \
     </dev/null >/dev/null 2>&1 &
   echo $! >"$dir/nats.pid"
   wait_port "$port" nats-server
-  echo "nats://127.0.0.1:$port" >"$dir/url"
+  if [ -n "$certs" ]; then
+    echo "tls://localhost:$port" >"$dir/url"
+  else
+    echo "nats://127.0.0.1:$port" >"$dir/url"
+  fi
 }
 
-# start_rabbitmq DIR: a RabbitMQ node of its own (name, AMQP, distribution and epmd ports,
-# data and log directories in DIR), run as the rabbitmq user when root. Ready when the node
-# log says so (~3 s); prints nothing on stdout.
+# start_rabbitmq DIR [CERTDIR]: a RabbitMQ node of its own (name, AMQP, distribution and
+# epmd ports, data and log directories in DIR), run as the rabbitmq user when root. With
+# CERTDIR (from tls-certs) it also listens for AMQPS on 127.0.0.1 with CERTDIR's server
+# certificate, and DIR/tls_url is amqps://…@localhost:PORT. Ready when the node log says so
+# (~3 s); prints nothing on stdout.
 start_rabbitmq() {
-  local dir=$1 name i
+  local dir=$1 certs=${2:-} name i
   mkdir -p "$dir/home"
   if [ ! -f "$dir/ports" ]; then
-    echo "$(free_port) $(free_port) $(free_port)" >"$dir/ports"
+    echo "$(free_port) $(free_port) $(free_port) $(free_port)" >"$dir/ports"
     echo '[].' >"$dir/enabled_plugins"
   fi
-  read -r amqp dist epmd <"$dir/ports"
+  read -r amqp dist epmd amqps <"$dir/ports"
+  : >"$dir/rabbitmq.conf"
+  if [ -n "$certs" ]; then
+    mkdir -p "$dir/tls"
+    cp "$certs/ca.pem" "$certs/server.pem" "$certs/server.key" "$dir/tls/"
+    {
+      echo "listeners.ssl.1 = 127.0.0.1:$amqps"
+      echo "ssl_options.cacertfile = $dir/tls/ca.pem"
+      echo "ssl_options.certfile = $dir/tls/server.pem"
+      echo "ssl_options.keyfile = $dir/tls/server.key"
+      echo "ssl_options.verify = verify_none"
+      echo "ssl_options.fail_if_no_peer_cert = false"
+    } >"$dir/rabbitmq.conf"
+  fi
   name="outboxd$amqp@localhost"
   local run=()
   if [ "$(id -u)" = 0 ]; then
@@ -375,13 +400,14 @@ start_rabbitmq() {
     RABBITMQ_NODE_IP_ADDRESS=127.0.0.1 RABBITMQ_NODE_PORT="$amqp" \
     RABBITMQ_DIST_PORT="$dist" ERL_EPMD_PORT="$epmd" \
     RABBITMQ_MNESIA_BASE="$dir/mnesia" RABBITMQ_LOG_BASE="$dir/log" \
-    RABBITMQ_ENABLED_PLUGINS_FILE="$dir/enabled_plugins" \
+    RABBITMQ_ENABLED_PLUGINS_FILE="$dir/enabled_plugins" RABBITMQ_CONFIG_FILE="$dir/rabbitmq.conf" \
     /usr/lib/rabbitmq/bin/rabbitmq-server </dev/null >"$dir/stdout" 2>&1 &
   echo $! >"$dir/rabbitmq.pid"
   for i in $(seq 1 300); do
     n=$(rabbitmq_started "$dir/log/$name.log")
     if [ "$n" -gt "$before" ]; then
       echo "amqp://guest:guest@127.0.0.1:$amqp/%2f" >"$dir/url"
+      if [ -n "$certs" ]; then echo "amqps://guest:guest@localhost:$amqps/%2f" >"$dir/tls_url"; fi
       return 0
     fi
     kill -0 "$(cat "$dir/rabbitmq.pid")" 2>/dev/null || break
@@ -413,7 +439,7 @@ stop_broker() {
     rm -f "$f"
   done
   if [ -f "$dir/ports" ] && [ "$signal" = TERM ]; then
-    read -r _ _ epmd <"$dir/ports"
+    read -r _ _ epmd _ <"$dir/ports"
     for pid in $(pgrep -x epmd || true); do
       if tr '\0' '\n' <"/proc/$pid/environ" 2>/dev/null | grep -qx "ERL_EPMD_PORT=$epmd"; then
         kill "$pid" 2>/dev/null || true
@@ -481,8 +507,8 @@ case "${1:-}" in
   kafka-node-kill) kill_pid_file "$2/node$3/kafka.pid" KILL ;;
   kafka-node-start) KAFKA_HEAP=256m kafka_launch "$2/node$3"; kafka_wait "$2/node$3" "$(( $(grep -c 'Kafka Server started' "$2/node$3/kafka.log") + 1 ))" ;;
   kafka-stop) stop_kafka "$2"; rm -rf "$2" ;;
-  nats-start) start_nats "$2"; cat "$2/url" ;;
-  rabbitmq-start) start_rabbitmq "$2"; cat "$2/url" ;;
+  nats-start) start_nats "$2" "${3:-}"; cat "$2/url" ;;
+  rabbitmq-start) start_rabbitmq "$2" "${3:-}"; cat "$2/url" ;;
   broker-kill) stop_broker "$2" KILL ;;
   broker-stop) stop_broker "$2" TERM; if [ "${3:-}" = --remove ]; then rm -rf "$2"; fi ;;
   *) echo "usage: $0 up|down|env|install|pg-start DIR PORT [OPTIONS]|pg-stop DIR|tls-certs DIR|kafka-start DIR [PROP=VALUE...]|kafka-start-sasl DIR USER PASSWORD|kafka-cluster-start DIR N [PROP=VALUE...]|kafka-node-kill DIR I|kafka-node-start DIR I|kafka-stop DIR|nats-start DIR|rabbitmq-start DIR|broker-kill DIR|broker-stop DIR [--remove]" >&2; exit 2 ;;

@@ -10,7 +10,7 @@
 mod common;
 
 use std::collections::HashSet;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::*;
@@ -31,9 +31,15 @@ struct Rig {
 
 impl Rig {
     async fn new(kind: Kind, prefix: &str, extra: &str) -> Rig {
+        Self::with_certs(kind, prefix, extra, None).await
+    }
+
+    /// `certs`: the broker speaks TLS with a certificate from this throwaway CA, and the
+    /// relay is pointed at its TLS address (without a CA file: `extra` adds one).
+    async fn with_certs(kind: Kind, prefix: &str, extra: &str, certs: Option<&Path>) -> Rig {
         let broker = match kind {
-            Kind::Nats => PrivateBroker::nats(),
-            Kind::RabbitMq => PrivateBroker::rabbitmq(),
+            Kind::Nats => PrivateBroker::start("nats", certs),
+            Kind::RabbitMq => PrivateBroker::start("rabbitmq", certs),
         };
         let db = TestDb::new(prefix).await;
         let sink = match kind {
@@ -42,7 +48,7 @@ impl Rig {
                 // Bound before the relay starts: with `mandatory`, a message no queue takes is
                 // dead-lettered, not dropped.
                 rabbitmq_queue(&broker.url, &db.name, &db.name, "order.#").await;
-                rabbitmq_sink_config(&db, &broker.url)
+                rabbitmq_sink_config(&db, broker.tls_url.as_deref().unwrap_or(&broker.url))
             }
         };
         let config = db.config(&kafka_brokers(), &format!("{sink}\n{extra}"));
@@ -63,7 +69,17 @@ impl Rig {
             Kind::Nats => {
                 let filter = format!("{}.order.>", self.db.name);
                 let stream = self.db.name.to_uppercase();
-                nats_read(&self.broker.url, &stream, &filter, expect, timeout, linger).await
+                let ca = self.broker.ca.as_deref();
+                nats_read(
+                    &self.broker.url,
+                    ca,
+                    &stream,
+                    &filter,
+                    expect,
+                    timeout,
+                    linger,
+                )
+                .await
             }
             Kind::RabbitMq => {
                 rabbitmq_read(&self.broker.url, &self.db.name, expect, timeout, linger).await
@@ -78,7 +94,8 @@ impl Rig {
         let got = match self.kind {
             Kind::Nats => {
                 let stream = self.db.name.to_uppercase();
-                nats_read(&self.broker.url, &stream, &dlq, expect, timeout, linger).await
+                let ca = self.broker.ca.as_deref();
+                nats_read(&self.broker.url, ca, &stream, &dlq, expect, timeout, linger).await
             }
             Kind::RabbitMq => rabbitmq_read(&self.broker.url, &dlq, expect, timeout, linger).await,
         };
@@ -369,4 +386,48 @@ async fn rabbitmq_verify_exits_2_saying_queues_cannot_be_read_back() {
     let err = String::from_utf8_lossy(&out.stderr).to_string();
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("cannot read RabbitMQ back"), "{err}");
+}
+
+/// A broker whose certificate comes from a private CA: with `ca_file` naming that CA the
+/// relay publishes over TLS; with another CA it exits 2 naming the key.
+async fn relays_over_tls_with_a_private_ca(kind: Kind, prefix: &str, section: &str) {
+    let certs = std::env::temp_dir().join(unique("outboxd-sink-certs"));
+    stack(&["tls-certs", certs.to_str().unwrap()]);
+    let ca = certs.join("ca.pem");
+    let extra = format!("[{section}]\nca_file = \"{}\"\n", ca.display());
+    let rig = Rig::with_certs(kind, prefix, &extra, Some(&certs)).await;
+    let mut client = rig.db.client().await;
+    let mut written = Vec::new();
+    for i in 0..20 {
+        let e = [("order".to_string(), format!("agg-{}", i % 4))];
+        written.extend(write_txn(&mut client, &e, false).await.unwrap());
+    }
+    let mut relay = Relay::start(&rig.config);
+    let received = rig.read(&ids(&written)).await;
+    assert_exactly_written(&written, &received);
+    relay.terminate(Duration::from_secs(20));
+
+    let text = std::fs::read_to_string(&rig.config).unwrap();
+    let other = certs.join("other-ca.pem");
+    std::fs::write(
+        &rig.config,
+        text.replace(ca.to_str().unwrap(), other.to_str().unwrap()),
+    )
+    .unwrap();
+    let mut relay = Relay::start(&rig.config);
+    let status = relay.wait_exit(Duration::from_secs(60));
+    let log = relay.log_text();
+    assert_eq!(status.code(), Some(2), "{log}");
+    let key = format!("{section}.ca_file");
+    assert!(log.contains(&key), "expected `{key}` in: {log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nats_relays_over_tls_verifying_the_server_against_nats_ca_file() {
+    relays_over_tls_with_a_private_ca(Kind::Nats, "nats_tls", "nats").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rabbitmq_relays_over_amqps_verifying_the_server_against_rabbitmq_ca_file() {
+    relays_over_tls_with_a_private_ca(Kind::RabbitMq, "rmq_tls", "rabbitmq").await;
 }

@@ -87,6 +87,9 @@ pub struct RabbitMqConfig {
     pub routing_key: String,
     /// A durable queue the relay declares and dead-letters into (default exchange).
     pub dead_letter_queue: String,
+    /// `amqps://`: PEM file of the CA(s) the server's certificate must chain to (default:
+    /// the system's).
+    pub ca_file: Option<String>,
 }
 
 /// `[nats]`: JetStream with `Nats-Msg-Id` deduplication (see `crate::sink::nats`).
@@ -108,6 +111,12 @@ pub struct NatsConfig {
     pub dead_letter_subject: String,
     /// How long a publish waits for the stream's acknowledgement before it is retried.
     pub ack_timeout: Duration,
+    /// PEM file of the CA(s) the server's certificate must chain to; setting it requires
+    /// TLS (default: the system's roots, TLS only with `tls://`).
+    pub ca_file: Option<String>,
+    /// A client certificate and its key (PEM), for servers that verify clients.
+    pub cert_file: Option<String>,
+    pub key_file: Option<String>,
 }
 
 /// How outboxd reads PostgreSQL.

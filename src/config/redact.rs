@@ -200,6 +200,7 @@ impl fmt::Debug for RabbitMqConfig {
             .field("declare_exchange", &self.declare_exchange)
             .field("routing_key", &self.routing_key)
             .field("dead_letter_queue", &self.dead_letter_queue)
+            .field("ca_file", &self.ca_file)
             .finish()
     }
 }
@@ -215,6 +216,9 @@ impl fmt::Debug for NatsConfig {
             .field("duplicate_window", &self.duplicate_window)
             .field("dead_letter_subject", &self.dead_letter_subject)
             .field("ack_timeout", &self.ack_timeout)
+            .field("ca_file", &self.ca_file)
+            .field("cert_file", &self.cert_file)
+            .field("key_file", &self.key_file)
             .finish()
     }
 }

@@ -36,6 +36,7 @@ pub(super) struct RawRabbitMq {
     declare_exchange: Option<bool>,
     routing_key: Option<String>,
     dead_letter_queue: Option<String>,
+    ca_file: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -49,6 +50,9 @@ pub(super) struct RawNats {
     duplicate_window_ms: Option<u64>,
     dead_letter_subject: Option<String>,
     ack_timeout_ms: Option<u64>,
+    ca_file: Option<String>,
+    cert_file: Option<String>,
+    key_file: Option<String>,
 }
 
 /// Where each delivery-window key was set: `sink.…` or `kafka.…`.
@@ -144,6 +148,16 @@ pub(super) fn sink_kind(sink: &RawSink) -> Result<SinkKind, ConfigError> {
     }
 }
 
+/// A file the relay must be able to read (a CA or client certificate): checked here, so a
+/// typo is exit 2 naming the key, not a TLS error later.
+fn readable(key: &'static str, path: Option<String>) -> Result<Option<String>, ConfigError> {
+    let Some(path) = path else {
+        return Ok(None);
+    };
+    std::fs::metadata(&path).map_err(|e| invalid(key, format!("cannot read `{path}`: {e}")))?;
+    Ok(Some(path))
+}
+
 fn template(key: &'static str, text: &str) -> Result<(), ConfigError> {
     TopicTemplate::parse(text)
         .map(|_| ())
@@ -207,7 +221,9 @@ pub(super) fn rabbitmq(raw: RawRabbitMq, used: bool) -> Result<RabbitMqConfig, C
             "must be 1–255 of letters, digits, `-`, `_`, `.`, `:`",
         ));
     }
+    let ca_file = readable("rabbitmq.ca_file", raw.ca_file)?;
     Ok(RabbitMqConfig {
+        ca_file,
         url,
         exchange,
         exchange_type,
@@ -269,7 +285,19 @@ pub(super) fn nats(raw: RawNats, used: bool) -> Result<NatsConfig, ConfigError> 
             "must be between 100 and 600000 milliseconds",
         ));
     }
+    let ca_file = readable("nats.ca_file", raw.ca_file)?;
+    let cert_file = readable("nats.cert_file", raw.cert_file)?;
+    let key_file = readable("nats.key_file", raw.key_file)?;
+    if cert_file.is_some() != key_file.is_some() {
+        return Err(invalid(
+            "nats.cert_file",
+            "a client certificate needs both nats.cert_file and nats.key_file",
+        ));
+    }
     Ok(NatsConfig {
+        ca_file,
+        cert_file,
+        key_file,
         url,
         subject,
         stream,

@@ -63,7 +63,14 @@ impl NatsSink {
         let url = redact_url(&cfg.url);
         // The client asks this callback for the delay of its first connection too.
         let first = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
-        let client = async_nats::ConnectOptions::new()
+        let mut options = async_nats::ConnectOptions::new();
+        if let Some(ca) = &cfg.ca_file {
+            options = options.add_root_certificates(ca.into()).require_tls(true);
+        }
+        if let (Some(cert), Some(key)) = (&cfg.cert_file, &cfg.key_file) {
+            options = options.add_client_certificate(cert.into(), key.into());
+        }
+        let client = options
             .name("outboxd")
             .connection_timeout(Duration::from_secs(10))
             // Never reconnect within a session (see "Order" above): what the client still
@@ -82,12 +89,22 @@ impl NatsSink {
             .connect(cfg.url.as_str())
             .await
             .map_err(|e| match e.kind() {
+                // rustls reports a certificate it cannot verify as an I/O error.
+                ConnectErrorKind::Io if e.to_string().contains("certificate") => Error::setup(
+                    format!("TLS to NATS at {url} failed: {e}"),
+                    "check nats.ca_file (the CA that signed the server's certificate), the host name in nats.url, and nats.cert_file / nats.key_file",
+                ),
                 ConnectErrorKind::Authentication | ConnectErrorKind::AuthorizationViolation => {
                     Error::setup(
                         format!("NATS at {url} refused the login: {e}"),
                         "check the user and password (or token) in nats.url (OUTBOXD_NATS_URL)",
                     )
                 }
+                // A certificate that does not verify will not verify on the next try either.
+                ConnectErrorKind::Tls => Error::setup(
+                    format!("TLS to NATS at {url} failed: {e}"),
+                    "check nats.ca_file (the CA that signed the server's certificate), the host name in nats.url, and nats.cert_file / nats.key_file",
+                ),
                 ConnectErrorKind::ServerParse => Error::setup(
                     format!("nats.url is not a NATS server address: {e}"),
                     "use nats://host:port",

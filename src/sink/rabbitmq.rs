@@ -34,6 +34,7 @@ use std::time::Duration;
 use lapin::options::{
     BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueDeclareOptions,
 };
+use lapin::tcp::OwnedTLSConfig;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 use lapin::{Confirmation, PublisherConfirm};
@@ -63,6 +64,12 @@ fn connection_error(e: &lapin::Error, url: &str) -> Error {
             "check the user, password and virtual host in rabbitmq.url (OUTBOXD_RABBITMQ_URL)",
         );
     }
+    if text.contains("certificate verify failed") || text.contains("certificate") {
+        return Error::setup(
+            format!("TLS to RabbitMQ at {} failed: {text}", redact_url(url)),
+            "check rabbitmq.ca_file (the CA that signed the server's certificate) and the host name in rabbitmq.url",
+        );
+    }
     if text.contains("NOT_ALLOWED") {
         return Error::setup(
             format!("RabbitMQ at {} refused the virtual host: {text}", redact_url(url)),
@@ -76,7 +83,24 @@ impl RabbitSink {
     /// Connects, opens a channel in confirm mode and declares the dead-letter queue.
     pub async fn connect(cfg: &RabbitMqConfig, delivery_timeout: Duration) -> Result<RabbitSink> {
         let props = ConnectionProperties::default().with_connection_name("outboxd".into());
-        let connect = Connection::connect(&cfg.url, props);
+        let tls = match &cfg.ca_file {
+            Some(path) => {
+                let pem = std::fs::read_to_string(path).map_err(|e| {
+                    Error::setup(
+                        format!("rabbitmq.ca_file {path}: {e}"),
+                        "point rabbitmq.ca_file at a readable PEM file",
+                    )
+                })?;
+                OwnedTLSConfig {
+                    identity: None,
+                    cert_chain: Some(pem),
+                }
+            }
+            None => OwnedTLSConfig::default(),
+        };
+        let runtime = lapin::runtime::default_runtime()
+            .map_err(|e| Error::Publish(format!("rabbitmq: no runtime: {e}")))?;
+        let connect = Connection::connect_with_config(&cfg.url, props, tls, runtime);
         let connection = tokio::time::timeout(Duration::from_secs(10), connect)
             .await
             .map_err(|_| {

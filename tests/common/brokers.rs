@@ -13,24 +13,47 @@ use lapin::types::{AMQPValue, FieldTable};
 /// A broker server of a test's own; stopped and removed on drop.
 pub struct PrivateBroker {
     pub dir: PathBuf,
+    /// NATS: `tls://localhost:…` when started with certificates.
     pub url: String,
+    /// RabbitMQ with certificates: the AMQPS listener's URL.
+    pub tls_url: Option<String>,
+    /// The CA of the server's certificate, when started with certificates.
+    pub ca: Option<PathBuf>,
     kind: &'static str,
+    certs: Option<PathBuf>,
 }
 
 impl PrivateBroker {
     pub fn nats() -> PrivateBroker {
-        Self::start("nats")
+        Self::start("nats", None)
     }
 
     pub fn rabbitmq() -> PrivateBroker {
-        Self::start("rabbitmq")
+        Self::start("rabbitmq", None)
     }
 
-    fn start(kind: &'static str) -> PrivateBroker {
+    /// With TLS: a throwaway CA in `certs` (`stack.sh tls-certs`), server certificate for
+    /// `localhost`.
+    pub fn start(kind: &'static str, certs: Option<&Path>) -> PrivateBroker {
         let dir = std::env::temp_dir().join(unique(&format!("outboxd-{kind}")));
-        let out = stack(&[&format!("{kind}-start"), dir.to_str().unwrap()]);
+        let mut args = vec![format!("{kind}-start"), dir.to_str().unwrap().to_string()];
+        if let Some(c) = certs {
+            args.push(c.to_str().unwrap().to_string());
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = stack(&args);
         let url = String::from_utf8(out.stdout).unwrap().trim().to_string();
-        PrivateBroker { dir, url, kind }
+        let tls_url = std::fs::read_to_string(dir.join("tls_url"))
+            .ok()
+            .map(|u| u.trim().to_string());
+        PrivateBroker {
+            dir,
+            url,
+            tls_url,
+            ca: certs.map(|c| c.join("ca.pem")),
+            kind,
+            certs: certs.map(Path::to_path_buf),
+        }
     }
 
     /// Stops the server (SIGTERM, a clean stop), keeping its data and port.
@@ -45,7 +68,15 @@ impl PrivateBroker {
 
     /// Starts the server again on its data and port.
     pub fn restart(&self) {
-        stack(&[&format!("{}-start", self.kind), self.dir.to_str().unwrap()]);
+        let mut args = vec![
+            format!("{}-start", self.kind),
+            self.dir.to_str().unwrap().to_string(),
+        ];
+        if let Some(c) = &self.certs {
+            args.push(c.to_str().unwrap().to_string());
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        stack(&args);
     }
 }
 
@@ -93,13 +124,18 @@ fn header_text(v: &AMQPValue) -> Option<String> {
 /// sequence, `topic` the stream (one order for the whole stream), `key` the `key` header.
 pub async fn nats_read(
     url: &str,
+    ca: Option<&Path>,
     stream: &str,
     filter: &str,
     expect: &HashSet<String>,
     timeout: Duration,
     linger: Duration,
 ) -> Vec<Received> {
-    let client = async_nats::connect(url).await.unwrap();
+    let mut options = async_nats::ConnectOptions::new();
+    if let Some(ca) = ca {
+        options = options.add_root_certificates(ca.to_path_buf());
+    }
+    let client = options.connect(url).await.unwrap();
     let js = async_nats::jetstream::new(client);
     // The relay creates the stream when it starts: wait for it.
     let deadline = Instant::now() + timeout;
