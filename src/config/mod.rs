@@ -11,6 +11,7 @@
 //! Files: `load.rs` turns the file and the environment into a validated [`Config`];
 //! `redact.rs` keeps secrets out of `Debug` output and logs.
 
+mod kafka;
 mod load;
 mod redact;
 mod sinks;

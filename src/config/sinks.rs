@@ -69,7 +69,7 @@ pub(super) struct WindowKeys {
 /// validated), refusing a key set in both.
 pub(super) fn merge_window_keys(
     sink: &mut RawSink,
-    kafka: &mut super::load::RawKafka,
+    kafka: &mut super::kafka::RawKafka,
 ) -> Result<WindowKeys, ConfigError> {
     fn take<T>(
         from_sink: &mut Option<T>,

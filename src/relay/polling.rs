@@ -94,7 +94,7 @@ pub(super) async fn open<'a>(
         cursors: VecDeque::new(),
         last_pending: Instant::now() - Duration::from_secs(60),
         // Retention runs beside publishing, on its own connection; it ends with the session.
-        _retention: AbortOnDrop(tokio::spawn(crate::source::polling::retention_loop(
+        _retention: AbortOnDrop(tokio::spawn(crate::source::retention::retention_loop(
             cfg.clone(),
         ))),
     };
