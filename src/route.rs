@@ -11,6 +11,8 @@ pub struct Record {
     pub topic: String,
     /// RabbitMQ only: the exchange (`None` for the other sinks).
     pub exchange: Option<String>,
+    /// The value is bytes (a `bytea` payload), not JSON: RabbitMQ's `content_type` says so.
+    pub binary: bool,
     pub key: Option<String>,
     pub value: Option<Vec<u8>>,
     pub headers: Vec<(String, Vec<u8>)>,
@@ -150,6 +152,7 @@ impl Router {
                 _ => self.template.render(event),
             },
             exchange: self.exchange.as_ref().map(|t| t.render(event)),
+            binary: event.extra.binary_payload,
             key: event.aggregateid.clone(),
             value,
             headers: vec![

@@ -80,6 +80,7 @@ pub async fn write(
         .await;
     let record = Record {
         exchange: None,
+        binary: false,
         topic: topic.to_string(),
         key: Some(pipeline.to_string()),
         value: Some(encode(pipeline, position)),

@@ -25,8 +25,9 @@
 //!
 //! exchange and routing key from their templates (`crate::route`), body = payload,
 //! `message_id` = event id, `type` = event type, `timestamp` = commit time (seconds: AMQP's
-//! resolution), `delivery_mode` = 2 (persistent), every record header as an AMQP header (long
-//! string) plus `key` = the aggregate id.
+//! resolution), `delivery_mode` = 2 (persistent), `content_type` = `application/json`
+//! (`application/octet-stream` for a `bytea` payload), every record header as an AMQP header
+//! (long string) plus `key` = the aggregate id.
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -157,7 +158,11 @@ impl RabbitSink {
         let mut headers = FieldTable::default();
         let mut props = BasicProperties::default()
             .with_delivery_mode(2)
-            .with_content_type("application/json".into());
+            .with_content_type(if record.binary {
+                "application/octet-stream".into()
+            } else {
+                "application/json".into()
+            });
         for (name, value) in &record.headers {
             let short = ShortString::try_new(name.as_str())
                 .map_err(|_| refuse(format!("header name longer than 255 bytes: {name:.40}…")))?;
@@ -246,6 +251,11 @@ fn record_of(returned: &lapin::message::BasicReturnMessage) -> Record {
     Record {
         topic: d.routing_key.to_string(),
         exchange: Some(d.exchange.to_string()),
+        binary: d
+            .properties
+            .content_type()
+            .as_ref()
+            .is_some_and(|t| t.as_str() != "application/json"),
         key,
         value: Some(d.data.clone()),
         headers,
@@ -385,5 +395,62 @@ impl Sink for RabbitSink {
 
     fn delivery_timeout(&self) -> Duration {
         self.delivery_timeout
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn record(binary: bool) -> Record {
+        Record {
+            topic: "order.Placed".into(),
+            exchange: Some("outbox".into()),
+            binary,
+            key: Some("42".into()),
+            value: Some(b"{}".to_vec()),
+            headers: vec![
+                ("id".into(), b"e-1".to_vec()),
+                ("type".into(), b"Placed".into()),
+                ("tenant".into(), b"acme".into()),
+            ],
+            partition: None,
+            timestamp_ms: Some(1_700_000_000_123),
+        }
+    }
+
+    #[test]
+    fn properties_carry_id_type_time_key_headers_and_the_payloads_content_type() {
+        let p = RabbitSink::properties(&record(false)).unwrap();
+        assert_eq!(p.message_id().as_ref().unwrap().as_str(), "e-1");
+        assert_eq!(p.kind().as_ref().unwrap().as_str(), "Placed");
+        assert_eq!(*p.timestamp(), Some(1_700_000_000));
+        assert_eq!(*p.delivery_mode(), Some(2));
+        assert_eq!(
+            p.content_type().as_ref().unwrap().as_str(),
+            "application/json"
+        );
+        let headers = p.headers().as_ref().unwrap().inner();
+        for (name, value) in [("id", "e-1"), ("tenant", "acme"), ("key", "42")] {
+            match headers.get(name) {
+                Some(AMQPValue::LongString(v)) => assert_eq!(v.as_bytes(), value.as_bytes()),
+                other => panic!("header {name}: {other:?}"),
+            }
+        }
+        let p = RabbitSink::properties(&record(true)).unwrap();
+        assert_eq!(
+            p.content_type().as_ref().unwrap().as_str(),
+            "application/octet-stream"
+        );
+    }
+
+    #[test]
+    fn a_header_name_amqp_cannot_carry_is_refused_as_the_records_own() {
+        let mut r = record(false);
+        r.headers.push(("h".repeat(300), b"x".to_vec()));
+        let refusal = RabbitSink::properties(&r).err().unwrap();
+        assert_eq!(refusal.class, Class::Record(PoisonKind::InvalidHeaders));
+        assert!(refusal.alone);
     }
 }

@@ -161,6 +161,7 @@ fn record_of(msg: &OwnedMessage) -> Record {
         .unwrap_or_default();
     Record {
         exchange: None,
+        binary: false,
         topic: msg.topic().to_string(),
         key: msg.key().map(|k| String::from_utf8_lossy(k).into_owned()),
         value: msg.payload().map(<[u8]>::to_vec),
