@@ -1,18 +1,20 @@
 //! Wires source → route → sink → checkpoint, and owns retry and shutdown.
 //!
-//! One continuous pass per session:
-//! 1. the replication stream delivers whole transactions in commit order;
-//! 2. each outbox row is routed and handed to the producer, with at most
-//!    `kafka.max_in_flight` deliveries outstanding — when the window is full the relay stops
-//!    reading, so a backlog stays in PostgreSQL, not in memory;
+//! One continuous pass per session, the same for every source and sink:
+//! 1. the source yields events in its order (the slot: whole transactions in commit order;
+//!    polling: rows by transaction id and sequence) and boundaries — positions that are safe
+//!    once everything before them is acknowledged;
+//! 2. each event is routed and handed to the sink, with at most `max_in_flight` deliveries
+//!    outstanding — when the window is full the relay stops reading, so a backlog stays in
+//!    PostgreSQL, not in memory;
 //! 3. deliveries are resolved in sending order, counting the acknowledged prefix;
-//! 4. the highest transaction end (or idle keepalive position) whose events were all
-//!    acknowledged is sent to PostgreSQL as the slot's confirmed position.
+//! 4. the highest boundary whose events were all acknowledged is stored as the source's
+//!    confirmed position (the slot's, or the cursor row).
 //!
 //! A failed delivery ends the session: nothing after the acknowledged prefix was confirmed,
-//! the producer is dropped, and after a capped, jittered exponential backoff a new session
-//! resumes from the slot's confirmed position (duplicates carry their original `id`).
-//! Transient PostgreSQL or Kafka errors do the same; permanent ones end the daemon.
+//! the client is dropped, and after a capped, jittered exponential backoff a new session
+//! resumes from the confirmed position (duplicates carry their original `id`). Transient
+//! PostgreSQL or broker errors do the same; permanent ones end the daemon.
 //!
 //! Files: [`session`] (the one loop, for every source and sink, and its graceful stop),
 //! [`source`] (what the loop needs from a source), [`logical`] and [`polling`] (the two
