@@ -431,3 +431,60 @@ async fn nats_relays_over_tls_verifying_the_server_against_nats_ca_file() {
 async fn rabbitmq_relays_over_amqps_verifying_the_server_against_rabbitmq_ca_file() {
     relays_over_tls_with_a_private_ca(Kind::RabbitMq, "rmq_tls", "rabbitmq").await;
 }
+
+/// The path to the broker goes silent for 8 s under a steady writer (a TCP proxy stops
+/// moving bytes: no RST, no FIN): the relay notices by itself (NATS: the acks time out;
+/// RabbitMQ: missed heartbeats, `?heartbeat=2` here), reconnects once the path is back, and
+/// every id arrives in per-aggregate order.
+async fn broker_path_black_holed_loses_nothing(kind: Kind, prefix: &str) {
+    let rig = Rig::new(kind, prefix, "").await;
+    let port: u16 = rig
+        .broker
+        .url
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.split('/').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap();
+    let proxy = common::proxy::Proxy::start(([127, 0, 0, 1], port).into());
+    let text = std::fs::read_to_string(&rig.config).unwrap();
+    let via = text.replace(&format!(":{port}"), &format!(":{}", proxy.port));
+    let via = via.replace("/%2f\"", "/%2f?heartbeat=2\"");
+    assert_ne!(text, via);
+    std::fs::write(&rig.config, via).unwrap();
+    let writer = SteadyWriter {
+        run_for: Duration::from_secs(16),
+        aggregates: 30,
+        max_per_txn: 6,
+        rollback_one_in: 0,
+        pause: Duration::from_millis(2),
+        seed: 0xb1ac,
+    }
+    .spawn(&rig.db);
+    let mut relay = Relay::start(&rig.config);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    proxy.black_hole(true);
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    proxy.black_hole(false);
+    let (written, _) = writer.await.unwrap();
+    let received = rig.read(&ids(&written)).await;
+    let duplicates = assert_exactly_written(&written, &received);
+    rig.assert_duplicates(duplicates);
+    let log = relay.log_text();
+    assert!(
+        log.contains("retrying"),
+        "the relay never noticed the silent path: {log}"
+    );
+    eprintln!("{} events, {duplicates} duplicates", written.len());
+    relay.assert_running();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nats_path_gone_silent_mid_stream_is_noticed_and_nothing_is_lost() {
+    broker_path_black_holed_loses_nothing(Kind::Nats, "nats_silent").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rabbitmq_path_gone_silent_mid_stream_is_noticed_and_nothing_is_lost() {
+    broker_path_black_holed_loses_nothing(Kind::RabbitMq, "rmq_silent").await;
+}

@@ -199,6 +199,13 @@ pub(super) fn rabbitmq(raw: RawRabbitMq, used: bool) -> Result<RabbitMqConfig, C
         &["amqp", "amqps"],
         "OUTBOXD_RABBITMQ_URL",
     )?;
+    if used && url.parse::<lapin::uri::AMQPUri>().is_err() {
+        // Never echo the URL: it may hold a password.
+        return Err(invalid(
+            "rabbitmq.url",
+            "not an AMQP URL (amqp://user:password@host:port/vhost, the vhost percent-encoded)",
+        ));
+    }
     let exchange = raw.exchange.unwrap_or_else(|| "outbox".into());
     template("rabbitmq.exchange", &exchange)?;
     let exchange_type = raw.exchange_type.unwrap_or_else(|| "topic".into());

@@ -84,7 +84,10 @@ impl NatsSink {
                 }
             })
             .event_callback(|event| async move {
-                tracing::warn!(%event, "nats connection event");
+                match event {
+                    async_nats::Event::Connected => tracing::info!("nats connected"),
+                    event => tracing::warn!(%event, "nats connection event"),
+                }
             })
             .connect(cfg.url.as_str())
             .await

@@ -46,6 +46,9 @@ use crate::error::{Error, Result};
 use crate::poison::PoisonKind;
 use crate::route::Record;
 
+/// Heartbeat asked for when `rabbitmq.url` has no `?heartbeat=`.
+const HEARTBEAT_S: u16 = 10;
+
 pub struct RabbitSink {
     // Dropping the connection closes it; the channel alone does not keep it open.
     _connection: Connection,
@@ -101,7 +104,17 @@ impl RabbitSink {
         };
         let runtime = lapin::runtime::default_runtime()
             .map_err(|e| Error::Publish(format!("rabbitmq: no runtime: {e}")))?;
-        let connect = Connection::connect_with_config(&cfg.url, props, tls, runtime);
+        let mut uri: lapin::uri::AMQPUri = cfg.url.parse().map_err(|_| {
+            Error::setup(
+                "rabbitmq.url is not an AMQP URL",
+                "use amqp://user:password@host:port/vhost",
+            )
+        })?;
+        // A silently dead path (no RST, no FIN) is found by missed heartbeats, not by the
+        // confirms, which simply never come: ask for 10 s unless the URL says otherwise
+        // (RabbitMQ's own suggestion is 60 s).
+        uri.query.heartbeat.get_or_insert(HEARTBEAT_S);
+        let connect = Connection::connect_uri_with_config(uri, props, tls, runtime);
         let connection = tokio::time::timeout(Duration::from_secs(10), connect)
             .await
             .map_err(|_| {
