@@ -111,8 +111,26 @@ ensure_kafka() {
   touch "$KAFKA_LIB/.complete"
 }
 
+# free_port: a port nobody listens on, chosen at random *below* the kernel's ephemeral range
+# (ip_local_port_range, 32768+ here). A port from bind(0) is ephemeral: until the server binds
+# it, any outgoing connection on the machine may take it as its source port — measured as
+# "Unable to start acceptor" in one test run of 137. Below the range only listeners compete.
 free_port() {
-  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+  python3 - <<'EOF'
+import random, socket
+low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+for _ in range(1000):
+    port = random.randrange(20000, min(low, 32768))
+    s = socket.socket()
+    try:
+        s.bind(("127.0.0.1", port))
+    except OSError:
+        continue
+    finally:
+        s.close()
+    print(port)
+    break
+EOF
 }
 
 wait_port() {

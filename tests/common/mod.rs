@@ -41,8 +41,28 @@ pub fn unique(prefix: &str) -> String {
     format!("{prefix}_{}_{t}_{n}", std::process::id())
 }
 
-/// A port nobody listens on right now.
+/// A port nobody listens on right now, below the kernel's ephemeral range (see
+/// `scripts/stack.sh free_port`: a port from bind(0) can be taken as the source port of any
+/// outgoing connection before its server binds it).
 pub fn free_port() -> u16 {
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768)
+        .clamp(20001, 32768);
+    let mut rng = Rng::new(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64
+            ^ u64::from(std::process::id()) << 32,
+    );
+    for _ in 0..1000 {
+        let port = rng.range(20000, u64::from(low) - 1) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     l.local_addr().unwrap().port()
 }
