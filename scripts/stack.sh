@@ -369,6 +369,10 @@ start_nats() {
   if [ -n "$certs" ]; then
     tls=(--tls --tlscert "$certs/server.pem" --tlskey "$certs/server.key")
   fi
+  # NATS_USER / NATS_PASS: require that login (the auth test).
+  if [ -n "${NATS_USER:-}" ]; then
+    tls+=(--user "$NATS_USER" --pass "${NATS_PASS:-}")
+  fi
   setsid nats-server -a 127.0.0.1 -p "$port" -js -sd "$dir/js" -l "$dir/nats.log" "${tls[@]}" \
     </dev/null >/dev/null 2>&1 &
   echo $! >"$dir/nats.pid"

@@ -488,3 +488,36 @@ async fn nats_path_gone_silent_mid_stream_is_noticed_and_nothing_is_lost() {
 async fn rabbitmq_path_gone_silent_mid_stream_is_noticed_and_nothing_is_lost() {
     broker_path_black_holed_loses_nothing(Kind::RabbitMq, "rmq_silent").await;
 }
+
+/// A NATS server that requires a login, and a relay with the wrong password: exit 2, the
+/// last line names `nats.url`, the password appears nowhere in the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_wrong_password_exits_2_without_the_password_in_the_log() {
+    let dir = std::env::temp_dir().join(unique("outboxd-nats-auth"));
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/stack.sh");
+    let out = std::process::Command::new(script)
+        .args(["nats-start", dir.to_str().unwrap()])
+        .env("NATS_USER", "relay")
+        .env("NATS_PASS", "right-pa55")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let port = String::from_utf8(out.stdout).unwrap();
+    let port = port.trim().rsplit(':').next().unwrap().to_string();
+    let db = TestDb::new("nats_auth").await;
+    let url = format!("nats://relay:hunter2-wrong@127.0.0.1:{port}");
+    let config = db.config(&kafka_brokers(), &nats_sink_config(&db, &url));
+    migrate(&config);
+    let mut relay = Relay::start(&config);
+    let status = relay.wait_exit(Duration::from_secs(60));
+    let log = relay.log_text();
+    stack(&["broker-stop", dir.to_str().unwrap(), "--remove"]);
+    assert_eq!(status.code(), Some(2), "{log}");
+    let last = log.trim().lines().last().unwrap_or_default();
+    assert!(log.contains("nats.url"), "{log}");
+    assert!(
+        !log.contains("hunter2"),
+        "the password reached the log: {log}"
+    );
+    eprintln!("last line: {last}");
+}
