@@ -107,6 +107,25 @@ impl Rig {
             .collect()
     }
 
+    /// Transactions of 1–6 `order` events over 30 aggregates for `secs`, one in
+    /// `rollback_one_in` rolled back (0: none); returns (committed, rolled back).
+    fn steady_writer(
+        &self,
+        secs: u64,
+        rollback_one_in: u64,
+        seed: u64,
+    ) -> tokio::task::JoinHandle<(Vec<Written>, Vec<Written>)> {
+        SteadyWriter {
+            run_for: Duration::from_secs(secs),
+            aggregates: 30,
+            max_per_txn: 6,
+            rollback_one_in,
+            pause: Duration::from_millis(2),
+            seed,
+        }
+        .spawn(&self.db)
+    }
+
     /// NATS drops a resend of an id within the stream's duplicate window; RabbitMQ does not.
     fn assert_duplicates(&self, duplicates: usize) {
         if self.kind == Kind::Nats {
@@ -139,15 +158,7 @@ async fn rabbitmq_10000_concurrent_events_arrive_in_per_aggregate_order() {
 /// A steady writer for 12 s; the relay is SIGKILLed at ~3 s and ~7 s and started again.
 async fn relay_sigkilled_twice_loses_nothing(kind: Kind, prefix: &str) {
     let rig = Rig::new(kind, prefix, "").await;
-    let writer = SteadyWriter {
-        run_for: Duration::from_secs(12),
-        aggregates: 30,
-        max_per_txn: 6,
-        rollback_one_in: 10,
-        pause: Duration::from_millis(2),
-        seed: 0x51c,
-    }
-    .spawn(&rig.db);
+    let writer = rig.steady_writer(12, 10, 0x51c);
     let mut relay = Relay::start(&rig.config);
     for at in [3, 4] {
         tokio::time::sleep(Duration::from_secs(at)).await;
@@ -182,15 +193,7 @@ async fn rabbitmq_relay_sigkilled_twice_mid_stream_loses_nothing() {
 /// `crash`) and started again on its data 4 s later.
 async fn broker_restarted_loses_nothing(kind: Kind, prefix: &str, crash: bool) {
     let rig = Rig::new(kind, prefix, "").await;
-    let writer = SteadyWriter {
-        run_for: Duration::from_secs(15),
-        aggregates: 30,
-        max_per_txn: 6,
-        rollback_one_in: 0,
-        pause: Duration::from_millis(2),
-        seed: 0xb0b,
-    }
-    .spawn(&rig.db);
+    let writer = rig.steady_writer(15, 0, 0xb0b);
     let mut relay = Relay::start(&rig.config);
     tokio::time::sleep(Duration::from_secs(4)).await;
     if crash {
@@ -452,15 +455,7 @@ async fn broker_path_black_holed_loses_nothing(kind: Kind, prefix: &str) {
     let via = via.replace("/%2f\"", "/%2f?heartbeat=2\"");
     assert_ne!(text, via);
     std::fs::write(&rig.config, via).unwrap();
-    let writer = SteadyWriter {
-        run_for: Duration::from_secs(16),
-        aggregates: 30,
-        max_per_txn: 6,
-        rollback_one_in: 0,
-        pause: Duration::from_millis(2),
-        seed: 0xb1ac,
-    }
-    .spawn(&rig.db);
+    let writer = rig.steady_writer(16, 0, 0xb1ac);
     let mut relay = Relay::start(&rig.config);
     tokio::time::sleep(Duration::from_secs(4)).await;
     proxy.black_hole(true);
