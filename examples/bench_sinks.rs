@@ -126,7 +126,7 @@ async fn main() -> anyhow::Result<()> {
     let deadline = started + Duration::from_secs(600);
     loop {
         let held = match (&amqp, args.sink) {
-            (Some(ch), _) => ch
+            (Some((_, ch)), _) => ch
                 .queue_declare(
                     db.as_str().into(),
                     QueueDeclareOptions {
@@ -175,8 +175,11 @@ async fn nats_count(url: &str, stream: &str) -> anyhow::Result<u64> {
 }
 
 /// A durable queue bound to the relay's exchange (so messages are routable and counted);
-/// returns a channel to read its depth.
-async fn rabbitmq_queue(url: &str, db: &str) -> anyhow::Result<lapin::Channel> {
+/// returns the connection and a channel to read its depth.
+async fn rabbitmq_queue(
+    url: &str,
+    db: &str,
+) -> anyhow::Result<(lapin::Connection, lapin::Channel)> {
     let conn = lapin::Connection::connect(url, lapin::ConnectionProperties::default()).await?;
     let ch = conn.create_channel().await?;
     let durable = ExchangeDeclareOptions {
@@ -204,7 +207,5 @@ async fn rabbitmq_queue(url: &str, db: &str) -> anyhow::Result<lapin::Channel> {
         FieldTable::default(),
     )
     .await?;
-    // The connection lives as long as the channel is used: leak it for the run.
-    std::mem::forget(conn);
-    Ok(ch)
+    Ok((conn, ch))
 }

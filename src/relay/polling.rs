@@ -123,6 +123,20 @@ pub(super) struct PollingSource<'a> {
 }
 
 impl PollingSource<'_> {
+    /// Forgets the rows up to `position` and returns the cursor of the last of them: the
+    /// cursor to store once they are all acknowledged.
+    fn take_cursor(&mut self, position: u64) -> Option<Cursor> {
+        let mut cursor = None;
+        while let Some(&(o, c)) = self.cursors.front() {
+            if o > position {
+                break;
+            }
+            cursor = Some(c);
+            self.cursors.pop_front();
+        }
+        cursor
+    }
+
     fn cursor_of(&self, position: u64) -> Result<Cursor> {
         self.cursors
             .iter()
@@ -200,15 +214,7 @@ impl Source for PollingSource<'_> {
     }
 
     async fn confirm(&mut self, position: u64) -> Result<()> {
-        let mut cursor = None;
-        while let Some(&(o, c)) = self.cursors.front() {
-            if o > position {
-                break;
-            }
-            cursor = Some(c);
-            self.cursors.pop_front();
-        }
-        if let Some(c) = cursor {
+        if let Some(c) = self.take_cursor(position) {
             let limit = self.cfg.postgres.stream_timeout;
             within(limit, "storing the cursor", self.poller.store(c)).await?;
         }
@@ -233,15 +239,18 @@ impl Source for PollingSource<'_> {
     async fn last_check(&mut self, _checkpoint: &mut Checkpoint) {}
 
     async fn finish(mut self, safe: u64) -> Result<()> {
-        let stored = match self.cursors.iter().rfind(|(o, _)| *o <= safe) {
-            Some(&(_, c)) => c,
-            None => self.poller.cursor(),
-        };
-        if let Err(e) = self.confirm(safe).await {
-            let at = format!("cursor {}/{}", stored.0, stored.1);
-            return Err(unconfirmed(&at, e.to_string()));
+        let stored = self.take_cursor(safe);
+        if let Some(c) = stored {
+            let limit = self.cfg.postgres.stream_timeout;
+            if let Err(e) = within(limit, "storing the cursor", self.poller.store(c)).await {
+                return Err(unconfirmed(
+                    &format!("cursor {}/{}", c.0, c.1),
+                    e.to_string(),
+                ));
+            }
         }
-        tracing::info!(cursor = %format!("{}/{}", stored.0, stored.1), "stopped; acknowledged events stored in the cursor");
+        let (xid, seq) = self.poller.cursor();
+        tracing::info!(cursor = %format!("{xid}/{seq}"), "stopped; acknowledged events stored in the cursor");
         Ok(())
     }
 }

@@ -24,15 +24,7 @@ pub struct PrivateBroker {
 }
 
 impl PrivateBroker {
-    pub fn nats() -> PrivateBroker {
-        Self::start("nats", None)
-    }
-
-    pub fn rabbitmq() -> PrivateBroker {
-        Self::start("rabbitmq", None)
-    }
-
-    /// With TLS: a throwaway CA in `certs` (`stack.sh tls-certs`), server certificate for
+    /// `kind`: "nats" or "rabbitmq". With TLS: a throwaway CA in `certs` (`stack.sh tls-certs`), server certificate for
     /// `localhost`.
     pub fn start(kind: &'static str, certs: Option<&Path>) -> PrivateBroker {
         let dir = std::env::temp_dir().join(unique(&format!("outboxd-{kind}")));
