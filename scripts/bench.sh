@@ -15,6 +15,9 @@ env_file=$(scripts/stack.sh up)
 if [ -z "${KEEP:-}" ]; then trap 'scripts/stack.sh down' EXIT; fi
 # shellcheck disable=SC1090
 . "$env_file"
+# Every relay a benchmark starts checks each confirmation against its delivery ledger
+# (src/ledger.rs): a violation stops it with exit code 3.
+export OUTBOXD_CHECK_LEDGER=1
 cargo build --release --quiet --bin outboxd --example bench --example bench_sinks
 if [ "${1:-}" = "--sink" ]; then
   sink=${2:?--sink needs nats or rabbitmq}

@@ -79,6 +79,11 @@ pub enum Error {
     #[error("{0}")]
     Shutdown(String),
 
+    /// The relay was about to break its own promise (`crate::ledger`): a bug, never retried
+    /// (exit code 3).
+    #[error("{0}")]
+    Invariant(String),
+
     /// A pgoutput message we could not decode: a bug or an incompatible server.
     #[error("decoding the replication stream: {0}")]
     Decode(String),
@@ -130,7 +135,9 @@ impl Error {
     /// Whether retrying the same operation later can succeed.
     pub fn is_transient(&self) -> bool {
         match self {
-            Error::Config(_) | Error::Setup { .. } | Error::Decode(_) => false,
+            Error::Config(_) | Error::Setup { .. } | Error::Decode(_) | Error::Invariant(_) => {
+                false
+            }
             Error::Kafka(_)
             | Error::Publish(_)
             | Error::Delivery { .. }

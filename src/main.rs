@@ -1,7 +1,8 @@
 //! Thin binary: parse the command line, load the config, run; map errors to exit codes.
 //!
 //! Exit codes: 0 done (or stopped by SIGTERM/SIGINT), 1 unexpected failure, 2 bad config or a
-//! problem only the operator can fix (credentials, privileges, wal_level, missing slot).
+//! problem only the operator can fix (credentials, privileges, wal_level, missing slot), 3 the
+//! relay caught itself about to confirm past an undelivered event (`outboxd::ledger`: a bug).
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -56,7 +57,15 @@ fn main() -> ExitCode {
             } else {
                 eprintln!("outboxd: {line}");
             }
-            ExitCode::from(if permanent { 2 } else { 1 })
+            let invariant = matches!(
+                e.downcast_ref::<outboxd::Error>(),
+                Some(outboxd::Error::Invariant(_))
+            );
+            ExitCode::from(match (invariant, permanent) {
+                (true, _) => 3,
+                (false, true) => 2,
+                (false, false) => 1,
+            })
         }
     }
 }

@@ -30,6 +30,7 @@ use crate::dead_letter::{dead_letter, DlqTable};
 use crate::error::{Error, Result};
 use crate::event::Event;
 use crate::health::Health;
+use crate::ledger::{Ledger, Ticket};
 use crate::metrics as m;
 use crate::route::{Poison, PoisonKind, Record, Router};
 use crate::sink::broker::BrokerDelivery;
@@ -224,6 +225,8 @@ fn record_bytes(r: &Record) -> usize {
 /// A delivery awaiting acknowledgement.
 struct InFlight<D> {
     fut: D,
+    /// The event's entry in the delivery ledger.
+    ticket: Ticket,
     /// Key, value and header bytes handed to the producer.
     bytes: usize,
     id: String,
@@ -246,6 +249,12 @@ pub struct Window<D = BrokerDelivery> {
     stall_logged: Option<Instant>,
     /// Exactly-once: records travel inside Kafka transactions.
     transactional: bool,
+    /// What each event's own delivery report said (`crate::ledger`), checked at every
+    /// confirmation.
+    pub ledger: Ledger,
+    /// The ledger ticket of the delivery settled last (a failure handed to
+    /// [`Window::handle`] is about it).
+    last_settled: Ticket,
 }
 
 impl<D> Window<D>
@@ -261,6 +270,18 @@ where
             hints,
             stall_logged: None,
             transactional,
+            ledger: Ledger::from_env(),
+            last_settled: Ticket::default(),
+        }
+    }
+
+    /// The event of `ticket` was delivered or dead-lettered: settled, or (exactly-once)
+    /// settled once its Kafka transaction commits.
+    pub fn settle(&mut self, ticket: Ticket) {
+        if self.transactional {
+            self.ledger.in_transaction(ticket);
+        } else {
+            self.ledger.settled(ticket);
         }
     }
 
@@ -350,6 +371,7 @@ where
             return Ok(());
         };
         self.bytes = self.bytes.saturating_sub(done.bytes);
+        self.last_settled = done.ticket;
         // The suspect settled alone: whatever it says now is about this record.
         let alone = self.hints.isolate.as_deref() == Some(done.id.as_str());
         if alone {
@@ -358,6 +380,7 @@ where
         match result {
             Ok(()) => {
                 self.acked += 1;
+                self.settle(done.ticket);
                 metrics::counter!(m::EVENTS_PUBLISHED, "topic" => done.topic).increment(1);
                 if let Ok(age) = SystemTime::now().duration_since(done.commit_time) {
                     metrics::histogram!(m::COMMIT_TO_ACK).record(age.as_secs_f64());
@@ -387,11 +410,13 @@ where
     pub async fn publish<S: Sink<Delivery = D>>(
         &mut self,
         event: &mut Event,
+        position: u64,
         router: &Router,
         sink: &mut S,
         dlq: &DlqTable<'_>,
         health: &Health,
     ) -> Result<()> {
+        let ticket = self.ledger.yielded(&event.id, position);
         let payload = event.payload.take();
         let record = match router.route_with_value(event, payload) {
             Ok((record, warnings)) => {
@@ -402,11 +427,15 @@ where
             }
             Err(rejected) => {
                 let (record, poison) = *rejected;
-                return dead_letter(sink, dlq, Some(&event.id), &record, &poison).await;
+                dead_letter(sink, dlq, Some(&event.id), &record, &poison).await?;
+                self.settle(ticket);
+                return Ok(());
             }
         };
         if let Some((_, poison)) = self.hints.dead_letter.take_if(|(id, _)| *id == event.id) {
-            return dead_letter(sink, dlq, Some(&event.id), &record, &poison).await;
+            dead_letter(sink, dlq, Some(&event.id), &record, &poison).await?;
+            self.settle(ticket);
+            return Ok(());
         }
         sink.ensure_topic(&record).await;
         loop {
@@ -416,6 +445,7 @@ where
                     self.bytes += bytes;
                     self.inflight.push_back(InFlight {
                         fut,
+                        ticket,
                         bytes,
                         id: event.id.clone(),
                         sent_at: Instant::now(),
@@ -442,7 +472,9 @@ where
                         Some(record.clone()),
                     ) {
                         Failure::Poison { id, record, poison } => {
-                            dead_letter(sink, dlq, id.as_deref(), &record, &poison).await
+                            dead_letter(sink, dlq, id.as_deref(), &record, &poison).await?;
+                            self.settle(ticket);
+                            Ok(())
                         }
                         other => Err(failure_error(other, self.acked > 0)),
                     };
@@ -474,6 +506,7 @@ where
             Err(Failure::Poison { id, record, poison }) => {
                 dead_letter(sink, dlq, id.as_deref(), &record, &poison).await?;
                 self.acked += 1;
+                self.settle(self.last_settled);
                 Ok(())
             }
             Err(other @ Failure::Unclear { .. }) => {

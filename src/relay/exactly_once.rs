@@ -120,6 +120,7 @@ pub(super) async fn commit(
     let drained = started.elapsed();
     let record = describe(position)?;
     commit_with_position(cfg, sink.kafka()?, &eos.pipeline, record).await?;
+    window.ledger.committed();
     eos.transactions.committed(position);
     tracing::debug!(
         position,

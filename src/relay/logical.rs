@@ -132,6 +132,11 @@ impl Source for LogicalSource<'_> {
         self.decoder.commit_lsn()
     }
 
+    // A slot confirmed at or below a commit record decodes that transaction again.
+    fn event_position(&self) -> u64 {
+        self.decoder.commit_lsn()
+    }
+
     fn confirm_every(&self) -> Duration {
         Duration::ZERO
     }

@@ -171,6 +171,11 @@ impl Source for PollingSource<'_> {
         u64::MAX
     }
 
+    // The row's own boundary is its ordinal.
+    fn event_position(&self) -> u64 {
+        self.ordinal.saturating_sub(1)
+    }
+
     fn confirm_every(&self) -> Duration {
         CONFIRM_EVERY
     }

@@ -83,6 +83,8 @@ pub(super) async fn run<S: Source>(
     let mut last_progress = Instant::now();
     let mut last_confirm = Instant::now() - source.confirm_every();
     let mut skipped: u64 = 0;
+    // Failpoint `drop_first_event` (a test of the delivery ledger).
+    let mut dropped = None;
 
     loop {
         let ceiling = eos.as_ref().map_or(u64::MAX, |e| e.transactions.ceiling());
@@ -93,6 +95,7 @@ pub(super) async fn run<S: Source>(
         let confirm_at = safe.map(|_| last_confirm + source.confirm_every());
         if let (Some(safe), Some(at)) = (safe, confirm_at) {
             if at <= Instant::now() {
+                check_ledger(&window, safe)?;
                 source.confirm(safe).await?;
                 confirmed = safe;
                 last_confirm = Instant::now();
@@ -137,6 +140,7 @@ pub(super) async fn run<S: Source>(
                             e.transactions.boundary(window.sent, position);
                         }
                     }
+                    // Already committed to Kafka before this run: never yielded to the ledger.
                     Item::Event(_) | Item::Malformed { .. } if skip => {
                         if skipped == 0 {
                             tracing::info!(commit_position = source.commit_position(), "skipping events of source transactions already committed to Kafka (the source had not been confirmed past them)");
@@ -151,15 +155,22 @@ pub(super) async fn run<S: Source>(
                         let headers = id.iter().map(|i| ("id".to_string(), i.clone().into_bytes())).collect();
                         let record = Record { topic: String::new(), exchange: None, binary: true, key: None, value: Some(raw), headers, partition: None, timestamp_ms: None };
                         let poison = Poison { kind: PoisonKind::MalformedMessage, detail: reason };
+                        let ticket = window.ledger.yielded(id.as_deref().unwrap_or("?"), source.event_position());
                         let dlq = DlqTable::new(source.client(), &cfg.postgres);
                         dead_letter(&mut sink, &dlq, id.as_deref(), &record, &poison).await?;
+                        window.settle(ticket);
+                    }
+                    Item::Event(event) if dropped.is_none() && crate::failpoint::active("drop_first_event") => {
+                        tracing::warn!(event_id = %event.id, "failpoint drop_first_event: this event is not published");
+                        dropped = Some(window.ledger.yielded(&event.id, source.event_position()));
                     }
                     Item::Event(mut event) => {
                         if let Some(e) = eos.as_mut() {
                             e.transactions.sending(window.sent);
                         }
                         let dlq = DlqTable::new(source.client(), &cfg.postgres);
-                        window.publish(&mut event, router, &mut sink, &dlq, health).await?;
+                        let position = source.event_position();
+                        window.publish(&mut event, position, router, &mut sink, &dlq, health).await?;
                         checkpoint.acked(window.acked);
                     }
                 }
@@ -251,9 +262,20 @@ async fn shutdown<S: Source>(
         .unwrap_or(confirmed)
         .min(ceiling)
         .max(confirmed);
+    if safe > confirmed {
+        check_ledger(&window, safe)?;
+    }
     source.finish(safe).await?;
     sink.flush(Duration::from_millis(100));
     Ok(())
+}
+
+/// The delivery ledger's word before any confirmation (`crate::ledger`).
+fn check_ledger(window: &Window, position: u64) -> Result<()> {
+    window.ledger.check(position).map_err(|v| {
+        tracing::error!(event_id = %v.event_id, event_position = v.event_position, confirm = v.confirm, "{v}; stopping before the source is confirmed");
+        Error::Invariant(v.to_string())
+    })
 }
 
 /// A stop that could not store what was acknowledged (exit code 1).

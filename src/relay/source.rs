@@ -56,6 +56,10 @@ pub(super) trait Source {
     /// events of transactions below the position read back from Kafka).
     fn commit_position(&self) -> u64;
 
+    /// The position of the event just yielded, for the delivery ledger (`crate::ledger`):
+    /// confirming any position above it requires the event to be settled.
+    fn event_position(&self) -> u64;
+
     /// How often at most a confirmation is stored (a status message to the walsender is
     /// cheap; an UPDATE of the cursor row is not).
     fn confirm_every(&self) -> Duration;

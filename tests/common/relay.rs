@@ -56,6 +56,8 @@ pub fn migrate(config: &Path) {
 pub struct Relay {
     pub child: Child,
     pub log: PathBuf,
+    /// The test provokes a ledger violation on purpose (`Drop` does not fail on it).
+    pub expect_ledger_violation: bool,
 }
 
 impl Relay {
@@ -74,6 +76,9 @@ impl Relay {
             }
         }
         cmd.env("OUTBOXD_LOG", "info,outboxd=debug");
+        // Every relay under test checks each confirmation against its delivery ledger
+        // (outboxd::ledger); `Drop` fails the test on a violation.
+        cmd.env("OUTBOXD_CHECK_LEDGER", "1");
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -82,7 +87,11 @@ impl Relay {
             .stderr(Stdio::from(file))
             .spawn()
             .unwrap();
-        Relay { child, log }
+        Relay {
+            child,
+            log,
+            expect_ledger_violation: false,
+        }
     }
 
     /// SIGKILL: no chance to confirm anything.
@@ -125,9 +134,26 @@ impl Relay {
     }
 }
 
+/// What a relay's log says when its delivery ledger caught a confirmation that would pass an
+/// undelivered event (`outboxd::ledger`).
+pub const LEDGER_VIOLATION: &str = "delivery ledger violation";
+
 impl Drop for Relay {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        let log = self.log_text();
+        if std::thread::panicking() {
+            // The test failed: what the relay said is the first thing to read.
+            let tail: Vec<&str> = log.lines().rev().take(60).collect();
+            eprintln!("--- last lines of the relay log {} ---", self.log.display());
+            for line in tail.into_iter().rev() {
+                eprintln!("{line}");
+            }
+        } else if !self.expect_ledger_violation {
+            if let Some(line) = log.lines().find(|l| l.contains(LEDGER_VIOLATION)) {
+                panic!("the relay's delivery ledger fired: {line}");
+            }
+        }
     }
 }

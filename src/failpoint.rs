@@ -1,0 +1,12 @@
+//! Failpoints: named faults a test can switch on in a debug build (`OUTBOXD_FAILPOINT=name`)
+//! to prove that a check catches the bug it is there for. A release build compiles every
+//! failpoint to `false`.
+//!
+//! * `drop_first_event` — the session loop forgets the first event it reads (yields it to the
+//!   delivery ledger, never publishes it): the bug class the ledger exists to stop.
+
+/// Whether failpoint `name` is switched on.
+pub fn active(name: &str) -> bool {
+    cfg!(debug_assertions)
+        && std::env::var("OUTBOXD_FAILPOINT").is_ok_and(|v| v.split(',').any(|f| f == name))
+}
