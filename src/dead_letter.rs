@@ -88,7 +88,18 @@ pub async fn dead_letter<S: Sink>(
 ) -> Result<()> {
     let reason = poison.kind.label();
     let id = event_id.unwrap_or("?");
-    match sink.dead_letter(record, poison.kind, &poison.detail).await {
+    // Bounded: a broker that stops taking writes (RabbitMQ's connection.blocked) must not hold
+    // the loop; the table takes the event instead.
+    let limit = sink.delivery_timeout() + Duration::from_secs(5);
+    let sent = tokio::time::timeout(limit, sink.dead_letter(record, poison.kind, &poison.detail))
+        .await
+        .unwrap_or_else(|_| {
+            Err(format!(
+                "the dead-letter destination did not answer within {} s",
+                limit.as_secs()
+            ))
+        });
+    match sent {
         Ok(()) => {
             tracing::error!(event_id = id, reason, topic = %record.topic, detail = %poison.detail, "poison event dead-lettered to the DLQ topic");
         }

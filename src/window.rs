@@ -245,8 +245,6 @@ pub struct Window<D = BrokerDelivery> {
     /// Bytes of the deliveries outstanding.
     bytes: usize,
     hints: Hints,
-    /// When a stall was last logged.
-    stall_logged: Option<Instant>,
     /// Exactly-once: records travel inside Kafka transactions.
     transactional: bool,
     /// What each event's own delivery report said (`crate::ledger`), checked at every
@@ -268,7 +266,6 @@ where
             acked: 0,
             bytes: 0,
             hints,
-            stall_logged: None,
             transactional,
             ledger: Ledger::from_env(),
             last_settled: Ticket::default(),
@@ -311,43 +308,45 @@ where
         self.hints
     }
 
-    /// The broker has not acknowledged the oldest delivery for longer than `after`: the
-    /// client keeps retrying it (librdkafka in order, `message.timeout.ms = 0`; RabbitMQ and
-    /// NATS until the session ends on a connection error or ack timeout), and the relay says so — an
-    /// error line every `after`, and `/readyz` failing after `retry.unready_after_ms`.
-    pub fn report_stall(&mut self, after: Duration, health: &Health) {
+    /// The broker has not acknowledged the oldest delivery for `after`
+    /// (`kafka.delivery_timeout_ms`): the session ends with an error naming it, and the next
+    /// one resends from the confirmed position through a new client.
+    ///
+    /// A client that holds a record is not waited on: librdkafka never times a record out
+    /// here (`message.timeout.ms = 0`, for order), so a record it keeps for any reason — a
+    /// produce request whose answer never comes, a partition queue it stopped serving —
+    /// would hold the slot forever while the records after it, on other partitions, flow.
+    /// Dropping the client purges what it holds; the resend carries the same ids.
+    pub fn check_stall(&mut self, after: Duration, health: &Health) -> Result<()> {
         let Some(oldest) = self.inflight.front() else {
-            return;
+            return Ok(());
         };
         let waited = oldest.sent_at.elapsed();
         if waited < after {
-            return;
+            return Ok(());
         }
         health.failing();
-        if self.stall_logged.is_none_or(|t| t.elapsed() >= after) {
-            self.stall_logged = Some(Instant::now());
-            metrics::counter!(m::DELIVERY_STALLS).increment(1);
-            let message = format!(
-                "the broker has not acknowledged event {} (topic {}) for {} s; the client keeps retrying, and nothing after it is confirmed",
-                oldest.id,
-                oldest.topic,
-                waited.as_secs()
-            );
-            health.record_error(&message);
-            tracing::error!(event_id = %oldest.id, topic = %oldest.topic, waited_s = waited.as_secs(), inflight = self.inflight.len(), "delivery stalled: {message}");
-        }
+        metrics::counter!(m::DELIVERY_STALLS).increment(1);
+        let message = format!(
+            "delivery stalled: the broker has not acknowledged event {} (topic {}) for {} s (kafka.delivery_timeout_ms); ending the session so that a new client resends it from the last confirmed position",
+            oldest.id,
+            oldest.topic,
+            waited.as_secs()
+        );
+        tracing::error!(event_id = %oldest.id, topic = %oldest.topic, waited_s = waited.as_secs(), inflight = self.inflight.len(), "{message}");
+        Err(Error::Publish(message))
     }
 
-    /// [`Window::settle_oldest`], reporting a stall every second while it waits.
+    /// [`Window::settle_oldest`], ending the session if it stalls ([`Window::check_stall`]).
     pub async fn settle_reporting(
         &mut self,
         after: Duration,
         health: &Health,
-    ) -> std::result::Result<(), Failure> {
+    ) -> Result<std::result::Result<(), Failure>> {
         loop {
             match tokio::time::timeout(Duration::from_secs(1), self.settle_oldest()).await {
-                Ok(settled) => return settled,
-                Err(_) => self.report_stall(after, health),
+                Ok(settled) => return Ok(settled),
+                Err(_) => self.check_stall(after, health)?,
             }
         }
     }
@@ -437,9 +436,33 @@ where
             self.settle(ticket);
             return Ok(());
         }
-        sink.ensure_topic(&record).await;
+        let limit = sink.delivery_timeout();
+        if tokio::time::timeout(limit, sink.ensure_topic(&record))
+            .await
+            .is_err()
+        {
+            return Err(self.refused_to_take(
+                &event.id,
+                &record.topic,
+                "create its destination",
+                limit,
+                health,
+            ));
+        }
         loop {
-            match sink.send(&record).await {
+            let sent = match tokio::time::timeout(limit, sink.send(&record)).await {
+                Ok(sent) => sent,
+                Err(_) => {
+                    return Err(self.refused_to_take(
+                        &event.id,
+                        &record.topic,
+                        "take",
+                        limit,
+                        health,
+                    ))
+                }
+            };
+            match sent {
                 Ok(fut) => {
                     let bytes = record_bytes(&record);
                     self.bytes += bytes;
@@ -459,7 +482,9 @@ where
                 }
                 Err(SendError::QueueFull) => {
                     // librdkafka's queue is full: let deliveries drain.
-                    let settled = self.settle_reporting(sink.delivery_timeout(), health).await;
+                    let settled = self
+                        .settle_reporting(sink.delivery_timeout(), health)
+                        .await?;
                     self.handle(settled, sink, dlq).await?;
                 }
                 Err(SendError::Refused(refusal)) => {
@@ -481,6 +506,28 @@ where
                 }
             }
         }
+    }
+
+    /// The sink did not `what` the record of event `id` within `limit`: a client that waits
+    /// for the broker's permission to write (RabbitMQ's `connection.blocked` under a memory or
+    /// disk alarm, a full client buffer) would otherwise hold the loop where no stall is
+    /// reported and no stop is seen. The session ends loudly; the next resends.
+    fn refused_to_take(
+        &self,
+        id: &str,
+        topic: &str,
+        what: &str,
+        limit: Duration,
+        health: &Health,
+    ) -> Error {
+        health.failing();
+        metrics::counter!(m::DELIVERY_STALLS).increment(1);
+        let message = format!(
+            "delivery stalled: the broker did not let the client {what} event {id} (destination {topic}) within {} s (kafka.delivery_timeout_ms) — a broker resource alarm (RabbitMQ connection.blocked) or a full client buffer; ending the session",
+            limit.as_secs()
+        );
+        tracing::error!(event_id = %id, topic = %topic, "{message}");
+        Error::Publish(message)
     }
 
     /// Acts on a settled delivery: a poison record is dead-lettered and counts as handled;

@@ -386,10 +386,12 @@ async fn a_long_dead_letter_wait_does_not_starve_the_servers_status_replies() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn outage_longer_than_the_delivery_timeout_gives_up_no_record_and_keeps_key_order() {
-    // A record given up after a timeout while later records of its key are still queued lets
-    // those land first; resending it then puts it after them. So records are never given up:
-    // the outage is reported, and when the broker returns every event lands once, in order.
+async fn outage_longer_than_the_delivery_timeout_ends_the_session_and_keeps_key_order() {
+    // A record given up by the client while later records of its key are still queued lets
+    // those land first; resending it then puts it after them. So librdkafka never gives a
+    // record up: the relay ends the session instead, dropping the client with everything it
+    // holds, and the next session resends from the confirmed position: every event lands,
+    // the first copy of each in key order.
     let mock = rdkafka::mocking::MockCluster::new(1).unwrap();
     let brokers = mock.bootstrap_servers();
     let (db, config) = setup(
@@ -428,14 +430,10 @@ async fn outage_longer_than_the_delivery_timeout_gives_up_no_record_and_keeps_ke
     let dups = assert_exactly_written(&written, &received);
     let log = relay.log_text();
     assert!(
-        log.contains("delivery stalled"),
-        "the outage is reported; log:\n{log}"
+        log.contains("delivery stalled") && log.contains("ending the session"),
+        "the outage is reported and ends the session; log:\n{log}"
     );
-    assert!(
-        !log.contains("resending from the last confirmed position"),
-        "no record may be given up and resent; log:\n{log}"
-    );
-    assert_eq!(dups, 0, "each event once");
+    eprintln!("{} events, {dups} repeats", written.len());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

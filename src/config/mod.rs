@@ -222,8 +222,8 @@ pub struct KafkaConfig {
     /// much) of the replication stream read ahead; one record is always admitted, however
     /// large.
     pub max_in_flight_bytes: usize,
-    /// A delivery not acknowledged within this time is reported as stalled (never given up:
-    /// librdkafka's `message.timeout.ms` is 0).
+    /// A delivery not acknowledged within this time ends the session (`crate::window`:
+    /// librdkafka's `message.timeout.ms` is 0, so the relay is what bounds it).
     pub delivery_timeout: Duration,
     /// How long a graceful shutdown waits for outstanding acknowledgements.
     pub shutdown_timeout: Duration,

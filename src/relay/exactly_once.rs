@@ -114,7 +114,7 @@ pub(super) async fn commit(
     while !window.is_empty() {
         let settled = window
             .settle_reporting(cfg.kafka.delivery_timeout, health)
-            .await;
+            .await?;
         window.handle(settled, sink, dlq).await?;
     }
     let drained = started.elapsed();

@@ -176,7 +176,7 @@ pub(super) async fn run<S: Source>(
                 }
             }
             _ = status_tick.tick() => {
-                window.report_stall(cfg.kafka.delivery_timeout, health);
+                window.check_stall(cfg.kafka.delivery_timeout, health)?;
                 let quiet = window.is_empty() && last_progress.elapsed() >= cfg.postgres.heartbeat_interval;
                 if quiet {
                     last_progress = Instant::now();

@@ -117,6 +117,7 @@ pub trait Sink {
         detail: &str,
     ) -> impl Future<Output = Result<(), String>>;
 
-    /// After this long unacknowledged, a delivery is reported as stalled.
+    /// After this long unacknowledged (or not taken by the client), a delivery ends the
+    /// session.
     fn delivery_timeout(&self) -> Duration;
 }

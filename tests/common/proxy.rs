@@ -1,26 +1,42 @@
 //! A TCP proxy of the tests' own, for network faults on loopback: `black_hole` stops moving
 //! bytes in both directions without closing anything — what a silently failed network path
 //! looks like to both peers (the kernel buffers fill, nothing arrives, no RST, no FIN).
-//! Lifting it lets the held bytes flow again, as TCP retransmission would.
+//! Lifting it lets the held bytes flow again, as TCP retransmission would. `hold_existing`
+//! black-holes only the connections open now: a client that opens a new one gets through
+//! (what a half-dead path to one peer, or a client stuck on one connection, looks like).
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 pub struct Proxy {
     pub port: u16,
-    held: Arc<AtomicBool>,
+    held: Arc<Held>,
     stop: Arc<AtomicBool>,
+}
+
+/// What is held: every connection, or those accepted before a generation.
+#[derive(Default)]
+struct Held {
+    all: AtomicBool,
+    /// Connections numbered below this are held.
+    below: AtomicU64,
+    /// Connections accepted so far.
+    accepted: AtomicU64,
 }
 
 impl Proxy {
     /// Listens on a free loopback port and forwards every connection to `target`.
     pub fn start(target: SocketAddr) -> Proxy {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        Self::start_on(TcpListener::bind("127.0.0.1:0").unwrap(), target)
+    }
+
+    /// Forwards every connection `listener` accepts to `target`.
+    pub fn start_on(listener: TcpListener, target: SocketAddr) -> Proxy {
         let port = listener.local_addr().unwrap().port();
-        let held = Arc::new(AtomicBool::new(false));
+        let held = Arc::new(Held::default());
         let stop = Arc::new(AtomicBool::new(false));
         let (h, st) = (held.clone(), stop.clone());
         std::thread::spawn(move || {
@@ -32,12 +48,13 @@ impl Proxy {
                 let Ok(upstream) = TcpStream::connect(target) else {
                     continue;
                 };
+                let n = h.accepted.fetch_add(1, Ordering::SeqCst);
                 for (from, to) in [
                     (client.try_clone().unwrap(), upstream.try_clone().unwrap()),
                     (upstream, client),
                 ] {
                     let (h, st) = (h.clone(), st.clone());
-                    std::thread::spawn(move || pump(from, to, &h, &st));
+                    std::thread::spawn(move || pump(from, to, n, &h, &st));
                 }
             }
         });
@@ -46,15 +63,21 @@ impl Proxy {
 
     /// Stops (true) or resumes (false) moving bytes, on every connection.
     pub fn black_hole(&self, on: bool) {
-        self.held.store(on, Ordering::SeqCst);
+        self.held.all.store(on, Ordering::SeqCst);
+    }
+
+    /// Stops moving bytes on the connections open now, for good; new ones flow.
+    pub fn hold_existing(&self) {
+        let n = self.held.accepted.load(Ordering::SeqCst);
+        self.held.below.store(n, Ordering::SeqCst);
     }
 }
 
-fn pump(mut from: TcpStream, mut to: TcpStream, held: &AtomicBool, stop: &AtomicBool) {
+fn pump(mut from: TcpStream, mut to: TcpStream, n: u64, held: &Held, stop: &AtomicBool) {
     let _ = from.set_read_timeout(Some(Duration::from_millis(50)));
     let mut buf = vec![0u8; 64 * 1024];
     while !stop.load(Ordering::SeqCst) {
-        if held.load(Ordering::SeqCst) {
+        if held.all.load(Ordering::SeqCst) || n < held.below.load(Ordering::SeqCst) {
             std::thread::sleep(Duration::from_millis(20));
             continue;
         }
