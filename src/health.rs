@@ -33,7 +33,9 @@ pub struct Snapshot {
     pub mode: &'static str,
     pub role: Role,
     pub postgres_reachable: bool,
-    pub kafka_reachable: bool,
+    /// The configured sink (`sink`) answered the monitor's last probe.
+    pub broker_reachable: bool,
+    pub sink: &'static str,
     pub lag_seconds: f64,
     pub inflight: usize,
     pub slot: SlotFacts,
@@ -47,7 +49,7 @@ pub struct Snapshot {
 struct Inner {
     role: Role,
     postgres_ok: bool,
-    kafka_ok: bool,
+    broker_ok: bool,
     last_error: Option<(SystemTime, String)>,
     oldest_unacked_commit: Option<SystemTime>,
     inflight: usize,
@@ -60,6 +62,8 @@ struct Inner {
 pub struct Health {
     inner: Mutex<Inner>,
     mode: &'static str,
+    /// The configured sink (`[sink] kind`): the broker readiness is about.
+    sink: &'static str,
     max_slot_lag_bytes: u64,
     unready_after: std::time::Duration,
 }
@@ -67,6 +71,7 @@ pub struct Health {
 impl Health {
     pub fn new(
         mode: &'static str,
+        sink: &'static str,
         slot: &str,
         max_slot_lag_bytes: u64,
         unready_after: std::time::Duration,
@@ -75,7 +80,7 @@ impl Health {
             inner: Mutex::new(Inner {
                 role: Role::Starting,
                 postgres_ok: false,
-                kafka_ok: false,
+                broker_ok: false,
                 last_error: None,
                 oldest_unacked_commit: None,
                 inflight: 0,
@@ -88,6 +93,7 @@ impl Health {
             max_slot_lag_bytes,
             unready_after,
             mode,
+            sink,
         }
     }
 
@@ -108,8 +114,9 @@ impl Health {
         self.lock().postgres_ok = ok;
     }
 
-    pub fn set_kafka_ok(&self, ok: bool) {
-        self.lock().kafka_ok = ok;
+    /// Whether the configured sink's broker answered the monitor's probe.
+    pub fn set_broker_ok(&self, ok: bool) {
+        self.lock().broker_ok = ok;
     }
 
     /// A session failed; publishing is failing from now on unless it already was.
@@ -157,8 +164,8 @@ impl Health {
         if !g.postgres_ok {
             return Err("PostgreSQL is not reachable".into());
         }
-        if !g.kafka_ok {
-            return Err("Kafka is not reachable".into());
+        if !g.broker_ok {
+            return Err(format!("the broker ({}) is not reachable", self.sink));
         }
         if g.slot.wal_status.as_deref() == Some("lost") {
             return Err(format!(
@@ -204,7 +211,8 @@ impl Health {
             mode: self.mode,
             role: g.role,
             postgres_reachable: g.postgres_ok,
-            kafka_reachable: g.kafka_ok,
+            broker_reachable: g.broker_ok,
+            sink: self.sink,
             lag_seconds,
             inflight: g.inflight,
             slot: g.slot.clone(),

@@ -169,6 +169,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("installing the metrics recorder: {e}"))?;
     let health = Arc::new(Health::new(
         config.mode.as_str(),
+        config.sink.as_str(),
         &config.postgres.slot,
         config.postgres.max_slot_lag_bytes,
         config.retry.unready_after,

@@ -1,6 +1,10 @@
 //! Background checks for readiness and metrics, independent of the relay's own connections:
 //! every few seconds, the slot's lag, safe WAL size and `wal_status` from
-//! `pg_replication_slots`, and whether the Kafka brokers answer a metadata request.
+//! `pg_replication_slots`, and whether the configured sink's broker answers: Kafka a metadata
+//! request; RabbitMQ and NATS a TCP connection to the URL's first host (their credentials
+//! and protocol are proven by the relay's own session, which fails loudly when they do not
+//! work). Probing Kafka for another sink made `/readyz` fail for ever ("Kafka is not
+//! reachable") while the relay published — a pod that never became ready.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,7 +16,7 @@ use rdkafka::producer::{FutureProducer, Producer};
 use tokio::sync::watch;
 use tokio_postgres::Client;
 
-use crate::config::Config;
+use crate::config::{Config, SinkKind};
 use crate::health::{Health, SlotFacts};
 use crate::metrics as m;
 
@@ -59,12 +63,76 @@ pub async fn slot_facts(client: &Client, slot: &str) -> Result<SlotFacts, tokio_
     })
 }
 
+/// `host:port` of the first server of an AMQP or NATS URL (`default_port` when it has none).
+pub fn first_host(url: &str, default_port: u16) -> Option<String> {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let first = rest.split(',').next()?;
+    let authority = first.split(['/', '?']).next()?;
+    let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    if host.is_empty() {
+        return None;
+    }
+    let has_port = match host.rsplit_once(':') {
+        Some((h, p)) => !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) && !h.ends_with(':'),
+        None => false,
+    };
+    Some(if has_port && !host.ends_with(']') {
+        host.to_string()
+    } else {
+        format!("{host}:{default_port}")
+    })
+}
+
+/// How the monitor probes the configured sink.
+enum Probe {
+    Kafka(FutureProducer<QuietContext>),
+    Tcp(String),
+    None,
+}
+
+impl Probe {
+    fn new(cfg: &Config) -> Probe {
+        match cfg.sink {
+            SinkKind::Kafka => crate::sink::kafka::client_config(&cfg.kafka)
+                .create_with_context(QuietContext)
+                .map(Probe::Kafka)
+                // The value is not shown: it may be a secret (kafka.properties).
+                .unwrap_or_else(|_| {
+                    tracing::warn!("monitor cannot create its Kafka client (kafka.properties)");
+                    Probe::None
+                }),
+            SinkKind::RabbitMq => {
+                let tls = cfg.rabbitmq.url.starts_with("amqps://");
+                first_host(&cfg.rabbitmq.url, if tls { 5671 } else { 5672 })
+                    .map_or(Probe::None, Probe::Tcp)
+            }
+            SinkKind::Nats => first_host(&cfg.nats.url, 4222).map_or(Probe::None, Probe::Tcp),
+        }
+    }
+
+    async fn reachable(&self) -> bool {
+        let limit = Duration::from_secs(4);
+        match self {
+            Probe::Kafka(p) => {
+                let p = p.clone();
+                tokio::task::spawn_blocking(move || p.client().fetch_metadata(None, limit).is_ok())
+                    .await
+                    .unwrap_or(false)
+            }
+            Probe::Tcp(addr) => {
+                matches!(
+                    tokio::time::timeout(limit, tokio::net::TcpStream::connect(addr.as_str()))
+                        .await,
+                    Ok(Ok(_))
+                )
+            }
+            Probe::None => false,
+        }
+    }
+}
+
 pub async fn run(cfg: Config, health: Arc<Health>, mut stop: watch::Receiver<bool>) {
-    let producer: Option<FutureProducer<QuietContext>> =
-        crate::sink::kafka::client_config(&cfg.kafka)
-            .create_with_context(QuietContext)
-            .map_err(|e| tracing::warn!(error = %e, "monitor cannot create its Kafka client"))
-            .ok();
+    let probe = Probe::new(&cfg);
     let mut client: Option<Client> = None;
     let mut tick = tokio::time::interval(Duration::from_secs(5));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -106,16 +174,26 @@ pub async fn run(cfg: Config, health: Arc<Health>, mut stop: watch::Receiver<boo
                 }
             },
         }
-        if let Some(p) = &producer {
-            let p = p.clone();
-            let ok = tokio::task::spawn_blocking(move || {
-                p.client()
-                    .fetch_metadata(None, Duration::from_secs(4))
-                    .is_ok()
-            })
-            .await
-            .unwrap_or(false);
-            health.set_kafka_ok(ok);
+        health.set_broker_ok(probe.reachable().await);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::first_host;
+
+    #[test]
+    fn the_first_host_of_a_url_with_its_port() {
+        let cases = [
+            ("amqp://u:p@rabbit:5673/vhost", 5672, Some("rabbit:5673")),
+            ("amqps://u:p@rabbit/vhost", 5671, Some("rabbit:5671")),
+            ("nats://a:4222,nats://b:4222", 4222, Some("a:4222")),
+            ("nats://tok@127.0.0.1", 4222, Some("127.0.0.1:4222")),
+            ("tls://[::1]:4443", 4222, Some("[::1]:4443")),
+            ("nats://", 4222, None),
+        ];
+        for (url, port, want) in cases {
+            assert_eq!(first_host(url, port).as_deref(), want, "{url}");
         }
     }
 }

@@ -224,9 +224,12 @@ fn read_ids(
             cc.set(k, v);
         }
     }
-    let consumer: BaseConsumer = cc
-        .create()
-        .map_err(|e| Error::Kafka(format!("creating the verify consumer: {e}")))?;
+    let consumer: BaseConsumer = cc.create().map_err(|e| {
+        Error::Kafka(format!(
+            "creating the verify consumer: {}",
+            crate::sink::kafka::client_config_error(&e)
+        ))
+    })?;
     let timeout = Duration::from_secs(10);
     let mut tpl = TopicPartitionList::new();
     let mut remaining: HashMap<(String, i32), i64> = HashMap::new();

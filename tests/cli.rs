@@ -278,3 +278,24 @@ fn check_config_never_prints_a_password_however_it_is_written() {
         assert!(!text.contains(password), "{url}: password printed:\n{text}");
     }
 }
+
+/// A mistyped secret property (`sasl.pasword`) is a property librdkafka does not know, and its
+/// value is the secret: `check-config` and the exit-2 line name the key, never the value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mistyped_secret_kafka_property_exits_2_and_its_value_is_never_printed() {
+    let db = TestDb::new("typo").await;
+    let config = db.config(
+        &kafka_brokers(),
+        "[kafka.properties]\n\"sasl.pasword\" = \"hunter2-typo\"\n",
+    );
+    migrate(&config);
+    let check = outboxd(&["check-config", "--config", config.to_str().unwrap()], &[]);
+    let text = format!("{}{}", String::from_utf8_lossy(&check.stdout), stderr(&check));
+    assert!(!text.contains("hunter2"), "check-config printed the value:\n{text}");
+    let mut relay = Relay::start(&config);
+    let status = relay.wait_exit(Duration::from_secs(60));
+    let log = relay.log_text();
+    assert_eq!(status.code(), Some(2), "{log}");
+    assert!(log.contains("sasl.pasword"), "the key is named:\n{log}");
+    assert!(!log.contains("hunter2"), "the value was printed:\n{log}");
+}

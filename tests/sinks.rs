@@ -143,6 +143,22 @@ async fn concurrent_events_arrive_in_per_aggregate_order(kind: Kind, prefix: &st
     rig.assert_duplicates(duplicates);
     assert_eq!(written.len(), 10_000);
     relay.assert_running();
+    // Readiness is about the configured broker (it was "Kafka is not reachable" for ever).
+    let addr = http_addr(&rig.config);
+    eventually(
+        Duration::from_secs(20),
+        "/readyz 200 while publishing",
+        || {
+            let addr = addr.clone();
+            async move {
+                http_get(&addr, "/readyz")
+                    .is_some_and(|(code, body)| code == 200 && body.contains("leader, publishing"))
+            }
+        },
+    )
+    .await;
+    let (_, status) = http_get(&addr, "/status").unwrap();
+    assert!(status.contains("\"broker_reachable\":true"), "{status}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -305,6 +321,10 @@ fn bad_sink_config_exits_2_with_one_line_naming_the_key() {
         (
             "[sink]\nkind = \"nats\"\n[nats]\nurl = \"nats://h:4222\"\n[kafka]\ndelivery = \"exactly-once\"\n",
             "kafka.delivery",
+        ),
+        (
+            "[sink]\nkind = \"rabbitmq\"\n[rabbitmq]\nurl = \"amqp://h\"\nca_file = \"/etc/hostname\"\n",
+            "rabbitmq.ca_file",
         ),
     ] {
         let out = run_with(&format!("{pg}{config}"));

@@ -112,9 +112,24 @@ fn redact_kv(s: &str) -> String {
     out
 }
 
-fn is_secret_property(name: &str) -> bool {
+/// Whether a `kafka.properties` value may be a secret: any name about passwords, secrets,
+/// keys, tokens or credentials, and every `sasl.` property but the mechanism, the user name
+/// and the Kerberos service name (so a mistyped `sasl.pasword` or `sasl.oauthbearer.config`,
+/// which carries a client secret, is hidden too).
+pub(crate) fn is_secret_property(name: &str) -> bool {
     let n = name.to_ascii_lowercase();
-    n.contains("password") || n.contains("secret") || n.contains("key") || n.contains("token")
+    let sasl_public = [
+        "sasl.mechanism",
+        "sasl.mechanisms",
+        "sasl.username",
+        "sasl.kerberos.service.name",
+    ];
+    n.contains("password")
+        || n.contains("secret")
+        || n.contains("key")
+        || n.contains("token")
+        || n.contains("credential")
+        || (n.starts_with("sasl.") && !sasl_public.contains(&n.as_str()))
 }
 
 impl fmt::Debug for PostgresConfig {

@@ -229,6 +229,14 @@ pub(super) fn rabbitmq(raw: RawRabbitMq, used: bool) -> Result<RabbitMqConfig, C
         ));
     }
     let ca_file = readable("rabbitmq.ca_file", raw.ca_file)?;
+    // A CA with a plaintext URL would be ignored: the operator believes TLS is on while the
+    // credentials cross the network in clear text.
+    if ca_file.is_some() && !url.is_empty() && !url.starts_with("amqps://") {
+        return Err(invalid(
+            "rabbitmq.ca_file",
+            "is set but rabbitmq.url is not amqps://: the connection would not use TLS",
+        ));
+    }
     Ok(RabbitMqConfig {
         ca_file,
         url,

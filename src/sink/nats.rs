@@ -16,10 +16,17 @@
 //! One connection publishes in order, and the stream stores in arrival order, so one
 //! aggregate's events are stored in order while nothing fails. The client's automatic
 //! reconnect would break that: messages it buffered while the server was away reach the new
-//! connection *before* the lost ones are resent. So a session never reconnects: the lost
-//! connection's acks time out (`nats.ack_timeout_ms`), the session ends, and the next one
-//! resends from the confirmed position — the stored prefix is dropped as duplicates, the rest
-//! follows in order. What can still reorder: the stream refusing one message and storing the
+//! connection *before* the lost ones are resent. So a session never reconnects: on the
+//! client's `Disconnected` event the sink refuses further publishes, the session ends, and
+//! the next one connects afresh and resends from the confirmed position — the stored prefix
+//! is dropped as duplicates, the rest follows in order.
+//!
+//! The client's connection task, though, outlives the handles the sink drops: after a
+//! disconnect it sleeps before reconnecting, holding what it had buffered, and once
+//! reconnected it writes it — stale copies after newer events, past the duplicate window, and
+//! one leaked task with its buffers per lost connection. So each session's client lives in a
+//! runtime of its own ([`Isolated`], one thread) that is shut down with the sink: the task and
+//! everything it holds end with the session. What can still reorder: the stream refusing one message and storing the
 //! next (a rare per-message error); the refused one's resend lands after it. `promises()`
 //! says so: no strict per-key order through retries.
 //!
@@ -48,6 +55,10 @@ use crate::route::Record;
 
 pub struct NatsSink {
     js: async_nats::jetstream::Context,
+    /// The client reported its connection lost: publish nothing more on it.
+    disconnected: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Holds the client's connection task; dropped (and with it the task) with the sink.
+    _runtime: Isolated,
     cfg: NatsConfig,
     delivery_timeout: Duration,
     /// `outboxd replay`: appended to `Nats-Msg-Id`, so the stream's dedup does not drop a
@@ -55,21 +66,69 @@ pub struct NatsSink {
     replay_suffix: Option<String>,
 }
 
+/// A current-thread runtime on a thread of its own, shut down when dropped: every task the
+/// NATS client spawned on it (the connection task above all) ends then.
+struct Isolated {
+    handle: tokio::runtime::Handle,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Isolated {
+    fn start() -> Result<Isolated> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| Error::Publish(format!("nats: starting the client's runtime: {e}")))?;
+        let handle = rt.handle().clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        std::thread::Builder::new()
+            .name("outboxd-nats".into())
+            .spawn(move || {
+                rt.block_on(async {
+                    let _ = stopped.await;
+                });
+                // Dropping the runtime drops its tasks.
+                drop(rt);
+            })
+            .map_err(|e| Error::Publish(format!("nats: starting the client's thread: {e}")))?;
+        Ok(Isolated {
+            handle,
+            stop: Some(stop),
+        })
+    }
+}
+
+impl Drop for Isolated {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// The TLS settings of `nats.*` (the relay's connection and `verify`'s).
+fn tls_options(cfg: &NatsConfig) -> async_nats::ConnectOptions {
+    let mut options = async_nats::ConnectOptions::new();
+    if let Some(ca) = &cfg.ca_file {
+        options = options.add_root_certificates(ca.into()).require_tls(true);
+    }
+    if let (Some(cert), Some(key)) = (&cfg.cert_file, &cfg.key_file) {
+        options = options.add_client_certificate(cert.into(), key.into());
+    }
+    options
+}
+
 impl NatsSink {
     /// Connects, and creates the stream if configured (or checks it exists). `window` gives
     /// the relay-wide delivery settings.
     pub async fn connect(cfg: &NatsConfig, window: &KafkaConfig) -> Result<NatsSink> {
         let url = redact_url(&cfg.url);
+        let runtime = Isolated::start()?;
         // The client asks this callback for the delay of its first connection too.
         let first = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
-        let mut options = async_nats::ConnectOptions::new();
-        if let Some(ca) = &cfg.ca_file {
-            options = options.add_root_certificates(ca.into()).require_tls(true);
-        }
-        if let (Some(cert), Some(key)) = (&cfg.cert_file, &cfg.key_file) {
-            options = options.add_client_certificate(cert.into(), key.into());
-        }
-        let client = options
+        let disconnected = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let lost = disconnected.clone();
+        let options = tls_options(cfg)
             .name("outboxd")
             .connection_timeout(Duration::from_secs(10))
             // Never reconnect within a session (see "Order" above): what the client still
@@ -82,14 +141,27 @@ impl NatsSink {
                     Duration::from_secs(86_400)
                 }
             })
-            .event_callback(|event| async move {
-                match event {
-                    async_nats::Event::Connected => tracing::info!("nats connected"),
-                    event => tracing::warn!(%event, "nats connection event"),
+            .event_callback(move |event| {
+                let lost = lost.clone();
+                async move {
+                    match event {
+                        async_nats::Event::Connected => tracing::info!("nats connected"),
+                        async_nats::Event::Disconnected => {
+                            lost.store(true, std::sync::atomic::Ordering::SeqCst);
+                            tracing::warn!(
+                                "nats connection lost; this session publishes nothing more on it"
+                            );
+                        }
+                        event => tracing::warn!(%event, "nats connection event"),
+                    }
                 }
-            })
-            .connect(cfg.url.as_str())
+            });
+        let target = cfg.url.clone();
+        let client = runtime
+            .handle
+            .spawn(async move { options.connect(target.as_str()).await })
             .await
+            .map_err(|e| Error::Publish(format!("nats at {url}: connecting: {e}")))?
             .map_err(|e| match e.kind() {
                 // rustls reports a certificate it cannot verify as an I/O error.
                 ConnectErrorKind::Io if e.to_string().contains("certificate") => Error::setup(
@@ -127,15 +199,41 @@ impl NatsSink {
                 ..StreamConfig::default()
             };
             js.get_or_create_stream(config).await.map_err(|e| {
-                stream_error(&url, &cfg.stream, e.to_string(), "creating the stream")
+                use async_nats::jetstream::context::CreateStreamErrorKind as K;
+                let transient = match e.kind() {
+                    K::JetStreamUnavailable | K::TimedOut | K::Response => true,
+                    K::JetStream(j) => j.code() >= 500,
+                    _ => false,
+                };
+                stream_error(
+                    &url,
+                    &cfg.stream,
+                    e.to_string(),
+                    "creating the stream",
+                    transient,
+                )
             })?;
         } else {
             js.get_stream(cfg.stream.as_str()).await.map_err(|e| {
-                stream_error(&url, &cfg.stream, e.to_string(), "finding the stream")
+                use async_nats::jetstream::context::GetStreamErrorKind as K;
+                let transient = match e.kind() {
+                    K::Request => true,
+                    K::JetStream(j) => j.code() >= 500,
+                    _ => false,
+                };
+                stream_error(
+                    &url,
+                    &cfg.stream,
+                    e.to_string(),
+                    "finding the stream",
+                    transient,
+                )
             })?;
         }
         Ok(NatsSink {
             js,
+            disconnected,
+            _runtime: runtime,
             cfg: cfg.clone(),
             delivery_timeout: window.delivery_timeout,
             replay_suffix: None,
@@ -197,6 +295,15 @@ impl NatsSink {
         record: &Record,
         headers: HeaderMap,
     ) -> std::result::Result<PublishAckFuture, SendError> {
+        if self.disconnected.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(SendError::Refused(Refusal {
+                class: Class::Cluster,
+                code: String::new(),
+                detail: "nats: the connection was lost; a new session reconnects and resends"
+                    .into(),
+                alone: false,
+            }));
+        }
         let payload = Bytes::from(record.value.clone().unwrap_or_default());
         self.js
             .publish_with_headers(subject.to_string(), headers, payload)
@@ -226,7 +333,8 @@ pub async fn read_back(cfg: &NatsConfig) -> Result<HashMap<String, HashSet<Strin
     use futures_util::StreamExt;
     let url = redact_url(&cfg.url);
     let fail = |doing: &str, e: String| Error::Publish(format!("nats at {url}: {doing}: {e}"));
-    let client = async_nats::connect(cfg.url.as_str())
+    let client = tls_options(cfg)
+        .connect(cfg.url.as_str())
         .await
         .map_err(|e| fail("connecting", e.to_string()))?;
     let js = async_nats::jetstream::new(client);
@@ -277,8 +385,12 @@ pub async fn read_back(cfg: &NatsConfig) -> Result<HashMap<String, HashSet<Strin
     }
 }
 
-fn stream_error(url: &str, stream: &str, e: String, doing: &str) -> Error {
-    if e.contains("timed out") || e.contains("no responders") || e.contains("broken pipe") {
+/// A stream that cannot be created or found: `transient` — by the client's error kind and
+/// the JetStream code (no responders, a timeout, 503 "JetStream cluster not available" during
+/// a meta-leader election), never by the message text — is retried; the rest only an
+/// operator can fix (exit code 2).
+fn stream_error(url: &str, stream: &str, e: String, doing: &str, transient: bool) -> Error {
+    if transient {
         return Error::Publish(format!("nats at {url}: {doing} {stream}: {e}"));
     }
     Error::setup(
@@ -389,5 +501,31 @@ impl Sink for NatsSink {
 
     fn delivery_timeout(&self) -> Duration {
         self.delivery_timeout
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Isolated;
+
+    /// What makes a lost connection's client task end with its session: a task spawned on
+    /// the sink's runtime (as async-nats spawns its connection task) is dropped with it,
+    /// even while it sleeps (as the task does before reconnecting).
+    #[tokio::test]
+    async fn a_task_on_the_sinks_runtime_ends_when_the_sink_is_dropped() {
+        let runtime = Isolated::start()
+            .map_err(|e| e.to_string())
+            .unwrap_or_else(|e| panic!("{e}"));
+        let (held, gone) = tokio::sync::oneshot::channel::<()>();
+        runtime.handle.spawn(async move {
+            let _held = held;
+            tokio::time::sleep(std::time::Duration::from_secs(86_400)).await;
+        });
+        drop(runtime);
+        let ended = tokio::time::timeout(std::time::Duration::from_secs(5), gone).await;
+        assert!(
+            matches!(ended, Ok(Err(_))),
+            "the sleeping task still holds its state"
+        );
     }
 }

@@ -123,7 +123,10 @@ fn read_last_blocking(
     let consumer: BaseConsumer<LogContext> =
         c.create_with_context(LogContext::default()).map_err(|e| {
             Error::setup(
-                format!("kafka consumer configuration: {e}"),
+                format!(
+                    "kafka consumer configuration: {}",
+                    crate::sink::kafka::client_config_error(&e)
+                ),
                 "correct kafka.properties",
             )
         })?;

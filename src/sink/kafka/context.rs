@@ -73,3 +73,46 @@ pub(super) fn unusable_credentials(code: Option<RDKafkaErrorCode>, reason: &str)
     }
     None
 }
+
+/// A librdkafka configuration error without the property's value: the value may be a secret
+/// (a mistyped `sasl.pasword` is an unknown property whose value is the password), and
+/// rdkafka's `Display` prints it.
+pub fn config_error(e: &KafkaError) -> String {
+    match e {
+        KafkaError::ClientConfig(_, desc, key, value) => {
+            let desc = if value.is_empty() {
+                desc.clone()
+            } else {
+                desc.replace(value.as_str(), "***")
+            };
+            format!("{desc} (kafka.properties \"{key}\"; its value is not shown)")
+        }
+        other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rdkafka::types::RDKafkaConfRes;
+
+    #[test]
+    fn a_configuration_error_never_shows_the_value() {
+        let e = KafkaError::ClientConfig(
+            RDKafkaConfRes::RD_KAFKA_CONF_UNKNOWN,
+            "No such configuration property: \"sasl.pasword\"".into(),
+            "sasl.pasword".into(),
+            "hunter2-secret".into(),
+        );
+        let line = config_error(&e);
+        assert!(!line.contains("hunter2"), "{line}");
+        assert!(line.contains("sasl.pasword"), "{line}");
+        let e = KafkaError::ClientConfig(
+            RDKafkaConfRes::RD_KAFKA_CONF_INVALID,
+            "Configuration property \"sasl.password\" value hunter2-secret is invalid".into(),
+            "sasl.password".into(),
+            "hunter2-secret".into(),
+        );
+        assert!(!config_error(&e).contains("hunter2"));
+    }
+}

@@ -30,8 +30,8 @@ use crate::sink::{Class, Failed, Promises, Refusal, SendError, Sink};
 mod context;
 mod transactions;
 
-use context::unusable_credentials;
-pub use context::LogContext;
+use context::{config_error, unusable_credentials};
+pub use context::{config_error as client_config_error, LogContext};
 use transactions::transactional_config;
 
 /// The librdkafka configuration the relay uses: safe defaults first, then the operator's
@@ -183,7 +183,7 @@ impl KafkaSink {
         let producer: FutureProducer<LogContext> =
             config.create_with_context(context.clone()).map_err(|e| {
                 Error::setup(
-                    format!("kafka producer configuration: {e}"),
+                    format!("kafka producer configuration: {}", config_error(&e)),
                     "correct kafka.properties",
                 )
             })?;
@@ -197,7 +197,7 @@ impl KafkaSink {
             }
             Some(ac.create_with_context(context.clone()).map_err(|e| {
                 Error::setup(
-                    format!("kafka admin client configuration: {e}"),
+                    format!("kafka admin client configuration: {}", config_error(&e)),
                     "correct kafka.properties",
                 )
             })?)
