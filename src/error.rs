@@ -52,10 +52,13 @@ pub enum Error {
         others_acked: bool,
     },
 
-    /// A record was refused for a reason about a record, while in a batch: the next session
-    /// sends it alone to learn whether it is the one (`crate::window`).
+    /// Records were refused for a reason about a record, while in a batch: the next session
+    /// sends each alone to learn which is the one (`crate::lessons`).
     #[error("publishing: {message}")]
-    Suspect { event_id: String, message: String },
+    Suspect {
+        event_ids: Vec<String>,
+        message: String,
+    },
 
     /// Exactly-once: another instance with our `transactional.id` initialised its producer
     /// after us; this one must stop publishing and leave leadership (transient: it may lead

@@ -16,6 +16,7 @@ pub mod failpoint;
 pub mod health;
 pub mod http;
 pub mod ledger;
+pub mod lessons;
 pub mod logging;
 pub mod lsn;
 pub mod metrics;

@@ -4,22 +4,16 @@
 //! ## A refused record, or a refused batch?
 //!
 //! librdkafka sends a partition's records in batches, and a broker that refuses a batch
-//! refuses every record in it with the same error: measured with Apache Kafka 4.3, a topic
-//! limited by `message.timestamp.before.max.ms` answered `INVALID_TIMESTAMP` for the one old
-//! record *and* the two good records batched with it. Dead-lettering on a delivery error
-//! would dead-letter innocent events. So an error that is about a record
-//! (`sink::classify`) is not believed at delivery time unless the record travelled alone:
-//! the session ends, the next one sends records one at a time up to and including the
-//! *suspect* ([`Hints::isolate`]), and only a failure of the record alone dead-letters it.
+//! refuses every record in it: measured with Apache Kafka 4.3, a topic limited by
+//! `message.timestamp.before.max.ms` answered `INVALID_TIMESTAMP` for the one old record
+//! *and* the good records batched with it (KIP-467 brokers may instead name the culprit and
+//! answer `_INVALID_DIFFERENT_RECORD` for the others). Dead-lettering on a delivery error
+//! would dead-letter innocent events. So an error that is about a record (`sink::classify`)
+//! is not believed at delivery time unless the record travelled alone: the window drains the
+//! rest of its deliveries, every record of them that was refused becomes a *suspect*, the
+//! session ends, and the next one sends records one at a time until each suspect has been
+//! settled alone (`crate::lessons`): one session for the whole batch, not one per batchmate.
 //! Errors raised by `produce()` itself (local checks of one record) need no such proof.
-//!
-//! ## Failures that repeat
-//!
-//! An error that could be about the record or the cluster (`sink::classify::Class::Unclear`)
-//! is retried; [`Repeats`] counts identical failures of the same record in a row, but only
-//! while other records are acknowledged in the same session (else the whole cluster may be
-//! refusing), and after `kafka.max_record_retries` of them the record is dead-lettered with
-//! reason `retries_exhausted`.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant, SystemTime};
@@ -31,78 +25,11 @@ use crate::error::{Error, Result};
 use crate::event::Event;
 use crate::health::Health;
 use crate::ledger::{Ledger, Ticket};
+use crate::lessons::Lessons;
 use crate::metrics as m;
 use crate::route::{Poison, PoisonKind, Record, Router};
 use crate::sink::broker::BrokerDelivery;
 use crate::sink::{Class, Failed, Refusal, SendError, Sink};
-
-/// What earlier failures taught the next session.
-#[derive(Debug, Clone, Default)]
-pub struct Hints {
-    /// (event id, why): dead-letter this record instead of sending it — it failed the same
-    /// way too often, or (exactly-once) Kafka refused it alone inside a transaction that had
-    /// to be aborted for it.
-    pub dead_letter: Option<(String, Poison)>,
-    /// A record refused at delivery, maybe only because of its batch: send records one at a
-    /// time until it has been settled alone.
-    pub isolate: Option<String>,
-}
-
-/// Identical failures of one record in a row (the "could be either" class of
-/// `sink::classify`); after `kafka.max_record_retries` of them the record is dead-lettered.
-#[derive(Default)]
-pub struct Repeats {
-    /// (event id, librdkafka code, count)
-    last: Option<(String, String, u32)>,
-    pub hints: Hints,
-}
-
-impl Repeats {
-    /// Learns from the error that ended a session.
-    pub fn record(&mut self, e: &Error, max: u32) {
-        if let Error::Suspect { event_id, .. } = e {
-            self.hints.isolate = Some(event_id.clone());
-            return;
-        }
-        if let Error::Refused { event_id, poison } = e {
-            self.hints.dead_letter = Some((event_id.clone(), poison.clone()));
-            return;
-        }
-        let Error::Delivery {
-            event_id: Some(id),
-            code,
-            message,
-            others_acked,
-        } = e
-        else {
-            // A failure of the cluster breaks the series.
-            self.last = None;
-            return;
-        };
-        if !others_acked {
-            // Nothing else got through either: maybe the whole cluster refuses. Retry, and
-            // never dead-letter on this evidence.
-            return;
-        }
-        let count = match &self.last {
-            Some((i, c, n)) if i == id && c == code => n + 1,
-            _ => 1,
-        };
-        if count >= max {
-            tracing::error!(event_id = %id, code = %code, count, "the same record failed the same way too often; it will be dead-lettered (retries_exhausted)");
-            self.hints.dead_letter = Some((
-                id.clone(),
-                Poison {
-                    kind: PoisonKind::RetriesExhausted,
-                    detail: format!("failed {count} times in a row: {message}"),
-                },
-            ));
-            self.last = None;
-        } else {
-            self.last = Some((id.clone(), code.clone(), count));
-        }
-    }
-}
 
 /// Why a delivery did not succeed (see `sink::classify`).
 pub enum Failure {
@@ -144,7 +71,7 @@ fn failure_error(failure: Failure, others_acked: bool) -> Error {
                 poison.kind.label(),
                 poison.detail
             ),
-            event_id: id,
+            event_ids: vec![id],
         },
         Failure::Poison { poison, .. } => Error::Publish(format!(
             "a refused record was not dead-lettered: {}",
@@ -180,6 +107,7 @@ fn failure(
     if !refusal.code.is_empty() {
         let label = match refusal.class {
             Class::Record(_) => "record",
+            Class::Batchmate => "batchmate",
             Class::Cluster => "cluster",
             Class::Unclear => "unclear",
         };
@@ -203,6 +131,21 @@ fn failure(
                 },
             }
         }
+        // Refused for another record of its batch: find which, sending them alone.
+        Class::Batchmate => match (seen, id) {
+            (Seen::InBatch, Some(id)) => Failure::Suspect {
+                id,
+                poison: Poison {
+                    kind: PoisonKind::Rejected,
+                    detail: refusal.detail,
+                },
+            },
+            (_, id) => Failure::Unclear {
+                id,
+                code: refusal.code,
+                message,
+            },
+        },
         Class::Cluster => Failure::Cluster(message),
         Class::Unclear => Failure::Unclear {
             id,
@@ -225,6 +168,8 @@ fn record_bytes(r: &Record) -> usize {
 /// A delivery awaiting acknowledgement.
 struct InFlight<D> {
     fut: D,
+    /// Sent while records travel one at a time: its report is about it alone.
+    alone: bool,
     /// The event's entry in the delivery ledger.
     ticket: Ticket,
     /// Key, value and header bytes handed to the producer.
@@ -236,7 +181,7 @@ struct InFlight<D> {
 }
 
 /// Deliveries awaiting acknowledgement, oldest first; `D` is the sink's delivery future.
-pub struct Window<D = BrokerDelivery> {
+pub struct Window<'l, D = BrokerDelivery> {
     inflight: VecDeque<InFlight<D>>,
     /// Events handed to the producer (or dead-lettered) so far.
     pub sent: u64,
@@ -244,7 +189,9 @@ pub struct Window<D = BrokerDelivery> {
     pub acked: u64,
     /// Bytes of the deliveries outstanding.
     bytes: usize,
-    hints: Hints,
+    /// What earlier sessions taught (suspects, dead-letter decisions); updated as suspects
+    /// settle, so what this session did not reach is still there for the next.
+    lessons: &'l mut Lessons,
     /// Exactly-once: records travel inside Kafka transactions.
     transactional: bool,
     /// What each event's own delivery report said (`crate::ledger`), checked at every
@@ -255,17 +202,17 @@ pub struct Window<D = BrokerDelivery> {
     last_settled: Ticket,
 }
 
-impl<D> Window<D>
+impl<'l, D> Window<'l, D>
 where
     D: Future<Output = std::result::Result<(), Failed>> + Unpin,
 {
-    pub fn new(hints: Hints, transactional: bool) -> Window<D> {
+    pub fn new(lessons: &'l mut Lessons, transactional: bool) -> Window<'l, D> {
         Window {
             inflight: VecDeque::new(),
             sent: 0,
             acked: 0,
             bytes: 0,
-            hints,
+            lessons,
             transactional,
             ledger: Ledger::from_env(),
             last_settled: Ticket::default(),
@@ -299,13 +246,8 @@ where
         if self.inflight.is_empty() {
             return true;
         }
-        let max = if self.hints.isolate.is_some() { 1 } else { max };
+        let max = if self.lessons.isolating() { 1 } else { max };
         self.inflight.len() < max && self.bytes < max_bytes
-    }
-
-    /// What the window still has to teach the next session (an isolation not finished).
-    pub fn into_hints(self) -> Hints {
-        self.hints
     }
 
     /// The broker has not acknowledged the oldest delivery for `after`
@@ -371,10 +313,10 @@ where
         };
         self.bytes = self.bytes.saturating_sub(done.bytes);
         self.last_settled = done.ticket;
-        // The suspect settled alone: whatever it says now is about this record.
-        let alone = self.hints.isolate.as_deref() == Some(done.id.as_str());
+        // Sent while records travel one at a time: whatever it says is about this record.
+        let alone = done.alone;
         if alone {
-            self.hints.isolate = None;
+            self.lessons.settled_alone(&done.id);
         }
         match result {
             Ok(()) => {
@@ -431,7 +373,7 @@ where
                 return Ok(());
             }
         };
-        if let Some((_, poison)) = self.hints.dead_letter.take_if(|(id, _)| *id == event.id) {
+        if let Some(poison) = self.lessons.dead_letter(&event.id).cloned() {
             dead_letter(sink, dlq, Some(&event.id), &record, &poison).await?;
             self.settle(ticket);
             return Ok(());
@@ -466,8 +408,10 @@ where
                 Ok(fut) => {
                     let bytes = record_bytes(&record);
                     self.bytes += bytes;
+                    let alone = self.lessons.isolating();
                     self.inflight.push_back(InFlight {
                         fut,
+                        alone,
                         ticket,
                         bytes,
                         id: event.id.clone(),
@@ -569,6 +513,31 @@ where
                     }
                 }
                 Err(failure_error(other, others_acked))
+            }
+            Err(Failure::Suspect { id, poison }) => {
+                // Which records of the refused batch failed? Every one is a suspect, so the
+                // next session settles them all alone at once (not one session each).
+                let mut suspects = vec![id.clone()];
+                let deadline = tokio::time::Instant::now() + sink.delivery_timeout();
+                while let Some(f) = self.inflight.pop_front() {
+                    match tokio::time::timeout_at(deadline, f.fut).await {
+                        Ok(Err(Failed { refusal, .. }))
+                            if matches!(refusal.class, Class::Record(_) | Class::Batchmate) =>
+                        {
+                            suspects.push(f.id)
+                        }
+                        Ok(_) => {}
+                        Err(_) => break,
+                    }
+                }
+                let n = suspects.len();
+                match failure_error(Failure::Suspect { id, poison }, false) {
+                    Error::Suspect { message, .. } => Err(Error::Suspect {
+                        message: format!("{message} (with {} more of its batch)", n - 1),
+                        event_ids: suspects,
+                    }),
+                    other => Err(other),
+                }
             }
             Err(other) => Err(failure_error(other, false)),
         }

@@ -290,8 +290,15 @@ async fn a_mistyped_secret_kafka_property_exits_2_and_its_value_is_never_printed
     );
     migrate(&config);
     let check = outboxd(&["check-config", "--config", config.to_str().unwrap()], &[]);
-    let text = format!("{}{}", String::from_utf8_lossy(&check.stdout), stderr(&check));
-    assert!(!text.contains("hunter2"), "check-config printed the value:\n{text}");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&check.stdout),
+        stderr(&check)
+    );
+    assert!(
+        !text.contains("hunter2"),
+        "check-config printed the value:\n{text}"
+    );
     let mut relay = Relay::start(&config);
     let status = relay.wait_exit(Duration::from_secs(60));
     let log = relay.log_text();

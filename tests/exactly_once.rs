@@ -296,3 +296,62 @@ async fn paused_leader_resumed_after_a_standby_took_over_is_fenced_and_publishes
         "the fenced leader left leadership: {log}"
     );
 }
+
+/// The README's reset of a pipeline's position is a tombstone for its key. The relay reads it
+/// as "no position" (it used to call the tombstone "not a position outboxd wrote" and exit 2
+/// until compaction removed it, days later) and resumes from the slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_position_reset_by_tombstone_resumes_the_pipeline_instead_of_exiting_2() {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let brokers = kafka_brokers();
+    let pipeline = unique("pipeline");
+    let positions = format!("{pipeline}.positions");
+    let extra = format!(
+        "{EXACTLY_ONCE}transactional_id = \"{pipeline}\"\nposition_topic = \"{positions}\"\n"
+    );
+    let (db, config) = setup("eos_reset", &brokers, &extra).await;
+    let mut client = db.client().await;
+    let mut relay = Relay::start(&config);
+    let mut written = Vec::new();
+    for i in 0..5 {
+        let events = [("order".to_string(), format!("agg-{i}"))];
+        written.extend(write_txn(&mut client, &events, false).await.unwrap());
+    }
+    let topic = db.topic("order");
+    consume(
+        &brokers,
+        std::slice::from_ref(&topic),
+        &ids(&written),
+        Duration::from_secs(60),
+        Duration::ZERO,
+    );
+    assert!(relay.terminate(Duration::from_secs(30)).success());
+    drop(relay);
+    let producer: FutureProducer = rdkafka::config::ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .create()
+        .unwrap();
+    producer
+        .send(
+            FutureRecord::<str, [u8]>::to(&positions).key(pipeline.as_str()),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+    let mut relay = Relay::start(&config);
+    let mut later = Vec::new();
+    for i in 0..5 {
+        let events = [("order".to_string(), format!("agg-{i}"))];
+        later.extend(write_txn(&mut client, &events, false).await.unwrap());
+    }
+    written.extend(later);
+    let received = consume(
+        &brokers,
+        &[topic],
+        &ids(&written),
+        Duration::from_secs(60),
+        Duration::from_secs(1),
+    );
+    relay.assert_running();
+    assert_each_once(&written, &received);
+}

@@ -375,3 +375,126 @@ async fn records_larger_than_the_byte_budget_still_flow_one_at_a_time() {
     );
     assert_exactly_written(&written, &received);
 }
+
+/// One backfill transaction of one aggregate: good, old, good, old, good, where the topic
+/// refuses records over an hour old. The old ones travel in one batch with good ones; both
+/// are dead-lettered and every good one arrives once, in order, within a few sessions
+/// (review A1, A2, C8: a single remembered suspect or dead letter looped for ever, and each
+/// refused batchmate cost a session); and a later session runs at full speed (C3: the
+/// suspect was remembered for ever, one record at a time). `extra` goes into `[kafka]`.
+async fn two_old_timestamps_in_one_transaction(prefix: &str, extra: &str) {
+    let brokers = kafka_brokers();
+    let db = TestDb::new(prefix).await;
+    let dlq_topic = format!("{}.dlq", db.name);
+    let config = db.config(
+        &brokers,
+        &format!("[kafka]\ndlq_topic = \"{dlq_topic}\"\n{extra}"),
+    );
+    migrate(&config);
+    create_aggregates_table(&db.client().await).await;
+    create_topic(
+        &brokers,
+        &db.topic("order"),
+        3,
+        &[("message.timestamp.before.max.ms", "3600000")],
+    )
+    .await;
+    let mut client = db.client().await;
+    // Written before the relay starts: the whole transaction is one backlog, batched.
+    let tx = client.transaction().await.unwrap();
+    let (mut good, mut bad) = (Vec::new(), Vec::new());
+    for i in 0..5 {
+        let old = i % 2 == 1;
+        let payload = format!("{{\"agg\": \"a\", \"seq\": {}}}", i + 1);
+        let row = tx
+            .query_one(
+                &format!(
+                    "INSERT INTO outbox (aggregatetype, aggregateid, type, payload, headers, created_at) \
+                     VALUES ('order', 'a', 'Changed', $1::text::jsonb, '{{\"traceparent\": \"00-test\"}}'::jsonb, \
+                     now() - interval '{}') RETURNING id::text, payload::text",
+                    if old { "2 days" } else { "0 s" }
+                ),
+                &[&payload],
+            )
+            .await
+            .unwrap();
+        let w = Written {
+            order: None,
+            id: row.get(0),
+            aggregatetype: "order".into(),
+            aggregateid: "a".into(),
+            seq: i + 1,
+            payload: row.get(1),
+        };
+        if old {
+            bad.push(w)
+        } else {
+            good.push(w)
+        }
+    }
+    tx.commit().await.unwrap();
+    let relay = Relay::start(&config);
+    let received = consume(
+        &brokers,
+        &[db.topic("order")],
+        &ids(&good),
+        Duration::from_secs(90),
+        Duration::from_millis(500),
+    );
+    assert_exactly_written(&good, &received);
+    let dead = dlq(&brokers, &dlq_topic, &ids(&bad));
+    for b in &bad {
+        assert_eq!(
+            dead.get(&b.id).map(|(reason, _)| reason.as_str()),
+            Some("invalid_timestamp"),
+            "{} in the DLQ: {dead:?}",
+            b.id
+        );
+    }
+    for g in &good {
+        assert!(
+            !dead.contains_key(&g.id),
+            "good event {} dead-lettered",
+            g.id
+        );
+    }
+    let sessions = relay.log_text().matches("relay started").count();
+    assert!(
+        sessions <= 4,
+        "{sessions} sessions to converge:\n{}",
+        relay.log_text()
+    );
+    // A later session (the replication connection cut) carries no suspect.
+    db.client()
+        .await
+        .execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE application_name = 'outboxd-replication' AND datname = current_database()",
+            &[],
+        )
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(30), "a new session", || async {
+        relay.log_text().matches("relay started").count() > sessions
+    })
+    .await;
+    let log = relay.log_text();
+    let last = log
+        .lines()
+        .rev()
+        .find(|l| l.contains("relay started"))
+        .unwrap();
+    assert!(last.contains("suspects=0"), "{last}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_refused_records_batched_with_good_ones_in_one_transaction_are_dead_lettered_and_the_rest_arrives(
+) {
+    two_old_timestamps_in_one_transaction("twots", "").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exactly_once_two_refused_records_in_one_transaction_are_dead_lettered_and_the_rest_arrives_once(
+) {
+    two_old_timestamps_in_one_transaction("twots_eos", "delivery = \"exactly-once\"\n").await;
+}

@@ -98,7 +98,7 @@ async fn commit_with_position(
 /// source's position into the record written to the position topic).
 pub(super) async fn commit(
     cfg: &Config,
-    window: &mut Window,
+    window: &mut Window<'_>,
     sink: &mut Broker,
     dlq: &DlqTable<'_>,
     eos: &mut Eos,

@@ -36,9 +36,9 @@ use tokio::sync::watch;
 use crate::config::{Config, Mode, RetryConfig};
 use crate::error::{Error, Result};
 use crate::health::{Health, Role};
+use crate::lessons::Lessons;
 use crate::metrics as m;
 use crate::route::Router;
-use crate::window::Repeats;
 
 /// Capped exponential backoff with jitter, reset after progress.
 pub struct Backoff {
@@ -83,12 +83,11 @@ pub async fn run(cfg: Config, mut stop: watch::Receiver<bool>, health: Arc<Healt
     metrics::gauge!(m::SINK_INFO, "sink" => cfg.sink.as_str(), "delivery" => delivery).set(1.0);
     let mut backoff = Backoff::new(&cfg.retry);
     let mut attempt: u32 = 0;
-    let mut repeats = Repeats::default();
+    let mut lessons = Lessons::default();
     loop {
         if *stop.borrow() {
             return Ok(());
         }
-        let hints = repeats.hints.clone();
         let ctx = session::Context {
             cfg: &cfg,
             router: &router,
@@ -96,27 +95,47 @@ pub async fn run(cfg: Config, mut stop: watch::Receiver<bool>, health: Arc<Healt
         };
         // Open a session on the configured source (waiting as standby while another
         // instance leads), then the one loop.
-        let result = match cfg.mode {
+        // `publishing`: the error (if any) ended a session that was publishing.
+        let (result, publishing) = match cfg.mode {
             Mode::Logical => match logical::open(&cfg, &mut stop, &health).await {
-                Ok(Some(opened)) => session::run(ctx, opened, &mut stop, &mut backoff, hints).await,
-                other => other.map(|_| ()),
+                Ok(Some(opened)) => (
+                    session::run(ctx, opened, &mut stop, &mut backoff, &mut lessons).await,
+                    true,
+                ),
+                other => (other.map(|_| ()), false),
             },
             Mode::Polling => match polling::open(&cfg, &mut stop, &health).await {
-                Ok(Some(opened)) => session::run(ctx, opened, &mut stop, &mut backoff, hints).await,
-                other => other.map(|_| ()),
+                Ok(Some(opened)) => (
+                    session::run(ctx, opened, &mut stop, &mut backoff, &mut lessons).await,
+                    true,
+                ),
+                other => (other.map(|_| ()), false),
             },
         };
         health.set_role(Role::Starting);
         match result {
             Ok(()) => return Ok(()),
             // Stopping: acknowledged work that could not be confirmed is the exit status
-            // (1); any other error while stopping (say, PostgreSQL still unreachable) only
-            // ends the retries.
+            // (1); a transient error while stopping outside a session (say, PostgreSQL still
+            // unreachable) only ends the retries.
             Err(e @ Error::Shutdown(_)) => {
                 health.record_error(&e.to_string());
                 return Err(e);
             }
-            Err(_) if *stop.borrow() => return Ok(()),
+            Err(e) if *stop.borrow() => {
+                health.record_error(&e.to_string());
+                if !e.is_transient() {
+                    return Err(e);
+                }
+                if publishing {
+                    // The stop came while a handler failed: the graceful stop did not run.
+                    return Err(session::unconfirmed(
+                        "the last confirmed position",
+                        e.to_string(),
+                    ));
+                }
+                return Ok(());
+            }
             Err(e) if e.is_transient() => {
                 attempt += 1;
                 health.record_error(&e.to_string());
@@ -135,7 +154,7 @@ pub async fn run(cfg: Config, mut stop: watch::Receiver<bool>, health: Arc<Healt
                         | Error::Refused { .. }
                 ) {
                     metrics::counter!(m::PUBLISH_RETRIES).increment(1);
-                    repeats.record(&e, cfg.kafka.max_record_retries);
+                    lessons.learn(&e, cfg.kafka.max_record_retries);
                     // Loud: a delivery that keeps failing holds the slot back.
                     tracing::error!(error = %e, attempt, retry_in_ms = delay.as_millis() as u64, "publishing failed; retrying from the last confirmed position");
                 } else {

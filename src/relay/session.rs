@@ -14,12 +14,17 @@ use crate::config::Config;
 use crate::dead_letter::{dead_letter, DlqTable};
 use crate::error::{Error, Result};
 use crate::health::{Health, Role};
+use crate::lessons::Lessons;
 use crate::metrics as m;
 use crate::route::{Poison, PoisonKind, Record, Router};
 use crate::sink::broker::Broker;
 use crate::sink::Sink;
 use crate::transaction::Transactions;
-use crate::window::{Hints, Window};
+use crate::window::Window;
+
+/// A session up this long without an acknowledged event has recovered all the same (an idle
+/// outbox confirms only keepalive positions).
+const STABLE_SESSION: Duration = Duration::from_secs(30);
 
 /// Exactly-once state of a session: when Kafka transactions commit, and the pipeline's id.
 pub(super) struct Eos {
@@ -51,7 +56,7 @@ pub(super) async fn run<S: Source>(
     opened: Opened<S>,
     stop: &mut watch::Receiver<bool>,
     backoff: &mut Backoff,
-    hints: Hints,
+    lessons: &mut Lessons,
 ) -> Result<()> {
     let Context {
         cfg,
@@ -65,13 +70,16 @@ pub(super) async fn run<S: Source>(
         mut eos,
     } = opened;
     health.set_role(Role::Leader);
+    let (suspects, dead_letters) = lessons.counts();
     tracing::info!(
         source = %source.describe(),
         sink = %broker,
         promises = %sink.promises(),
+        suspects,
+        dead_letters,
         "relay started; publishing from the confirmed position"
     );
-    let mut window = Window::new(hints, eos.is_some());
+    let mut window = Window::new(lessons, eos.is_some());
     let mut confirmed = source.confirmed();
     let mut checkpoint = Checkpoint::limited(source.limit());
     if let Some(e) = &eos {
@@ -80,6 +88,7 @@ pub(super) async fn run<S: Source>(
     }
     let mut status_tick = tokio::time::interval(Duration::from_secs(1));
     status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let started = Instant::now();
     let mut last_progress = Instant::now();
     let mut last_confirm = Instant::now() - source.confirm_every();
     let mut skipped: u64 = 0;
@@ -100,8 +109,13 @@ pub(super) async fn run<S: Source>(
                 confirmed = safe;
                 last_confirm = Instant::now();
                 last_progress = last_confirm;
-                backoff.reset();
-                health.recovered();
+                // Progress is acknowledged events, or a session that has stayed up: a keepalive
+                // confirmed at the start of every session that then fails on the same
+                // transaction must not reset the backoff nor hide the failure from /readyz.
+                if window.acked > 0 || started.elapsed() >= STABLE_SESSION {
+                    backoff.reset();
+                    health.recovered();
+                }
                 continue;
             }
         }
@@ -188,8 +202,8 @@ pub(super) async fn run<S: Source>(
 }
 
 /// What a stop inherits from the loop.
-struct Stopping {
-    window: Window,
+struct Stopping<'l> {
+    window: Window<'l>,
     checkpoint: Checkpoint,
     confirmed: u64,
 }
@@ -201,7 +215,7 @@ async fn shutdown<S: Source>(
     cfg: &Config,
     mut source: S,
     sink: &mut Broker,
-    state: Stopping,
+    state: Stopping<'_>,
     eos: Option<&mut Eos>,
     health: &Health,
 ) -> Result<()> {

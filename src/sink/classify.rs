@@ -51,7 +51,7 @@ pub fn classify(code: C, stage: Stage) -> Class {
 
 /// The table. `None` only for codes it does not list (the unit test keeps that empty).
 pub fn table(code: C) -> Option<Class> {
-    use Class::{Cluster, Record, Unclear};
+    use Class::{Batchmate, Cluster, Record, Unclear};
     Some(match code {
         // ---- About the record ------------------------------------------------------------
         C::UnknownPartition => Record(PoisonKind::UnknownPartition),
@@ -124,8 +124,9 @@ pub fn table(code: C) -> Option<Class> {
         C::InvalidMessage | C::BadCompression | C::UnsupportedCompressionType => Cluster,
         // A batch larger than the broker's segment size: about the batch, not one record.
         C::MessageBatchTooLarge => Cluster,
-        // Another record of the same batch was invalid; this one is fine and is resent.
-        C::InvalidDifferentRecord => Cluster,
+        // Another record of the same batch was invalid; this one is fine, the culprit is found
+        // by sending the batch's failed records alone (`crate::window`).
+        C::InvalidDifferentRecord => Batchmate,
         // The idempotent/transactional producer's state: a fresh producer resumes.
         C::OutOfOrderSequenceNumber
         | C::DuplicateSequenceNumber
@@ -276,6 +277,10 @@ mod tests {
             classify(C::MessageSizeTooLarge, Stage::Delivery),
             Class::Unclear
         );
+        assert_eq!(
+            classify(C::InvalidDifferentRecord, Stage::Delivery),
+            Class::Batchmate
+        );
         for cluster in [
             C::TopicAuthorizationFailed,
             C::ClusterAuthorizationFailed,
@@ -283,7 +288,6 @@ mod tests {
             C::MessageBatchTooLarge,
             C::MessageTimedOut,
             C::RequestTimedOut,
-            C::InvalidDifferentRecord,
             C::UnknownTopicOrPartition,
         ] {
             assert_eq!(

@@ -26,6 +26,9 @@ use crate::route::Record;
 pub enum Class {
     /// Certainly about this record: dead-letter it (once it failed alone; `crate::window`).
     Record(PoisonKind),
+    /// Refused because another record of its batch was (KIP-467 `_INVALID_DIFFERENT_RECORD`):
+    /// this one is fine; its batchmates are sent alone to find the culprit.
+    Batchmate,
     /// About the broker or the connection: retry, never dead-letter.
     Cluster,
     /// Either: retry; dead-letter after `kafka.max_record_retries` identical failures.

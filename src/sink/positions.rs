@@ -194,9 +194,12 @@ fn scan(
                     break;
                 }
                 if m.key() == Some(pipeline.as_bytes()) {
-                    match m.payload().and_then(decode) {
-                        Some(pos) => found = Some(pos),
-                        None => {
+                    match m.payload().map(decode) {
+                        Some(Some(pos)) => found = Some(pos),
+                        // A tombstone: the position was reset (README: resetting the position).
+                        // What comes after it, if anything, is the position now.
+                        None => found = None,
+                        Some(None) => {
                             return Err(Error::setup(
                                 format!("the record for pipeline {pipeline} at offset {} of {topic} is not a position outboxd wrote", m.offset()),
                                 "delete the pipeline's key from the position topic (README: resetting the position) or point kafka.position_topic elsewhere",

@@ -240,12 +240,21 @@ async fn status_loop(
 ) -> Result<()> {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut reader_alive = true;
     loop {
         // The periodic update asks the server to answer: its keepalive proves the path works
         // both ways (the reader's stream timeout).
         let (closing, ask) = tokio::select! {
             changed = confirmed.changed() => (changed.is_err(), false),
-            _ = reply.recv() => (false, false),
+            // Once the reader task has ended, `recv` answers `None` at once: without the
+            // guard this loop would write status updates as fast as the socket takes them.
+            asked = reply.recv(), if reader_alive => {
+                reader_alive = asked.is_some();
+                if !reader_alive {
+                    continue;
+                }
+                (false, false)
+            }
             _ = tick.tick() => (false, true),
         };
         let lsn = *confirmed.borrow_and_update();
