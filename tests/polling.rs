@@ -544,3 +544,81 @@ async fn poll_batches_are_bounded_by_bytes_and_always_take_one_row() {
     // one row, however large.
     assert_eq!(sizes, vec![2, 2, 1]);
 }
+
+/// Two pipelines on one outbox table (here: two relays with their own cursor names and
+/// topics; in production a Kafka and a NATS fan-out, or blue/green relays). Retention of one
+/// deletes only rows every pipeline's cursor has passed: the other, stopped meanwhile, still
+/// finds every event when it comes back, and the rows go once both have published them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_of_one_pipeline_keeps_the_rows_another_pipeline_has_not_published() {
+    let (db, config, brokers) =
+        setup_polling("ptwo", "[polling]\nretention_hours = 0.0003\n").await;
+    let text = std::fs::read_to_string(&config).unwrap();
+    let other = config.with_extension("b.toml");
+    let addr = http_addr(&config);
+    std::fs::write(
+        &other,
+        text.replace(
+            &format!("slot = \"{}\"", db.slot()),
+            &format!("slot = \"{}_b\"", db.slot()),
+        )
+        .replace(
+            &format!("topic_template = \"{}.", db.name),
+            &format!("topic_template = \"{}_b.", db.name),
+        )
+        .replace("retention_hours = 0.0003", "retention_hours = 168")
+        .replace(&addr, &format!("127.0.0.1:{}", free_port())),
+    )
+    .unwrap();
+    // Pipeline B runs once (it is counted from its first session), then stops.
+    let mut b = Relay::start(&other);
+    eventually(Duration::from_secs(30), "pipeline B started", || async {
+        b.log_text().contains("relay started")
+    })
+    .await;
+    assert!(b.terminate(Duration::from_secs(30)).success());
+    drop(b);
+    // Pipeline A publishes, and its retention runs every second.
+    let _a = Relay::start(&config);
+    let mut client = db.client().await;
+    let mut written = Vec::new();
+    for i in 0..20 {
+        let events = [("order".to_string(), format!("a{}", i % 4))];
+        written.extend(write_txn(&mut client, &events, false).await.unwrap());
+    }
+    fill_polling_order(&db, &mut written).await;
+    let received = consume(
+        &brokers,
+        &[db.topic("order")],
+        &ids(&written),
+        Duration::from_secs(30),
+        Duration::ZERO,
+    );
+    assert_exactly_written(&written, &received);
+    // Several retention passes of A while B is away.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let _b = Relay::start(&other);
+    let received = consume(
+        &brokers,
+        &[format!("{}_b.order", db.name)],
+        &ids(&written),
+        Duration::from_secs(30),
+        Duration::ZERO,
+    );
+    assert_exactly_written(&written, &received);
+    eventually(
+        Duration::from_secs(30),
+        "rows deleted once both pipelines published them",
+        || async {
+            let left: i64 = db
+                .client()
+                .await
+                .query_one("SELECT count(*) FROM outbox", &[])
+                .await
+                .unwrap()
+                .get(0);
+            left == 0
+        },
+    )
+    .await;
+}

@@ -274,3 +274,61 @@ async fn insert_into_a_foreign_table_in_the_publication_stops_the_relay_naming_i
     );
     assert!(db.confirmed_lsn().await <= before);
 }
+
+/// PostgreSQL 15+ lets a publication filter rows or leave columns out; pgoutput then drops
+/// the filtered inserts (or the columns) and the slot would pass them. The relay stops with
+/// exit code 2 naming the filter or the column, before the slot passes the first event
+/// written after the change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_filter_or_a_column_list_on_the_outbox_stops_the_relay_naming_it() {
+    let brokers = kafka_brokers();
+    for (i, (alter, named)) in [
+        (
+            "SET TABLE outbox WHERE (aggregatetype <> 'hidden')",
+            "row filter",
+        ),
+        (
+            "SET TABLE outbox (id, aggregatetype, aggregateid, type, payload, created_at)",
+            "without column `headers`",
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let (db, config) = setup(&format!("pubfilter{i}"), &brokers, "").await;
+        let mut relay = Relay::start(&config);
+        let mut client = db.client().await;
+        let first = write_txn(&mut client, &[("order".into(), "a".into())], false)
+            .await
+            .unwrap();
+        let got = consume(
+            &brokers,
+            &[db.topic("order")],
+            &ids(&first),
+            Duration::from_secs(30),
+            Duration::ZERO,
+        );
+        assert_exactly_written(&first, &got);
+        client
+            .batch_execute(&format!("ALTER PUBLICATION outboxd {alter}"))
+            .await
+            .unwrap();
+        let before = db.current_lsn().await;
+        write_txn(&mut client, &[("hidden".into(), "a".into())], false)
+            .await
+            .unwrap();
+        client
+            .batch_execute("SELECT pg_logical_emit_message(false, 'noise', 'x')")
+            .await
+            .unwrap();
+        let status = relay.wait_exit(Duration::from_secs(30));
+        let log = relay.log_text();
+        assert_eq!(status.code(), Some(2), "{alter}: log:\n{log}");
+        assert!(log.contains(named), "{alter}: `{named}` in:\n{log}");
+        let confirmed = db.confirmed_lsn().await;
+        assert!(
+            confirmed <= before,
+            "{alter}: slot confirmed {confirmed:X} past {before:X}"
+        );
+    }
+}

@@ -53,11 +53,19 @@ pub async fn migrate(client: &Client, cfg: &Config) -> Result<Vec<(String, Outco
             .batch_execute(&format!(
                 "CREATE TABLE IF NOT EXISTS {schema}.outboxd_cursor (
                      name text PRIMARY KEY, xid xid8 NOT NULL, seq bigint NOT NULL,
-                     updated_at timestamptz NOT NULL DEFAULT now())"
+                     updated_at timestamptz NOT NULL DEFAULT now(), relation text)"
             ))
             .await
             .map_err(pg("creating the cursor table"))?;
     }
+    // The table each pipeline reads (retention deletes only below the lowest cursor of every
+    // pipeline on a table); added to cursor tables made by an older outboxd.
+    client
+        .batch_execute(&format!(
+            "ALTER TABLE {schema}.outboxd_cursor ADD COLUMN IF NOT EXISTS relation text"
+        ))
+        .await
+        .map_err(pg("adding the cursor table's relation column"))?;
     let outcome = if cursor_exists {
         Outcome::Existed
     } else {

@@ -45,6 +45,7 @@ pub(super) async fn open<'a>(
     // Another instance may have moved the cursor while this one waited for the lock.
     poller.reload_cursor().await?;
     poller.check_cursor_in_this_cluster().await?;
+    poller.register().await?;
     let limit = cfg.postgres.stream_timeout;
     let pipeline = match (cfg.kafka.delivery, &cfg.kafka.transactional_id) {
         (Delivery::AtLeastOnce, _) => None,

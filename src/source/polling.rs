@@ -303,6 +303,36 @@ impl Poller {
         Ok(())
     }
 
+    /// Makes this pipeline's cursor row exist and name its table, before anything is read:
+    /// retention deletes only below the lowest cursor of every pipeline on the table
+    /// (`super::retention`), so a pipeline must be counted before its first store.
+    pub async fn register(&self) -> Result<()> {
+        let table = self.cfg.postgres.qualified_table();
+        let sql = format!(
+            "INSERT INTO {}.outboxd_cursor (name, xid, seq, relation) VALUES ($1, $2::text::xid8, $3, $4) \
+             ON CONFLICT (name) DO UPDATE SET relation = EXCLUDED.relation",
+            self.schema
+        );
+        let xid = self.cursor.0.to_string();
+        match self
+            .client
+            .execute(&sql, &[&self.name, &xid, &self.cursor.1, &table])
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_COLUMN) => {
+                Err(Error::setup(
+                    format!(
+                        "{}.outboxd_cursor has no column `relation` (made by an older outboxd)",
+                        self.schema
+                    ),
+                    "run `outboxd migrate` with mode = \"polling\" (it adds the column)",
+                ))
+            }
+            Err(e) => Err(Error::pg("registering the polling cursor", e)),
+        }
+    }
+
     /// A cursor at or past this cluster's next transaction id came from another cluster (the
     /// outbox was dumped and restored, or moved blue/green): new rows would sort below it and
     /// be skipped silently. That stops the relay (exit 2) with the way out.
@@ -436,11 +466,11 @@ impl Poller {
         self.client
             .execute(
                 &format!(
-                    "INSERT INTO {}.outboxd_cursor (name, xid, seq) VALUES ($1, $2::text::xid8, $3) \
-                     ON CONFLICT (name) DO UPDATE SET xid = EXCLUDED.xid, seq = EXCLUDED.seq, updated_at = now()",
+                    "INSERT INTO {}.outboxd_cursor (name, xid, seq, relation) VALUES ($1, $2::text::xid8, $3, $4) \
+                     ON CONFLICT (name) DO UPDATE SET xid = EXCLUDED.xid, seq = EXCLUDED.seq, relation = EXCLUDED.relation, updated_at = now()",
                     self.schema
                 ),
-                &[&self.name, &xid, &pos.1],
+                &[&self.name, &xid, &pos.1, &self.cfg.postgres.qualified_table()],
             )
             .await
             .map_err(|e| Error::pg("storing the polling cursor", e))?;

@@ -11,6 +11,10 @@
 //!   publication, so its rows are not decoded at all; nothing arrives that could be noticed.
 //! * **A table removed from the publication**, or the publication altered not to publish
 //!   inserts.
+//! * **A row filter or a column list** (PostgreSQL 15+: `SET TABLE outbox WHERE (…)` or
+//!   `SET TABLE outbox (id, …)`): pgoutput drops the filtered inserts, or the columns left
+//!   out (an event published without its headers or timestamp). The check refuses both,
+//!   naming the filter or the missing column.
 //!
 //! So the relay checks at start and then every second ([`verify`]) that the table it started
 //! with (same OID) is still published with inserts, and remembers the WAL insert position read
@@ -118,11 +122,74 @@ pub async fn verify(
             format!("ALTER PUBLICATION {publication} SET (publish = 'insert')"),
         ));
     }
+    published_whole(client, cfg, &publication, &table).await?;
     Ok(Published {
         lsn,
         table_oid: oid,
         at,
     })
+}
+
+/// PostgreSQL 15+: the publication carries every row of the outbox (no row filter) and every
+/// column the relay maps (no column list that leaves one out).
+async fn published_whole(
+    client: &Client,
+    cfg: &PostgresConfig,
+    publication: &str,
+    table: &str,
+) -> Result<()> {
+    let row = client
+        .query_opt(
+            "SELECT t.rowfilter, t.attnames::text[],                     ARRAY(SELECT a.attname::text FROM pg_attribute a                            WHERE a.attrelid = format('%I.%I', $2::text, $3::text)::regclass                              AND a.attnum > 0 AND NOT a.attisdropped)                FROM pg_publication_tables t               WHERE current_setting('server_version_num')::int >= 150000                 AND t.pubname = $1 AND t.schemaname = $2 AND t.tablename = $3",
+            &[&cfg.publication, &cfg.schema, &cfg.table],
+        )
+        .await;
+    let row = match row {
+        Ok(row) => row,
+        // PostgreSQL before 15 has neither column (nor row filters and column lists).
+        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_COLUMN) => {
+            return Ok(())
+        }
+        Err(e) => {
+            return Err(Error::pg(
+                "checking the publication's row filter and columns",
+                e,
+            ))
+        }
+    };
+    let Some(row) = row else { return Ok(()) };
+    let filter: Option<String> = row.get(0);
+    let published: Vec<String> = row.get::<_, Option<Vec<String>>>(1).unwrap_or_default();
+    let existing: Vec<String> = row.get(2);
+    if let Some(filter) = filter {
+        return Err(Error::setup(
+            format!("publication {publication} publishes only the rows of {table} matching the row filter `{filter}`: the others are never in the replication stream"),
+            format!("ALTER PUBLICATION {publication} SET TABLE {table} (no WHERE clause)"),
+        ));
+    }
+    let c = &cfg.columns;
+    let mapped = [
+        &c.id,
+        &c.aggregatetype,
+        &c.aggregateid,
+        &c.event_type,
+        &c.payload,
+        &c.headers,
+        &c.timestamp,
+        &c.topic,
+        &c.partition,
+    ]
+    .into_iter()
+    .chain(&c.header_columns);
+    for column in mapped {
+        if !column.is_empty() && existing.contains(column) && !published.contains(column) {
+            return Err(Error::setup(
+                format!("publication {publication} publishes a column list of {table} without column `{column}`: events would be published without it"),
+                format!("ALTER PUBLICATION {publication} SET TABLE {table} (all columns, no column list)"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The error a failed check mid-stream becomes: what happened, since when events may be

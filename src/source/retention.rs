@@ -4,8 +4,13 @@
 //!
 //! The lesson: cleaning only when a poll came back empty cannot keep up with a table that is
 //! never empty (measured in BENCHMARKS.md, "Polling retention under steady load"); so chunk
-//! after chunk while there is more to delete, then a pause of a second, and never a row the
-//! cursor has not passed.
+//! after chunk while there is more to delete, then a pause of a second, and never a row a
+//! cursor has not passed — *any* pipeline's cursor on the table, not only this one's: two
+//! pipelines on one table (a Kafka and a NATS fan-out, a migration to a new sink, blue/green
+//! relays with other names) would otherwise delete each other's unpublished rows, silently.
+//! Each pipeline's cursor row names its table (`relation`, written at every session start);
+//! rows of an older outboxd without it count too, so an abandoned pipeline holds retention
+//! back until its row is deleted — the safe side.
 
 use std::time::Duration;
 
@@ -28,6 +33,14 @@ pub async fn retention_loop(cfg: Config) {
         return;
     }
     let table = cfg.postgres.qualified_table();
+    let cursors = format!(
+        "{}.outboxd_cursor",
+        crate::config::quote_ident(&cfg.postgres.schema)
+    );
+    let floor = format!(
+        "SELECT xid::text, seq FROM {cursors} WHERE relation = $1 OR relation IS NULL \
+          ORDER BY xid, seq LIMIT 1"
+    );
     let sql = format!(
         "DELETE FROM {table} WHERE ctid = ANY(ARRAY(SELECT ctid FROM {table} \
            WHERE (outboxd_xid, outboxd_seq) <= ($1::text::xid8, $2::int8) \
@@ -48,7 +61,16 @@ pub async fn retention_loop(cfg: Config) {
             },
         };
         let deleted = async {
-            let (xid, seq) = read_cursor(c, &cfg).await?;
+            // The lowest cursor of every pipeline on the table (this one's included: its
+            // row exists from the session's start).
+            let (xid, seq): (u64, i64) = match c
+                .query_opt(&floor, &[&table])
+                .await
+                .map_err(|e| Error::pg("reading the pipelines' cursors", e))?
+            {
+                Some(r) => (r.get::<_, String>(0).parse().unwrap_or(0), r.get(1)),
+                None => read_cursor(c, &cfg).await?,
+            };
             c.execute(
                 &sql,
                 &[
