@@ -355,3 +355,111 @@ async fn a_position_reset_by_tombstone_resumes_the_pipeline_instead_of_exiting_2
     relay.assert_running();
     assert_each_once(&written, &received);
 }
+
+/// A database restored from a backup, or a promoted standby, keeps the pipeline's identity
+/// but not its WAL history: the position Kafka holds names a place in the old one. Here the
+/// old history is a cluster whose pipeline committed a position, the new one another cluster
+/// with the same pipeline id, a new slot and events written below that position. The relay
+/// used to skip them (their commit LSNs are below the position): now the witness the position
+/// carries is not in the new history, and the relay stops with exit code 2 before confirming
+/// anything; after the documented reset, every event of the new history arrives once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_position_from_another_wal_history_stops_the_relay_before_it_skips_an_event() {
+    let brokers = kafka_brokers();
+    let pipeline = unique("pipeline");
+    let positions = format!("{pipeline}.positions");
+    let extra = format!(
+        "{EXACTLY_ONCE}transactional_id = \"{pipeline}\"\nposition_topic = \"{positions}\"\n"
+    );
+    let name = unique("forked").to_lowercase();
+    let on = |cluster: &PrivateCluster| {
+        let db = TestDb {
+            dir: std::env::temp_dir().join(format!("outboxd-test-{name}-{}", cluster.port)),
+            url: cluster.url.clone(),
+            name: name.clone(),
+        };
+        std::fs::create_dir_all(&db.dir).unwrap();
+        let config = db.config(&brokers, &extra);
+        migrate(&config);
+        (db, config)
+    };
+    // The old history: its pipeline commits a position.
+    let old = PrivateCluster::start("");
+    let (db, config) = on(&old);
+    create_aggregates_table(&db.client().await).await;
+    let mut relay = Relay::start(&config);
+    let mut client = db.client().await;
+    let mut first = Vec::new();
+    for i in 0..5 {
+        let events = [("order".to_string(), format!("old-{i}"))];
+        first.extend(write_txn(&mut client, &events, false).await.unwrap());
+    }
+    consume(
+        &brokers,
+        &[db.topic("order")],
+        &ids(&first),
+        Duration::from_secs(60),
+        Duration::ZERO,
+    );
+    assert!(relay.terminate(Duration::from_secs(30)).success());
+    let old_end = db.current_lsn().await;
+    drop((relay, client, old));
+
+    // The new history: a new slot, and events committed below the old position.
+    let new = PrivateCluster::start("");
+    let (db, config) = on(&new);
+    let mut client = db.client().await;
+    create_aggregates_table(&client).await;
+    let mut written = Vec::new();
+    let mut i = 0;
+    while db.current_lsn().await <= old_end + 1_000_000 {
+        let events = [("order".to_string(), format!("new-{}", i % 4))];
+        written.extend(write_txn(&mut client, &events, false).await.unwrap());
+        client
+            .batch_execute("SELECT pg_logical_emit_message(false, 'pad', repeat('x', 200000))")
+            .await
+            .unwrap();
+        i += 1;
+    }
+    let confirmed_before = db.confirmed_lsn().await;
+    let mut relay = Relay::start(&config);
+    let status = relay.wait_exit(Duration::from_secs(60));
+    let log = relay.log_text();
+    assert_eq!(status.code(), Some(2), "log:\n{log}");
+    assert!(log.contains("the history forked"), "log:\n{log}");
+    assert_eq!(
+        db.confirmed_lsn().await,
+        confirmed_before,
+        "nothing confirmed"
+    );
+    drop(relay);
+
+    // The documented reset: a tombstone for the pipeline's key.
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let producer: FutureProducer = rdkafka::config::ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .create()
+        .unwrap();
+    producer
+        .send(
+            FutureRecord::<str, [u8]>::to(&positions).key(pipeline.as_str()),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+    let relay = Relay::start(&config);
+    let received = consume(
+        &brokers,
+        &[db.topic("order")],
+        &ids(&written),
+        Duration::from_secs(60),
+        Duration::from_secs(1),
+    );
+    let new_ids = ids(&written);
+    let ours: Vec<Received> = received
+        .into_iter()
+        .filter(|r| r.id.as_ref().is_some_and(|id| new_ids.contains(id)))
+        .collect();
+    assert_each_once(&written, &ours);
+    drop(relay);
+}

@@ -14,7 +14,7 @@ use crate::config::{Config, Delivery};
 use crate::error::{Error, Result};
 use crate::health::Health;
 use crate::sink::broker::Broker;
-use crate::sink::positions::Position;
+use crate::sink::positions::{Position, Witness};
 use crate::source::decode::{Change, Decoder};
 use crate::source::logical::{acquire_leadership, LockSession, SlotReader};
 use crate::source::pgoutput::format_lsn;
@@ -52,14 +52,18 @@ pub(super) async fn open<'a>(
             .unwrap_or_else(|| id.clone())
     });
     let (mut sink, broker) = Broker::connect(cfg, pipeline.as_deref()).await?;
+    let mut verify = None;
     let eos = match (pipeline, &identity) {
         (Some(pipeline), Some((_, wal_now))) => {
-            let resume = resume_position(cfg, sink.kafka()?, &pipeline, *wal_now).await?;
+            let resume =
+                resume_position(cfg, sink.kafka()?, &pipeline, *wal_now, reader.confirmed())
+                    .await?;
+            verify = resume.verify;
             Some(Eos {
                 transactions: Transactions::new(
                     cfg.kafka.transaction_interval,
                     cfg.kafka.transaction_max_events,
-                    resume,
+                    resume.skip_below,
                 ),
                 pipeline,
             })
@@ -83,6 +87,7 @@ pub(super) async fn open<'a>(
         stream,
         published,
         confirmed,
+        verify,
     };
     Ok(Some(Opened {
         source,
@@ -101,6 +106,44 @@ pub(super) struct LogicalSource<'a> {
     /// The last check that the outbox table is in the publication (`source::publication`).
     published: Published,
     confirmed: u64,
+    /// Exactly-once: the (xid, end LSN) the stream must show before anything is confirmed —
+    /// the last transaction Kafka holds, proving the position read back belongs to this WAL
+    /// history (`sink::positions`).
+    verify: Option<(u32, u64)>,
+}
+
+impl LogicalSource<'_> {
+    /// Checks what the stream shows at `position` (a commit's end, a non-transactional
+    /// message, a keepalive) against the witness still to be found.
+    fn witness(&mut self, position: u64, commit: bool) -> Result<()> {
+        let Some((xid, end)) = self.verify else {
+            return Ok(());
+        };
+        let found = commit && position == end && self.decoder.xid() == xid;
+        if found {
+            tracing::info!(xid, end_lsn = %format_lsn(end), "exactly-once: the last transaction Kafka holds is in this WAL history; resuming");
+            self.verify = None;
+            return Ok(());
+        }
+        if position < end {
+            return Ok(());
+        }
+        let seen = if commit && position == end {
+            format!("transaction {} ends there instead", self.decoder.xid())
+        } else {
+            format!(
+                "the stream passed it at {} without it",
+                format_lsn(position)
+            )
+        };
+        Err(Error::setup(
+            format!(
+                "exactly-once: the pipeline's last committed Kafka transaction ends with source transaction {xid} at {}, but in this database's WAL {seen}: the history forked (a restore, or a failover to a standby that had not received it), and skipping by that position would skip events never published; nothing was confirmed",
+                format_lsn(end)
+            ),
+            "check what consumers have (`outboxd verify --since …`), then reset the pipeline's position (README: exactly-once, resetting the position) so the relay publishes from its slot",
+        ))
+    }
 }
 
 impl Source for LogicalSource<'_> {
@@ -154,7 +197,12 @@ impl Source for LogicalSource<'_> {
                 drop((data, budget));
                 Ok(match change {
                     None => None,
-                    Some(Change::Boundary(lsn)) => Some(Item::Boundary(lsn)),
+                    Some(Change::Boundary(lsn)) => {
+                        // A commit's end, or a non-transactional message's position.
+                        let commit = self.decoder.commit_end() == lsn;
+                        self.witness(lsn, commit)?;
+                        Some(Item::Boundary(lsn))
+                    }
                     Some(Change::UnknownRelation(id)) => {
                         let table = self.published.table_oid;
                         let partition = self.reader.is_outbox_partition(id, table).await?;
@@ -171,7 +219,11 @@ impl Source for LogicalSource<'_> {
             // the events before it are acknowledged. (Replies are the status task's: see
             // source::walsender.)
             ReplicationMessage::Keepalive { wal_end, .. } => {
-                Ok((!self.decoder.in_transaction()).then_some(Item::Boundary(wal_end)))
+                if self.decoder.in_transaction() {
+                    return Ok(None);
+                }
+                self.witness(wal_end, false)?;
+                Ok(Some(Item::Boundary(wal_end)))
             }
         }
     }
@@ -204,8 +256,16 @@ impl Source for LogicalSource<'_> {
         Ok(())
     }
 
-    fn position(&self, position: u64) -> Result<Position> {
-        Ok(Position::Lsn(position))
+    fn position(&self, position: u64) -> Result<(Position, Option<Witness>)> {
+        let witness = self
+            .decoder
+            .last_event_txn()
+            .map(|(xid, end_lsn)| Witness::Txn { xid, end_lsn });
+        Ok((Position::Lsn(position), witness))
+    }
+
+    fn verified(&self) -> bool {
+        self.verify.is_none()
     }
 
     async fn last_check(&mut self, checkpoint: &mut Checkpoint) {

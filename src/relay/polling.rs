@@ -23,7 +23,7 @@ use crate::health::Health;
 use crate::metrics as m;
 use crate::pg::{pipeline_identity, within};
 use crate::sink::broker::Broker;
-use crate::sink::positions::Position;
+use crate::sink::positions::{Position, Witness};
 use crate::source::logical::{acquire_leadership, LockSession};
 use crate::source::polling::{Cursor, Poller};
 use crate::transaction::Transactions;
@@ -64,8 +64,8 @@ pub(super) async fn open<'a>(
     let eos = match pipeline {
         None => None,
         Some(pipeline) => {
-            if let Some(pos) = resume_cursor(cfg, sink.kafka()?, &pipeline).await? {
-                let adopt = poller.adopt(pos, &cfg.kafka.position_topic);
+            if let Some((pos, witness)) = resume_cursor(cfg, sink.kafka()?, &pipeline).await? {
+                let adopt = poller.adopt(pos, witness.as_deref(), &cfg.kafka.position_topic);
                 within(limit, "storing the cursor", adopt).await?;
             }
             // Ordinals start at 1 each session: position 0 is the cursor adopted above.
@@ -117,8 +117,8 @@ pub(super) struct PollingSource<'a> {
     /// The ordinal of the row just yielded, to be yielded as a boundary next.
     boundary: Option<u64>,
     ordinal: u64,
-    /// (ordinal, cursor) of rows yielded and not yet stored, oldest first.
-    cursors: VecDeque<(u64, Cursor)>,
+    /// (ordinal, cursor, event id) of rows yielded and not yet stored, oldest first.
+    cursors: VecDeque<(u64, Cursor, String)>,
     last_pending: Instant,
     _retention: AbortOnDrop,
 }
@@ -128,21 +128,21 @@ impl PollingSource<'_> {
     /// cursor to store once they are all acknowledged.
     fn take_cursor(&mut self, position: u64) -> Option<Cursor> {
         let mut cursor = None;
-        while let Some(&(o, c)) = self.cursors.front() {
-            if o > position {
+        while let Some((o, c, _)) = self.cursors.front() {
+            if *o > position {
                 break;
             }
-            cursor = Some(c);
+            cursor = Some(*c);
             self.cursors.pop_front();
         }
         cursor
     }
 
-    fn cursor_of(&self, position: u64) -> Result<Cursor> {
+    fn cursor_of(&self, position: u64) -> Result<(Cursor, &str)> {
         self.cursors
             .iter()
-            .find(|(o, _)| *o == position)
-            .map(|(_, c)| *c)
+            .find(|(o, _, _)| *o == position)
+            .map(|(_, c, id)| (*c, id.as_str()))
             .ok_or_else(|| Error::Decode(format!("no cursor for polling position {position}")))
     }
 }
@@ -189,7 +189,8 @@ impl Source for PollingSource<'_> {
         loop {
             if let Some((event, cursor)) = self.batch.pop_front() {
                 self.ordinal += 1;
-                self.cursors.push_back((self.ordinal, cursor));
+                self.cursors
+                    .push_back((self.ordinal, cursor, event.id.clone()));
                 self.boundary = Some(self.ordinal);
                 return Ok(Item::Event(event));
             }
@@ -237,9 +238,12 @@ impl Source for PollingSource<'_> {
         Ok(())
     }
 
-    fn position(&self, position: u64) -> Result<Position> {
-        let (xid, seq) = self.cursor_of(position)?;
-        Ok(Position::Cursor { xid, seq })
+    fn position(&self, position: u64) -> Result<(Position, Option<Witness>)> {
+        let ((xid, seq), id) = self.cursor_of(position)?;
+        let witness = Witness::Row {
+            event_id: id.to_string(),
+        };
+        Ok((Position::Cursor { xid, seq }, Some(witness)))
     }
 
     async fn last_check(&mut self, _checkpoint: &mut Checkpoint) {}

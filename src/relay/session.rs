@@ -81,11 +81,9 @@ pub(super) async fn run<S: Source>(
     );
     let mut window = Window::new(lessons, eos.is_some());
     let mut confirmed = source.confirmed();
+    // Exactly-once: the source moves past what Kafka already holds as the stream shows it
+    // (never straight to the position read back: it is proven by the stream first).
     let mut checkpoint = Checkpoint::limited(source.limit());
-    if let Some(e) = &eos {
-        // Already in Kafka: the source may move up to it now.
-        checkpoint.boundary(0, e.transactions.last_committed());
-    }
     let mut status_tick = tokio::time::interval(Duration::from_secs(1));
     status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let started = Instant::now();
@@ -101,7 +99,10 @@ pub(super) async fn run<S: Source>(
             .safe_position()
             .map(|s| s.min(ceiling))
             .filter(|s| *s > confirmed);
-        let confirm_at = safe.map(|_| last_confirm + source.confirm_every());
+        // Nothing is confirmed while the source still has to prove its resume position.
+        let confirm_at = safe
+            .filter(|_| source.verified())
+            .map(|_| last_confirm + source.confirm_every());
         if let (Some(safe), Some(at)) = (safe, confirm_at) {
             if at <= Instant::now() {
                 check_ledger(&window, safe)?;

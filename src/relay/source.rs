@@ -19,7 +19,7 @@ use tokio_postgres::Client;
 use crate::checkpoint::Checkpoint;
 use crate::error::Result;
 use crate::event::Event;
-use crate::sink::positions::Position;
+use crate::sink::positions::{Position, Witness};
 
 /// What a source hands the loop.
 pub(super) enum Item {
@@ -78,8 +78,15 @@ pub(super) trait Source {
     /// flight.
     async fn tick(&mut self, checkpoint: &mut Checkpoint, quiet: bool) -> Result<()>;
 
-    /// Exactly-once: the record of `position` written inside the Kafka transaction.
-    fn position(&self, position: u64) -> Result<Position>;
+    /// Exactly-once: the record of `position` written inside the Kafka transaction, with the
+    /// witness of this source's history (`sink::positions`).
+    fn position(&self, position: u64) -> Result<(Position, Option<Witness>)>;
+
+    /// Exactly-once: the position read back is proven to belong to this source's history
+    /// (until then nothing is confirmed).
+    fn verified(&self) -> bool {
+        true
+    }
 
     /// Stopping: one last chance to raise the checkpoint's limit.
     async fn last_check(&mut self, checkpoint: &mut Checkpoint);

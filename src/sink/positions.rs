@@ -8,6 +8,21 @@
 //! the last committed position back with `isolation.level=read_committed` and skips every
 //! source transaction at or below it — they are already in Kafka, once.
 //!
+//! ## A position is only as good as the history it was written in
+//!
+//! The pipeline's key is the same for a restored copy of the database and for a promoted
+//! standby (the system identifier does not change), but their WAL forks from the old one: a
+//! position P written before the fork names a place in a history that is no longer this one,
+//! and skipping every transaction below it would skip events the new history committed there
+//! — never published, and the slot confirmed past them (review A4). So each position carries a
+//! **witness** of the history it was written in: logical mode, the xid and end LSN of the last
+//! source transaction with events the Kafka transaction held; polling, the event id of the row
+//! at the cursor. On resume the relay skips only up to the witness, confirms nothing until the
+//! stream shows the witness where it should be (`relay::logical`), and stops with exit code 2
+//! if the history passes that point without it (polling: if the row at the cursor is not that
+//! event). A position written by an older outboxd has no witness and is used as before, with a
+//! warning.
+//!
 //! Reading back: the topic is compacted but compaction lags, so the partitions are read
 //! from the end backwards in growing windows until the pipeline's key is found. An open
 //! transaction of another pipeline below our last record holds the last stable offset back;
@@ -37,17 +52,37 @@ pub enum Position {
     Cursor { xid: u64, seq: i64 },
 }
 
-/// The record value: the position, and for people reading the topic, the LSN as PostgreSQL
-/// prints it and the pipeline.
+/// What proves a position belongs to this database's history (see the module doc).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Witness {
+    /// Logical mode: the last source transaction with events in the Kafka transaction.
+    Txn { xid: u32, end_lsn: u64 },
+    /// Polling mode: the event at the cursor.
+    Row { event_id: String },
+}
+
+/// A pipeline's last committed position, read back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Committed {
+    pub position: Position,
+    /// `None` for a position written by an older outboxd.
+    pub witness: Option<Witness>,
+}
+
+/// The record value: the position, its witness, and for people reading the topic, the LSN as
+/// PostgreSQL prints it and the pipeline.
 #[derive(Serialize, Deserialize)]
 struct Value {
     pipeline: String,
     position: Position,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     lsn_text: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    witness: Option<Witness>,
 }
 
-pub fn encode(pipeline: &str, position: Position) -> Vec<u8> {
+pub fn encode(pipeline: &str, position: Position, witness: Option<Witness>) -> Vec<u8> {
     let lsn_text = match position {
         Position::Lsn(l) => Some(crate::lsn::format_lsn(l)),
         Position::Cursor { .. } => None,
@@ -56,14 +91,18 @@ pub fn encode(pipeline: &str, position: Position) -> Vec<u8> {
         pipeline: pipeline.to_string(),
         position,
         lsn_text,
+        witness,
     };
     serde_json::to_vec(&value).unwrap_or_default()
 }
 
-fn decode(bytes: &[u8]) -> Option<Position> {
+fn decode(bytes: &[u8]) -> Option<Committed> {
     serde_json::from_slice::<Value>(bytes)
         .ok()
-        .map(|v| v.position)
+        .map(|v| Committed {
+            position: v.position,
+            witness: v.witness,
+        })
 }
 
 /// Writes `pipeline`'s position into the open transaction and waits for the
@@ -75,6 +114,7 @@ pub async fn write(
     topic: &str,
     pipeline: &str,
     position: Position,
+    witness: Option<Witness>,
 ) -> Result<()> {
     sink.ensure_topic_with(topic, 1, &[("cleanup.policy", "compact")])
         .await;
@@ -83,7 +123,7 @@ pub async fn write(
         binary: false,
         topic: topic.to_string(),
         key: Some(pipeline.to_string()),
-        value: Some(encode(pipeline, position)),
+        value: Some(encode(pipeline, position, witness)),
         headers: Vec::new(),
         partition: None,
         timestamp_ms: None,
@@ -97,7 +137,7 @@ pub async fn read_last(
     cfg: &KafkaConfig,
     pipeline: &str,
     timeout: Duration,
-) -> Result<Option<Position>> {
+) -> Result<Option<Committed>> {
     let cfg = cfg.clone();
     let pipeline = pipeline.to_string();
     tokio::task::spawn_blocking(move || read_last_blocking(&cfg, &pipeline, timeout))
@@ -109,7 +149,7 @@ fn read_last_blocking(
     cfg: &KafkaConfig,
     pipeline: &str,
     timeout: Duration,
-) -> Result<Option<Position>> {
+) -> Result<Option<Committed>> {
     let mut c = rdkafka::ClientConfig::new();
     c.set("bootstrap.servers", &cfg.brokers)
         .set("client.id", "outboxd-positions")
@@ -152,8 +192,8 @@ fn read_last_blocking(
         let mut end = high;
         while end > low {
             let start = (end - window).max(low);
-            if let Some(pos) = scan(&consumer, topic, p, start, high, pipeline, deadline)? {
-                return Ok(Some(pos));
+            if let Some(last) = scan(&consumer, topic, p, start, high, pipeline, deadline)? {
+                return Ok(last);
             }
             end = start;
             window = window.saturating_mul(8);
@@ -162,7 +202,8 @@ fn read_last_blocking(
     Ok(None)
 }
 
-/// The last position of `pipeline` in offsets `start..high` of one partition.
+/// The last record of `pipeline` in offsets `start..high` of one partition: `Some(None)` when
+/// it is a tombstone (the position was reset), `None` when the key is not there.
 fn scan(
     consumer: &BaseConsumer<LogContext>,
     topic: &str,
@@ -171,7 +212,7 @@ fn scan(
     high: i64,
     pipeline: &str,
     deadline: Instant,
-) -> Result<Option<Position>> {
+) -> Result<Option<Option<Committed>>> {
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition_offset(topic, partition, Offset::Offset(start))
         .map_err(|e| Error::Kafka(format!("reading {topic}: {e}")))?;
@@ -195,10 +236,11 @@ fn scan(
                 }
                 if m.key() == Some(pipeline.as_bytes()) {
                     match m.payload().map(decode) {
-                        Some(Some(pos)) => found = Some(pos),
+                        Some(Some(pos)) => found = Some(Some(pos)),
                         // A tombstone: the position was reset (README: resetting the position).
-                        // What comes after it, if anything, is the position now.
-                        None => found = None,
+                        // What comes after it, if anything, is the position now; nothing
+                        // before it counts (the scan does not look further back).
+                        None => found = Some(None),
                         Some(None) => {
                             return Err(Error::setup(
                                 format!("the record for pipeline {pipeline} at offset {} of {topic} is not a position outboxd wrote", m.offset()),

@@ -215,6 +215,14 @@ pub struct Decoder {
     /// LSN of the current transaction's commit record.
     commit_lsn: u64,
     in_transaction: bool,
+    /// The current transaction's xid, and whether it yielded an event.
+    xid: u32,
+    had_event: bool,
+    /// (xid, end LSN) of the last transaction that yielded an event: the exactly-once
+    /// witness (`sink::positions`).
+    last_event_txn: Option<(u32, u64)>,
+    /// End LSN of the last commit decoded.
+    commit_end: u64,
     columns: ColumnsConfig,
 }
 
@@ -228,6 +236,10 @@ impl Decoder {
             commit_time: SystemTime::now(),
             commit_lsn: 0,
             in_transaction: false,
+            xid: 0,
+            had_event: false,
+            last_event_txn: None,
+            commit_end: 0,
             columns: cfg.columns.clone(),
         }
     }
@@ -242,20 +254,48 @@ impl Decoder {
         self.commit_lsn
     }
 
+    /// The xid of the current (or last) transaction.
+    pub fn xid(&self) -> u32 {
+        self.xid
+    }
+
+    /// End LSN of the last commit decoded.
+    pub fn commit_end(&self) -> u64 {
+        self.commit_end
+    }
+
+    /// (xid, end LSN) of the last transaction that yielded an event.
+    pub fn last_event_txn(&self) -> Option<(u32, u64)> {
+        self.last_event_txn
+    }
+
+    fn yielded(&mut self, change: Change) -> Change {
+        if matches!(change, Change::Event(_) | Change::Poison { .. }) && self.in_transaction {
+            self.had_event = true;
+        }
+        change
+    }
+
     pub fn feed(&mut self, data: &[u8]) -> Result<Option<Change>> {
         match pgoutput::decode(data)? {
             Message::Begin {
                 commit_time,
                 final_lsn,
-                ..
+                xid,
             } => {
                 self.commit_time = commit_time;
                 self.commit_lsn = final_lsn;
+                self.xid = xid;
+                self.had_event = false;
                 self.in_transaction = true;
                 Ok(None)
             }
             Message::Commit { end_lsn, .. } => {
                 self.in_transaction = false;
+                self.commit_end = end_lsn;
+                if self.had_event {
+                    self.last_event_txn = Some((self.xid, end_lsn));
+                }
                 Ok(Some(Change::Boundary(end_lsn)))
             }
             Message::Relation(rel) => {
@@ -271,7 +311,8 @@ impl Decoder {
             }
             Message::Insert { relation_id, tuple } => match self.relations.get(&relation_id) {
                 Some(RelationKind::Outbox(cols)) => {
-                    Ok(Some(Change::Event(self.event(cols, tuple)?)))
+                    let event = Change::Event(self.event(cols, tuple)?);
+                    Ok(Some(self.yielded(event)))
                 }
                 Some(RelationKind::Foreign(name)) | Some(RelationKind::Pending(Relation { name, .. })) => {
                     Err(Error::setup(
@@ -303,14 +344,15 @@ impl Decoder {
                 content,
                 ..
             } if prefix == OUTBOX_MESSAGE_PREFIX => {
-                Ok(Some(match message_event(&content, self.commit_time) {
+                let change = match message_event(&content, self.commit_time) {
                     Ok(event) => Change::Event(event),
                     Err((id, reason)) => Change::Poison {
                         id,
                         reason,
                         raw: content,
                     },
-                }))
+                };
+                Ok(Some(self.yielded(change)))
             }
             // Transactional messages of other applications: not events.
             Message::LogicalMessage { prefix, .. } => {

@@ -367,7 +367,7 @@ impl Poller {
     /// Exactly-once: moves the cursor up to `pos`, the position read back from the position
     /// topic `topic` (rows up to it are in Kafka already). A cursor from another cluster is
     /// refused before it is stored.
-    pub async fn adopt(&mut self, pos: Cursor, topic: &str) -> Result<()> {
+    pub async fn adopt(&mut self, pos: Cursor, witness: Option<&str>, topic: &str) -> Result<()> {
         let next = self.next_xid().await?;
         if pos.0 >= next {
             return Err(Error::setup(
@@ -379,6 +379,32 @@ impl Poller {
             ));
         }
         if pos > self.cursor {
+            // The row at the position must be the event Kafka holds there: after a restore
+            // the xid counter can pass the position while the rows below it are new ones.
+            if let Some(expected) = witness {
+                let sql = format!(
+                    "SELECT {}::text FROM {} WHERE (outboxd_xid, outboxd_seq) = ($1::text::xid8, $2::int8)",
+                    quote_ident(&self.cfg.postgres.columns.id),
+                    self.cfg.postgres.qualified_table()
+                );
+                let found: Option<String> = self
+                    .client
+                    .query_opt(&sql, &[&pos.0.to_string(), &pos.1])
+                    .await
+                    .map_err(|e| Error::pg("checking the position's row", e))?
+                    .map(|r| r.get(0));
+                if found.as_deref() != Some(expected) {
+                    return Err(Error::setup(
+                        format!(
+                            "the position topic {topic} holds cursor {}/{} (event {expected}) for this pipeline, but this table has {} there: the table's history forked (a restore), and moving the cursor there would skip rows never published",
+                            pos.0,
+                            pos.1,
+                            found.map_or("no row".to_string(), |id| format!("event {id}"))
+                        ),
+                        "check what consumers have (`outboxd verify --since …`), then reset the pipeline's position (README: exactly-once, resetting the position)",
+                    ));
+                }
+            }
             tracing::info!(cursor = %format!("{}/{}", pos.0, pos.1), "exactly-once: the cursor moves up to the last committed Kafka transaction");
         }
         self.store(pos).await
