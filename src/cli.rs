@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 #[command(
     name = "outboxd",
     version,
-    about = "Transactional-outbox relay: PostgreSQL → Kafka, at-least-once"
+    about = "Transactional-outbox relay: PostgreSQL → Kafka, RabbitMQ or NATS JetStream; at-least-once, exactly-once on Kafka"
 )]
 pub struct Cli {
     /// TOML config file (see config/outboxd.example.toml). Environment variables
@@ -34,7 +34,7 @@ pub enum LogFormat {
 pub enum Command {
     /// Create the outbox table, publication and replication slot if absent. Drops nothing.
     Migrate,
-    /// Relay committed outbox events to Kafka until SIGTERM or SIGINT.
+    /// Relay committed outbox events to the configured broker until SIGTERM or SIGINT.
     Run,
     /// Validate the configuration and print it with secrets redacted.
     CheckConfig,

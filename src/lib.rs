@@ -1,4 +1,4 @@
-//! outboxd: a transactional-outbox relay from PostgreSQL to Kafka.
+//! outboxd: a transactional-outbox relay from PostgreSQL to Kafka, RabbitMQ or NATS JetStream.
 //!
 //! Data flows one way: [`source`] decodes committed outbox rows in commit order, [`route`]
 //! turns each into a Kafka record, [`sink`] publishes with many deliveries in flight, and
