@@ -10,12 +10,13 @@ pub enum Error {
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
 
-    /// A PostgreSQL error with what we were doing when it happened.
-    #[error("{context}: {}", describe_pg(.source))]
+    /// A PostgreSQL error with what we were doing when it happened. Its message already
+    /// carries the server's message, detail and hint on one line, so the driver's error is
+    /// not a `source` (its text spans lines and would repeat them).
+    #[error("{context}: {}", describe_pg(.pg))]
     Postgres {
         context: String,
-        #[source]
-        source: tokio_postgres::Error,
+        pg: tokio_postgres::Error,
     },
 
     /// An error on the replication connection (which tokio-postgres does not handle).
@@ -124,7 +125,7 @@ impl Error {
     pub fn pg(context: impl Into<String>, source: tokio_postgres::Error) -> Error {
         Error::Postgres {
             context: context.into(),
-            source,
+            pg: source,
         }
     }
 
@@ -149,7 +150,7 @@ impl Error {
             | Error::Fenced(_)
             | Error::Refused { .. }
             | Error::Timeout(_) => true,
-            Error::Postgres { source, .. } => match source.code() {
+            Error::Postgres { pg, .. } => match pg.code() {
                 // No SQLSTATE: I/O error, connection closed, timeout.
                 None => true,
                 Some(code) => pg_code_is_transient(code.code()),
@@ -160,6 +161,11 @@ impl Error {
         }
     }
 
+    /// The server answered with an SQLSTATE (it is reachable).
+    pub fn has_sqlstate(&self) -> bool {
+        self.sqlstate().is_some()
+    }
+
     /// "replication slot … is active for PID n".
     pub fn is_slot_in_use(&self) -> bool {
         self.sqlstate() == Some("55006")
@@ -167,7 +173,7 @@ impl Error {
 
     fn sqlstate(&self) -> Option<&str> {
         match self {
-            Error::Postgres { source, .. } => source.code().map(SqlState::code),
+            Error::Postgres { pg, .. } => pg.code().map(SqlState::code),
             Error::Replication { sqlstate, .. } => sqlstate.as_deref(),
             _ => None,
         }
@@ -186,19 +192,47 @@ impl Error {
             || code == SqlState::UNDEFINED_TABLE.code()
         {
             "run `outboxd migrate` with the same configuration"
+        } else if code == SqlState::CONFIGURATION_LIMIT_EXCEEDED.code() {
+            "free a replication slot or WAL sender (SELECT slot_name, active FROM pg_replication_slots; pg_drop_replication_slot('…') for one nobody uses) or raise max_replication_slots / max_wal_senders and restart PostgreSQL"
+        } else if code == SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE.code() {
+            "set wal_level = logical (ALTER SYSTEM SET wal_level = logical) and restart PostgreSQL, or use mode = \"polling\""
+        } else if code == SqlState::READ_ONLY_SQL_TRANSACTION.code() {
+            "point postgres.url at the primary: this server is a read-only standby"
         } else {
             return None;
         })
     }
 }
 
-/// Transient SQLSTATEs: connection problems (08), insufficient resources (53), operator
-/// intervention such as a restart (57P01–57P03), serialization/deadlock (40), object in use
-/// (55006: the slot is held by another session), lock not available (55P03), system errors (58).
+/// Whether waiting can mend a PostgreSQL error, decided class by class (everything else is
+/// an operator's to fix: exit code 2 with the fix):
+///
+/// * retried — connection problems (08); insufficient resources that pass (53100 disk full,
+///   53200 out of memory, 53300 too many connections); serialization and deadlocks (40);
+///   an administrator's restart or a server starting up (57P01–57P03), a cancelled query
+///   (57014); an object in use (55006: the slot is held by another session) or a lock not
+///   available (55P03); system errors (58); a read-only standby (25006: after a failover the
+///   address may point at the new primary soon);
+/// * not retried — 53400 configuration limit exceeded ("all replication slots are in use",
+///   `max_wal_senders`): no amount of waiting frees a slot someone else holds for good; and
+///   every other class: authentication (28), privileges (42501), missing objects (3D000,
+///   42P01, 42704), a server not set up for logical decoding (55000), syntax and features
+///   (42, 0A).
 fn pg_code_is_transient(c: &str) -> bool {
     c.starts_with("08")
-        || c.starts_with("53")
         || c.starts_with("40")
         || c.starts_with("58")
-        || matches!(c, "57P01" | "57P02" | "57P03" | "55006" | "55P03" | "57014")
+        || matches!(
+            c,
+            "53100"
+                | "53200"
+                | "53300"
+                | "57P01"
+                | "57P02"
+                | "57P03"
+                | "55006"
+                | "55P03"
+                | "57014"
+                | "25006"
+        )
 }

@@ -147,7 +147,13 @@ async fn migrate(config: &Config) -> anyhow::Result<()> {
             Ok(r) => break r,
             Err(e) if e.is_transient() && started.elapsed() < Duration::from_secs(60) => {
                 let d = backoff.next_delay();
-                tracing::warn!(error = %e, retry_in_ms = d.as_millis() as u64, "migrate: PostgreSQL not reachable yet; retrying");
+                // A server that answered is not "unreachable": say what it said.
+                let what = if e.has_sqlstate() {
+                    "migrate: PostgreSQL refused for now; retrying"
+                } else {
+                    "migrate: PostgreSQL not reachable yet; retrying"
+                };
+                tracing::warn!(error = %e, retry_in_ms = d.as_millis() as u64, "{what}");
                 tokio::time::sleep(d).await;
             }
             Err(e) => return Err(e).context("migrate"),

@@ -306,3 +306,39 @@ async fn a_mistyped_secret_kafka_property_exits_2_and_its_value_is_never_printed
     assert!(log.contains("sasl.pasword"), "the key is named:\n{log}");
     assert!(!log.contains("hunter2"), "the value was printed:\n{log}");
 }
+
+/// An operator's problem is an error, not an outage: on a cluster whose replication slots are
+/// all taken (SQLSTATE 53400), `migrate` exits 2 at once with the fix, where it used to call
+/// the server "not reachable" and retry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_with_every_replication_slot_taken_exits_2_with_the_fix() {
+    let cluster = PrivateCluster::start("-c max_replication_slots=1");
+    let name = unique("slotsfull").to_lowercase();
+    let db = TestDb {
+        dir: std::env::temp_dir().join(format!("outboxd-test-{name}")),
+        url: cluster.url.clone(),
+        name,
+    };
+    std::fs::create_dir_all(&db.dir).unwrap();
+    db.client()
+        .await
+        .batch_execute("SELECT pg_create_logical_replication_slot('somebody_elses', 'pgoutput')")
+        .await
+        .unwrap();
+    let config = db.config(&kafka_brokers(), "");
+    let started = std::time::Instant::now();
+    let out = outboxd(&["migrate", "--config", config.to_str().unwrap()], &[]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("53400") && err.contains("max_replication_slots"),
+        "{err}"
+    );
+    assert!(!err.contains("not reachable"), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "retried for {:?}",
+        started.elapsed()
+    );
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+}
