@@ -332,3 +332,103 @@ async fn a_row_filter_or_a_column_list_on_the_outbox_stops_the_relay_naming_it()
         );
     }
 }
+
+/// The publication check reads a WAL position, then the catalog. A DDL whose commit record is
+/// below that position can still be invisible to the catalog: its backend waits for a
+/// synchronous standby before it leaves the ProcArray. Here it waits for good (a standby
+/// that does not exist; the test's other sessions commit with `synchronous_commit = local`),
+/// so the outbox has left the publication for the decoder while every check still sees it.
+/// The relay must not confirm past the first event written after the DDL (it used to: the
+/// check passed and keepalives carried the slot over the lost event); once the wait ends, the
+/// check fails and the relay stops with exit code 2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publication_change_still_invisible_to_the_check_never_lets_the_slot_pass_an_event() {
+    let brokers = kafka_brokers();
+    let cluster =
+        PrivateCluster::start("-c synchronous_standby_names=nobody -c synchronous_commit=local");
+    let name = unique("invisible").to_lowercase();
+    let db = TestDb {
+        dir: std::env::temp_dir().join(format!("outboxd-test-{name}")),
+        url: cluster.url.clone(),
+        name,
+    };
+    std::fs::create_dir_all(&db.dir).unwrap();
+    let config = db.config(&brokers, "");
+    migrate(&config);
+    let mut client = db.client().await;
+    create_aggregates_table(&client).await;
+    let mut relay = Relay::start(&config);
+    let first = write_txn(&mut client, &[("order".into(), "a".into())], false)
+        .await
+        .unwrap();
+    let got = consume(
+        &brokers,
+        &[db.topic("order")],
+        &ids(&first),
+        Duration::from_secs(30),
+        Duration::ZERO,
+    );
+    assert_exactly_written(&first, &got);
+    // The DDL commits locally and waits for the standby: invisible to every snapshot.
+    let ddl = db.client().await;
+    let pid: i32 = ddl
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let waiting = tokio::spawn(async move {
+        ddl.batch_execute(
+            "SET synchronous_commit = on; ALTER PUBLICATION outboxd DROP TABLE outbox",
+        )
+        .await
+    });
+    eventually(
+        Duration::from_secs(10),
+        "the DDL waits for the standby",
+        || async {
+            db.client()
+            .await
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE pid = $1 AND wait_event = 'SyncRep'",
+                &[&pid],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+            == 1
+        },
+    )
+    .await;
+    let before_lost = db.current_lsn().await;
+    write_txn(&mut client, &[("order".into(), "a".into())], false)
+        .await
+        .unwrap();
+    for _ in 0..5 {
+        client
+            .batch_execute("SELECT pg_logical_emit_message(false, 'noise', 'x')")
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let confirmed = db.confirmed_lsn().await;
+        assert!(
+            confirmed <= before_lost,
+            "slot confirmed {confirmed:X} past the event written after the invisible DDL ({before_lost:X})"
+        );
+    }
+    relay.assert_running();
+    // The wait ends (cancelled: the commit stands); the check now fails.
+    client
+        .execute("SELECT pg_cancel_backend($1)", &[&pid])
+        .await
+        .unwrap();
+    let _ = waiting.await;
+    let status = relay.wait_exit(Duration::from_secs(30));
+    let log = relay.log_text();
+    assert_eq!(status.code(), Some(2), "log:\n{log}");
+    assert!(log.contains("is not in publication"), "log:\n{log}");
+    let confirmed = db.confirmed_lsn().await;
+    assert!(
+        confirmed <= before_lost,
+        "slot confirmed {confirmed:X} past {before_lost:X}"
+    );
+}

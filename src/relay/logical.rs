@@ -85,6 +85,7 @@ pub(super) async fn open<'a>(
         decoder: Decoder::new(&cfg.postgres),
         reader,
         stream,
+        trusted: published,
         published,
         confirmed,
         verify,
@@ -105,6 +106,9 @@ pub(super) struct LogicalSource<'a> {
     decoder: Decoder,
     /// The last check that the outbox table is in the publication (`source::publication`).
     published: Published,
+    /// The check before it: the checkpoint's limit (see `tick`). At start, the slot's own
+    /// position stands in for it.
+    trusted: Published,
     confirmed: u64,
     /// Exactly-once: the (xid, end LSN) the stream must show before anything is confirmed —
     /// the last transaction Kafka holds, proving the position read back belongs to this WAL
@@ -168,7 +172,7 @@ impl Source for LogicalSource<'_> {
     // Nothing is confirmed beyond the last position at which the outbox table was verified
     // to be in the publication (see source::publication).
     fn limit(&self) -> u64 {
-        self.published.lsn
+        self.confirmed.min(self.published.lsn)
     }
 
     fn commit_position(&self) -> u64 {
@@ -243,10 +247,21 @@ impl Source for LogicalSource<'_> {
             .await
         {
             Ok(p) => {
-                checkpoint.limit(p.lsn);
+                // Up to the *previous* check's position only, and only when no backend waited
+                // for a synchronous standby during this check: a DDL whose commit record is
+                // below a position can be invisible to a catalog snapshot taken right after
+                // reading it (its backend leaves the ProcArray only after flushing and after
+                // any synchronous-replication wait). A second later a commit that is still
+                // invisible is waiting for a standby, and then nothing moves.
+                if p.settled {
+                    checkpoint.limit(self.published.lsn);
+                    self.trusted = self.published;
+                } else {
+                    tracing::debug!("a backend waits for a synchronous standby (its commit is not visible yet); the publication check vouches for nothing new");
+                }
                 self.published = p;
             }
-            Err(e @ Error::Setup { .. }) => return Err(lost_publication(e, &self.published)),
+            Err(e @ Error::Setup { .. }) => return Err(lost_publication(e, &self.trusted)),
             Err(e) => return Err(e),
         }
         if quiet {
@@ -269,12 +284,24 @@ impl Source for LogicalSource<'_> {
     }
 
     async fn last_check(&mut self, checkpoint: &mut Checkpoint) {
-        // One last check that the outbox is published lets the checkpoint reach the last
-        // acknowledged transaction (it holds back what was decoded after the previous check).
+        // Two last checks, a second apart, let the checkpoint reach the last acknowledged
+        // transaction: the first proves the previous check's position, the second the first's
+        // (see `tick`).
         let table = Some(self.published.table_oid);
+        let bound = Duration::from_secs(5);
         let check = self.reader.verify_publication(table);
-        if let Ok(Ok(p)) = tokio::time::timeout(Duration::from_secs(5), check).await {
-            checkpoint.limit(p.lsn);
+        let Ok(Ok(first)) = tokio::time::timeout(bound, check).await else {
+            return;
+        };
+        if first.settled {
+            checkpoint.limit(self.published.lsn);
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let check = self.reader.verify_publication(table);
+        if let Ok(Ok(second)) = tokio::time::timeout(bound, check).await {
+            if second.settled {
+                checkpoint.limit(first.lsn);
+            }
         }
     }
 

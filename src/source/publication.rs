@@ -18,8 +18,9 @@
 //!
 //! So the relay checks at start and then every second ([`verify`]) that the table it started
 //! with (same OID) is still published with inserts, and remembers the WAL insert position read
-//! *before* each successful check. The checkpoint never confirms a position beyond the last
-//! such position ([`crate::checkpoint::Checkpoint::limited`]): if the check fails, the slot
+//! *before* each successful check. The checkpoint never confirms a position beyond the
+//! position of the check *before* the last successful one (a second of lag: a DDL committed
+//! just below a position may not be visible to the check that read it) ([`crate::checkpoint::Checkpoint::limited`]): if the check fails, the slot
 //! has not passed the first event that could have been missed, and the relay stops with exit
 //! code 2 and the way to recover (fix the publication, `outboxd replay --since …` for rows
 //! written in between, restart).
@@ -44,6 +45,10 @@ pub struct Published {
     pub table_oid: u32,
     /// When the check ran.
     pub at: SystemTime,
+    /// No backend was waiting for a synchronous standby (a transaction committed but still
+    /// invisible) when the position was read: this check can vouch for the positions of the
+    /// checks before it (`relay::logical`).
+    pub settled: bool,
 }
 
 /// Checks that the outbox table (with OID `expected_oid`, if given) is in the publication and
@@ -54,13 +59,25 @@ pub async fn verify(
     expected_oid: Option<u32>,
 ) -> Result<Published> {
     let at = SystemTime::now();
-    // Read the position first: the catalog query's snapshot is taken after it, so a change
-    // that committed before this position is visible to the check.
-    let lsn: String = client
-        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+    // Read the position first, then the catalog. A change whose commit record is below the
+    // position is *not* always visible yet (its backend leaves the ProcArray after writing the
+    // commit record and after any synchronous-replication wait), so the relay confirms up to
+    // a check's position only once a later check passed too (`relay::logical`).
+    // In the same statement: whether a backend waits for a synchronous standby — its
+    // transaction committed locally but still runs to every snapshot, so a DDL among them is
+    // invisible to the catalog query below. (Seen in pg_stat_activity by a superuser or a
+    // member of pg_read_all_stats / pg_monitor; for other roles the column reads NULL and the
+    // second-long margin of `relay::logical` is the only guard.)
+    let row = client
+        .query_one(
+            "SELECT pg_current_wal_insert_lsn()::text, \
+                    NOT EXISTS (SELECT 1 FROM pg_stat_activity WHERE wait_event = 'SyncRep')",
+            &[],
+        )
         .await
-        .map_err(|e| Error::pg("reading the current WAL position", e))?
-        .get(0);
+        .map_err(|e| Error::pg("reading the current WAL position", e))?;
+    let lsn: String = row.get(0);
+    let settled: bool = row.get(1);
     let lsn = parse_lsn(&lsn).unwrap_or(0);
     let row = client
         .query_opt(
@@ -127,6 +144,7 @@ pub async fn verify(
         lsn,
         table_oid: oid,
         at,
+        settled,
     })
 }
 
