@@ -52,6 +52,9 @@ struct Inner {
     broker_ok: bool,
     last_error: Option<(SystemTime, String)>,
     oldest_unacked_commit: Option<SystemTime>,
+    /// Polling: when the oldest row not yet published was written (it may be held back by
+    /// the snapshot horizon, with nothing in flight).
+    oldest_pending: Option<SystemTime>,
     inflight: usize,
     slot: SlotFacts,
     /// Since when publishing keeps failing (None after progress).
@@ -83,6 +86,7 @@ impl Health {
                 broker_ok: false,
                 last_error: None,
                 oldest_unacked_commit: None,
+                oldest_pending: None,
                 inflight: 0,
                 slot: SlotFacts {
                     slot: slot.to_string(),
@@ -148,14 +152,21 @@ impl Health {
         self.lock().slot = facts;
     }
 
+    /// Polling: when the oldest row the relay has not published yet was written.
+    pub fn set_oldest_pending(&self, written: Option<SystemTime>) {
+        self.lock().oldest_pending = written;
+    }
+
+    /// Age of the oldest event not yet acknowledged: in flight, or (polling) still waiting
+    /// in the table — held back by a transaction that holds the snapshot horizon, the lag
+    /// would otherwise read 0 while nothing is published.
     pub fn lag_seconds(&self) -> f64 {
-        match self.lock().oldest_unacked_commit {
-            None => 0.0,
-            Some(t) => SystemTime::now()
-                .duration_since(t)
-                .map(|d| d.as_secs_f64())
-                .unwrap_or(0.0),
-        }
+        let g = self.lock();
+        let age = |t: Option<SystemTime>| {
+            t.and_then(|t| SystemTime::now().duration_since(t).ok())
+                .map_or(0.0, |d| d.as_secs_f64())
+        };
+        age(g.oldest_unacked_commit).max(age(g.oldest_pending))
     }
 
     /// `Ok(what)` when ready, `Err(reason)` otherwise — one line each.

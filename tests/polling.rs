@@ -622,3 +622,51 @@ async fn retention_of_one_pipeline_keeps_the_rows_another_pipeline_has_not_publi
     )
     .await;
 }
+
+/// Any transaction on the cluster that holds an xid holds the polling horizon back: rows
+/// committed after it are not readable yet, nothing is in flight, and the lag used to read 0
+/// while nothing was published (the shipped lag alert never fired). The oldest pending row's
+/// age is lag now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_held_back_by_an_open_transaction_count_as_lag_though_nothing_is_in_flight() {
+    let (db, config, brokers) = setup_polling("pheld", "").await;
+    let _relay = Relay::start(&config);
+    let addr = http_addr(&config);
+    let lag = |addr: String| async move {
+        http_get(&addr, "/metrics").and_then(|(_, body)| {
+            body.lines()
+                .find(|l| l.starts_with("outboxd_lag_seconds "))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<f64>().ok())
+        })
+    };
+    let mut holder = db.client().await;
+    let tx = holder.transaction().await.unwrap();
+    tx.batch_execute("CREATE TEMP TABLE hold (v int); INSERT INTO hold VALUES (1)")
+        .await
+        .unwrap();
+    let mut client = db.client().await;
+    let mut held = write_txn(&mut client, &[("order".into(), "h".into())], false)
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(30), "lag of the held row rises", || {
+        let addr = addr.clone();
+        async move { lag(addr).await.is_some_and(|l| l >= 3.0) }
+    })
+    .await;
+    tx.commit().await.unwrap();
+    fill_polling_order(&db, &mut held).await;
+    let received = consume(
+        &brokers,
+        &[db.topic("order")],
+        &ids(&held),
+        Duration::from_secs(30),
+        Duration::ZERO,
+    );
+    assert_exactly_written(&held, &received);
+    eventually(Duration::from_secs(30), "lag back to 0", || {
+        let addr = addr.clone();
+        async move { lag(addr).await.is_some_and(|l| l < 1.0) }
+    })
+    .await;
+}

@@ -31,11 +31,15 @@ use crate::transaction::Transactions;
 /// The cursor row is updated at most this often while events flow.
 const CONFIRM_EVERY: Duration = Duration::from_millis(100);
 
+/// Rows pending this long are warned about (once per such interval), naming the transaction
+/// that holds them back.
+const HELD_WARN: Duration = Duration::from_secs(60);
+
 /// Polling mode: leadership by an advisory lock on the SQL session, then the loop.
 pub(super) async fn open<'a>(
     cfg: &'a Config,
     stop: &mut watch::Receiver<bool>,
-    health: &Health,
+    health: &'a Health,
 ) -> Result<Option<Opened<PollingSource<'a>>>> {
     let mut poller = Poller::open(cfg).await?;
     let lock = LockSession::Sql(&poller.client, cfg.postgres.stream_timeout);
@@ -94,6 +98,8 @@ pub(super) async fn open<'a>(
         ordinal: 0,
         cursors: VecDeque::new(),
         last_pending: Instant::now() - Duration::from_secs(60),
+        last_held_warning: None,
+        health,
         // Retention runs beside publishing, on its own connection; it ends with the session.
         _retention: AbortOnDrop(tokio::spawn(crate::source::retention::retention_loop(
             cfg.clone(),
@@ -120,6 +126,8 @@ pub(super) struct PollingSource<'a> {
     /// (ordinal, cursor, event id) of rows yielded and not yet stored, oldest first.
     cursors: VecDeque<(u64, Cursor, String)>,
     last_pending: Instant,
+    last_held_warning: Option<Instant>,
+    health: &'a Health,
     _retention: AbortOnDrop,
 }
 
@@ -234,6 +242,31 @@ impl Source for PollingSource<'_> {
             let limit = self.cfg.postgres.stream_timeout;
             let pending = within(limit, "counting pending rows", self.poller.pending()).await?;
             metrics::gauge!(m::POLLING_PENDING).set(pending as f64);
+            // Rows the relay has not read (past what it read ahead): their age is lag too.
+            let age = within(
+                limit,
+                "reading the oldest pending row",
+                self.poller.oldest_pending_age(self.read),
+            )
+            .await?;
+            let written =
+                age.map(|a| std::time::SystemTime::now() - Duration::from_secs_f64(a.max(0.0)));
+            self.health.set_oldest_pending(written);
+            if age.is_some_and(|a| a >= HELD_WARN.as_secs_f64())
+                && self
+                    .last_held_warning
+                    .is_none_or(|t| t.elapsed() >= HELD_WARN)
+            {
+                self.last_held_warning = Some(Instant::now());
+                let holder = within(
+                    limit,
+                    "looking up the oldest transaction",
+                    self.poller.horizon_holder(),
+                )
+                .await?
+                .unwrap_or_else(|| "no transaction found (it may have just ended)".into());
+                tracing::warn!(pending, oldest_s = age.unwrap_or(0.0) as u64, holder = %holder, "rows committed more than a minute ago are not published yet: a transaction that holds the snapshot horizon back keeps them unreadable (polling reads only rows older than every running transaction); end it, or it ends by itself");
+            }
         }
         Ok(())
     }

@@ -522,4 +522,49 @@ impl Poller {
     pub async fn pending(&self) -> Result<i64> {
         pending_events(&self.client, &self.cfg, self.cursor).await
     }
+
+    /// How long ago the first row past the cursor (in cursor order) was written, in seconds.
+    pub async fn oldest_pending_age(&self, after: Cursor) -> Result<Option<f64>> {
+        let sql = format!(
+            "SELECT extract(epoch FROM now() - outboxd_written_at)::float8 FROM {} \
+              WHERE (outboxd_xid, outboxd_seq) > ($1::text::xid8, $2::int8) \
+              ORDER BY outboxd_xid, outboxd_seq LIMIT 1",
+            self.cfg.postgres.qualified_table()
+        );
+        Ok(self
+            .client
+            .query_opt(&sql, &[&after.0.to_string(), &after.1])
+            .await
+            .map_err(|e| Error::pg("reading the oldest pending row", e))?
+            .map(|r| r.get(0)))
+    }
+
+    /// The transaction that holds the snapshot horizon back longest (the one whose rows, and
+    /// every later one's, polling cannot read yet): a line for the warning.
+    pub async fn horizon_holder(&self) -> Result<Option<String>> {
+        let row = self
+            .client
+            .query_opt(
+                "SELECT format('pid %s (%s, transaction open for %s, application %L)', pid, state, \
+                        date_trunc('second', now() - xact_start), application_name) \
+                   FROM pg_stat_activity WHERE backend_xid IS NOT NULL AND pid <> pg_backend_pid() \
+                  ORDER BY age(backend_xid) DESC LIMIT 1",
+                &[],
+            )
+            .await
+            .map_err(|e| Error::pg("looking up the oldest transaction", e))?;
+        let prepared: i64 = self
+            .client
+            .query_one("SELECT count(*) FROM pg_prepared_xacts", &[])
+            .await
+            .map_err(|e| Error::pg("counting prepared transactions", e))?
+            .get(0);
+        let mut parts: Vec<String> = row.map(|r| r.get(0)).into_iter().collect();
+        if prepared > 0 {
+            parts.push(format!(
+                "{prepared} prepared (two-phase) transaction(s): pg_prepared_xacts"
+            ));
+        }
+        Ok((!parts.is_empty()).then(|| parts.join("; ")))
+    }
 }
