@@ -7,8 +7,10 @@
 //!   transaction. It never commits inside a source transaction: a source transaction larger
 //!   than the bounds stays whole in one Kafka transaction (a consumer sees all of it or none),
 //!   so it must be published within `transaction.timeout.ms` (librdkafka's default, 60 s,
-//!   up to the broker's `transaction.max.timeout.ms`); a transaction that outlives it is
-//!   aborted by the broker and resent.
+//!   up to the broker's `transaction.max.timeout.ms`). One that cannot — it would be aborted
+//!   by the broker and resent, taking as long again, for ever, each time reported as a
+//!   fenced producer — stops the relay (exit code 2) once it has been open for half the
+//!   timeout, naming the setting to raise (`relay::session`).
 //! * The position reached rides inside the same transaction (`sink::positions`).
 //! * The source is confirmed only up to the last *committed* position: while a transaction
 //!   is open nothing it holds is confirmed, acknowledged or not (an acknowledged record of
@@ -88,6 +90,11 @@ impl Transactions {
         } else {
             Some(since + self.interval)
         }
+    }
+
+    /// How long the open Kafka transaction has been open, if one is.
+    pub fn open_for(&self) -> Option<Duration> {
+        self.open.map(|(since, _)| since.elapsed())
     }
 
     /// The open transaction committed with `position`.

@@ -463,3 +463,30 @@ async fn a_position_from_another_wal_history_stops_the_relay_before_it_skips_an_
     assert_each_once(&written, &ours);
     drop(relay);
 }
+
+/// A source transaction larger than a Kafka transaction can hold in time (here 150,000
+/// events against a 3 s `transaction.timeout.ms`) cannot commit before it ends: the broker
+/// aborted it, the relay resent it, for ever, each round reported as "fenced by another
+/// instance". Now the relay stops with exit code 2 naming the setting to raise.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_transaction_longer_than_the_kafka_transaction_timeout_exits_2_naming_it() {
+    let brokers = kafka_brokers();
+    let extra =
+        format!("{EXACTLY_ONCE}[kafka.properties]\n\"transaction.timeout.ms\" = \"3000\"\n");
+    let (db, config) = setup("eos_long", &brokers, &extra).await;
+    db.client()
+        .await
+        .batch_execute(
+            "INSERT INTO outbox (aggregatetype, aggregateid, type, payload) \
+             SELECT 'order', 'a' || (i % 100), 'Changed', jsonb_build_object('i', i, 'pad', repeat('x', 200)) \
+               FROM generate_series(1, 150000) i",
+        )
+        .await
+        .unwrap();
+    let mut relay = Relay::start(&config);
+    let status = relay.wait_exit(Duration::from_secs(120));
+    let log = relay.log_text();
+    assert_eq!(status.code(), Some(2), "log:\n{log}");
+    assert!(log.contains("transaction.timeout.ms"), "log:\n{log}");
+    assert!(!log.contains("fenced by another instance"), "log:\n{log}");
+}

@@ -221,3 +221,16 @@ pub(super) fn validate(
         transaction_max_events,
     })
 }
+
+impl super::KafkaConfig {
+    /// Exactly-once: librdkafka's `transaction.timeout.ms` (`kafka.properties`, default
+    /// 60 s): past it the broker aborts an open transaction.
+    pub fn transaction_timeout(&self) -> std::time::Duration {
+        let ms = self
+            .properties
+            .get("transaction.timeout.ms")
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(60_000);
+        std::time::Duration::from_millis(ms)
+    }
+}

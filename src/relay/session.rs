@@ -187,6 +187,9 @@ pub(super) async fn run<S: Source>(
                         let position = source.event_position();
                         window.publish(&mut event, position, router, &mut sink, &dlq, health).await?;
                         checkpoint.acked(window.acked);
+                        if let Some(e) = &eos {
+                            outgrows_its_transaction(cfg, e)?;
+                        }
                     }
                 }
             }
@@ -283,6 +286,26 @@ async fn shutdown<S: Source>(
     source.finish(safe).await?;
     sink.flush(Duration::from_millis(100));
     Ok(())
+}
+
+/// Exactly-once: a source transaction still being published after half of
+/// `transaction.timeout.ms` will not commit in time — the broker would abort the Kafka
+/// transaction, the relay would resend the source transaction, and so on for ever, each
+/// round looking like a fenced producer. Only a larger timeout (or smaller source
+/// transactions) helps.
+fn outgrows_its_transaction(cfg: &Config, eos: &Eos) -> Result<()> {
+    let timeout = cfg.kafka.transaction_timeout();
+    match eos.transactions.open_for() {
+        Some(open) if open >= timeout / 2 => Err(Error::setup(
+            format!(
+                "exactly-once: one source transaction has been publishing for {} ms of the Kafka transaction timeout of {} ms and is not done; it cannot commit before it ends, and the broker would abort it and the relay resend it, for ever",
+                open.as_millis(),
+                timeout.as_millis()
+            ),
+            "raise kafka.properties \"transaction.timeout.ms\" (up to the broker's transaction.max.timeout.ms, 15 min by default) above twice the time the largest source transaction takes to publish, or write smaller transactions",
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// The delivery ledger's word before any confirmation (`crate::ledger`).
