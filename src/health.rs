@@ -152,6 +152,14 @@ impl Health {
         self.lock().slot = facts;
     }
 
+    /// How long publishing has kept failing (0 when it works).
+    pub fn failing_for(&self) -> std::time::Duration {
+        self.lock()
+            .failing_since
+            .and_then(|t| SystemTime::now().duration_since(t).ok())
+            .unwrap_or_default()
+    }
+
     /// Polling: when the oldest row the relay has not published yet was written.
     pub fn set_oldest_pending(&self, written: Option<SystemTime>) {
         self.lock().oldest_pending = written;

@@ -85,6 +85,8 @@ fn route(
     match path {
         "/metrics" => {
             metrics::gauge!(crate::metrics::LAG_SECONDS).set(health.lag_seconds());
+            metrics::gauge!(crate::metrics::UNABLE_TO_PUBLISH)
+                .set(health.failing_for().as_secs_f64());
             ("200 OK", "text/plain; version=0.0.4", metrics.render())
         }
         "/healthz" => ("200 OK", "text/plain", "ok\n".into()),

@@ -7,6 +7,8 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 /// Age of the oldest committed event not yet acknowledged by Kafka (0 when caught up).
 pub const LAG_SECONDS: &str = "outboxd_lag_seconds";
+/// Seconds publishing has kept failing (no event acknowledged since), 0 when it works.
+pub const UNABLE_TO_PUBLISH: &str = "outboxd_unable_to_publish_seconds";
 /// Records acknowledged by Kafka, by topic.
 pub const EVENTS_PUBLISHED: &str = "outboxd_events_published_total";
 /// Events sent to the dead-letter destination, by reason.
@@ -92,6 +94,11 @@ fn describe() {
         LAG_SECONDS,
         Unit::Seconds,
         "Age of the oldest committed event not yet acknowledged by the broker (0 when caught up)"
+    );
+    describe_gauge!(
+        UNABLE_TO_PUBLISH,
+        Unit::Seconds,
+        "How long publishing has kept failing — connections refused or timing out, deliveries failing or stalled (0 when it works)"
     );
     describe_counter!(
         EVENTS_PUBLISHED,

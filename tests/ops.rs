@@ -896,3 +896,57 @@ async fn synchronous_standby_names_that_can_pick_the_relay_are_reported() {
     })
     .await;
 }
+
+/// Every connection attempt is bounded, handshake included, and logged: with the relay's path
+/// to PostgreSQL black-holed (TCP accepted, no byte moves), a reconnect used to hang without a
+/// line until the path came back (89 s measured). `outboxd_unable_to_publish_seconds` and
+/// `/readyz` say how long publishing has been impossible; when the path returns, every event
+/// arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnect_into_a_silent_postgres_path_is_bounded_and_logged_per_attempt() {
+    let brokers = kafka_brokers();
+    let extra = "[postgres]\nstream_timeout_ms = 3000\n[retry]\nunready_after_ms = 5000\n";
+    let (db, _) = setup("silentre", &brokers, extra).await;
+    let proxy = common::proxy::Proxy::start(db.socket_addr());
+    let via = db.via_port(proxy.port);
+    let config = via.config(&brokers, extra);
+    // connect_timeout = 2: each attempt (TCP, TLS, authentication) is bounded at 4 s.
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        text.replace(&via.url, &format!("{}?connect_timeout=2", via.url)),
+    )
+    .unwrap();
+    let addr = http_addr(&config);
+    let relay = Relay::start(&config);
+    wait_http(&addr, "/readyz", Duration::from_secs(30), |c, b| {
+        c == 200 && b.contains("leader")
+    })
+    .await;
+    proxy.black_hole(true);
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    let log = relay.log_text();
+    let attempts = log.matches("relay interrupted; retrying").count();
+    assert!(
+        attempts >= 3,
+        "{attempts} attempts logged in 20 s; log:\n{log}"
+    );
+    assert!(log.contains("no answer within 4 s"), "log:\n{log}");
+    let unable = sample(&scrape(&addr), "outboxd_unable_to_publish_seconds").unwrap();
+    assert!(unable >= 10.0, "unable to publish for {unable} s");
+    let (code, body) = http_get(&addr, "/readyz").unwrap();
+    assert_eq!(code, 503, "{body}");
+    proxy.black_hole(false);
+    let mut client = db.client().await;
+    let written = write_txn(&mut client, &[("order".into(), "a".into())], false)
+        .await
+        .unwrap();
+    let received = consume(
+        &brokers,
+        &[db.topic("order")],
+        &ids(&written),
+        Duration::from_secs(60),
+        Duration::ZERO,
+    );
+    assert_written(&written, &received, true);
+}

@@ -70,6 +70,15 @@ impl Target {
         Ok(make)
     }
 
+    /// How long one connection attempt (TCP, TLS, authentication) may take: twice the connect
+    /// timeout (`connect_timeout` in `postgres.url`, 10 s by default).
+    pub fn attempt_bound(c: &tokio_postgres::Config) -> Duration {
+        c.get_connect_timeout()
+            .copied()
+            .unwrap_or(Duration::from_secs(10))
+            * 2
+    }
+
     /// `user@host:port/dbname` without the password.
     pub fn describe(&self) -> String {
         describe_target(&self.config)
@@ -177,16 +186,35 @@ pub async fn connect(url: &str, application_name: &str) -> Result<Client> {
         _ => server_side.to_string(),
     };
     config.options(&options);
-    let (client, connection) = config
-        .connect(make)
-        .await
-        .map_err(|e| connect_error(&target, e))?;
+    // The whole attempt is bounded, not only the TCP connect (`connect_timeout`): on a path
+    // that accepts the connection and then moves no byte, TLS and authentication would wait
+    // for ever, without a line in the log.
+    let bound = attempt_bound(&config);
+    let (client, connection) = match tokio::time::timeout(bound, config.connect(make)).await {
+        Ok(connected) => connected.map_err(|e| connect_error(&target, e))?,
+        Err(_) => {
+            return Err(Error::Timeout(format!(
+                "connecting to PostgreSQL at {}: no answer within {} s (TCP connected, no handshake: a silent network path?)",
+                target.describe(),
+                bound.as_secs()
+            )))
+        }
+    };
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::debug!(error = %e, "PostgreSQL connection ended");
         }
     });
     Ok(client)
+}
+
+/// How long one connection attempt (TCP, TLS, authentication) may take: twice the connect
+/// timeout (`connect_timeout` in `postgres.url`, 10 s by default).
+pub fn attempt_bound(c: &tokio_postgres::Config) -> Duration {
+    c.get_connect_timeout()
+        .copied()
+        .unwrap_or(Duration::from_secs(10))
+        * 2
 }
 
 /// `user@host:port/dbname` without the password.

@@ -36,8 +36,23 @@ pub struct ReplicationConn {
 }
 
 impl ReplicationConn {
-    /// Connects (TLS as `postgres.url` says) and authenticates.
+    /// Connects (TLS as `postgres.url` says) and authenticates, within
+    /// [`crate::pg::attempt_bound`]: a path that accepts the connection and then moves no
+    /// byte would otherwise hold the handshake for ever, without a line in the log.
     pub async fn connect(cfg: &PostgresConfig) -> Result<ReplicationConn> {
+        let target = crate::pg::Target::parse(&cfg.url)?;
+        let bound = crate::pg::attempt_bound(&target.config);
+        match tokio::time::timeout(bound, Self::connect_unbounded(cfg)).await {
+            Ok(connected) => connected,
+            Err(_) => Err(Error::Timeout(format!(
+                "connecting for replication to {}: no answer within {} s (TCP connected, no handshake: a silent network path?)",
+                target.describe(),
+                bound.as_secs()
+            ))),
+        }
+    }
+
+    async fn connect_unbounded(cfg: &PostgresConfig) -> Result<ReplicationConn> {
         let stream_timeout = cfg.stream_timeout;
         let target = crate::pg::Target::parse(&cfg.url)?;
         let pgcfg = &target.config;
