@@ -22,7 +22,12 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener> {
     })
 }
 
+/// Connections served at once; more are closed at once, so a flood cannot take the file
+/// descriptors the relay needs for PostgreSQL and the broker.
+const MAX_CONNECTIONS: usize = 64;
+
 pub async fn serve(listener: TcpListener, health: Arc<Health>, metrics: PrometheusHandle) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(s) => s,
@@ -32,12 +37,18 @@ pub async fn serve(listener: TcpListener, health: Arc<Health>, metrics: Promethe
                 continue;
             }
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::debug!("http: {MAX_CONNECTIONS} connections open; closing a new one");
+            drop(stream);
+            continue;
+        };
         let health = health.clone();
         let metrics = metrics.clone();
         tokio::spawn(async move {
             let _ =
                 tokio::time::timeout(Duration::from_secs(10), handle(stream, &health, &metrics))
                     .await;
+            drop(slot);
         });
     }
 }

@@ -276,7 +276,9 @@ impl Config {
             }
         }
 
-        let addr_text = raw.http.addr.unwrap_or_else(|| "0.0.0.0:9465".into());
+        // Loopback unless asked: /status shows error text (table and host names, event ids);
+        // a sidecar or a container image opts in to 0.0.0.0 explicitly.
+        let addr_text = raw.http.addr.unwrap_or_else(|| "127.0.0.1:9465".into());
         let addr = addr_text.parse().map_err(|_| {
             invalid(
                 "http.addr",
