@@ -80,6 +80,9 @@ pub struct Router {
     pub max_message_bytes: usize,
     /// `Some(source)`: add CloudEvents binary-mode headers with this `ce_source`.
     pub cloudevents_source: Option<String>,
+    /// Destinations an event may not name (the relay's own: dead-letter and position topics,
+    /// the dead-letter subject).
+    pub reserved: Vec<String>,
 }
 
 /// A routing problem worth a warning; the record is still produced.
@@ -121,6 +124,14 @@ impl Router {
                 .kafka
                 .cloudevents
                 .then(|| cfg.kafka.cloudevents_source.clone()),
+            reserved: match cfg.sink {
+                SinkKind::Kafka => vec![
+                    cfg.kafka.dlq_topic.clone(),
+                    cfg.kafka.position_topic.clone(),
+                ],
+                SinkKind::Nats => vec![cfg.nats.dead_letter_subject.clone()],
+                SinkKind::RabbitMq => Vec::new(),
+            },
         })
     }
 
@@ -198,6 +209,12 @@ impl Router {
         if let Err(detail) = self.naming.check(&record.topic) {
             return poison(record, PoisonKind::InvalidTopic, detail);
         }
+        // A per-row destination (or a template led by a placeholder) must not reach the
+        // relay's own topics.
+        if self.reserved.iter().any(|r| *r == record.topic) {
+            let detail = format!("`{}` is the relay's own destination", record.topic);
+            return poison(record, PoisonKind::InvalidTopic, detail);
+        }
         if let Some(exchange) = record.exchange.as_deref() {
             if !valid_amqp_name(exchange) {
                 let detail = format!("`{exchange}` is not a legal RabbitMQ exchange name");
@@ -250,6 +267,7 @@ mod tests {
             require_key: true,
             max_message_bytes: 1_000_000,
             cloudevents_source: None,
+            reserved: vec!["outbox.dlq".into(), "outboxd.positions".into()],
         }
     }
 
@@ -348,6 +366,25 @@ mod tests {
             r.route(&event(None)).unwrap_err().1.kind,
             PoisonKind::TooLarge
         );
+    }
+
+    #[test]
+    fn an_event_may_not_name_the_relays_own_destinations() {
+        let mut e = event(None);
+        e.extra.topic = Some("outboxd.positions".into());
+        assert_eq!(
+            router("t").route(&e).unwrap_err().1.kind,
+            PoisonKind::InvalidTopic
+        );
+        let mut r = router("{aggregatetype}");
+        r.naming = Naming::NatsSubject;
+        let mut e = event(None);
+        e.aggregatetype = "$JS.API.STREAM.PURGE.ORDERS".into();
+        assert_eq!(r.route(&e).unwrap_err().1.kind, PoisonKind::InvalidTopic);
+        e.aggregatetype = "_INBOX.x".into();
+        assert_eq!(r.route(&e).unwrap_err().1.kind, PoisonKind::InvalidTopic);
+        e.aggregatetype = "orders".into();
+        assert!(r.route(&e).is_ok());
     }
 
     #[test]

@@ -77,9 +77,12 @@ pub fn valid_topic_name(name: &str) -> bool {
 }
 
 /// A NATS subject one publishes to: dot-separated tokens, none empty, no whitespace, no
-/// wildcards (`*`, `>`).
+/// wildcards (`*`, `>`), and not the server's own (`$JS.API.…` — a row could otherwise purge
+/// or delete a stream with the relay's rights —, `$SYS`, `_INBOX`).
 pub fn valid_nats_subject(name: &str) -> bool {
     !name.is_empty()
+        && !name.starts_with('$')
+        && !name.starts_with("_INBOX.")
         && name
             .split('.')
             .all(|t| !t.is_empty() && t != "*" && t != ">" && !t.chars().any(char::is_whitespace))
@@ -113,7 +116,10 @@ impl Naming {
     pub fn check(self, name: &str) -> Result<(), String> {
         let (ok, what) = match self {
             Naming::KafkaTopic => (valid_topic_name(name), "a legal Kafka topic name"),
-            Naming::NatsSubject => (valid_nats_subject(name), "a NATS subject without wildcards"),
+            Naming::NatsSubject => (
+                valid_nats_subject(name),
+                "a NATS subject without wildcards, not `$…` or `_INBOX.…`",
+            ),
             Naming::AmqpRoutingKey => {
                 (valid_routing_key(name), "an AMQP routing key (≤ 255 bytes)")
             }

@@ -55,7 +55,8 @@ impl Broker {
                 Ok((Broker::RabbitMq(sink), "rabbitmq".into()))
             }
             SinkKind::Nats => {
-                let sink = NatsSink::connect(&cfg.nats, &cfg.kafka).await?;
+                let namespace = format!("{}.{}", cfg.postgres.schema, cfg.postgres.table);
+                let sink = NatsSink::connect(&cfg.nats, &cfg.kafka, &namespace).await?;
                 let stream = cfg.nats.stream.clone();
                 Ok((Broker::Nats(sink), format!("nats, stream {stream}")))
             }

@@ -3,7 +3,8 @@
 //!
 //! ## Deduplication, and what it makes the guarantee
 //!
-//! Each message carries `Nats-Msg-Id` = event id. The stream drops a message whose id it has
+//! Each message carries `Nats-Msg-Id` = `<schema>.<table>:<event id>` (namespaced: the
+//! stream dedups per stream, whatever table an id came from). The stream drops a message whose id it has
 //! seen within its duplicate window (`nats.duplicate_window_ms`, default 2 minutes, set when
 //! the relay creates the stream) and acknowledges it as a duplicate. So a resend after a relay
 //! crash, a lost ack or a reconnect is stored once as long as it happens within the window of
@@ -64,6 +65,8 @@ pub struct NatsSink {
     /// `outboxd replay`: appended to `Nats-Msg-Id`, so the stream's dedup does not drop a
     /// republished event (the `id` header stays the event id).
     replay_suffix: Option<String>,
+    /// Prefix of every `Nats-Msg-Id`: the outbox table (`schema.table`).
+    namespace: String,
 }
 
 /// A current-thread runtime on a thread of its own, shut down when dropped: every task the
@@ -121,7 +124,12 @@ fn tls_options(cfg: &NatsConfig) -> async_nats::ConnectOptions {
 impl NatsSink {
     /// Connects, and creates the stream if configured (or checks it exists). `window` gives
     /// the relay-wide delivery settings.
-    pub async fn connect(cfg: &NatsConfig, window: &KafkaConfig) -> Result<NatsSink> {
+    /// `namespace` prefixes every `Nats-Msg-Id` (the outbox table).
+    pub async fn connect(
+        cfg: &NatsConfig,
+        window: &KafkaConfig,
+        namespace: &str,
+    ) -> Result<NatsSink> {
         let url = redact_url(&cfg.url);
         let runtime = Isolated::start()?;
         // The client asks this callback for the delay of its first connection too.
@@ -237,6 +245,7 @@ impl NatsSink {
             cfg: cfg.clone(),
             delivery_timeout: window.delivery_timeout,
             replay_suffix: None,
+            namespace: namespace.to_string(),
         })
     }
 
@@ -273,13 +282,18 @@ impl NatsSink {
         };
         for (name, value) in &record.headers {
             if name == "id" {
-                match &self.replay_suffix {
-                    Some(suffix) => add(
-                        "Nats-Msg-Id",
-                        &[value.as_slice(), suffix.as_bytes()].concat(),
-                    )?,
-                    None => add("Nats-Msg-Id", value)?,
-                }
+                // The stream dedups per stream: ids are namespaced with the outbox table, so
+                // two tables (or pipelines) sharing a stream with colliding ids (bigint ids,
+                // app-chosen ones) never drop each other's events as "duplicates".
+                let suffix = self.replay_suffix.as_deref().unwrap_or("");
+                let msg_id = [
+                    self.namespace.as_bytes(),
+                    b":",
+                    value.as_slice(),
+                    suffix.as_bytes(),
+                ]
+                .concat();
+                add("Nats-Msg-Id", &msg_id)?;
             }
             add(name, value)?;
         }

@@ -76,11 +76,24 @@ pub fn client_config(cfg: &KafkaConfig) -> ClientConfig {
     c
 }
 
-/// The `kafka.properties` that every client of the relay needs (security: TLS, SASL), as
-/// opposed to producer-only settings.
+/// The `kafka.properties` that every client of the relay needs — how to reach and trust the
+/// brokers (TLS, SASL, certificate verification, name resolution, sockets) — as opposed to
+/// producer-only settings: the admin client and the position reader must agree with the
+/// producer (a development CA with verification off for the producer only made the
+/// exactly-once restart fail for ever with a misleading "timed out").
 pub fn security_properties(cfg: &KafkaConfig) -> impl Iterator<Item = (&String, &String)> {
+    const KEYS: [&str; 4] = [
+        "enable.ssl.certificate.verification",
+        "client.dns.lookup",
+        "broker.address.family",
+        "client.rack",
+    ];
     cfg.properties.iter().filter(|(k, _)| {
-        k.starts_with("security.") || k.starts_with("ssl.") || k.starts_with("sasl.")
+        k.starts_with("security.")
+            || k.starts_with("ssl.")
+            || k.starts_with("sasl.")
+            || k.starts_with("socket.")
+            || KEYS.contains(&k.as_str())
     })
 }
 
