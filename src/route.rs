@@ -211,7 +211,7 @@ impl Router {
         }
         // A per-row destination (or a template led by a placeholder) must not reach the
         // relay's own topics.
-        if self.reserved.iter().any(|r| *r == record.topic) {
+        if self.reserved.contains(&record.topic) {
             let detail = format!("`{}` is the relay's own destination", record.topic);
             return poison(record, PoisonKind::InvalidTopic, detail);
         }
