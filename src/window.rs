@@ -259,6 +259,17 @@ where
     /// produce request whose answer never comes, a partition queue it stopped serving —
     /// would hold the slot forever while the records after it, on other partitions, flow.
     /// Dropping the client purges what it holds; the resend carries the same ids.
+    ///
+    /// Issue 16 (the first event to a topic the relay was creating never arrived, while the
+    /// 36 after it did, with no error and no repeat) is this shape: nothing restarted the
+    /// session, so the event was held, not confirmed past (the delivery ledger,
+    /// `crate::ledger`, now checks the latter at every confirmation). librdkafka has such a
+    /// hold: when metadata reports a topic as unknown past `topic.metadata.propagation.max.ms`
+    /// it removes the topic's partitions (`rd_kafka_topic_partition_cnt_update`), and when the
+    /// topic is back it makes new ones; records queued on the removed ones are neither sent
+    /// nor failed, while later records of the same key go to the new ones and arrive. It could
+    /// not be reproduced here (12,000 first records to new topics under load, and the suite),
+    /// so the relay bounds every delivery instead of relying on the client's own.
     pub fn check_stall(&mut self, after: Duration, health: &Health) -> Result<()> {
         let Some(oldest) = self.inflight.front() else {
             return Ok(());
