@@ -263,13 +263,14 @@ where
     /// Issue 16 (the first event to a topic the relay was creating never arrived, while the
     /// 36 after it did, with no error and no repeat) is this shape: nothing restarted the
     /// session, so the event was held, not confirmed past (the delivery ledger,
-    /// `crate::ledger`, now checks the latter at every confirmation). librdkafka has such a
-    /// hold: when metadata reports a topic as unknown past `topic.metadata.propagation.max.ms`
-    /// it removes the topic's partitions (`rd_kafka_topic_partition_cnt_update`), and when the
-    /// topic is back it makes new ones; records queued on the removed ones are neither sent
-    /// nor failed, while later records of the same key go to the new ones and arrive. It could
-    /// not be reproduced here (12,000 first records to new topics under load, and the suite),
-    /// so the relay bounds every delivery instead of relying on the client's own.
+    /// `crate::ledger`, now checks the latter at every confirmation). A candidate inside
+    /// librdkafka, read in its source and not reproduced: metadata that reports a fresh topic
+    /// as unknown past `topic.metadata.propagation.max.ms` makes it drop the topic's partition
+    /// objects (`rd_kafka_topic_partition_cnt_update`) and build new ones when the topic is
+    /// back — records queued on a dropped one are not moved to the new one, while later
+    /// records of the same key go to the new one and arrive. 12,000 first records to new
+    /// topics under load and several full suites never showed a hold, so the relay bounds
+    /// every delivery itself instead of trusting the client's.
     pub fn check_stall(&mut self, after: Duration, health: &Health) -> Result<()> {
         let Some(oldest) = self.inflight.front() else {
             return Ok(());
