@@ -27,6 +27,8 @@
 #                            (prints its URL; started again on the same DIR, it keeps its
 #                            port and data); with CERTDIR (tls-certs) NATS is TLS-only and
 #                            RabbitMQ adds an AMQPS listener (its URL in DIR/tls_url)
+#   scripts/stack.sh rabbitmq-ctl DIR ARGS...
+#                            rabbitmqctl against that RabbitMQ node (e.g. a memory alarm)
 #   scripts/stack.sh broker-kill DIR, broker-stop DIR [--remove]
 #                            SIGKILL / stop that server (--remove: and its directory)
 #
@@ -389,6 +391,18 @@ start_nats() {
 # CERTDIR (from tls-certs) it also listens for AMQPS on 127.0.0.1 with CERTDIR's server
 # certificate, and DIR/tls_url is amqps://…@localhost:PORT. Ready when the node log says so
 # (~3 s); prints nothing on stdout.
+# rabbitmq_ctl DIR ARGS...: rabbitmqctl against the node started in DIR (its name, epmd port
+# and cookie), e.g. `set_vm_memory_high_watermark 0.0000001` to raise a memory alarm.
+rabbitmq_ctl() {
+  local dir=$1 amqp dist epmd amqps
+  shift
+  read -r amqp dist epmd amqps <"$dir/ports"
+  local run=()
+  if [ "$(id -u)" = 0 ]; then run=(runuser -u rabbitmq --); fi
+  "${run[@]}" env HOME="$dir/home" ERL_EPMD_PORT="$epmd" \
+    /usr/lib/rabbitmq/bin/rabbitmqctl -n "outboxd$amqp@localhost" "$@"
+}
+
 start_rabbitmq() {
   local dir=$1 certs=${2:-} name i
   mkdir -p "$dir/home"
@@ -531,6 +545,7 @@ case "${1:-}" in
   kafka-stop) stop_kafka "$2"; rm -rf "$2" ;;
   nats-start) start_nats "$2" "${3:-}"; cat "$2/url" ;;
   rabbitmq-start) start_rabbitmq "$2" "${3:-}"; cat "$2/url" ;;
+  rabbitmq-ctl) dir=$2; shift 2; rabbitmq_ctl "$dir" "$@" ;;
   broker-kill) stop_broker "$2" KILL ;;
   broker-stop) stop_broker "$2" TERM; if [ "${3:-}" = --remove ]; then rm -rf "$2"; fi ;;
   *) echo "usage: $0 up|down|env|install|pg-start DIR PORT [OPTIONS]|pg-stop DIR|tls-certs DIR|kafka-start DIR [PROP=VALUE...]|kafka-start-sasl DIR USER PASSWORD|kafka-cluster-start DIR N [PROP=VALUE...]|kafka-node-kill DIR I|kafka-node-start DIR I|kafka-stop DIR|nats-start DIR|rabbitmq-start DIR|broker-kill DIR|broker-stop DIR [--remove]" >&2; exit 2 ;;

@@ -313,13 +313,7 @@ async fn a_mistyped_secret_kafka_property_exits_2_and_its_value_is_never_printed
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migrate_with_every_replication_slot_taken_exits_2_with_the_fix() {
     let cluster = PrivateCluster::start("-c max_replication_slots=1");
-    let name = unique("slotsfull").to_lowercase();
-    let db = TestDb {
-        dir: std::env::temp_dir().join(format!("outboxd-test-{name}")),
-        url: cluster.url.clone(),
-        name,
-    };
-    std::fs::create_dir_all(&db.dir).unwrap();
+    let db = cluster.db("slotsfull");
     db.client()
         .await
         .batch_execute("SELECT pg_create_logical_replication_slot('somebody_elses', 'pgoutput')")

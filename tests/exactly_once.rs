@@ -14,6 +14,22 @@ use common::*;
 
 const EXACTLY_ONCE: &str = "[kafka]\ndelivery = \"exactly-once\"\n";
 
+/// The README's reset of a pipeline's position: a tombstone for its key.
+async fn reset_position(brokers: &str, topic: &str, pipeline: &str) {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let producer: FutureProducer = rdkafka::config::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .unwrap();
+    producer
+        .send(
+            FutureRecord::<str, [u8]>::to(topic).key(pipeline),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+}
+
 /// Every written id exactly once, in per-aggregate order, nothing else.
 fn assert_each_once(written: &[Written], received: &[Received]) {
     let dups = assert_exactly_written(written, received);
@@ -302,7 +318,6 @@ async fn paused_leader_resumed_after_a_standby_took_over_is_fenced_and_publishes
 /// until compaction removed it, days later) and resumes from the slot.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_position_reset_by_tombstone_resumes_the_pipeline_instead_of_exiting_2() {
-    use rdkafka::producer::{FutureProducer, FutureRecord};
     let brokers = kafka_brokers();
     let pipeline = unique("pipeline");
     let positions = format!("{pipeline}.positions");
@@ -327,17 +342,7 @@ async fn a_position_reset_by_tombstone_resumes_the_pipeline_instead_of_exiting_2
     );
     assert!(relay.terminate(Duration::from_secs(30)).success());
     drop(relay);
-    let producer: FutureProducer = rdkafka::config::ClientConfig::new()
-        .set("bootstrap.servers", &brokers)
-        .create()
-        .unwrap();
-    producer
-        .send(
-            FutureRecord::<str, [u8]>::to(&positions).key(pipeline.as_str()),
-            Duration::from_secs(10),
-        )
-        .await
-        .unwrap();
+    reset_position(&brokers, &positions, &pipeline).await;
     let mut relay = Relay::start(&config);
     let mut later = Vec::new();
     for i in 0..5 {
@@ -373,12 +378,11 @@ async fn a_position_from_another_wal_history_stops_the_relay_before_it_skips_an_
     );
     let name = unique("forked").to_lowercase();
     let on = |cluster: &PrivateCluster| {
+        // The same name on both clusters: the same slot name and topics.
         let db = TestDb {
-            dir: std::env::temp_dir().join(format!("outboxd-test-{name}-{}", cluster.port)),
-            url: cluster.url.clone(),
             name: name.clone(),
+            ..cluster.db("forked")
         };
-        std::fs::create_dir_all(&db.dir).unwrap();
         let config = db.config(&brokers, &extra);
         migrate(&config);
         (db, config)
@@ -434,19 +438,8 @@ async fn a_position_from_another_wal_history_stops_the_relay_before_it_skips_an_
     );
     drop(relay);
 
-    // The documented reset: a tombstone for the pipeline's key.
-    use rdkafka::producer::{FutureProducer, FutureRecord};
-    let producer: FutureProducer = rdkafka::config::ClientConfig::new()
-        .set("bootstrap.servers", &brokers)
-        .create()
-        .unwrap();
-    producer
-        .send(
-            FutureRecord::<str, [u8]>::to(&positions).key(pipeline.as_str()),
-            Duration::from_secs(10),
-        )
-        .await
-        .unwrap();
+    // The documented reset.
+    reset_position(&brokers, &positions, &pipeline).await;
     let relay = Relay::start(&config);
     let received = consume(
         &brokers,

@@ -413,13 +413,7 @@ async fn readyz_fails_and_status_exits_1_when_slot_lag_exceeds_the_threshold() {
     // A cluster of its own: the shared one takes WAL from every parallel test, which can
     // exceed any small threshold before the first check.
     let cluster = PrivateCluster::start("");
-    let name = unique("threshold").to_lowercase();
-    let db = TestDb {
-        dir: std::env::temp_dir().join(format!("outboxd-test-{name}")),
-        url: cluster.url.clone(),
-        name,
-    };
-    std::fs::create_dir_all(&db.dir).unwrap();
+    let db = cluster.db("threshold");
     let config = db.config(&brokers, "[postgres]\nmax_slot_lag_bytes = 65536\n");
     migrate(&config);
     // Hold the slot's leadership lock ourselves: the relay stays a standby, the slot stays put.

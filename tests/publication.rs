@@ -346,13 +346,7 @@ async fn a_publication_change_still_invisible_to_the_check_never_lets_the_slot_p
     let brokers = kafka_brokers();
     let cluster =
         PrivateCluster::start("-c synchronous_standby_names=nobody -c synchronous_commit=local");
-    let name = unique("invisible").to_lowercase();
-    let db = TestDb {
-        dir: std::env::temp_dir().join(format!("outboxd-test-{name}")),
-        url: cluster.url.clone(),
-        name,
-    };
-    std::fs::create_dir_all(&db.dir).unwrap();
+    let db = cluster.db("invisible");
     let config = db.config(&brokers, "");
     migrate(&config);
     let mut client = db.client().await;

@@ -536,3 +536,47 @@ async fn nats_wrong_password_exits_2_without_the_password_in_the_log() {
     );
     eprintln!("last line: {last}");
 }
+
+/// A RabbitMQ resource alarm (here: memory) blocks every publishing connection
+/// (`connection.blocked`); lapin then waits inside the publish, where the relay's loop used
+/// to hang with no stall line, no metric and `/readyz` ready. Now the publish is bounded by
+/// `kafka.delivery_timeout_ms`: the stall is logged, the session ends and retries, and when
+/// the alarm clears every event arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_memory_alarm_is_reported_as_a_stall_and_nothing_is_lost() {
+    let rig = Rig::new(
+        Kind::RabbitMq,
+        "rmq_alarm",
+        "[retry]\nunready_after_ms = 3000\n",
+    )
+    .await;
+    let relay = Relay::start(&rig.config);
+    let mut client = rig.db.client().await;
+    let first = write_txn(&mut client, &[("order".into(), "a".into())], false)
+        .await
+        .unwrap();
+    let received = rig.read(&ids(&first)).await;
+    assert_written(&first, &received, true);
+    let dir = rig.broker.dir.to_str().unwrap().to_string();
+    stack(&[
+        "rabbitmq-ctl",
+        &dir,
+        "set_vm_memory_high_watermark",
+        "0.0000001",
+    ]);
+    // Read from the queue: what follows must be the events written during the alarm.
+    let mut written = Vec::new();
+    for i in 0..5 {
+        let events = [("order".to_string(), format!("b{i}"))];
+        written.extend(write_txn(&mut client, &events, false).await.unwrap());
+    }
+    eventually(
+        Duration::from_secs(40),
+        "the blocked publish is reported",
+        || async { relay.log_text().contains("delivery stalled") },
+    )
+    .await;
+    stack(&["rabbitmq-ctl", &dir, "set_vm_memory_high_watermark", "0.4"]);
+    let received = rig.read(&ids(&written)).await;
+    assert_written(&written, &received, true);
+}

@@ -217,6 +217,19 @@ impl PrivateCluster {
         }
     }
 
+    /// A test database of this cluster's own (its `postgres` database; `prefix` names the
+    /// slot and topics).
+    pub fn db(&self, prefix: &str) -> TestDb {
+        let name = unique(prefix).to_lowercase();
+        let db = TestDb {
+            dir: std::env::temp_dir().join(format!("outboxd-test-{name}-{}", self.port)),
+            url: self.url.clone(),
+            name,
+        };
+        std::fs::create_dir_all(&db.dir).unwrap();
+        db
+    }
+
     /// A superuser connection over the cluster's Unix socket (TCP may demand TLS).
     pub async fn local_client(&self, db: &str) -> Client {
         let url = format!(
