@@ -247,17 +247,17 @@ impl Source for LogicalSource<'_> {
             .await
         {
             Ok(p) => {
-                // Up to the *previous* check's position only, and only when no backend waited
-                // for a synchronous standby during this check: a DDL whose commit record is
-                // below a position can be invisible to a catalog snapshot taken right after
-                // reading it (its backend leaves the ProcArray only after flushing and after
-                // any synchronous-replication wait). A second later a commit that is still
-                // invisible is waiting for a standby, and then nothing moves.
-                if p.settled {
+                // Up to the *previous* check's position only, and only when no transaction
+                // that existed then still waits for a synchronous standby: a DDL whose commit
+                // record is below a position can be invisible to a catalog snapshot taken
+                // right after reading it (its backend leaves the ProcArray only after flushing
+                // and after any synchronous-replication wait). A second later such a commit is
+                // visible — or it is one of those waiters, and nothing moves.
+                if p.vouches_for(&self.published) {
                     checkpoint.limit(self.published.lsn);
                     self.trusted = self.published;
                 } else {
-                    tracing::debug!("a backend waits for a synchronous standby (its commit is not visible yet); the publication check vouches for nothing new");
+                    tracing::debug!("a transaction older than the last check still waits for a synchronous standby (its commit is not visible yet); the publication check vouches for nothing new");
                 }
                 self.published = p;
             }
@@ -293,13 +293,13 @@ impl Source for LogicalSource<'_> {
         let Ok(Ok(first)) = tokio::time::timeout(bound, check).await else {
             return;
         };
-        if first.settled {
+        if first.vouches_for(&self.published) {
             checkpoint.limit(self.published.lsn);
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
         let check = self.reader.verify_publication(table);
         if let Ok(Ok(second)) = tokio::time::timeout(bound, check).await {
-            if second.settled {
+            if second.vouches_for(&first) {
                 checkpoint.limit(first.lsn);
             }
         }

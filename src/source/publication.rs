@@ -45,10 +45,12 @@ pub struct Published {
     pub table_oid: u32,
     /// When the check ran.
     pub at: SystemTime,
-    /// No backend was waiting for a synchronous standby (a transaction committed but still
-    /// invisible) when the position was read: this check can vouch for the positions of the
-    /// checks before it (`relay::logical`).
-    pub settled: bool,
+    /// The next transaction id when the position was read: a transaction with a commit
+    /// record below the position has a lower one.
+    pub next_xid: u64,
+    /// The oldest transaction waiting for a synchronous standby then (committed locally,
+    /// invisible to every snapshot), if any.
+    pub oldest_waiter: Option<u64>,
 }
 
 /// Checks that the outbox table (with OID `expected_oid`, if given) is in the publication and
@@ -63,21 +65,28 @@ pub async fn verify(
     // position is *not* always visible yet (its backend leaves the ProcArray after writing the
     // commit record and after any synchronous-replication wait), so the relay confirms up to
     // a check's position only once a later check passed too (`relay::logical`).
-    // In the same statement: whether a backend waits for a synchronous standby — its
-    // transaction committed locally but still runs to every snapshot, so a DDL among them is
-    // invisible to the catalog query below. (Seen in pg_stat_activity by a superuser or a
-    // member of pg_read_all_stats / pg_monitor; for other roles the column reads NULL and the
-    // second-long margin of `relay::logical` is the only guard.)
+    // In the same statement: the next transaction id (every transaction that could have a
+    // commit record below the position has a lower one), and the oldest transaction that
+    // committed locally but waits for a synchronous standby — it still runs to every
+    // snapshot, so a DDL among such waiters is invisible to the catalog query below. (Seen
+    // in pg_stat_activity by a superuser or a member of pg_read_all_stats / pg_monitor; for
+    // other roles the column reads NULL and the second-long margin of `relay::logical` is
+    // the only guard.) Its xid, 32-bit there, is placed on the 64-bit counter by its age.
     let row = client
         .query_one(
             "SELECT pg_current_wal_insert_lsn()::text, \
-                    NOT EXISTS (SELECT 1 FROM pg_stat_activity WHERE wait_event = 'SyncRep')",
+                    pg_snapshot_xmax(pg_current_snapshot())::text::int8, \
+                    (SELECT pg_snapshot_xmax(pg_current_snapshot())::text::int8 - max(age(backend_xid)) \
+                       FROM pg_stat_activity WHERE wait_event = 'SyncRep' AND backend_xid IS NOT NULL)",
             &[],
         )
         .await
         .map_err(|e| Error::pg("reading the current WAL position", e))?;
     let lsn: String = row.get(0);
-    let settled: bool = row.get(1);
+    let next_xid = u64::try_from(row.get::<_, i64>(1)).unwrap_or(0);
+    let oldest_waiter = row
+        .get::<_, Option<i64>>(2)
+        .map(|x| u64::try_from(x).unwrap_or(0));
     let lsn = parse_lsn(&lsn).unwrap_or(0);
     let row = client
         .query_opt(
@@ -144,7 +153,8 @@ pub async fn verify(
         lsn,
         table_oid: oid,
         at,
-        settled,
+        next_xid,
+        oldest_waiter,
     })
 }
 
@@ -210,6 +220,21 @@ async fn published_whole(
     Ok(())
 }
 
+impl Published {
+    /// Whether this check vouches for `earlier`'s position: no transaction that existed when
+    /// `earlier` read it still waits for a standby now (its commit, possibly below that
+    /// position, would still be invisible). Waiters younger than that are irrelevant: their
+    /// commit records are above it — so ordinary synchronous replication, whose waits last
+    /// milliseconds, never holds the limit back for more than a check.
+    pub fn vouches_for(&self, earlier: &Published) -> bool {
+        // `age()` counts from the latest completed xid, at most the running transactions
+        // below the next one: the margin keeps the estimate on the safe side.
+        const MARGIN: u64 = 1_000;
+        self.oldest_waiter
+            .is_none_or(|w| w >= earlier.next_xid.saturating_add(MARGIN))
+    }
+}
+
 /// The error a failed check mid-stream becomes: what happened, since when events may be
 /// missing, and how to recover them.
 pub fn lost_publication(problem: Error, last_good: &Published) -> Error {
@@ -241,4 +266,29 @@ pub async fn is_partition_of(client: &Client, oid: u32, root_oid: u32) -> Result
         .map_err(|e| Error::pg("looking up a relation's partition root", e))?
         .get(0);
     Ok(root == Some(root_oid) && oid != root_oid)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Published;
+
+    fn check(next_xid: u64, oldest_waiter: Option<u64>) -> Published {
+        Published {
+            lsn: 0,
+            table_oid: 1,
+            at: std::time::SystemTime::UNIX_EPOCH,
+            next_xid,
+            oldest_waiter,
+        }
+    }
+
+    #[test]
+    fn only_a_transaction_older_than_the_earlier_check_still_waiting_holds_the_limit() {
+        let earlier = check(10_000, None);
+        assert!(check(12_000, None).vouches_for(&earlier));
+        // Ordinary synchronous replication: a commit that began after the earlier check.
+        assert!(check(12_000, Some(11_500)).vouches_for(&earlier));
+        // A transaction that existed at the earlier check and waits still (an invisible DDL).
+        assert!(!check(12_000, Some(9_990)).vouches_for(&earlier));
+    }
 }
