@@ -50,15 +50,12 @@ async fn a_delivery_the_client_holds_forever_is_reported_and_resent_by_a_new_ses
     assert_written(&written, &received, true);
 
     proxy.hold_existing();
-    // Upper bound of the first held transaction's commit end: confirming up to just before
-    // its commit record is legitimate (keepalives); reaching its end is not.
-    let mut first_held_end = 0;
+    // Whether the slot passes an event that was not delivered is checked at every
+    // confirmation by the relay's delivery ledger (the harness fails the test on a
+    // violation); a held event may still get through on a connection opened since.
     for i in 0..5 {
         let events = [("order".to_string(), format!("b{i}"))];
         written.extend(write_txn(&mut client, &events, false).await.unwrap());
-        if i == 0 {
-            first_held_end = db.current_lsn().await;
-        }
     }
     eventually(
         Duration::from_secs(30),
@@ -66,11 +63,6 @@ async fn a_delivery_the_client_holds_forever_is_reported_and_resent_by_a_new_ses
         || async { relay.log_text().contains("delivery stalled") },
     )
     .await;
-    let confirmed = db.confirmed_lsn().await;
-    assert!(
-        confirmed < first_held_end,
-        "the slot reached {confirmed:X}, past the held transaction ending by {first_held_end:X}"
-    );
     let received = consume(
         &brokers,
         &[db.topic("order")],
