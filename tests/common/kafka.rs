@@ -150,7 +150,80 @@ pub fn consume_isolated(
             }
         }
     }
+    let missing: Vec<&String> = expect.iter().filter(|id| !seen.contains(*id)).collect();
+    if !missing.is_empty() {
+        diagnose_missing(brokers, topics, &missing, &out, isolation);
+    }
     out
+}
+
+/// Evidence for an expected id that never arrived (issue 16: was it never in Kafka, or did
+/// the reader miss it?): each partition's watermarks, how many records this reader got from
+/// it, and whether a second, fresh reader finds the missing ids.
+fn diagnose_missing(
+    brokers: &str,
+    topics: &[String],
+    missing: &[&String],
+    got: &[Received],
+    isolation: &str,
+) {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("isolation.level", isolation)
+        .set("group.id", unique("diagnose"))
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for topic in topics {
+        let Ok(md) = consumer.fetch_metadata(Some(topic), Duration::from_secs(5)) else {
+            continue;
+        };
+        for t in md.topics() {
+            for p in t.partitions() {
+                let marks = consumer.fetch_watermarks(topic, p.id(), Duration::from_secs(5));
+                let read = got
+                    .iter()
+                    .filter(|r| r.topic == *topic && r.partition == p.id())
+                    .count();
+                eprintln!(
+                    "diagnose: {topic} [{}] leader {} watermarks {marks:?}, {read} records read",
+                    p.id(),
+                    p.leader()
+                );
+                tpl.add_partition_offset(topic, p.id(), Offset::Beginning)
+                    .unwrap();
+            }
+        }
+    }
+    consumer.assign(&tpl).unwrap();
+    let mut found = HashSet::new();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < deadline && found.len() < missing.len() {
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
+            let id = m
+                .headers()
+                .and_then(|h| h.iter().find(|h| h.key == "id"))
+                .and_then(|h| h.value)
+                .map(|v| String::from_utf8_lossy(v).into_owned());
+            if let Some(id) = id {
+                if missing.iter().any(|m| **m == id) {
+                    eprintln!(
+                        "diagnose: a second reader finds missing {id} at {} [{}] offset {}",
+                        m.topic(),
+                        m.partition(),
+                        m.offset()
+                    );
+                    found.insert(id);
+                }
+            }
+        }
+    }
+    eprintln!(
+        "diagnose: {} of {} missing ids found by a second reader",
+        found.len(),
+        missing.len()
+    );
 }
 
 /// Asserts the at-least-once contract on every id:
