@@ -4,6 +4,9 @@
 //!
 //! * `drop_first_event` — the session loop forgets the first event it reads (yields it to the
 //!   delivery ledger, never publishes it): the bug class the ledger exists to stop.
+//! * `implicit_ack_first_record` — the Kafka sink does not send the first record and reports
+//!   it delivered without an offset, as librdkafka does when it wrongly infers a failed
+//!   batch was written (issue 16, `sink::kafka::topics`): the relay must not believe it.
 
 /// Whether failpoint `name` is switched on.
 pub fn active(name: &str) -> bool {

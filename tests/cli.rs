@@ -30,6 +30,39 @@ fn bad_config_value_exits_2_naming_the_key() {
     assert_eq!(err.trim().lines().count(), 1, "one line expected: {err}");
 }
 
+/// The relay confirms its source on the broker's acknowledgements: a producer setting that
+/// makes an acknowledgement weaker than "in every in-sync replica's log" (or lets retries
+/// reorder a key) is refused, not quietly obeyed.
+#[test]
+fn producer_properties_that_weaken_acknowledgements_exit_2() {
+    let dir = std::env::temp_dir().join(unique("acks"));
+    std::fs::create_dir_all(&dir).unwrap();
+    for (prop, value) in [
+        ("acks", "1"),
+        ("acks", "0"),
+        ("request.required.acks", "1"),
+        ("enable.idempotence", "false"),
+    ] {
+        let path = dir.join(format!("{prop}-{value}.toml"));
+        std::fs::write(
+            &path,
+            format!(
+                "[postgres]\nurl = \"postgres://u@localhost/db\"\n[kafka]\nbrokers = \"k:9092\"\n\
+                 [kafka.properties]\n\"{prop}\" = \"{value}\"\n"
+            ),
+        )
+        .unwrap();
+        let out = outboxd(&["check-config", "--config", path.to_str().unwrap()], &[]);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "{prop} = {value}: {err}");
+        assert!(
+            err.contains("kafka.properties") && err.contains(prop),
+            "{prop}: {err}"
+        );
+        assert_eq!(err.trim().lines().count(), 1, "one line expected: {err}");
+    }
+}
+
 #[test]
 fn unknown_config_key_exits_2_naming_it() {
     let dir = std::env::temp_dir().join(unique("badkey"));

@@ -20,13 +20,8 @@ use common::*;
 /// client can deliver them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_delivery_the_client_holds_forever_is_reported_and_resent_by_a_new_session() {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
     // Every client learns the proxy's address from the broker's metadata.
-    let kafka = PrivateKafka::start(&[&format!(
-        "advertised.listeners=PLAINTEXT://127.0.0.1:{port}"
-    )]);
-    let proxy = common::proxy::Proxy::start_on(listener, kafka.brokers.parse().unwrap());
+    let (_kafka, proxy) = PrivateKafka::behind_proxy();
     let brokers = format!("127.0.0.1:{}", proxy.port);
     let (db, config) = setup(
         "held",

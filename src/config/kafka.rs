@@ -140,6 +140,9 @@ pub(super) fn validate(
                 "set `kafka.brokers` instead of `bootstrap.servers`",
             ));
         }
+        if let Some(problem) = weakens_acknowledgement(&name, &value) {
+            return Err(invalid("kafka.properties", problem));
+        }
         properties.insert(name, value);
     }
     let delivery = match k.delivery.as_deref().unwrap_or("at-least-once") {
@@ -232,5 +235,21 @@ impl super::KafkaConfig {
             .and_then(|v| v.trim().parse::<u64>().ok())
             .unwrap_or(60_000);
         std::time::Duration::from_millis(ms)
+    }
+}
+
+/// A producer property that would make a delivery report no proof the record is in the
+/// log: the relay confirms its source position on those reports, so these are refused.
+fn weakens_acknowledgement(name: &str, value: &str) -> Option<String> {
+    match name {
+        "acks" | "request.required.acks" if !matches!(value, "all" | "-1") => Some(format!(
+            "`{name} = {value}` would let the broker acknowledge a record it can still lose \
+             (the relay confirms the source on acknowledgements); leave it unset (all)"
+        )),
+        "enable.idempotence" if value != "true" => Some(format!(
+            "`{name} = {value}`: without idempotence librdkafka's retries can reorder or \
+             duplicate a key's events; leave it unset (true)"
+        )),
+        _ => None,
     }
 }

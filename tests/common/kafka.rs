@@ -321,10 +321,16 @@ pub fn assert_written(written: &[Written], received: &[Received], headers: bool)
         );
         *last = key;
     }
+    assert_none_missing(written, &first_seen);
+    duplicates
+}
+
+/// Asserts every written id is in `arrived`.
+pub fn assert_none_missing(written: &[Written], arrived: &HashSet<&str>) {
     let missing: Vec<&str> = written
         .iter()
         .map(|w| w.id.as_str())
-        .filter(|id| !first_seen.contains(id))
+        .filter(|id| !arrived.contains(id))
         .collect();
     assert!(
         missing.is_empty(),
@@ -333,7 +339,6 @@ pub fn assert_written(written: &[Written], received: &[Received], headers: bool)
         written.len(),
         &missing[..missing.len().min(5)]
     );
-    duplicates
 }
 
 /// Reads a dead-letter topic: event id → (`outboxd.dlq.reason`, `outboxd.dlq.topic`).
@@ -398,6 +403,18 @@ pub struct PrivateKafka {
 }
 
 impl PrivateKafka {
+    /// A broker of the test's own that every client reaches through a TCP proxy of the
+    /// tests' own (it advertises the proxy's address); the proxy's address is `.1`'s port.
+    pub fn behind_proxy() -> (PrivateKafka, super::proxy::Proxy) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let kafka = PrivateKafka::start(&[&format!(
+            "advertised.listeners=PLAINTEXT://127.0.0.1:{port}"
+        )]);
+        let proxy = super::proxy::Proxy::start_on(listener, kafka.brokers.parse().unwrap());
+        (kafka, proxy)
+    }
+
     pub fn start(properties: &[&str]) -> PrivateKafka {
         let dir = std::env::temp_dir().join(unique("outboxd-kafka"));
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/stack.sh");

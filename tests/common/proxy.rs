@@ -4,12 +4,14 @@
 //! Lifting it lets the held bytes flow again, as TCP retransmission would. `hold_existing`
 //! black-holes only the connections open now: a client that opens a new one gets through
 //! (what a half-dead path to one peer, or a client stuck on one connection, looks like).
+//! `set_latency` delays every byte by a fixed time each way, as a distant broker does.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 pub struct Proxy {
     pub port: u16,
@@ -25,6 +27,8 @@ struct Held {
     below: AtomicU64,
     /// Connections accepted so far.
     accepted: AtomicU64,
+    /// One-way delay of every byte, in microseconds.
+    latency_us: AtomicU64,
 }
 
 impl Proxy {
@@ -66,6 +70,13 @@ impl Proxy {
         self.held.all.store(on, Ordering::SeqCst);
     }
 
+    /// Delays every byte by `one_way` in each direction (on connections open and new).
+    pub fn set_latency(&self, one_way: Duration) {
+        self.held
+            .latency_us
+            .store(one_way.as_micros() as u64, Ordering::SeqCst);
+    }
+
     /// Stops moving bytes on the connections open now, for good; new ones flow.
     pub fn hold_existing(&self) {
         let n = self.held.accepted.load(Ordering::SeqCst);
@@ -73,8 +84,23 @@ impl Proxy {
     }
 }
 
-fn pump(mut from: TcpStream, mut to: TcpStream, n: u64, held: &Held, stop: &AtomicBool) {
+fn pump(mut from: TcpStream, to: TcpStream, n: u64, held: &Arc<Held>, stop: &AtomicBool) {
     let _ = from.set_read_timeout(Some(Duration::from_millis(50)));
+    // The writer sends each chunk when its time has come: latency without a bandwidth cap.
+    let (tx, rx) = mpsc::channel::<(Instant, Vec<u8>)>();
+    let writer = std::thread::spawn(move || {
+        let mut to = to;
+        for (due, chunk) in rx {
+            let now = Instant::now();
+            if due > now {
+                std::thread::sleep(due - now);
+            }
+            if to.write_all(&chunk).is_err() {
+                break;
+            }
+        }
+        let _ = to.shutdown(std::net::Shutdown::Write);
+    });
     let mut buf = vec![0u8; 64 * 1024];
     while !stop.load(Ordering::SeqCst) {
         if held.all.load(Ordering::SeqCst) || n < held.below.load(Ordering::SeqCst) {
@@ -84,7 +110,11 @@ fn pump(mut from: TcpStream, mut to: TcpStream, n: u64, held: &Held, stop: &Atom
         match from.read(&mut buf) {
             Ok(0) => break,
             Ok(n) => {
-                if to.write_all(&buf[..n]).is_err() {
+                let delay = Duration::from_micros(held.latency_us.load(Ordering::SeqCst));
+                if tx
+                    .send((Instant::now() + delay, buf[..n].to_vec()))
+                    .is_err()
+                {
                     break;
                 }
             }
@@ -94,7 +124,8 @@ fn pump(mut from: TcpStream, mut to: TcpStream, n: u64, held: &Held, stop: &Atom
             Err(_) => break,
         }
     }
-    let _ = to.shutdown(std::net::Shutdown::Write);
+    drop(tx);
+    let _ = writer.join();
 }
 
 impl Drop for Proxy {

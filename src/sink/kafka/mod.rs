@@ -6,8 +6,10 @@
 //! through the admin API (when `kafka.create_topics` is on) before the first record goes to
 //! it; a topic that does not exist is never a reason to skip an event.
 //!
-//! Files: `context.rs` (librdkafka's logs and errors, refused credentials), `transactions.rs`
-//! (exactly-once: the transactional producer's operations).
+//! Files: `context.rs` (librdkafka's logs and errors, refused credentials), `topics.rs`
+//! (creating topics, and not writing to one before its partition leaders serve it — the
+//! vanished first events of issue 16), `transactions.rs` (exactly-once: the transactional
+//! producer's operations).
 
 use std::collections::HashSet;
 use std::future::Future;
@@ -15,7 +17,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::admin::AdminClient;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
@@ -28,6 +30,7 @@ use crate::sink::classify::{classify, Stage};
 use crate::sink::{Class, Failed, Promises, Refusal, SendError, Sink};
 
 mod context;
+mod topics;
 mod transactions;
 
 use context::{config_error, unusable_credentials};
@@ -113,19 +116,55 @@ pub struct KafkaSink {
     transactional: bool,
     admin: Option<AdminClient<LogContext>>,
     known_topics: HashSet<String>,
+    /// Asks partition leaders for offsets before a new topic's first record (`topics`).
+    leader_probe: Option<std::sync::Arc<rdkafka::consumer::BaseConsumer<LogContext>>>,
     cfg: KafkaConfig,
     context: LogContext,
 }
 
-/// A Kafka delivery report as the relay reads it (see [`Sink::Delivery`]).
-pub struct KafkaDelivery(DeliveryFuture);
+/// A Kafka delivery report as the relay reads it (see [`Sink::Delivery`]). With
+/// `outboxd::delivery=debug` each report is logged with the event's id, topic, partition and
+/// offset — what to compare with the broker's log when a reader misses a record the relay
+/// was told was written (the label is only kept when that target is enabled).
+pub struct KafkaDelivery {
+    /// `None`: failpoint `implicit_ack_first_record` — never sent, reported delivered
+    /// without an offset, as librdkafka's implicit acknowledgement does.
+    report: Option<DeliveryFuture>,
+    label: Option<Box<(String, String)>>,
+}
 
 impl Future for KafkaDelivery {
     type Output = std::result::Result<(), Failed>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        Poll::Ready(match std::task::ready!(Pin::new(&mut self.0).poll(cx)) {
-            Ok(Ok(_)) => Ok(()),
+        let report = match &mut self.report {
+            Some(f) => std::task::ready!(Pin::new(f).poll(cx)),
+            None => Ok(Ok(rdkafka::producer::future_producer::Delivery {
+                partition: 0,
+                offset: rdkafka::Offset::Invalid.to_raw().unwrap_or(-1001),
+                timestamp: rdkafka::Timestamp::NotAvailable,
+            })),
+        };
+        Poll::Ready(match report {
+            // librdkafka reports success without an offset when it only *inferred* the
+            // record was written: its batch failed (say, NOT_LEADER on a partition the
+            // broker had just been given), a later batch of the partition was accepted, and
+            // librdkafka "implicitly acks" the earlier one (or the broker answered
+            // DUPLICATE_SEQUENCE_NUMBER). Since KIP-360 a broker accepts any first sequence
+            // from a producer new to a partition, so that inference can be wrong: the first
+            // records to a just-created topic were lost this way (issue 16). No offset, no
+            // proof: the session ends and resends from the last confirmed position.
+            Ok(Ok(d)) if d.offset < 0 => Err(Failed {
+                refusal: unproven_delivery(d.partition, self.label.as_deref()),
+                record: None,
+            }),
+            Ok(Ok(d)) => {
+                if let Some(label) = &self.label {
+                    let (id, topic) = (&label.0, &label.1);
+                    tracing::debug!(target: "outboxd::delivery", %id, %topic, partition = d.partition, offset = d.offset, "delivered");
+                }
+                Ok(())
+            }
             Ok(Err((e, msg))) => Err(Failed {
                 refusal: refusal(&e, Stage::Delivery),
                 record: Some(Box::new(record_of(&msg))),
@@ -141,6 +180,42 @@ impl Future for KafkaDelivery {
             }),
         })
     }
+}
+
+/// Failpoint `implicit_ack_first_record` fires once per process.
+static IMPLICIT_ACK_FIRED: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
+/// A success report that carries no offset (see [`KafkaDelivery`]): retried, never believed.
+fn unproven_delivery(partition: i32, label: Option<&(String, String)>) -> Refusal {
+    let about = match label {
+        Some((id, topic)) => format!(" (event {id}, {topic} [{partition}])"),
+        None => format!(" (partition {partition})"),
+    };
+    Refusal {
+        class: Class::Cluster,
+        code: "NoOffset".into(),
+        detail: format!(
+            "librdkafka reported a record delivered without an offset{about}: it inferred the \
+             write from a later batch, which is no proof; resending from the last confirmed \
+             position"
+        ),
+        alone: false,
+    }
+}
+
+/// The id and topic a delivery report is logged with, when `outboxd::delivery` logs at debug.
+fn delivery_label(record: &Record) -> Option<Box<(String, String)>> {
+    if !tracing::enabled!(target: "outboxd::delivery", tracing::Level::DEBUG) {
+        return None;
+    }
+    let id = record
+        .headers
+        .iter()
+        .find(|(k, _)| k == "id")
+        .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+        .unwrap_or_default();
+    Some(Box::new((id, record.topic.clone())))
 }
 
 /// A librdkafka error, classified (`sink::classify`); one without a code is about the
@@ -221,6 +296,7 @@ impl KafkaSink {
             producer,
             admin,
             known_topics: HashSet::new(),
+            leader_probe: None,
             cfg: cfg.clone(),
             context,
             txn_open: false,
@@ -253,71 +329,21 @@ impl KafkaSink {
         }
     }
 
-    /// Creates `topic` if the relay has not seen it yet and topic creation is enabled.
-    /// Failures are logged, not fatal: the broker may auto-create, or the operator may have
-    /// created the topic with rights we lack; if the topic really is missing, delivery fails
-    /// and the relay retries from its last confirmed position.
-    pub async fn ensure_topic(&mut self, topic: &str) {
-        let partitions = self.cfg.topic_partitions;
-        self.ensure_topic_with(topic, partitions, &[]).await
-    }
-
-    /// [`KafkaSink::ensure_topic`] with `partitions` (-1: broker default) and topic configs.
-    pub async fn ensure_topic_with(
-        &mut self,
-        topic: &str,
-        partitions: i32,
-        configs: &[(&str, &str)],
-    ) {
-        if self.known_topics.contains(topic) {
-            return;
-        }
-        let Some(admin) = &self.admin else {
-            self.known_topics.insert(topic.to_string());
-            return;
-        };
-        let mut new = NewTopic::new(
-            topic,
-            partitions,
-            TopicReplication::Fixed(self.cfg.topic_replication_factor),
-        );
-        for (k, v) in configs {
-            new = new.set(k, v);
-        }
-        let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
-        match admin.create_topics([&new], &opts).await {
-            Ok(results) => {
-                for r in results {
-                    match r {
-                        Ok(name) => {
-                            tracing::info!(topic = %name, partitions = %broker_default(partitions), replicas = %broker_default(self.cfg.topic_replication_factor), "created topic")
-                        }
-                        Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-                        Err((name, code)) => {
-                            tracing::warn!(topic = %name, error = %code, "could not create topic; relying on it existing or on broker auto-creation")
-                        }
-                    }
-                }
-                self.known_topics.insert(topic.to_string());
-            }
-            Err(e) => {
-                tracing::warn!(topic, error = %e, "create-topics request failed; will try again after the next reconnect");
-                self.known_topics.insert(topic.to_string());
-            }
-        }
-    }
-
     /// Sends `record` and waits for its acknowledgement; errors read as a transactional
     /// producer's (fenced, or the transaction must end). `what` names it in errors.
     pub async fn send_and_wait(&mut self, record: &Record, what: &str) -> Result<()> {
-        let fut = match self.send(record) {
-            Ok(f) => f.0,
+        let fut = match self.produce(record) {
+            Ok(f) => f,
             Err(SendError::QueueFull) => {
                 return Err(Error::Kafka(format!("{what}: local queue full")))
             }
             Err(SendError::Refused(r)) => return Err(self.txn_failure(what, r.detail)),
         };
         match tokio::time::timeout(self.cfg.delivery_timeout, fut).await {
+            Ok(Ok(Ok(d))) if d.offset < 0 => Err(Error::Kafka(format!(
+                "{what}: {}",
+                unproven_delivery(d.partition, None).detail
+            ))),
             Ok(Ok(Ok(_))) => Ok(()),
             Ok(Ok(Err((e, _)))) => Err(self.txn_error(what, e)),
             Ok(Err(_)) => Err(Error::Kafka(format!("{what}: delivery cancelled"))),
@@ -329,6 +355,24 @@ impl KafkaSink {
     /// delivery finally failed). Exactly-once: inside the open transaction, begun here if
     /// none is.
     pub fn send(&mut self, record: &Record) -> std::result::Result<KafkaDelivery, SendError> {
+        let label = delivery_label(record);
+        if crate::failpoint::active("implicit_ack_first_record")
+            && !IMPLICIT_ACK_FIRED.swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
+            tracing::warn!(topic = %record.topic, "failpoint implicit_ack_first_record: not sent, reported delivered with offset -1001");
+            return Ok(KafkaDelivery {
+                report: None,
+                label,
+            });
+        }
+        Ok(KafkaDelivery {
+            report: Some(self.produce(record)?),
+            label,
+        })
+    }
+
+    /// Hands `record` to librdkafka (see [`KafkaSink::send`]).
+    fn produce(&mut self, record: &Record) -> std::result::Result<DeliveryFuture, SendError> {
         if self.transactional && !self.txn_open {
             self.producer
                 .begin_transaction()
@@ -356,7 +400,7 @@ impl KafkaSink {
             fr = fr.timestamp(ts);
         }
         match self.producer.send_result(fr) {
-            Ok(f) => Ok(KafkaDelivery(f)),
+            Ok(f) => Ok(f),
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
                 Err(SendError::QueueFull)
             }
