@@ -254,7 +254,15 @@ kafka_wait() {
     if [ "${started:-0}" -ge "$want" ]; then
       return 0
     fi
-    kill -0 "$(cat "$dir/kafka.pid")" 2>/dev/null || { tail -30 "$dir/kafka.log" >&2; exit 1; }
+    if ! kill -0 "$(cat "$dir/kafka.pid")" 2>/dev/null; then
+      # A free port can be taken by another process before the broker binds it: the
+      # caller picks others (KAFKA_RETRY_BIND=1), instead of failing the test.
+      if [ "${KAFKA_RETRY_BIND:-}" = 1 ] && grep -q 'Address already in use' "$dir/kafka.log"; then
+        return 2
+      fi
+      tail -30 "$dir/kafka.log" >&2
+      exit 1
+    fi
     sleep 0.5
   done
   log "Kafka ($dir) did not start within 90 s"; tail -30 "$dir/kafka.log" >&2; exit 1
@@ -275,15 +283,22 @@ while True:
 # start_kafka DIR [PROPERTY=VALUE...]: a single-node KRaft broker (combined broker and
 # controller) in DIR with free ports; writes DIR/kafka.pid and DIR/bootstrap.
 start_kafka() {
-  local dir=$1 port ctl
+  local dir=$1 port ctl attempt
   shift
-  port=$(free_port)
-  ctl=$(free_port)
-  kafka_node_config "$dir" 1 "$port" "$ctl" "1@127.0.0.1:$ctl" 1 "$@"
-  kafka_format "$dir" "$(new_cluster_id)"
-  log "starting Apache Kafka $KAFKA_VERSION on 127.0.0.1:$port"
-  kafka_launch "$dir"
-  kafka_wait "$dir"
+  for attempt in 1 2 3; do
+    port=$(free_port)
+    ctl=$(free_port)
+    rm -rf "$dir/kafka-data" "$dir/kafka.log"
+    kafka_node_config "$dir" 1 "$port" "$ctl" "1@127.0.0.1:$ctl" 1 "$@"
+    kafka_format "$dir" "$(new_cluster_id)"
+    log "starting Apache Kafka $KAFKA_VERSION on 127.0.0.1:$port"
+    kafka_launch "$dir"
+    if KAFKA_RETRY_BIND=1 kafka_wait "$dir"; then
+      return 0
+    fi
+    log "a port was taken before Kafka bound it; picking others (attempt $attempt of 3)"
+  done
+  exit 1
 }
 
 # start_kafka_sasl DIR USER PASSWORD: a single-node broker with a second listener,
