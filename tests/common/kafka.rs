@@ -23,6 +23,32 @@ pub struct Received {
     pub timestamp_ms: Option<i64>,
 }
 
+/// A consumed Kafka message as the tests compare it.
+fn received<M: Message>(m: &M) -> Received {
+    let mut headers = HashMap::new();
+    if let Some(h) = m.headers() {
+        for hd in h.iter() {
+            headers.insert(
+                hd.key.to_string(),
+                hd.value
+                    .map(|v| String::from_utf8_lossy(v).into_owned())
+                    .unwrap_or_default(),
+            );
+        }
+    }
+    Received {
+        topic: m.topic().to_string(),
+        partition: m.partition(),
+        offset: m.offset(),
+        key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+        id: headers.get("id").cloned(),
+        headers,
+        payload: m.payload().map(|p| String::from_utf8_lossy(p).into_owned()),
+        raw_payload: m.payload().map(<[u8]>::to_vec),
+        timestamp_ms: m.timestamp().to_millis(),
+    }
+}
+
 /// Reads `topics` from the beginning (partition assignment, no consumer group) until every id
 /// in `expect` was seen or `timeout` passed; then keeps reading for `linger` to catch records
 /// that should not be there.
@@ -121,32 +147,11 @@ pub fn consume_isolated(
             None => {}
             Some(Err(e)) => eprintln!("consumer error: {e}"),
             Some(Ok(m)) => {
-                let mut headers = HashMap::new();
-                if let Some(h) = m.headers() {
-                    for hd in h.iter() {
-                        headers.insert(
-                            hd.key.to_string(),
-                            hd.value
-                                .map(|v| String::from_utf8_lossy(v).into_owned())
-                                .unwrap_or_default(),
-                        );
-                    }
-                }
-                let id = headers.get("id").cloned();
-                if let Some(id) = &id {
+                let r = received(&m);
+                if let Some(id) = &r.id {
                     seen.insert(id.clone());
                 }
-                out.push(Received {
-                    topic: m.topic().to_string(),
-                    partition: m.partition(),
-                    offset: m.offset(),
-                    key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
-                    id,
-                    headers,
-                    payload: m.payload().map(|p| String::from_utf8_lossy(p).into_owned()),
-                    raw_payload: m.payload().map(<[u8]>::to_vec),
-                    timestamp_ms: m.timestamp().to_millis(),
-                });
+                out.push(r);
             }
         }
     }
@@ -210,40 +215,17 @@ fn diagnose_missing(
     let deadline = Instant::now() + Duration::from_secs(15);
     while Instant::now() < deadline && found.len() < missing.len() {
         if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
-            let mut headers = HashMap::new();
-            if let Some(h) = m.headers() {
-                for hd in h.iter() {
-                    headers.insert(
-                        hd.key.to_string(),
-                        hd.value
-                            .map(|v| String::from_utf8_lossy(v).into_owned())
-                            .unwrap_or_default(),
-                    );
-                }
-            }
-            let id = headers.get("id").cloned();
-            if let Some(id) = &id {
+            let r = received(&m);
+            if let Some(id) = &r.id {
                 if missing.contains(&id) && found.insert(id.clone()) {
                     eprintln!(
                         "diagnose: a second reader finds missing {id} at {} [{}] offset {}",
-                        m.topic(),
-                        m.partition(),
-                        m.offset()
+                        r.topic, r.partition, r.offset
                     );
                 }
             }
-            if !read.contains(&(m.topic().to_string(), m.partition(), m.offset())) {
-                more.push(Received {
-                    topic: m.topic().to_string(),
-                    partition: m.partition(),
-                    offset: m.offset(),
-                    key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
-                    id,
-                    headers,
-                    payload: m.payload().map(|p| String::from_utf8_lossy(p).into_owned()),
-                    raw_payload: m.payload().map(<[u8]>::to_vec),
-                    timestamp_ms: m.timestamp().to_millis(),
-                });
+            if !read.contains(&(r.topic.clone(), r.partition, r.offset)) {
+                more.push(r);
             }
         }
     }
