@@ -385,3 +385,55 @@ async fn read_loop(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::pin::Pin;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use std::task::{Context, Poll};
+
+    use super::*;
+
+    /// A writer that counts what it is asked to write.
+    struct Counting(Arc<AtomicUsize>);
+
+    impl AsyncWrite for Counting {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            Poll::Ready(Ok(buf.len()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// Review C9: once the reader task has ended (its reply sender dropped), the status task
+    /// must not write an update each time the closed channel answers `None` — a busy loop
+    /// filling the socket. Half a second allows the first periodic update only.
+    #[tokio::test]
+    async fn status_task_does_not_spin_once_the_reader_has_ended() {
+        let writes = Arc::new(AtomicUsize::new(0));
+        let (_confirm, confirmed) = watch::channel(0u64);
+        let (reply_tx, reply) = mpsc::channel(1);
+        let (errors, _errors_rx) = mpsc::channel(1);
+        drop(reply_tx);
+        let task = tokio::spawn(status_loop(
+            Box::new(Counting(writes.clone())),
+            confirmed,
+            reply,
+            errors,
+        ));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        task.abort();
+        let n = writes.load(Ordering::SeqCst);
+        assert!(n <= 4, "{n} writes in 500 ms with the reader gone");
+    }
+}
