@@ -15,20 +15,29 @@ use common::*;
 const USER: &str = "relay";
 const PASSWORD: &str = "Sc7am-pa55word-9f3";
 
+/// `ca` names the CA file in the broker's `certs`; empty: no CA, certificate verification off
+/// (a development cluster with a self-signed certificate).
 fn sasl_properties(kafka: &PrivateKafka, password: &str, ca: &str) -> String {
+    let trust = if ca.is_empty() {
+        "\"enable.ssl.certificate.verification\" = \"false\"\n".to_string()
+    } else {
+        format!(
+            "\"ssl.ca.location\" = \"{}\"\n",
+            kafka.dir.join("certs").join(ca).display()
+        )
+    };
     format!(
         "[kafka.properties]\n\"security.protocol\" = \"SASL_SSL\"\n\
          \"sasl.mechanisms\" = \"SCRAM-SHA-256\"\n\"sasl.username\" = \"{USER}\"\n\
-         \"sasl.password\" = \"{password}\"\n\"ssl.ca.location\" = \"{}\"\n",
-        kafka.dir.join("certs").join(ca).display()
+         \"sasl.password\" = \"{password}\"\n{trust}"
     )
 }
 
 /// Publishes 60 events over SASL_SSL with `extra` config; verified through the broker's
 /// plaintext listener.
-async fn publishes_over_sasl_ssl(prefix: &str, extra: &str) {
+async fn publishes_over_sasl_ssl(prefix: &str, extra: &str, ca: &str) {
     let (kafka, sasl) = PrivateKafka::start_sasl(USER, PASSWORD);
-    let config_extra = format!("{extra}{}", sasl_properties(&kafka, PASSWORD, "ca.pem"));
+    let config_extra = format!("{extra}{}", sasl_properties(&kafka, PASSWORD, ca));
     let (db, config) = setup(prefix, &sasl, &config_extra).await;
     let mut relay = Relay::start(&config);
     let mut client = db.client().await;
@@ -80,14 +89,33 @@ async fn publishes_over_sasl_ssl(prefix: &str, extra: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relay_publishes_over_sasl_ssl_with_scram_and_creates_its_topics_there() {
-    publishes_over_sasl_ssl("sasl_ok", "").await;
+    publishes_over_sasl_ssl("sasl_ok", "", "ca.pem").await;
 }
 
 /// Exactly-once over SASL_SSL: the transactional producer, the position topic and the
 /// position reader all authenticate.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exactly_once_works_over_sasl_ssl_including_the_position_read_back() {
-    publishes_over_sasl_ssl("sasl_eos", "[kafka]\ndelivery = \"exactly-once\"\n").await;
+    publishes_over_sasl_ssl(
+        "sasl_eos",
+        "[kafka]\ndelivery = \"exactly-once\"\n",
+        "ca.pem",
+    )
+    .await;
+}
+
+/// Review E5: the connection settings the producer is given (here: certificate verification
+/// off, no CA) reach the admin client that creates the topics and the reader of the
+/// position topic too — else the producer connects while topic creation and the restart's
+/// position read fail on a certificate they were told not to check.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificate_verification_off_reaches_topic_creation_and_the_position_reader() {
+    publishes_over_sasl_ssl(
+        "sasl_noverify",
+        "[kafka]\ndelivery = \"exactly-once\"\n",
+        "",
+    )
+    .await;
 }
 
 /// Runs the relay against the SASL_SSL listener with `password` and `ca`, and returns its
