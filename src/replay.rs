@@ -117,7 +117,7 @@ pub async fn replay(cfg: &Config, sel: &Selection) -> Result<(usize, usize)> {
                 continue;
             }
         };
-        sink.ensure_topic(&record).await;
+        sink.ensure_topic(&record).await?;
         loop {
             match sink.send(&record).await {
                 Ok(f) => {

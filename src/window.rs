@@ -391,17 +391,18 @@ where
             return Ok(());
         }
         let limit = sink.delivery_timeout();
-        if tokio::time::timeout(limit, sink.ensure_topic(&record))
-            .await
-            .is_err()
-        {
-            return Err(self.refused_to_take(
-                &event.id,
-                &record.topic,
-                "create its destination",
-                limit,
-                health,
-            ));
+        match tokio::time::timeout(limit, sink.ensure_topic(&record)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(e),
+            Err(_) => {
+                return Err(self.refused_to_take(
+                    &event.id,
+                    &record.topic,
+                    "create its destination",
+                    limit,
+                    health,
+                ))
+            }
         }
         loop {
             let sent = match tokio::time::timeout(limit, sink.send(&record)).await {

@@ -534,6 +534,31 @@ async fn poll_batches_are_bounded_by_bytes_and_always_take_one_row() {
     }
     let cfg = outboxd::config::Config::load(Some(&config)).unwrap();
     let mut poller = outboxd::source::polling::Poller::open(&cfg).await.unwrap();
+    // Rows are fetched once no older transaction can still commit before them, and another
+    // test's open transaction on this cluster can hold that horizon back for a while (a run
+    // saw an empty first fetch): wait until every transaction up to the inserts has ended,
+    // so the batches show the byte bound alone.
+    let after: i64 = client
+        .query_one("SELECT pg_current_xact_id()::text::bigint", &[])
+        .await
+        .unwrap()
+        .get(0);
+    eventually(
+        Duration::from_secs(60),
+        "the snapshot horizon passes the inserts",
+        || async {
+            let xmin: i64 = client
+                .query_one(
+                    "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            xmin > after
+        },
+    )
+    .await;
     let mut sizes = Vec::new();
     loop {
         let batch = poller.fetch(poller.cursor(), 1000).await.unwrap();

@@ -354,6 +354,29 @@ async fn rabbitmq_wrong_password_exits_2_without_the_password_in_the_log() {
     );
 }
 
+/// Review C7: an exchange that already exists with another type refuses the relay's
+/// declaration (PRECONDITION_FAILED) and closes the channel — every session would be refused
+/// again, for ever. Only an operator can mend it: exit 2 naming the fix.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_exchange_declared_with_another_type_exits_2_naming_the_fix() {
+    // The rig declares the exchange as `topic`; the relay is told `direct`.
+    let rig = Rig::new(
+        Kind::RabbitMq,
+        "rmq_exchange",
+        "[rabbitmq]\nexchange_type = \"direct\"\n",
+    )
+    .await;
+    let mut client = rig.db.client().await;
+    write_txn(&mut client, &[("order".into(), "a".into())], false)
+        .await
+        .unwrap();
+    let mut relay = Relay::start(&rig.config);
+    let status = relay.wait_exit(Duration::from_secs(60));
+    let log = relay.log_text();
+    assert_eq!(status.code(), Some(2), "{log}");
+    assert!(log.contains("rabbitmq.declare_exchange"), "{log}");
+}
+
 /// `verify` reads the stream back: three messages deleted from it are exactly the three ids
 /// it reports missing; after `replay`, none are.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

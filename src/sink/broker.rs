@@ -110,7 +110,7 @@ impl Sink for Broker {
         })
     }
 
-    async fn ensure_topic(&mut self, record: &Record) {
+    async fn ensure_topic(&mut self, record: &Record) -> crate::error::Result<()> {
         match self {
             Broker::Kafka(s) => Sink::ensure_topic(s, record).await,
             Broker::RabbitMq(s) => s.ensure_topic(record).await,

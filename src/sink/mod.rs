@@ -108,9 +108,10 @@ pub trait Sink {
     fn send(&mut self, record: &Record) -> impl Future<Output = Result<Self::Delivery, SendError>>;
 
     /// Creates the record's destination (topic, exchange) if it is new to the relay and
-    /// creation is enabled; failures are logged, and delivery then fails if it really is
-    /// missing.
-    fn ensure_topic(&mut self, record: &Record) -> impl Future<Output = ()>;
+    /// creation is enabled. A failure that waiting can mend is logged (delivery then fails if
+    /// the destination really is missing); one only an operator can mend — RabbitMQ refusing
+    /// the declaration for good — is an error (exit 2 with the fix).
+    fn ensure_topic(&mut self, record: &Record) -> impl Future<Output = crate::error::Result<()>>;
 
     /// Sends a poison record to the dead-letter destination with its reason, and waits.
     fn dead_letter(

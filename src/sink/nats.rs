@@ -469,8 +469,9 @@ impl Sink for NatsSink {
         }))
     }
 
-    async fn ensure_topic(&mut self, _record: &Record) {
+    async fn ensure_topic(&mut self, _record: &Record) -> crate::error::Result<()> {
         // Subjects need no creating; the stream was made (or found) at connect.
+        Ok(())
     }
 
     /// Publishes to `nats.dead_letter_subject` with `outboxd.dlq.reason`, `outboxd.dlq.topic`

@@ -60,6 +60,13 @@ pub struct RabbitSink {
 
 /// A connection or channel error; bad credentials and a missing virtual host are the
 /// operator's to fix (exit 2), the rest is retried.
+/// An exchange declaration the broker refuses for good (AMQP 406 or 403), as opposed to a
+/// connection that broke meanwhile.
+fn declaration_refused(e: &lapin::Error) -> bool {
+    let text = e.to_string();
+    text.contains("PRECONDITION_FAILED") || text.contains("ACCESS_REFUSED")
+}
+
 fn connection_error(e: &lapin::Error, url: &str) -> Error {
     let text = e.to_string();
     if text.contains("ACCESS_REFUSED") || text.contains("access to vhost") {
@@ -333,12 +340,12 @@ impl Sink for RabbitSink {
         Ok(Box::pin(async move { confirmation(confirm.await) }))
     }
 
-    async fn ensure_topic(&mut self, record: &Record) {
+    async fn ensure_topic(&mut self, record: &Record) -> Result<()> {
         let Some(exchange) = record.exchange.as_deref() else {
-            return;
+            return Ok(());
         };
         if !self.cfg.declare_exchange || self.declared.contains(exchange) {
-            return;
+            return Ok(());
         }
         let kind = match self.cfg.exchange_type.as_str() {
             "direct" => ExchangeKind::Direct,
@@ -358,11 +365,19 @@ impl Sink for RabbitSink {
             Ok(()) => {
                 tracing::info!(exchange, kind = %self.cfg.exchange_type, "declared exchange");
                 self.declared.insert(exchange.to_string());
+                Ok(())
             }
-            // A declaration that differs from the existing exchange closes the channel: the
-            // next publish fails and the session restarts, with this warning to explain it.
+            // A refused declaration closes the channel, and every later session would declare
+            // again and be refused again (review C7): the exchange exists with other settings
+            // (PRECONDITION_FAILED) or the user may not configure it (ACCESS_REFUSED). Only
+            // an operator can mend that.
+            Err(e) if declaration_refused(&e) => Err(Error::setup(
+                format!("RabbitMQ refused to declare exchange `{exchange}` ({} durable): {e}", self.cfg.exchange_type),
+                "publish to the exchange as it is with rabbitmq.declare_exchange = false, or match rabbitmq.exchange_type to it, or grant the user configure permission on it",
+            )),
             Err(e) => {
-                tracing::warn!(exchange, error = %e, "could not declare the exchange; publishing to it as it is")
+                tracing::warn!(exchange, error = %e, "could not declare the exchange; publishing to it as it is");
+                Ok(())
             }
         }
     }

@@ -477,8 +477,9 @@ impl Sink for KafkaSink {
         KafkaSink::send(self, record)
     }
 
-    async fn ensure_topic(&mut self, record: &Record) {
-        KafkaSink::ensure_topic(self, &record.topic).await
+    async fn ensure_topic(&mut self, record: &Record) -> Result<()> {
+        KafkaSink::ensure_topic(self, &record.topic).await;
+        Ok(())
     }
 
     async fn dead_letter(
