@@ -124,7 +124,7 @@ fn by_id(received: Vec<Received>) -> HashMap<String, Received> {
         .collect()
 }
 
-/// Both on the settings the README's "Coming from Debezium" table gives (Debezium:
+/// Both on the settings the "Coming from Debezium" table (docs/from-debezium.md) gives (Debezium:
 /// `extended.headers.enabled=false`, the `type` column as header `type`; outboxd: the
 /// `headers` column not read), every record is identical: topic, partition, key bytes, value
 /// bytes and every header — for JSON payloads of every shape, `null`, 500 kB, and 30 keys.

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use common::*;
 
-/// The port the relay listens on without `http.addr` (README, configuration).
+/// The port the relay listens on without `http.addr` (docs/configuration.md).
 const DEFAULT_PORT: u16 = 9465;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
