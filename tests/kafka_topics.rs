@@ -17,7 +17,6 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use common::*;
-use rdkafka::mocking::MockCluster;
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 
 /// Waits until the relay behind `config` is ready (it holds the slot and reaches the broker).
@@ -156,15 +155,8 @@ async fn a_delivery_reported_without_an_offset_is_resent_not_believed() {
 /// them after their key's newer events: order is what the leader wait protects, above).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_first_request_followed_by_an_accepted_one_loses_nothing() {
-    let mock = MockCluster::new(1).unwrap();
-    let brokers = mock.bootstrap_servers();
-    let (db, config) = setup(
-        "implicitack",
-        &brokers,
-        "[kafka]\ncreate_topics = false\ndelivery_timeout_ms = 10000\n",
-    )
-    .await;
-    mock.create_topic(&db.topic("order"), 3, 1).unwrap();
+    let (mock, brokers, db, config) =
+        setup_on_mock("implicitack", 3, "delivery_timeout_ms = 10000\n").await;
     let relay = Relay::start(&config);
     wait_ready(&config).await;
     // Warm up: the producer learns the topic (else the first records wait for its metadata

@@ -157,15 +157,8 @@ async fn no_event_lost_when_relay_killed_mid_stream() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slot_does_not_advance_while_broker_is_down_and_nothing_is_lost_after() {
-    let mock = rdkafka::mocking::MockCluster::new(1).unwrap();
-    let brokers = mock.bootstrap_servers();
-    let (db, config) = setup(
-        "brokerdown",
-        &brokers,
-        "[kafka]\ndelivery_timeout_ms = 2000\ncreate_topics = false\n",
-    )
-    .await;
-    mock.create_topic(&db.topic("order"), 3, 1).unwrap();
+    let (mock, brokers, db, config) =
+        setup_on_mock("brokerdown", 3, "delivery_timeout_ms = 2000\n").await;
     let _relay = Relay::start(&config);
     let mut client = db.client().await;
 
@@ -392,15 +385,8 @@ async fn outage_longer_than_the_delivery_timeout_ends_the_session_and_keeps_key_
     // record up: the relay ends the session instead, dropping the client with everything it
     // holds, and the next session resends from the confirmed position: every event lands,
     // the first copy of each in key order.
-    let mock = rdkafka::mocking::MockCluster::new(1).unwrap();
-    let brokers = mock.bootstrap_servers();
-    let (db, config) = setup(
-        "outage",
-        &brokers,
-        "[kafka]\ndelivery_timeout_ms = 1000\ncreate_topics = false\n",
-    )
-    .await;
-    mock.create_topic(&db.topic("order"), 2, 1).unwrap();
+    let (mock, brokers, db, config) =
+        setup_on_mock("outage", 2, "delivery_timeout_ms = 1000\n").await;
     let relay = Relay::start(&config);
     let writer = {
         let db = db.clone();

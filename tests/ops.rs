@@ -75,15 +75,8 @@ async fn wait_http(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_pass_promtool_and_lag_rises_while_kafka_is_down_then_returns_to_zero() {
-    let mock = rdkafka::mocking::MockCluster::new(1).unwrap();
-    let brokers = mock.bootstrap_servers();
-    let (db, config) = setup(
-        "metrics",
-        &brokers,
-        "[kafka]\ndelivery_timeout_ms = 2000\ncreate_topics = false\n",
-    )
-    .await;
-    mock.create_topic(&db.topic("order"), 3, 1).unwrap();
+    let (mock, brokers, db, config) =
+        setup_on_mock("metrics", 3, "delivery_timeout_ms = 2000\n").await;
     let addr = http_addr(&config);
     let mut relay = Relay::start(&config);
     let (_, body) = wait_http(&addr, "/readyz", Duration::from_secs(30), |c, _| c == 200).await;

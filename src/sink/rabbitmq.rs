@@ -58,8 +58,6 @@ pub struct RabbitSink {
     delivery_timeout: Duration,
 }
 
-/// A connection or channel error; bad credentials and a missing virtual host are the
-/// operator's to fix (exit 2), the rest is retried.
 /// An exchange declaration the broker refuses for good (AMQP 406 or 403), as opposed to a
 /// connection that broke meanwhile.
 fn declaration_refused(e: &lapin::Error) -> bool {
@@ -67,6 +65,8 @@ fn declaration_refused(e: &lapin::Error) -> bool {
     text.contains("PRECONDITION_FAILED") || text.contains("ACCESS_REFUSED")
 }
 
+/// A connection or channel error; bad credentials and a missing virtual host are the
+/// operator's to fix (exit 2), the rest is retried.
 fn connection_error(e: &lapin::Error, url: &str) -> Error {
     let text = e.to_string();
     if text.contains("ACCESS_REFUSED") || text.contains("access to vhost") {

@@ -34,6 +34,33 @@ pub async fn setup(prefix: &str, brokers: &str, extra: &str) -> (TestDb, PathBuf
     (db, config)
 }
 
+/// A fresh database ([`setup`]) whose relay publishes to librdkafka's MockCluster (fault
+/// injection only) holding the `order` topic with `partitions` partitions; topic creation is
+/// off and `kafka_keys` adds `[kafka]` keys. Returns the cluster, its address, the database
+/// and the config.
+pub async fn setup_on_mock(
+    prefix: &str,
+    partitions: i32,
+    kafka_keys: &str,
+) -> (
+    rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+    String,
+    TestDb,
+    PathBuf,
+) {
+    let mock = rdkafka::mocking::MockCluster::new(1).unwrap();
+    let brokers = mock.bootstrap_servers();
+    let (db, config) = setup(
+        prefix,
+        &brokers,
+        &format!("[kafka]\ncreate_topics = false\n{kafka_keys}"),
+    )
+    .await;
+    mock.create_topic(&db.topic("order"), partitions, 1)
+        .unwrap();
+    (mock, brokers, db, config)
+}
+
 pub fn ids(written: &[Written]) -> HashSet<String> {
     written.iter().map(|w| w.id.clone()).collect()
 }
