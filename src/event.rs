@@ -37,6 +37,9 @@ pub struct EventExtra {
     pub headers: Vec<(String, String)>,
     /// The payload column is `bytea`: passed through byte for byte.
     pub binary_payload: bool,
+    /// A table change event (`crate::cdc`), not an outbox row: its key is the table's, and
+    /// a truncate (or a keyless table's change) has none, whatever `require_key` says.
+    pub change: bool,
 }
 
 /// `2026-11-22T19:50:00.158Z` from milliseconds since the epoch (UTC).
@@ -45,16 +48,7 @@ pub fn rfc3339_ms(ms: i64) -> String {
     let millis = ms.rem_euclid(1000);
     let days = secs.div_euclid(86_400);
     let sod = secs.rem_euclid(86_400);
-    // Civil from days (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
+    let (y, m, d) = crate::calendar::civil_from_days(days);
     format!(
         "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{millis:03}Z",
         sod / 3600,

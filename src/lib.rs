@@ -6,6 +6,8 @@
 //! the only position [`relay`] ever confirms. Module docs explain the operational decisions
 //! where the code makes them; the README states the guarantees.
 
+pub mod calendar;
+pub mod cdc;
 pub mod checkpoint;
 pub mod cli;
 pub mod config;

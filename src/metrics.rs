@@ -16,6 +16,10 @@ pub const EVENTS_DEAD_LETTERED: &str = "outboxd_events_dead_lettered_total";
 /// Changes in the replication stream that are deliberately not events, by kind (a logical
 /// message of another prefix, an update, a delete, a truncate).
 pub const IGNORED_CHANGES: &str = "outboxd_ignored_changes_total";
+/// Table CDC: change events decoded, by table and op.
+pub const CDC_CHANGES: &str = "outboxd_cdc_changes_total";
+/// Table CDC: a captured table's columns described again mid-stream (a schema change).
+pub const CDC_SCHEMA_CHANGES: &str = "outboxd_cdc_schema_changes_total";
 /// Failed deliveries by class (record, cluster, unclear; see `sink::classify`) and
 /// librdkafka error code.
 pub const DELIVERY_FAILURES: &str = "outboxd_delivery_failures_total";
@@ -123,6 +127,14 @@ fn describe() {
     describe_counter!(
         IGNORED_CHANGES,
         "Changes in the replication stream that are deliberately not events, by kind"
+    );
+    describe_counter!(
+        CDC_CHANGES,
+        "Table CDC: change events decoded, by table and op"
+    );
+    describe_counter!(
+        CDC_SCHEMA_CHANGES,
+        "Table CDC: captured tables whose columns were described again mid-stream"
     );
     describe_counter!(
         DELIVERY_FAILURES,

@@ -221,7 +221,7 @@ impl Router {
                 return poison(record, PoisonKind::InvalidTopic, detail);
             }
         }
-        if self.require_key && record.key.is_none() {
+        if self.require_key && record.key.is_none() && !event.extra.change {
             return poison(
                 record,
                 PoisonKind::MissingKey,
@@ -286,6 +286,7 @@ mod tests {
             partition: Some(2),
             headers: vec![("tenant".into(), "acme".into())],
             binary_payload: true,
+            change: false,
         };
         let mut r = router("t");
         r.cloudevents_source = Some("/orders".into());

@@ -32,6 +32,8 @@ struct RawConfig {
     rabbitmq: sinks::RawRabbitMq,
     #[serde(default)]
     nats: sinks::RawNats,
+    #[serde(default)]
+    cdc: super::cdc::RawCdc,
 }
 
 #[derive(Deserialize, Default)]
@@ -290,6 +292,13 @@ impl Config {
         let keys = sinks::merge_window_keys(&mut raw.sink, &mut raw.kafka)?;
         let rabbitmq = sinks::rabbitmq(raw.rabbitmq, sink == SinkKind::RabbitMq)?;
         let nats = sinks::nats(raw.nats, sink == SinkKind::Nats)?;
+        let cdc = super::cdc::load(raw.cdc)?;
+        if cdc.enabled() && mode == Mode::Polling {
+            return Err(invalid(
+                "cdc.tables",
+                "table CDC needs mode = \"logical\" (a polling relay reads only the outbox table)",
+            ));
+        }
         let kafka = super::kafka::validate(raw.kafka, sink, &keys)?;
 
         let r = raw.retry;
@@ -333,6 +342,7 @@ impl Config {
                 stale_slot_holder,
                 recreate_lost_slot,
                 columns,
+                cdc,
             },
             kafka,
             retry: RetryConfig {

@@ -11,11 +11,13 @@
 //! Files: `load.rs` turns the file and the environment into a validated [`Config`];
 //! `redact.rs` keeps secrets out of `Debug` output and logs.
 
+mod cdc;
 mod kafka;
 mod load;
 mod redact;
 mod sinks;
 
+pub use cdc::{CdcConfig, Operations, ToastMode};
 pub use redact::redact_url;
 
 use std::collections::BTreeMap;
@@ -190,6 +192,9 @@ pub struct PostgresConfig {
     /// while the slot was lost may have been skipped.
     pub recreate_lost_slot: bool,
     pub columns: ColumnsConfig,
+    /// `[cdc]`: the tables whose row changes are captured beside the outbox (read from the
+    /// same slot, so they are part of what is read from PostgreSQL).
+    pub cdc: std::sync::Arc<CdcConfig>,
 }
 
 /// Column names of the outbox table, so an existing table of another shape works unchanged.

@@ -1,6 +1,8 @@
-//! `outboxd migrate`: creates what the relay needs, idempotently. Never drops or alters
-//! anything that exists; reports what it created and what was already there.
+//! `outboxd migrate`: creates what the relay needs, idempotently. Never drops anything, and
+//! alters only the publication, to add what `[cdc]` captures (`cdc.rs`); reports what it
+//! created and what was already there.
 
+mod cdc;
 mod polling;
 
 use crate::config::{quote_ident, quote_literal, Config, Mode};
@@ -215,6 +217,7 @@ pub async fn migrate(config: &Config) -> Result<Report> {
                 .await
                 .map_err(pg("creating the publication"))?;
             items.push((format!("publication {pub_name}"), Outcome::Created));
+            items.extend(cdc::migrate(&client, config).await?);
         }
         Some(row) => {
             let inserts: bool = row.get(0);
@@ -225,8 +228,10 @@ pub async fn migrate(config: &Config) -> Result<Report> {
                     format!("ALTER PUBLICATION {pub_name} ADD TABLE {table}; ALTER PUBLICATION {pub_name} SET (publish = 'insert') — or configure another postgres.publication"),
                 ));
             }
+            items.extend(cdc::migrate(&client, config).await?);
             // The same check the relay makes at start (partitioned table published via root).
-            crate::source::publication::verify(&client, cfg, None).await?;
+            let captured = crate::cdc::catalog::CapturedOids::default();
+            crate::source::publication::verify(&client, cfg, None, &captured).await?;
             items.push((format!("publication {pub_name}"), Outcome::Existed));
         }
     }

@@ -89,6 +89,7 @@ pub(super) async fn open<'a>(
         published,
         confirmed,
         verify,
+        queued: std::collections::VecDeque::new(),
     };
     Ok(Some(Opened {
         source,
@@ -114,6 +115,16 @@ pub(super) struct LogicalSource<'a> {
     /// the last transaction Kafka holds, proving the position read back belongs to this WAL
     /// history (`sink::positions`).
     verify: Option<(u32, u64)>,
+    /// The second and later events of one row change (a delete's tombstone, a key change's
+    /// create): yielded one by one, each through the window's room check.
+    queued: std::collections::VecDeque<Item>,
+}
+
+/// What the session loop reads from the logical source.
+pub(super) enum Incoming {
+    Wire(ReplicationMessage),
+    /// The next of [`LogicalSource::queued`].
+    Queued,
 }
 
 impl LogicalSource<'_> {
@@ -151,7 +162,7 @@ impl LogicalSource<'_> {
 }
 
 impl Source for LogicalSource<'_> {
-    type Message = ReplicationMessage;
+    type Message = Incoming;
 
     fn describe(&self) -> String {
         format!(
@@ -188,14 +199,25 @@ impl Source for LogicalSource<'_> {
         Duration::ZERO
     }
 
-    async fn recv(&mut self) -> Result<ReplicationMessage> {
-        self.stream.recv().await
+    async fn recv(&mut self) -> Result<Incoming> {
+        if !self.queued.is_empty() {
+            return Ok(Incoming::Queued);
+        }
+        self.stream.recv().await.map(Incoming::Wire)
     }
 
-    async fn decode(&mut self, msg: ReplicationMessage) -> Result<Option<Item>> {
+    async fn decode(&mut self, msg: Incoming) -> Result<Option<Item>> {
+        let msg = match msg {
+            Incoming::Queued => return Ok(self.queued.pop_front()),
+            Incoming::Wire(msg) => msg,
+        };
         match msg {
-            ReplicationMessage::XLogData { data, budget } => {
-                let change = self.decoder.feed(&data)?;
+            ReplicationMessage::XLogData {
+                wal_start,
+                data,
+                budget,
+            } => {
+                let change = self.decoder.feed(wal_start, &data)?;
                 // The decoded event owns its bytes: free the message (and its share of the
                 // read-ahead) before publishing.
                 drop((data, budget));
@@ -217,6 +239,22 @@ impl Source for LogicalSource<'_> {
                         Some(Item::Malformed { id, reason, raw })
                     }
                     Some(Change::Event(event)) => Some(Item::Event(event)),
+                    Some(Change::CapturedRelation(id, types)) => {
+                        let catalog = self.reader.describe_captured(id, &types).await?;
+                        self.decoder.capture(id, &catalog);
+                        None
+                    }
+                    Some(Change::Changes(changes)) => {
+                        self.queued.extend(changes.into_iter().map(|c| match c {
+                            Ok(event) => Item::Event(event),
+                            Err((id, reason, raw)) => Item::Malformed {
+                                id: Some(id),
+                                reason,
+                                raw,
+                            },
+                        }));
+                        self.queued.pop_front()
+                    }
                 })
             }
             // Everything before wal_end was sent to us; outside a transaction it is safe once

@@ -12,7 +12,8 @@
 use std::collections::HashMap;
 use std::time::SystemTime;
 
-use crate::config::{ColumnsConfig, PostgresConfig};
+use crate::cdc::table::{CapturedTable, Outcome, TableCatalog, TxnContext};
+use crate::config::{CdcConfig, ColumnsConfig, PostgresConfig};
 use crate::error::{Error, Result};
 use crate::event::{Event, EventExtra};
 use crate::source::pgoutput::{self, Column, Message, Relation};
@@ -116,6 +117,13 @@ pub enum Change {
     /// `publish_via_partition_root`): the relay asks the catalog and tells the decoder with
     /// [`Decoder::classify`] before feeding the next message.
     UnknownRelation(u32),
+    /// The stream describes a table `[cdc]` captures (relation OID, its column types): the
+    /// relay reads its key and types from the catalog and hands them over with
+    /// [`Decoder::capture`] before feeding the next message.
+    CapturedRelation(u32, Vec<u32>),
+    /// The change events of one row change of a captured table (a delete and its
+    /// tombstone, a key change's delete and create, …), or why one cannot be published.
+    Changes(Vec<Outcome>),
 }
 
 /// What the decoder knows of a relation the stream described.
@@ -128,6 +136,10 @@ enum RelationKind {
     /// Another table. An insert into it stops the relay: the publication carries rows outboxd
     /// cannot tell are not events, and skipping them could lose events.
     Foreign(String),
+    /// A table `[cdc]` captures, awaiting its catalog entry ([`Change::CapturedRelation`]).
+    PendingCapture(Relation),
+    /// A table `[cdc]` captures: its changes are events.
+    Captured(Box<CapturedTable>),
 }
 
 /// Column positions of the outbox table, resolved from a Relation message.
@@ -224,6 +236,11 @@ pub struct Decoder {
     /// End LSN of the last commit decoded.
     commit_end: u64,
     columns: ColumnsConfig,
+    cdc: std::sync::Arc<CdcConfig>,
+    /// WAL position of the message being decoded.
+    wal_start: u64,
+    /// End of the last commit decoded this session (`source.sequence`).
+    last_commit: Option<u64>,
 }
 
 impl Decoder {
@@ -241,6 +258,9 @@ impl Decoder {
             last_event_txn: None,
             commit_end: 0,
             columns: cfg.columns.clone(),
+            cdc: cfg.cdc.clone(),
+            wal_start: 0,
+            last_commit: None,
         }
     }
 
@@ -270,13 +290,20 @@ impl Decoder {
     }
 
     fn yielded(&mut self, change: Change) -> Change {
-        if matches!(change, Change::Event(_) | Change::Poison { .. }) && self.in_transaction {
+        let yields = match &change {
+            Change::Event(_) | Change::Poison { .. } => true,
+            Change::Changes(c) => !c.is_empty(),
+            _ => false,
+        };
+        if yields && self.in_transaction {
             self.had_event = true;
         }
         change
     }
 
-    pub fn feed(&mut self, data: &[u8]) -> Result<Option<Change>> {
+    /// Decodes one pgoutput message; `wal_start` is its XLogData's WAL position.
+    pub fn feed(&mut self, wal_start: u64, data: &[u8]) -> Result<Option<Change>> {
+        self.wal_start = wal_start;
         match pgoutput::decode(data)? {
             Message::Begin {
                 commit_time,
@@ -293,6 +320,7 @@ impl Decoder {
             Message::Commit { end_lsn, .. } => {
                 self.in_transaction = false;
                 self.commit_end = end_lsn;
+                self.last_commit = Some(end_lsn);
                 if self.had_event {
                     self.last_event_txn = Some((self.xid, end_lsn));
                 }
@@ -303,6 +331,16 @@ impl Decoder {
                     let cols = OutboxColumns::resolve(&rel, &self.columns)?;
                     self.relations.insert(rel.id, RelationKind::Outbox(cols));
                     Ok(None)
+                } else if self.cdc.enabled() && self.cdc.captures(&rel.namespace, &rel.name) {
+                    let (id, types) = (rel.id, rel.types.clone());
+                    if matches!(self.relations.get(&id), Some(RelationKind::Captured(_))) {
+                        // A Relation message again: the table changed (or the session is
+                        // new). Its changes from here on are decoded with the new columns.
+                        metrics::counter!(crate::metrics::CDC_SCHEMA_CHANGES).increment(1);
+                        tracing::info!(table = %format!("{}.{}", rel.namespace, rel.name), columns = %rel.columns.join(","), commit_lsn = %crate::source::pgoutput::format_lsn(self.commit_lsn), "captured table's columns (re)described; its later changes use them");
+                    }
+                    self.relations.insert(id, RelationKind::PendingCapture(rel));
+                    Ok(Some(Change::CapturedRelation(id, types)))
                 } else {
                     let id = rel.id;
                     self.relations.insert(id, RelationKind::Pending(rel));
@@ -314,7 +352,18 @@ impl Decoder {
                     let event = Change::Event(self.event(cols, tuple)?);
                     Ok(Some(self.yielded(event)))
                 }
-                Some(RelationKind::Foreign(name)) | Some(RelationKind::Pending(Relation { name, .. })) => {
+                Some(RelationKind::Captured(table)) => {
+                    let txn = self.txn();
+                    let out = if self.cdc.operations.create {
+                        table.insert(&self.cdc, &txn, &tuple)
+                    } else {
+                        Vec::new()
+                    };
+                    Ok(Some(self.yielded(Change::Changes(out))))
+                }
+                Some(RelationKind::Foreign(name))
+                | Some(RelationKind::Pending(Relation { name, .. }))
+                | Some(RelationKind::PendingCapture(Relation { name, .. })) => {
                     Err(Error::setup(
                         format!(
                             "publication `{}` carries an insert into table {name} (relation OID {relation_id}) in the transaction committing at {}; it is neither the outbox table {}.{} nor one of its partitions, so outboxd cannot tell whether it is an event and stops rather than skip it",
@@ -360,19 +409,82 @@ impl Decoder {
                 tracing::debug!(prefix = %prefix, commit_lsn = %crate::source::pgoutput::format_lsn(self.commit_lsn), "ignoring a logical message whose prefix is not `outbox`");
                 Ok(None)
             }
-            Message::Other(tag) => {
-                let kind = match tag {
-                    b'U' => "update",
-                    b'D' => "delete",
-                    b'T' => "truncate",
-                    _ => "other",
+            Message::Update {
+                relation_id,
+                old,
+                new,
+            } => {
+                let Some(table) = self.captured(relation_id, "update")? else {
+                    return Ok(None);
                 };
-                if kind != "other" {
-                    ignored(kind);
-                    tracing::debug!(kind, commit_lsn = %crate::source::pgoutput::format_lsn(self.commit_lsn), "ignoring a change that is not an insert");
+                let out = if self.cdc.operations.update {
+                    table.update(&self.cdc, &self.txn(), old.as_ref(), &new)
+                } else {
+                    Vec::new()
+                };
+                Ok(Some(self.yielded(Change::Changes(out))))
+            }
+            Message::Delete { relation_id, old } => {
+                let Some(table) = self.captured(relation_id, "delete")? else {
+                    return Ok(None);
+                };
+                let out = if self.cdc.operations.delete {
+                    table.delete(&self.cdc, &self.txn(), &old)
+                } else {
+                    Vec::new()
+                };
+                Ok(Some(self.yielded(Change::Changes(out))))
+            }
+            Message::Truncate { relation_ids, .. } => {
+                let mut out = Vec::new();
+                for id in relation_ids {
+                    if let Some(table) = self.captured(id, "truncate")? {
+                        if self.cdc.operations.truncate {
+                            out.extend(table.truncate(&self.cdc, &self.txn()));
+                        }
+                    }
                 }
+                Ok(Some(self.yielded(Change::Changes(out))))
+            }
+            Message::Other(_) => Ok(None),
+        }
+    }
+
+    fn txn(&self) -> TxnContext {
+        TxnContext {
+            commit_time: self.commit_time,
+            xid: self.xid,
+            lsn: self.wal_start,
+            last_commit: self.last_commit,
+        }
+    }
+
+    /// The captured table of relation `id`; `None` (counted as ignored) for the outbox and
+    /// other tables, whose updates, deletes and truncates are not events.
+    fn captured(&self, id: u32, kind: &'static str) -> Result<Option<&CapturedTable>> {
+        match self.relations.get(&id) {
+            Some(RelationKind::Captured(table)) => Ok(Some(table)),
+            Some(RelationKind::PendingCapture(_)) | None => Err(Error::setup(
+                format!(
+                    "{kind} for relation {id} arrived before its Relation message was resolved"
+                ),
+                "report this as a bug in outboxd",
+            )),
+            Some(_) => {
+                ignored(kind);
+                tracing::debug!(kind, commit_lsn = %crate::source::pgoutput::format_lsn(self.commit_lsn), "ignoring a change of a table that is not captured");
                 Ok(None)
             }
+        }
+    }
+
+    /// Hands the decoder a captured table's catalog entry ([`Change::CapturedRelation`]).
+    pub fn capture(&mut self, id: u32, catalog: &TableCatalog) {
+        if let Some(RelationKind::PendingCapture(rel)) = self.relations.remove(&id) {
+            let table = CapturedTable::new(&rel, catalog, &self.cdc);
+            tracing::debug!(table = %format!("{}.{}", rel.namespace, rel.name), key = table.has_key(), "capturing the table's changes");
+            self.relations
+                .insert(id, RelationKind::Captured(Box::new(table)));
         }
     }
 
@@ -452,6 +564,7 @@ impl Decoder {
                 partition,
                 headers: extra_headers,
                 binary_payload: cols.payload_is_bytea,
+                change: false,
             },
         })
     }

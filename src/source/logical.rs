@@ -148,6 +148,8 @@ pub struct SlotReader {
     client: Client,
     cfg: PostgresConfig,
     confirmed: u64,
+    /// The captured tables' OIDs at the last check (`crate::cdc::catalog`).
+    captured: crate::cdc::catalog::CapturedOids,
 }
 
 impl SlotReader {
@@ -195,11 +197,13 @@ impl SlotReader {
             tracing::warn!("{warning}");
         }
         // The publication and the table in it: checked again by the leader every second.
-        crate::source::publication::verify(&client, cfg, None).await?;
+        let captured = crate::cdc::catalog::CapturedOids::default();
+        crate::source::publication::verify(&client, cfg, None, &captured).await?;
         let mut reader = SlotReader {
             client,
             cfg: cfg.clone(),
             confirmed: 0,
+            captured,
         };
         let state = reader.state().await?;
         reader.confirmed = state.confirmed_flush;
@@ -337,8 +341,24 @@ impl SlotReader {
     /// Checks that the outbox table (the same one, if `table_oid` is given) is still
     /// published; see [`crate::source::publication`].
     pub async fn verify_publication(&self, table_oid: Option<u32>) -> Result<Published> {
-        let check = crate::source::publication::verify(&self.client, &self.cfg, table_oid);
+        let check =
+            crate::source::publication::verify(&self.client, &self.cfg, table_oid, &self.captured);
         crate::pg::within(self.cfg.stream_timeout, "checking the publication", check).await
+    }
+
+    /// A captured table's key columns and column types (`crate::cdc::catalog::describe`).
+    pub async fn describe_captured(
+        &self,
+        oid: u32,
+        types: &[u32],
+    ) -> Result<crate::cdc::table::TableCatalog> {
+        let query = crate::cdc::catalog::describe(&self.client, oid, types);
+        crate::pg::within(
+            self.cfg.stream_timeout,
+            "describing a captured table",
+            query,
+        )
+        .await
     }
 
     /// Whether relation `oid` is a partition of the outbox table `table_oid`.

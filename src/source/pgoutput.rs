@@ -1,6 +1,6 @@
-//! Decoder for the pgoutput logical replication protocol (version 1), limited to what an
-//! outbox needs: Begin, Commit, Relation, Insert and logical decoding Messages. Other messages
-//! (Update, Delete, Truncate, Type, Origin) are recognised and skipped.
+//! Decoder for the pgoutput logical replication protocol (version 1): Begin, Commit,
+//! Relation, Insert, Update, Delete, Truncate and logical decoding Messages. Type and Origin
+//! messages are recognised and skipped (type names are read from the catalog instead).
 //!
 //! Reference: PostgreSQL documentation, "Logical Replication Message Formats".
 
@@ -26,6 +26,22 @@ pub enum Message {
         relation_id: u32,
         tuple: Vec<Column>,
     },
+    /// `old` is the replica identity's columns (`'K'`) or the whole old row (`'O'`, REPLICA
+    /// IDENTITY FULL); absent when the identity did not change (DEFAULT, USING INDEX).
+    Update {
+        relation_id: u32,
+        old: Option<OldTuple>,
+        new: Vec<Column>,
+    },
+    Delete {
+        relation_id: u32,
+        old: OldTuple,
+    },
+    Truncate {
+        relation_ids: Vec<u32>,
+        cascade: bool,
+        restart_identity: bool,
+    },
     /// `pg_logical_emit_message`. A non-transactional message's `lsn` is a safe position to
     /// confirm: everything before it in the WAL has been decoded.
     LogicalMessage {
@@ -34,8 +50,17 @@ pub enum Message {
         prefix: String,
         content: Vec<u8>,
     },
-    /// Update, Delete, Truncate, Type, Origin: not used by the outbox.
+    /// Type, Origin, and tags of later protocol versions: not used.
     Other(u8),
+}
+
+/// The old row an Update or Delete carries.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OldTuple {
+    /// `true`: the whole old row (REPLICA IDENTITY FULL); `false`: the replica identity's
+    /// columns only, the others [`Column::Null`].
+    pub full: bool,
+    pub tuple: Vec<Column>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -46,6 +71,12 @@ pub struct Relation {
     pub columns: Vec<String>,
     /// Type OID of each column.
     pub types: Vec<u32>,
+    /// `relreplident`: `d` default (primary key), `n` nothing, `f` full, `i` index.
+    pub replica_identity: u8,
+    /// Whether each column is part of the replica identity (the key of a change event).
+    pub key: Vec<bool>,
+    /// Type modifier of each column (`-1`: none), e.g. a `numeric(10,2)`'s scale.
+    pub typmods: Vec<i32>,
 }
 
 /// One column value of a tuple.
@@ -151,15 +182,18 @@ pub fn decode(data: &[u8]) -> Result<Message, DecodeError> {
             let id = r.u32("Relation id")?;
             let namespace = r.cstr()?;
             let name = r.cstr()?;
-            let _replica_identity = r.u8("Relation replica identity")?;
+            let replica_identity = r.u8("Relation replica identity")?;
             let ncols = r.i16("Relation column count")?;
-            let mut columns = Vec::with_capacity(ncols.max(0) as usize);
-            let mut types = Vec::with_capacity(ncols.max(0) as usize);
+            let n = ncols.max(0) as usize;
+            let mut columns = Vec::with_capacity(n);
+            let mut types = Vec::with_capacity(n);
+            let mut key = Vec::with_capacity(n);
+            let mut typmods = Vec::with_capacity(n);
             for _ in 0..ncols {
-                let _flags = r.u8("column flags")?;
+                key.push(r.u8("column flags")? & 1 == 1);
                 columns.push(r.cstr()?);
                 types.push(r.u32("column type")?);
-                let _typmod = r.u32("column type modifier")?;
+                typmods.push(r.u32("column type modifier")? as i32);
             }
             Ok(Message::Relation(Relation {
                 id,
@@ -172,7 +206,63 @@ pub fn decode(data: &[u8]) -> Result<Message, DecodeError> {
                 name,
                 columns,
                 types,
+                replica_identity,
+                key,
+                typmods,
             }))
+        }
+        b'U' => {
+            let relation_id = r.u32("Update relation id")?;
+            let mut marker = r.u8("Update tuple marker")?;
+            let mut old = None;
+            if marker == b'K' || marker == b'O' {
+                old = Some(OldTuple {
+                    full: marker == b'O',
+                    tuple: decode_tuple(&mut r)?,
+                });
+                marker = r.u8("Update new tuple marker")?;
+            }
+            if marker != b'N' {
+                return Err(DecodeError::Unexpected {
+                    expected: "'N' (new tuple)",
+                    found: marker,
+                });
+            }
+            Ok(Message::Update {
+                relation_id,
+                old,
+                new: decode_tuple(&mut r)?,
+            })
+        }
+        b'D' => {
+            let relation_id = r.u32("Delete relation id")?;
+            let marker = r.u8("Delete tuple marker")?;
+            if marker != b'K' && marker != b'O' {
+                return Err(DecodeError::Unexpected {
+                    expected: "'K' or 'O' (old tuple)",
+                    found: marker,
+                });
+            }
+            Ok(Message::Delete {
+                relation_id,
+                old: OldTuple {
+                    full: marker == b'O',
+                    tuple: decode_tuple(&mut r)?,
+                },
+            })
+        }
+        b'T' => {
+            let n = r.u32("Truncate relation count")?;
+            let options = r.u8("Truncate options")?;
+            let mut relation_ids = Vec::with_capacity(n.min(1024) as usize);
+            for _ in 0..n {
+                relation_ids.push(r.u32("Truncate relation id")?);
+            }
+            Ok(Message::Truncate {
+                relation_ids,
+                cascade: options & 1 == 1,
+                restart_identity: options & 2 == 2,
+            })
         }
         b'I' => {
             let relation_id = r.u32("Insert relation id")?;
@@ -263,13 +353,7 @@ pub fn parse_timestamp_ms(text: &str) -> Option<i64> {
         let om: i64 = o.next().map_or(Some(0), |v| v.parse().ok())?;
         sign * (oh * 3600 + om * 60)
     };
-    // Days from civil (Howard Hinnant's algorithm).
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
+    let days = crate::calendar::days_from_civil(y, m, day);
     let secs = days * 86_400 + hh * 3600 + mm * 60 - offset_secs;
     Some(secs * 1000 + (sec * 1000.0).round() as i64)
 }
@@ -344,6 +428,9 @@ mod tests {
                 name: "outbox".into(),
                 columns: vec!["id".into(), "payload".into()],
                 types: vec![25, 25],
+                replica_identity: b'd',
+                key: vec![true, true],
+                typmods: vec![-1, -1],
             })
         );
 
@@ -362,6 +449,83 @@ mod tests {
                 tuple: vec![Column::Text(b"abc".to_vec()), Column::Null]
             }
         );
+    }
+
+    fn tuple(out: &mut Vec<u8>, values: &[Option<&str>]) {
+        out.extend_from_slice(&(values.len() as i16).to_be_bytes());
+        for v in values {
+            match v {
+                None => out.push(b'n'),
+                Some(t) => {
+                    out.push(b't');
+                    out.extend_from_slice(&(t.len() as u32).to_be_bytes());
+                    out.extend_from_slice(t.as_bytes());
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn decodes_update_delete_and_truncate() {
+        let text = |s: &str| Column::Text(s.as_bytes().to_vec());
+        // An update with the whole old row (REPLICA IDENTITY FULL).
+        let mut u = vec![b'U'];
+        u.extend_from_slice(&7u32.to_be_bytes());
+        u.push(b'O');
+        tuple(&mut u, &[Some("1"), Some("a")]);
+        u.push(b'N');
+        tuple(&mut u, &[Some("1"), Some("b")]);
+        assert_eq!(
+            decode(&u).unwrap(),
+            Message::Update {
+                relation_id: 7,
+                old: Some(OldTuple {
+                    full: true,
+                    tuple: vec![text("1"), text("a")]
+                }),
+                new: vec![text("1"), text("b")],
+            }
+        );
+        // Without an old tuple (the key did not change).
+        let mut u = vec![b'U'];
+        u.extend_from_slice(&7u32.to_be_bytes());
+        u.push(b'N');
+        tuple(&mut u, &[Some("1"), None]);
+        assert!(matches!(
+            decode(&u).unwrap(),
+            Message::Update { old: None, .. }
+        ));
+        let mut d = vec![b'D'];
+        d.extend_from_slice(&7u32.to_be_bytes());
+        d.push(b'K');
+        tuple(&mut d, &[Some("1"), None]);
+        assert_eq!(
+            decode(&d).unwrap(),
+            Message::Delete {
+                relation_id: 7,
+                old: OldTuple {
+                    full: false,
+                    tuple: vec![text("1"), Column::Null]
+                }
+            }
+        );
+        let mut t = vec![b'T'];
+        t.extend_from_slice(&2u32.to_be_bytes());
+        t.push(3);
+        t.extend_from_slice(&7u32.to_be_bytes());
+        t.extend_from_slice(&8u32.to_be_bytes());
+        assert_eq!(
+            decode(&t).unwrap(),
+            Message::Truncate {
+                relation_ids: vec![7, 8],
+                cascade: true,
+                restart_identity: true
+            }
+        );
+        let mut bad = vec![b'D'];
+        bad.extend_from_slice(&7u32.to_be_bytes());
+        bad.push(b'N');
+        assert!(decode(&bad).is_err());
     }
 
     #[test]

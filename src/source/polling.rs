@@ -205,6 +205,7 @@ pub fn row_event(
                 .and_then(|p| p.trim().parse().ok()),
             headers,
             binary_payload: payload_is_bytea,
+            change: false,
         },
     }
 }

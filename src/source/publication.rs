@@ -55,10 +55,13 @@ pub struct Published {
 
 /// Checks that the outbox table (with OID `expected_oid`, if given) is in the publication and
 /// that the publication publishes its inserts under the table's own name.
+/// With `[cdc]`, the captured tables are checked too (`crate::cdc::catalog::verify`), after
+/// the same WAL position was read; `captured` keeps their OIDs between checks.
 pub async fn verify(
     client: &Client,
     cfg: &PostgresConfig,
     expected_oid: Option<u32>,
+    captured: &crate::cdc::catalog::CapturedOids,
 ) -> Result<Published> {
     let at = SystemTime::now();
     // Read the position first, then the catalog. A change whose commit record is below the
@@ -149,6 +152,7 @@ pub async fn verify(
         ));
     }
     published_whole(client, cfg, &publication, &table).await?;
+    crate::cdc::catalog::verify(client, cfg, captured).await?;
     Ok(Published {
         lsn,
         table_oid: oid,

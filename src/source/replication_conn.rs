@@ -111,6 +111,10 @@ impl ReplicationConn {
                 ("TimeZone", "UTC"),
                 ("DateStyle", "ISO"),
                 ("bytea_output", "hex"),
+                // …and the other values table CDC parses (crate::cdc::value).
+                ("IntervalStyle", "postgres"),
+                ("extra_float_digits", "1"),
+                ("lc_monetary", "C"),
                 // The server ends this walsender (and releases the leadership lock it holds)
                 // when no status update arrives for this long.
                 ("wal_sender_timeout", wal_sender_timeout.as_str()),

@@ -38,6 +38,9 @@ pub(crate) type Writer = Box<dyn AsyncWrite + Unpin + Send>;
 pub enum ReplicationMessage {
     /// A pgoutput message.
     XLogData {
+        /// The WAL position of the change (for Begin: the transaction's first record; for
+        /// Commit: the end of the commit record).
+        wal_start: u64,
         data: bytes::Bytes,
         /// Its share of the read-ahead byte budget, returned when the message is dropped.
         budget: Option<tokio::sync::OwnedSemaphorePermit>,
@@ -348,9 +351,12 @@ async fn read_loop(
             Err(e) => Err(io_error("reading the replication stream", e)),
             Ok((b'd', mut body)) => match body.first() {
                 Some(b'w') if body.len() >= 25 => {
-                    body.advance(25); // tag, start LSN, end LSN, send time
+                    body.advance(1);
+                    let wal_start = body.get_u64();
+                    body.advance(16); // end LSN, send time
                     let budget = budget.take(body.len()).await;
                     Ok(ReplicationMessage::XLogData {
+                        wal_start,
                         data: body.freeze(),
                         budget,
                     })

@@ -1,0 +1,135 @@
+//! The change event's JSON: Debezium's envelope (`before`, `after`, `source`, `transaction`,
+//! `op`, `ts_ms`/`ts_us`/`ts_ns`) in the field order and number formatting of Debezium's
+//! JSON converter without schemas, so a consumer written for Debezium reads it unchanged.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use super::value::string;
+
+/// `source.version`: says which program wrote the event (Debezium writes its own version).
+pub const SOURCE_VERSION: &str = concat!("outboxd-", env!("CARGO_PKG_VERSION"));
+
+/// Where a change came from: the `source` block.
+#[derive(Debug, Clone)]
+pub struct Source<'a> {
+    /// `topic.prefix` (`source.name`).
+    pub name: &'a str,
+    pub db: &'a str,
+    pub schema: &'a str,
+    pub table: &'a str,
+    pub commit_time: SystemTime,
+    pub xid: u32,
+    /// The change's WAL position.
+    pub lsn: u64,
+    /// End of the last commit decoded before this transaction (`None` before the first of
+    /// the session): the first half of `source.sequence`.
+    pub last_commit: Option<u64>,
+}
+
+/// Debezium's `op`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    Create,
+    Update,
+    Delete,
+    Truncate,
+}
+
+impl Op {
+    pub fn letter(self) -> &'static str {
+        match self {
+            Op::Create => "c",
+            Op::Update => "u",
+            Op::Delete => "d",
+            Op::Truncate => "t",
+        }
+    }
+}
+
+fn micros(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
+}
+
+fn times(out: &mut String, us: i64, ns: Option<i64>) {
+    out.push_str(&format!(
+        "\"ts_ms\":{},\"ts_us\":{us},\"ts_ns\":{}",
+        us.div_euclid(1000),
+        ns.unwrap_or(us * 1000)
+    ));
+}
+
+/// The whole value. `before` and `after` are the JSON objects of the rows (already
+/// written), or `None` for `null`.
+pub fn write(before: Option<&str>, after: Option<&str>, source: &Source<'_>, op: Op) -> String {
+    let mut out =
+        String::with_capacity(before.map_or(4, str::len) + after.map_or(4, str::len) + 512);
+    out.push_str("{\"before\":");
+    out.push_str(before.unwrap_or("null"));
+    out.push_str(",\"after\":");
+    out.push_str(after.unwrap_or("null"));
+    out.push_str(",\"source\":{\"version\":");
+    string(&mut out, SOURCE_VERSION);
+    out.push_str(",\"connector\":\"postgresql\",\"name\":");
+    string(&mut out, source.name);
+    let commit_us = micros(source.commit_time);
+    out.push_str(&format!(",\"ts_ms\":{}", commit_us.div_euclid(1000)));
+    out.push_str(",\"snapshot\":\"false\",\"db\":");
+    string(&mut out, source.db);
+    let sequence = match source.last_commit {
+        Some(c) => format!("[\"{c}\",\"{}\"]", source.lsn),
+        None => format!("[null,\"{}\"]", source.lsn),
+    };
+    out.push_str(",\"sequence\":");
+    string(&mut out, &sequence);
+    out.push_str(&format!(
+        ",\"ts_us\":{commit_us},\"ts_ns\":{}",
+        commit_us * 1000
+    ));
+    out.push_str(",\"schema\":");
+    string(&mut out, source.schema);
+    out.push_str(",\"table\":");
+    string(&mut out, source.table);
+    out.push_str(&format!(
+        ",\"txId\":{},\"lsn\":{},\"xmin\":null,\"origin\":null,\"origin_lsn\":null}},\"transaction\":null,\"op\":\"{}\",",
+        source.xid,
+        source.lsn,
+        op.letter()
+    ));
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0);
+    times(&mut out, now / 1000, Some(now));
+    out.push('}');
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn the_envelope_has_debeziums_fields_in_debeziums_order() {
+        let source = Source {
+            name: "dbz",
+            db: "shop",
+            schema: "public",
+            table: "t",
+            commit_time: UNIX_EPOCH + Duration::from_micros(1_796_163_121_790_849),
+            xid: 736,
+            lsn: 26_675_312,
+            last_commit: None,
+        };
+        let v = write(None, Some(r#"{"id":1}"#), &source, Op::Create);
+        let expected = r#"{"before":null,"after":{"id":1},"source":{"version":"outboxd-"#;
+        assert!(v.starts_with(expected), "{v}");
+        let rest = r#"","connector":"postgresql","name":"dbz","ts_ms":1796163121790,"snapshot":"false","db":"shop","sequence":"[null,\"26675312\"]","ts_us":1796163121790849,"ts_ns":1796163121790849000,"schema":"public","table":"t","txId":736,"lsn":26675312,"xmin":null,"origin":null,"origin_lsn":null},"transaction":null,"op":"c","ts_ms":"#;
+        assert!(v.contains(rest), "{v}");
+        let parsed: serde_json::Value = serde_json::from_str(&v).unwrap();
+        assert!(parsed["ts_ns"].as_i64().unwrap() > 1_796_163_121_790_849_000);
+    }
+}

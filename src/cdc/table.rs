@@ -1,0 +1,353 @@
+//! One captured table: its columns as the Relation in force describes them, and the change
+//! events its inserts, updates, deletes and truncates become.
+//!
+//! * The key is the primary key (or, without one, the replica identity index) as a JSON
+//!   object, as Debezium's; a table with neither has no key.
+//! * `before` follows the replica identity: DEFAULT and USING INDEX carry the old key only
+//!   (the other columns `null`, as Debezium writes them) on a delete or a key change; FULL
+//!   carries the whole old row.
+//! * An update that changes the key is a delete of the old key (and its tombstone) and a
+//!   create of the new one, so a compacted topic keeps no row under the old key.
+//! * An unchanged TOASTed value is not in the WAL: it is taken from the old row when
+//!   REPLICA IDENTITY FULL sent one, otherwise it becomes the configured placeholder, or it
+//!   is left out and named in header `outboxd.unavailable` — never a silent `null`.
+
+use std::collections::HashMap;
+use std::time::SystemTime;
+
+use super::envelope::{self, Op, Source};
+use super::types::{ColType, TypeInfo};
+use super::value;
+use crate::config::{CdcConfig, ToastMode};
+use crate::event::{Event, EventExtra};
+use crate::source::pgoutput::{Column, OldTuple, Relation};
+
+/// What the catalog says of a captured table when its Relation message arrives.
+#[derive(Debug, Clone, Default)]
+pub struct TableCatalog {
+    /// `current_database()`: `source.db`.
+    pub db: String,
+    /// The primary key's columns in index order; else the replica identity index's; else
+    /// empty.
+    pub key_columns: Vec<String>,
+    /// Every type the columns use (domains' base types and arrays' elements included).
+    pub types: HashMap<u32, TypeInfo>,
+}
+
+#[derive(Debug, Clone)]
+struct Col {
+    name: String,
+    ty: ColType,
+    included: bool,
+}
+
+/// A captured relation, resolved.
+#[derive(Debug, Clone)]
+pub struct CapturedTable {
+    pub schema: String,
+    pub table: String,
+    topic: String,
+    db: String,
+    columns: Vec<Col>,
+    /// Positions of the key columns in the tuple, in key order.
+    key: Vec<usize>,
+    /// Debezium's `topic.prefix` (`source.name`).
+    prefix: String,
+}
+
+/// The transaction a change belongs to.
+#[derive(Debug, Clone, Copy)]
+pub struct TxnContext {
+    pub commit_time: SystemTime,
+    pub xid: u32,
+    /// The change's WAL position.
+    pub lsn: u64,
+    pub last_commit: Option<u64>,
+}
+
+/// An event, or a change that cannot become one: (event id, reason, the row's raw text).
+pub type Outcome = Result<Event, (String, String, Vec<u8>)>;
+
+/// A row as JSON, and the columns left out because their value was not in the WAL.
+struct RowJson {
+    json: String,
+    unavailable: Vec<String>,
+}
+
+impl CapturedTable {
+    pub fn new(rel: &Relation, catalog: &TableCatalog, cfg: &CdcConfig) -> CapturedTable {
+        let lookup = |oid: u32| catalog.types.get(&oid).cloned();
+        let columns = rel
+            .columns
+            .iter()
+            .enumerate()
+            .map(|(i, name)| Col {
+                name: name.clone(),
+                ty: ColType::resolve(
+                    rel.types.get(i).copied().unwrap_or(0),
+                    rel.typmods.get(i).copied().unwrap_or(-1),
+                    &lookup,
+                ),
+                included: cfg.includes_column(&rel.namespace, &rel.name, name),
+            })
+            .collect::<Vec<_>>();
+        let key = catalog
+            .key_columns
+            .iter()
+            .filter_map(|k| rel.columns.iter().position(|c| c == k))
+            .collect();
+        CapturedTable {
+            schema: rel.namespace.clone(),
+            table: rel.name.clone(),
+            topic: cfg.topic(&rel.namespace, &rel.name),
+            db: catalog.db.clone(),
+            columns,
+            key,
+            prefix: cfg.topic_prefix.clone(),
+        }
+    }
+
+    pub fn has_key(&self) -> bool {
+        !self.key.is_empty()
+    }
+
+    fn name(&self) -> String {
+        format!("{}.{}", self.schema, self.table)
+    }
+
+    /// The events of an insert.
+    pub fn insert(&self, cfg: &CdcConfig, txn: &TxnContext, new: &[Column]) -> Vec<Outcome> {
+        vec![self.event(cfg, txn, Op::Create, None, Some((new, None)))]
+    }
+
+    /// The events of an update (a delete and a create when the key changed).
+    pub fn update(
+        &self,
+        cfg: &CdcConfig,
+        txn: &TxnContext,
+        old: Option<&OldTuple>,
+        new: &[Column],
+    ) -> Vec<Outcome> {
+        let full_old = old.filter(|o| o.full).map(|o| o.tuple.as_slice());
+        if let Some(old) = old {
+            let key_changed = self
+                .key
+                .iter()
+                .any(|&i| old.tuple.get(i) != new.get(i) && new.get(i) != Some(&Column::Unchanged));
+            if key_changed {
+                let mut out = self.delete(cfg, txn, old);
+                if cfg.operations.create {
+                    out.push(self.event(cfg, txn, Op::Create, None, Some((new, full_old))));
+                }
+                return out;
+            }
+        }
+        let before = old.map(|o| o.tuple.as_slice());
+        vec![self.event(cfg, txn, Op::Update, before, Some((new, full_old)))]
+    }
+
+    /// The events of a delete: the delete, then its tombstone (unless turned off).
+    pub fn delete(&self, cfg: &CdcConfig, txn: &TxnContext, old: &OldTuple) -> Vec<Outcome> {
+        let mut out = vec![self.event(cfg, txn, Op::Delete, Some(&old.tuple), None)];
+        if cfg.tombstones_on_delete {
+            if let Some(Ok(delete)) = out.first() {
+                let mut tombstone = delete.clone();
+                tombstone.id = self.event_id(txn, "x");
+                tombstone.event_type = "tombstone".into();
+                tombstone.payload = None;
+                out.push(Ok(tombstone));
+            }
+        }
+        out
+    }
+
+    pub fn truncate(&self, cfg: &CdcConfig, txn: &TxnContext) -> Vec<Outcome> {
+        vec![self.event(cfg, txn, Op::Truncate, None, None)]
+    }
+
+    fn event_id(&self, txn: &TxnContext, op: &str) -> String {
+        format!("{}/{}/{op}", self.name(), txn.lsn)
+    }
+
+    /// One event. `after` is the new tuple and the old row to fill unchanged TOASTed values
+    /// from (REPLICA IDENTITY FULL).
+    fn event(
+        &self,
+        cfg: &CdcConfig,
+        txn: &TxnContext,
+        op: Op,
+        before: Option<&[Column]>,
+        after: Option<(&[Column], Option<&[Column]>)>,
+    ) -> Outcome {
+        let id = self.event_id(txn, op.letter());
+        let raw = || raw_row(&self.columns, after.map(|a| a.0).or(before));
+        let fail = |reason: String| Err((id.clone(), reason, raw()));
+        let before_json = match before.map(|b| self.row(cfg, b, None)) {
+            None => None,
+            Some(Ok(r)) => Some(r),
+            Some(Err(e)) => return fail(e),
+        };
+        let after_json = match after.map(|(n, fill)| self.row(cfg, n, fill)) {
+            None => None,
+            Some(Ok(r)) => Some(r),
+            Some(Err(e)) => return fail(e),
+        };
+        let key_source = after.map(|a| a.0).or(before);
+        let key = match (op, key_source) {
+            (Op::Truncate, _) | (_, None) => None,
+            (_, Some(t)) if self.has_key() => match self.key_json(t) {
+                Ok(k) => Some(k),
+                Err(e) => return fail(e),
+            },
+            _ => None,
+        };
+        let source = Source {
+            name: &self.prefix,
+            db: &self.db,
+            schema: &self.schema,
+            table: &self.table,
+            commit_time: txn.commit_time,
+            xid: txn.xid,
+            lsn: txn.lsn,
+            last_commit: txn.last_commit,
+        };
+        let payload = envelope::write(
+            before_json.as_ref().map(|r| r.json.as_str()),
+            after_json.as_ref().map(|r| r.json.as_str()),
+            &source,
+            op,
+        );
+        let mut headers = Vec::new();
+        if let Some(a) = &after_json {
+            if !a.unavailable.is_empty() {
+                headers.push(("outboxd.unavailable".to_string(), a.unavailable.join(",")));
+            }
+        }
+        Ok(Event {
+            id,
+            aggregatetype: self.name(),
+            aggregateid: key,
+            event_type: match op {
+                Op::Create => "create",
+                Op::Update => "update",
+                Op::Delete => "delete",
+                Op::Truncate => "truncate",
+            }
+            .into(),
+            payload: Some(payload.into_bytes()),
+            headers: None,
+            commit_time: txn.commit_time,
+            extra: EventExtra {
+                topic: Some(self.topic.clone()),
+                headers,
+                change: true,
+                ..EventExtra::default()
+            },
+        })
+    }
+
+    fn key_json(&self, tuple: &[Column]) -> Result<String, String> {
+        let mut out = String::from("{");
+        for (n, &i) in self.key.iter().enumerate() {
+            let col = &self.columns[i];
+            if n > 0 {
+                out.push(',');
+            }
+            value::string(&mut out, &col.name);
+            out.push(':');
+            match tuple.get(i) {
+                Some(Column::Text(t)) => write_value(&mut out, col, t)?,
+                _ => out.push_str("null"),
+            }
+        }
+        out.push('}');
+        Ok(out)
+    }
+
+    fn row(
+        &self,
+        cfg: &CdcConfig,
+        tuple: &[Column],
+        fill: Option<&[Column]>,
+    ) -> Result<RowJson, String> {
+        let mut out = String::from("{");
+        let mut unavailable = Vec::new();
+        let mut first = true;
+        for (i, col) in self.columns.iter().enumerate() {
+            if !col.included {
+                continue;
+            }
+            let value = match tuple.get(i) {
+                Some(Column::Unchanged) => match fill.and_then(|f| f.get(i)) {
+                    Some(c @ (Column::Text(_) | Column::Null)) => Some(c),
+                    _ if cfg.toast == ToastMode::Omit => {
+                        unavailable.push(col.name.clone());
+                        continue;
+                    }
+                    _ => None,
+                },
+                other => other,
+            };
+            if !first {
+                out.push(',');
+            }
+            first = false;
+            value::string(&mut out, &col.name);
+            out.push(':');
+            match value {
+                Some(Column::Text(t)) => write_value(&mut out, col, t)?,
+                Some(Column::Null | Column::Unchanged) => out.push_str("null"),
+                // Unchanged TOAST, no old row: the placeholder.
+                None => placeholder(&mut out, &col.ty, &cfg.unavailable_value_placeholder),
+            }
+        }
+        out.push('}');
+        Ok(RowJson {
+            json: out,
+            unavailable,
+        })
+    }
+}
+
+fn write_value(out: &mut String, col: &Col, text: &[u8]) -> Result<(), String> {
+    let text = std::str::from_utf8(text)
+        .map_err(|_| format!("column `{}`: value is not UTF-8", col.name))?;
+    value::write(out, &col.ty, text).map_err(|e| format!("column `{}`: {e}", col.name))
+}
+
+/// Debezium's placeholder for a value that is not in the WAL, in the column's JSON shape
+/// where it has one (bytes: base64 of the text; arrays: a one-element array).
+fn placeholder(out: &mut String, ty: &ColType, text: &str) {
+    match ty {
+        ColType::Bytes => value::string(out, &value::base64(text.as_bytes())),
+        ColType::Array(element) => {
+            out.push('[');
+            placeholder(out, element, text);
+            out.push(']');
+        }
+        _ => value::string(out, text),
+    }
+}
+
+/// The row's raw text as a JSON object of strings, for the dead-letter record of a change
+/// that could not be mapped.
+fn raw_row(columns: &[Col], tuple: Option<&[Column]>) -> Vec<u8> {
+    let mut out = String::from("{");
+    for (i, (col, v)) in columns.iter().zip(tuple.unwrap_or_default()).enumerate() {
+        if !col.included {
+            continue;
+        }
+        if i > 0 && out.len() > 1 {
+            out.push(',');
+        }
+        value::string(&mut out, &col.name);
+        out.push(':');
+        match v {
+            Column::Text(t) => value::string(&mut out, &String::from_utf8_lossy(t)),
+            Column::Null => out.push_str("null"),
+            Column::Unchanged => out.push_str("\"(unchanged TOAST)\""),
+        }
+    }
+    out.push('}');
+    out.into_bytes()
+}

@@ -1,0 +1,768 @@
+//! A column value in PostgreSQL's text form → its JSON text in a change event, byte for byte
+//! as Debezium's JSON converter writes it (Jackson's number and string formatting included),
+//! so a consumer moved from Debezium sees the same bytes.
+//!
+//! The replication connection fixes the settings the text depends on (`TimeZone=UTC`,
+//! `DateStyle=ISO`, `IntervalStyle=postgres`, `extra_float_digits=1`, `bytea_output=hex`,
+//! `lc_monetary=C`: see `source::replication_conn`). A value that does not parse as its type
+//! is an error naming the value's problem: the caller dead-letters the event with it — never
+//! a silent null.
+
+use super::types::ColType;
+use crate::calendar::{civil_from_days, days_from_civil};
+
+/// Appends the JSON for `text` (a non-NULL value of type `ty`) to `out`.
+pub fn write(out: &mut String, ty: &ColType, text: &str) -> Result<(), String> {
+    match ty {
+        ColType::Bool => match text {
+            "t" => out.push_str("true"),
+            "f" => out.push_str("false"),
+            _ => return Err(format!("`{text}` is not a boolean")),
+        },
+        ColType::Int | ColType::Long => {
+            let ok = text.strip_prefix('-').unwrap_or(text);
+            if ok.is_empty() || !ok.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(format!("`{text}` is not an integer"));
+            }
+            out.push_str(text);
+        }
+        ColType::Float32 => {
+            let v: f32 = text
+                .parse()
+                .map_err(|_| format!("`{text}` is not a float4"))?;
+            java_float(out, f64::from(v), Some(v));
+        }
+        ColType::Float64 => {
+            let v: f64 = text
+                .parse()
+                .map_err(|_| format!("`{text}` is not a float8"))?;
+            java_float(out, v, None);
+        }
+        ColType::Decimal { scale } => match decimal(text, Some(*scale))? {
+            None => out.push_str("null"),
+            Some((bytes, _)) => string(out, &base64(&bytes)),
+        },
+        ColType::VariableDecimal => match decimal(text, None)? {
+            None => out.push_str("null"),
+            Some((bytes, scale)) => {
+                out.push_str("{\"scale\":");
+                out.push_str(&scale.to_string());
+                out.push_str(",\"value\":");
+                string(out, &base64(&bytes));
+                out.push('}');
+            }
+        },
+        ColType::Money => {
+            let plain: String = text.chars().filter(|c| !matches!(c, '$' | ',')).collect();
+            match decimal(&plain, Some(2))? {
+                None => out.push_str("null"),
+                Some((bytes, _)) => string(out, &base64(&bytes)),
+            }
+        }
+        ColType::Text => string(out, text),
+        ColType::Bytes => {
+            let bytes = crate::source::pgoutput::decode_bytea_hex(text.as_bytes())
+                .ok_or_else(|| "bytea value is not in hex format".to_string())?;
+            string(out, &base64(&bytes));
+        }
+        ColType::Date => match text {
+            // PostgreSQL's infinite dates (±2^31 days from 2000-01-01), moved to 1970.
+            "-infinity" => out.push_str(&(i64::from(i32::MIN) + 10_957).to_string()),
+            "infinity" => out.push_str(&i32::MAX.to_string()),
+            _ => out.push_str(&date_days(text)?.to_string()),
+        },
+        ColType::Time { micros } => {
+            let us = time_micros(text)?;
+            out.push_str(&if *micros { us } else { us / 1000 }.to_string());
+        }
+        ColType::TimeTz => string(out, &time_tz(text)?),
+        ColType::Timestamp { micros } => {
+            let us = match text {
+                // pgjdbc's constants for PostgreSQL's infinite timestamps.
+                "infinity" => 9_223_372_036_825_200_000,
+                "-infinity" => -9_223_372_036_832_400_000,
+                _ => timestamp_micros(text)?.0,
+            };
+            let v = if *micros { us } else { us.div_euclid(1000) };
+            out.push_str(&v.to_string());
+        }
+        ColType::TimestampTz { digits } => match text {
+            "infinity" | "-infinity" => string(out, text),
+            _ => {
+                let (us, _) = timestamp_micros(text)?;
+                string(out, &iso_utc(us, *digits));
+            }
+        },
+        ColType::Interval => out.push_str(&interval_micros(text)?.to_string()),
+        ColType::Bit => match text {
+            "1" => out.push_str("true"),
+            "0" => out.push_str("false"),
+            _ => return Err(format!("`{text}` is not a bit(1)")),
+        },
+        ColType::Bits => string(out, &base64(&bits(text)?)),
+        ColType::Point => {
+            let (x, y) = point(text)?;
+            let mut wkb = vec![1u8, 1, 0, 0, 0];
+            wkb.extend_from_slice(&x.to_le_bytes());
+            wkb.extend_from_slice(&y.to_le_bytes());
+            out.push_str("{\"x\":");
+            java_float(out, x, None);
+            out.push_str(",\"y\":");
+            java_float(out, y, None);
+            out.push_str(",\"wkb\":");
+            string(out, &base64(&wkb));
+            out.push_str(",\"srid\":null}");
+        }
+        ColType::Hstore => string(out, &hstore_json(text)?),
+        ColType::Array(element) => {
+            let items = parse_array(text)?;
+            write_array(out, element, &items)?;
+        }
+    }
+    Ok(())
+}
+
+/// A JSON string, escaped as Jackson escapes it (`\"`, `\\`, `\n`…, other control characters
+/// as `\u00XX` with upper-case hex; everything else as is).
+pub fn string(out: &mut String, s: &str) {
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            '\u{8}' => out.push_str("\\b"),
+            '\u{c}' => out.push_str("\\f"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04X}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
+/// Java's `Double.toString` / `Float.toString` as Jackson writes them: plain between 10^-3
+/// and 10^7 with at least one fraction digit, otherwise `d.dddE±n`; non-finite values as the
+/// strings `"NaN"`, `"Infinity"`, `"-Infinity"`.
+pub fn java_float(out: &mut String, v: f64, as_f32: Option<f32>) {
+    if v.is_nan() {
+        return out.push_str("\"NaN\"");
+    }
+    if v.is_infinite() {
+        return out.push_str(if v > 0.0 {
+            "\"Infinity\""
+        } else {
+            "\"-Infinity\""
+        });
+    }
+    if v == 0.0 {
+        return out.push_str(if v.is_sign_negative() { "-0.0" } else { "0.0" });
+    }
+    // Shortest round-trip digits: `d.ddde±x`.
+    let sci = match as_f32 {
+        Some(f) => format!("{f:e}"),
+        None => format!("{v:e}"),
+    };
+    let (mantissa, exp) = sci.split_once('e').unwrap_or((&sci, "0"));
+    let exp: i32 = exp.parse().unwrap_or(0);
+    let (negative, mantissa) = match mantissa.strip_prefix('-') {
+        Some(m) => (true, m),
+        None => (false, mantissa),
+    };
+    let digits: String = mantissa.chars().filter(|c| c.is_ascii_digit()).collect();
+    if negative {
+        out.push('-');
+    }
+    if (-3..7).contains(&exp) {
+        if exp < 0 {
+            out.push_str("0.");
+            for _ in 0..(-exp - 1) {
+                out.push('0');
+            }
+            out.push_str(&digits);
+        } else {
+            let int_len = exp as usize + 1;
+            if digits.len() <= int_len {
+                out.push_str(&digits);
+                for _ in digits.len()..int_len {
+                    out.push('0');
+                }
+                out.push_str(".0");
+            } else {
+                out.push_str(&digits[..int_len]);
+                out.push('.');
+                out.push_str(&digits[int_len..]);
+            }
+        }
+    } else {
+        out.push_str(&digits[..1]);
+        out.push('.');
+        if digits.len() > 1 {
+            out.push_str(&digits[1..]);
+        } else {
+            out.push('0');
+        }
+        out.push('E');
+        out.push_str(&exp.to_string());
+    }
+}
+
+pub fn base64(bytes: &[u8]) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut s = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let b = [
+            chunk[0],
+            chunk.get(1).copied().unwrap_or(0),
+            chunk.get(2).copied().unwrap_or(0),
+        ];
+        let n = u32::from(b[0]) << 16 | u32::from(b[1]) << 8 | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                s.push(T[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                s.push('=');
+            }
+        }
+    }
+    s
+}
+
+/// A numeric's text → (unscaled value as Java's `BigInteger.toByteArray`, scale). `scale`
+/// given: the declared scale; `None`: the value's own, trailing fraction zeros dropped (as
+/// Debezium's `VariableScaleDecimal`). `None` for NaN and ±Infinity, which a decimal cannot
+/// hold (Debezium writes null).
+fn decimal(text: &str, scale: Option<u32>) -> Result<Option<(Vec<u8>, u32)>, String> {
+    if matches!(text, "NaN" | "Infinity" | "-Infinity") {
+        return Ok(None);
+    }
+    let bad = || format!("`{text}` is not a number");
+    let (negative, rest) = match text.strip_prefix('-') {
+        Some(r) => (true, r),
+        None => (false, text),
+    };
+    let (int, frac) = rest.split_once('.').unwrap_or((rest, ""));
+    if int.is_empty() && frac.is_empty()
+        || !int.bytes().chain(frac.bytes()).all(|b| b.is_ascii_digit())
+    {
+        return Err(bad());
+    }
+    let (frac, scale) = match scale {
+        Some(s) => {
+            let s = s as usize;
+            let mut f = frac.to_string();
+            if f.len() > s {
+                return Err(format!(
+                    "`{text}` has more fraction digits than its scale {s}"
+                ));
+            }
+            while f.len() < s {
+                f.push('0');
+            }
+            (f, s)
+        }
+        None => {
+            let f = frac.trim_end_matches('0').to_string();
+            let s = f.len();
+            (f, s)
+        }
+    };
+    // Decimal digits → big-endian magnitude bytes.
+    let mut mag: Vec<u8> = Vec::new();
+    for d in int.bytes().chain(frac.bytes()) {
+        let mut carry = u32::from(d - b'0');
+        for byte in mag.iter_mut().rev() {
+            let v = u32::from(*byte) * 10 + carry;
+            *byte = (v & 0xff) as u8;
+            carry = v >> 8;
+        }
+        while carry > 0 {
+            mag.insert(0, (carry & 0xff) as u8);
+            carry >>= 8;
+        }
+    }
+    while mag.first() == Some(&0) {
+        mag.remove(0);
+    }
+    let zero = mag.is_empty();
+    mag.insert(0, 0);
+    if negative && !zero {
+        // Two's complement, then the shortest form.
+        for b in mag.iter_mut() {
+            *b = !*b;
+        }
+        for b in mag.iter_mut().rev() {
+            let (v, overflow) = b.overflowing_add(1);
+            *b = v;
+            if !overflow {
+                break;
+            }
+        }
+        while mag.len() > 1 && mag[0] == 0xff && mag[1] & 0x80 != 0 {
+            mag.remove(0);
+        }
+    } else {
+        while mag.len() > 1 && mag[0] == 0 && mag[1] & 0x80 == 0 {
+            mag.remove(0);
+        }
+    }
+    Ok(Some((mag, scale as u32)))
+}
+
+/// `YYYY-MM-DD[ BC]` → days since 1970-01-01 (1 BC is year 0).
+fn date_days(text: &str) -> Result<i64, String> {
+    let bad = || format!("`{text}` is not a date");
+    let (date, bc) = match text.strip_suffix(" BC") {
+        Some(d) => (d, true),
+        None => (text, false),
+    };
+    let mut p = date.splitn(3, '-');
+    let mut num =
+        || -> Result<i64, String> { p.next().and_then(|v| v.parse().ok()).ok_or_else(bad) };
+    let (y, m, d) = (num()?, num()?, num()?);
+    let y = if bc { 1 - y } else { y };
+    Ok(days_from_civil(y, m, d))
+}
+
+/// `HH:MM:SS[.ffffff]` → microseconds since midnight.
+fn time_micros(text: &str) -> Result<i64, String> {
+    let bad = || format!("`{text}` is not a time");
+    let mut p = text.splitn(3, ':');
+    let h: i64 = p.next().and_then(|v| v.parse().ok()).ok_or_else(bad)?;
+    let m: i64 = p.next().and_then(|v| v.parse().ok()).ok_or_else(bad)?;
+    let s = p.next().ok_or_else(bad)?;
+    let (whole, frac) = s.split_once('.').unwrap_or((s, ""));
+    let whole: i64 = whole.parse().map_err(|_| bad())?;
+    if frac.len() > 6 || !frac.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad());
+    }
+    let micros: i64 = format!("{frac:0<6}").parse().map_err(|_| bad())?;
+    Ok(((h * 60 + m) * 60 + whole) * 1_000_000 + micros)
+}
+
+/// Splits a `+HH[:MM[:SS]]` / `-…` offset off the end of a time; → (time, offset seconds).
+fn split_offset(text: &str) -> Option<(&str, i64)> {
+    let at = text.rfind(['+', '-'])?;
+    let (time, offset) = text.split_at(at);
+    let sign = if offset.starts_with('-') { -1 } else { 1 };
+    let mut secs = 0;
+    for (i, part) in offset[1..].split(':').enumerate() {
+        let v: i64 = part.parse().ok()?;
+        secs += v * [3600, 60, 1].get(i)?;
+    }
+    Some((time, sign * secs))
+}
+
+/// `HH:MM:SS[.ffffff]±HH[:MM]` → `HH:MM:SS[.fff]Z` in UTC (Java's `ISO_OFFSET_TIME`: the
+/// fraction without trailing zeros).
+fn time_tz(text: &str) -> Result<String, String> {
+    let (time, offset) = split_offset(text).ok_or_else(|| format!("`{text}` is not a timetz"))?;
+    let day = 86_400_000_000;
+    let us = (time_micros(time)? - offset * 1_000_000).rem_euclid(day);
+    let secs = us / 1_000_000;
+    let mut s = format!("{:02}:{:02}:{:02}", secs / 3600, secs / 60 % 60, secs % 60);
+    let frac = us % 1_000_000;
+    if frac != 0 {
+        let f = format!("{frac:06}");
+        s.push('.');
+        s.push_str(f.trim_end_matches('0'));
+    }
+    s.push('Z');
+    Ok(s)
+}
+
+/// `YYYY-MM-DD HH:MM:SS[.ffffff][±HH[:MM]][ BC]` → (microseconds since the epoch in UTC,
+/// whether an offset was given).
+fn timestamp_micros(text: &str) -> Result<(i64, bool), String> {
+    let bad = || format!("`{text}` is not a timestamp");
+    let (body, bc) = match text.strip_suffix(" BC") {
+        Some(b) => (b, true),
+        None => (text, false),
+    };
+    let (date, time) = body.split_once(' ').ok_or_else(bad)?;
+    let (time, offset) = match split_offset(time) {
+        Some((t, o)) => (t, Some(o)),
+        None => (time, None),
+    };
+    let days = date_days(&if bc {
+        format!("{date} BC")
+    } else {
+        date.to_string()
+    })?;
+    let us = days * 86_400_000_000 + time_micros(time)? - offset.unwrap_or(0) * 1_000_000;
+    Ok((us, offset.is_some()))
+}
+
+/// Microseconds since the epoch → `YYYY-MM-DDTHH:MM:SS[.f…]Z` with `digits` fraction digits
+/// (Debezium's `ZonedTimestamp`).
+fn iso_utc(us: i64, digits: u32) -> String {
+    let days = us.div_euclid(86_400_000_000);
+    let rest = us.rem_euclid(86_400_000_000);
+    let (y, m, d) = civil_from_days(days);
+    let secs = rest / 1_000_000;
+    let year = if (0..=9999).contains(&y) {
+        format!("{y:04}")
+    } else if y > 9999 {
+        format!("+{y}")
+    } else {
+        format!("-{:04}", -y)
+    };
+    let mut s = format!(
+        "{year}-{m:02}-{d:02}T{:02}:{:02}:{:02}",
+        secs / 3600,
+        secs / 60 % 60,
+        secs % 60
+    );
+    if digits > 0 {
+        let f = format!("{:06}", rest % 1_000_000);
+        s.push('.');
+        s.push_str(&f[..(digits.min(6) as usize)]);
+    }
+    s.push('Z');
+    s
+}
+
+/// PostgreSQL's `postgres` interval style (`1 year 2 mons -3 days 04:05:06.789`) →
+/// microseconds as Debezium computes them (a month is 365.25 / 12 days, in floating point).
+fn interval_micros(text: &str) -> Result<i64, String> {
+    let bad = || format!("`{text}` is not an interval");
+    let (mut years, mut months, mut days) = (0f64, 0f64, 0f64);
+    let (mut hours, mut minutes, mut seconds) = (0f64, 0f64, 0f64);
+    let mut words = text.split_whitespace().peekable();
+    while let Some(w) = words.next() {
+        if w.contains(':') {
+            let (sign, t) = match w.strip_prefix('-') {
+                Some(t) => (-1.0, t),
+                None => (1.0, w.strip_prefix('+').unwrap_or(w)),
+            };
+            let mut p = t.splitn(3, ':');
+            hours = sign
+                * p.next()
+                    .and_then(|v| v.parse::<f64>().ok())
+                    .ok_or_else(bad)?;
+            minutes = sign
+                * p.next()
+                    .and_then(|v| v.parse::<f64>().ok())
+                    .ok_or_else(bad)?;
+            seconds = sign
+                * p.next()
+                    .map_or(Some(0.0), |v| v.parse::<f64>().ok())
+                    .ok_or_else(bad)?;
+            continue;
+        }
+        let n: f64 = w.parse().map_err(|_| bad())?;
+        match words.next().ok_or_else(bad)?.trim_end_matches('s') {
+            "year" => years = n,
+            "mon" => months = n,
+            "day" => days = n,
+            _ => return Err(bad()),
+        }
+    }
+    let days_per_month = 365.25 / 12.0;
+    let total_days = (years * 12.0 + months) * days_per_month + days;
+    let total_seconds = ((total_days * 24.0 + hours) * 60.0 + minutes) * 60.0 + seconds;
+    Ok((total_seconds * 1_000_000.0).round() as i64)
+}
+
+/// A bit string (`0101…`) → its value as little-endian bytes, one byte per 8 bits.
+fn bits(text: &str) -> Result<Vec<u8>, String> {
+    let mut out = vec![0u8; text.len().div_ceil(8).max(1)];
+    for (k, c) in text.bytes().rev().enumerate() {
+        match c {
+            b'1' => out[k / 8] |= 1 << (k % 8),
+            b'0' => {}
+            _ => return Err(format!("`{text}` is not a bit string")),
+        }
+    }
+    Ok(out)
+}
+
+fn point(text: &str) -> Result<(f64, f64), String> {
+    let bad = || format!("`{text}` is not a point");
+    let inner = text
+        .strip_prefix('(')
+        .and_then(|t| t.strip_suffix(')'))
+        .ok_or_else(bad)?;
+    let (x, y) = inner.split_once(',').ok_or_else(bad)?;
+    Ok((x.parse().map_err(|_| bad())?, y.parse().map_err(|_| bad())?))
+}
+
+/// Reads a double-quoted token (`"…"` with `\` escapes) or an unquoted one ending at any of
+/// `ends`; → (token, quoted, rest).
+fn token<'a>(s: &'a str, ends: &[char]) -> Result<(String, bool, &'a str), String> {
+    if let Some(rest) = s.strip_prefix('"') {
+        let mut out = String::new();
+        let mut chars = rest.char_indices();
+        while let Some((i, c)) = chars.next() {
+            match c {
+                '\\' => match chars.next() {
+                    Some((_, e)) => out.push(e),
+                    None => break,
+                },
+                '"' => return Ok((out, true, &rest[i + 1..])),
+                c => out.push(c),
+            }
+        }
+        Err("unterminated quoted value".into())
+    } else {
+        let end = s.find(ends).unwrap_or(s.len());
+        Ok((s[..end].trim().to_string(), false, &s[end..]))
+    }
+}
+
+fn hstore_json(text: &str) -> Result<String, String> {
+    let mut out = String::from("{");
+    let mut rest = text.trim_start();
+    let mut first = true;
+    while !rest.is_empty() {
+        let (key, _, r) = token(rest, &['='])?;
+        let r = r
+            .trim_start()
+            .strip_prefix("=>")
+            .ok_or("hstore: `=>` expected")?
+            .trim_start();
+        let (value, quoted, r) = token(r, &[','])?;
+        if !first {
+            out.push(',');
+        }
+        first = false;
+        string(&mut out, &key);
+        out.push(':');
+        if !quoted && value == "NULL" {
+            out.push_str("null");
+        } else {
+            string(&mut out, &value);
+        }
+        rest = r.trim_start().strip_prefix(',').unwrap_or(r).trim_start();
+    }
+    out.push('}');
+    Ok(out)
+}
+
+/// One element of a PostgreSQL array literal.
+#[derive(Debug, PartialEq)]
+enum Item {
+    Null,
+    Value(String),
+    Nested(Vec<Item>),
+}
+
+/// `{1,NULL,"a b",{…}}` → items (dimension decorations like `[0:1]=` are skipped).
+fn parse_array(text: &str) -> Result<Vec<Item>, String> {
+    let body = match text.find("={") {
+        Some(i) if text.starts_with('[') => &text[i + 1..],
+        _ => text,
+    };
+    let (items, rest) = array_items(body)?;
+    if !rest.trim().is_empty() {
+        return Err(format!("`{text}` is not an array"));
+    }
+    Ok(items)
+}
+
+fn array_items(s: &str) -> Result<(Vec<Item>, &str), String> {
+    let mut rest = s.strip_prefix('{').ok_or("array: `{` expected")?;
+    let mut items = Vec::new();
+    if let Some(r) = rest.strip_prefix('}') {
+        return Ok((items, r));
+    }
+    loop {
+        if rest.starts_with('{') {
+            let (nested, r) = array_items(rest)?;
+            items.push(Item::Nested(nested));
+            rest = r;
+        } else {
+            let (v, quoted, r) = token(rest, &[',', '}'])?;
+            items.push(if !quoted && v == "NULL" {
+                Item::Null
+            } else {
+                Item::Value(v)
+            });
+            rest = r;
+        }
+        match rest.chars().next() {
+            Some(',') => rest = &rest[1..],
+            Some('}') => return Ok((items, &rest[1..])),
+            _ => return Err("array: `,` or `}` expected".into()),
+        }
+    }
+}
+
+fn write_array(out: &mut String, element: &ColType, items: &[Item]) -> Result<(), String> {
+    out.push('[');
+    for (i, item) in items.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        match item {
+            Item::Null => out.push_str("null"),
+            Item::Value(v) => write(out, element, v)?,
+            Item::Nested(inner) => write_array(out, element, inner)?,
+        }
+    }
+    out.push(']');
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn json(ty: ColType, text: &str) -> String {
+        let mut s = String::new();
+        write(&mut s, &ty, text).unwrap();
+        s
+    }
+
+    /// Values as Debezium 3.6's PostgreSQL connector wrote them (JSON converter, no schemas)
+    /// for the same rows, read off its topic on this machine.
+    #[test]
+    fn values_are_written_as_debezium_writes_them() {
+        assert_eq!(
+            json(ColType::VariableDecimal, "12345.678901234567890"),
+            r#"{"scale":14,"value":"ESIQ9H3pgRU="}"#
+        );
+        assert_eq!(
+            json(ColType::VariableDecimal, "-0.5"),
+            r#"{"scale":1,"value":"+w=="}"#
+        );
+        assert_eq!(json(ColType::VariableDecimal, "NaN"), "null");
+        assert_eq!(
+            json(ColType::Decimal { scale: 2 }, "12345678.91"),
+            r#""SZYC0w==""#
+        );
+        assert_eq!(json(ColType::Money, "$1,234.56"), r#""AeJA""#);
+        assert_eq!(json(ColType::Float32, "-Infinity"), r#""-Infinity""#);
+        assert_eq!(
+            json(ColType::Float64, "3.141592653589793"),
+            "3.141592653589793"
+        );
+        assert_eq!(json(ColType::Float32, "1.5"), "1.5");
+        assert_eq!(json(ColType::Bytes, "\\x00ff10"), r#""AP8Q""#);
+        assert_eq!(json(ColType::Text, "héllo \"q\"\\n"), r#""héllo \"q\"\\n""#);
+        assert_eq!(json(ColType::Date, "2024-02-29"), "19782");
+        assert_eq!(json(ColType::Date, "0044-03-15 BC"), "-735160");
+        assert_eq!(json(ColType::Date, "-infinity"), "-2147472691");
+        assert_eq!(
+            json(ColType::Time { micros: true }, "12:34:56.789012"),
+            "45296789012"
+        );
+        assert_eq!(
+            json(ColType::Time { micros: false }, "12:34:56.789"),
+            "45296789"
+        );
+        assert_eq!(
+            json(ColType::TimeTz, "12:34:56.789+02"),
+            r#""10:34:56.789Z""#
+        );
+        assert_eq!(
+            json(
+                ColType::Timestamp { micros: true },
+                "2024-02-29 12:34:56.789012"
+            ),
+            "1709210096789012"
+        );
+        assert_eq!(
+            json(
+                ColType::Timestamp { micros: false },
+                "2024-02-29 12:34:56.789"
+            ),
+            "1709210096789"
+        );
+        assert_eq!(
+            json(
+                ColType::Timestamp { micros: true },
+                "0044-03-15 12:00:00 BC"
+            ),
+            "-63517780800000000"
+        );
+        assert_eq!(
+            json(ColType::Timestamp { micros: true }, "infinity"),
+            "9223372036825200000"
+        );
+        assert_eq!(
+            json(
+                ColType::TimestampTz { digits: 6 },
+                "2024-02-29 10:34:56.789012+00"
+            ),
+            r#""2024-02-29T10:34:56.789012Z""#
+        );
+        assert_eq!(
+            json(
+                ColType::TimestampTz { digits: 6 },
+                "1969-12-31 23:59:59.5+00"
+            ),
+            r#""1969-12-31T23:59:59.500000Z""#
+        );
+        assert_eq!(
+            json(ColType::TimestampTz { digits: 6 }, "infinity"),
+            r#""infinity""#
+        );
+        assert_eq!(
+            json(ColType::Interval, "1 year 2 mons 3 days 04:05:06.789"),
+            "37091106789000"
+        );
+        assert_eq!(json(ColType::Bit, "1"), "true");
+        assert_eq!(json(ColType::Bits, "10100101"), r#""pQ==""#);
+        assert_eq!(json(ColType::Bits, "101"), r#""BQ==""#);
+        assert_eq!(
+            json(ColType::Point, "(1.5,2.5)"),
+            r#"{"x":1.5,"y":2.5,"wkb":"AQEAAAAAAAAAAAD4PwAAAAAAAARA","srid":null}"#
+        );
+        assert_eq!(
+            json(ColType::Hstore, r#""a"=>"1", "b"=>NULL"#),
+            r#""{\"a\":\"1\",\"b\":null}""#
+        );
+        assert_eq!(
+            json(ColType::Array(Box::new(ColType::Int)), "{1,NULL,3}"),
+            "[1,null,3]"
+        );
+        assert_eq!(
+            json(
+                ColType::Array(Box::new(ColType::Text)),
+                r#"{"a b","c\"d",NULL}"#
+            ),
+            r#"["a b","c\"d",null]"#
+        );
+    }
+
+    #[test]
+    fn java_number_formatting() {
+        let f = |v: f64| {
+            let mut s = String::new();
+            java_float(&mut s, v, None);
+            s
+        };
+        assert_eq!(f(2.0), "2.0");
+        assert_eq!(f(1e7), "1.0E7");
+        assert_eq!(f(1234567.5), "1234567.5");
+        assert_eq!(f(0.001), "0.001");
+        assert_eq!(f(0.0001), "1.0E-4");
+        assert_eq!(f(-1.25e-10), "-1.25E-10");
+        assert_eq!(f(100.0), "100.0");
+        assert_eq!(f(-0.0), "-0.0");
+        assert_eq!(f(f64::NAN), "\"NaN\"");
+    }
+
+    #[test]
+    fn nested_arrays_and_unparsable_values() {
+        assert_eq!(
+            json(ColType::Array(Box::new(ColType::Int)), "{{1,2},{3,4}}"),
+            "[[1,2],[3,4]]"
+        );
+        assert_eq!(json(ColType::Array(Box::new(ColType::Int)), "{}"), "[]");
+        assert_eq!(
+            json(ColType::Array(Box::new(ColType::Text)), "[0:1]={a,b}"),
+            r#"["a","b"]"#
+        );
+        let mut s = String::new();
+        assert!(write(&mut s, &ColType::Int, "12a").is_err());
+        assert!(write(&mut s, &ColType::Date, "yesterday").is_err());
+        assert!(write(&mut s, &ColType::Array(Box::new(ColType::Int)), "{1,2").is_err());
+        assert_eq!(json(ColType::Decimal { scale: 0 }, "-128"), r#""gA==""#);
+        assert_eq!(json(ColType::Decimal { scale: 0 }, "128"), r#""AIA=""#);
+        assert_eq!(json(ColType::Decimal { scale: 0 }, "0"), r#""AA==""#);
+    }
+}

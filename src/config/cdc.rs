@@ -1,0 +1,229 @@
+//! `[cdc]`: which tables' row changes the relay captures beside the outbox, and how their
+//! change events look (see `crate::cdc`). Off (no table captured) unless `tables` is set.
+
+use std::sync::Arc;
+
+use serde::Deserialize;
+
+use super::{invalid, ConfigError};
+use crate::cdc::select::Glob;
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawCdc {
+    tables: Option<Vec<String>>,
+    exclude: Option<Vec<String>>,
+    topic_prefix: Option<String>,
+    topic_template: Option<String>,
+    column_exclude: Option<Vec<String>>,
+    column_include: Option<Vec<String>>,
+    skipped_operations: Option<Vec<String>>,
+    tombstones_on_delete: Option<bool>,
+    unavailable_value_placeholder: Option<String>,
+    toast: Option<String>,
+    keyless: Option<String>,
+}
+
+/// What an unchanged TOASTed value (not in the WAL) becomes in a change event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ToastMode {
+    /// Debezium's placeholder text (`unavailable_value_placeholder`).
+    Placeholder,
+    /// The column is left out of `after`; header `outboxd.unavailable` names it.
+    Omit,
+}
+
+/// Which row operations are captured (Debezium's `skipped.operations`, inverted).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Operations {
+    pub create: bool,
+    pub update: bool,
+    pub delete: bool,
+    pub truncate: bool,
+}
+
+/// `[cdc]`, validated.
+#[derive(Clone, Debug)]
+pub struct CdcConfig {
+    /// `schema.table` globs (`*`, `?`) of the tables to capture; empty: CDC off.
+    pub tables: Vec<Glob>,
+    pub exclude: Vec<Glob>,
+    /// `topic.prefix` in Debezium's terms: `source.name`, and `{prefix}` in the template.
+    pub topic_prefix: String,
+    /// `{prefix}`, `{schema}`, `{table}`: the Kafka topic, NATS subject or AMQP routing key.
+    pub topic_template: String,
+    /// `schema.table.column` globs.
+    pub column_exclude: Vec<Glob>,
+    pub column_include: Vec<Glob>,
+    pub operations: Operations,
+    pub tombstones_on_delete: bool,
+    pub unavailable_value_placeholder: String,
+    pub toast: ToastMode,
+    /// Accept tables without a key (REPLICA IDENTITY NOTHING, or DEFAULT without a primary
+    /// key) whose updates or deletes are captured: their events have no key and no `before`.
+    pub accept_keyless: bool,
+}
+
+impl Default for CdcConfig {
+    fn default() -> Self {
+        CdcConfig {
+            tables: Vec::new(),
+            exclude: Vec::new(),
+            topic_prefix: "outboxd".into(),
+            topic_template: "{prefix}.{schema}.{table}".into(),
+            column_exclude: Vec::new(),
+            column_include: Vec::new(),
+            operations: Operations {
+                create: true,
+                update: true,
+                delete: true,
+                // Debezium's default (`skipped.operations=t`).
+                truncate: false,
+            },
+            tombstones_on_delete: true,
+            unavailable_value_placeholder: "__debezium_unavailable_value".into(),
+            toast: ToastMode::Placeholder,
+            accept_keyless: false,
+        }
+    }
+}
+
+impl CdcConfig {
+    pub fn enabled(&self) -> bool {
+        !self.tables.is_empty()
+    }
+
+    /// Whether `schema.table` is captured.
+    pub fn captures(&self, schema: &str, table: &str) -> bool {
+        let name = format!("{schema}.{table}");
+        self.tables.iter().any(|g| g.matches(&name))
+            && !self.exclude.iter().any(|g| g.matches(&name))
+    }
+
+    /// Whether column `column` of `schema.table` goes into the events.
+    pub fn includes_column(&self, schema: &str, table: &str, column: &str) -> bool {
+        let name = format!("{schema}.{table}.{column}");
+        if !self.column_include.is_empty() && !self.column_include.iter().any(|g| g.matches(&name))
+        {
+            return false;
+        }
+        !self.column_exclude.iter().any(|g| g.matches(&name))
+    }
+
+    /// The topic (subject, routing key) of a table's events.
+    pub fn topic(&self, schema: &str, table: &str) -> String {
+        self.topic_template
+            .replace("{prefix}", &self.topic_prefix)
+            .replace("{schema}", schema)
+            .replace("{table}", table)
+    }
+}
+
+fn globs(
+    key: &'static str,
+    list: Option<Vec<String>>,
+    parts: usize,
+) -> Result<Vec<Glob>, ConfigError> {
+    list.unwrap_or_default()
+        .into_iter()
+        .map(|p| {
+            if p.split('.').count() != parts || p.split('.').any(str::is_empty) {
+                let shape = if parts == 2 {
+                    "schema.table"
+                } else {
+                    "schema.table.column"
+                };
+                return Err(invalid(
+                    key,
+                    format!("`{p}` is not of the form {shape} (globs `*` and `?` allowed)"),
+                ));
+            }
+            Ok(Glob::new(&p))
+        })
+        .collect()
+}
+
+pub(super) fn load(raw: RawCdc) -> Result<Arc<CdcConfig>, ConfigError> {
+    let d = CdcConfig::default();
+    let tables = globs("cdc.tables", raw.tables, 2)?;
+    let exclude = globs("cdc.exclude", raw.exclude, 2)?;
+    let column_exclude = globs("cdc.column_exclude", raw.column_exclude, 3)?;
+    let column_include = globs("cdc.column_include", raw.column_include, 3)?;
+    if !column_exclude.is_empty() && !column_include.is_empty() {
+        return Err(invalid(
+            "cdc.column_include",
+            "set either cdc.column_include or cdc.column_exclude, not both",
+        ));
+    }
+    let topic_prefix = raw.topic_prefix.unwrap_or(d.topic_prefix);
+    if topic_prefix.is_empty() {
+        return Err(invalid("cdc.topic_prefix", "must not be empty"));
+    }
+    let topic_template = raw.topic_template.unwrap_or(d.topic_template);
+    let rest = topic_template
+        .replace("{prefix}", "")
+        .replace("{schema}", "")
+        .replace("{table}", "");
+    if rest.contains(['{', '}']) {
+        return Err(invalid(
+            "cdc.topic_template",
+            format!("`{topic_template}`: only {{prefix}}, {{schema}} and {{table}} may be used"),
+        ));
+    }
+    let mut operations = Operations {
+        create: true,
+        update: true,
+        delete: true,
+        truncate: true,
+    };
+    for op in raw.skipped_operations.unwrap_or_else(|| vec!["t".into()]) {
+        match op.as_str() {
+            "c" => operations.create = false,
+            "u" => operations.update = false,
+            "d" => operations.delete = false,
+            "t" => operations.truncate = false,
+            "none" => {}
+            other => {
+                return Err(invalid(
+                    "cdc.skipped_operations",
+                    format!("`{other}` is not one of c, u, d, t, none"),
+                ))
+            }
+        }
+    }
+    let toast = match raw.toast.as_deref() {
+        None | Some("placeholder") => ToastMode::Placeholder,
+        Some("omit") => ToastMode::Omit,
+        Some(other) => {
+            return Err(invalid(
+                "cdc.toast",
+                format!("`{other}` is not `placeholder` or `omit`"),
+            ))
+        }
+    };
+    let accept_keyless = match raw.keyless.as_deref() {
+        None | Some("refuse") => false,
+        Some("accept") => true,
+        Some(other) => {
+            return Err(invalid(
+                "cdc.keyless",
+                format!("`{other}` is not `refuse` or `accept`"),
+            ))
+        }
+    };
+    Ok(Arc::new(CdcConfig {
+        tables,
+        exclude,
+        topic_prefix,
+        topic_template,
+        column_exclude,
+        column_include,
+        operations,
+        tombstones_on_delete: raw.tombstones_on_delete.unwrap_or(d.tombstones_on_delete),
+        unavailable_value_placeholder: raw
+            .unavailable_value_placeholder
+            .unwrap_or(d.unavailable_value_placeholder),
+        toast,
+        accept_keyless,
+    }))
+}

@@ -1,0 +1,85 @@
+//! `outboxd migrate` with `[cdc]`: adds the captured tables to the publication and widens
+//! what it publishes to the captured operations. Never drops or narrows anything; when a
+//! statement is refused (say, the role does not own a table), the error names it so a DBA
+//! can run it.
+
+use tokio_postgres::Client;
+
+use super::Outcome;
+use crate::config::{quote_ident, Config};
+use crate::error::{Error, Result};
+
+pub(super) async fn migrate(client: &Client, config: &Config) -> Result<Vec<(String, Outcome)>> {
+    let cfg = &config.postgres;
+    let cdc = &cfg.cdc;
+    let mut items = Vec::new();
+    if !cdc.enabled() {
+        return Ok(items);
+    }
+    let publication = quote_ident(&cfg.publication);
+    let run = |sql: String| async move {
+        client.batch_execute(&sql).await.map_err(|e| {
+            Error::setup(
+                format!(
+                    "`{sql}` was refused: {}",
+                    e.as_db_error()
+                        .map_or_else(|| e.to_string(), |d| d.message().to_string())
+                ),
+                format!("run it as a role that may (the table's owner, or a superuser): {sql}"),
+            )
+        })
+    };
+    let row = client
+        .query_one(
+            "SELECT pubupdate, pubdelete, pubtruncate, pubviaroot FROM pg_publication WHERE pubname = $1",
+            &[&cfg.publication],
+        )
+        .await
+        .map_err(|e| Error::pg("reading the publication's operations", e))?;
+    let (update, delete, truncate, via_root): (bool, bool, bool, bool) =
+        (row.get(0), row.get(1), row.get(2), row.get(3));
+    let o = &cdc.operations;
+    if (o.update && !update) || (o.delete && !delete) || (o.truncate && !truncate) {
+        let mut ops = vec!["insert"];
+        for (now, wanted, name) in [
+            (update, o.update, "update"),
+            (delete, o.delete, "delete"),
+            (truncate, o.truncate, "truncate"),
+        ] {
+            if now || wanted {
+                ops.push(name);
+            }
+        }
+        run(format!(
+            "ALTER PUBLICATION {publication} SET (publish = '{}')",
+            ops.join(", ")
+        ))
+        .await?;
+        items.push((
+            format!("publication {publication} publishes {}", ops.join(", ")),
+            Outcome::Created,
+        ));
+    }
+    if !via_root {
+        run(format!(
+            "ALTER PUBLICATION {publication} SET (publish_via_partition_root = true)"
+        ))
+        .await?;
+    }
+    for table in crate::cdc::catalog::captured_tables(client, cfg).await? {
+        let name = table.qualified();
+        if table.published {
+            items.push((
+                format!("{name} in publication {publication}"),
+                Outcome::Existed,
+            ));
+            continue;
+        }
+        run(format!("ALTER PUBLICATION {publication} ADD TABLE {name}")).await?;
+        items.push((
+            format!("{name} in publication {publication}"),
+            Outcome::Created,
+        ));
+    }
+    Ok(items)
+}

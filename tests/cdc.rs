@@ -1,0 +1,361 @@
+//! Table CDC (`[cdc]`) on real PostgreSQL and Kafka: every change of a captured table
+//! arrives as a Debezium-shaped change event — inserts, updates with and without REPLICA
+//! IDENTITY FULL, key changes, deletes with their tombstones, truncates, unchanged TOASTed
+//! values, excluded columns, a column added mid-stream — each asserted by id, key and value;
+//! and the checks that stop the relay instead of letting changes vanish.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+
+/// Reads `topics` until `n` records arrived (or 60 s); every record, in offset order per
+/// partition.
+fn read_n(brokers: &str, topics: &[String], n: usize) -> Vec<Received> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let got = consume(
+            brokers,
+            topics,
+            &HashSet::new(),
+            Duration::from_secs(30),
+            Duration::from_secs(2),
+        );
+        if got.len() >= n || std::time::Instant::now() > deadline {
+            return got;
+        }
+    }
+}
+
+/// Waits until the relay's slot is active (it streams).
+async fn streaming(db: &TestDb) {
+    let client = db.client().await;
+    let slot = db.slot().to_string();
+    eventually(Duration::from_secs(30), "the relay's slot is active", || {
+        let (client, slot) = (&client, &slot);
+        async move {
+            client
+                .query_one(
+                    "SELECT coalesce(bool_or(active), false) FROM pg_replication_slots WHERE slot_name = $1",
+                    &[slot],
+                )
+                .await
+                .unwrap()
+                .get::<_, bool>(0)
+        }
+    })
+    .await;
+}
+
+fn value(r: &Received) -> Value {
+    serde_json::from_str(
+        r.payload
+            .as_deref()
+            .expect("a change event, not a tombstone"),
+    )
+    .unwrap()
+}
+
+/// `[cdc]` for `tables` with topic prefix `<db>`; `extra` lines are added to the section.
+fn cdc_config(db: &TestDb, tables: &[&str], extra: &str) -> std::path::PathBuf {
+    let list = tables
+        .iter()
+        .map(|t| format!("\"{t}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    db.config(
+        &kafka_brokers(),
+        &format!(
+            "[cdc]\ntables = [{list}]\ntopic_prefix = \"{}\"\n{extra}\n",
+            db.name
+        ),
+    )
+}
+
+/// Inserts, an update, a key change, a delete and a truncate: each event's id, op, key,
+/// before and after — and the tombstones after the deletes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_row_change_arrives_as_a_change_event_with_its_key_and_before_image() {
+    let brokers = kafka_brokers();
+    let db = TestDb::new("cdcops").await;
+    let client = db.client().await;
+    client
+        .batch_execute(
+            "CREATE TABLE customers (id int PRIMARY KEY, name text NOT NULL, password_hash text, tier int);
+             CREATE TABLE ledger (id int PRIMARY KEY, amount numeric(10,2));
+             ALTER TABLE ledger REPLICA IDENTITY FULL;",
+        )
+        .await
+        .unwrap();
+    let config = cdc_config(
+        &db,
+        &["public.customers", "public.ledger"],
+        "skipped_operations = [\"none\"]\ncolumn_exclude = [\"public.customers.password_hash\"]",
+    );
+    migrate(&config);
+    let _relay = Relay::start(&config);
+    // The relay is streaming once its slot is active.
+    streaming(&db).await;
+    for sql in [
+        "INSERT INTO customers VALUES (1, 'ada', 'secret-1', 1)",
+        "INSERT INTO customers VALUES (2, 'bob', 'secret-2', 1)",
+        "UPDATE customers SET tier = 2 WHERE id = 1",
+        "UPDATE customers SET id = 3 WHERE id = 2",
+        "DELETE FROM customers WHERE id = 1",
+        "INSERT INTO ledger VALUES (7, 10.50)",
+        "UPDATE ledger SET amount = 11.00",
+        "DELETE FROM ledger",
+        "TRUNCATE customers",
+    ] {
+        client.batch_execute(sql).await.unwrap();
+    }
+    let customers = format!("{}.public.customers", db.name);
+    let ledger = format!("{}.public.ledger", db.name);
+    let got = read_n(&brokers, &[customers.clone(), ledger.clone()], 13);
+    let by_topic = |t: &str| {
+        let mut v: Vec<&Received> = got.iter().filter(|r| r.topic == t).collect();
+        // By the change's LSN (the id's middle part); one change's events as written: a key
+        // change's delete, tombstone, create.
+        v.sort_by_key(|r| {
+            let id = &r.headers["id"];
+            let lsn: u64 = id.split('/').nth(1).unwrap().parse().unwrap();
+            (lsn, ["d", "x", "c"].iter().position(|op| id.ends_with(op)))
+        });
+        v
+    };
+    let c = by_topic(&customers);
+    let summary: Vec<(String, Option<String>)> = c
+        .iter()
+        .map(|r| (r.headers["type"].clone(), r.key.clone()))
+        .collect();
+    let k = |i: i32| Some(format!("{{\"id\":{i}}}"));
+    assert_eq!(
+        summary,
+        vec![
+            ("create".into(), k(1)),
+            ("create".into(), k(2)),
+            ("update".into(), k(1)),
+            // The key change: the old key's delete and tombstone, then the new key's create.
+            ("delete".into(), k(2)),
+            ("tombstone".into(), k(2)),
+            ("create".into(), k(3)),
+            ("delete".into(), k(1)),
+            ("tombstone".into(), k(1)),
+            ("truncate".into(), None),
+        ],
+        "every change of customers, in commit order"
+    );
+    // Every id is unique, and names the table, the change's LSN and the op.
+    let ids: HashSet<&String> = c.iter().map(|r| &r.headers["id"]).collect();
+    assert_eq!(ids.len(), c.len());
+    assert!(c
+        .iter()
+        .all(|r| r.headers["id"].starts_with("public.customers/")));
+    let v0 = value(c[0]);
+    assert_eq!(v0["op"], "c");
+    assert_eq!(v0["before"], Value::Null);
+    // The excluded column is not in the event at all.
+    assert_eq!(
+        v0["after"],
+        serde_json::json!({"id": 1, "name": "ada", "tier": 1})
+    );
+    assert_eq!(v0["source"]["table"], "customers");
+    assert_eq!(v0["source"]["schema"], "public");
+    assert_eq!(v0["source"]["db"], db.name.as_str());
+    assert_eq!(v0["source"]["connector"], "postgresql");
+    assert_eq!(v0["source"]["name"], db.name.as_str());
+    assert!(v0["source"]["txId"].as_u64().unwrap() > 0);
+    let lsn = v0["source"]["lsn"].as_u64().unwrap();
+    assert_eq!(c[0].headers["id"], format!("public.customers/{lsn}/c"));
+    // DEFAULT identity: no before image on an update that keeps the key…
+    let up = value(c[2]);
+    assert_eq!(
+        (up["op"].as_str(), &up["before"]),
+        (Some("u"), &Value::Null)
+    );
+    assert_eq!(up["after"]["tier"], 2);
+    // …and the old key only (other columns null) on a delete.
+    let del = value(c[6]);
+    assert_eq!(
+        del["before"],
+        serde_json::json!({"id": 1, "name": null, "tier": null})
+    );
+    assert_eq!(del["after"], Value::Null);
+    assert!(
+        c[4].payload.is_none() && c[7].payload.is_none(),
+        "tombstones"
+    );
+    let t = value(c[8]);
+    assert_eq!(
+        (t["op"].as_str(), &t["before"], &t["after"]),
+        (Some("t"), &Value::Null, &Value::Null)
+    );
+
+    // FULL identity: the whole old row on update and delete.
+    let l = by_topic(&ledger);
+    let ops: Vec<&str> = l.iter().map(|r| r.headers["type"].as_str()).collect();
+    assert_eq!(ops, ["create", "update", "delete", "tombstone"]);
+    let up = value(l[1]);
+    // numeric(10,2) is a Connect Decimal: base64 of the unscaled value (1050 → "BBo=").
+    assert_eq!(up["before"], serde_json::json!({"id": 7, "amount": "BBo="}));
+    assert_eq!(up["after"], serde_json::json!({"id": 7, "amount": "BEw="}));
+    assert_eq!(
+        value(l[2])["before"],
+        serde_json::json!({"id": 7, "amount": "BEw="})
+    );
+}
+
+/// An update that leaves a TOASTed column unchanged: PostgreSQL does not write its value. By
+/// default Debezium's placeholder takes its place; with `toast = "omit"` the column is left
+/// out and header `outboxd.unavailable` names it; with REPLICA IDENTITY FULL the old row's
+/// value is used. Never a `null`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unchanged_toasted_value_is_never_a_silent_null() {
+    let brokers = kafka_brokers();
+    for (mode, full) in [
+        ("placeholder", false),
+        ("omit", false),
+        ("placeholder", true),
+    ] {
+        let db = TestDb::new("cdctoast").await;
+        let client = db.client().await;
+        client
+            .batch_execute("CREATE TABLE docs (id int PRIMARY KEY, v int, body text)")
+            .await
+            .unwrap();
+        if full {
+            client
+                .batch_execute("ALTER TABLE docs REPLICA IDENTITY FULL")
+                .await
+                .unwrap();
+        }
+        let config = cdc_config(&db, &["public.docs"], &format!("toast = \"{mode}\""));
+        migrate(&config);
+        let _relay = Relay::start(&config);
+        streaming(&db).await;
+        // ~64 kB of incompressible text: stored out of line.
+        client
+            .batch_execute(
+                "INSERT INTO docs SELECT 1, 1, string_agg(md5(g::text), '') FROM generate_series(1, 2000) g;
+                 UPDATE docs SET v = 2;",
+            )
+            .await
+            .unwrap();
+        let topic = format!("{}.public.docs", db.name);
+        let mut got = read_n(&brokers, std::slice::from_ref(&topic), 2);
+        got.sort_by_key(|r| r.offset);
+        assert_eq!(got.len(), 2, "{mode} full={full}");
+        let body = value(&got[0])["after"]["body"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        assert_eq!(body.len(), 64_000);
+        let after = value(&got[1])["after"].clone();
+        assert_eq!(after["v"], 2);
+        match (mode, full) {
+            ("placeholder", false) => {
+                assert_eq!(after["body"], "__debezium_unavailable_value");
+                assert!(!got[1].headers.contains_key("outboxd.unavailable"));
+            }
+            ("omit", _) => {
+                assert!(after.get("body").is_none(), "{after}");
+                assert_eq!(got[1].headers["outboxd.unavailable"], "body");
+            }
+            _ => assert_eq!(
+                after["body"].as_str(),
+                Some(body.as_str()),
+                "taken from the old row"
+            ),
+        }
+    }
+}
+
+/// A column added and one dropped while the relay streams: every event carries the columns
+/// the table had when the change was written — never a stale or shifted column list.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_column_added_or_dropped_mid_stream_changes_the_events_from_that_change_on() {
+    let brokers = kafka_brokers();
+    let db = TestDb::new("cdcddl").await;
+    let client = db.client().await;
+    client
+        .batch_execute("CREATE TABLE items (id int PRIMARY KEY, a text, b text)")
+        .await
+        .unwrap();
+    let config = cdc_config(&db, &["public.items"], "");
+    migrate(&config);
+    let _relay = Relay::start(&config);
+    streaming(&db).await;
+    client
+        .batch_execute(
+            "INSERT INTO items VALUES (1, 'a1', 'b1');
+             ALTER TABLE items ADD COLUMN c int;
+             INSERT INTO items VALUES (2, 'a2', 'b2', 2);
+             ALTER TABLE items DROP COLUMN a;
+             INSERT INTO items VALUES (3, 'b3', 3);
+             ALTER TABLE items ALTER COLUMN c TYPE text;
+             INSERT INTO items VALUES (4, 'b4', 'four');",
+        )
+        .await
+        .unwrap();
+    let topic = format!("{}.public.items", db.name);
+    let mut got = read_n(&brokers, std::slice::from_ref(&topic), 4);
+    got.sort_by_key(|r| r.key.clone());
+    let afters: Vec<Value> = got.iter().map(|r| value(r)["after"].clone()).collect();
+    assert_eq!(
+        afters,
+        vec![
+            serde_json::json!({"id": 1, "a": "a1", "b": "b1"}),
+            serde_json::json!({"id": 2, "a": "a2", "b": "b2", "c": 2}),
+            serde_json::json!({"id": 3, "b": "b3", "c": 3}),
+            serde_json::json!({"id": 4, "b": "b4", "c": "four"}),
+        ]
+    );
+}
+
+/// The checks that keep changes from vanishing: a captured table without a key for its
+/// updates and deletes is refused at start (exit 2, naming the ALTER TABLE); a captured table
+/// taken out of the publication mid-stream stops the relay (exit 2) with the slot short of
+/// the changes written after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_captured_table_without_a_key_or_out_of_the_publication_stops_the_relay() {
+    let db = TestDb::new("cdcguard").await;
+    let client = db.client().await;
+    client
+        .batch_execute(
+            "CREATE TABLE nokey (a int, b text); CREATE TABLE keyed (id int PRIMARY KEY)",
+        )
+        .await
+        .unwrap();
+    let config = cdc_config(&db, &["public.*"], "");
+    migrate(&config);
+    let out = outboxd(&["run", "--config", config.to_str().unwrap()], &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains(r#"ALTER TABLE "public"."nokey" REPLICA IDENTITY FULL"#),
+        "{stderr}"
+    );
+
+    client
+        .batch_execute("ALTER TABLE nokey REPLICA IDENTITY FULL")
+        .await
+        .unwrap();
+    let mut relay = Relay::start(&config);
+    streaming(&db).await;
+    relay.assert_running();
+    client
+        .batch_execute("ALTER PUBLICATION outboxd DROP TABLE keyed; INSERT INTO keyed VALUES (1)")
+        .await
+        .unwrap();
+    let status = relay.wait_exit(Duration::from_secs(30));
+    assert_eq!(status.code(), Some(2), "{}", relay.log_text());
+    assert!(
+        relay.log_text().contains("is not in publication"),
+        "{}",
+        relay.log_text()
+    );
+}
