@@ -359,3 +359,39 @@ async fn a_captured_table_without_a_key_or_out_of_the_publication_stops_the_rela
         relay.log_text()
     );
 }
+
+/// Types Debezium leaves out of its events (box, composites) or writes as `null` (`name`):
+/// outboxd writes their text, so no column silently disappears; extension-like types
+/// (here `int4range[]`, a domain over `text[]`) map through their base and element types.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn types_without_a_debezium_mapping_arrive_as_their_text() {
+    let brokers = kafka_brokers();
+    let db = TestDb::new("cdctypes").await;
+    let client = db.client().await;
+    client
+        .batch_execute(
+            "CREATE TYPE pair AS (a int, b text);
+             CREATE DOMAIN tags AS text[];
+             CREATE TABLE odd (id int PRIMARY KEY, bx box, c pair, nm name, rs int4range[], tg tags, ln line)",
+        )
+        .await
+        .unwrap();
+    let config = cdc_config(&db, &["public.odd"], "");
+    migrate(&config);
+    let _relay = Relay::start(&config);
+    streaming(&db).await;
+    client
+        .batch_execute(
+            "INSERT INTO odd VALUES (1, '((0,0),(1,1))', ROW(1, 'x y'), 'nm', '{\"[1,2)\",NULL}', '{a,b}', '{1,-1,0}')",
+        )
+        .await
+        .unwrap();
+    let got = read_n(&brokers, &[format!("{}.public.odd", db.name)], 1);
+    assert_eq!(
+        value(&got[0])["after"],
+        serde_json::json!({
+            "id": 1, "bx": "(1,1),(0,0)", "c": "(1,\"x y\")", "nm": "nm",
+            "rs": ["[1,2)", null], "tg": ["a", "b"], "ln": "{1,-1,0}"
+        })
+    );
+}

@@ -66,9 +66,11 @@ pub fn write(out: &mut String, ty: &ColType, text: &str) -> Result<(), String> {
             string(out, &base64(&bytes));
         }
         ColType::Date => match text {
-            // PostgreSQL's infinite dates (±2^31 days from 2000-01-01), moved to 1970.
-            "-infinity" => out.push_str(&(i64::from(i32::MIN) + 10_957).to_string()),
-            "infinity" => out.push_str(&i32::MAX.to_string()),
+            // PostgreSQL's infinite dates (±(2^31 - 1) days from 2000-01-01), moved to 1970 in
+            // 32 bits as Debezium moves them: `infinity` wraps around to a date in 5,877,641 BC
+            // (documented in docs/cdc.md; kept for byte-for-byte compatibility).
+            "-infinity" => out.push_str(&i32::MIN.wrapping_add(10_957).to_string()),
+            "infinity" => out.push_str(&i32::MAX.wrapping_add(10_957).to_string()),
             _ => out.push_str(&date_days(text)?.to_string()),
         },
         ColType::Time { micros } => {

@@ -4,6 +4,7 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 mod brokers;
+mod debezium;
 mod kafka;
 mod pg;
 pub mod proxy;
@@ -12,6 +13,8 @@ mod workload;
 
 #[allow(unused_imports)] // only the sink tests use them
 pub use brokers::*;
+#[allow(unused_imports)] // only the Debezium comparisons use it
+pub use debezium::*;
 pub use kafka::*;
 pub use pg::*;
 pub use relay::*;
