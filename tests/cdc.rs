@@ -395,3 +395,225 @@ async fn types_without_a_debezium_mapping_arrive_as_their_text() {
         })
     );
 }
+
+/// A committed change as the writer recorded it: the row's id, Debezium's op, and the row's
+/// `version` (unique across the whole run, so a change from a rolled-back transaction, or
+/// one applied to the wrong row, cannot pass for a committed one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct Committed {
+    id: i32,
+    op: char,
+    version: i64,
+}
+
+/// Writers insert, update and delete rows of 40 ids for `run_for`, several changes per
+/// transaction, one transaction in ten rolled back; returns the committed changes in commit
+/// order and the versions of the rolled-back ones.
+async fn cdc_writer(db: &TestDb, run_for: Duration, seed: u64) -> (Vec<Committed>, HashSet<i64>) {
+    let client = db.client().await;
+    let mut rng = Rng::new(seed);
+    let mut live: std::collections::HashMap<i32, i64> = std::collections::HashMap::new();
+    let mut committed = Vec::new();
+    let mut rolled_back = HashSet::new();
+    let mut next_version = 1i64;
+    let end = std::time::Instant::now() + run_for;
+    while std::time::Instant::now() < end {
+        let rollback = rng.range(0, 9) == 0;
+        let mut txn_live = live.clone();
+        let mut changes = Vec::new();
+        let mut sql = String::from("BEGIN;");
+        for _ in 0..rng.range(1, 4) {
+            let id = rng.range(1, 40) as i32;
+            let version = next_version;
+            next_version += 1;
+            let (op, stmt) = match txn_live.get(&id) {
+                None => ('c', format!("INSERT INTO accounts VALUES ({id}, {version}, {});", version * 10)),
+                Some(_) if rng.range(0, 4) == 0 => ('d', format!("DELETE FROM accounts WHERE id = {id};")),
+                Some(_) => ('u', format!("UPDATE accounts SET version = {version}, balance = balance + 1 WHERE id = {id};")),
+            };
+            let recorded = match op {
+                'd' => txn_live.remove(&id).unwrap(),
+                _ => {
+                    txn_live.insert(id, version);
+                    version
+                }
+            };
+            sql.push_str(&stmt);
+            changes.push(Committed {
+                id,
+                op,
+                version: recorded,
+            });
+        }
+        if rollback {
+            sql.push_str("ROLLBACK;");
+            client.batch_execute(&sql).await.unwrap();
+            rolled_back.extend(changes.iter().filter(|c| c.op != 'd').map(|c| c.version));
+        } else {
+            sql.push_str("COMMIT;");
+            client.batch_execute(&sql).await.unwrap();
+            live = txn_live;
+            committed.extend(changes);
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    (committed, rolled_back)
+}
+
+/// What a change event says it is: (row id, op, version), from `after` (create, update) or
+/// the FULL `before` (delete); `None` for a tombstone.
+fn change_of(r: &Received) -> Option<Committed> {
+    let p = r.payload.as_deref()?;
+    let v: serde_json::Value = serde_json::from_str(p).unwrap();
+    let op = v["op"].as_str().unwrap().chars().next().unwrap();
+    let row = if op == 'd' { &v["before"] } else { &v["after"] };
+    Some(Committed {
+        id: row["id"].as_i64().unwrap() as i32,
+        op,
+        version: row["version"].as_i64().unwrap(),
+    })
+}
+
+/// SIGKILLs at random points while writers insert, update and delete: every committed change
+/// arrives, in commit order per key (a repeat after a restart only re-runs a key's suffix),
+/// nothing from a rolled-back transaction does, and the latest record per key is the table's
+/// row — or a tombstone for a row that no longer exists. With `exactly_once`, each change
+/// arrives once (read_committed).
+async fn changes_survive_sigkills(prefix: &str, exactly_once: bool) {
+    let brokers = kafka_brokers();
+    let db = TestDb::new(prefix).await;
+    let client = db.client().await;
+    client
+        .batch_execute("CREATE TABLE accounts (id int PRIMARY KEY, version bigint NOT NULL, balance bigint); ALTER TABLE accounts REPLICA IDENTITY FULL;")
+        .await
+        .unwrap();
+    let eos = if exactly_once {
+        "[kafka]\ndelivery = \"exactly-once\"\ntransaction_ms = 20\n"
+    } else {
+        ""
+    };
+    let config = cdc_config(&db, &["public.accounts"], eos);
+    migrate(&config);
+    let writer = {
+        let db = TestDb {
+            name: db.name.clone(),
+            url: db.url.clone(),
+            dir: db.dir.clone(),
+        };
+        tokio::spawn(async move { cdc_writer(&db, Duration::from_secs(20), 0xcdc1).await })
+    };
+    let mut rng = Rng::new(0xc0de);
+    let mut kills = 0;
+    while !writer.is_finished() {
+        let mut relay = Relay::start(&config);
+        tokio::time::sleep(Duration::from_millis(rng.range(300, 2_500))).await;
+        relay.kill();
+        kills += 1;
+    }
+    let (committed, rolled_back) = writer.await.unwrap();
+    let mut relay = Relay::start(&config);
+    let topic = format!("{}.public.accounts", db.name);
+    let want: HashSet<Committed> = committed.iter().copied().collect();
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let received = loop {
+        let got = consume(
+            &brokers,
+            std::slice::from_ref(&topic),
+            &HashSet::new(),
+            Duration::from_secs(30),
+            Duration::from_secs(2),
+        );
+        let seen: HashSet<Committed> = got.iter().filter_map(change_of).collect();
+        if want.is_subset(&seen) || std::time::Instant::now() > deadline {
+            break got;
+        }
+    };
+    assert!(kills >= 6, "only {kills} kills");
+    let mut ordered: Vec<&Received> = received.iter().collect();
+    ordered.sort_by_key(|r| (r.partition, r.offset));
+    // Position of each committed change in commit order, per key.
+    let mut order: std::collections::HashMap<Committed, usize> = std::collections::HashMap::new();
+    for (i, c) in committed.iter().enumerate() {
+        order.insert(*c, i);
+    }
+    let mut first_seen = HashSet::new();
+    let mut last_of_key: std::collections::HashMap<String, usize> =
+        std::collections::HashMap::new();
+    let mut latest: std::collections::HashMap<String, &Received> = std::collections::HashMap::new();
+    let mut repeats = 0;
+    for r in &ordered {
+        let key = r.key.clone().expect("every change of accounts has a key");
+        latest.insert(key.clone(), r);
+        let Some(change) = change_of(r) else { continue };
+        assert!(
+            !rolled_back.contains(&change.version),
+            "a change of a rolled-back transaction arrived: {change:?}"
+        );
+        let at = *order
+            .get(&change)
+            .unwrap_or_else(|| panic!("{change:?} was never committed"));
+        assert_eq!(
+            key,
+            format!("{{\"id\":{}}}", change.id),
+            "key of {change:?}"
+        );
+        if !first_seen.insert(change) {
+            repeats += 1;
+            continue;
+        }
+        let last = last_of_key.entry(key.clone()).or_insert(0);
+        assert!(
+            at >= *last,
+            "{change:?} arrived after a later change of its key"
+        );
+        *last = at;
+    }
+    let missing: Vec<&Committed> = committed
+        .iter()
+        .filter(|c| !first_seen.contains(c))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} of {} changes never arrived, e.g. {:?}",
+        missing.len(),
+        committed.len(),
+        &missing[..missing.len().min(5)]
+    );
+    if exactly_once {
+        assert_eq!(repeats, 0, "exactly-once: a change arrived twice");
+    }
+    // The topic's latest record per key is the table's row.
+    let rows = client
+        .query("SELECT id, version FROM accounts", &[])
+        .await
+        .unwrap();
+    let table: std::collections::HashMap<String, i64> = rows
+        .iter()
+        .map(|r| (format!("{{\"id\":{}}}", r.get::<_, i32>(0)), r.get(1)))
+        .collect();
+    for (key, r) in &latest {
+        match (table.get(key), change_of(r)) {
+            (Some(v), Some(c)) => {
+                assert_eq!((c.version, c.op != 'd'), (*v, true), "latest of {key}")
+            }
+            (None, None) => {}
+            (row, last) => panic!("latest record of {key} is {last:?}, the table has {row:?}"),
+        }
+    }
+    eprintln!(
+        "{kills} kills, {} changes, {repeats} repeats, {} rolled back",
+        committed.len(),
+        rolled_back.len()
+    );
+    relay.assert_running();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_committed_change_survives_sigkills_in_per_key_order() {
+    changes_survive_sigkills("cdckills", false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn exactly_once_every_committed_change_arrives_once_across_sigkills() {
+    changes_survive_sigkills("cdceoskills", true).await;
+}
