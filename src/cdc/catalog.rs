@@ -238,7 +238,9 @@ pub async fn describe(client: &Client, oid: u32, type_oids: &[u32]) -> Result<Ta
                     ARRAY(SELECT a.attname::text FROM pg_index i, unnest(i.indkey) WITH ORDINALITY k(attnum, n), pg_attribute a \
                            WHERE i.indrelid = $1 AND i.indisprimary AND a.attrelid = i.indrelid AND a.attnum = k.attnum ORDER BY k.n), \
                     ARRAY(SELECT a.attname::text FROM pg_index i, unnest(i.indkey) WITH ORDINALITY k(attnum, n), pg_attribute a \
-                           WHERE i.indrelid = $1 AND i.indisreplident AND a.attrelid = i.indrelid AND a.attnum = k.attnum ORDER BY k.n)",
+                           WHERE i.indrelid = $1 AND i.indisreplident AND a.attrelid = i.indrelid AND a.attnum = k.attnum ORDER BY k.n), \
+                    ARRAY(SELECT a.attname::text FROM pg_attribute a \
+                           WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped AND a.attnotnull)",
             &[&oid],
         )
         .await
@@ -246,6 +248,7 @@ pub async fn describe(client: &Client, oid: u32, type_oids: &[u32]) -> Result<Ta
     let db: String = row.get(0);
     let primary: Vec<String> = row.get(1);
     let identity: Vec<String> = row.get(2);
+    let not_null: Vec<String> = row.get(3);
     let mut types = HashMap::new();
     let mut wanted: Vec<u32> = type_oids.to_vec();
     // Domains name their base type, arrays their element: follow them (a few rounds).
@@ -259,7 +262,8 @@ pub async fn describe(client: &Client, oid: u32, type_oids: &[u32]) -> Result<Ta
         let rows = client
             .query(
                 "SELECT t.oid, t.typname::text, t.typtype::text, t.typbasetype, t.typtypmod, \
-                        CASE WHEN t.typcategory = 'A' THEN t.typelem ELSE 0::oid END \
+                        CASE WHEN t.typcategory = 'A' THEN t.typelem ELSE 0::oid END, \
+                        ARRAY(SELECT e.enumlabel::text FROM pg_enum e WHERE e.enumtypid = t.oid ORDER BY e.enumsortorder) \
                    FROM pg_type t WHERE t.oid = ANY($1)",
                 &[&wanted],
             )
@@ -274,6 +278,7 @@ pub async fn describe(client: &Client, oid: u32, type_oids: &[u32]) -> Result<Ta
                 base: r.get(3),
                 base_typmod: r.get(4),
                 element: r.get(5),
+                labels: r.get(6),
             };
             next.extend([info.base, info.element].into_iter().filter(|&o| o != 0));
             types.insert(info.oid, info);
@@ -288,5 +293,6 @@ pub async fn describe(client: &Client, oid: u32, type_oids: &[u32]) -> Result<Ta
             primary
         },
         types,
+        not_null,
     })
 }

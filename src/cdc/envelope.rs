@@ -9,6 +9,43 @@ use super::value::string;
 /// `source.version`: says which program wrote the event (Debezium writes its own version).
 pub const SOURCE_VERSION: &str = concat!("outboxd-", env!("CARGO_PKG_VERSION"));
 
+/// The `source` block's schema (Debezium 3.6's `io.debezium.connector.postgresql.Source`).
+const SOURCE_SCHEMA: &str = r#"{"type":"struct","fields":[{"type":"string","optional":false,"field":"version"},{"type":"string","optional":false,"field":"connector"},{"type":"string","optional":false,"field":"name"},{"type":"int64","optional":false,"field":"ts_ms"},{"type":"string","optional":true,"name":"io.debezium.data.Enum","version":1,"parameters":{"allowed":"true,first,first_in_data_collection,last_in_data_collection,last,false,incremental"},"default":"false","field":"snapshot"},{"type":"string","optional":false,"field":"db"},{"type":"string","optional":true,"field":"sequence"},{"type":"int64","optional":true,"field":"ts_us"},{"type":"int64","optional":true,"field":"ts_ns"},{"type":"string","optional":false,"field":"schema"},{"type":"string","optional":false,"field":"table"},{"type":"int64","optional":true,"field":"txId"},{"type":"int64","optional":true,"field":"lsn"},{"type":"int64","optional":true,"field":"xmin"},{"type":"string","optional":true,"field":"origin"},{"type":"int64","optional":true,"field":"origin_lsn"}],"optional":false,"name":"io.debezium.connector.postgresql.Source","version":1,"field":"source"}"#;
+
+/// The `transaction` block's schema, and the fields after it.
+const TAIL_SCHEMA: &str = r#"{"type":"struct","fields":[{"type":"string","optional":false,"field":"id"},{"type":"int64","optional":false,"field":"total_order"},{"type":"int64","optional":false,"field":"data_collection_order"}],"optional":true,"name":"event.block","version":1,"field":"transaction"},{"type":"string","optional":false,"field":"op"},{"type":"int64","optional":true,"field":"ts_ms"},{"type":"int64","optional":true,"field":"ts_us"},{"type":"int64","optional":true,"field":"ts_ns"}"#;
+
+/// The whole value schema (`schemas.enable=true`) of a table whose row schema (its
+/// `fields` array) is `fields`; `name` is `<prefix>.<schema>.<table>`.
+pub fn value_schema(name: &str, fields: &str) -> String {
+    let row = |field: &str| {
+        format!(
+            r#"{{"type":"struct","fields":{fields},"optional":true,"name":"{name}.Value","field":"{field}"}}"#
+        )
+    };
+    format!(
+        r#"{{"type":"struct","fields":[{},{},{SOURCE_SCHEMA},{TAIL_SCHEMA}],"optional":false,"name":"{name}.Envelope","version":2}}"#,
+        row("before"),
+        row("after")
+    )
+}
+
+/// The key schema: the key columns' `fields`.
+pub fn key_schema(name: &str, fields: &str) -> String {
+    format!(r#"{{"type":"struct","fields":{fields},"optional":false,"name":"{name}.Key"}}"#)
+}
+
+/// `{"schema":…,"payload":…}`: Kafka Connect's JSON converter with `schemas.enable=true`.
+pub fn with_schema(schema: &str, payload: &str) -> String {
+    let mut out = String::with_capacity(schema.len() + payload.len() + 24);
+    out.push_str("{\"schema\":");
+    out.push_str(schema);
+    out.push_str(",\"payload\":");
+    out.push_str(payload);
+    out.push('}');
+    out
+}
+
 /// Where a change came from: the `source` block.
 #[derive(Debug, Clone)]
 pub struct Source<'a> {

@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use std::time::SystemTime;
 
 use super::envelope::{self, Op, Source};
-use super::types::{ColType, TypeInfo};
+use super::types::{self, ColType, Fragment, TypeInfo};
 use super::value;
 use crate::config::{CdcConfig, ToastMode};
 use crate::event::{Event, EventExtra};
@@ -32,6 +32,8 @@ pub struct TableCatalog {
     pub key_columns: Vec<String>,
     /// Every type the columns use (domains' base types and arrays' elements included).
     pub types: HashMap<u32, TypeInfo>,
+    /// Columns declared NOT NULL (`"optional":false` in the schema).
+    pub not_null: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -39,6 +41,15 @@ struct Col {
     name: String,
     ty: ColType,
     included: bool,
+    schema: Fragment,
+    optional: bool,
+}
+
+/// `schemas.enable=true`: the value and key schemas, fixed for the Relation in force.
+#[derive(Debug, Clone)]
+struct Schemas {
+    value: String,
+    key: String,
 }
 
 /// A captured relation, resolved.
@@ -53,6 +64,7 @@ pub struct CapturedTable {
     key: Vec<usize>,
     /// Debezium's `topic.prefix` (`source.name`).
     prefix: String,
+    schemas: Option<Schemas>,
 }
 
 /// The transaction a change belongs to.
@@ -81,21 +93,47 @@ impl CapturedTable {
             .columns
             .iter()
             .enumerate()
-            .map(|(i, name)| Col {
-                name: name.clone(),
-                ty: ColType::resolve(
+            .map(|(i, name)| {
+                let resolved = types::resolve(
                     rel.types.get(i).copied().unwrap_or(0),
                     rel.typmods.get(i).copied().unwrap_or(-1),
                     &lookup,
-                ),
-                included: cfg.includes_column(&rel.namespace, &rel.name, name),
+                );
+                Col {
+                    name: name.clone(),
+                    ty: resolved.ty,
+                    included: cfg.includes_column(&rel.namespace, &rel.name, name),
+                    schema: resolved.schema,
+                    optional: !catalog.not_null.contains(name),
+                }
             })
             .collect::<Vec<_>>();
-        let key = catalog
+        let key: Vec<usize> = catalog
             .key_columns
             .iter()
             .filter_map(|k| rel.columns.iter().position(|c| c == k))
             .collect();
+        let schemas = cfg.schemas.then(|| {
+            let fields = |cols: &mut dyn Iterator<Item = &Col>| {
+                let mut out = String::from("[");
+                for (n, c) in cols.enumerate() {
+                    if n > 0 {
+                        out.push(',');
+                    }
+                    c.schema.write(&mut out, c.optional, Some(&c.name));
+                }
+                out.push(']');
+                out
+            };
+            let name = format!("{}.{}.{}", cfg.topic_prefix, rel.namespace, rel.name);
+            Schemas {
+                value: envelope::value_schema(
+                    &name,
+                    &fields(&mut columns.iter().filter(|c| c.included)),
+                ),
+                key: envelope::key_schema(&name, &fields(&mut key.iter().map(|&i| &columns[i]))),
+            }
+        });
         CapturedTable {
             schema: rel.namespace.clone(),
             table: rel.name.clone(),
@@ -104,6 +142,7 @@ impl CapturedTable {
             columns,
             key,
             prefix: cfg.topic_prefix.clone(),
+            schemas,
         }
     }
 
@@ -211,12 +250,17 @@ impl CapturedTable {
             lsn: txn.lsn,
             last_commit: txn.last_commit,
         };
-        let payload = envelope::write(
+        let mut payload = envelope::write(
             before_json.as_ref().map(|r| r.json.as_str()),
             after_json.as_ref().map(|r| r.json.as_str()),
             &source,
             op,
         );
+        let mut key = key;
+        if let Some(s) = &self.schemas {
+            payload = envelope::with_schema(&s.value, &payload);
+            key = key.map(|k| envelope::with_schema(&s.key, &k));
+        }
         let mut headers = Vec::new();
         if let Some(a) = &after_json {
             if !a.unavailable.is_empty() {

@@ -21,13 +21,81 @@ pub struct TypeInfo {
     pub base_typmod: i32,
     /// Arrays (`typcategory = 'A'`): the element type; 0 otherwise.
     pub element: u32,
+    /// Enums: the labels in sort order (the schema's `allowed`).
+    pub labels: Vec<String>,
+}
+
+/// A column's Kafka Connect schema as Debezium's JSON converter writes it with
+/// `schemas.enable=true`, split around `"optional"`: `{head,"optional":…tail,"field":…}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fragment {
+    /// `"type":"…"` and, for structs and arrays, `"fields"` / `"items"`.
+    pub head: String,
+    /// `,"name":…,"version":…,"parameters":…,"doc":…` (may be empty).
+    pub tail: String,
+}
+
+impl Fragment {
+    fn plain(connect_type: &str) -> Fragment {
+        Fragment {
+            head: format!("\"type\":\"{connect_type}\""),
+            tail: String::new(),
+        }
+    }
+
+    fn named(connect_type: &str, name: &str) -> Fragment {
+        Fragment {
+            head: format!("\"type\":\"{connect_type}\""),
+            tail: format!(",\"name\":\"{name}\",\"version\":1"),
+        }
+    }
+
+    fn with_parameters(mut self, parameters: &[(&str, String)]) -> Fragment {
+        let list: Vec<String> = parameters
+            .iter()
+            .map(|(k, v)| {
+                let mut s = String::new();
+                super::value::string(&mut s, k);
+                s.push(':');
+                super::value::string(&mut s, v);
+                s
+            })
+            .collect();
+        self.tail
+            .push_str(&format!(",\"parameters\":{{{}}}", list.join(",")));
+        self
+    }
+
+    /// The schema of a column (or, without `field`, of an array's items).
+    pub fn write(&self, out: &mut String, optional: bool, field: Option<&str>) {
+        out.push('{');
+        out.push_str(&self.head);
+        out.push_str(if optional {
+            ",\"optional\":true"
+        } else {
+            ",\"optional\":false"
+        });
+        out.push_str(&self.tail);
+        if let Some(f) = field {
+            out.push_str(",\"field\":");
+            super::value::string(out, f);
+        }
+        out.push('}');
+    }
+}
+
+/// How a column's values are written, and its schema.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Resolved {
+    pub ty: ColType,
+    pub schema: Fragment,
 }
 
 /// How a column's values are written.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ColType {
     Bool,
-    /// int2, int4: a JSON integer.
+    /// int2, int4: a JSON integer (`int16` / `int32` in the schema).
     Int,
     /// int8, oid: a JSON integer.
     Long,
@@ -82,68 +150,138 @@ impl ColType {
     /// The mapping of a column of type `oid` with modifier `typmod`; `lookup` gives the
     /// catalog's entry for an OID (`None`: unknown, written as text).
     pub fn resolve(oid: u32, typmod: i32, lookup: &dyn Fn(u32) -> Option<TypeInfo>) -> ColType {
-        Self::resolve_depth(oid, typmod, lookup, 0)
+        resolve(oid, typmod, lookup).ty
     }
+}
 
-    fn resolve_depth(
-        oid: u32,
-        typmod: i32,
-        lookup: &dyn Fn(u32) -> Option<TypeInfo>,
-        depth: u32,
-    ) -> ColType {
-        let Some(info) = lookup(oid) else {
-            return ColType::Text;
+/// [`ColType::resolve`] with the column's schema.
+pub fn resolve(oid: u32, typmod: i32, lookup: &dyn Fn(u32) -> Option<TypeInfo>) -> Resolved {
+    resolve_depth(oid, typmod, lookup, 0)
+}
+
+fn text(schema: Fragment) -> Resolved {
+    Resolved {
+        ty: ColType::Text,
+        schema,
+    }
+}
+
+fn resolve_depth(
+    oid: u32,
+    typmod: i32,
+    lookup: &dyn Fn(u32) -> Option<TypeInfo>,
+    depth: u32,
+) -> Resolved {
+    let Some(info) = lookup(oid).filter(|_| depth <= 8) else {
+        return text(Fragment::plain("string"));
+    };
+    if info.kind == b'd' {
+        return resolve_depth(info.base, info.base_typmod, lookup, depth + 1);
+    }
+    if info.element != 0 {
+        // An array's modifier is its element's.
+        let element = resolve_depth(info.element, typmod, lookup, depth + 1);
+        let mut items = String::new();
+        element.schema.write(&mut items, true, None);
+        return Resolved {
+            ty: ColType::Array(Box::new(element.ty)),
+            schema: Fragment {
+                head: format!("\"type\":\"array\",\"items\":{items}"),
+                tail: String::new(),
+            },
         };
-        if depth > 8 {
-            return ColType::Text;
+    }
+    if info.kind == b'e' {
+        let schema = Fragment::named("string", "io.debezium.data.Enum")
+            .with_parameters(&[("allowed", info.labels.join(","))]);
+        return text(schema);
+    }
+    if info.kind != b'b' {
+        // Ranges, multiranges, composites: their text.
+        return text(Fragment::plain("string"));
+    }
+    let precision = if typmod < 0 {
+        DEFAULT_PRECISION
+    } else {
+        typmod
+    };
+    let r = |ty: ColType, schema: Fragment| Resolved { ty, schema };
+    match info.name.as_str() {
+        "bool" => r(ColType::Bool, Fragment::plain("boolean")),
+        "int2" => r(ColType::Int, Fragment::plain("int16")),
+        "int4" => r(ColType::Int, Fragment::plain("int32")),
+        "int8" | "oid" => r(ColType::Long, Fragment::plain("int64")),
+        "float4" => r(ColType::Float32, Fragment::plain("float")),
+        "float8" => r(ColType::Float64, Fragment::plain("double")),
+        "numeric" if typmod >= 4 => {
+            let scale = ((typmod - 4) & 0xffff) as u32;
+            let digits = ((typmod - 4) >> 16) & 0xffff;
+            let schema = Fragment::named("bytes", "org.apache.kafka.connect.data.Decimal")
+                .with_parameters(&[
+                    ("scale", scale.to_string()),
+                    ("connect.decimal.precision", digits.to_string()),
+                ]);
+            r(ColType::Decimal { scale }, schema)
         }
-        if info.kind == b'd' {
-            return Self::resolve_depth(info.base, info.base_typmod, lookup, depth + 1);
-        }
-        if info.element != 0 {
-            // An array's modifier is its element's.
-            let element = Self::resolve_depth(info.element, typmod, lookup, depth + 1);
-            return ColType::Array(Box::new(element));
-        }
-        if info.kind != b'b' {
-            // Enums, ranges, multiranges, composites: their text.
-            return ColType::Text;
-        }
-        let precision = if typmod < 0 {
-            DEFAULT_PRECISION
-        } else {
-            typmod
-        };
-        match info.name.as_str() {
-            "bool" => ColType::Bool,
-            "int2" | "int4" => ColType::Int,
-            "int8" | "oid" => ColType::Long,
-            "float4" => ColType::Float32,
-            "float8" => ColType::Float64,
-            "numeric" if typmod >= 4 => ColType::Decimal {
-                scale: ((typmod - 4) & 0xffff) as u32,
+        "numeric" => r(
+            ColType::VariableDecimal,
+            Fragment {
+                head: "\"type\":\"struct\",\"fields\":[{\"type\":\"int32\",\"optional\":false,\"field\":\"scale\"},{\"type\":\"bytes\",\"optional\":false,\"field\":\"value\"}]".into(),
+                tail: ",\"name\":\"io.debezium.data.VariableScaleDecimal\",\"version\":1,\"doc\":\"Variable scaled decimal\"".into(),
             },
-            "numeric" => ColType::VariableDecimal,
-            "money" => ColType::Money,
-            "bytea" => ColType::Bytes,
-            "date" => ColType::Date,
-            "time" => ColType::Time {
-                micros: precision > 3,
-            },
-            "timetz" => ColType::TimeTz,
-            "timestamp" => ColType::Timestamp {
-                micros: precision > 3,
-            },
-            "timestamptz" => ColType::TimestampTz {
+        ),
+        "money" => r(
+            ColType::Money,
+            Fragment::named("bytes", "org.apache.kafka.connect.data.Decimal")
+                .with_parameters(&[("scale", "2".into())]),
+        ),
+        "bytea" => r(ColType::Bytes, Fragment::plain("bytes")),
+        "date" => r(ColType::Date, Fragment::named("int32", "io.debezium.time.Date")),
+        "time" if precision > 3 => r(
+            ColType::Time { micros: true },
+            Fragment::named("int64", "io.debezium.time.MicroTime"),
+        ),
+        "time" => r(
+            ColType::Time { micros: false },
+            Fragment::named("int32", "io.debezium.time.Time"),
+        ),
+        "timetz" => r(ColType::TimeTz, Fragment::named("string", "io.debezium.time.ZonedTime")),
+        "timestamp" if precision > 3 => r(
+            ColType::Timestamp { micros: true },
+            Fragment::named("int64", "io.debezium.time.MicroTimestamp"),
+        ),
+        "timestamp" => r(
+            ColType::Timestamp { micros: false },
+            Fragment::named("int64", "io.debezium.time.Timestamp"),
+        ),
+        "timestamptz" => r(
+            ColType::TimestampTz {
                 digits: precision as u32,
             },
-            "interval" => ColType::Interval,
-            "bit" if typmod == 1 => ColType::Bit,
-            "bit" | "varbit" => ColType::Bits,
-            "point" => ColType::Point,
-            "hstore" => ColType::Hstore,
-            _ => ColType::Text,
+            Fragment::named("string", "io.debezium.time.ZonedTimestamp"),
+        ),
+        "interval" => r(ColType::Interval, Fragment::named("int64", "io.debezium.time.MicroDuration")),
+        "bit" if typmod == 1 => r(ColType::Bit, Fragment::plain("boolean")),
+        "bit" | "varbit" => {
+            let length = if typmod < 0 { i32::MAX } else { typmod };
+            let schema = Fragment::named("bytes", "io.debezium.data.Bits")
+                .with_parameters(&[("length", length.to_string())]);
+            r(ColType::Bits, schema)
         }
+        "point" => r(
+            ColType::Point,
+            Fragment {
+                head: "\"type\":\"struct\",\"fields\":[{\"type\":\"double\",\"optional\":false,\"field\":\"x\"},{\"type\":\"double\",\"optional\":false,\"field\":\"y\"},{\"type\":\"bytes\",\"optional\":true,\"field\":\"wkb\"},{\"type\":\"int32\",\"optional\":true,\"field\":\"srid\"}]".into(),
+                tail: ",\"name\":\"io.debezium.data.geometry.Point\",\"version\":1,\"doc\":\"Geometry (POINT)\"".into(),
+            },
+        ),
+        "hstore" => r(ColType::Hstore, Fragment::named("string", "io.debezium.data.Json")),
+        "uuid" => text(Fragment::named("string", "io.debezium.data.Uuid")),
+        "json" | "jsonb" => text(Fragment::named("string", "io.debezium.data.Json")),
+        "xml" => text(Fragment::named("string", "io.debezium.data.Xml")),
+        "tsvector" => text(Fragment::named("string", "io.debezium.data.Tsvector")),
+        "ltree" => text(Fragment::named("string", "io.debezium.data.Ltree")),
+        _ => text(Fragment::plain("string")),
     }
 }
 
@@ -159,6 +297,7 @@ mod tests {
             base,
             base_typmod: if base == 1700 { (10 << 16 | 2) + 4 } else { -1 },
             element,
+            labels: Vec::new(),
         };
         Some(match oid {
             23 => t("int4", b'b', 0, 0),

@@ -22,6 +22,7 @@ pub(super) struct RawCdc {
     unavailable_value_placeholder: Option<String>,
     toast: Option<String>,
     keyless: Option<String>,
+    schemas: Option<bool>,
 }
 
 /// What an unchanged TOASTed value (not in the WAL) becomes in a change event.
@@ -62,6 +63,8 @@ pub struct CdcConfig {
     /// Accept tables without a key (REPLICA IDENTITY NOTHING, or DEFAULT without a primary
     /// key) whose updates or deletes are captured: their events have no key and no `before`.
     pub accept_keyless: bool,
+    /// Kafka Connect's `schemas.enable=true`: key and value as `{"schema":…,"payload":…}`.
+    pub schemas: bool,
 }
 
 impl Default for CdcConfig {
@@ -84,6 +87,7 @@ impl Default for CdcConfig {
             unavailable_value_placeholder: "__debezium_unavailable_value".into(),
             toast: ToastMode::Placeholder,
             accept_keyless: false,
+            schemas: false,
         }
     }
 }
@@ -225,5 +229,6 @@ pub(super) fn load(raw: RawCdc) -> Result<Arc<CdcConfig>, ConfigError> {
             .unwrap_or(d.unavailable_value_placeholder),
         toast,
         accept_keyless,
+        schemas: raw.schemas.unwrap_or(false),
     }))
 }
