@@ -120,6 +120,10 @@ fn in_change_order(mut records: Vec<Received>, prefix: &str) -> Vec<(String, Rec
 }
 
 fn read_all(brokers: &str, topics: &[String]) -> Vec<Received> {
+    read_all_n(brokers, topics, RECORDS)
+}
+
+fn read_all_n(brokers: &str, topics: &[String], n: usize) -> Vec<Received> {
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
     loop {
         let got = consume(
@@ -129,7 +133,7 @@ fn read_all(brokers: &str, topics: &[String]) -> Vec<Received> {
             Duration::from_secs(30),
             Duration::from_secs(3),
         );
-        if got.len() >= RECORDS || std::time::Instant::now() > deadline {
+        if got.len() >= n || std::time::Instant::now() > deadline {
             return got;
         }
     }
@@ -137,7 +141,9 @@ fn read_all(brokers: &str, topics: &[String]) -> Vec<Received> {
 
 /// Both sides capture the same changes; each record is compared with the other's. `schemas`:
 /// Kafka Connect's JSON converter with `schemas.enable=true` (outboxd: `cdc.schemas`).
-async fn same_change_events_as_debezium(prefix: &str, schemas: bool) {
+/// `metadata`: transaction metadata on both (Debezium's `provide.transaction.metadata`);
+/// the `<prefix>.transaction` records are compared too.
+async fn same_change_events_as_debezium(prefix: &str, schemas: bool, metadata: bool) {
     let brokers = kafka_brokers();
     let db = TestDb::new(prefix).await;
     let client = db.client().await;
@@ -154,7 +160,7 @@ async fn same_change_events_as_debezium(prefix: &str, schemas: bool) {
         .join(", ");
     let config = db.config(
         &brokers,
-        &format!("[cdc]\ntables = [{list}]\ntopic_prefix = \"{ours}\"\nskipped_operations = [\"none\"]\nschemas = {schemas}\n"),
+        &format!("[cdc]\ntables = [{list}]\ntopic_prefix = \"{ours}\"\nskipped_operations = [\"none\"]\nschemas = {schemas}\ntransaction_metadata = {metadata}\n"),
     );
     migrate(&config);
     let slot = format!("{}_dbz", db.name);
@@ -162,6 +168,7 @@ async fn same_change_events_as_debezium(prefix: &str, schemas: bool) {
     let topic_prefix = format!("topic.prefix={ours}");
     let key_schemas = format!("key.converter.schemas.enable={schemas}");
     let value_schemas = format!("value.converter.schemas.enable={schemas}");
+    let provide_metadata = format!("provide.transaction.metadata={metadata}");
     let debezium = Debezium::start(
         &db,
         &slot,
@@ -180,6 +187,7 @@ async fn same_change_events_as_debezium(prefix: &str, schemas: bool) {
             &value_schemas,
             "tombstones.on.delete=true",
             "skipped.operations=none",
+            &provide_metadata,
         ],
     );
     let _relay = Relay::start(&config);
@@ -209,6 +217,23 @@ async fn same_change_events_as_debezium(prefix: &str, schemas: bool) {
     };
     let a = in_change_order(read_all(&brokers, &topics(&ours)), &format!("{ours}."));
     let b = in_change_order(read_all(&brokers, &topics(&theirs)), &format!("{theirs}."));
+    if metadata {
+        // One BEGIN and one END per transaction, each keyed by its own id.
+        let txn = |p: &str| {
+            let topic = format!("{p}.transaction");
+            let mut got = read_all_n(&brokers, std::slice::from_ref(&topic), 2 * CHANGES.len());
+            got.sort_by_key(|r| r.key.clone());
+            got
+        };
+        let (ta, tb) = (txn(&ours), txn(&theirs));
+        assert_eq!(ta.len(), 2 * CHANGES.len(), "outboxd's transaction records");
+        assert_eq!(tb.len(), ta.len(), "Debezium's transaction records");
+        for (o, d) in ta.iter().zip(&tb) {
+            assert_eq!(o.key, d.key, "transaction record key");
+            assert_eq!(o.partition, d.partition, "partition of {:?}", d.key);
+            assert_eq!(o.payload, d.payload, "transaction record {:?}", d.key);
+        }
+    }
     drop(debezium);
     assert_eq!(a.len(), RECORDS, "outboxd's records");
     assert_eq!(b.len(), RECORDS, "Debezium's records");
@@ -230,10 +255,15 @@ async fn same_change_events_as_debezium(prefix: &str, schemas: bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn debezium_and_outboxd_write_the_same_change_events_for_the_same_row_changes() {
-    same_change_events_as_debezium("dbzcdc", false).await;
+    same_change_events_as_debezium("dbzcdc", false, false).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_schemas_enabled_debezium_and_outboxd_write_the_same_schema_and_payload() {
-    same_change_events_as_debezium("dbzcdcschema", true).await;
+    same_change_events_as_debezium("dbzcdcschema", true, false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_transaction_metadata_debezium_and_outboxd_write_the_same_begin_end_and_blocks() {
+    same_change_events_as_debezium("dbzcdctxn", true, true).await;
 }

@@ -61,6 +61,9 @@ pub struct Source<'a> {
     /// End of the last commit decoded before this transaction (`None` before the first of
     /// the session): the first half of `source.sequence`.
     pub last_commit: Option<u64>,
+    /// `cdc.transaction_metadata`: the event's place in its transaction (total order, order
+    /// within its table).
+    pub order: Option<(u64, u64)>,
 }
 
 /// Debezium's `op`.
@@ -129,11 +132,18 @@ pub fn write(before: Option<&str>, after: Option<&str>, source: &Source<'_>, op:
     out.push_str(",\"table\":");
     string(&mut out, source.table);
     out.push_str(&format!(
-        ",\"txId\":{},\"lsn\":{},\"xmin\":null,\"origin\":null,\"origin_lsn\":null}},\"transaction\":null,\"op\":\"{}\",",
-        source.xid,
-        source.lsn,
-        op.letter()
+        ",\"txId\":{},\"lsn\":{},\"xmin\":null,\"origin\":null,\"origin_lsn\":null}},\"transaction\":",
+        source.xid, source.lsn,
     ));
+    match source.order {
+        // Debezium names the transaction by its xid and the event's own LSN here.
+        Some((total, table)) => out.push_str(&format!(
+            "{{\"id\":\"{}:{}\",\"total_order\":{total},\"data_collection_order\":{table}}}",
+            source.xid, source.lsn
+        )),
+        None => out.push_str("null"),
+    }
+    out.push_str(&format!(",\"op\":\"{}\",", op.letter()));
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos() as i64)
@@ -160,6 +170,7 @@ mod tests {
             xid: 736,
             lsn: 26_675_312,
             last_commit: None,
+            order: None,
         };
         let v = write(None, Some(r#"{"id":1}"#), &source, Op::Create);
         let expected = r#"{"before":null,"after":{"id":1},"source":{"version":"outboxd-"#;

@@ -19,6 +19,8 @@
 pub mod catalog;
 pub mod envelope;
 pub mod select;
+pub mod stream;
 pub mod table;
+pub mod transaction;
 pub mod types;
 pub mod value;

@@ -16,6 +16,7 @@ use std::collections::HashMap;
 use std::time::SystemTime;
 
 use super::envelope::{self, Op, Source};
+use super::transaction::TxnOrder;
 use super::types::{self, ColType, Fragment, TypeInfo};
 use super::value;
 use crate::config::{CdcConfig, ToastMode};
@@ -155,8 +156,14 @@ impl CapturedTable {
     }
 
     /// The events of an insert.
-    pub fn insert(&self, cfg: &CdcConfig, txn: &TxnContext, new: &[Column]) -> Vec<Outcome> {
-        vec![self.event(cfg, txn, Op::Create, None, Some((new, None)))]
+    pub fn insert(
+        &self,
+        cfg: &CdcConfig,
+        txn: &TxnContext,
+        order: &mut Option<TxnOrder>,
+        new: &[Column],
+    ) -> Vec<Outcome> {
+        vec![self.event(cfg, txn, order, Op::Create, None, Some((new, None)))]
     }
 
     /// The events of an update (a delete and a create when the key changed).
@@ -164,6 +171,7 @@ impl CapturedTable {
         &self,
         cfg: &CdcConfig,
         txn: &TxnContext,
+        order: &mut Option<TxnOrder>,
         old: Option<&OldTuple>,
         new: &[Column],
     ) -> Vec<Outcome> {
@@ -174,20 +182,26 @@ impl CapturedTable {
                 .iter()
                 .any(|&i| old.tuple.get(i) != new.get(i) && new.get(i) != Some(&Column::Unchanged));
             if key_changed {
-                let mut out = self.delete(cfg, txn, old);
+                let mut out = self.delete(cfg, txn, order, old);
                 if cfg.operations.create {
-                    out.push(self.event(cfg, txn, Op::Create, None, Some((new, full_old))));
+                    out.push(self.event(cfg, txn, order, Op::Create, None, Some((new, full_old))));
                 }
                 return out;
             }
         }
         let before = old.map(|o| o.tuple.as_slice());
-        vec![self.event(cfg, txn, Op::Update, before, Some((new, full_old)))]
+        vec![self.event(cfg, txn, order, Op::Update, before, Some((new, full_old)))]
     }
 
     /// The events of a delete: the delete, then its tombstone (unless turned off).
-    pub fn delete(&self, cfg: &CdcConfig, txn: &TxnContext, old: &OldTuple) -> Vec<Outcome> {
-        let mut out = vec![self.event(cfg, txn, Op::Delete, Some(&old.tuple), None)];
+    pub fn delete(
+        &self,
+        cfg: &CdcConfig,
+        txn: &TxnContext,
+        order: &mut Option<TxnOrder>,
+        old: &OldTuple,
+    ) -> Vec<Outcome> {
+        let mut out = vec![self.event(cfg, txn, order, Op::Delete, Some(&old.tuple), None)];
         if cfg.tombstones_on_delete {
             if let Some(Ok(delete)) = out.first() {
                 let mut tombstone = delete.clone();
@@ -200,8 +214,13 @@ impl CapturedTable {
         out
     }
 
-    pub fn truncate(&self, cfg: &CdcConfig, txn: &TxnContext) -> Vec<Outcome> {
-        vec![self.event(cfg, txn, Op::Truncate, None, None)]
+    pub fn truncate(
+        &self,
+        cfg: &CdcConfig,
+        txn: &TxnContext,
+        order: &mut Option<TxnOrder>,
+    ) -> Vec<Outcome> {
+        vec![self.event(cfg, txn, order, Op::Truncate, None, None)]
     }
 
     fn event_id(&self, txn: &TxnContext, op: &str) -> String {
@@ -210,10 +229,12 @@ impl CapturedTable {
 
     /// One event. `after` is the new tuple and the old row to fill unchanged TOASTed values
     /// from (REPLICA IDENTITY FULL).
+    #[allow(clippy::too_many_arguments)]
     fn event(
         &self,
         cfg: &CdcConfig,
         txn: &TxnContext,
+        order: &mut Option<TxnOrder>,
         op: Op,
         before: Option<&[Column]>,
         after: Option<(&[Column], Option<&[Column]>)>,
@@ -249,6 +270,7 @@ impl CapturedTable {
             xid: txn.xid,
             lsn: txn.lsn,
             last_commit: txn.last_commit,
+            order: order.as_mut().map(|o| o.next(&self.name())),
         };
         let mut payload = envelope::write(
             before_json.as_ref().map(|r| r.json.as_str()),

@@ -23,6 +23,7 @@ pub(super) struct RawCdc {
     toast: Option<String>,
     keyless: Option<String>,
     schemas: Option<bool>,
+    transaction_metadata: Option<bool>,
 }
 
 /// What an unchanged TOASTed value (not in the WAL) becomes in a change event.
@@ -65,6 +66,9 @@ pub struct CdcConfig {
     pub accept_keyless: bool,
     /// Kafka Connect's `schemas.enable=true`: key and value as `{"schema":…,"payload":…}`.
     pub schemas: bool,
+    /// Debezium's `provide.transaction.metadata`: BEGIN/END records on
+    /// `<prefix>.transaction` and each event's `transaction` block.
+    pub transaction_metadata: bool,
 }
 
 impl Default for CdcConfig {
@@ -88,6 +92,7 @@ impl Default for CdcConfig {
             toast: ToastMode::Placeholder,
             accept_keyless: false,
             schemas: false,
+            transaction_metadata: false,
         }
     }
 }
@@ -230,5 +235,6 @@ pub(super) fn load(raw: RawCdc) -> Result<Arc<CdcConfig>, ConfigError> {
         toast,
         accept_keyless,
         schemas: raw.schemas.unwrap_or(false),
+        transaction_metadata: raw.transaction_metadata.unwrap_or(false),
     }))
 }

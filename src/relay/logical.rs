@@ -128,6 +128,18 @@ pub(super) enum Incoming {
 }
 
 impl LogicalSource<'_> {
+    /// Queues the items of one change (events, or changes that cannot be published).
+    fn queue(&mut self, changes: Vec<crate::cdc::table::Outcome>) {
+        self.queued.extend(changes.into_iter().map(|c| match c {
+            Ok(event) => Item::Event(event),
+            Err((id, reason, raw)) => Item::Malformed {
+                id: Some(id),
+                reason,
+                raw,
+            },
+        }));
+    }
+
     /// Checks what the stream shows at `position` (a commit's end, a non-transactional
     /// message, a keepalive) against the witness still to be found.
     fn witness(&mut self, position: u64, commit: bool) -> Result<()> {
@@ -245,14 +257,14 @@ impl Source for LogicalSource<'_> {
                         None
                     }
                     Some(Change::Changes(changes)) => {
-                        self.queued.extend(changes.into_iter().map(|c| match c {
-                            Ok(event) => Item::Event(event),
-                            Err((id, reason, raw)) => Item::Malformed {
-                                id: Some(id),
-                                reason,
-                                raw,
-                            },
-                        }));
+                        self.queue(changes);
+                        self.queued.pop_front()
+                    }
+                    Some(Change::End(end, lsn)) => {
+                        // The END record, then the commit's position (checked like any).
+                        self.queue(end);
+                        self.witness(lsn, true)?;
+                        self.queued.push_back(Item::Boundary(lsn));
                         self.queued.pop_front()
                     }
                 })

@@ -12,8 +12,9 @@
 use std::collections::HashMap;
 use std::time::SystemTime;
 
-use crate::cdc::table::{CapturedTable, Outcome, TableCatalog, TxnContext};
-use crate::config::{CdcConfig, ColumnsConfig, PostgresConfig};
+use crate::cdc::stream::{CdcStream, RowChange};
+use crate::cdc::table::{Outcome, TableCatalog, TxnContext};
+use crate::config::{ColumnsConfig, PostgresConfig};
 use crate::error::{Error, Result};
 use crate::event::{Event, EventExtra};
 use crate::source::pgoutput::{self, Column, Message, Relation};
@@ -124,6 +125,9 @@ pub enum Change {
     /// The change events of one row change of a captured table (a delete and its
     /// tombstone, a key change's delete and create, …), or why one cannot be published.
     Changes(Vec<Outcome>),
+    /// A commit whose transaction had change events, with `cdc.transaction_metadata`: its
+    /// END record, then the commit's position.
+    End(Vec<Outcome>, u64),
 }
 
 /// What the decoder knows of a relation the stream described.
@@ -136,10 +140,6 @@ enum RelationKind {
     /// Another table. An insert into it stops the relay: the publication carries rows outboxd
     /// cannot tell are not events, and skipping them could lose events.
     Foreign(String),
-    /// A table `[cdc]` captures, awaiting its catalog entry ([`Change::CapturedRelation`]).
-    PendingCapture(Relation),
-    /// A table `[cdc]` captures: its changes are events.
-    Captured(Box<CapturedTable>),
 }
 
 /// Column positions of the outbox table, resolved from a Relation message.
@@ -236,7 +236,8 @@ pub struct Decoder {
     /// End LSN of the last commit decoded.
     commit_end: u64,
     columns: ColumnsConfig,
-    cdc: std::sync::Arc<CdcConfig>,
+    /// The tables `[cdc]` captures (`crate::cdc::stream`).
+    cdc: CdcStream,
     /// WAL position of the message being decoded.
     wal_start: u64,
     /// End of the last commit decoded this session (`source.sequence`).
@@ -258,7 +259,7 @@ impl Decoder {
             last_event_txn: None,
             commit_end: 0,
             columns: cfg.columns.clone(),
-            cdc: cfg.cdc.clone(),
+            cdc: CdcStream::new(cfg.cdc.clone()),
             wal_start: 0,
             last_commit: None,
         }
@@ -292,7 +293,7 @@ impl Decoder {
     fn yielded(&mut self, change: Change) -> Change {
         let yields = match &change {
             Change::Event(_) | Change::Poison { .. } => true,
-            Change::Changes(c) => !c.is_empty(),
+            Change::Changes(c) | Change::End(c, _) => !c.is_empty(),
             _ => false,
         };
         if yields && self.in_transaction {
@@ -315,55 +316,52 @@ impl Decoder {
                 self.xid = xid;
                 self.had_event = false;
                 self.in_transaction = true;
+                self.cdc.begin();
                 Ok(None)
             }
             Message::Commit { end_lsn, .. } => {
                 self.in_transaction = false;
                 self.commit_end = end_lsn;
                 self.last_commit = Some(end_lsn);
+                let end = self.cdc.commit(self.xid, end_lsn, self.commit_time);
                 if self.had_event {
                     self.last_event_txn = Some((self.xid, end_lsn));
                 }
-                Ok(Some(Change::Boundary(end_lsn)))
+                Ok(Some(if end.is_empty() {
+                    Change::Boundary(end_lsn)
+                } else {
+                    Change::End(end, end_lsn)
+                }))
             }
             Message::Relation(rel) => {
                 if rel.namespace == self.schema && rel.name == self.table {
                     let cols = OutboxColumns::resolve(&rel, &self.columns)?;
                     self.relations.insert(rel.id, RelationKind::Outbox(cols));
                     Ok(None)
-                } else if self.cdc.enabled() && self.cdc.captures(&rel.namespace, &rel.name) {
-                    let (id, types) = (rel.id, rel.types.clone());
-                    if matches!(self.relations.get(&id), Some(RelationKind::Captured(_))) {
-                        // A Relation message again: the table changed (or the session is
-                        // new). Its changes from here on are decoded with the new columns.
-                        metrics::counter!(crate::metrics::CDC_SCHEMA_CHANGES).increment(1);
-                        tracing::info!(table = %format!("{}.{}", rel.namespace, rel.name), columns = %rel.columns.join(","), commit_lsn = %crate::source::pgoutput::format_lsn(self.commit_lsn), "captured table's columns (re)described; its later changes use them");
-                    }
-                    self.relations.insert(id, RelationKind::PendingCapture(rel));
-                    Ok(Some(Change::CapturedRelation(id, types)))
                 } else {
                     let id = rel.id;
-                    self.relations.insert(id, RelationKind::Pending(rel));
-                    Ok(Some(Change::UnknownRelation(id)))
+                    match self.cdc.relation(rel) {
+                        Ok(types) => {
+                            self.relations.remove(&id);
+                            Ok(Some(Change::CapturedRelation(id, types)))
+                        }
+                        Err(rel) => {
+                            self.relations.insert(id, RelationKind::Pending(rel));
+                            Ok(Some(Change::UnknownRelation(id)))
+                        }
+                    }
                 }
+            }
+            Message::Insert { relation_id, tuple } if self.cdc.owns(relation_id) => {
+                self.row_change(relation_id, RowChange::Insert(&tuple))
             }
             Message::Insert { relation_id, tuple } => match self.relations.get(&relation_id) {
                 Some(RelationKind::Outbox(cols)) => {
                     let event = Change::Event(self.event(cols, tuple)?);
                     Ok(Some(self.yielded(event)))
                 }
-                Some(RelationKind::Captured(table)) => {
-                    let txn = self.txn();
-                    let out = if self.cdc.operations.create {
-                        table.insert(&self.cdc, &txn, &tuple)
-                    } else {
-                        Vec::new()
-                    };
-                    Ok(Some(self.yielded(Change::Changes(out))))
-                }
                 Some(RelationKind::Foreign(name))
-                | Some(RelationKind::Pending(Relation { name, .. }))
-                | Some(RelationKind::PendingCapture(Relation { name, .. })) => {
+                | Some(RelationKind::Pending(Relation { name, .. })) => {
                     Err(Error::setup(
                         format!(
                             "publication `{}` carries an insert into table {name} (relation OID {relation_id}) in the transaction committing at {}; it is neither the outbox table {}.{} nor one of its partitions, so outboxd cannot tell whether it is an event and stops rather than skip it",
@@ -413,38 +411,18 @@ impl Decoder {
                 relation_id,
                 old,
                 new,
-            } => {
-                let Some(table) = self.captured(relation_id, "update")? else {
-                    return Ok(None);
-                };
-                let out = if self.cdc.operations.update {
-                    table.update(&self.cdc, &self.txn(), old.as_ref(), &new)
-                } else {
-                    Vec::new()
-                };
-                Ok(Some(self.yielded(Change::Changes(out))))
-            }
+            } => self.row_change(relation_id, RowChange::Update(old.as_ref(), &new)),
             Message::Delete { relation_id, old } => {
-                let Some(table) = self.captured(relation_id, "delete")? else {
-                    return Ok(None);
-                };
-                let out = if self.cdc.operations.delete {
-                    table.delete(&self.cdc, &self.txn(), &old)
-                } else {
-                    Vec::new()
-                };
-                Ok(Some(self.yielded(Change::Changes(out))))
+                self.row_change(relation_id, RowChange::Delete(&old))
             }
             Message::Truncate { relation_ids, .. } => {
                 let mut out = Vec::new();
                 for id in relation_ids {
-                    if let Some(table) = self.captured(id, "truncate")? {
-                        if self.cdc.operations.truncate {
-                            out.extend(table.truncate(&self.cdc, &self.txn()));
-                        }
+                    if let Some(Change::Changes(c)) = self.row_change(id, RowChange::Truncate)? {
+                        out.extend(c);
                     }
                 }
-                Ok(Some(self.yielded(Change::Changes(out))))
+                Ok(Some(Change::Changes(out)))
             }
             Message::Other(_) => Ok(None),
         }
@@ -459,33 +437,35 @@ impl Decoder {
         }
     }
 
-    /// The captured table of relation `id`; `None` (counted as ignored) for the outbox and
-    /// other tables, whose updates, deletes and truncates are not events.
-    fn captured(&self, id: u32, kind: &'static str) -> Result<Option<&CapturedTable>> {
-        match self.relations.get(&id) {
-            Some(RelationKind::Captured(table)) => Ok(Some(table)),
-            Some(RelationKind::PendingCapture(_)) | None => Err(Error::setup(
-                format!(
-                    "{kind} for relation {id} arrived before its Relation message was resolved"
-                ),
-                "report this as a bug in outboxd",
-            )),
-            Some(_) => {
-                ignored(kind);
-                tracing::debug!(kind, commit_lsn = %crate::source::pgoutput::format_lsn(self.commit_lsn), "ignoring a change of a table that is not captured");
-                Ok(None)
-            }
+    /// A row change: the change events of a captured table; `None` (counted as ignored)
+    /// for an update, delete or truncate of the outbox or another table, which are not
+    /// events.
+    fn row_change(&mut self, id: u32, change: RowChange<'_>) -> Result<Option<Change>> {
+        if self.cdc.owns(id) {
+            let txn = self.txn();
+            let out = self.cdc.change(id, change, txn)?;
+            return Ok(Some(self.yielded(Change::Changes(out))));
         }
+        let kind = match change {
+            RowChange::Insert(_) => "insert",
+            RowChange::Update(..) => "update",
+            RowChange::Delete(_) => "delete",
+            RowChange::Truncate => "truncate",
+        };
+        if !self.relations.contains_key(&id) {
+            return Err(Error::setup(
+                format!("{kind} for relation {id} arrived before its Relation message"),
+                "report this as a bug in outboxd",
+            ));
+        }
+        ignored(kind);
+        tracing::debug!(kind, commit_lsn = %crate::source::pgoutput::format_lsn(self.commit_lsn), "ignoring a change of a table that is not captured");
+        Ok(None)
     }
 
     /// Hands the decoder a captured table's catalog entry ([`Change::CapturedRelation`]).
     pub fn capture(&mut self, id: u32, catalog: &TableCatalog) {
-        if let Some(RelationKind::PendingCapture(rel)) = self.relations.remove(&id) {
-            let table = CapturedTable::new(&rel, catalog, &self.cdc);
-            tracing::debug!(table = %format!("{}.{}", rel.namespace, rel.name), key = table.has_key(), "capturing the table's changes");
-            self.relations
-                .insert(id, RelationKind::Captured(Box::new(table)));
-        }
+        self.cdc.capture(id, catalog);
     }
 
     /// Tells the decoder what relation `id` ([`Change::UnknownRelation`]) is: a partition of
