@@ -51,17 +51,16 @@ impl CdcStream {
 
     /// A Relation message: `Some(type OIDs)` when the table is captured (the caller reads
     /// its catalog entry and calls [`CdcStream::capture`]), `None` when it is not.
-    pub fn relation(&mut self, rel: Relation) -> std::result::Result<Vec<u32>, Relation> {
+    pub fn relation(&mut self, rel: &Relation) -> Option<Vec<u32>> {
         if !(self.cfg.enabled() && self.cfg.captures(&rel.namespace, &rel.name)) {
-            return Err(rel);
+            return None;
         }
         if matches!(self.tables.get(&rel.id), Some(State::Resolved(_))) {
             metrics::counter!(crate::metrics::CDC_SCHEMA_CHANGES).increment(1);
             tracing::info!(table = %format!("{}.{}", rel.namespace, rel.name), columns = %rel.columns.join(","), "captured table's columns described again; its later changes use them");
         }
-        let types = rel.types.clone();
-        self.tables.insert(rel.id, State::Pending(rel));
-        Ok(types)
+        self.tables.insert(rel.id, State::Pending(rel.clone()));
+        Some(rel.types.clone())
     }
 
     pub fn capture(&mut self, id: u32, catalog: &TableCatalog) {
@@ -91,12 +90,14 @@ impl CdcStream {
     ) -> Result<Vec<Outcome>> {
         let table = match self.tables.get(&id) {
             Some(State::Resolved(t)) => t,
-            _ => return Err(Error::setup(
-                format!(
+            _ => {
+                return Err(Error::setup(
+                    format!(
                     "a change of relation {id} arrived before its Relation message was resolved"
                 ),
-                "report this as a bug in outboxd",
-            )),
+                    "report this as a bug in outboxd",
+                ))
+            }
         };
         let cfg = &self.cfg;
         let ops = &cfg.operations;
@@ -131,7 +132,7 @@ impl CdcStream {
         end_lsn: u64,
         commit_time: std::time::SystemTime,
     ) -> Vec<Outcome> {
-        let out = match (self.begun.take(), self.order.take()) {
+        match (self.begun.take(), self.order.take()) {
             (Some(_), Some(order)) => vec![transaction::end(
                 &self.cfg,
                 xid,
@@ -140,7 +141,6 @@ impl CdcStream {
                 &order,
             )],
             _ => Vec::new(),
-        };
-        out
+        }
     }
 }

@@ -1,10 +1,11 @@
 //! pgoutput messages → events: the relation cache, outbox rows (by column name, from the
-//! table or any of its partitions), table-less events (`pg_logical_emit_message` with prefix
-//! `outbox`), and the positions that are safe to confirm.
+//! table or any of its partitions), table-less events (`message.rs`), the row changes of the
+//! tables `[cdc]` captures (handed to `crate::cdc::stream`), and the positions that are safe
+//! to confirm.
 //!
-//! Nothing is dropped silently. An insert into a relation that is neither the outbox nor one
-//! of its partitions stops the relay before its transaction is confirmed: the publication
-//! carries rows outboxd cannot tell are not events. Whether an unknown relation is a
+//! Nothing is dropped silently. An insert into a relation that is neither the outbox, one
+//! of its partitions nor a captured table stops the relay before its transaction is
+//! confirmed: the publication carries rows outboxd cannot tell are not events. Whether an unknown relation is a
 //! partition is asked of the catalog ([`Change::UnknownRelation`]): PostgreSQL 15 describes
 //! partitions even with `publish_via_partition_root` (the inserts then name the root), and
 //! without it the inserts name the partition.
@@ -17,82 +18,8 @@ use crate::cdc::table::{Outcome, TableCatalog, TxnContext};
 use crate::config::{ColumnsConfig, PostgresConfig};
 use crate::error::{Error, Result};
 use crate::event::{Event, EventExtra};
+use crate::source::message::{message_event, OUTBOX_MESSAGE_PREFIX};
 use crate::source::pgoutput::{self, Column, Message, Relation};
-
-/// Prefix of table-less events: `pg_logical_emit_message(true, 'outbox', <json>)`.
-pub const OUTBOX_MESSAGE_PREFIX: &str = "outbox";
-
-/// The JSON of a table-less event; the same fields as an outbox row.
-#[derive(serde::Deserialize)]
-struct MessageEvent<'a> {
-    #[serde(borrow)]
-    id: Option<&'a serde_json::value::RawValue>,
-    aggregatetype: Option<String>,
-    aggregateid: Option<serde_json::Value>,
-    #[serde(rename = "type")]
-    event_type: Option<String>,
-    #[serde(borrow)]
-    payload: Option<&'a serde_json::value::RawValue>,
-    headers: Option<serde_json::Value>,
-}
-
-/// Parses a table-less event. The payload's JSON text is kept exactly as written.
-/// `Err((id if known, reason))` for a message that cannot be published.
-fn message_event(
-    content: &[u8],
-    commit_time: SystemTime,
-) -> std::result::Result<Event, (Option<String>, String)> {
-    let m: MessageEvent<'_> = serde_json::from_slice(content).map_err(|e| {
-        (
-            None,
-            format!("outbox message is not a JSON object with the outbox fields: {e}"),
-        )
-    })?;
-    let id = match m
-        .id
-        .map(|r| serde_json::from_str::<serde_json::Value>(r.get()))
-    {
-        Some(Ok(serde_json::Value::String(s))) => s,
-        Some(Ok(serde_json::Value::Number(n))) => n.to_string(),
-        _ => return Err((None, "outbox message has no string `id`".into())),
-    };
-    let fail = |what: &str| {
-        Err((
-            Some(id.clone()),
-            format!("outbox message has no string `{what}`"),
-        ))
-    };
-    let Some(aggregatetype) = m.aggregatetype else {
-        return fail("aggregatetype");
-    };
-    let Some(event_type) = m.event_type else {
-        return fail("type");
-    };
-    let aggregateid = match m.aggregateid {
-        Some(serde_json::Value::String(s)) => Some(s),
-        Some(serde_json::Value::Null) | None => None,
-        Some(other) => Some(other.to_string()),
-    };
-    let payload = m
-        .payload
-        .map(|r| r.get())
-        .filter(|t| *t != "null")
-        .map(|t| t.as_bytes().to_vec());
-    let headers = match m.headers {
-        None | Some(serde_json::Value::Null) => None,
-        Some(v) => Some(v.to_string()),
-    };
-    Ok(Event {
-        id,
-        aggregatetype,
-        aggregateid,
-        event_type,
-        payload,
-        headers,
-        commit_time,
-        extra: EventExtra::default(),
-    })
-}
 
 /// Counts a change the decoder saw and deliberately did not turn into an event.
 fn ignored(kind: &'static str) {
@@ -340,12 +267,12 @@ impl Decoder {
                     Ok(None)
                 } else {
                     let id = rel.id;
-                    match self.cdc.relation(rel) {
-                        Ok(types) => {
+                    match self.cdc.relation(&rel) {
+                        Some(types) => {
                             self.relations.remove(&id);
                             Ok(Some(Change::CapturedRelation(id, types)))
                         }
-                        Err(rel) => {
+                        None => {
                             self.relations.insert(id, RelationKind::Pending(rel));
                             Ok(Some(Change::UnknownRelation(id)))
                         }

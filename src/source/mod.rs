@@ -4,6 +4,7 @@
 //! relay's view of both is `crate::relay`'s `Source` interface.
 pub mod decode;
 pub mod logical;
+pub mod message;
 pub mod pgoutput;
 pub mod polling;
 pub mod publication;
