@@ -143,7 +143,14 @@ fn read_all_n(brokers: &str, topics: &[String], n: usize) -> Vec<Received> {
 /// Kafka Connect's JSON converter with `schemas.enable=true` (outboxd: `cdc.schemas`).
 /// `metadata`: transaction metadata on both (Debezium's `provide.transaction.metadata`);
 /// the `<prefix>.transaction` records are compared too.
-async fn same_change_events_as_debezium(prefix: &str, schemas: bool, metadata: bool) {
+/// `modes`: Debezium's handling-mode properties, set on both (outboxd's `cdc.` keys are the
+/// same names with `_` for `.`).
+async fn same_change_events_as_debezium(
+    prefix: &str,
+    schemas: bool,
+    metadata: bool,
+    modes: &[(&str, &str)],
+) {
     let brokers = kafka_brokers();
     let db = TestDb::new(prefix).await;
     let client = db.client().await;
@@ -158,9 +165,13 @@ async fn same_change_events_as_debezium(prefix: &str, schemas: bool, metadata: b
         .map(|t| format!("\"{t}\""))
         .collect::<Vec<_>>()
         .join(", ");
+    let ours_modes: String = modes
+        .iter()
+        .map(|(k, v)| format!("{} = \"{v}\"\n", k.replace('.', "_")))
+        .collect();
     let config = db.config(
         &brokers,
-        &format!("[cdc]\ntables = [{list}]\ntopic_prefix = \"{ours}\"\nskipped_operations = [\"none\"]\nschemas = {schemas}\ntransaction_metadata = {metadata}\n"),
+        &format!("[cdc]\ntables = [{list}]\ntopic_prefix = \"{ours}\"\nskipped_operations = [\"none\"]\nschemas = {schemas}\ntransaction_metadata = {metadata}\n{ours_modes}"),
     );
     migrate(&config);
     let slot = format!("{}_dbz", db.name);
@@ -169,6 +180,7 @@ async fn same_change_events_as_debezium(prefix: &str, schemas: bool, metadata: b
     let key_schemas = format!("key.converter.schemas.enable={schemas}");
     let value_schemas = format!("value.converter.schemas.enable={schemas}");
     let provide_metadata = format!("provide.transaction.metadata={metadata}");
+    let theirs_modes: Vec<String> = modes.iter().map(|(k, v)| format!("{k}={v}")).collect();
     let debezium = Debezium::start(
         &db,
         &slot,
@@ -188,7 +200,14 @@ async fn same_change_events_as_debezium(prefix: &str, schemas: bool, metadata: b
             "tombstones.on.delete=true",
             "skipped.operations=none",
             &provide_metadata,
-        ],
+        ]
+        .into_iter()
+        .map(str::to_string)
+        .chain(theirs_modes)
+        .collect::<Vec<_>>()
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>(),
     );
     let _relay = Relay::start(&config);
     eventually(Duration::from_secs(30), "outboxd streams", || {
@@ -255,15 +274,39 @@ async fn same_change_events_as_debezium(prefix: &str, schemas: bool, metadata: b
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn debezium_and_outboxd_write_the_same_change_events_for_the_same_row_changes() {
-    same_change_events_as_debezium("dbzcdc", false, false).await;
+    same_change_events_as_debezium("dbzcdc", false, false, &[]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_schemas_enabled_debezium_and_outboxd_write_the_same_schema_and_payload() {
-    same_change_events_as_debezium("dbzcdcschema", true, false).await;
+    same_change_events_as_debezium("dbzcdcschema", true, false, &[]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_transaction_metadata_debezium_and_outboxd_write_the_same_begin_end_and_blocks() {
-    same_change_events_as_debezium("dbzcdctxn", true, true).await;
+    same_change_events_as_debezium("dbzcdctxn", true, true, &[]).await;
+}
+
+/// The handling modes people set most, the other way from Debezium's defaults.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_string_decimals_connect_times_hex_binary_iso_intervals_and_hstore_maps_both_write_the_same(
+) {
+    let modes = [
+        ("decimal.handling.mode", "string"),
+        ("time.precision.mode", "connect"),
+        ("binary.handling.mode", "hex"),
+        ("interval.handling.mode", "string"),
+        ("hstore.handling.mode", "map"),
+    ];
+    same_change_events_as_debezium("dbzcdcmodes", true, false, &modes).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_double_decimals_microsecond_times_and_url_safe_base64_both_write_the_same() {
+    let modes = [
+        ("decimal.handling.mode", "double"),
+        ("time.precision.mode", "adaptive_time_microseconds"),
+        ("binary.handling.mode", "base64-url-safe"),
+    ];
+    same_change_events_as_debezium("dbzcdcmodes2", true, false, &modes).await;
 }

@@ -99,6 +99,7 @@ impl CapturedTable {
                     rel.types.get(i).copied().unwrap_or(0),
                     rel.typmods.get(i).copied().unwrap_or(-1),
                     &lookup,
+                    &cfg.modes,
                 );
                 Col {
                     name: name.clone(),
@@ -385,7 +386,7 @@ fn write_value(out: &mut String, col: &Col, text: &[u8]) -> Result<(), String> {
 /// where it has one (bytes: base64 of the text; arrays: a one-element array).
 fn placeholder(out: &mut String, ty: &ColType, text: &str) {
     match ty {
-        ColType::Bytes => value::string(out, &value::base64(text.as_bytes())),
+        ColType::Bytes(mode) => value::string(out, &value::encode_binary(*mode, text.as_bytes())),
         ColType::Array(element) => {
             out.push('[');
             placeholder(out, element, text);

@@ -3,9 +3,13 @@
 //! `time.precision.mode=adaptive`, `binary.handling.mode=bytes`,
 //! `interval.handling.mode=numeric`, `hstore.handling.mode=json`).
 //!
+//! The other handling modes are options ([`crate::config::Modes`]).
+//!
 //! Types are resolved by name from the catalog (`pg_type`), not by OID tables: a domain is
 //! its base type, an enum a string, an array its element type's mapping, an extension type
 //! (PostGIS, pgvector, citext) its text form.
+
+use crate::config::{BinaryMode, DecimalMode, HstoreMode, IntervalMode, Modes, TimeMode};
 
 /// What the catalog says of one type OID.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -112,8 +116,17 @@ pub enum ColType {
     /// Text as PostgreSQL prints it (text, varchar, char, uuid, json, xml, inet, enums,
     /// ranges, tsvector, extension types, …).
     Text,
-    /// bytea: base64.
-    Bytes,
+    /// bytea: base64 (`binary.handling.mode` bytes or base64), URL-safe base64, or hex.
+    Bytes(crate::config::BinaryMode),
+    /// numeric or money with `decimal.handling.mode=double`: a JSON number.
+    DecimalDouble,
+    /// numeric or money with `decimal.handling.mode=string`: its text (money without the
+    /// currency symbol and separators).
+    DecimalString,
+    /// interval with `interval.handling.mode=string`: ISO 8601 (`P1Y2M3DT4H5M6.789S`).
+    IntervalIso,
+    /// hstore with `hstore.handling.mode=map`: a JSON object.
+    HstoreMap,
     /// Days since 1970-01-01.
     Date,
     /// Milliseconds (precision ≤ 3) or microseconds since midnight.
@@ -150,13 +163,18 @@ impl ColType {
     /// The mapping of a column of type `oid` with modifier `typmod`; `lookup` gives the
     /// catalog's entry for an OID (`None`: unknown, written as text).
     pub fn resolve(oid: u32, typmod: i32, lookup: &dyn Fn(u32) -> Option<TypeInfo>) -> ColType {
-        resolve(oid, typmod, lookup).ty
+        resolve(oid, typmod, lookup, &Modes::default()).ty
     }
 }
 
-/// [`ColType::resolve`] with the column's schema.
-pub fn resolve(oid: u32, typmod: i32, lookup: &dyn Fn(u32) -> Option<TypeInfo>) -> Resolved {
-    resolve_depth(oid, typmod, lookup, 0)
+/// [`ColType::resolve`] with the column's schema, under the configured handling modes.
+pub fn resolve(
+    oid: u32,
+    typmod: i32,
+    lookup: &dyn Fn(u32) -> Option<TypeInfo>,
+    modes: &Modes,
+) -> Resolved {
+    resolve_depth(oid, typmod, lookup, modes, 0)
 }
 
 fn text(schema: Fragment) -> Resolved {
@@ -170,17 +188,18 @@ fn resolve_depth(
     oid: u32,
     typmod: i32,
     lookup: &dyn Fn(u32) -> Option<TypeInfo>,
+    modes: &Modes,
     depth: u32,
 ) -> Resolved {
     let Some(info) = lookup(oid).filter(|_| depth <= 8) else {
         return text(Fragment::plain("string"));
     };
     if info.kind == b'd' {
-        return resolve_depth(info.base, info.base_typmod, lookup, depth + 1);
+        return resolve_depth(info.base, info.base_typmod, lookup, modes, depth + 1);
     }
     if info.element != 0 {
         // An array's modifier is its element's.
-        let element = resolve_depth(info.element, typmod, lookup, depth + 1);
+        let element = resolve_depth(info.element, typmod, lookup, modes, depth + 1);
         let mut items = String::new();
         element.schema.write(&mut items, true, None);
         return Resolved {
@@ -206,7 +225,45 @@ fn resolve_depth(
         typmod
     };
     let r = |ty: ColType, schema: Fragment| Resolved { ty, schema };
+    let connect = modes.time == TimeMode::Connect;
     match info.name.as_str() {
+        "numeric" | "money" if modes.decimal == DecimalMode::Double => {
+            r(ColType::DecimalDouble, Fragment::plain("double"))
+        }
+        "numeric" | "money" if modes.decimal == DecimalMode::String => {
+            r(ColType::DecimalString, Fragment::plain("string"))
+        }
+        "bytea" => match modes.binary {
+            BinaryMode::Bytes => r(ColType::Bytes(modes.binary), Fragment::plain("bytes")),
+            other => r(ColType::Bytes(other), Fragment::plain("string")),
+        },
+        "date" if connect => r(
+            ColType::Date,
+            Fragment::named("int32", "org.apache.kafka.connect.data.Date"),
+        ),
+        "time" if connect => r(
+            ColType::Time { micros: false },
+            Fragment::named("int32", "org.apache.kafka.connect.data.Time"),
+        ),
+        "time" if modes.time == TimeMode::AdaptiveTimeMicroseconds => r(
+            ColType::Time { micros: true },
+            Fragment::named("int64", "io.debezium.time.MicroTime"),
+        ),
+        "timestamp" if connect => r(
+            ColType::Timestamp { micros: false },
+            Fragment::named("int64", "org.apache.kafka.connect.data.Timestamp"),
+        ),
+        "interval" if modes.interval == IntervalMode::String => r(
+            ColType::IntervalIso,
+            Fragment::named("string", "io.debezium.time.Interval"),
+        ),
+        "hstore" if modes.hstore == HstoreMode::Map => r(
+            ColType::HstoreMap,
+            Fragment {
+                head: "\"type\":\"map\",\"keys\":{\"type\":\"string\",\"optional\":false},\"values\":{\"type\":\"string\",\"optional\":true}".into(),
+                tail: String::new(),
+            },
+        ),
         "bool" => r(ColType::Bool, Fragment::plain("boolean")),
         "int2" => r(ColType::Int, Fragment::plain("int16")),
         "int4" => r(ColType::Int, Fragment::plain("int32")),
@@ -235,7 +292,6 @@ fn resolve_depth(
             Fragment::named("bytes", "org.apache.kafka.connect.data.Decimal")
                 .with_parameters(&[("scale", "2".into())]),
         ),
-        "bytea" => r(ColType::Bytes, Fragment::plain("bytes")),
         "date" => r(ColType::Date, Fragment::named("int32", "io.debezium.time.Date")),
         "time" if precision > 3 => r(
             ColType::Time { micros: true },

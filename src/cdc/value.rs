@@ -60,11 +60,27 @@ pub fn write(out: &mut String, ty: &ColType, text: &str) -> Result<(), String> {
             }
         }
         ColType::Text => string(out, text),
-        ColType::Bytes => {
+        ColType::Bytes(mode) => {
             let bytes = crate::source::pgoutput::decode_bytea_hex(text.as_bytes())
                 .ok_or_else(|| "bytea value is not in hex format".to_string())?;
-            string(out, &base64(&bytes));
+            string(out, &encode_binary(*mode, &bytes));
         }
+        ColType::DecimalDouble => {
+            let plain = plain_number(text);
+            let v: f64 = plain
+                .parse()
+                .map_err(|_| format!("`{text}` is not a number"))?;
+            java_float(out, v, None);
+        }
+        // Debezium names the special values after its SpecialValueDecimal constants.
+        ColType::DecimalString => match text {
+            "NaN" => string(out, "NAN"),
+            "Infinity" => string(out, "POSITIVE_INFINITY"),
+            "-Infinity" => string(out, "NEGATIVE_INFINITY"),
+            _ => string(out, &plain_number(text)),
+        },
+        ColType::IntervalIso => string(out, &interval_iso(text)?),
+        ColType::HstoreMap => out.push_str(&hstore_json(text)?),
         ColType::Date => match text {
             // PostgreSQL's infinite dates (±(2^31 - 1) days from 2000-01-01), moved to 1970 in
             // 32 bits as Debezium moves them: `infinity` wraps around to a date in 5,877,641 BC
@@ -207,6 +223,22 @@ pub fn java_float(out: &mut String, v: f64, as_f32: Option<f32>) {
         }
         out.push('E');
         out.push_str(&exp.to_string());
+    }
+}
+
+/// A money's text without its currency symbol and group separators (`$1,234.56` →
+/// `1234.56`); other numbers unchanged.
+fn plain_number(text: &str) -> String {
+    text.chars().filter(|c| !matches!(c, '$' | ',')).collect()
+}
+
+/// Bytes as `binary.handling.mode` writes them.
+pub fn encode_binary(mode: crate::config::BinaryMode, bytes: &[u8]) -> String {
+    use crate::config::BinaryMode;
+    match mode {
+        BinaryMode::Bytes | BinaryMode::Base64 => base64(bytes),
+        BinaryMode::Base64UrlSafe => base64(bytes).replace('+', "-").replace('/', "_"),
+        BinaryMode::Hex => bytes.iter().map(|b| format!("{b:02x}")).collect(),
     }
 }
 
@@ -425,46 +457,79 @@ fn iso_utc(us: i64, digits: u32) -> String {
     s
 }
 
-/// PostgreSQL's `postgres` interval style (`1 year 2 mons -3 days 04:05:06.789`) →
-/// microseconds as Debezium computes them (a month is 365.25 / 12 days, in floating point).
-fn interval_micros(text: &str) -> Result<i64, String> {
+/// An interval's parts as PostgreSQL's `postgres` style prints them
+/// (`1 year 2 mons -3 days 04:05:06.789`); the time part's sign applies to all of it.
+struct IntervalParts {
+    years: f64,
+    months: f64,
+    days: f64,
+    hours: f64,
+    minutes: f64,
+    seconds: f64,
+}
+
+fn interval_parts(text: &str) -> Result<IntervalParts, String> {
     let bad = || format!("`{text}` is not an interval");
-    let (mut years, mut months, mut days) = (0f64, 0f64, 0f64);
-    let (mut hours, mut minutes, mut seconds) = (0f64, 0f64, 0f64);
-    let mut words = text.split_whitespace().peekable();
+    let mut p = IntervalParts {
+        years: 0.0,
+        months: 0.0,
+        days: 0.0,
+        hours: 0.0,
+        minutes: 0.0,
+        seconds: 0.0,
+    };
+    let mut words = text.split_whitespace();
     while let Some(w) = words.next() {
         if w.contains(':') {
             let (sign, t) = match w.strip_prefix('-') {
                 Some(t) => (-1.0, t),
                 None => (1.0, w.strip_prefix('+').unwrap_or(w)),
             };
-            let mut p = t.splitn(3, ':');
-            hours = sign
-                * p.next()
-                    .and_then(|v| v.parse::<f64>().ok())
-                    .ok_or_else(bad)?;
-            minutes = sign
-                * p.next()
-                    .and_then(|v| v.parse::<f64>().ok())
-                    .ok_or_else(bad)?;
-            seconds = sign
-                * p.next()
-                    .map_or(Some(0.0), |v| v.parse::<f64>().ok())
-                    .ok_or_else(bad)?;
+            let mut hms = t.splitn(3, ':');
+            let mut part = || -> Result<f64, String> {
+                hms.next()
+                    .map_or(Ok(0.0), |v| v.parse::<f64>().map_err(|_| bad()))
+            };
+            p.hours = sign * part()?;
+            p.minutes = sign * part()?;
+            p.seconds = sign * part()?;
             continue;
         }
         let n: f64 = w.parse().map_err(|_| bad())?;
         match words.next().ok_or_else(bad)?.trim_end_matches('s') {
-            "year" => years = n,
-            "mon" => months = n,
-            "day" => days = n,
+            "year" => p.years = n,
+            "mon" => p.months = n,
+            "day" => p.days = n,
             _ => return Err(bad()),
         }
     }
+    Ok(p)
+}
+
+/// Microseconds as Debezium computes them (a month is 365.25 / 12 days, in floating point).
+fn interval_micros(text: &str) -> Result<i64, String> {
+    let p = interval_parts(text)?;
     let days_per_month = 365.25 / 12.0;
-    let total_days = (years * 12.0 + months) * days_per_month + days;
-    let total_seconds = ((total_days * 24.0 + hours) * 60.0 + minutes) * 60.0 + seconds;
+    let total_days = (p.years * 12.0 + p.months) * days_per_month + p.days;
+    let total_seconds = ((total_days * 24.0 + p.hours) * 60.0 + p.minutes) * 60.0 + p.seconds;
     Ok((total_seconds * 1_000_000.0).round() as i64)
+}
+
+/// The `postgres`-style interval as ISO 8601, as Debezium writes it
+/// (`P<y>Y<m>M<d>DT<h>H<m>M<s>S`, every part present).
+fn interval_iso(text: &str) -> Result<String, String> {
+    let p = interval_parts(text)?;
+    let secs = if p.seconds.fract() == 0.0 {
+        format!("{}", p.seconds as i64)
+    } else {
+        let mut s = String::new();
+        java_float(&mut s, p.seconds, None);
+        s
+    };
+    Ok(format!(
+        "P{}Y{}M{}DT{}H{}M{secs}S",
+        p.years as i64, p.months as i64, p.days as i64, p.hours as i64, p.minutes as i64
+    ))
 }
 
 /// A bit string (`0101…`) → its value as little-endian bytes, one byte per 8 bits.
@@ -642,7 +707,13 @@ mod tests {
             "3.141592653589793"
         );
         assert_eq!(json(ColType::Float32, "1.5"), "1.5");
-        assert_eq!(json(ColType::Bytes, "\\x00ff10"), r#""AP8Q""#);
+        assert_eq!(
+            json(
+                ColType::Bytes(crate::config::BinaryMode::Bytes),
+                "\\x00ff10"
+            ),
+            r#""AP8Q""#
+        );
         assert_eq!(json(ColType::Text, "héllo \"q\"\\n"), r#""héllo \"q\"\\n""#);
         assert_eq!(json(ColType::Date, "2024-02-29"), "19782");
         assert_eq!(json(ColType::Date, "0044-03-15 BC"), "-735160");

@@ -24,6 +24,11 @@ pub(super) struct RawCdc {
     keyless: Option<String>,
     schemas: Option<bool>,
     transaction_metadata: Option<bool>,
+    decimal_handling_mode: Option<String>,
+    time_precision_mode: Option<String>,
+    binary_handling_mode: Option<String>,
+    interval_handling_mode: Option<String>,
+    hstore_handling_mode: Option<String>,
 }
 
 /// What an unchanged TOASTed value (not in the WAL) becomes in a change event.
@@ -33,6 +38,77 @@ pub enum ToastMode {
     Placeholder,
     /// The column is left out of `after`; header `outboxd.unavailable` names it.
     Omit,
+}
+
+/// Debezium's `*.handling.mode` and `time.precision.mode` options, with its defaults.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Modes {
+    pub decimal: DecimalMode,
+    pub time: TimeMode,
+    pub binary: BinaryMode,
+    pub interval: IntervalMode,
+    pub hstore: HstoreMode,
+}
+
+/// `decimal.handling.mode`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum DecimalMode {
+    #[default]
+    Precise,
+    Double,
+    String,
+}
+
+/// `time.precision.mode`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum TimeMode {
+    #[default]
+    Adaptive,
+    AdaptiveTimeMicroseconds,
+    Connect,
+}
+
+/// `binary.handling.mode`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum BinaryMode {
+    #[default]
+    Bytes,
+    Base64,
+    Base64UrlSafe,
+    Hex,
+}
+
+/// `interval.handling.mode`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum IntervalMode {
+    #[default]
+    Numeric,
+    String,
+}
+
+/// `hstore.handling.mode`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum HstoreMode {
+    #[default]
+    Json,
+    Map,
+}
+
+fn mode<T: Copy>(
+    key: &'static str,
+    value: Option<String>,
+    choices: &[(&str, T)],
+    default: T,
+) -> Result<T, ConfigError> {
+    let Some(v) = value else { return Ok(default) };
+    choices
+        .iter()
+        .find(|(name, _)| *name == v)
+        .map(|(_, m)| *m)
+        .ok_or_else(|| {
+            let names: Vec<&str> = choices.iter().map(|(n, _)| *n).collect();
+            invalid(key, format!("`{v}` is not one of {}", names.join(", ")))
+        })
 }
 
 /// Which row operations are captured (Debezium's `skipped.operations`, inverted).
@@ -69,6 +145,7 @@ pub struct CdcConfig {
     /// Debezium's `provide.transaction.metadata`: BEGIN/END records on
     /// `<prefix>.transaction` and each event's `transaction` block.
     pub transaction_metadata: bool,
+    pub modes: Modes,
 }
 
 impl Default for CdcConfig {
@@ -93,6 +170,7 @@ impl Default for CdcConfig {
             accept_keyless: false,
             schemas: false,
             transaction_metadata: false,
+            modes: Modes::default(),
         }
     }
 }
@@ -220,6 +298,57 @@ pub(super) fn load(raw: RawCdc) -> Result<Arc<CdcConfig>, ConfigError> {
             ))
         }
     };
+    let modes = Modes {
+        decimal: mode(
+            "cdc.decimal_handling_mode",
+            raw.decimal_handling_mode,
+            &[
+                ("precise", DecimalMode::Precise),
+                ("double", DecimalMode::Double),
+                ("string", DecimalMode::String),
+            ],
+            DecimalMode::Precise,
+        )?,
+        time: mode(
+            "cdc.time_precision_mode",
+            raw.time_precision_mode,
+            &[
+                ("adaptive", TimeMode::Adaptive),
+                (
+                    "adaptive_time_microseconds",
+                    TimeMode::AdaptiveTimeMicroseconds,
+                ),
+                ("connect", TimeMode::Connect),
+            ],
+            TimeMode::Adaptive,
+        )?,
+        binary: mode(
+            "cdc.binary_handling_mode",
+            raw.binary_handling_mode,
+            &[
+                ("bytes", BinaryMode::Bytes),
+                ("base64", BinaryMode::Base64),
+                ("base64-url-safe", BinaryMode::Base64UrlSafe),
+                ("hex", BinaryMode::Hex),
+            ],
+            BinaryMode::Bytes,
+        )?,
+        interval: mode(
+            "cdc.interval_handling_mode",
+            raw.interval_handling_mode,
+            &[
+                ("numeric", IntervalMode::Numeric),
+                ("string", IntervalMode::String),
+            ],
+            IntervalMode::Numeric,
+        )?,
+        hstore: mode(
+            "cdc.hstore_handling_mode",
+            raw.hstore_handling_mode,
+            &[("json", HstoreMode::Json), ("map", HstoreMode::Map)],
+            HstoreMode::Json,
+        )?,
+    };
     Ok(Arc::new(CdcConfig {
         tables,
         exclude,
@@ -236,5 +365,6 @@ pub(super) fn load(raw: RawCdc) -> Result<Arc<CdcConfig>, ConfigError> {
         accept_keyless,
         schemas: raw.schemas.unwrap_or(false),
         transaction_metadata: raw.transaction_metadata.unwrap_or(false),
+        modes,
     }))
 }

@@ -17,7 +17,10 @@ mod load;
 mod redact;
 mod sinks;
 
-pub use cdc::{CdcConfig, Operations, ToastMode};
+pub use cdc::{
+    BinaryMode, CdcConfig, DecimalMode, HstoreMode, IntervalMode, Modes, Operations, TimeMode,
+    ToastMode,
+};
 pub use redact::redact_url;
 
 use std::collections::BTreeMap;
