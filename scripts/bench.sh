@@ -8,6 +8,10 @@
 #                                                  (bench/debezium: Kafka Connect + EventRouter)
 #   scripts/bench.sh --sink nats|rabbitmq [args]   drain a backlog into a NATS JetStream stream /
 #                                                  a RabbitMQ queue (examples/bench_sinks.rs)
+#   scripts/bench.sh --cdc [--compare debezium] [args]
+#                                                  table CDC: a 10-column table, insert/update/
+#                                                  delete mix (examples/bench_cdc.rs); the same
+#                                                  --mode, --rate, --events
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/stack.sh install debezium
@@ -18,7 +22,12 @@ if [ -z "${KEEP:-}" ]; then trap 'scripts/stack.sh down' EXIT; fi
 # Every relay a benchmark starts checks each confirmation against its delivery ledger
 # (src/ledger.rs): a violation stops it with exit code 3.
 export OUTBOXD_CHECK_LEDGER=1
-cargo build --release --quiet --bin outboxd --example bench --example bench_sinks
+cargo build --release --quiet --bin outboxd --example bench --example bench_sinks --example bench_cdc
+example=bench
+if [ "${1:-}" = "--cdc" ]; then
+  example=bench_cdc
+  shift
+fi
 if [ "${1:-}" = "--sink" ]; then
   sink=${2:?--sink needs nats or rabbitmq}
   shift 2
@@ -31,8 +40,8 @@ elif [ "${1:-}" = "--compare" ]; then
   shift 2
   for system in outboxd "$other"; do
     echo "== $system"
-    "${CARGO_TARGET_DIR:-target}"/release/examples/bench --system "$system" "$@"
+    "${CARGO_TARGET_DIR:-target}"/release/examples/$example --system "$system" "$@"
   done
 else
-  "${CARGO_TARGET_DIR:-target}"/release/examples/bench "$@"
+  "${CARGO_TARGET_DIR:-target}"/release/examples/$example "$@"
 fi

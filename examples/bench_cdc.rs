@@ -1,0 +1,443 @@
+//! Table CDC benchmark: a 10-column table under an insert/update/delete mix (per transaction
+//! of 10 changes: 6 inserts, 3 updates, 1 delete), captured by a real `outboxd run` (`[cdc]`)
+//! or by Debezium's PostgreSQL connector on Kafka Connect (no EventRouter, JSON converter
+//! without schemas) — the same table, rows and Kafka. Run it with `scripts/bench.sh --cdc`.
+//!
+//! Every change is numbered: inserts and updates write the number into column `seq`; a
+//! delete's number is looked up by the deleted key. Latency is per change, writer's COMMIT
+//! returning → a consumer reading the change event. `--mode backlog` commits every change
+//! first and measures the drain (Debezium: started first, paused with SIGSTOP meanwhile).
+//! CPU is the relay process's user + system time over the measured span; RSS its peak.
+
+#[path = "support/proc.rs"]
+mod proc_stats;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::{Parser, ValueEnum};
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{Message, Offset, TopicPartitionList};
+use tokio_postgres::NoTls;
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
+enum Mode {
+    Live,
+    Backlog,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
+enum System {
+    Outboxd,
+    Debezium,
+}
+
+#[derive(Parser, Debug)]
+struct Args {
+    #[arg(long, value_enum, default_value_t = System::Outboxd)]
+    system: System,
+    /// Changes (a multiple of 10).
+    #[arg(long, default_value_t = 100_000)]
+    events: u64,
+    /// Changes per second across all writers; 0 = as fast as possible.
+    #[arg(long, default_value_t = 0)]
+    rate: u64,
+    #[arg(long, default_value_t = 4)]
+    writers: u64,
+    #[arg(long, value_enum, default_value_t = Mode::Live)]
+    mode: Mode,
+    #[arg(long, default_value = "target/release/outboxd")]
+    relay: PathBuf,
+}
+
+/// Shared between writers and the consumer.
+struct Book {
+    commit: Vec<Option<Instant>>,
+    arrival: Vec<Option<Instant>>,
+    /// A deleted key → the delete's change number.
+    deletes: HashMap<i64, usize>,
+    arrived: u64,
+}
+
+const TABLE: &str =
+    "CREATE TABLE bench_cdc (id bigint PRIMARY KEY, seq bigint NOT NULL, c1 int, c2 bigint, \
+     c3 text, c4 text, c5 numeric(12,2), c6 timestamptz, c7 boolean, c8 jsonb)";
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let admin_url = std::env::var("OUTBOXD_TEST_PG_URL").context("use scripts/bench.sh")?;
+    let brokers = std::env::var("OUTBOXD_TEST_KAFKA").context("use scripts/bench.sh")?;
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
+    let db = format!("bench_cdc_{stamp}");
+    let (admin, conn) = tokio_postgres::connect(&admin_url, NoTls).await?;
+    tokio::spawn(conn);
+    admin
+        .batch_execute(&format!("CREATE DATABASE {db}"))
+        .await?;
+    let url = format!("{}/{db}", admin_url.rsplit_once('/').context("url")?.0);
+    let port = admin_url
+        .rsplit_once(':')
+        .and_then(|(_, rest)| rest.split('/').next())
+        .context("port")?
+        .to_string();
+    let dir = std::env::temp_dir().join(&db);
+    std::fs::create_dir_all(&dir)?;
+    let (client, conn) = tokio_postgres::connect(&url, NoTls).await?;
+    tokio::spawn(conn);
+    client.batch_execute(TABLE).await?;
+    let config = dir.join("outboxd.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[postgres]\nurl = \"{url}\"\nslot = \"{db}\"\n[kafka]\nbrokers = \"{brokers}\"\n\
+             [cdc]\ntables = [\"public.bench_cdc\"]\ntopic_prefix = \"{db}\"\n"
+        ),
+    )?;
+    if args.system == System::Outboxd {
+        let status = Command::new(&args.relay)
+            .args(["migrate", "--config"])
+            .arg(&config)
+            .stdout(Stdio::null())
+            .status()?;
+        if !status.success() {
+            bail!("outboxd migrate failed");
+        }
+    }
+    let n = (args.events / 10).max(1) * 10;
+    let book = Arc::new(Mutex::new(Book {
+        commit: vec![None; n as usize + 1],
+        arrival: vec![None; n as usize + 1],
+        deletes: HashMap::new(),
+        arrived: 0,
+    }));
+    let log = std::fs::File::create(dir.join("relay.log"))?;
+    let start_relay = || -> anyhow::Result<Relay> {
+        match args.system {
+            System::Outboxd => Ok(Relay::Outboxd(
+                Command::new(&args.relay)
+                    .args(["run", "--config"])
+                    .arg(&config)
+                    .stderr(Stdio::from(log.try_clone()?))
+                    .stdout(Stdio::null())
+                    .spawn()?,
+            )),
+            System::Debezium => Relay::debezium(&dir.join("debezium"), &brokers, &port, &db),
+        }
+    };
+    // Warm-up change 0 (id 0): the relay streams and the topic exists before timing starts.
+    let mut relay = None;
+    if args.system == System::Debezium || args.mode == Mode::Live {
+        relay = Some(start_relay()?);
+    }
+    client
+        .batch_execute("INSERT INTO bench_cdc (id, seq) VALUES (0, 0)")
+        .await?;
+    let topic = format!("{db}.public.bench_cdc");
+    let consumer = spawn_consumer(brokers.clone(), topic, book.clone(), n)?;
+    if relay.is_some() {
+        wait_until(&book, Duration::from_secs(120), |b| b.arrival[0].is_some()).await?;
+    }
+    if let (Mode::Backlog, Some(r)) = (args.mode, &relay) {
+        r.signal("-STOP");
+    }
+    let mut cpu_from = relay.as_ref().and_then(|r| proc_stats::cpu_secs(r.pid()));
+    println!(
+        "outboxd bench (table CDC): system={:?} mode={:?} changes={n} writers={} rate={} mix=6 insert/3 update/1 delete per transaction, 10 columns",
+        args.system,
+        args.mode,
+        args.writers,
+        if args.rate == 0 { "max".to_string() } else { format!("{}/s", args.rate) }
+    );
+    let first_commit = Instant::now();
+    let txns = n / 10;
+    let mut writers = Vec::new();
+    for w in 0..args.writers {
+        let (url, book) = (url.clone(), book.clone());
+        let (rate, writers_n) = (args.rate, args.writers);
+        writers.push(tokio::spawn(async move {
+            let (client, conn) = tokio_postgres::connect(&url, NoTls).await?;
+            tokio::spawn(conn);
+            let per_sec = if rate == 0 { 0.0 } else { rate as f64 / 10.0 / writers_n as f64 };
+            let start = Instant::now();
+            let mut done = 0u64;
+            // Transaction t (this writer's every writers_n-th) holds changes 10t+1 ..= 10t+10.
+            let mut t = w;
+            while t < txns {
+                if per_sec > 0.0 {
+                    tokio::time::sleep_until((start + Duration::from_secs_f64(done as f64 / per_sec)).into()).await;
+                }
+                let base = (10 * t) as i64;
+                // Inserts 1–6 (ids base+1..=base+6), updates 7–9 of ids base+1..=base+3, and
+                // delete 10 of id base+4.
+                if let Ok(mut b) = book.lock() {
+                    b.deletes.insert(base + 4, (base + 10) as usize);
+                }
+                let sql = format!(
+                    "BEGIN;\
+                     INSERT INTO bench_cdc SELECT g, g, g::int, g * 7, 'text-' || g, md5(g::text), g / 100.0, now(), g % 2 = 0, jsonb_build_object('g', g) FROM generate_series({}, {}) g;\
+                     UPDATE bench_cdc SET seq = id + 6, c1 = c1 + 1 WHERE id = {};\
+                     UPDATE bench_cdc SET seq = id + 6, c1 = c1 + 1 WHERE id = {};\
+                     UPDATE bench_cdc SET seq = id + 6, c1 = c1 + 1 WHERE id = {};\
+                     DELETE FROM bench_cdc WHERE id = {};\
+                     COMMIT;",
+                    base + 1,
+                    base + 6,
+                    base + 1,
+                    base + 2,
+                    base + 3,
+                    base + 4
+                );
+                client.batch_execute(&sql).await?;
+                let now = Instant::now();
+                if let Ok(mut b) = book.lock() {
+                    for i in 1..=10 {
+                        b.commit[(base + i) as usize] = Some(now);
+                    }
+                }
+                done += 1;
+                t += writers_n;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for w in writers {
+        w.await??;
+    }
+    let last_commit = Instant::now();
+    let relay_start = Instant::now();
+    match (args.mode, &relay) {
+        (Mode::Backlog, Some(r)) => {
+            cpu_from = proc_stats::cpu_secs(r.pid());
+            r.signal("-CONT");
+        }
+        (Mode::Backlog, None) => {
+            relay = Some(start_relay()?);
+            cpu_from = Some(0.0);
+        }
+        (Mode::Live, _) => {}
+    }
+    wait_until(&book, Duration::from_secs(900), |b| b.arrived > n).await?;
+    let relay = relay.context("relay not started")?;
+    let rss_kib = proc_stats::peak_rss_kib(relay.pid()).unwrap_or(0);
+    let cpu = proc_stats::cpu_secs(relay.pid()).unwrap_or(0.0) - cpu_from.unwrap_or(0.0);
+    relay.stop(&dir.join("debezium"));
+    drop(consumer);
+    let b = book.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+    let last_arrival = (1..=n as usize)
+        .filter_map(|i| b.arrival[i])
+        .max()
+        .context("no arrivals")?;
+    let insert_secs = (last_commit - first_commit).as_secs_f64();
+    println!(
+        "committed: {n} changes in {insert_secs:.2} s ({:.0} changes/s into PostgreSQL)",
+        n as f64 / insert_secs
+    );
+    match args.mode {
+        Mode::Live => {
+            let secs = (last_arrival - first_commit).as_secs_f64();
+            println!(
+                "throughput: {:.0} events/s (first commit → last event consumed, {secs:.2} s)",
+                n as f64 / secs
+            );
+            let mut lat: Vec<f64> = (1..=n as usize)
+                .filter_map(|i| {
+                    Some(
+                        b.arrival[i]?
+                            .saturating_duration_since(b.commit[i]?)
+                            .as_secs_f64()
+                            * 1000.0,
+                    )
+                })
+                .collect();
+            lat.sort_by(|a, c| a.total_cmp(c));
+            let pct = |p: f64| lat[((lat.len() as f64 - 1.0) * p).round() as usize];
+            println!(
+                "latency commit → consumed: p50 {:.1} ms, p90 {:.1} ms, p99 {:.1} ms, max {:.1} ms ({} samples)",
+                pct(0.5),
+                pct(0.9),
+                pct(0.99),
+                pct(1.0),
+                lat.len()
+            );
+        }
+        Mode::Backlog => {
+            let secs = (last_arrival - relay_start).as_secs_f64();
+            println!("throughput: {:.0} events/s (relay start, Debezium: resume → last event consumed, {secs:.2} s, backlog drain)", n as f64 / secs);
+        }
+    }
+    println!(
+        "relay ({:?}) CPU: {cpu:.2} s = {:.2} CPU-s per 100k events, {:.0} events per CPU-second",
+        args.system,
+        cpu * 100_000.0 / n as f64,
+        n as f64 / cpu.max(0.001)
+    );
+    println!("relay peak RSS: {:.1} MiB", rss_kib as f64 / 1024.0);
+    Ok(())
+}
+
+enum Relay {
+    Outboxd(std::process::Child),
+    Debezium(u32),
+}
+
+impl Relay {
+    fn debezium(dir: &Path, brokers: &str, port: &str, db: &str) -> anyhow::Result<Relay> {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/bench/debezium/debezium.sh");
+        let status = Command::new(script)
+            .arg("start")
+            .arg(dir)
+            .arg(brokers)
+            .args([
+                format!("database.port={port}"),
+                format!("database.dbname={db}"),
+                format!("slot.name={db}_dbz"),
+                format!("publication.name={db}_dbz"),
+                format!("topic.prefix={db}"),
+                "transforms=".into(),
+                "table.include.list=public.bench_cdc".into(),
+                "tombstones.on.delete=true".into(),
+                "key.converter=org.apache.kafka.connect.json.JsonConverter".into(),
+                "key.converter.schemas.enable=false".into(),
+                "value.converter=org.apache.kafka.connect.json.JsonConverter".into(),
+                "value.converter.schemas.enable=false".into(),
+            ])
+            .status()?;
+        if !status.success() {
+            bail!("debezium.sh start failed");
+        }
+        Ok(Relay::Debezium(
+            std::fs::read_to_string(dir.join("connect.pid"))?
+                .trim()
+                .parse()?,
+        ))
+    }
+
+    fn pid(&self) -> u32 {
+        match self {
+            Relay::Outboxd(c) => c.id(),
+            Relay::Debezium(pid) => *pid,
+        }
+    }
+
+    fn signal(&self, sig: &str) {
+        let _ = Command::new("kill")
+            .args([sig, &self.pid().to_string()])
+            .status();
+    }
+
+    fn stop(self, dir: &Path) {
+        match self {
+            Relay::Outboxd(mut c) => {
+                let _ = Command::new("kill")
+                    .args(["-TERM", &c.id().to_string()])
+                    .status();
+                let _ = c.wait();
+            }
+            Relay::Debezium(_) => {
+                let script = concat!(env!("CARGO_MANIFEST_DIR"), "/bench/debezium/debezium.sh");
+                let _ = Command::new(script).arg("stop").arg(dir).status();
+            }
+        }
+    }
+}
+
+/// The change number an event carries: `after.seq`, or for a delete the number recorded for
+/// its key. Tombstones carry none.
+fn change_number(v: &serde_json::Value, book: &Book) -> Option<usize> {
+    match v.get("op")?.as_str()? {
+        "d" => book.deletes.get(&v["before"]["id"].as_i64()?).copied(),
+        _ => v["after"]["seq"].as_u64().map(|s| s as usize),
+    }
+}
+
+fn spawn_consumer(
+    brokers: String,
+    topic: String,
+    book: Arc<Mutex<Book>>,
+    n: u64,
+) -> anyhow::Result<std::thread::JoinHandle<()>> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .set("group.id", "outboxd-bench-cdc")
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "10")
+        .create()?;
+    Ok(std::thread::spawn(move || {
+        let start = Instant::now();
+        loop {
+            if let Ok(md) = consumer.fetch_metadata(Some(&topic), Duration::from_secs(5)) {
+                if let Some(t) = md
+                    .topics()
+                    .first()
+                    .filter(|t| t.error().is_none() && !t.partitions().is_empty())
+                {
+                    let mut tpl = TopicPartitionList::new();
+                    for p in t.partitions() {
+                        let _ = tpl.add_partition_offset(&topic, p.id(), Offset::Beginning);
+                    }
+                    if consumer.assign(&tpl).is_ok() {
+                        break;
+                    }
+                }
+            }
+            if start.elapsed() > Duration::from_secs(120) {
+                eprintln!("bench: topic {topic} never appeared");
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        loop {
+            let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) else {
+                if book.lock().map(|b| b.arrived > n).unwrap_or(true) {
+                    return;
+                }
+                continue;
+            };
+            let now = Instant::now();
+            let Some(v) = m
+                .payload()
+                .and_then(|p| serde_json::from_slice::<serde_json::Value>(p).ok())
+            else {
+                continue;
+            };
+            let Ok(mut b) = book.lock() else { return };
+            if let Some(i) = change_number(&v, &b) {
+                if let Some(slot) = b.arrival.get_mut(i) {
+                    if slot.is_none() {
+                        *slot = Some(now);
+                        b.arrived += 1;
+                    }
+                }
+            }
+            if b.arrived > n {
+                return;
+            }
+        }
+    }))
+}
+
+async fn wait_until(
+    book: &Arc<Mutex<Book>>,
+    timeout: Duration,
+    done: impl Fn(&Book) -> bool,
+) -> anyhow::Result<()> {
+    let start = Instant::now();
+    loop {
+        if done(&*book.lock().map_err(|_| anyhow::anyhow!("poisoned"))?) {
+            return Ok(());
+        }
+        if start.elapsed() > timeout {
+            let got = book.lock().map(|b| b.arrived).unwrap_or(0);
+            bail!("only {got} changes arrived within {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
