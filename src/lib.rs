@@ -1,6 +1,8 @@
-//! outboxd: a transactional-outbox relay from PostgreSQL to Kafka, RabbitMQ or NATS JetStream.
+//! outboxd: a transactional-outbox relay and CDC daemon from PostgreSQL to Kafka, RabbitMQ or
+//! NATS JetStream.
 //!
-//! Data flows one way: [`source`] decodes committed outbox rows in commit order, [`route`]
+//! Data flows one way: [`source`] decodes committed outbox rows (and, through [`cdc`], the
+//! row changes of captured tables) in commit order, [`route`]
 //! turns each into a Kafka record, [`sink`] publishes with many deliveries in flight, and
 //! [`checkpoint`] finds the highest source position whose events Kafka all acknowledged —
 //! the only position [`relay`] ever confirms. Module docs explain the operational decisions

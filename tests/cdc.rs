@@ -325,13 +325,18 @@ async fn a_captured_table_without_a_key_or_out_of_the_publication_stops_the_rela
     let db = TestDb::new("cdcguard").await;
     let client = db.client().await;
     client
-        .batch_execute(
-            "CREATE TABLE nokey (a int, b text); CREATE TABLE keyed (id int PRIMARY KEY)",
-        )
+        .batch_execute("CREATE TABLE keyed (id int PRIMARY KEY)")
         .await
         .unwrap();
     let config = cdc_config(&db, &["public.*"], "");
     migrate(&config);
+    // A keyless table put into the publication by hand (migrate refuses to).
+    client
+        .batch_execute(
+            "CREATE TABLE nokey (a int, b text); ALTER PUBLICATION outboxd ADD TABLE nokey",
+        )
+        .await
+        .unwrap();
     let out = outboxd(&["run", "--config", config.to_str().unwrap()], &[]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
@@ -616,4 +621,140 @@ async fn every_committed_change_survives_sigkills_in_per_key_order() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn exactly_once_every_committed_change_arrives_once_across_sigkills() {
     changes_survive_sigkills("cdceoskills", true).await;
+}
+
+/// A captured table dropped and recreated mid-stream — even when it is added back to the
+/// publication at once — stops the relay: rows written in between are not in the stream.
+/// A publication row filter on a captured table stops it too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_captured_table_recreated_or_row_filtered_stops_the_relay() {
+    let db = TestDb::new("cdcrecreate").await;
+    let client = db.client().await;
+    client
+        .batch_execute("CREATE TABLE t1 (id int PRIMARY KEY); CREATE TABLE t2 (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    let config = cdc_config(&db, &["public.t1", "public.t2"], "");
+    migrate(&config);
+    let mut relay = Relay::start(&config);
+    streaming(&db).await;
+    relay.assert_running();
+    client
+        .batch_execute(
+            "DROP TABLE t1; CREATE TABLE t1 (id int PRIMARY KEY); INSERT INTO t1 VALUES (1);
+             ALTER PUBLICATION outboxd ADD TABLE t1; INSERT INTO t1 VALUES (2);",
+        )
+        .await
+        .unwrap();
+    let status = relay.wait_exit(Duration::from_secs(30));
+    assert_eq!(status.code(), Some(2), "{}", relay.log_text());
+    assert!(
+        relay.log_text().contains("was dropped and recreated"),
+        "{}",
+        relay.log_text()
+    );
+
+    // A fresh start accepts the new table; then a row filter on t2 stops the relay.
+    let mut relay = Relay::start(&config);
+    streaming(&db).await;
+    client
+        .batch_execute("ALTER PUBLICATION outboxd SET TABLE outbox, t1, t2 WHERE (id > 10)")
+        .await
+        .unwrap();
+    let status = relay.wait_exit(Duration::from_secs(30));
+    assert_eq!(status.code(), Some(2), "{}", relay.log_text());
+    assert!(
+        relay.log_text().contains("row filter"),
+        "{}",
+        relay.log_text()
+    );
+}
+
+/// REPLICA IDENTITY USING INDEX on a table without a primary key: the key and the before
+/// image of a delete are the index's columns. A table with no key at all, captured for
+/// inserts only, has events without a key (PostgreSQL itself refuses UPDATE and DELETE on
+/// such a table once a publication publishes them: `outboxd migrate` refuses to add it to
+/// one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_identity_index_is_the_key_and_a_keyless_table_is_captured_for_inserts_only() {
+    let brokers = kafka_brokers();
+    let db = TestDb::new("cdcident").await;
+    let client = db.client().await;
+    client
+        .batch_execute(
+            "CREATE TABLE users (email text NOT NULL, name text);
+             CREATE UNIQUE INDEX users_email ON users (email);
+             ALTER TABLE users REPLICA IDENTITY USING INDEX users_email;
+             CREATE TABLE log (line text);",
+        )
+        .await
+        .unwrap();
+    // Updates and deletes captured: migrate refuses to put the keyless table in the
+    // publication, naming the fix.
+    let both = cdc_config(&db, &["public.users", "public.log"], "");
+    let out = outboxd(&["migrate", "--config", both.to_str().unwrap()], &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("would refuse every UPDATE and DELETE"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(r#"ALTER TABLE "public"."log" REPLICA IDENTITY FULL"#),
+        "{stderr}"
+    );
+    let config = cdc_config(&db, &["public.users"], "tombstones_on_delete = false");
+    migrate(&config);
+    let _relay = Relay::start(&config);
+    streaming(&db).await;
+    client
+        .batch_execute("INSERT INTO users VALUES ('a@x', 'ada'); DELETE FROM users;")
+        .await
+        .unwrap();
+    let users = format!("{}.public.users", db.name);
+    let got = read_n(&brokers, std::slice::from_ref(&users), 2);
+    let mut u: Vec<&Received> = got.iter().filter(|r| r.topic == users).collect();
+    u.sort_by_key(|r| r.offset);
+    assert_eq!(u.len(), 2);
+    assert!(u
+        .iter()
+        .all(|r| r.key.as_deref() == Some(r#"{"email":"a@x"}"#)));
+    assert_eq!(
+        value(u[1])["before"],
+        serde_json::json!({"email": "a@x", "name": null})
+    );
+
+    // Inserts only: the keyless table is captured, its events have no key.
+    let db = TestDb::new("cdckeyless").await;
+    let client = db.client().await;
+    client
+        .batch_execute("CREATE TABLE log (line text)")
+        .await
+        .unwrap();
+    let config = cdc_config(
+        &db,
+        &["public.log"],
+        "skipped_operations = [\"u\", \"d\", \"t\"]",
+    );
+    migrate(&config);
+    let _relay = Relay::start(&config);
+    streaming(&db).await;
+    client
+        .batch_execute("INSERT INTO log VALUES ('hello'); INSERT INTO log VALUES ('bye');")
+        .await
+        .unwrap();
+    let l = read_n(&brokers, &[format!("{}.public.log", db.name)], 2);
+    assert!(l.iter().all(|r| r.key.is_none()));
+    // Without a key, each lands on a partition of the producer's choice.
+    let mut lines: Vec<String> = l
+        .iter()
+        .map(|r| value(r)["after"]["line"].as_str().unwrap().to_string())
+        .collect();
+    lines.sort();
+    assert_eq!(lines, ["bye", "hello"]);
+    // The publication publishes inserts only, so PostgreSQL lets the service update it.
+    client
+        .batch_execute("UPDATE log SET line = 'x'")
+        .await
+        .unwrap();
 }

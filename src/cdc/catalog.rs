@@ -9,8 +9,10 @@
 //! * no row filter and no column list that leaves a captured column out (PostgreSQL 15+);
 //! * the publication publishes every operation that is captured;
 //! * a table whose updates or deletes are captured has a key to name the row by (a primary
-//!   key, a replica identity index, or REPLICA IDENTITY FULL), unless `cdc.keyless =
-//!   "accept"`.
+//!   key, a replica identity index, or REPLICA IDENTITY FULL). Without one PostgreSQL writes
+//!   no old row — and refuses the table's UPDATE and DELETE statements outright once a
+//!   publication that publishes them includes it. A table captured for inserts only
+//!   (`skipped_operations` with `u` and `d`) needs no key; its events have none.
 //!
 //! A failed check is a setup error: at start exit 2, mid-stream the relay stops before the
 //! slot passes the first row that could have been missed.
@@ -38,6 +40,8 @@ pub struct CapturedEntry {
     pub has_primary_key: bool,
     pub has_identity_index: bool,
     pub published: bool,
+    /// Has a column whose values can be stored out of line (TOASTed).
+    pub toastable: bool,
 }
 
 impl CapturedEntry {
@@ -65,7 +69,9 @@ pub async fn captured_tables(client: &Client, cfg: &PostgresConfig) -> Result<Ve
                     EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary), \
                     EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisreplident), \
                     EXISTS (SELECT 1 FROM pg_publication_tables t \
-                             WHERE t.pubname = $1 AND t.schemaname = n.nspname AND t.tablename = c.relname) \
+                             WHERE t.pubname = $1 AND t.schemaname = n.nspname AND t.tablename = c.relname), \
+                    EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attnum > 0 \
+                             AND NOT a.attisdropped AND a.attstorage IN ('x', 'e')) \
                FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
               WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition \
                 AND n.nspname NOT IN ('pg_catalog', 'information_schema') \
@@ -84,6 +90,7 @@ pub async fn captured_tables(client: &Client, cfg: &PostgresConfig) -> Result<Ve
             has_primary_key: r.get(4),
             has_identity_index: r.get(5),
             published: r.get(6),
+            toastable: r.get(7),
         })
         .filter(|e| !(e.schema == cfg.schema && e.table == cfg.table))
         .filter(|e| cfg.cdc.captures(&e.schema, &e.table))
@@ -153,11 +160,14 @@ pub async fn verify(client: &Client, cfg: &PostgresConfig, known: &CapturedOids)
             ));
         }
         let writes = cdc.operations.update || cdc.operations.delete;
-        if writes && !t.has_key() && !cdc.accept_keyless {
+        if writes && !t.has_key() {
             return Err(Error::setup(
                 format!("captured table {qualified} has no key for its updates and deletes (no primary key, REPLICA IDENTITY {}): PostgreSQL writes no old row, so those events could not name their row", identity_name(t.replica_identity)),
-                format!("ALTER TABLE {qualified} REPLICA IDENTITY FULL (or add a primary key); or set cdc.keyless = \"accept\" for events without a key, or skip u and d in cdc.skipped_operations"),
+                format!("ALTER TABLE {qualified} REPLICA IDENTITY FULL (or add a primary key); or capture its inserts only (u and d in cdc.skipped_operations)"),
             ));
+        }
+        if previous.is_empty() && t.toastable && t.replica_identity != b'f' {
+            tracing::warn!(table = %qualified, "captured table has columns PostgreSQL may store out of line (TOAST) and REPLICA IDENTITY is not FULL: an UPDATE that leaves such a value unchanged does not write it, so its change event carries cdc.unavailable_value_placeholder (or leaves it out with cdc.toast = \"omit\"); ALTER TABLE … REPLICA IDENTITY FULL to have every value");
         }
         seen.insert(name, t.oid);
     }

@@ -21,7 +21,6 @@ pub(super) struct RawCdc {
     tombstones_on_delete: Option<bool>,
     unavailable_value_placeholder: Option<String>,
     toast: Option<String>,
-    keyless: Option<String>,
     schemas: Option<bool>,
     transaction_metadata: Option<bool>,
     decimal_handling_mode: Option<String>,
@@ -137,9 +136,6 @@ pub struct CdcConfig {
     pub tombstones_on_delete: bool,
     pub unavailable_value_placeholder: String,
     pub toast: ToastMode,
-    /// Accept tables without a key (REPLICA IDENTITY NOTHING, or DEFAULT without a primary
-    /// key) whose updates or deletes are captured: their events have no key and no `before`.
-    pub accept_keyless: bool,
     /// Kafka Connect's `schemas.enable=true`: key and value as `{"schema":…,"payload":…}`.
     pub schemas: bool,
     /// Debezium's `provide.transaction.metadata`: BEGIN/END records on
@@ -167,7 +163,6 @@ impl Default for CdcConfig {
             tombstones_on_delete: true,
             unavailable_value_placeholder: "__debezium_unavailable_value".into(),
             toast: ToastMode::Placeholder,
-            accept_keyless: false,
             schemas: false,
             transaction_metadata: false,
             modes: Modes::default(),
@@ -288,16 +283,6 @@ pub(super) fn load(raw: RawCdc) -> Result<Arc<CdcConfig>, ConfigError> {
             ))
         }
     };
-    let accept_keyless = match raw.keyless.as_deref() {
-        None | Some("refuse") => false,
-        Some("accept") => true,
-        Some(other) => {
-            return Err(invalid(
-                "cdc.keyless",
-                format!("`{other}` is not `refuse` or `accept`"),
-            ))
-        }
-    };
     let modes = Modes {
         decimal: mode(
             "cdc.decimal_handling_mode",
@@ -362,7 +347,6 @@ pub(super) fn load(raw: RawCdc) -> Result<Arc<CdcConfig>, ConfigError> {
             .unavailable_value_placeholder
             .unwrap_or(d.unavailable_value_placeholder),
         toast,
-        accept_keyless,
         schemas: raw.schemas.unwrap_or(false),
         transaction_metadata: raw.transaction_metadata.unwrap_or(false),
         modes,

@@ -75,6 +75,15 @@ pub(super) async fn migrate(client: &Client, config: &Config) -> Result<Vec<(Str
             ));
             continue;
         }
+        if !table.has_key() && (update || delete || o.update || o.delete) {
+            // PostgreSQL refuses UPDATE and DELETE on a table without a replica identity
+            // once a publication that publishes them includes it: adding it would break the
+            // service's writes.
+            return Err(Error::setup(
+                format!("captured table {name} has no replica identity (no primary key, REPLICA IDENTITY NOTHING or DEFAULT); in publication {publication}, which publishes updates and deletes, PostgreSQL would refuse every UPDATE and DELETE of it"),
+                format!("ALTER TABLE {name} REPLICA IDENTITY FULL (or add a primary key), then run migrate again; or exclude it with cdc.exclude"),
+            ));
+        }
         run(format!("ALTER PUBLICATION {publication} ADD TABLE {name}")).await?;
         items.push((
             format!("{name} in publication {publication}"),
