@@ -2,6 +2,7 @@
 //! `op`, `ts_ms`/`ts_us`/`ts_ns`) in the field order and number formatting of Debezium's
 //! JSON converter without schemas, so a consumer written for Debezium reads it unchanged.
 
+use std::fmt::Write as _;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::value::string;
@@ -93,11 +94,12 @@ fn micros(t: SystemTime) -> i64 {
 }
 
 fn times(out: &mut String, us: i64, ns: Option<i64>) {
-    out.push_str(&format!(
+    let _ = write!(
+        out,
         "\"ts_ms\":{},\"ts_us\":{us},\"ts_ns\":{}",
         us.div_euclid(1000),
         ns.unwrap_or(us * 1000)
-    ));
+    );
 }
 
 /// The whole value. `before` and `after` are the JSON objects of the rows (already
@@ -114,36 +116,40 @@ pub fn write(before: Option<&str>, after: Option<&str>, source: &Source<'_>, op:
     out.push_str(",\"connector\":\"postgresql\",\"name\":");
     string(&mut out, source.name);
     let commit_us = micros(source.commit_time);
-    out.push_str(&format!(",\"ts_ms\":{}", commit_us.div_euclid(1000)));
+    let _ = write!(out, ",\"ts_ms\":{}", commit_us.div_euclid(1000));
     out.push_str(",\"snapshot\":\"false\",\"db\":");
     string(&mut out, source.db);
-    let sequence = match source.last_commit {
-        Some(c) => format!("[\"{c}\",\"{}\"]", source.lsn),
-        None => format!("[null,\"{}\"]", source.lsn),
-    };
-    out.push_str(",\"sequence\":");
-    string(&mut out, &sequence);
-    out.push_str(&format!(
-        ",\"ts_us\":{commit_us},\"ts_ns\":{}",
-        commit_us * 1000
-    ));
+    // `["<last commit>","<lsn>"]` as a JSON string (its quotes escaped).
+    out.push_str(",\"sequence\":\"[");
+    match source.last_commit {
+        Some(c) => {
+            let _ = write!(out, "\\\"{c}\\\"");
+        }
+        None => out.push_str("null"),
+    }
+    let _ = write!(out, ",\\\"{}\\\"]\"", source.lsn);
+    let _ = write!(out, ",\"ts_us\":{commit_us},\"ts_ns\":{}", commit_us * 1000);
     out.push_str(",\"schema\":");
     string(&mut out, source.schema);
     out.push_str(",\"table\":");
     string(&mut out, source.table);
-    out.push_str(&format!(
+    let _ = write!(
+        out,
         ",\"txId\":{},\"lsn\":{},\"xmin\":null,\"origin\":null,\"origin_lsn\":null}},\"transaction\":",
         source.xid, source.lsn,
-    ));
+    );
     match source.order {
         // Debezium names the transaction by its xid and the event's own LSN here.
-        Some((total, table)) => out.push_str(&format!(
-            "{{\"id\":\"{}:{}\",\"total_order\":{total},\"data_collection_order\":{table}}}",
-            source.xid, source.lsn
-        )),
+        Some((total, table)) => {
+            let _ = write!(
+                out,
+                "{{\"id\":\"{}:{}\",\"total_order\":{total},\"data_collection_order\":{table}}}",
+                source.xid, source.lsn
+            );
+        }
         None => out.push_str("null"),
     }
-    out.push_str(&format!(",\"op\":\"{}\",", op.letter()));
+    let _ = write!(out, ",\"op\":\"{}\",", op.letter());
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos() as i64)

@@ -114,7 +114,7 @@ impl CdcStream {
             RowChange::Truncate if ops.truncate => table.truncate(cfg, &txn, &mut order),
             _ => Vec::new(),
         };
-        metrics::counter!(crate::metrics::CDC_CHANGES, "table" => format!("{}.{}", table.schema, table.table)).increment(out.len() as u64);
+        table.changes.increment(out.len() as u64);
         self.order = order;
         if cfg.transaction_metadata && self.begun.is_none() && !out.is_empty() {
             self.begun = Some(txn.lsn);

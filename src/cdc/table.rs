@@ -58,6 +58,10 @@ struct Schemas {
 pub struct CapturedTable {
     pub schema: String,
     pub table: String,
+    /// `schema.table`.
+    name: String,
+    /// `outboxd_cdc_changes_total{table}`.
+    pub changes: metrics::Counter,
     topic: String,
     db: String,
     columns: Vec<Col>,
@@ -136,9 +140,12 @@ impl CapturedTable {
                 key: envelope::key_schema(&name, &fields(&mut key.iter().map(|&i| &columns[i]))),
             }
         });
+        let name = format!("{}.{}", rel.namespace, rel.name);
         CapturedTable {
             schema: rel.namespace.clone(),
             table: rel.name.clone(),
+            changes: metrics::counter!(crate::metrics::CDC_CHANGES, "table" => name.clone()),
+            name,
             topic: cfg.topic(&rel.namespace, &rel.name),
             db: catalog.db.clone(),
             columns,
@@ -150,10 +157,6 @@ impl CapturedTable {
 
     pub fn has_key(&self) -> bool {
         !self.key.is_empty()
-    }
-
-    fn name(&self) -> String {
-        format!("{}.{}", self.schema, self.table)
     }
 
     /// The events of an insert.
@@ -225,7 +228,7 @@ impl CapturedTable {
     }
 
     fn event_id(&self, txn: &TxnContext, op: &str) -> String {
-        format!("{}/{}/{op}", self.name(), txn.lsn)
+        format!("{}/{}/{op}", self.name, txn.lsn)
     }
 
     /// One event. `after` is the new tuple and the old row to fill unchanged TOASTed values
@@ -271,7 +274,7 @@ impl CapturedTable {
             xid: txn.xid,
             lsn: txn.lsn,
             last_commit: txn.last_commit,
-            order: order.as_mut().map(|o| o.next(&self.name())),
+            order: order.as_mut().map(|o| o.next(&self.name)),
         };
         let mut payload = envelope::write(
             before_json.as_ref().map(|r| r.json.as_str()),
@@ -292,7 +295,7 @@ impl CapturedTable {
         }
         Ok(Event {
             id,
-            aggregatetype: self.name(),
+            aggregatetype: self.name.clone(),
             aggregateid: key,
             event_type: match op {
                 Op::Create => "create",

@@ -8,6 +8,8 @@
 //! is an error naming the value's problem: the caller dead-letters the event with it — never
 //! a silent null.
 
+use std::fmt::Write as _;
+
 use super::types::ColType;
 use crate::calendar::{civil_from_days, days_from_civil};
 
@@ -46,7 +48,7 @@ pub fn write(out: &mut String, ty: &ColType, text: &str) -> Result<(), String> {
             None => out.push_str("null"),
             Some((bytes, scale)) => {
                 out.push_str("{\"scale\":");
-                out.push_str(&scale.to_string());
+                let _ = write!(out, "{scale}");
                 out.push_str(",\"value\":");
                 string(out, &base64(&bytes));
                 out.push('}');
@@ -85,13 +87,19 @@ pub fn write(out: &mut String, ty: &ColType, text: &str) -> Result<(), String> {
             // PostgreSQL's infinite dates (±(2^31 - 1) days from 2000-01-01), moved to 1970 in
             // 32 bits as Debezium moves them: `infinity` wraps around to a date in 5,877,641 BC
             // (documented in docs/cdc.md; kept for byte-for-byte compatibility).
-            "-infinity" => out.push_str(&i32::MIN.wrapping_add(10_957).to_string()),
-            "infinity" => out.push_str(&i32::MAX.wrapping_add(10_957).to_string()),
-            _ => out.push_str(&date_days(text)?.to_string()),
+            "-infinity" => {
+                let _ = write!(out, "{}", i32::MIN.wrapping_add(10_957));
+            }
+            "infinity" => {
+                let _ = write!(out, "{}", i32::MAX.wrapping_add(10_957));
+            }
+            _ => {
+                let _ = write!(out, "{}", date_days(text)?);
+            }
         },
         ColType::Time { micros } => {
             let us = time_micros(text)?;
-            out.push_str(&if *micros { us } else { us / 1000 }.to_string());
+            let _ = write!(out, "{}", if *micros { us } else { us / 1000 });
         }
         ColType::TimeTz => string(out, &time_tz(text)?),
         ColType::Timestamp { micros } => {
@@ -102,7 +110,7 @@ pub fn write(out: &mut String, ty: &ColType, text: &str) -> Result<(), String> {
                 _ => timestamp_micros(text)?.0,
             };
             let v = if *micros { us } else { us.div_euclid(1000) };
-            out.push_str(&v.to_string());
+            let _ = write!(out, "{v}");
         }
         ColType::TimestampTz { digits } => match text {
             "infinity" | "-infinity" => string(out, text),
@@ -111,7 +119,9 @@ pub fn write(out: &mut String, ty: &ColType, text: &str) -> Result<(), String> {
                 string(out, &iso_utc(us, *digits));
             }
         },
-        ColType::Interval => out.push_str(&interval_micros(text)?.to_string()),
+        ColType::Interval => {
+            let _ = write!(out, "{}", interval_micros(text)?);
+        }
         ColType::Bit => match text {
             "1" => out.push_str("true"),
             "0" => out.push_str("false"),
@@ -144,6 +154,11 @@ pub fn write(out: &mut String, ty: &ColType, text: &str) -> Result<(), String> {
 /// as `\u00XX` with upper-case hex; everything else as is).
 pub fn string(out: &mut String, s: &str) {
     out.push('"');
+    if !s.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20) {
+        out.push_str(s);
+        out.push('"');
+        return;
+    }
     for c in s.chars() {
         match c {
             '"' => out.push_str("\\\""),
@@ -153,7 +168,9 @@ pub fn string(out: &mut String, s: &str) {
             '\t' => out.push_str("\\t"),
             '\u{8}' => out.push_str("\\b"),
             '\u{c}' => out.push_str("\\f"),
-            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04X}", c as u32)),
+            c if (c as u32) < 0x20 => {
+                let _ = write!(out, "\\u{:04X}", c as u32);
+            }
             c => out.push(c),
         }
     }
