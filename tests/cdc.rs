@@ -758,3 +758,114 @@ async fn an_identity_index_is_the_key_and_a_keyless_table_is_captured_for_insert
         .await
         .unwrap();
 }
+
+/// Columns added and dropped while three writers insert: in commit (LSN) order the events'
+/// column sets go {id, a} → {id, a, b} → {id, b} and never back, every value is the one
+/// written (`a` = `a<id>`, `b` = its default 7), and every row arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn columns_added_and_dropped_under_concurrent_writers_never_shift_an_events_columns() {
+    let brokers = kafka_brokers();
+    let db = TestDb::new("cdcddlload").await;
+    let client = db.client().await;
+    client
+        .batch_execute("CREATE TABLE evolve (id bigint PRIMARY KEY, a text)")
+        .await
+        .unwrap();
+    let config = cdc_config(&db, &["public.evolve"], "");
+    migrate(&config);
+    let _relay = Relay::start(&config);
+    streaming(&db).await;
+    let written = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut writers = Vec::new();
+    for w in 0..3i64 {
+        let (url, written, stop) = (db.url.clone(), written.clone(), stop.clone());
+        writers.push(tokio::spawn(async move {
+            let c = connect(&url).await;
+            let mut i = 0i64;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let id = w * 1_000_000 + i;
+                // Before the drop, `a` is written; after it, the insert names `id` only.
+                let sql = format!("INSERT INTO evolve (id, a) VALUES ({id}, 'a{id}')");
+                match c.batch_execute(&sql).await {
+                    Ok(()) => written.lock().unwrap().push(id),
+                    Err(e)
+                        if e.as_db_error()
+                            .is_some_and(|d| d.message().contains("column \"a\"")) =>
+                    {
+                        c.batch_execute(&format!("INSERT INTO evolve (id) VALUES ({id})"))
+                            .await
+                            .unwrap();
+                        written.lock().unwrap().push(id);
+                    }
+                    Err(e) => panic!("{e}"),
+                }
+                i += 1;
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    client
+        .batch_execute("ALTER TABLE evolve ADD COLUMN b int DEFAULT 7")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    client
+        .batch_execute("ALTER TABLE evolve DROP COLUMN a")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    for w in writers {
+        w.await.unwrap();
+    }
+    let written = written.lock().unwrap().clone();
+    let topic = format!("{}.public.evolve", db.name);
+    let got = read_n(&brokers, std::slice::from_ref(&topic), written.len());
+    let mut events: Vec<(u64, Value)> = got
+        .iter()
+        .map(|r| {
+            let v = value(r);
+            (v["source"]["lsn"].as_u64().unwrap(), v["after"].clone())
+        })
+        .collect();
+    events.sort_by_key(|(lsn, _)| *lsn);
+    let mut phase = 0;
+    let mut seen = HashSet::new();
+    for (lsn, after) in &events {
+        let id = after["id"].as_i64().unwrap();
+        // serde_json's map sorts the names.
+        let columns: Vec<&str> = after
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        let now = match columns.as_slice() {
+            ["a", "id"] => 0,
+            ["a", "b", "id"] => 1,
+            ["b", "id"] => 2,
+            other => panic!("event at {lsn} has columns {other:?}"),
+        };
+        assert!(
+            now >= phase,
+            "event at {lsn} (id {id}) has the columns of an earlier schema: {after}"
+        );
+        phase = now;
+        if now < 2 {
+            assert_eq!(after["a"], format!("a{id}").as_str(), "{after}");
+        }
+        if now > 0 {
+            assert_eq!(after["b"], 7, "{after}");
+        }
+        seen.insert(id);
+    }
+    assert_eq!(phase, 2, "the events went through all three schemas");
+    let missing: Vec<&i64> = written.iter().filter(|id| !seen.contains(id)).collect();
+    assert!(
+        missing.is_empty(),
+        "{} of {} rows never arrived",
+        missing.len(),
+        written.len()
+    );
+}
