@@ -8,7 +8,7 @@
 #                            install what is missing (with `debezium`: its jars too)
 #   scripts/stack.sh down    stop both and remove the data directory
 #   scripts/stack.sh env     print the env file path of the running stack
-#   scripts/stack.sh pg-start DIR PORT [OPTIONS], pg-stop DIR
+#   scripts/stack.sh pg-start DIR PORT [OPTIONS], pg-stop DIR, pg-crash-restart DIR
 #                            an extra cluster with settings of its own (one test uses it)
 #   scripts/stack.sh tls-certs DIR
 #                            a throwaway CA and server certificate (the TLS tests use them;
@@ -165,12 +165,29 @@ start_pg() {
       'host all all 127.0.0.1/32 scram-sha-256' >"$dir/pg_hba.conf"
   fi
   if [ "$(id -u)" = 0 ]; then chown postgres: "$dir/pg_hba.conf"; fi
+  printf '%s\n%s\n' "$port" "$extra" >"$dir/pg/start-args"
+  pg_ctl_start "$dir" "$port" "$extra"
+}
+
+pg_ctl_start() {
+  local dir=$1 port=$2 extra=$3 bindir
+  bindir=$(pg_bindir)
   as_pg "$bindir/pg_ctl" -D "$dir/pg/data" -l "$dir/pg/postgres.log" -w -t 60 start -o \
     "-c wal_level=logical -c max_replication_slots=400 -c max_wal_senders=50 \
      -c max_connections=300 -c port=$port -c listen_addresses=127.0.0.1 \
      -c unix_socket_directories=$dir/pg -c hba_file=$dir/pg_hba.conf \
      -c fsync=off -c synchronous_commit=on -c full_page_writes=off $extra" >/dev/null \
     || { tail -20 "$dir/pg/postgres.log" >&2; exit 1; }
+}
+
+# crash_restart_pg DIR: an immediate stop (every backend killed, crash recovery on start, as
+# after a power cut of the server process) and a start with the same options.
+crash_restart_pg() {
+  local dir=$1 port extra
+  stop_pg "$dir"
+  port=$(sed -n 1p "$dir/pg/start-args")
+  extra=$(sed -n 2p "$dir/pg/start-args")
+  pg_ctl_start "$dir" "$port" "$extra"
 }
 
 # make_certs DIR: a throwaway CA (ca.pem), a server certificate it signed for DNS:localhost
@@ -551,6 +568,7 @@ case "${1:-}" in
     if [ "${2:-}" = debezium ]; then "$HERE/../bench/debezium/debezium.sh" fetch; fi ;;
   pg-start) start_pg "$2" "$3" "${4:-}" ;;
   pg-stop) stop_pg "$2"; rm -rf "$2" ;;
+  pg-crash-restart) crash_restart_pg "$2" ;;
   tls-certs) make_certs "$2" ;;
   kafka-start) dir=$2; shift 2; ensure_kafka; start_kafka "$dir" "$@"; cat "$dir/bootstrap" ;;
   kafka-start-sasl) ensure_kafka; start_kafka_sasl "$2" "$3" "$4"; cat "$2/sasl_bootstrap" ;;
@@ -563,5 +581,5 @@ case "${1:-}" in
   rabbitmq-ctl) dir=$2; shift 2; rabbitmq_ctl "$dir" "$@" ;;
   broker-kill) stop_broker "$2" KILL ;;
   broker-stop) stop_broker "$2" TERM; if [ "${3:-}" = --remove ]; then rm -rf "$2"; fi ;;
-  *) echo "usage: $0 up|down|env|install|pg-start DIR PORT [OPTIONS]|pg-stop DIR|tls-certs DIR|kafka-start DIR [PROP=VALUE...]|kafka-start-sasl DIR USER PASSWORD|kafka-cluster-start DIR N [PROP=VALUE...]|kafka-node-kill DIR I|kafka-node-start DIR I|kafka-stop DIR|nats-start DIR|rabbitmq-start DIR|broker-kill DIR|broker-stop DIR [--remove]" >&2; exit 2 ;;
+  *) echo "usage: $0 up|down|env|install|pg-start DIR PORT [OPTIONS]|pg-stop DIR|pg-crash-restart DIR|tls-certs DIR|kafka-start DIR [PROP=VALUE...]|kafka-start-sasl DIR USER PASSWORD|kafka-cluster-start DIR N [PROP=VALUE...]|kafka-node-kill DIR I|kafka-node-start DIR I|kafka-stop DIR|nats-start DIR|rabbitmq-start DIR|broker-kill DIR|broker-stop DIR [--remove]" >&2; exit 2 ;;
 esac

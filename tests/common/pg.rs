@@ -219,6 +219,16 @@ impl PrivateCluster {
 
     /// A test database of this cluster's own (its `postgres` database; `prefix` names the
     /// slot and topics).
+    /// An immediate stop (crash recovery on start) and a start with the same options.
+    pub fn crash_restart(&self) {
+        let out = super::stack(&["pg-crash-restart", self.dir.to_str().unwrap()]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     pub fn db(&self, prefix: &str) -> TestDb {
         let name = unique(prefix).to_lowercase();
         let db = TestDb {
