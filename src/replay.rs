@@ -37,6 +37,12 @@ pub struct Selection {
 
 /// Retained events of the selection, in timestamp order.
 pub async fn retained(cfg: &Config, sel: &Selection) -> Result<Vec<Event>> {
+    if !cfg.postgres.outbox {
+        return Err(Error::setup(
+            "replay and verify read the outbox table, and postgres.outbox is false (a table-CDC-only pipeline)",
+            "run them with the configuration of the pipeline that relays the outbox",
+        ));
+    }
     let timestamp = &cfg.postgres.columns.timestamp;
     if timestamp.is_empty() {
         return Err(Error::setup(

@@ -940,3 +940,81 @@ async fn every_committed_change_survives_a_postgresql_crash_restart() {
         relay.log_text()
     );
 }
+
+/// Two pipelines on one database, each its own slot, publication and table group — one of
+/// them table-CDC-only (`postgres.outbox = false`: no outbox table created, relayed or
+/// required): each table's changes arrive once, from its own pipeline; the outbox's events
+/// only from the pipeline that relays it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_pipelines_split_the_tables_and_a_cdc_only_one_needs_no_outbox() {
+    let brokers = kafka_brokers();
+    let db = TestDb::new("cdcsplit").await;
+    let client = db.client().await;
+    client
+        .batch_execute(
+            "CREATE TABLE orders (id int PRIMARY KEY); CREATE TABLE users (id int PRIMARY KEY)",
+        )
+        .await
+        .unwrap();
+    // Pipeline 1: the outbox and `orders`.
+    let one = cdc_config(&db, &["public.orders"], "");
+    migrate(&one);
+    // Pipeline 2: `users` only, its own slot and publication, no outbox.
+    let slot2 = format!("{}_users", db.name);
+    let two = db.config(
+        &brokers,
+        &format!(
+            "[postgres]\nslot = \"{slot2}\"\npublication = \"{slot2}\"\ntable = \"unused_outbox\"\noutbox = false\n\
+             [cdc]\ntables = [\"public.users\"]\ntopic_prefix = \"{}\"\n",
+            db.name
+        ),
+    );
+    migrate(&two);
+    let row = client
+        .query_one(
+            "SELECT to_regclass('public.unused_outbox') IS NULL, \
+                    (SELECT array_agg(tablename::text ORDER BY tablename) FROM pg_publication_tables WHERE pubname = $1)",
+            &[&slot2],
+        )
+        .await
+        .unwrap();
+    assert!(
+        row.get::<_, bool>(0),
+        "a CDC-only pipeline creates no outbox table"
+    );
+    assert_eq!(
+        row.get::<_, Vec<String>>(1),
+        ["users"],
+        "its publication holds its tables only"
+    );
+    let _a = Relay::start(&one);
+    let _b = Relay::start(&two);
+    streaming(&db).await;
+    client
+        .batch_execute(
+            "INSERT INTO orders VALUES (1), (2); INSERT INTO users VALUES (10);
+             INSERT INTO outbox (aggregatetype, aggregateid, type, payload) VALUES ('order', '1', 'Placed', '{}')",
+        )
+        .await
+        .unwrap();
+    let orders = format!("{}.public.orders", db.name);
+    let users = format!("{}.public.users", db.name);
+    let got = read_n(
+        &brokers,
+        &[orders.clone(), users.clone(), db.topic("order")],
+        4,
+    );
+    let mut seen: Vec<(String, Option<String>)> = got
+        .iter()
+        .map(|r| (r.topic.clone(), r.key.clone()))
+        .collect();
+    seen.sort();
+    let mut want = vec![
+        (orders.clone(), Some(r#"{"id":1}"#.to_string())),
+        (orders, Some(r#"{"id":2}"#.to_string())),
+        (users, Some(r#"{"id":10}"#.to_string())),
+        (db.topic("order"), Some("1".to_string())),
+    ];
+    want.sort();
+    assert_eq!(seen, want, "each change once, from its own pipeline");
+}

@@ -33,6 +33,61 @@ fn bad_config_value_exits_2_naming_the_key() {
 /// The relay confirms its source on the broker's acknowledgements: a producer setting that
 /// makes an acknowledgement weaker than "in every in-sync replica's log" (or lets retries
 /// reorder a key) is refused, not quietly obeyed.
+/// Bad `[cdc]` settings (and a CDC-only pipeline without tables): exit 2, one line, the key.
+#[test]
+fn bad_cdc_config_exits_2_with_one_line_naming_the_key() {
+    let dir = std::env::temp_dir().join(unique("cdccfg"));
+    std::fs::create_dir_all(&dir).unwrap();
+    for (i, (section, key)) in [
+        ("[postgres]\noutbox = false\n", "postgres.outbox"),
+        ("[cdc]\ntables = [\"public\"]\n", "cdc.tables"),
+        (
+            "[cdc]\ntables = [\"public.t\"]\ncolumn_exclude = [\"public.t\"]\n",
+            "cdc.column_exclude",
+        ),
+        (
+            "[cdc]\ntables = [\"public.t\"]\nskipped_operations = [\"x\"]\n",
+            "cdc.skipped_operations",
+        ),
+        (
+            "[cdc]\ntables = [\"public.t\"]\ntoast = \"drop\"\n",
+            "cdc.toast",
+        ),
+        (
+            "[cdc]\ntables = [\"public.t\"]\ntopic_template = \"{prefix}.{type}\"\n",
+            "cdc.topic_template",
+        ),
+        (
+            "[cdc]\ntables = [\"public.t\"]\ndecimal_handling_mode = \"exact\"\n",
+            "cdc.decimal_handling_mode",
+        ),
+        (
+            "mode = \"polling\"\n[cdc]\ntables = [\"public.t\"]\n",
+            "cdc.tables",
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let path = dir.join(format!("{i}.toml"));
+        let text = format!(
+            "{section}[postgres]\nurl = \"postgres://u@localhost/db\"\n[kafka]\nbrokers = \"k:9092\"\n"
+        );
+        // `section` may open [postgres] itself: merge the two.
+        let text = text.replacen(
+            "[postgres]\noutbox = false\n[postgres]\n",
+            "[postgres]\noutbox = false\n",
+            1,
+        );
+        std::fs::write(&path, text).unwrap();
+        let out = outboxd(&["check-config", "--config", path.to_str().unwrap()], &[]);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "{key}: {err}");
+        assert!(err.contains(&format!("`{key}`")), "{key}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "one line expected: {err}");
+    }
+}
+
 #[test]
 fn producer_properties_that_weaken_acknowledgements_exit_2() {
     let dir = std::env::temp_dir().join(unique("acks"));

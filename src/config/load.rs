@@ -63,6 +63,7 @@ struct RawPostgres {
     max_slot_lag_bytes: Option<u64>,
     stale_slot_holder: Option<String>,
     recreate_lost_slot: Option<bool>,
+    outbox: Option<bool>,
     #[serde(default)]
     columns: RawColumns,
 }
@@ -250,6 +251,7 @@ impl Config {
             }
         };
         let recreate_lost_slot = p.recreate_lost_slot.unwrap_or(false);
+        let outbox = p.outbox.unwrap_or(true);
         let c = p.columns;
         let columns = ColumnsConfig {
             id: c.id.unwrap_or_else(|| "id".into()),
@@ -293,6 +295,18 @@ impl Config {
         let rabbitmq = sinks::rabbitmq(raw.rabbitmq, sink == SinkKind::RabbitMq)?;
         let nats = sinks::nats(raw.nats, sink == SinkKind::Nats)?;
         let cdc = super::cdc::load(raw.cdc)?;
+        if !outbox && !cdc.enabled() {
+            return Err(invalid(
+                "postgres.outbox",
+                "false relays no outbox table, so cdc.tables must name tables to capture",
+            ));
+        }
+        if !outbox && mode == Mode::Polling {
+            return Err(invalid(
+                "postgres.outbox",
+                "false needs mode = \"logical\" (polling reads the outbox table)",
+            ));
+        }
         if cdc.enabled() && mode == Mode::Polling {
             return Err(invalid(
                 "cdc.tables",
@@ -342,6 +356,7 @@ impl Config {
                 stale_slot_holder,
                 recreate_lost_slot,
                 columns,
+                outbox,
                 cdc,
             },
             kafka,

@@ -195,6 +195,8 @@ pub struct PostgresConfig {
     /// while the slot was lost may have been skipped.
     pub recreate_lost_slot: bool,
     pub columns: ColumnsConfig,
+    /// `false`: no outbox table is relayed — a table-CDC-only pipeline (`[cdc]` required).
+    pub outbox: bool,
     /// `[cdc]`: the tables whose row changes are captured beside the outbox (read from the
     /// same slot, so they are part of what is read from PostgreSQL).
     pub cdc: std::sync::Arc<CdcConfig>,

@@ -145,6 +145,7 @@ impl fmt::Debug for PostgresConfig {
             .field("max_slot_lag_bytes", &self.max_slot_lag_bytes)
             .field("stale_slot_holder", &self.stale_slot_holder)
             .field("recreate_lost_slot", &self.recreate_lost_slot)
+            .field("outbox", &self.outbox)
             .field("columns", &self.columns)
             .finish()
     }

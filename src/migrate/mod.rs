@@ -144,16 +144,19 @@ pub async fn migrate(config: &Config) -> Result<Report> {
     }
 
     let table = cfg.qualified_table();
-    let table_exists = client
-        .query_opt(
-            "SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+    let table_exists = !cfg.outbox
+        || client
+            .query_opt(
+                "SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
              WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')",
-            &[&cfg.schema, &cfg.table],
-        )
-        .await
-        .map_err(pg("looking up the outbox table"))?
-        .is_some();
-    if table_exists {
+                &[&cfg.schema, &cfg.table],
+            )
+            .await
+            .map_err(pg("looking up the outbox table"))?
+            .is_some();
+    if !cfg.outbox {
+        // A table-CDC-only pipeline (postgres.outbox = false): no outbox table.
+    } else if table_exists {
         items.push((format!("table {table}"), Outcome::Existed));
     } else {
         client
@@ -210,10 +213,18 @@ pub async fn migrate(config: &Config) -> Result<Report> {
             client
                 // A partitioned outbox publishes its rows under its own name, not the
                 // partition's (the decoder matches the table by name).
-                .batch_execute(&format!(
-                    "CREATE PUBLICATION {pub_name} FOR TABLE {table} \
-                     WITH (publish = 'insert', publish_via_partition_root = true)"
-                ))
+                .batch_execute(&if cfg.outbox {
+                    format!(
+                        "CREATE PUBLICATION {pub_name} FOR TABLE {table} \
+                         WITH (publish = 'insert', publish_via_partition_root = true)"
+                    )
+                } else {
+                    // Table CDC only: the captured tables are added below.
+                    format!(
+                        "CREATE PUBLICATION {pub_name} \
+                         WITH (publish = 'insert', publish_via_partition_root = true)"
+                    )
+                })
                 .await
                 .map_err(pg("creating the publication"))?;
             items.push((format!("publication {pub_name}"), Outcome::Created));
@@ -222,7 +233,7 @@ pub async fn migrate(config: &Config) -> Result<Report> {
         Some(row) => {
             let inserts: bool = row.get(0);
             let has_table: bool = row.get(1);
-            if !inserts || !has_table {
+            if cfg.outbox && (!inserts || !has_table) {
                 return Err(Error::setup(
                     format!("publication {pub_name} exists but does not publish inserts of {table}"),
                     format!("ALTER PUBLICATION {pub_name} ADD TABLE {table}; ALTER PUBLICATION {pub_name} SET (publish = 'insert') — or configure another postgres.publication"),

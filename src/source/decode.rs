@@ -165,6 +165,8 @@ pub struct Decoder {
     columns: ColumnsConfig,
     /// The tables `[cdc]` captures (`crate::cdc::stream`).
     cdc: CdcStream,
+    /// `postgres.outbox`: whether the outbox table is relayed.
+    outbox: bool,
     /// WAL position of the message being decoded.
     wal_start: u64,
     /// End of the last commit decoded this session (`source.sequence`).
@@ -187,6 +189,7 @@ impl Decoder {
             commit_end: 0,
             columns: cfg.columns.clone(),
             cdc: CdcStream::new(cfg.cdc.clone()),
+            outbox: cfg.outbox,
             wal_start: 0,
             last_commit: None,
         }
@@ -261,7 +264,7 @@ impl Decoder {
                 }))
             }
             Message::Relation(rel) => {
-                if rel.namespace == self.schema && rel.name == self.table {
+                if self.outbox && rel.namespace == self.schema && rel.name == self.table {
                     let cols = OutboxColumns::resolve(&rel, &self.columns)?;
                     self.relations.insert(rel.id, RelationKind::Outbox(cols));
                     Ok(None)

@@ -91,6 +91,34 @@ pub async fn verify(
         .get::<_, Option<i64>>(2)
         .map(|x| u64::try_from(x).unwrap_or(0));
     let lsn = parse_lsn(&lsn).unwrap_or(0);
+    if !cfg.outbox {
+        // A table-CDC-only pipeline: no outbox table to check, only the captured tables.
+        let exists = client
+            .query_opt(
+                "SELECT 1 FROM pg_publication WHERE pubname = $1",
+                &[&cfg.publication],
+            )
+            .await
+            .map_err(|e| Error::pg("looking up the publication", e))?
+            .is_some();
+        if !exists {
+            return Err(Error::setup(
+                format!(
+                    "publication {} does not exist",
+                    quote_ident(&cfg.publication)
+                ),
+                "run `outboxd migrate` with the same configuration",
+            ));
+        }
+        crate::cdc::catalog::verify(client, cfg, captured).await?;
+        return Ok(Published {
+            lsn,
+            table_oid: 0,
+            at,
+            next_xid,
+            oldest_waiter,
+        });
+    }
     let row = client
         .query_opt(
             "SELECT (SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
