@@ -15,6 +15,8 @@ pub(super) struct RawCdc {
     exclude: Option<Vec<String>>,
     topic_prefix: Option<String>,
     topic_template: Option<String>,
+    /// `schema.table` glob → template, overriding `topic_template` for those tables.
+    topics: Option<std::collections::BTreeMap<String, String>>,
     column_exclude: Option<Vec<String>>,
     column_include: Option<Vec<String>>,
     skipped_operations: Option<Vec<String>>,
@@ -129,6 +131,9 @@ pub struct CdcConfig {
     pub topic_prefix: String,
     /// `{prefix}`, `{schema}`, `{table}`: the Kafka topic, NATS subject or AMQP routing key.
     pub topic_template: String,
+    /// `[cdc.topics]`: per-table templates, most specific first (a literal name before
+    /// globs, a longer glob before a shorter).
+    pub topics: Vec<(Glob, String)>,
     /// `schema.table.column` globs.
     pub column_exclude: Vec<Glob>,
     pub column_include: Vec<Glob>,
@@ -151,6 +156,7 @@ impl Default for CdcConfig {
             exclude: Vec::new(),
             topic_prefix: "outboxd".into(),
             topic_template: "{prefix}.{schema}.{table}".into(),
+            topics: Vec::new(),
             column_exclude: Vec::new(),
             column_include: Vec::new(),
             operations: Operations {
@@ -194,7 +200,13 @@ impl CdcConfig {
 
     /// The topic (subject, routing key) of a table's events.
     pub fn topic(&self, schema: &str, table: &str) -> String {
-        self.topic_template
+        let name = format!("{schema}.{table}");
+        let template = self
+            .topics
+            .iter()
+            .find(|(g, _)| g.matches(&name))
+            .map_or(&self.topic_template, |(_, t)| t);
+        template
             .replace("{prefix}", &self.topic_prefix)
             .replace("{schema}", schema)
             .replace("{table}", table)
@@ -225,6 +237,20 @@ fn globs(
         .collect()
 }
 
+fn check_template(key: &'static str, template: &str) -> Result<(), ConfigError> {
+    let rest = template
+        .replace("{prefix}", "")
+        .replace("{schema}", "")
+        .replace("{table}", "");
+    if rest.contains(['{', '}']) || template.is_empty() {
+        return Err(invalid(
+            key,
+            format!("`{template}`: only {{prefix}}, {{schema}} and {{table}} may be used"),
+        ));
+    }
+    Ok(())
+}
+
 pub(super) fn load(raw: RawCdc) -> Result<Arc<CdcConfig>, ConfigError> {
     let d = CdcConfig::default();
     let tables = globs("cdc.tables", raw.tables, 2)?;
@@ -242,16 +268,14 @@ pub(super) fn load(raw: RawCdc) -> Result<Arc<CdcConfig>, ConfigError> {
         return Err(invalid("cdc.topic_prefix", "must not be empty"));
     }
     let topic_template = raw.topic_template.unwrap_or(d.topic_template);
-    let rest = topic_template
-        .replace("{prefix}", "")
-        .replace("{schema}", "")
-        .replace("{table}", "");
-    if rest.contains(['{', '}']) {
-        return Err(invalid(
-            "cdc.topic_template",
-            format!("`{topic_template}`: only {{prefix}}, {{schema}} and {{table}} may be used"),
-        ));
+    check_template("cdc.topic_template", &topic_template)?;
+    let mut topics = Vec::new();
+    for (pattern, template) in raw.topics.unwrap_or_default() {
+        let glob = globs("cdc.topics", Some(vec![pattern]), 2)?.remove(0);
+        check_template("cdc.topics", &template)?;
+        topics.push((glob, template));
     }
+    topics.sort_by_key(|(g, _)| (!g.is_literal(), std::cmp::Reverse(g.as_str().len())));
     let mut operations = Operations {
         create: true,
         update: true,
@@ -339,6 +363,7 @@ pub(super) fn load(raw: RawCdc) -> Result<Arc<CdcConfig>, ConfigError> {
         exclude,
         topic_prefix,
         topic_template,
+        topics,
         column_exclude,
         column_include,
         operations,
@@ -351,4 +376,32 @@ pub(super) fn load(raw: RawCdc) -> Result<Arc<CdcConfig>, ConfigError> {
         transaction_metadata: raw.transaction_metadata.unwrap_or(false),
         modes,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn per_table_topics_override_the_template_most_specific_first() {
+        let raw: RawCdc = toml::from_str(
+            r#"
+            tables = ["public.*", "sales.*"]
+            topic_prefix = "shop"
+            [topics]
+            "public.*" = "{prefix}.pub.{table}"
+            "public.orders" = "orders-cdc"
+            "public.order*" = "{table}-by-glob"
+            "#,
+        )
+        .unwrap();
+        let cfg = load(raw).unwrap();
+        assert_eq!(cfg.topic("public", "orders"), "orders-cdc");
+        assert_eq!(cfg.topic("public", "order_lines"), "order_lines-by-glob");
+        assert_eq!(cfg.topic("public", "users"), "shop.pub.users");
+        assert_eq!(cfg.topic("sales", "leads"), "shop.sales.leads");
+        let bad: RawCdc = toml::from_str("[topics]\n\"public.t\" = \"{type}\"\n").unwrap();
+        assert!(load(bad).unwrap_err().to_string().contains("cdc.topics"));
+    }
 }
