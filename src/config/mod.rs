@@ -451,7 +451,10 @@ mod tests {
         assert_eq!(c.postgres.stale_slot_holder, d.postgres.stale_slot_holder);
         assert_eq!(c.postgres.recreate_lost_slot, d.postgres.recreate_lost_slot);
         assert_eq!(c.postgres.outbox, d.postgres.outbox);
-        assert_eq!(format!("{:?}", c.postgres.cdc), format!("{:?}", d.postgres.cdc));
+        assert_eq!(
+            format!("{:?}", c.postgres.cdc),
+            format!("{:?}", d.postgres.cdc)
+        );
         assert_eq!(c.http.addr, d.http.addr);
         assert_eq!(c.postgres.columns, d.postgres.columns);
         assert_eq!(c.mode, d.mode);
