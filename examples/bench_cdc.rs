@@ -53,6 +53,9 @@ struct Args {
     mode: Mode,
     #[arg(long, default_value = "target/release/outboxd")]
     relay: PathBuf,
+    /// Extra TOML appended to the relay's config (e.g. "[sink]\nmax_in_flight_bytes = 8388608").
+    #[arg(long, default_value = "")]
+    extra_config: String,
 }
 
 /// Shared between writers and the consumer.
@@ -98,7 +101,8 @@ async fn main() -> anyhow::Result<()> {
         &config,
         format!(
             "[postgres]\nurl = \"{url}\"\nslot = \"{db}\"\n[kafka]\nbrokers = \"{brokers}\"\n\
-             [cdc]\ntables = [\"public.bench_cdc\"]\ntopic_prefix = \"{db}\"\n"
+             [cdc]\ntables = [\"public.bench_cdc\"]\ntopic_prefix = \"{db}\"\n{}\n",
+            args.extra_config
         ),
     )?;
     if args.system == System::Outboxd {
