@@ -1064,4 +1064,6 @@ async fn every_committed_change_survives_a_broker_outage() {
         committed.len()
     );
     relay.assert_running();
+    let log = relay.log_text();
+    assert!(log.contains("AllBrokersDown"), "the broker was down: {log}");
 }
