@@ -38,6 +38,11 @@ pub struct Status {
     /// Polling mode: the stored cursor `xid/seq` and rows past it.
     pub cursor: Option<String>,
     pub pending_events: Option<i64>,
+    /// `[cdc]`: the tables the selection captures now (`schema.table`).
+    pub captured: Vec<String>,
+    /// Worth knowing, not degraded (exit code unchanged): e.g. a captured table whose large
+    /// values an UPDATE may leave out of the WAL.
+    pub warnings: Vec<String>,
     pub problems: Vec<String>,
 }
 
@@ -128,6 +133,23 @@ pub async fn gather(cfg: &Config) -> Result<Status> {
     if slot_exists && leader.is_none() {
         problems.push("no outboxd instance holds the slot's lock: nothing is publishing".into());
     }
+    let (mut captured, mut warnings) = (Vec::new(), Vec::new());
+    if cfg.postgres.cdc.enabled() {
+        let ops = &cfg.postgres.cdc.operations;
+        for t in crate::cdc::catalog::captured_tables(&client, &cfg.postgres).await? {
+            let name = t.qualified();
+            if !t.published {
+                problems.push(format!("captured table {name} is not in the publication"));
+            }
+            if (ops.update || ops.delete) && !t.has_key() {
+                problems.push(format!("captured table {name} has no key for its updates and deletes (ALTER TABLE {name} REPLICA IDENTITY FULL)"));
+            }
+            if t.toastable && t.replica_identity != b'f' {
+                warnings.push(format!("captured table {name}: unchanged TOASTed values arrive as the placeholder (REPLICA IDENTITY FULL to have them)"));
+            }
+            captured.push(format!("{}.{}", t.schema, t.table));
+        }
+    }
     Ok(Status {
         mode: cfg.mode.as_str(),
         sink: cfg.sink.as_str(),
@@ -146,6 +168,8 @@ pub async fn gather(cfg: &Config) -> Result<Status> {
         instance_addr,
         cursor,
         pending_events,
+        captured,
+        warnings,
         problems,
     })
 }
@@ -262,6 +286,17 @@ impl std::fmt::Display for Status {
                 writeln!(f, "  oldest unacknowledged event: unknown")?;
                 writeln!(f, "  last error:    unknown")?;
             }
+        }
+        if !self.captured.is_empty() {
+            writeln!(
+                f,
+                "  captured:      {} tables ({})",
+                self.captured.len(),
+                self.captured.join(", ")
+            )?;
+        }
+        for w in &self.warnings {
+            writeln!(f, "  warning:       {w}")?;
         }
         if self.problems.is_empty() {
             write!(f, "  health:        healthy")

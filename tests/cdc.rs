@@ -344,6 +344,19 @@ async fn a_captured_table_without_a_key_or_out_of_the_publication_stops_the_rela
         stderr.contains(r#"ALTER TABLE "public"."nokey" REPLICA IDENTITY FULL"#),
         "{stderr}"
     );
+    // `status` names it too, and lists what is captured — never outboxd's own tables
+    // (`public.*` matches the outbox and the dead-letter table).
+    let status = outboxd(&["status", "--config", config.to_str().unwrap()], &[]);
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert_eq!(status.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("captured:      2 tables (public.keyed, public.nokey)"),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"captured table "public"."nokey" has no key"#),
+        "{text}"
+    );
 
     client
         .batch_execute("ALTER TABLE nokey REPLICA IDENTITY FULL")

@@ -60,8 +60,8 @@ impl CapturedEntry {
     }
 }
 
-/// Every ordinary or partitioned table (not a partition) the selection captures; the outbox
-/// table itself is never captured.
+/// Every ordinary or partitioned table (not a partition) the selection captures; outboxd's
+/// own tables (the outbox, the dead-letter table) are never captured.
 pub async fn captured_tables(client: &Client, cfg: &PostgresConfig) -> Result<Vec<CapturedEntry>> {
     let rows = client
         .query(
@@ -92,8 +92,7 @@ pub async fn captured_tables(client: &Client, cfg: &PostgresConfig) -> Result<Ve
             published: r.get(6),
             toastable: r.get(7),
         })
-        .filter(|e| !(e.schema == cfg.schema && e.table == cfg.table))
-        .filter(|e| cfg.cdc.captures(&e.schema, &e.table))
+        .filter(|e| cfg.captures(&e.schema, &e.table))
         .collect())
 }
 

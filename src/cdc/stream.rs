@@ -28,6 +28,9 @@ enum State {
 
 pub struct CdcStream {
     cfg: Arc<CdcConfig>,
+    /// The outbox's schema and table: outboxd's own tables there are never captured
+    /// (`PostgresConfig::is_own_table`).
+    own: crate::config::PostgresConfig,
     tables: HashMap<u32, State>,
     /// `cdc.transaction_metadata`: the current transaction's counts, once it had a change.
     order: Option<TxnOrder>,
@@ -36,9 +39,10 @@ pub struct CdcStream {
 }
 
 impl CdcStream {
-    pub fn new(cfg: Arc<CdcConfig>) -> CdcStream {
+    pub fn new(own: &crate::config::PostgresConfig) -> CdcStream {
         CdcStream {
-            cfg,
+            cfg: own.cdc.clone(),
+            own: own.clone(),
             tables: HashMap::new(),
             order: None,
             begun: None,
@@ -52,7 +56,7 @@ impl CdcStream {
     /// A Relation message: `Some(type OIDs)` when the table is captured (the caller reads
     /// its catalog entry and calls [`CdcStream::capture`]), `None` when it is not.
     pub fn relation(&mut self, rel: &Relation) -> Option<Vec<u32>> {
-        if !(self.cfg.enabled() && self.cfg.captures(&rel.namespace, &rel.name)) {
+        if !(self.cfg.enabled() && self.own.captures(&rel.namespace, &rel.name)) {
             return None;
         }
         if matches!(self.tables.get(&rel.id), Some(State::Resolved(_))) {

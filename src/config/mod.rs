@@ -322,6 +322,18 @@ impl PostgresConfig {
     pub fn qualified_table(&self) -> String {
         format!("{}.{}", quote_ident(&self.schema), quote_ident(&self.table))
     }
+
+    /// Whether `schema.table` is one of outboxd's own tables — the outbox, or an
+    /// `outboxd_…` table beside it (the dead-letter table) — which `[cdc]` never captures,
+    /// whatever its patterns match: a dead letter would otherwise become a change event.
+    pub fn is_own_table(&self, schema: &str, table: &str) -> bool {
+        schema == self.schema && (table == self.table || table.starts_with("outboxd_"))
+    }
+
+    /// Whether `[cdc]` captures `schema.table`.
+    pub fn captures(&self, schema: &str, table: &str) -> bool {
+        self.cdc.captures(schema, table) && !self.is_own_table(schema, table)
+    }
 }
 
 #[cfg(test)]

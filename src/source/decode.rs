@@ -188,7 +188,7 @@ impl Decoder {
             last_event_txn: None,
             commit_end: 0,
             columns: cfg.columns.clone(),
-            cdc: CdcStream::new(cfg.cdc.clone()),
+            cdc: CdcStream::new(cfg),
             outbox: cfg.outbox,
             wal_start: 0,
             last_commit: None,
