@@ -18,6 +18,8 @@
 
 #[path = "support/proc.rs"]
 mod proc_stats;
+#[path = "support/relay.rs"]
+mod relay;
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -30,6 +32,8 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Message, Offset, TopicPartitionList};
 use tokio_postgres::NoTls;
+
+use relay::Relay;
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
 enum Mode {
@@ -146,7 +150,7 @@ async fn main() -> anyhow::Result<()> {
                     .stdout(Stdio::null())
                     .spawn()?,
             )),
-            System::Debezium => Relay::debezium(&dir.join("debezium"), &brokers, &pg_port, &db),
+            System::Debezium => debezium(&dir.join("debezium"), &brokers, &pg_port, &db),
         }
     };
     if args.system == System::Debezium {
@@ -339,68 +343,19 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The measured relay process.
-enum Relay {
-    Outboxd(std::process::Child),
-    /// Kafka Connect's pid.
-    Debezium(u32),
-}
-
-impl Relay {
-    /// Debezium on the bench database, routing aggregate type `bench` to `<db>.bench`.
-    fn debezium(
-        dir: &std::path::Path,
-        brokers: &str,
-        port: &str,
-        db: &str,
-    ) -> anyhow::Result<Relay> {
-        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/bench/debezium/debezium.sh");
-        let status = Command::new(script)
-            .arg("start")
-            .arg(dir)
-            .arg(brokers)
-            .arg(format!("database.port={port}"))
-            .arg(format!("database.dbname={db}"))
-            .arg(format!("slot.name={db}_dbz"))
-            .arg(format!("publication.name={db}_dbz"))
-            .arg(format!(
-                "transforms.outbox.route.topic.replacement={db}.${{routedByValue}}"
-            ))
-            .status()?;
-        if !status.success() {
-            bail!("debezium.sh start failed");
-        }
-        let pid = std::fs::read_to_string(dir.join("connect.pid"))?;
-        Ok(Relay::Debezium(pid.trim().parse()?))
-    }
-
-    fn pid(&self) -> u32 {
-        match self {
-            Relay::Outboxd(c) => c.id(),
-            Relay::Debezium(pid) => *pid,
-        }
-    }
-
-    fn signal(&self, sig: &str) {
-        let _ = Command::new("kill")
-            .args([sig, &self.pid().to_string()])
-            .status();
-    }
-
-    fn stop(self, dir: &std::path::Path) {
-        if let Relay::Outboxd(_) = self {
-            self.signal("-TERM");
-        }
-        match self {
-            Relay::Outboxd(mut c) => {
-                let _ = c.wait();
-            }
-            Relay::Debezium(_) => {
-                let script = concat!(env!("CARGO_MANIFEST_DIR"), "/bench/debezium/debezium.sh");
-                let _ = Command::new(script).arg("stop").arg(dir).status();
-            }
-        }
-    }
+/// Debezium on the bench database, routing aggregate type `bench` to `<db>.bench`.
+fn debezium(dir: &std::path::Path, brokers: &str, port: &str, db: &str) -> anyhow::Result<Relay> {
+    Relay::debezium(
+        dir,
+        brokers,
+        &[
+            format!("database.port={port}"),
+            format!("database.dbname={db}"),
+            format!("slot.name={db}_dbz"),
+            format!("publication.name={db}_dbz"),
+            format!("transforms.outbox.route.topic.replacement={db}.${{routedByValue}}"),
+        ],
+    )
 }
 
 async fn insert(

@@ -11,6 +11,8 @@
 
 #[path = "support/proc.rs"]
 mod proc_stats;
+#[path = "support/relay.rs"]
+mod relay;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -24,6 +26,8 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Message, Offset, TopicPartitionList};
 use tokio_postgres::NoTls;
+
+use relay::Relay;
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
 enum Mode {
@@ -133,7 +137,7 @@ async fn main() -> anyhow::Result<()> {
                     .stdout(Stdio::null())
                     .spawn()?,
             )),
-            System::Debezium => Relay::debezium(&dir.join("debezium"), &brokers, &port, &db),
+            System::Debezium => debezium(&dir.join("debezium"), &brokers, &port, &db),
         }
     };
     // Warm-up change 0 (id 0): the relay streams and the topic exists before timing starts.
@@ -287,70 +291,30 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-enum Relay {
-    Outboxd(std::process::Child),
-    Debezium(u32),
-}
-
-impl Relay {
-    fn debezium(dir: &Path, brokers: &str, port: &str, db: &str) -> anyhow::Result<Relay> {
-        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/bench/debezium/debezium.sh");
-        let status = Command::new(script)
-            .arg("start")
-            .arg(dir)
-            .arg(brokers)
-            .args([
-                format!("database.port={port}"),
-                format!("database.dbname={db}"),
-                format!("slot.name={db}_dbz"),
-                format!("publication.name={db}_dbz"),
-                format!("topic.prefix={db}"),
-                "transforms=".into(),
-                "table.include.list=public.bench_cdc".into(),
-                "tombstones.on.delete=true".into(),
-                "key.converter=org.apache.kafka.connect.json.JsonConverter".into(),
-                "key.converter.schemas.enable=false".into(),
-                "value.converter=org.apache.kafka.connect.json.JsonConverter".into(),
-                "value.converter.schemas.enable=false".into(),
-            ])
-            .status()?;
-        if !status.success() {
-            bail!("debezium.sh start failed");
-        }
-        Ok(Relay::Debezium(
-            std::fs::read_to_string(dir.join("connect.pid"))?
-                .trim()
-                .parse()?,
-        ))
-    }
-
-    fn pid(&self) -> u32 {
-        match self {
-            Relay::Outboxd(c) => c.id(),
-            Relay::Debezium(pid) => *pid,
-        }
-    }
-
-    fn signal(&self, sig: &str) {
-        let _ = Command::new("kill")
-            .args([sig, &self.pid().to_string()])
-            .status();
-    }
-
-    fn stop(self, dir: &Path) {
-        match self {
-            Relay::Outboxd(mut c) => {
-                let _ = Command::new("kill")
-                    .args(["-TERM", &c.id().to_string()])
-                    .status();
-                let _ = c.wait();
-            }
-            Relay::Debezium(_) => {
-                let script = concat!(env!("CARGO_MANIFEST_DIR"), "/bench/debezium/debezium.sh");
-                let _ = Command::new(script).arg("stop").arg(dir).status();
-            }
-        }
-    }
+/// Debezium's connector on the bench table, its JSON converter without schemas.
+fn debezium(dir: &Path, brokers: &str, port: &str, db: &str) -> anyhow::Result<Relay> {
+    let properties: Vec<String> = [
+        format!("database.port={port}"),
+        format!("database.dbname={db}"),
+        format!("slot.name={db}_dbz"),
+        format!("publication.name={db}_dbz"),
+        format!("topic.prefix={db}"),
+    ]
+    .into_iter()
+    .chain(
+        [
+            "transforms=",
+            "table.include.list=public.bench_cdc",
+            "tombstones.on.delete=true",
+            "key.converter=org.apache.kafka.connect.json.JsonConverter",
+            "key.converter.schemas.enable=false",
+            "value.converter=org.apache.kafka.connect.json.JsonConverter",
+            "value.converter.schemas.enable=false",
+        ]
+        .map(String::from),
+    )
+    .collect();
+    Relay::debezium(dir, brokers, &properties)
 }
 
 /// The change number an event carries: `after.seq`, or for a delete the number recorded for

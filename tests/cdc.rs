@@ -16,19 +16,13 @@ use serde_json::Value;
 /// Reads `topics` until `n` records arrived (or 60 s); every record, in offset order per
 /// partition.
 fn read_n(brokers: &str, topics: &[String], n: usize) -> Vec<Received> {
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let got = consume(
-            brokers,
-            topics,
-            &HashSet::new(),
-            Duration::from_secs(30),
-            Duration::from_secs(2),
-        );
-        if got.len() >= n || std::time::Instant::now() > deadline {
-            return got;
-        }
-    }
+    consume_count(
+        brokers,
+        topics,
+        n,
+        Duration::from_secs(60),
+        Duration::from_secs(2),
+    )
 }
 
 /// Waits until the relay's slot is active (it streams).

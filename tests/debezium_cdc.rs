@@ -9,7 +9,6 @@
 
 mod common;
 
-use std::collections::HashSet;
 use std::time::Duration;
 
 use common::*;
@@ -124,19 +123,13 @@ fn read_all(brokers: &str, topics: &[String]) -> Vec<Received> {
 }
 
 fn read_all_n(brokers: &str, topics: &[String], n: usize) -> Vec<Received> {
-    let deadline = std::time::Instant::now() + Duration::from_secs(120);
-    loop {
-        let got = consume(
-            brokers,
-            topics,
-            &HashSet::new(),
-            Duration::from_secs(30),
-            Duration::from_secs(3),
-        );
-        if got.len() >= n || std::time::Instant::now() > deadline {
-            return got;
-        }
-    }
+    consume_count(
+        brokers,
+        topics,
+        n,
+        Duration::from_secs(120),
+        Duration::from_secs(3),
+    )
 }
 
 /// Both sides capture the same changes; each record is compared with the other's. `schemas`:

@@ -62,6 +62,31 @@ pub fn consume(
     consume_isolated(brokers, topics, expect, timeout, linger, "read_committed")
 }
 
+/// Reads `topics` from the beginning until at least `n` records are there (each read lingers
+/// `linger` for more) or `timeout` passed — for records whose ids are not known beforehand
+/// (table CDC ids carry the change's LSN).
+pub fn consume_count(
+    brokers: &str,
+    topics: &[String],
+    n: usize,
+    timeout: Duration,
+    linger: Duration,
+) -> Vec<Received> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let got = consume(
+            brokers,
+            topics,
+            &HashSet::new(),
+            Duration::from_secs(30),
+            linger,
+        );
+        if got.len() >= n || Instant::now() > deadline {
+            return got;
+        }
+    }
+}
+
 /// [`consume`] with the given `isolation.level` (`read_committed`, librdkafka's default, or
 /// `read_uncommitted`).
 pub fn consume_isolated(
