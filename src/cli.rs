@@ -43,13 +43,40 @@ pub enum Command {
         #[command(flatten)]
         selection: SelectionArgs,
     },
-    /// Read the target topics back and list retained events missing from Kafka (exit 1 if any).
+    /// Read the target topics back and list retained events missing from Kafka (exit 1 if
+    /// any); with --table, compare a captured table's topic with the table, key by key.
     Verify {
         #[command(flatten)]
-        selection: SelectionArgs,
+        selection: VerifyArgs,
+        /// A captured table (`schema.table`): print each key whose latest event in its topic
+        /// is not the table's row (exit 1 if any).
+        #[arg(long, conflicts_with_all = ["since", "until", "aggregatetype"])]
+        table: Option<String>,
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
+    },
+    /// Snapshot captured tables while the relay streams (their rows as `op = "r"` events),
+    /// or pause, resume or stop the snapshots. Signals the running relay through the WAL.
+    Snapshot {
+        /// A table (`schema.table`, globs allowed); repeat for more.
+        #[arg(long = "table", required_unless_present_any = ["pause", "resume", "stop"])]
+        tables: Vec<String>,
+        /// Only the rows matching this SQL condition (Debezium's `additional-conditions`).
+        #[arg(long = "where", conflicts_with_all = ["pause", "resume", "stop"])]
+        filter: Option<String>,
+        /// Stop the snapshots of the tables named (all without --table).
+        #[arg(long, conflicts_with_all = ["pause", "resume"])]
+        stop: bool,
+        /// Pause every running snapshot (streaming goes on).
+        #[arg(long, conflicts_with = "resume")]
+        pause: bool,
+        /// Resume the paused snapshots where they stopped.
+        #[arg(long)]
+        resume: bool,
+        /// Follow the snapshots until they end, printing progress; exit 1 unless all are done.
+        #[arg(long, conflicts_with_all = ["pause", "resume", "stop"])]
+        wait: bool,
     },
     /// Mode, slot position and lag, WAL retention, leader, lag of the local instance, last
     /// error. Exit 0 healthy, 1 degraded, 2 cannot connect.
@@ -72,6 +99,30 @@ pub struct SelectionArgs {
     /// Only events of this aggregate type.
     #[arg(long)]
     pub aggregatetype: Option<String>,
+}
+
+/// `verify`'s selection: required unless `--table` is given.
+#[derive(Debug, Clone, clap::Args)]
+pub struct VerifyArgs {
+    /// Timestamp (`2026-11-22 10:00:00+00`) or interval back from now (`2 hours`).
+    #[arg(long, required_unless_present = "table")]
+    pub since: Option<String>,
+    /// Same forms as --since; default: now.
+    #[arg(long)]
+    pub until: Option<String>,
+    /// Only events of this aggregate type.
+    #[arg(long)]
+    pub aggregatetype: Option<String>,
+}
+
+impl From<VerifyArgs> for crate::replay::Selection {
+    fn from(a: VerifyArgs) -> Self {
+        crate::replay::Selection {
+            since: a.since.unwrap_or_default(),
+            until: a.until,
+            aggregatetype: a.aggregatetype,
+        }
+    }
 }
 
 impl From<SelectionArgs> for crate::replay::Selection {

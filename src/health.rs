@@ -69,9 +69,21 @@ pub struct Health {
     sink: &'static str,
     max_slot_lag_bytes: u64,
     unready_after: std::time::Duration,
+    /// The relay's work is done (`cdc.snapshot.mode = initial_only`): stop as on SIGTERM.
+    finished: tokio::sync::Notify,
 }
 
 impl Health {
+    /// Asks for a graceful stop: the work is done.
+    pub fn finish(&self) {
+        self.finished.notify_one();
+    }
+
+    /// Resolves once [`Health::finish`] was called.
+    pub async fn finished(&self) {
+        self.finished.notified().await;
+    }
+
     pub fn new(
         mode: &'static str,
         sink: &'static str,
@@ -98,6 +110,7 @@ impl Health {
             unready_after,
             mode,
             sink,
+            finished: tokio::sync::Notify::new(),
         }
     }
 

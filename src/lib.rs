@@ -34,6 +34,7 @@ pub mod route;
 pub mod sink;
 pub mod source;
 pub mod status;
+pub mod table_verify;
 pub mod topic;
 pub mod transaction;
 pub mod window;

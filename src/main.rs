@@ -87,7 +87,44 @@ async fn dispatch(command: Command, config: Config) -> anyhow::Result<u8> {
             println!("replayed {published} events ({poison} not replayable: poison, see log)");
             Ok(0)
         }
-        Command::Verify { selection, json } => {
+        Command::Verify {
+            table: Some(table),
+            json,
+            ..
+        } => verify_table(&config, &table, json).await,
+        Command::Snapshot {
+            tables,
+            filter,
+            stop,
+            pause,
+            resume,
+            wait,
+        } => {
+            use outboxd::cdc::snapshot::request::{self, Action};
+            let action = match (stop, pause, resume) {
+                (true, _, _) => Action::Stop,
+                (_, true, _) => Action::Pause,
+                (_, _, true) => Action::Resume,
+                _ => Action::Execute,
+            };
+            let client = outboxd::pg::connect(&config.postgres.url, "outboxd-snapshot")
+                .await
+                .context("connecting to PostgreSQL")?;
+            let id = request::send(&client, action, &tables, filter.as_deref())
+                .await
+                .context("snapshot")?;
+            println!("signal {id} written; the relay acts on it when its stream reaches it (`outboxd status` shows the snapshots)");
+            if !wait {
+                return Ok(0);
+            }
+            let done = request::wait(&client, &config.postgres, &id, &tables)
+                .await
+                .context("following the snapshot")?;
+            Ok(u8::from(!done))
+        }
+        Command::Verify {
+            selection, json, ..
+        } => {
             let sel = Selection::from(selection);
             let v = outboxd::replay::verify(&config, &sel)
                 .await
@@ -169,6 +206,28 @@ async fn migrate(config: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+async fn verify_table(config: &Config, table: &str, json: bool) -> anyhow::Result<u8> {
+    let v = outboxd::table_verify::verify_table(config, table)
+        .await
+        .context("verify --table")?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&v).context("encoding")?);
+    } else {
+        println!(
+            "table {}: {} rows; topic {}: {} keys; {} differ",
+            v.table,
+            v.rows,
+            v.topic,
+            v.topic_keys,
+            v.differ.len()
+        );
+        for d in &v.differ {
+            println!("{} {}", d.key, d.problem);
+        }
+    }
+    Ok(u8::from(!v.differ.is_empty()))
+}
+
 async fn run(config: Config) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let metrics = outboxd::metrics::install()
@@ -189,8 +248,12 @@ async fn run(config: Config) -> anyhow::Result<()> {
         stop_rx.clone(),
     ));
     let grace = config.kafka.shutdown_timeout + Duration::from_secs(15);
+    let done = health.clone();
     let signals = tokio::spawn(async move {
-        wait_for_signal().await;
+        tokio::select! {
+            _ = wait_for_signal() => {}
+            _ = done.finished() => {}
+        }
         tracing::info!("shutdown requested; finishing in-flight deliveries");
         let _ = stop_tx.send(true);
     });

@@ -20,6 +20,14 @@ pub const IGNORED_CHANGES: &str = "outboxd_ignored_changes_total";
 pub const CDC_CHANGES: &str = "outboxd_cdc_changes_total";
 /// Table CDC: a captured table's columns described again mid-stream (a schema change).
 pub const CDC_SCHEMA_CHANGES: &str = "outboxd_cdc_schema_changes_total";
+/// Snapshots: rows emitted (`op = "r"`), by table.
+pub const SNAPSHOT_ROWS: &str = "outboxd_snapshot_rows_total";
+/// Snapshots: rows acknowledged so far in the table's current snapshot.
+pub const SNAPSHOT_ROWS_DONE: &str = "outboxd_snapshot_rows_done";
+/// Snapshots: the planner's row count when the table's snapshot began.
+pub const SNAPSHOT_ROWS_ESTIMATED: &str = "outboxd_snapshot_rows_estimated";
+/// Snapshots: signals that named nothing outboxd could act on.
+pub const SNAPSHOT_SIGNALS_REFUSED: &str = "outboxd_snapshot_signals_refused_total";
 /// Failed deliveries by class (record, cluster, unclear; see `sink::classify`) and
 /// librdkafka error code.
 pub const DELIVERY_FAILURES: &str = "outboxd_delivery_failures_total";
@@ -135,6 +143,19 @@ fn describe() {
     describe_counter!(
         CDC_SCHEMA_CHANGES,
         "Table CDC: captured tables whose columns were described again mid-stream"
+    );
+    describe_counter!(SNAPSHOT_ROWS, "Snapshots: rows emitted (op r), by table");
+    describe_gauge!(
+        SNAPSHOT_ROWS_DONE,
+        "Snapshots: rows acknowledged in the table's current snapshot"
+    );
+    describe_gauge!(
+        SNAPSHOT_ROWS_ESTIMATED,
+        "Snapshots: the planner's row count when the table's snapshot began"
+    );
+    describe_counter!(
+        SNAPSHOT_SIGNALS_REFUSED,
+        "Snapshots: signals outboxd could not act on (logged with the reason)"
     );
     describe_counter!(
         DELIVERY_FAILURES,

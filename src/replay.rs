@@ -221,6 +221,31 @@ fn read_ids(
     cfg: &crate::config::KafkaConfig,
     topics: &[String],
 ) -> Result<HashMap<String, HashSet<String>>> {
+    let mut out: HashMap<String, HashSet<String>> = HashMap::new();
+    for topic in topics {
+        out.entry(topic.clone()).or_default();
+    }
+    read_topics(cfg, topics, |m| {
+        if let Some(id) = m
+            .headers()
+            .and_then(|h| h.iter().find(|h| h.key == "id"))
+            .and_then(|h| h.value)
+        {
+            out.entry(m.topic().to_string())
+                .or_default()
+                .insert(String::from_utf8_lossy(id).into_owned());
+        }
+    })?;
+    Ok(out)
+}
+
+/// Every record of `topics` from the beginning to the high watermark, in offset order per
+/// partition (blocking: run it on a blocking thread).
+pub(crate) fn read_topics(
+    cfg: &crate::config::KafkaConfig,
+    topics: &[String],
+    mut record: impl FnMut(&rdkafka::message::BorrowedMessage<'_>),
+) -> Result<()> {
     let mut cc = rdkafka::ClientConfig::new();
     cc.set("bootstrap.servers", &cfg.brokers)
         .set("group.id", "outboxd-verify")
@@ -239,9 +264,7 @@ fn read_ids(
     let timeout = Duration::from_secs(10);
     let mut tpl = TopicPartitionList::new();
     let mut remaining: HashMap<(String, i32), i64> = HashMap::new();
-    let mut out: HashMap<String, HashSet<String>> = HashMap::new();
     for topic in topics {
-        out.entry(topic.clone()).or_default();
         let md = consumer
             .fetch_metadata(Some(topic), timeout)
             .map_err(|e| Error::Kafka(format!("metadata of {topic}: {e}")))?;
@@ -262,7 +285,7 @@ fn read_ids(
         }
     }
     if remaining.is_empty() {
-        return Ok(out);
+        return Ok(());
     }
     consumer
         .assign(&tpl)
@@ -283,15 +306,7 @@ fn read_ids(
         last_message = std::time::Instant::now();
         let m = msg.map_err(|e| Error::Kafka(format!("reading back: {e}")))?;
         let key = (m.topic().to_string(), m.partition());
-        if let Some(id) = m
-            .headers()
-            .and_then(|h| h.iter().find(|h| h.key == "id"))
-            .and_then(|h| h.value)
-        {
-            out.entry(key.0.clone())
-                .or_default()
-                .insert(String::from_utf8_lossy(id).into_owned());
-        }
+        record(&m);
         if remaining
             .get(&key)
             .is_some_and(|high| m.offset() + 1 >= *high)
@@ -308,5 +323,5 @@ fn read_ids(
             }
         }
     }
-    Ok(out)
+    Ok(())
 }

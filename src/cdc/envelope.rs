@@ -65,6 +65,9 @@ pub struct Source<'a> {
     /// `cdc.transaction_metadata`: the event's place in its transaction (total order, order
     /// within its table).
     pub order: Option<(u64, u64)>,
+    /// `source.snapshot`: `false` for a streamed change; a snapshot row's place
+    /// (`incremental`, `true`, `first_in_data_collection`, …).
+    pub snapshot: &'a str,
 }
 
 /// Debezium's `op`.
@@ -74,6 +77,8 @@ pub enum Op {
     Update,
     Delete,
     Truncate,
+    /// A row read by a snapshot.
+    Read,
 }
 
 impl Op {
@@ -83,6 +88,7 @@ impl Op {
             Op::Update => "u",
             Op::Delete => "d",
             Op::Truncate => "t",
+            Op::Read => "r",
         }
     }
 }
@@ -117,7 +123,9 @@ pub fn write(before: Option<&str>, after: Option<&str>, source: &Source<'_>, op:
     string(&mut out, source.name);
     let commit_us = micros(source.commit_time);
     let _ = write!(out, ",\"ts_ms\":{}", commit_us.div_euclid(1000));
-    out.push_str(",\"snapshot\":\"false\",\"db\":");
+    out.push_str(",\"snapshot\":");
+    string(&mut out, source.snapshot);
+    out.push_str(",\"db\":");
     string(&mut out, source.db);
     // `["<last commit>","<lsn>"]` as a JSON string (its quotes escaped).
     out.push_str(",\"sequence\":\"[");
@@ -177,6 +185,7 @@ mod tests {
             lsn: 26_675_312,
             last_commit: None,
             order: None,
+            snapshot: "false",
         };
         let v = write(None, Some(r#"{"id":1}"#), &source, Op::Create);
         let expected = r#"{"before":null,"after":{"id":1},"source":{"version":"outboxd-"#;

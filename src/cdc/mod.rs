@@ -19,6 +19,7 @@
 pub mod catalog;
 pub mod envelope;
 pub mod select;
+pub mod snapshot;
 pub mod stream;
 pub mod table;
 pub mod transaction;

@@ -6,6 +6,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use super::snapshot::watermark::{Board, Windows};
 use super::table::{CapturedTable, Outcome, TableCatalog, TxnContext};
 use super::transaction::{self, TxnOrder};
 use crate::config::CdcConfig;
@@ -36,6 +37,8 @@ pub struct CdcStream {
     order: Option<TxnOrder>,
     /// The LSN of the current transaction's first change event (its BEGIN's id).
     begun: Option<u64>,
+    /// Snapshot chunks' open windows (`super::snapshot::watermark`).
+    windows: Windows,
 }
 
 impl CdcStream {
@@ -46,7 +49,18 @@ impl CdcStream {
             tables: HashMap::new(),
             order: None,
             begun: None,
+            windows: Windows::default(),
         }
+    }
+
+    /// Snapshot chunks of this session come through `board`.
+    pub fn attach(&mut self, board: std::sync::Arc<Board>) {
+        self.windows.attach(board);
+    }
+
+    /// A snapshot watermark at `lsn`: the rows of the chunk it closes, if any.
+    pub fn watermark(&mut self, content: &[u8], lsn: u64) -> Vec<Outcome> {
+        self.windows.mark(&self.cfg, content, lsn)
     }
 
     pub fn config(&self) -> &CdcConfig {
@@ -103,6 +117,20 @@ impl CdcStream {
                 ))
             }
         };
+        if self.windows.watches(id) {
+            let key = |t: &[Column]| Some(table.key_of(t));
+            match &change {
+                RowChange::Insert(new) => self.windows.touched(id, key(new)),
+                RowChange::Update(old, new) => {
+                    if let Some(old) = old {
+                        self.windows.touched(id, key(&old.tuple));
+                    }
+                    self.windows.touched(id, key(new));
+                }
+                RowChange::Delete(old) => self.windows.touched(id, key(&old.tuple)),
+                RowChange::Truncate => self.windows.touched(id, None),
+            }
+        }
         let cfg = &self.cfg;
         let ops = &cfg.operations;
         let mut order = self.order.take();

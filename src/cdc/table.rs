@@ -80,6 +80,8 @@ pub struct TxnContext {
     /// The change's WAL position.
     pub lsn: u64,
     pub last_commit: Option<u64>,
+    /// `source.snapshot`: `"false"` for a streamed change.
+    pub snapshot: &'static str,
 }
 
 /// An event, or a change that cannot become one: (event id, reason, the row's raw text).
@@ -155,6 +157,11 @@ impl CapturedTable {
         }
     }
 
+    /// `schema.table`.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
     pub fn has_key(&self) -> bool {
         !self.key.is_empty()
     }
@@ -227,6 +234,52 @@ impl CapturedTable {
         vec![self.event(cfg, txn, order, Op::Truncate, None, None)]
     }
 
+    /// A row a snapshot read (`op = "r"`), emitted at its chunk's high watermark `lsn`;
+    /// `ordinal` is its place among the chunk's rows emitted (the dedup id's last part).
+    pub fn read(
+        &self,
+        cfg: &CdcConfig,
+        row: &[Column],
+        lsn: u64,
+        ordinal: usize,
+        place: &'static str,
+    ) -> Outcome {
+        let txn = TxnContext {
+            commit_time: SystemTime::now(),
+            xid: 0,
+            lsn,
+            last_commit: None,
+            snapshot: place,
+        };
+        let id = format!("{}/{lsn}/r/{ordinal}", self.name);
+        match self.event(cfg, &txn, &mut None, Op::Read, None, Some((row, None))) {
+            Ok(mut e) => {
+                e.id = id;
+                Ok(e)
+            }
+            Err((_, reason, raw)) => Err((id, reason, raw)),
+        }
+    }
+
+    /// The text of the key columns of `tuple`, in key order (snapshot windows compare them).
+    pub fn key_of(&self, tuple: &[Column]) -> Vec<Vec<u8>> {
+        self.key
+            .iter()
+            .map(|&i| match tuple.get(i) {
+                Some(Column::Text(t)) => t.clone(),
+                _ => Vec::new(),
+            })
+            .collect()
+    }
+
+    /// The key columns' names, in key order.
+    pub fn key_columns(&self) -> Vec<&str> {
+        self.key
+            .iter()
+            .map(|&i| self.columns[i].name.as_str())
+            .collect()
+    }
+
     fn event_id(&self, txn: &TxnContext, op: &str) -> String {
         format!("{}/{}/{op}", self.name, txn.lsn)
     }
@@ -275,6 +328,7 @@ impl CapturedTable {
             lsn: txn.lsn,
             last_commit: txn.last_commit,
             order: order.as_mut().map(|o| o.next(&self.name)),
+            snapshot: txn.snapshot,
         };
         let mut payload = envelope::write(
             before_json.as_ref().map(|r| r.json.as_str()),
@@ -302,6 +356,7 @@ impl CapturedTable {
                 Op::Update => "update",
                 Op::Delete => "delete",
                 Op::Truncate => "truncate",
+                Op::Read => "read",
             }
             .into(),
             payload: Some(payload.into_bytes()),

@@ -30,6 +30,7 @@ pub(super) struct RawCdc {
     binary_handling_mode: Option<String>,
     interval_handling_mode: Option<String>,
     hstore_handling_mode: Option<String>,
+    snapshot: Option<super::snapshot::RawSnapshot>,
 }
 
 /// What an unchanged TOASTed value (not in the WAL) becomes in a change event.
@@ -147,6 +148,8 @@ pub struct CdcConfig {
     /// `<prefix>.transaction` and each event's `transaction` block.
     pub transaction_metadata: bool,
     pub modes: Modes,
+    /// `[cdc.snapshot]`.
+    pub snapshot: super::snapshot::SnapshotConfig,
 }
 
 impl Default for CdcConfig {
@@ -172,6 +175,7 @@ impl Default for CdcConfig {
             schemas: false,
             transaction_metadata: false,
             modes: Modes::default(),
+            snapshot: super::snapshot::SnapshotConfig::default(),
         }
     }
 }
@@ -375,6 +379,7 @@ pub(super) fn load(raw: RawCdc) -> Result<Arc<CdcConfig>, ConfigError> {
         schemas: raw.schemas.unwrap_or(false),
         transaction_metadata: raw.transaction_metadata.unwrap_or(false),
         modes,
+        snapshot: super::snapshot::load(raw.snapshot)?,
     }))
 }
 

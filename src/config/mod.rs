@@ -16,12 +16,14 @@ mod kafka;
 mod load;
 mod redact;
 mod sinks;
+mod snapshot;
 
 pub use cdc::{
     BinaryMode, CdcConfig, DecimalMode, HstoreMode, IntervalMode, Modes, Operations, TimeMode,
     ToastMode,
 };
 pub use redact::redact_url;
+pub use snapshot::{SnapshotConfig, SnapshotMode};
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -327,7 +329,13 @@ impl PostgresConfig {
     /// `outboxd_…` table beside it (the dead-letter table) — which `[cdc]` never captures,
     /// whatever its patterns match: a dead letter would otherwise become a change event.
     pub fn is_own_table(&self, schema: &str, table: &str) -> bool {
-        schema == self.schema && (table == self.table || table.starts_with("outboxd_"))
+        let signals = self
+            .cdc
+            .snapshot
+            .signal_table
+            .as_ref()
+            .is_some_and(|(s, t)| s == schema && t == table);
+        signals || schema == self.schema && (table == self.table || table.starts_with("outboxd_"))
     }
 
     /// Whether `[cdc]` captures `schema.table`.

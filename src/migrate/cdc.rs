@@ -90,5 +90,46 @@ pub(super) async fn migrate(client: &Client, config: &Config) -> Result<Vec<(Str
             Outcome::Created,
         ));
     }
+    let progress = format!("{}.outboxd_snapshot", quote_ident(&cfg.schema));
+    let existed = super::relation_exists(client, &cfg.schema, "outboxd_snapshot").await?;
+    crate::cdc::snapshot::progress::Progress::new(&cfg.schema, &cfg.slot)
+        .ensure(client, &cfg.schema)
+        .await?;
+    let outcome = if existed {
+        Outcome::Existed
+    } else {
+        Outcome::Created
+    };
+    items.push((format!("snapshot progress table {progress}"), outcome));
+    if let Some((schema, table)) = &cdc.snapshot.signal_table {
+        // Debezium's signal table: its inserts reach the relay through the publication.
+        let name = format!("{}.{}", quote_ident(schema), quote_ident(table));
+        let published: bool = client
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_publication_tables WHERE pubname = $1 AND schemaname = $2 AND tablename = $3)",
+                &[&cfg.publication, schema, table],
+            )
+            .await
+            .map_err(|e| Error::pg("reading the publication's tables", e))?
+            .get(0);
+        if published {
+            items.push((
+                format!("signal table {name} in publication {publication}"),
+                Outcome::Existed,
+            ));
+        } else {
+            if !super::relation_exists(client, schema, table).await? {
+                run(format!(
+                    "CREATE TABLE {name} (id varchar(42) PRIMARY KEY, type varchar(32) NOT NULL, data varchar(2048) NULL)"
+                ))
+                .await?;
+            }
+            run(format!("ALTER PUBLICATION {publication} ADD TABLE {name}")).await?;
+            items.push((
+                format!("signal table {name} in publication {publication}"),
+                Outcome::Created,
+            ));
+        }
+    }
     Ok(items)
 }

@@ -9,6 +9,7 @@ use tokio_postgres::Client;
 use super::exactly_once::resume_position;
 use super::session::{unconfirmed, Eos, Opened};
 use super::source::{Item, Source};
+use crate::cdc::snapshot::Snapshots;
 use crate::checkpoint::Checkpoint;
 use crate::config::{Config, Delivery};
 use crate::error::{Error, Result};
@@ -27,7 +28,7 @@ use crate::transaction::Transactions;
 pub(super) async fn open<'a>(
     cfg: &'a Config,
     stop: &mut watch::Receiver<bool>,
-    health: &Health,
+    health: &'a Health,
 ) -> Result<Option<Opened<LogicalSource<'a>>>> {
     let mut reader = SlotReader::open(&cfg.postgres).await?;
     // Leadership is held by the replication connection itself (source::replication_conn).
@@ -39,7 +40,7 @@ pub(super) async fn open<'a>(
     // The slot may have moved while this instance waited as standby: a position read before
     // would move it back (PostgreSQL 15/16 accept a lower confirmed position).
     reader.refresh_confirmed().await?;
-    reader.ensure_slot_usable().await?;
+    let recreated = reader.ensure_slot_usable().await?;
     let published = reader.verify_publication(None).await?;
     let identity = match cfg.kafka.delivery {
         Delivery::ExactlyOnce => Some(reader.pipeline_identity().await?),
@@ -79,10 +80,17 @@ pub(super) async fn open<'a>(
         other => other?,
     }
     let confirmed = reader.confirmed();
+    let snapshots = Snapshots::start(&cfg.postgres, reader.client(), confirmed, recreated).await?;
+    let mut decoder = Decoder::new(&cfg.postgres);
+    if let Some(s) = &snapshots {
+        decoder.attach(s.board());
+    }
     let stream = repl.stream(4096, cfg.kafka.max_in_flight_bytes, confirmed);
     let source = LogicalSource {
         cfg,
-        decoder: Decoder::new(&cfg.postgres),
+        health,
+        snapshots,
+        decoder,
         reader,
         stream,
         trusted: published,
@@ -102,6 +110,9 @@ pub(super) async fn open<'a>(
 /// The slot's stream, decoded; the slot reader's SQL session for checks and the heartbeat.
 pub(super) struct LogicalSource<'a> {
     cfg: &'a Config,
+    health: &'a Health,
+    /// The session's snapshots (`crate::cdc::snapshot`), when tables are captured.
+    snapshots: Option<Snapshots>,
     reader: SlotReader,
     stream: ReplicationStream,
     decoder: Decoder,
@@ -260,6 +271,22 @@ impl Source for LogicalSource<'_> {
                         self.queue(changes);
                         self.queued.pop_front()
                     }
+                    Some(Change::Rows(rows, lsn)) => {
+                        // A snapshot chunk's rows, then the high watermark's position.
+                        self.queue(rows);
+                        self.witness(lsn, false)?;
+                        self.queued.push_back(Item::Boundary(lsn));
+                        self.queued.pop_front()
+                    }
+                    Some(Change::Signal(signal, lsn)) => {
+                        match &self.snapshots {
+                            Some(s) => s.signal(self.reader.client(), signal, lsn).await?,
+                            None => {
+                                tracing::error!(signal = ?signal, "a snapshot signal, but no table is captured ([cdc] tables); ignored")
+                            }
+                        }
+                        None
+                    }
                     Some(Change::End(end, lsn)) => {
                         // The END record, then the commit's position (checked like any).
                         self.queue(end);
@@ -284,6 +311,9 @@ impl Source for LogicalSource<'_> {
 
     async fn confirm(&mut self, position: u64) -> Result<()> {
         self.stream.confirm(position);
+        if let Some(s) = &self.snapshots {
+            s.confirmed(position);
+        }
         tracing::trace!(lsn = %format_lsn(position), "confirmed");
         self.confirmed = position;
         Ok(())
@@ -313,6 +343,13 @@ impl Source for LogicalSource<'_> {
             }
             Err(e @ Error::Setup { .. }) => return Err(lost_publication(e, &self.trusted)),
             Err(e) => return Err(e),
+        }
+        if let Some(s) = &mut self.snapshots {
+            s.check().await?;
+            if s.finished() {
+                tracing::info!("cdc.snapshot.mode = initial_only: every snapshot is done and acknowledged; stopping");
+                self.health.finish();
+            }
         }
         if quiet {
             // Normally keepalives advance an idle slot; the heartbeat is the fallback.

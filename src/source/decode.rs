@@ -13,6 +13,8 @@
 use std::collections::HashMap;
 use std::time::SystemTime;
 
+use crate::cdc::snapshot::signal::{self, Signal, SIGNAL_PREFIX};
+use crate::cdc::snapshot::watermark::{Board, WATERMARK_PREFIX};
 use crate::cdc::stream::{CdcStream, RowChange};
 use crate::cdc::table::{Outcome, TableCatalog, TxnContext};
 use crate::config::{ColumnsConfig, PostgresConfig};
@@ -55,6 +57,11 @@ pub enum Change {
     /// A commit whose transaction had change events, with `cdc.transaction_metadata`: its
     /// END record, then the commit's position.
     End(Vec<Outcome>, u64),
+    /// A snapshot chunk's high watermark: the chunk's rows, then the watermark's position
+    /// (`crate::cdc::snapshot`).
+    Rows(Vec<Outcome>, u64),
+    /// A snapshot signal (`crate::cdc::snapshot::signal`) and its WAL position.
+    Signal(Signal, u64),
 }
 
 /// What the decoder knows of a relation the stream described.
@@ -64,6 +71,8 @@ enum RelationKind {
     Outbox(OutboxColumns),
     /// Not yet classified (see [`Change::UnknownRelation`]).
     Pending(Relation),
+    /// Debezium's signal table (`cdc.snapshot.signal_table`): its inserts are signals.
+    Signal,
     /// Another table. An insert into it stops the relay: the publication carries rows outboxd
     /// cannot tell are not events, and skipping them could lose events.
     Foreign(String),
@@ -171,6 +180,8 @@ pub struct Decoder {
     wal_start: u64,
     /// End of the last commit decoded this session (`source.sequence`).
     last_commit: Option<u64>,
+    /// `cdc.snapshot.signal_table`.
+    signal_table: Option<(String, String)>,
 }
 
 impl Decoder {
@@ -192,7 +203,13 @@ impl Decoder {
             outbox: cfg.outbox,
             wal_start: 0,
             last_commit: None,
+            signal_table: cfg.cdc.snapshot.signal_table.clone(),
         }
+    }
+
+    /// Snapshot chunks of this session come through `board`.
+    pub fn attach(&mut self, board: std::sync::Arc<Board>) {
+        self.cdc.attach(board);
     }
 
     /// Between a Begin and its Commit: no position in between is safe to confirm.
@@ -264,9 +281,16 @@ impl Decoder {
                 }))
             }
             Message::Relation(rel) => {
+                let signals = self
+                    .signal_table
+                    .as_ref()
+                    .is_some_and(|(s, t)| *s == rel.namespace && *t == rel.name);
                 if self.outbox && rel.namespace == self.schema && rel.name == self.table {
                     let cols = OutboxColumns::resolve(&rel, &self.columns)?;
                     self.relations.insert(rel.id, RelationKind::Outbox(cols));
+                    Ok(None)
+                } else if signals {
+                    self.relations.insert(rel.id, RelationKind::Signal);
                     Ok(None)
                 } else {
                     let id = rel.id;
@@ -289,6 +313,14 @@ impl Decoder {
                 Some(RelationKind::Outbox(cols)) => {
                     let event = Change::Event(self.event(cols, tuple)?);
                     Ok(Some(self.yielded(event)))
+                }
+                Some(RelationKind::Signal) => {
+                    let text = |i: usize| match tuple.get(i) {
+                        Some(Column::Text(t)) => Some(String::from_utf8_lossy(t).into_owned()),
+                        _ => None,
+                    };
+                    let (id, kind, data) = (text(0).unwrap_or_default(), text(1).unwrap_or_default(), text(2));
+                    Ok(self.signal(signal::parse(&id, &kind, data.as_deref())))
                 }
                 Some(RelationKind::Foreign(name))
                 | Some(RelationKind::Pending(Relation { name, .. })) => {
@@ -313,8 +345,29 @@ impl Decoder {
             Message::LogicalMessage {
                 transactional: false,
                 lsn,
+                prefix,
+                content,
+            } if prefix == WATERMARK_PREFIX => {
+                let rows = self.cdc.watermark(&content, lsn);
+                // The rows' position: confirming past it needs every one acknowledged.
+                self.commit_lsn = lsn;
+                Ok(Some(if rows.is_empty() {
+                    Change::Boundary(lsn)
+                } else {
+                    Change::Rows(rows, lsn)
+                }))
+            }
+            Message::LogicalMessage {
+                transactional: false,
+                lsn,
                 ..
             } => Ok(Some(Change::Boundary(lsn))),
+            Message::LogicalMessage {
+                transactional: true,
+                prefix,
+                content,
+                ..
+            } if prefix == SIGNAL_PREFIX => Ok(self.signal(signal::parse_message(&content))),
             Message::LogicalMessage {
                 transactional: true,
                 prefix,
@@ -358,12 +411,25 @@ impl Decoder {
         }
     }
 
+    /// A signal, or why it cannot be acted on (logged, counted: it costs no event).
+    fn signal(&self, parsed: std::result::Result<Signal, String>) -> Option<Change> {
+        match parsed {
+            Ok(s) => Some(Change::Signal(s, self.wal_start)),
+            Err(reason) => {
+                metrics::counter!(crate::metrics::SNAPSHOT_SIGNALS_REFUSED).increment(1);
+                tracing::error!(commit_lsn = %crate::source::pgoutput::format_lsn(self.commit_lsn), %reason, "a snapshot signal outboxd cannot act on; ignored");
+                None
+            }
+        }
+    }
+
     fn txn(&self) -> TxnContext {
         TxnContext {
             commit_time: self.commit_time,
             xid: self.xid,
             lsn: self.wal_start,
             last_commit: self.last_commit,
+            snapshot: "false",
         }
     }
 

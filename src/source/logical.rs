@@ -270,10 +270,11 @@ impl SlotReader {
     /// Run by the leader before streaming: an invalidated slot (`wal_status = lost`) stops the
     /// relay with the fix, or — only with `postgres.recreate_lost_slot = true` — is dropped and
     /// recreated with a loud warning.
-    pub async fn ensure_slot_usable(&mut self) -> Result<()> {
+    /// Returns whether the slot was recreated.
+    pub async fn ensure_slot_usable(&mut self) -> Result<bool> {
         let state = self.state().await?;
         if state.wal_status.as_deref() != Some("lost") {
-            return Ok(());
+            return Ok(false);
         }
         let slot = &self.cfg.slot;
         if !self.cfg.recreate_lost_slot {
@@ -295,7 +296,7 @@ impl SlotReader {
             .await
             .map_err(|e| Error::pg("recreating the slot", e))?;
         self.confirmed = self.state().await?.confirmed_flush;
-        Ok(())
+        Ok(true)
     }
 
     /// The slot is active for `pid` although this instance holds the leadership lock. With
