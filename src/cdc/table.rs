@@ -261,6 +261,15 @@ impl CapturedTable {
         }
     }
 
+    /// A row's key and `after` JSON as its events carry them (`outboxd verify --table`).
+    pub fn key_and_after(
+        &self,
+        cfg: &CdcConfig,
+        row: &[Column],
+    ) -> Result<(String, String), String> {
+        Ok((self.key_json(row)?, self.row(cfg, row, None)?.json))
+    }
+
     /// The text of the key columns of `tuple`, in key order (snapshot windows compare them).
     pub fn key_of(&self, tuple: &[Column]) -> Vec<Vec<u8>> {
         self.key

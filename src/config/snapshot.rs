@@ -62,19 +62,20 @@ impl SnapshotConfig {
 pub(super) fn load(raw: Option<RawSnapshot>) -> Result<SnapshotConfig, ConfigError> {
     let raw = raw.unwrap_or_default();
     let d = SnapshotConfig::default();
-    let mode =
-        match raw.mode.as_deref() {
-            None | Some("initial") => SnapshotMode::Initial,
-            Some("never" | "no_data") => SnapshotMode::Never,
-            Some("initial_only") => SnapshotMode::InitialOnly,
-            Some("when_needed") => SnapshotMode::WhenNeeded,
-            Some(other) => return Err(invalid(
+    let mode = match raw.mode.as_deref() {
+        None | Some("initial") => SnapshotMode::Initial,
+        Some("never" | "no_data") => SnapshotMode::Never,
+        Some("initial_only") => SnapshotMode::InitialOnly,
+        Some("when_needed") => SnapshotMode::WhenNeeded,
+        Some(other) => {
+            return Err(invalid(
                 "cdc.snapshot.mode",
                 format!(
                     "`{other}` is not one of initial, never, no_data, initial_only, when_needed"
                 ),
-            )),
-        };
+            ))
+        }
+    };
     let chunk_size = raw.chunk_size.unwrap_or(d.chunk_size);
     if !(1..=1_000_000).contains(&chunk_size) {
         return Err(invalid(

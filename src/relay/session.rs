@@ -139,6 +139,17 @@ pub(super) async fn run<S: Source>(
                     window.report(health);
                 }
             }
+            // Before reading: a source that always has something ready (a backlog, a snapshot's
+            // queued rows) must not starve the once-a-second checks — the publication check
+            // raises the checkpoint's limit, so without it nothing would be confirmed.
+            _ = status_tick.tick() => {
+                window.check_stall(cfg.kafka.delivery_timeout, health)?;
+                let quiet = window.is_empty() && last_progress.elapsed() >= cfg.postgres.heartbeat_interval;
+                if quiet {
+                    last_progress = Instant::now();
+                }
+                source.tick(&mut checkpoint, quiet).await?;
+            }
             settled = window.settle_oldest(), if !window.is_empty() => {
                 let dlq = DlqTable::new(source.client(), &cfg.postgres);
                 window.handle(settled, &mut sink, &dlq).await?;
@@ -192,14 +203,6 @@ pub(super) async fn run<S: Source>(
                         }
                     }
                 }
-            }
-            _ = status_tick.tick() => {
-                window.check_stall(cfg.kafka.delivery_timeout, health)?;
-                let quiet = window.is_empty() && last_progress.elapsed() >= cfg.postgres.heartbeat_interval;
-                if quiet {
-                    last_progress = Instant::now();
-                }
-                source.tick(&mut checkpoint, quiet).await?;
             }
         }
     }

@@ -29,7 +29,7 @@ use crate::source::pgoutput::{Column, Relation};
 /// decide how values read as text.
 pub const READER_SETTINGS: &str = "SET TimeZone = 'UTC'; SET DateStyle = 'ISO'; \
     SET bytea_output = 'hex'; SET IntervalStyle = 'postgres'; SET extra_float_digits = 1; \
-    SET lc_monetary = 'C'; SET standard_conforming_strings = on; \
+    SET lc_monetary = 'C'; SET standard_conforming_strings = on; SET synchronous_commit = on; \
     SET statement_timeout = 0; SET idle_in_transaction_session_timeout = 0";
 
 /// How one table is read.
@@ -279,8 +279,8 @@ impl Plan {
             chunk: id,
             oid: self.oid,
         };
-        emit(client, &mark(true)).await?;
-        wait_for_older_transactions(client, &self.name, id).await?;
+        let xid = emit(client, &mark(true)).await?;
+        wait_for_older_transactions(client, &xid, &self.name, id).await?;
         let mut sql = format!(
             "BEGIN TRANSACTION READ ONLY; SELECT {} FROM {} WHERE {}",
             self.columns,
@@ -313,25 +313,30 @@ impl Plan {
     }
 }
 
-async fn emit(client: &Client, mark: &Mark) -> Result<()> {
-    client
-        .execute(
-            "SELECT pg_logical_emit_message(false, $1, $2)",
+/// Writes a watermark and takes a transaction id after it; returns the id. The transaction's
+/// commit flushes the WAL up to it: the walsender sends only flushed WAL, and a
+/// non-transactional message alone waits for the WAL writer (up to `wal_writer_delay`).
+async fn emit(client: &Client, mark: &Mark) -> Result<String> {
+    let row = client
+        .query_one(
+            "SELECT pg_logical_emit_message(false, $1, $2)::text, pg_current_xact_id()::text",
             &[&WATERMARK_PREFIX, &mark.encode()],
         )
         .await
         .map_err(pg("writing a snapshot watermark"))?;
-    Ok(())
+    Ok(row.get(1))
 }
 
 /// Waits until every transaction that had an xid when the low watermark was written has
 /// ended (see the module doc); says so when one keeps the chunk waiting.
-async fn wait_for_older_transactions(client: &Client, table: &str, chunk: u64) -> Result<()> {
-    let row = client
-        .query_one("SELECT pg_current_xact_id()::text", &[])
-        .await
-        .map_err(pg("taking a transaction id for a snapshot chunk"))?;
-    let xid: String = row.get(0);
+/// `xid` was taken after the low watermark was written: every transaction older than it
+/// has ended once the oldest running one is younger.
+async fn wait_for_older_transactions(
+    client: &Client,
+    xid: &str,
+    table: &str,
+    chunk: u64,
+) -> Result<()> {
     let started = Instant::now();
     let mut delay = Duration::from_micros(500);
     let mut warned = Duration::ZERO;

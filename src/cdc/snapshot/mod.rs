@@ -13,8 +13,8 @@
 //!   slot keeps confirming streamed changes; no exported snapshot is held open.
 //! * **Resumable** — progress lives in PostgreSQL ([`progress`]): a chunk counts as done
 //!   once the checkpoint passed its high watermark; a killed relay resumes after the last
-//!   such chunk. At most the chunks in flight (two per reader) are read again.
-//! * **Bounded** — chunks are read ahead at most two per reader; emitted rows go through
+//!   such chunk. At most the chunks not yet confirmed are read again.
+//! * **Bounded** — chunks are read ahead at most four per reader; emitted rows go through
 //!   the delivery window like any event.
 //! * **Steerable** — [`signal`]: Debezium's signal table unchanged, or `outboxd.signal`
 //!   messages; start, pause, resume, stop.

@@ -2,7 +2,7 @@
 //! snapshots the progress table says are running, one table at a time, reads each in chunks
 //! over `cdc.snapshot.readers` connections in parallel, and records a chunk as done only
 //! once the checkpoint passed its high watermark — every row of it and before it
-//! acknowledged. Chunks read ahead are bounded (two per reader), so memory stays bounded
+//! acknowledged. Chunks read ahead are bounded (four per reader), so memory stays bounded
 //! whatever the table's size: what the stream emitted sits in the delivery window.
 
 use std::collections::BTreeMap;
@@ -154,7 +154,8 @@ impl Runner {
                         *read != Some(0) && self.board.emitted(**id).is_none()
                     })
                     .count();
-                let room = unemitted < readers * 2 && pending.len() < MAX_UNCONFIRMED;
+                let room =
+                    unemitted < readers * AHEAD_PER_READER && pending.len() < MAX_UNCONFIRMED;
                 if exhausted || interrupted || idle.is_empty() || !room {
                     break;
                 }
@@ -260,6 +261,9 @@ impl Runner {
         Ok(Ended::Done)
     }
 }
+
+/// Chunks read ahead per reader that the stream has not emitted yet (they hold rows).
+const AHEAD_PER_READER: usize = 4;
 
 /// Chunks emitted and not yet confirmed past (their keys only are kept): a confirmation
 /// that stalls this long stops the reading.
