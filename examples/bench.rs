@@ -16,6 +16,8 @@
 //! includes its own. CPU is the relay process's user + system time from the first commit
 //! (backlog: from the relay's start or resume) to the last event consumed.
 
+#[path = "support/fresh.rs"]
+mod fresh;
 #[path = "support/proc.rs"]
 mod proc_stats;
 #[path = "support/relay.rs"]
@@ -90,22 +92,14 @@ struct Arrivals {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let admin_url = std::env::var("OUTBOXD_TEST_PG_URL")
-        .context("OUTBOXD_TEST_PG_URL not set; use scripts/bench.sh")?;
     let brokers = std::env::var("OUTBOXD_TEST_KAFKA")
         .context("OUTBOXD_TEST_KAFKA not set; use scripts/bench.sh")?;
-    let stamp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)?
-        .as_secs();
-    let db = format!("bench_{stamp}");
-    let (admin, conn) = tokio_postgres::connect(&admin_url, NoTls).await?;
-    tokio::spawn(conn);
-    admin
-        .batch_execute(&format!("CREATE DATABASE {db}"))
-        .await?;
-    let url = format!("{}/{db}", admin_url.rsplit_once('/').context("url")?.0);
-    let dir = std::env::temp_dir().join(&db);
-    std::fs::create_dir_all(&dir)?;
+    let fresh::Fresh {
+        db,
+        url,
+        port: pg_port,
+        dir,
+    } = fresh::database("bench").await?;
     let config = dir.join("outboxd.toml");
     std::fs::write(
         &config,
@@ -115,14 +109,7 @@ async fn main() -> anyhow::Result<()> {
         ),
     )?;
     let topic = format!("{db}.bench");
-    let status = Command::new(&args.relay)
-        .args(["migrate", "--config"])
-        .arg(&config)
-        .stdout(Stdio::null())
-        .status()?;
-    if !status.success() {
-        bail!("outboxd migrate failed");
-    }
+    relay::migrate(&args.relay, &config)?;
 
     let n = args.events;
     let commits: Arc<Mutex<Vec<Option<Instant>>>> =
@@ -135,11 +122,6 @@ async fn main() -> anyhow::Result<()> {
     let log = std::fs::File::create(dir.join("outboxd.log"))?;
     let (client, conn) = tokio_postgres::connect(&url, NoTls).await?;
     tokio::spawn(conn);
-    let pg_port = admin_url
-        .rsplit_once(':')
-        .and_then(|(_, rest)| rest.split('/').next())
-        .context("port in OUTBOXD_TEST_PG_URL")?
-        .to_string();
     let start_relay = || -> anyhow::Result<Relay> {
         match args.system {
             System::Outboxd => Ok(Relay::Outboxd(

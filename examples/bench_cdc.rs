@@ -9,6 +9,8 @@
 //! first and measures the drain (Debezium: started first, paused with SIGSTOP meanwhile).
 //! CPU is the relay process's user + system time over the measured span; RSS its peak.
 
+#[path = "support/fresh.rs"]
+mod fresh;
 #[path = "support/proc.rs"]
 mod proc_stats;
 #[path = "support/relay.rs"]
@@ -78,27 +80,10 @@ const TABLE: &str =
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let admin_url = std::env::var("OUTBOXD_TEST_PG_URL").context("use scripts/bench.sh")?;
     let brokers = std::env::var("OUTBOXD_TEST_KAFKA").context("use scripts/bench.sh")?;
-    let stamp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)?
-        .as_secs();
-    let db = format!("bench_cdc_{stamp}");
-    let (admin, conn) = tokio_postgres::connect(&admin_url, NoTls).await?;
-    tokio::spawn(conn);
-    admin
-        .batch_execute(&format!("CREATE DATABASE {db}"))
-        .await?;
-    let url = format!("{}/{db}", admin_url.rsplit_once('/').context("url")?.0);
-    let port = admin_url
-        .rsplit_once(':')
-        .and_then(|(_, rest)| rest.split('/').next())
-        .context("port")?
-        .to_string();
-    let dir = std::env::temp_dir().join(&db);
-    std::fs::create_dir_all(&dir)?;
-    let (client, conn) = tokio_postgres::connect(&url, NoTls).await?;
-    tokio::spawn(conn);
+    let fresh = fresh::database("bench_cdc").await?;
+    let client = fresh.connect().await?;
+    let fresh::Fresh { db, url, port, dir } = fresh;
     client.batch_execute(TABLE).await?;
     let config = dir.join("outboxd.toml");
     std::fs::write(
@@ -110,14 +95,7 @@ async fn main() -> anyhow::Result<()> {
         ),
     )?;
     if args.system == System::Outboxd {
-        let status = Command::new(&args.relay)
-            .args(["migrate", "--config"])
-            .arg(&config)
-            .stdout(Stdio::null())
-            .status()?;
-        if !status.success() {
-            bail!("outboxd migrate failed");
-        }
+        relay::migrate(&args.relay, &config)?;
     }
     let n = (args.events / 10).max(1) * 10;
     let book = Arc::new(Mutex::new(Book {

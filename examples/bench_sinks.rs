@@ -7,11 +7,17 @@
 #[path = "support/proc.rs"]
 mod proc_stats;
 
+#[path = "support/fresh.rs"]
+mod fresh;
+#[path = "support/relay.rs"]
+#[allow(dead_code)]
+mod relay;
+
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use clap::{Parser, ValueEnum};
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
@@ -45,20 +51,7 @@ struct Args {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let admin_url = std::env::var("OUTBOXD_TEST_PG_URL")
-        .context("OUTBOXD_TEST_PG_URL not set; use scripts/bench.sh")?;
-    let stamp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)?
-        .as_secs();
-    let db = format!("bench_sink_{stamp}");
-    let (admin, conn) = tokio_postgres::connect(&admin_url, NoTls).await?;
-    tokio::spawn(conn);
-    admin
-        .batch_execute(&format!("CREATE DATABASE {db}"))
-        .await?;
-    let url = format!("{}/{db}", admin_url.rsplit_once('/').context("url")?.0);
-    let dir = std::env::temp_dir().join(&db);
-    std::fs::create_dir_all(&dir)?;
+    let fresh::Fresh { db, url, dir, .. } = fresh::database("bench_sink").await?;
     let sink = match args.sink {
         SinkKind::Nats => format!(
             "[sink]\nkind = \"nats\"\n[nats]\nurl = \"{}\"\nstream = \"{}\"\nsubject = \"{db}.{{aggregatetype}}\"\nstream_subjects = [\"{db}.>\", \"{db}_dlq\"]\ndead_letter_subject = \"{db}_dlq\"\n",
@@ -78,14 +71,7 @@ async fn main() -> anyhow::Result<()> {
             args.extra_config
         ),
     )?;
-    let status = Command::new(&args.relay)
-        .args(["migrate", "--config"])
-        .arg(&config)
-        .stdout(Stdio::null())
-        .status()?;
-    if !status.success() {
-        bail!("outboxd migrate failed");
-    }
+    relay::migrate(&args.relay, &config)?;
     let amqp = match args.sink {
         SinkKind::Rabbitmq => Some(rabbitmq_queue(&args.url, &db).await?),
         SinkKind::Nats => None,

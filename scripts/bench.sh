@@ -6,6 +6,10 @@
 #   scripts/bench.sh --extra-config 'delivery = "exactly-once"'   the same in exactly-once mode
 #   scripts/bench.sh --compare debezium [args]     the same run for outboxd, then for Debezium
 #                                                  (bench/debezium: Kafka Connect + EventRouter)
+#   scripts/bench.sh --snapshot [--compare debezium] [--kind initial|incremental] [--rows N]
+#                                                  a table of N rows (default 1,000,000)
+#                                                  snapshotted (examples/bench_snapshot.rs):
+#                                                  rows/s, CPU-s per 100k rows, peak RSS
 #   scripts/bench.sh --sink nats|rabbitmq [args]   drain a backlog into a NATS JetStream stream /
 #                                                  a RabbitMQ queue (examples/bench_sinks.rs)
 #   scripts/bench.sh --cdc [--compare debezium] [args]
@@ -22,10 +26,15 @@ if [ -z "${KEEP:-}" ]; then trap 'scripts/stack.sh down' EXIT; fi
 # Every relay a benchmark starts checks each confirmation against its delivery ledger
 # (src/ledger.rs): a violation stops it with exit code 3.
 export OUTBOXD_CHECK_LEDGER=1
-cargo build --release --quiet --bin outboxd --example bench --example bench_sinks --example bench_cdc
+cargo build --release --quiet --bin outboxd --example bench --example bench_sinks --example bench_cdc --example bench_snapshot
 example=bench
 if [ "${1:-}" = "--cdc" ]; then
   example=bench_cdc
+  shift
+elif [ "${1:-}" = "--snapshot" ]; then
+  example=bench_snapshot
+  # Debezium streams only after its initial snapshot of the whole table.
+  export DEBEZIUM_STREAM_WAIT=1800
   shift
 fi
 if [ "${1:-}" = "--sink" ]; then

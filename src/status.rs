@@ -40,10 +40,53 @@ pub struct Status {
     pub pending_events: Option<i64>,
     /// `[cdc]`: the tables the selection captures now (`schema.table`).
     pub captured: Vec<String>,
+    /// `[cdc]`: every table's last snapshot (`crate::cdc::snapshot::progress`).
+    pub snapshots: Vec<SnapshotLine>,
     /// Worth knowing, not degraded (exit code unchanged): e.g. a captured table whose large
     /// values an UPDATE may leave out of the WAL.
     pub warnings: Vec<String>,
     pub problems: Vec<String>,
+}
+
+/// A table's snapshot, as `status` shows it.
+#[derive(Debug, Serialize)]
+pub struct SnapshotLine {
+    pub table: String,
+    pub state: String,
+    pub rows_done: i64,
+    pub rows_estimated: Option<i64>,
+    /// Rows acknowledged per second since the snapshot began (or resumed counting).
+    pub rows_per_second: f64,
+    pub eta_seconds: Option<u64>,
+    pub signal: String,
+    pub filter: Option<String>,
+    pub error: Option<String>,
+}
+
+impl SnapshotLine {
+    fn from_job(j: crate::cdc::snapshot::progress::Job) -> SnapshotLine {
+        let rate = if j.elapsed > 0.0 {
+            j.rows_done as f64 / j.elapsed
+        } else {
+            0.0
+        };
+        let running = j.state == crate::cdc::snapshot::progress::RUNNING;
+        let eta = j
+            .rows_estimated
+            .filter(|_| running && rate > 0.0)
+            .map(|n| ((n - j.rows_done).max(0) as f64 / rate) as u64);
+        SnapshotLine {
+            table: j.name(),
+            state: j.state,
+            rows_done: j.rows_done,
+            rows_estimated: j.rows_estimated,
+            rows_per_second: rate.round(),
+            eta_seconds: eta,
+            signal: j.signal_id,
+            filter: j.filter,
+            error: j.error,
+        }
+    }
 }
 
 impl Status {
@@ -133,7 +176,7 @@ pub async fn gather(cfg: &Config) -> Result<Status> {
     if slot_exists && leader.is_none() {
         problems.push("no outboxd instance holds the slot's lock: nothing is publishing".into());
     }
-    let (mut captured, mut warnings) = (Vec::new(), Vec::new());
+    let (mut captured, mut warnings, mut snapshots) = (Vec::new(), Vec::new(), Vec::new());
     if cfg.postgres.cdc.enabled() {
         let ops = &cfg.postgres.cdc.operations;
         for t in crate::cdc::catalog::captured_tables(&client, &cfg.postgres).await? {
@@ -148,6 +191,21 @@ pub async fn gather(cfg: &Config) -> Result<Status> {
                 warnings.push(format!("captured table {name}: unchanged TOASTed values arrive as the placeholder (REPLICA IDENTITY FULL to have them)"));
             }
             captured.push(format!("{}.{}", t.schema, t.table));
+        }
+        let progress =
+            crate::cdc::snapshot::progress::Progress::new(&cfg.postgres.schema, &cfg.postgres.slot);
+        // Absent until the relay (or migrate) created it.
+        if let Ok(jobs) = progress.all(&client).await {
+            for j in jobs {
+                if j.state == crate::cdc::snapshot::progress::FAILED {
+                    problems.push(format!(
+                        "the snapshot of {} failed: {}",
+                        j.name(),
+                        j.error.as_deref().unwrap_or("see the relay's log")
+                    ));
+                }
+                snapshots.push(SnapshotLine::from_job(j));
+            }
         }
     }
     Ok(Status {
@@ -169,6 +227,7 @@ pub async fn gather(cfg: &Config) -> Result<Status> {
         cursor,
         pending_events,
         captured,
+        snapshots,
         warnings,
         problems,
     })
@@ -293,6 +352,23 @@ impl std::fmt::Display for Status {
                 "  captured:      {} tables ({})",
                 self.captured.len(),
                 self.captured.join(", ")
+            )?;
+        }
+        for s in &self.snapshots {
+            let of = s
+                .rows_estimated
+                .map_or(String::new(), |n| format!(" of ~{n}"));
+            let eta = s
+                .eta_seconds
+                .map_or(String::new(), |e| format!(", ETA {e} s"));
+            let filter = s
+                .filter
+                .as_deref()
+                .map_or(String::new(), |w| format!(", where {w}"));
+            writeln!(
+                f,
+                "  snapshot:      {} {}: {} rows{of} acknowledged, {} rows/s{eta}{filter}",
+                s.table, s.state, s.rows_done, s.rows_per_second
             )?;
         }
         for w in &self.warnings {

@@ -84,11 +84,12 @@ PY
     sleep 0.5
   done
   # Streaming has begun once the slot is active: rows committed before are not published.
-  local port db slot
+  # An initial snapshot comes first (DEBEZIUM_STREAM_WAIT seconds, default 60).
+  local port db slot wait=$(( ${DEBEZIUM_STREAM_WAIT:-60} * 2 ))
   port=$(prop database.port "$dir/connector.properties")
   db=$(prop database.dbname "$dir/connector.properties")
   slot=$(prop slot.name "$dir/connector.properties")
-  for i in $(seq 1 120); do
+  for i in $(seq 1 "$wait"); do
     if [ "$(psql -h 127.0.0.1 -p "$port" -U postgres -d "$db" -Atc \
       "SELECT active FROM pg_replication_slots WHERE slot_name = '$slot'" 2>/dev/null)" = t ]; then
       log "streaming (slot $slot, REST 127.0.0.1:$rest)"

@@ -37,6 +37,8 @@ impl Relay {
         }
     }
 
+    // Not every benchmark pauses its relay.
+    #[allow(dead_code)]
     pub fn signal(&self, sig: &str) {
         let _ = Command::new("kill")
             .args([sig, &self.pid().to_string()])
@@ -58,4 +60,18 @@ impl Relay {
             }
         }
     }
+}
+
+/// `outboxd migrate --config <config>` with the relay binary at `relay`.
+#[allow(dead_code)]
+pub fn migrate(relay: &Path, config: &Path) -> anyhow::Result<()> {
+    let status = Command::new(relay)
+        .args(["migrate", "--config"])
+        .arg(config)
+        .stdout(std::process::Stdio::null())
+        .status()?;
+    if !status.success() {
+        bail!("outboxd migrate failed");
+    }
+    Ok(())
 }

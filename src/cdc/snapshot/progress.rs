@@ -54,7 +54,7 @@ pub struct Job {
     pub error: Option<String>,
     /// `started_at` in microseconds: a new request for the table changes it.
     pub generation: i64,
-    /// Seconds since `started_at`.
+    /// Seconds from `started_at` to `finished_at` (or now).
     pub elapsed: f64,
 }
 
@@ -76,7 +76,7 @@ fn pg(what: &'static str) -> impl Fn(tokio_postgres::Error) -> Error {
 
 const COLUMNS: &str = "schema_name, table_name, signal_id, filter, initial, state, max_key, done_key, \
      rows_done, rows_estimated, chunks_done, error, \
-     (extract(epoch from started_at) * 1000000)::bigint, extract(epoch from now() - started_at)::float8";
+     (extract(epoch from started_at) * 1000000)::bigint, extract(epoch from coalesce(finished_at, now()) - started_at)::float8";
 
 fn job(r: &tokio_postgres::Row) -> Job {
     Job {
@@ -105,8 +105,17 @@ impl Progress {
         }
     }
 
-    /// Creates the table when absent.
+    /// Creates the table when absent (asking first: `CREATE TABLE IF NOT EXISTS` needs the
+    /// CREATE privilege on the schema even when the table exists).
     pub async fn ensure(&self, client: &Client, schema: &str) -> Result<()> {
+        let exists: bool = client
+            .query_one("SELECT to_regclass($1) IS NOT NULL", &[&self.table])
+            .await
+            .map_err(pg("looking for the snapshot progress table"))?
+            .get(0);
+        if exists {
+            return Ok(());
+        }
         client
             .batch_execute(&SNAPSHOT_DDL.replace("{schema}", &quote_ident(schema)))
             .await
