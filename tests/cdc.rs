@@ -64,7 +64,7 @@ fn cdc_config(db: &TestDb, tables: &[&str], extra: &str) -> std::path::PathBuf {
     db.config(
         &kafka_brokers(),
         &format!(
-            "[cdc]\ntables = [{list}]\ntopic_prefix = \"{}\"\n{extra}\n",
+            "[cdc]\ntables = [{list}]\ntopic_prefix = \"{}\"\n{extra}\n[cdc.snapshot]\nmode = \"never\"\n",
             db.name
         ),
     )
@@ -972,7 +972,7 @@ async fn two_pipelines_split_the_tables_and_a_cdc_only_one_needs_no_outbox() {
         &brokers,
         &format!(
             "[postgres]\nslot = \"{slot2}\"\npublication = \"{slot2}\"\ntable = \"unused_outbox\"\noutbox = false\n\
-             [cdc]\ntables = [\"public.users\"]\ntopic_prefix = \"{}\"\n",
+             [cdc]\ntables = [\"public.users\"]\ntopic_prefix = \"{}\"\n[cdc.snapshot]\nmode = \"never\"\n",
             db.name
         ),
     );
@@ -1043,7 +1043,7 @@ async fn every_committed_change_survives_a_broker_outage() {
         &brokers,
         &format!(
             "[kafka]\ncreate_topics = false\ndelivery_timeout_ms = 2000\n\
-             [cdc]\ntables = [\"public.accounts\"]\ntopic_prefix = \"{}\"\n",
+             [cdc]\ntables = [\"public.accounts\"]\ntopic_prefix = \"{}\"\n[cdc.snapshot]\nmode = \"never\"\n",
             db.name
         ),
     );

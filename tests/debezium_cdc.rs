@@ -164,7 +164,7 @@ async fn same_change_events_as_debezium(
         .collect();
     let config = db.config(
         &brokers,
-        &format!("[cdc]\ntables = [{list}]\ntopic_prefix = \"{ours}\"\nskipped_operations = [\"none\"]\nschemas = {schemas}\ntransaction_metadata = {metadata}\n{ours_modes}"),
+        &format!("[cdc]\ntables = [{list}]\ntopic_prefix = \"{ours}\"\nskipped_operations = [\"none\"]\nschemas = {schemas}\ntransaction_metadata = {metadata}\n{ours_modes}\n[cdc.snapshot]\nmode = \"never\"\n"),
     );
     migrate(&config);
     let slot = format!("{}_dbz", db.name);

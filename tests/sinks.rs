@@ -621,7 +621,7 @@ async fn table_changes_arrive_on_the_tables_destination(kind: Kind, prefix: &str
     std::fs::write(
         &rig.config,
         format!(
-            "{text}\n[cdc]\ntables = [\"public.accounts\"]\ntopic_prefix = \"{}\"\n",
+            "{text}\n[cdc]\ntables = [\"public.accounts\"]\ntopic_prefix = \"{}\"\n[cdc.snapshot]\nmode = \"never\"\n",
             db.name
         ),
     )

@@ -60,7 +60,7 @@ impl CdcStream {
 
     /// A snapshot watermark at `lsn`: the rows of the chunk it closes, if any.
     pub fn watermark(&mut self, content: &[u8], lsn: u64) -> Vec<Outcome> {
-        self.windows.mark(&self.cfg, content, lsn)
+        self.windows.mark(content, lsn)
     }
 
     pub fn config(&self) -> &CdcConfig {

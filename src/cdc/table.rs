@@ -234,8 +234,8 @@ impl CapturedTable {
         vec![self.event(cfg, txn, order, Op::Truncate, None, None)]
     }
 
-    /// A row a snapshot read (`op = "r"`), emitted at its chunk's high watermark `lsn`;
-    /// `ordinal` is its place among the chunk's rows emitted (the dedup id's last part).
+    /// A row a snapshot read (`op = "r"`) in the chunk whose low watermark is at `lsn`;
+    /// `ordinal` is its place among the chunk's rows (the dedup id's last part).
     pub fn read(
         &self,
         cfg: &CdcConfig,

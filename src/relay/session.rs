@@ -139,9 +139,17 @@ pub(super) async fn run<S: Source>(
                     window.report(health);
                 }
             }
-            // Before reading: a source that always has something ready (a backlog, a snapshot's
-            // queued rows) must not starve the once-a-second checks — the publication check
-            // raises the checkpoint's limit, so without it nothing would be confirmed.
+            settled = window.settle_oldest(), if !window.is_empty() => {
+                let dlq = DlqTable::new(source.client(), &cfg.postgres);
+                window.handle(settled, &mut sink, &dlq).await?;
+                checkpoint.acked(window.acked);
+                window.report(health);
+            }
+            // After acknowledgements (a stall check must see the acks that arrived while a
+            // handler waited), before reading: a source that always has something ready (a
+            // backlog, a snapshot's queued rows) must not starve the once-a-second checks —
+            // the publication check raises the checkpoint's limit, so without it nothing
+            // would be confirmed.
             _ = status_tick.tick() => {
                 window.check_stall(cfg.kafka.delivery_timeout, health)?;
                 let quiet = window.is_empty() && last_progress.elapsed() >= cfg.postgres.heartbeat_interval;
@@ -149,12 +157,6 @@ pub(super) async fn run<S: Source>(
                     last_progress = Instant::now();
                 }
                 source.tick(&mut checkpoint, quiet).await?;
-            }
-            settled = window.settle_oldest(), if !window.is_empty() => {
-                let dlq = DlqTable::new(source.client(), &cfg.postgres);
-                window.handle(settled, &mut sink, &dlq).await?;
-                checkpoint.acked(window.acked);
-                window.report(health);
             }
             msg = source.recv(), if can_read => {
                 let Some(item) = source.decode(msg?).await? else { continue };

@@ -19,9 +19,9 @@ use std::time::{Duration, Instant};
 
 use tokio_postgres::{Client, SimpleQueryMessage};
 
-use super::watermark::{Board, Chunk, Mark, Place, WATERMARK_PREFIX};
+use super::watermark::{chunk, Board, Mark, Place, WATERMARK_PREFIX};
 use crate::cdc::table::CapturedTable;
-use crate::config::{quote_ident, quote_literal, PostgresConfig};
+use crate::config::{quote_ident, quote_literal, CdcConfig, PostgresConfig};
 use crate::error::{Error, Result};
 use crate::source::pgoutput::{Column, Relation};
 
@@ -264,8 +264,10 @@ impl Plan {
 
     /// Reads chunk `(lo, hi]` between its watermarks and posts it on `board` before the
     /// high watermark is written. Returns the rows read.
+    #[allow(clippy::too_many_arguments)]
     pub async fn read(
         &self,
+        cfg: &CdcConfig,
         client: &Client,
         board: &Board,
         id: u64,
@@ -279,7 +281,7 @@ impl Plan {
             chunk: id,
             oid: self.oid,
         };
-        let xid = emit(client, &mark(true)).await?;
+        let (low, xid) = emit(client, &mark(true)).await?;
         wait_for_older_transactions(client, &xid, &self.name, id).await?;
         let mut sql = format!(
             "BEGIN TRANSACTION READ ONLY; SELECT {} FROM {} WHERE {}",
@@ -299,24 +301,17 @@ impl Plan {
             }
         };
         let n = rows.len();
-        board.post(
-            id,
-            Chunk {
-                table: self.table.clone(),
-                oid: self.oid,
-                rows,
-                place,
-            },
-        );
+        board.post(id, chunk(cfg, &self.table, self.oid, rows, low, place));
         emit(client, &mark(false)).await?;
         Ok(n)
     }
 }
 
-/// Writes a watermark and takes a transaction id after it; returns the id. The transaction's
+/// Writes a watermark and takes a transaction id after it; returns the watermark's LSN and
+/// the id. The transaction's
 /// commit flushes the WAL up to it: the walsender sends only flushed WAL, and a
 /// non-transactional message alone waits for the WAL writer (up to `wal_writer_delay`).
-async fn emit(client: &Client, mark: &Mark) -> Result<String> {
+async fn emit(client: &Client, mark: &Mark) -> Result<(u64, String)> {
     let row = client
         .query_one(
             "SELECT pg_logical_emit_message(false, $1, $2)::text, pg_current_xact_id()::text",
@@ -324,7 +319,8 @@ async fn emit(client: &Client, mark: &Mark) -> Result<String> {
         )
         .await
         .map_err(pg("writing a snapshot watermark"))?;
-    Ok(row.get(1))
+    let lsn = crate::lsn::parse_lsn(row.get(0)).unwrap_or(0);
+    Ok((lsn, row.get(1)))
 }
 
 /// Waits until every transaction that had an xid when the low watermark was written has

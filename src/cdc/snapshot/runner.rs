@@ -181,9 +181,10 @@ impl Runner {
                 tracing::debug!(table = %job.name(), chunk = id, lo = ?lo, hi = ?hi, "snapshot chunk handed out");
                 pending.insert(id, (hi.clone(), None));
                 let (plan, board, from) = (plan.clone(), self.board.clone(), lo.clone());
+                let cdc = self.cfg.cdc.clone();
                 reading.spawn(async move {
                     let n = plan
-                        .read(&reader, &board, id, from.as_deref(), &hi, place)
+                        .read(&cdc, &reader, &board, id, from.as_deref(), &hi, place)
                         .await?;
                     Ok((reader, id, n))
                 });

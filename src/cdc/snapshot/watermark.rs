@@ -68,14 +68,51 @@ pub enum Place {
     Initial { first: bool, last: bool },
 }
 
-/// A chunk read from the table, waiting for its high watermark.
+/// A chunk read from the table, waiting for its high watermark: each row's key and its
+/// event, made by the reader (off the stream's loop, on as many threads as readers).
 pub struct Chunk {
-    pub table: Arc<CapturedTable>,
+    /// `schema.table` (`outboxd_snapshot_rows_total{table}`).
+    pub table: String,
     /// Relation OID.
     pub oid: u32,
-    /// Rows in the table's column order (`table`'s), as text.
-    pub rows: Vec<Vec<Column>>,
-    pub place: Place,
+    pub rows: Vec<(Key, Outcome)>,
+}
+
+impl Place {
+    /// `source.snapshot` of row `i` of `n` read.
+    pub fn marker(self, i: usize, n: usize) -> &'static str {
+        match self {
+            Place::Incremental => "incremental",
+            Place::Initial { first: true, .. } if i == 0 => "first_in_data_collection",
+            Place::Initial { last: true, .. } if i + 1 == n => "last_in_data_collection",
+            Place::Initial { .. } => "true",
+        }
+    }
+}
+
+/// The chunk of `rows` read from `table` at `lsn` (its low watermark), its events made.
+pub fn chunk(
+    cfg: &CdcConfig,
+    table: &CapturedTable,
+    oid: u32,
+    rows: Vec<Vec<Column>>,
+    lsn: u64,
+    place: Place,
+) -> Chunk {
+    let n = rows.len();
+    let rows = rows
+        .iter()
+        .enumerate()
+        .map(|(i, row)| {
+            let event = table.read(cfg, row, lsn, i, place.marker(i, n));
+            (table.key_of(row), event)
+        })
+        .collect();
+    Chunk {
+        table: table.name().to_string(),
+        oid,
+        rows,
+    }
 }
 
 /// What the snapshot runner and the stream share: chunks read and not yet emitted, and the
@@ -172,7 +209,7 @@ impl Windows {
     }
 
     /// A watermark at `lsn`: the rows of a chunk whose window it closes, else nothing.
-    pub fn mark(&mut self, cfg: &CdcConfig, content: &[u8], lsn: u64) -> Vec<Outcome> {
+    pub fn mark(&mut self, content: &[u8], lsn: u64) -> Vec<Outcome> {
         let Some(board) = &self.board else {
             return Vec::new();
         };
@@ -210,26 +247,14 @@ impl Windows {
             );
             return Vec::new();
         };
-        let rows = chunk
+        let out: Vec<Outcome> = chunk
             .rows
-            .iter()
-            .filter(|row| !window.truncated && !window.keys.contains(&chunk.table.key_of(row)))
-            .collect::<Vec<_>>();
-        let n = rows.len();
-        let out = rows
             .into_iter()
-            .enumerate()
-            .map(|(i, row)| {
-                let place = match chunk.place {
-                    Place::Incremental => "incremental",
-                    Place::Initial { first: true, .. } if i == 0 => "first_in_data_collection",
-                    Place::Initial { last: true, .. } if i + 1 == n => "last_in_data_collection",
-                    Place::Initial { .. } => "true",
-                };
-                chunk.table.read(cfg, row, lsn, i, place)
-            })
+            .filter(|(key, _)| !window.truncated && !window.keys.contains(key))
+            .map(|(_, event)| event)
             .collect();
-        metrics::counter!(crate::metrics::SNAPSHOT_ROWS, "table" => chunk.table.name().to_string())
+        let n = out.len();
+        metrics::counter!(crate::metrics::SNAPSHOT_ROWS, "table" => chunk.table)
             .increment(n as u64);
         board.done(mark.chunk, lsn, n);
         out
