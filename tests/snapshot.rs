@@ -664,3 +664,38 @@ async fn verify_table_names_every_key_whose_topic_state_differs_and_passes_once_
     let (code, out) = verify_table(&config, "public.items");
     assert_eq!(code, 0, "{out}");
 }
+
+/// `mode = "initial_only"`: the relay snapshots every captured table, then exits 0 by
+/// itself once every row is acknowledged — and the topics equal the tables.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn initial_only_exits_0_once_every_table_is_snapshotted_and_acknowledged() {
+    let db = TestDb::new("snaponly").await;
+    items_table(&db, 5_000).await;
+    db.client()
+        .await
+        .batch_execute("CREATE TABLE tags (k text PRIMARY KEY, v int); INSERT INTO tags SELECT 'tag-' || g, g FROM generate_series(1, 300) g")
+        .await
+        .unwrap();
+    let config = config(
+        &db,
+        &["public.items", "public.tags"],
+        "mode = \"initial_only\"",
+    );
+    migrate(&config);
+    let mut relay = Relay::start(&config);
+    let status = relay.wait_exit(Duration::from_secs(120));
+    assert!(status.success(), "{status}; log:\n{}", relay.log_text());
+    assert!(relay
+        .log_text()
+        .contains("initial_only: every snapshot is done"));
+    for table in ["public.items", "public.tags"] {
+        assert_eq!(snapshot_state(&db, table).await.unwrap().0, "done");
+        let (code, out) = verify_table(&config, table);
+        assert_eq!(code, 0, "{table}: {out}");
+    }
+    let (_, out) = verify_table(&config, "public.tags");
+    assert!(
+        out.contains("300 rows") && out.contains("300 keys"),
+        "{out}"
+    );
+}
