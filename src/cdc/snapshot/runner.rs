@@ -96,6 +96,13 @@ impl Runner {
     }
 
     async fn table(&mut self, client: &Client, mut job: Job) -> Result<Ended> {
+        if !self.cfg.captures(&job.schema, &job.table) {
+            // Its rows would go to a topic nothing streams to any more.
+            return Err(Error::setup(
+                format!("table {} is not captured any more (cdc.tables)", job.name()),
+                "capture it again, or ignore this snapshot",
+            ));
+        }
         let plan = Plan::load(
             client,
             &self.cfg,
