@@ -323,27 +323,35 @@ start_kafka() {
 # for DNS:localhost from a throwaway CA in DIR/certs: ca.pem, other-ca.pem). DIR/bootstrap
 # holds the plaintext address, DIR/sasl_bootstrap the SASL_SSL one.
 start_kafka_sasl() {
-  local dir=$1 user=$2 password=$3 port ctl sasl ks_pass
-  port=$(free_port)
-  ctl=$(free_port)
-  sasl=$(free_port)
+  local dir=$1 user=$2 password=$3 port ctl sasl ks_pass attempt
   make_certs "$dir/certs"
   ks_pass=$(new_cluster_id)
   openssl pkcs12 -export -in "$dir/certs/server.pem" -inkey "$dir/certs/server.key" \
     -name localhost -out "$dir/certs/server.p12" -passout "pass:$ks_pass" 2>>"$dir/certs/openssl.log"
-  kafka_node_config "$dir" 1 "$port" "$ctl" "1@127.0.0.1:$ctl" 1 \
-    "listeners=PLAINTEXT://127.0.0.1:$port,CONTROLLER://127.0.0.1:$ctl,SASL_SSL://localhost:$sasl" \
-    "advertised.listeners=PLAINTEXT://127.0.0.1:$port,SASL_SSL://localhost:$sasl" \
-    "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,SASL_SSL:SASL_SSL" \
-    "sasl.enabled.mechanisms=SCRAM-SHA-256" \
-    "listener.name.sasl_ssl.scram-sha-256.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;" \
-    "ssl.keystore.type=PKCS12" "ssl.keystore.location=$dir/certs/server.p12" \
-    "ssl.keystore.password=$ks_pass" "ssl.key.password=$ks_pass"
-  kafka_format "$dir" "$(new_cluster_id)" --add-scram "SCRAM-SHA-256=[name=$user,password=$password]"
-  log "starting Apache Kafka $KAFKA_VERSION on 127.0.0.1:$port, SASL_SSL on localhost:$sasl"
-  kafka_launch "$dir"
-  kafka_wait "$dir"
-  echo "localhost:$sasl" >"$dir/sasl_bootstrap"
+  # Another test's listener may take a port between the choice and the bind: as start_kafka.
+  for attempt in 1 2 3; do
+    port=$(free_port)
+    ctl=$(free_port)
+    sasl=$(free_port)
+    rm -rf "$dir/kafka-data" "$dir/kafka.log"
+    kafka_node_config "$dir" 1 "$port" "$ctl" "1@127.0.0.1:$ctl" 1 \
+      "listeners=PLAINTEXT://127.0.0.1:$port,CONTROLLER://127.0.0.1:$ctl,SASL_SSL://localhost:$sasl" \
+      "advertised.listeners=PLAINTEXT://127.0.0.1:$port,SASL_SSL://localhost:$sasl" \
+      "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,SASL_SSL:SASL_SSL" \
+      "sasl.enabled.mechanisms=SCRAM-SHA-256" \
+      "listener.name.sasl_ssl.scram-sha-256.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;" \
+      "ssl.keystore.type=PKCS12" "ssl.keystore.location=$dir/certs/server.p12" \
+      "ssl.keystore.password=$ks_pass" "ssl.key.password=$ks_pass"
+    kafka_format "$dir" "$(new_cluster_id)" --add-scram "SCRAM-SHA-256=[name=$user,password=$password]"
+    log "starting Apache Kafka $KAFKA_VERSION on 127.0.0.1:$port, SASL_SSL on localhost:$sasl"
+    kafka_launch "$dir"
+    if KAFKA_RETRY_BIND=1 kafka_wait "$dir"; then
+      echo "localhost:$sasl" >"$dir/sasl_bootstrap"
+      return 0
+    fi
+    log "a port was taken before Kafka bound it; picking others (attempt $attempt of 3)"
+  done
+  exit 1
 }
 
 # start_kafka_cluster DIR N [PROPERTY=VALUE...]: N combined broker+controller nodes in
