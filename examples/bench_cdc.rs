@@ -271,27 +271,15 @@ async fn main() -> anyhow::Result<()> {
 
 /// Debezium's connector on the bench table, its JSON converter without schemas.
 fn debezium(dir: &Path, brokers: &str, port: &str, db: &str) -> anyhow::Result<Relay> {
-    let properties: Vec<String> = [
-        format!("database.port={port}"),
-        format!("database.dbname={db}"),
-        format!("slot.name={db}_dbz"),
-        format!("publication.name={db}_dbz"),
-        format!("topic.prefix={db}"),
-    ]
-    .into_iter()
-    .chain(
-        [
+    let properties = relay::debezium_properties(
+        port,
+        db,
+        &[
             "transforms=",
             "table.include.list=public.bench_cdc",
             "tombstones.on.delete=true",
-            "key.converter=org.apache.kafka.connect.json.JsonConverter",
-            "key.converter.schemas.enable=false",
-            "value.converter=org.apache.kafka.connect.json.JsonConverter",
-            "value.converter.schemas.enable=false",
-        ]
-        .map(String::from),
-    )
-    .collect();
+        ],
+    );
     Relay::debezium(dir, brokers, &properties)
 }
 

@@ -116,28 +116,17 @@ async fn main() -> anyhow::Result<()> {
                 Kind::Initial => "initial",
                 Kind::Incremental => "no_data",
             };
-            let properties: Vec<String> = [
-                format!("database.port={port}"),
-                format!("database.dbname={db}"),
-                format!("slot.name={db}_dbz"),
-                format!("publication.name={db}_dbz"),
-                format!("topic.prefix={db}"),
-                format!("snapshot.mode={snapshot}"),
-            ]
-            .into_iter()
-            .chain(
-                [
+            let mode = format!("snapshot.mode={snapshot}");
+            let properties = relay::debezium_properties(
+                &port,
+                &db,
+                &[
+                    &mode,
                     "transforms=",
                     "table.include.list=public.bench_snap,public.debezium_signal",
                     "signal.data.collection=public.debezium_signal",
-                    "key.converter=org.apache.kafka.connect.json.JsonConverter",
-                    "key.converter.schemas.enable=false",
-                    "value.converter=org.apache.kafka.connect.json.JsonConverter",
-                    "value.converter.schemas.enable=false",
-                ]
-                .map(String::from),
-            )
-            .collect();
+                ],
+            );
             Relay::debezium(&dir.join("debezium"), &brokers, &properties)?
         }
     };

@@ -25,26 +25,6 @@ fn read_n(brokers: &str, topics: &[String], n: usize) -> Vec<Received> {
     )
 }
 
-/// Waits until the relay's slot is active (it streams).
-async fn streaming(db: &TestDb) {
-    let client = db.client().await;
-    let slot = db.slot().to_string();
-    eventually(Duration::from_secs(30), "the relay's slot is active", || {
-        let (client, slot) = (&client, &slot);
-        async move {
-            client
-                .query_one(
-                    "SELECT coalesce(bool_or(active), false) FROM pg_replication_slots WHERE slot_name = $1",
-                    &[slot],
-                )
-                .await
-                .unwrap()
-                .get::<_, bool>(0)
-        }
-    })
-    .await;
-}
-
 fn value(r: &Received) -> Value {
     serde_json::from_str(
         r.payload
@@ -93,7 +73,7 @@ async fn every_row_change_arrives_as_a_change_event_with_its_key_and_before_imag
     migrate(&config);
     let _relay = Relay::start(&config);
     // The relay is streaming once its slot is active.
-    streaming(&db).await;
+    db.streaming().await;
     for sql in [
         "INSERT INTO customers VALUES (1, 'ada', 'secret-1', 1)",
         "INSERT INTO customers VALUES (2, 'bob', 'secret-2', 1)",
@@ -230,7 +210,7 @@ async fn an_unchanged_toasted_value_is_never_a_silent_null() {
         let config = cdc_config(&db, &["public.docs"], &format!("toast = \"{mode}\""));
         migrate(&config);
         let _relay = Relay::start(&config);
-        streaming(&db).await;
+        db.streaming().await;
         // ~64 kB of incompressible text: stored out of line.
         client
             .batch_execute(
@@ -282,7 +262,7 @@ async fn a_column_added_or_dropped_mid_stream_changes_the_events_from_that_chang
     let config = cdc_config(&db, &["public.items"], "");
     migrate(&config);
     let _relay = Relay::start(&config);
-    streaming(&db).await;
+    db.streaming().await;
     client
         .batch_execute(
             "INSERT INTO items VALUES (1, 'a1', 'b1');
@@ -357,7 +337,7 @@ async fn a_captured_table_without_a_key_or_out_of_the_publication_stops_the_rela
         .await
         .unwrap();
     let mut relay = Relay::start(&config);
-    streaming(&db).await;
+    db.streaming().await;
     relay.assert_running();
     client
         .batch_execute("ALTER PUBLICATION outboxd DROP TABLE keyed; INSERT INTO keyed VALUES (1)")
@@ -391,7 +371,7 @@ async fn types_without_a_debezium_mapping_arrive_as_their_text() {
     let config = cdc_config(&db, &["public.odd"], "");
     migrate(&config);
     let _relay = Relay::start(&config);
-    streaming(&db).await;
+    db.streaming().await;
     client
         .batch_execute(
             "INSERT INTO odd VALUES (1, '((0,0),(1,1))', ROW(1, 'x y'), 'nm', '{\"[1,2)\",NULL}', '{a,b}', '{1,-1,0}')",
@@ -676,7 +656,7 @@ async fn a_captured_table_recreated_or_row_filtered_stops_the_relay() {
     let config = cdc_config(&db, &["public.t1", "public.t2"], "");
     migrate(&config);
     let mut relay = Relay::start(&config);
-    streaming(&db).await;
+    db.streaming().await;
     relay.assert_running();
     client
         .batch_execute(
@@ -695,7 +675,7 @@ async fn a_captured_table_recreated_or_row_filtered_stops_the_relay() {
 
     // A fresh start accepts the new table; then a row filter on t2 stops the relay.
     let mut relay = Relay::start(&config);
-    streaming(&db).await;
+    db.streaming().await;
     client
         .batch_execute("ALTER PUBLICATION outboxd SET TABLE outbox, t1, t2 WHERE (id > 10)")
         .await
@@ -745,7 +725,7 @@ async fn an_identity_index_is_the_key_and_a_keyless_table_is_captured_for_insert
     let config = cdc_config(&db, &["public.users"], "tombstones_on_delete = false");
     migrate(&config);
     let _relay = Relay::start(&config);
-    streaming(&db).await;
+    db.streaming().await;
     client
         .batch_execute("INSERT INTO users VALUES ('a@x', 'ada'); DELETE FROM users;")
         .await
@@ -777,7 +757,7 @@ async fn an_identity_index_is_the_key_and_a_keyless_table_is_captured_for_insert
     );
     migrate(&config);
     let _relay = Relay::start(&config);
-    streaming(&db).await;
+    db.streaming().await;
     client
         .batch_execute("INSERT INTO log VALUES ('hello'); INSERT INTO log VALUES ('bye');")
         .await
@@ -813,7 +793,7 @@ async fn columns_added_and_dropped_under_concurrent_writers_never_shift_an_event
     let config = cdc_config(&db, &["public.evolve"], "");
     migrate(&config);
     let _relay = Relay::start(&config);
-    streaming(&db).await;
+    db.streaming().await;
     let written = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut writers = Vec::new();
@@ -927,7 +907,7 @@ async fn every_committed_change_survives_a_postgresql_crash_restart() {
     let config = cdc_config(&db, &["public.accounts"], "");
     migrate(&config);
     let mut relay = Relay::start(&config);
-    streaming(&db).await;
+    db.streaming().await;
     let (mut committed, mut rolled_back) = cdc_writer(&db, Duration::from_secs(5), 0xc1a5).await;
     cluster.crash_restart();
     // The second writer's versions must not repeat the first's.
@@ -996,7 +976,7 @@ async fn two_pipelines_split_the_tables_and_a_cdc_only_one_needs_no_outbox() {
     );
     let _a = Relay::start(&one);
     let _b = Relay::start(&two);
-    streaming(&db).await;
+    db.streaming().await;
     client
         .batch_execute(
             "INSERT INTO orders VALUES (1), (2); INSERT INTO users VALUES (10);
@@ -1051,7 +1031,7 @@ async fn every_committed_change_survives_a_broker_outage() {
         .unwrap();
     migrate(&config);
     let mut relay = Relay::start(&config);
-    streaming(&db).await;
+    db.streaming().await;
     let writer = {
         let db = TestDb {
             name: db.name.clone(),

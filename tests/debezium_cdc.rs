@@ -203,18 +203,7 @@ async fn same_change_events_as_debezium(
         .collect::<Vec<_>>(),
     );
     let _relay = Relay::start(&config);
-    eventually(Duration::from_secs(30), "outboxd streams", || {
-        let client = &client;
-        let slot = db.slot().to_string();
-        async move {
-            client
-                .query_one("SELECT coalesce(bool_or(active), false) FROM pg_replication_slots WHERE slot_name = $1", &[&slot])
-                .await
-                .unwrap()
-                .get::<_, bool>(0)
-        }
-    })
-    .await;
+    db.streaming().await;
     for sql in CHANGES {
         client
             .batch_execute(sql)

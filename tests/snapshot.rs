@@ -484,17 +484,7 @@ async fn debeziums_signal_table_payloads_start_pause_resume_and_stop_an_incremen
     );
     migrate(&config);
     let _relay = Relay::start_with_env(&config, &[("OUTBOXD_LOG", "info")]);
-    eventually(Duration::from_secs(30), "the relay streams", || async {
-        let c = db.client().await;
-        c.query_one(
-            "SELECT coalesce(bool_or(active), false) FROM pg_replication_slots WHERE slot_name = $1",
-            &[&db.slot()],
-        )
-        .await
-        .unwrap()
-        .get::<_, bool>(0)
-    })
-    .await;
+    db.streaming().await;
     // mode = "never": nothing is snapshotted unasked.
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(snapshot_state(&db, "public.items").await.is_none());

@@ -12,6 +12,33 @@ pub enum Relay {
     Debezium(u32),
 }
 
+/// The connector properties every benchmark gives Debezium's PostgreSQL connector: the
+/// database, its own slot and publication, the topic prefix, and Kafka Connect's JSON
+/// converter without schemas; `extra` comes after (a later property wins).
+#[allow(dead_code)]
+pub fn debezium_properties(port: &str, db: &str, extra: &[&str]) -> Vec<String> {
+    [
+        format!("database.port={port}"),
+        format!("database.dbname={db}"),
+        format!("slot.name={db}_dbz"),
+        format!("publication.name={db}_dbz"),
+        format!("topic.prefix={db}"),
+    ]
+    .into_iter()
+    .chain(
+        [
+            "key.converter=org.apache.kafka.connect.json.JsonConverter",
+            "key.converter.schemas.enable=false",
+            "value.converter=org.apache.kafka.connect.json.JsonConverter",
+            "value.converter.schemas.enable=false",
+        ]
+        .into_iter()
+        .chain(extra.iter().copied())
+        .map(String::from),
+    )
+    .collect()
+}
+
 impl Relay {
     /// Debezium in `dir` (`bench/debezium/debezium.sh start`) with these connector
     /// properties; returns once it streams.

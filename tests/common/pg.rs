@@ -81,6 +81,27 @@ impl TestDb {
         path
     }
 
+    /// Waits (30 s at most) until the relay's slot is active: it streams, and a change
+    /// committed from now on is published.
+    pub async fn streaming(&self) {
+        let client = self.client().await;
+        let slot = self.slot().to_string();
+        super::eventually(Duration::from_secs(30), "the relay's slot is active", || {
+            let (client, slot) = (&client, &slot);
+            async move {
+                client
+                    .query_one(
+                        "SELECT coalesce(bool_or(active), false) FROM pg_replication_slots WHERE slot_name = $1",
+                        &[slot],
+                    )
+                    .await
+                    .unwrap()
+                    .get::<_, bool>(0)
+            }
+        })
+        .await;
+    }
+
     /// The slot's confirmed_flush_lsn as a number.
     pub async fn confirmed_lsn(&self) -> u64 {
         let c = self.client().await;

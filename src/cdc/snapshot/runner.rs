@@ -187,15 +187,14 @@ impl Runner {
                 first = false;
                 tracing::debug!(table = %job.name(), chunk = id, lo = ?lo, hi = ?hi, "snapshot chunk handed out");
                 pending.insert(id, (hi.clone(), None));
-                let (plan, board, from) = (plan.clone(), self.board.clone(), lo.clone());
-                let cdc = self.cfg.cdc.clone();
+                let from = lo.replace(hi.clone());
+                let (plan, board, cdc) = (plan.clone(), self.board.clone(), self.cfg.cdc.clone());
                 reading.spawn(async move {
                     let n = plan
                         .read(&cdc, &reader, &board, id, from.as_deref(), &hi, place)
                         .await?;
                     Ok((reader, id, n))
                 });
-                lo = Some(hi_of(&pending, id));
             }
             if pending.is_empty() {
                 break;
@@ -276,10 +275,6 @@ const AHEAD_PER_READER: usize = 4;
 /// Chunks emitted and not yet confirmed past (their keys only are kept): a confirmation
 /// that stalls this long stops the reading.
 const MAX_UNCONFIRMED: usize = 10_000;
-
-fn hi_of(pending: &BTreeMap<u64, (Vec<String>, Option<usize>)>, id: u64) -> Vec<String> {
-    pending.get(&id).map(|p| p.0.clone()).unwrap_or_default()
-}
 
 fn log_progress(job: &Job, rows_at_start: i64, elapsed: Duration) {
     let rate = (job.rows_done - rows_at_start) as f64 / elapsed.as_secs_f64().max(0.001);
