@@ -177,6 +177,7 @@ pub async fn verify(cfg: &Config, sel: &Selection) -> Result<Verification> {
         let topic = match (router.route(event), cfg.sink) {
             (Ok((record, _)), _) => record.topic,
             (Err(_), SinkKind::Nats) => cfg.nats.dead_letter_subject.clone(),
+            (Err(_), SinkKind::Sqs) => cfg.sqs.dead_letter_queue.clone(),
             (Err(_), _) => cfg.kafka.dlq_topic.clone(),
         };
         by_topic.entry(topic).or_default().push(event.id.clone());
@@ -196,6 +197,12 @@ pub async fn verify(cfg: &Config, sel: &Selection) -> Result<Verification> {
             return Err(Error::setup(
                 "verify cannot read RabbitMQ back: a queue hands each message to one consumer and removes it",
                 "check deliveries at your consumers (message_id = event id), or replay what they miss",
+            ))
+        }
+        SinkKind::Sqs => {
+            return Err(Error::setup(
+                "verify cannot read SQS back: receiving a message hides it from the queue's consumers, and only deleting removes it",
+                "check deliveries at your consumers (the `id` message attribute), or replay what they miss",
             ))
         }
     };

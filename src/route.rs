@@ -113,6 +113,7 @@ impl Router {
                 None,
                 Naming::NatsSubject,
             ),
+            SinkKind::Sqs => (parse("sqs.queue", &cfg.sqs.queue)?, None, Naming::SqsQueue),
         };
         Ok(Router {
             template,
@@ -130,6 +131,7 @@ impl Router {
                     cfg.kafka.position_topic.clone(),
                 ],
                 SinkKind::Nats => vec![cfg.nats.dead_letter_subject.clone()],
+                SinkKind::Sqs => vec![cfg.sqs.dead_letter_queue.clone()],
                 SinkKind::RabbitMq => Vec::new(),
             },
         })

@@ -102,6 +102,17 @@ pub fn valid_routing_key(name: &str) -> bool {
     name.len() <= 255
 }
 
+/// An SQS queue name: 1–80 letters, digits, `-` and `_`, the `.fifo` suffix of a FIFO queue
+/// included in the 80.
+pub fn valid_sqs_queue(name: &str) -> bool {
+    let base = name.strip_suffix(".fifo").unwrap_or(name);
+    !base.is_empty()
+        && name.len() <= 80
+        && base
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
 /// Which broker's rule a rendered destination name must follow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Naming {
@@ -109,6 +120,7 @@ pub enum Naming {
     NatsSubject,
     /// A routing key (the exchange is checked with [`valid_amqp_name`]).
     AmqpRoutingKey,
+    SqsQueue,
 }
 
 impl Naming {
@@ -123,6 +135,10 @@ impl Naming {
             Naming::AmqpRoutingKey => {
                 (valid_routing_key(name), "an AMQP routing key (≤ 255 bytes)")
             }
+            Naming::SqsQueue => (
+                valid_sqs_queue(name),
+                "an SQS queue name (1–80 of letters, digits, `-`, `_`; `.fifo` for FIFO)",
+            ),
         };
         if ok {
             Ok(())

@@ -33,6 +33,10 @@ struct RawConfig {
     #[serde(default)]
     nats: sinks::RawNats,
     #[serde(default)]
+    aws: super::aws::RawAws,
+    #[serde(default)]
+    sqs: super::aws::RawSqs,
+    #[serde(default)]
     cdc: super::cdc::RawCdc,
 }
 
@@ -294,6 +298,8 @@ impl Config {
         let keys = sinks::merge_window_keys(&mut raw.sink, &mut raw.kafka)?;
         let rabbitmq = sinks::rabbitmq(raw.rabbitmq, sink == SinkKind::RabbitMq)?;
         let nats = sinks::nats(raw.nats, sink == SinkKind::Nats)?;
+        let aws = super::aws::aws(raw.aws)?;
+        let sqs = super::aws::sqs(raw.sqs)?;
         let cdc = super::cdc::load(raw.cdc)?;
         if !outbox && !cdc.enabled() {
             return Err(invalid(
@@ -369,6 +375,8 @@ impl Config {
             sink,
             rabbitmq,
             nats,
+            aws,
+            sqs,
         })
     }
 }

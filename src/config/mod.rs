@@ -11,6 +11,7 @@
 //! Files: `load.rs` turns the file and the environment into a validated [`Config`];
 //! `redact.rs` keeps secrets out of `Debug` output and logs.
 
+mod aws;
 mod cdc;
 mod kafka;
 mod load;
@@ -18,6 +19,7 @@ mod redact;
 mod sinks;
 mod snapshot;
 
+pub use aws::{AwsConfig, SqsConfig};
 pub use cdc::{
     BinaryMode, CdcConfig, DecimalMode, HstoreMode, IntervalMode, Modes, Operations, TimeMode,
     ToastMode,
@@ -59,6 +61,9 @@ pub struct Config {
     pub sink: SinkKind,
     pub rabbitmq: RabbitMqConfig,
     pub nats: NatsConfig,
+    /// `[aws]`: shared by the AWS sinks.
+    pub aws: AwsConfig,
+    pub sqs: SqsConfig,
 }
 
 /// Which broker the relay publishes to.
@@ -67,6 +72,8 @@ pub enum SinkKind {
     Kafka,
     RabbitMq,
     Nats,
+    /// Amazon SQS (standard and FIFO queues).
+    Sqs,
 }
 
 impl SinkKind {
@@ -75,6 +82,7 @@ impl SinkKind {
             SinkKind::Kafka => "kafka",
             SinkKind::RabbitMq => "rabbitmq",
             SinkKind::Nats => "nats",
+            SinkKind::Sqs => "sqs",
         }
     }
 }

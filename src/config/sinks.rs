@@ -141,9 +141,10 @@ pub(super) fn sink_kind(sink: &RawSink) -> Result<SinkKind, ConfigError> {
         "kafka" => Ok(SinkKind::Kafka),
         "rabbitmq" => Ok(SinkKind::RabbitMq),
         "nats" => Ok(SinkKind::Nats),
+        "sqs" => Ok(SinkKind::Sqs),
         other => Err(invalid(
             "sink.kind",
-            format!("`{other}` is not one of: kafka, rabbitmq, nats"),
+            format!("`{other}` is not one of: kafka, rabbitmq, nats, sqs"),
         )),
     }
 }

@@ -9,6 +9,7 @@ use std::time::Duration;
 use super::kafka::{KafkaDelivery, KafkaSink};
 use super::nats::NatsSink;
 use super::rabbitmq::RabbitSink;
+use super::sqs::SqsSink;
 use super::{BoxDelivery, Failed, Promises, SendError, Sink};
 use crate::config::{Config, SinkKind};
 use crate::error::{Error, Result};
@@ -20,6 +21,7 @@ pub enum Broker {
     Kafka(KafkaSink),
     RabbitMq(RabbitSink),
     Nats(NatsSink),
+    Sqs(SqsSink),
 }
 
 /// The delivery future of a [`Broker`].
@@ -60,13 +62,20 @@ impl Broker {
                 let stream = cfg.nats.stream.clone();
                 Ok((Broker::Nats(sink), format!("nats, stream {stream}")))
             }
+            SinkKind::Sqs => {
+                let namespace = format!("{}.{}", cfg.postgres.schema, cfg.postgres.table);
+                let (sink, line) = SqsSink::connect(cfg, &cfg.kafka, &namespace).await?;
+                Ok((Broker::Sqs(sink), line))
+            }
         }
     }
 
     /// `outboxd replay`: republishing on purpose, past any broker-side dedup (NATS).
     pub fn replaying(&mut self) {
-        if let Broker::Nats(s) = self {
-            s.replaying();
+        match self {
+            Broker::Nats(s) => s.replaying(),
+            Broker::Sqs(s) => s.replaying(),
+            _ => {}
         }
     }
 
@@ -91,6 +100,7 @@ impl Sink for Broker {
             Broker::Kafka(s) => s.promises(),
             Broker::RabbitMq(s) => s.promises(),
             Broker::Nats(s) => s.promises(),
+            Broker::Sqs(s) => s.promises(),
         }
     }
 
@@ -99,6 +109,7 @@ impl Sink for Broker {
             Broker::Kafka(s) => Sink::flush(s, timeout),
             Broker::RabbitMq(s) => s.flush(timeout),
             Broker::Nats(s) => s.flush(timeout),
+            Broker::Sqs(s) => s.flush(timeout),
         }
     }
 
@@ -107,6 +118,7 @@ impl Sink for Broker {
             Broker::Kafka(s) => BrokerDelivery::Kafka(Sink::send(s, record).await?),
             Broker::RabbitMq(s) => BrokerDelivery::Other(s.send(record).await?),
             Broker::Nats(s) => BrokerDelivery::Other(s.send(record).await?),
+            Broker::Sqs(s) => BrokerDelivery::Other(s.send(record).await?),
         })
     }
 
@@ -115,6 +127,7 @@ impl Sink for Broker {
             Broker::Kafka(s) => Sink::ensure_topic(s, record).await,
             Broker::RabbitMq(s) => s.ensure_topic(record).await,
             Broker::Nats(s) => s.ensure_topic(record).await,
+            Broker::Sqs(s) => s.ensure_topic(record).await,
         }
     }
 
@@ -128,6 +141,7 @@ impl Sink for Broker {
             Broker::Kafka(s) => Sink::dead_letter(s, record, kind, detail).await,
             Broker::RabbitMq(s) => s.dead_letter(record, kind, detail).await,
             Broker::Nats(s) => s.dead_letter(record, kind, detail).await,
+            Broker::Sqs(s) => s.dead_letter(record, kind, detail).await,
         }
     }
 
@@ -136,6 +150,7 @@ impl Sink for Broker {
             Broker::Kafka(s) => Sink::delivery_timeout(s),
             Broker::RabbitMq(s) => s.delivery_timeout(),
             Broker::Nats(s) => s.delivery_timeout(),
+            Broker::Sqs(s) => s.delivery_timeout(),
         }
     }
 }

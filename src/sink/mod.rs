@@ -1,18 +1,22 @@
 //! Destinations. The relay drives a [`Sink`]: hand it a routed [`Record`], get a delivery
 //! future that resolves once the broker has the record (or with the refusal, classified by
-//! the sink that saw it), create destinations, dead-letter. Three implementations:
+//! the sink that saw it), create destinations, dead-letter. Four implementations:
 //! [`kafka::KafkaSink`] (its error codes are classified in [`classify`]),
 //! [`rabbitmq::RabbitSink`] (publisher confirms, mandatory) and [`nats::NatsSink`]
-//! (JetStream, `Nats-Msg-Id`); [`broker::Broker`] is the one the relay holds, chosen by
+//! (JetStream, `Nats-Msg-Id`) and [`sqs::SqsSink`] (batches through [`lanes`], signed by
+//! [`aws`]); [`broker::Broker`] is the one the relay holds, chosen by
 //! `[sink] kind`. What only Kafka does — transactions, the position topic — stays on
 //! `KafkaSink` itself.
 
+pub mod aws;
 pub mod broker;
 pub mod classify;
 pub mod kafka;
+pub mod lanes;
 pub mod nats;
 pub mod positions;
 pub mod rabbitmq;
+pub mod sqs;
 
 use std::future::Future;
 use std::pin::Pin;

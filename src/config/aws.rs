@@ -1,0 +1,123 @@
+//! `[aws]` (what every AWS sink shares: region, profile, endpoint, request limits) and
+//! `[sqs]`. Credentials are never keys of the file: they come from the SDKs' default chain
+//! (`crate::sink::aws::credentials`), so a config file holds no AWS secret.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::{invalid, ConfigError};
+use crate::topic::TopicTemplate;
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawAws {
+    region: Option<String>,
+    profile: Option<String>,
+    endpoint_url: Option<String>,
+    request_timeout_ms: Option<u64>,
+    max_concurrent_requests: Option<usize>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawSqs {
+    queue: Option<String>,
+    dead_letter_queue: Option<String>,
+    max_message_bytes: Option<usize>,
+}
+
+/// `[aws]`: shared by the AWS sinks.
+#[derive(Clone, Debug)]
+pub struct AwsConfig {
+    /// `aws.region`; when unset, `AWS_REGION`, `AWS_DEFAULT_REGION` or the profile's region
+    /// (resolved by the client, which names `aws.region` when none is found). Empty: unset.
+    pub region: String,
+    /// The shared-files profile (`AWS_PROFILE` when unset).
+    pub profile: Option<String>,
+    /// Overrides the service endpoint (`AWS_ENDPOINT_URL_<SERVICE>` / `AWS_ENDPOINT_URL`
+    /// otherwise; default `https://<service>.<region>.amazonaws.com/`).
+    pub endpoint_url: Option<String>,
+    /// One request's bound: past it the request counts as failed (the session resends).
+    pub request_timeout: Duration,
+    /// Batch requests in flight at once (lanes; one key's records share one).
+    pub max_concurrent_requests: usize,
+}
+
+/// `[sqs]`.
+#[derive(Clone, Debug)]
+pub struct SqsConfig {
+    /// Queue-name template (`{aggregatetype}`, `{type}`); a name ending in `.fifo` is a FIFO
+    /// queue (group = aggregate id, deduplication id = event id).
+    pub queue: String,
+    /// The queue poison events go to, with their reason as attributes.
+    pub dead_letter_queue: String,
+    /// A message's size limit (body and attributes): 262,144 by default; 1,048,576 where
+    /// the queue allows it.
+    pub max_message_bytes: usize,
+}
+
+pub(super) fn aws(raw: RawAws) -> Result<AwsConfig, ConfigError> {
+    let timeout = raw.request_timeout_ms.unwrap_or(10_000);
+    if !(100..=300_000).contains(&timeout) {
+        return Err(invalid(
+            "aws.request_timeout_ms",
+            "must be between 100 and 300000 milliseconds",
+        ));
+    }
+    let lanes = raw.max_concurrent_requests.unwrap_or(8);
+    if !(1..=256).contains(&lanes) {
+        return Err(invalid(
+            "aws.max_concurrent_requests",
+            "must be between 1 and 256",
+        ));
+    }
+    if let Some(e) = &raw.endpoint_url {
+        if !(e.starts_with("https://") || e.starts_with("http://")) {
+            return Err(invalid(
+                "aws.endpoint_url",
+                "must start with https:// (or http:// for a local emulator)",
+            ));
+        }
+    }
+    let region = raw.region.unwrap_or_default();
+    if !region
+        .chars()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+    {
+        return Err(invalid(
+            "aws.region",
+            format!("`{region}` is not a region name (like eu-west-1)"),
+        ));
+    }
+    Ok(AwsConfig {
+        region,
+        profile: raw.profile.filter(|p| !p.is_empty()),
+        endpoint_url: raw.endpoint_url,
+        request_timeout: Duration::from_millis(timeout),
+        max_concurrent_requests: lanes,
+    })
+}
+
+pub(super) fn sqs(raw: RawSqs) -> Result<SqsConfig, ConfigError> {
+    let queue = raw.queue.unwrap_or_else(|| "outbox-{aggregatetype}".into());
+    TopicTemplate::parse(&queue).map_err(|p| invalid("sqs.queue", p))?;
+    let dead_letter_queue = raw
+        .dead_letter_queue
+        .unwrap_or_else(|| "outboxd-dead-letter".into());
+    if let Err(p) = crate::topic::Naming::SqsQueue.check(&dead_letter_queue) {
+        return Err(invalid("sqs.dead_letter_queue", p));
+    }
+    let max = raw.max_message_bytes.unwrap_or(262_144);
+    if !(1_024..=1_048_576).contains(&max) {
+        return Err(invalid(
+            "sqs.max_message_bytes",
+            "must be between 1024 and 1048576 (SQS's largest message)",
+        ));
+    }
+    Ok(SqsConfig {
+        queue,
+        dead_letter_queue,
+        max_message_bytes: max,
+    })
+}

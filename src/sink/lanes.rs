@@ -1,0 +1,313 @@
+//! Batching for the sinks whose brokers take records in batch requests with a result per
+//! entry (SQS `SendMessageBatch`, and the same shape elsewhere): one loop, written once.
+//!
+//! ## Order, and why a batch is never all-or-nothing
+//!
+//! Records go to one of N *lanes* by a hash of (destination, key); a lane sends one batch at
+//! a time and waits for its answer, so one key's records reach the broker in sending order
+//! while N requests are in flight for different keys. A batch request answers entry by
+//! entry: some entries may be stored while others are refused, so each record's delivery
+//! resolves with its own entry's result — never with the batch's.
+//!
+//! A refusal that is not about the record itself (throttling, an internal error, no answer)
+//! *breaks* the lane: every record queued behind it in that lane fails at once without
+//! being sent, and the session ends and resends from the confirmed position. Were the lane
+//! to go on, a later record of the same key could be stored before the refused one's resend
+//! — a FIFO queue would then hold a group out of order, and its deduplication would drop the
+//! resend of the later record, not repair the order. For the same reason a batch for a
+//! destination that keeps order holds at most one record per key: were the first refused and
+//! the second stored in the same request, nothing could undo it. A refusal about the record
+//! alone (too large, invalid) does not break the lane: that record is dead-lettered and the
+//! key's later records follow it.
+//!
+//! The lanes end with the sink (their tasks are aborted on drop): a request of a session that
+//! ended cannot be answered into the next one.
+
+use std::collections::hash_map::DefaultHasher;
+use std::collections::VecDeque;
+use std::future::Future;
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+use super::{BoxDelivery, Class, Failed, Refusal, SendError};
+use crate::route::Record;
+
+/// The limits of one batch request.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_entries: usize,
+    pub max_bytes: usize,
+}
+
+/// A broker API that takes a batch of entries for one destination and answers per entry.
+pub trait BatchApi: Send + Sync + 'static {
+    type Entry: Send + 'static;
+
+    /// Sends `entries` to `dest`. `Ok` holds one result per entry, in order; `Err` is a
+    /// refusal of the whole request (every entry's outcome unknown).
+    fn send_batch(
+        &self,
+        dest: &str,
+        entries: Vec<Self::Entry>,
+    ) -> impl Future<Output = Result<Vec<Result<(), Refusal>>, Refusal>> + Send;
+}
+
+/// One record on its way: its entry, where it goes, and who waits for its result.
+struct Item<E> {
+    dest: Arc<str>,
+    /// One key per batch, for destinations that keep order.
+    key: Option<u64>,
+    entry: E,
+    bytes: usize,
+    /// The record, handed back with a refusal about it (for the dead-letter destination).
+    record: Box<Record>,
+    done: oneshot::Sender<Result<(), Failed>>,
+}
+
+/// The lanes of one sink (one session).
+pub struct Lanes<E> {
+    senders: Vec<mpsc::Sender<Item<E>>>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl<E: Send + 'static> Lanes<E> {
+    /// `n` lanes over `api`, each queueing up to `depth` records.
+    pub fn start<A: BatchApi<Entry = E>>(
+        api: Arc<A>,
+        n: usize,
+        depth: usize,
+        limits: Limits,
+    ) -> Lanes<E> {
+        let mut senders = Vec::with_capacity(n);
+        let mut tasks = Vec::with_capacity(n);
+        for _ in 0..n.max(1) {
+            let (tx, rx) = mpsc::channel(depth.max(1));
+            senders.push(tx);
+            tasks.push(tokio::spawn(run_lane(api.clone(), rx, limits)));
+        }
+        Lanes { senders, tasks }
+    }
+
+    /// Queues `entry` for `dest`; `ordered`: the destination keeps per-key order (one record
+    /// per key in a batch). The delivery resolves with the entry's own result.
+    pub fn send(
+        &self,
+        dest: Arc<str>,
+        ordered: bool,
+        record: &Record,
+        entry: E,
+        bytes: usize,
+    ) -> Result<BoxDelivery, SendError> {
+        let mut h = DefaultHasher::new();
+        dest.hash(&mut h);
+        record.key.hash(&mut h);
+        let hash = h.finish();
+        let lane = &self.senders[(hash % self.senders.len() as u64) as usize];
+        let (done, result) = oneshot::channel();
+        let item = Item {
+            dest,
+            key: ordered.then_some(hash),
+            entry,
+            bytes,
+            record: Box::new(record.clone()),
+            done,
+        };
+        lane.try_send(item).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => SendError::QueueFull,
+            mpsc::error::TrySendError::Closed(_) => SendError::Refused(lane_gone()),
+        })?;
+        Ok(Box::pin(async move {
+            result.await.unwrap_or_else(|_| {
+                Err(Failed {
+                    refusal: lane_gone(),
+                    record: None,
+                })
+            })
+        }))
+    }
+}
+
+impl<E> Drop for Lanes<E> {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+fn lane_gone() -> Refusal {
+    Refusal {
+        class: Class::Cluster,
+        code: String::new(),
+        detail: "the sink's sending task ended".into(),
+        alone: false,
+    }
+}
+
+/// Whether a refusal leaves the lane usable (it is about the record alone).
+fn breaks_lane(r: &Refusal) -> bool {
+    !matches!(r.class, Class::Record(_))
+}
+
+async fn run_lane<A: BatchApi>(
+    api: Arc<A>,
+    mut rx: mpsc::Receiver<Item<A::Entry>>,
+    limits: Limits,
+) {
+    let mut queued: VecDeque<Item<A::Entry>> = VecDeque::new();
+    let mut broken: Option<String> = None;
+    loop {
+        if queued.is_empty() {
+            match rx.recv().await {
+                Some(item) => queued.push_back(item),
+                None => return,
+            }
+        }
+        while queued.len() < limits.max_entries * 4 {
+            match rx.try_recv() {
+                Ok(item) => queued.push_back(item),
+                Err(_) => break,
+            }
+        }
+        if let Some(reason) = &broken {
+            for item in queued.drain(..) {
+                let _ = item.done.send(Err(Failed {
+                    refusal: Refusal {
+                        class: Class::Cluster,
+                        code: String::new(),
+                        detail: format!(
+                            "not sent: an earlier record of its lane failed ({reason})"
+                        ),
+                        alone: false,
+                    },
+                    record: None,
+                }));
+            }
+            continue;
+        }
+        let batch = take_batch(&mut queued, limits);
+        let Some(first) = batch.first() else { continue };
+        let dest = first.dest.clone();
+        let mut entries = Vec::with_capacity(batch.len());
+        let mut waiting = Vec::with_capacity(batch.len());
+        for item in batch {
+            entries.push(item.entry);
+            waiting.push((item.done, item.record));
+        }
+        match api.send_batch(&dest, entries).await {
+            Ok(results) => {
+                let mut results = results.into_iter();
+                for (done, record) in waiting {
+                    let result = results.next().unwrap_or_else(|| {
+                        Err(Refusal {
+                            class: Class::Cluster,
+                            code: String::new(),
+                            detail: "the broker's answer has no result for this entry".into(),
+                            alone: false,
+                        })
+                    });
+                    let result = result.map_err(|refusal| {
+                        if breaks_lane(&refusal) && broken.is_none() {
+                            broken = Some(refusal.detail.clone());
+                        }
+                        Failed {
+                            refusal,
+                            record: Some(record),
+                        }
+                    });
+                    let _ = done.send(result);
+                }
+            }
+            Err(refusal) => {
+                broken = Some(refusal.detail.clone());
+                for (done, _) in waiting {
+                    let _ = done.send(Err(Failed {
+                        refusal: refusal.clone(),
+                        record: None,
+                    }));
+                }
+            }
+        }
+    }
+}
+
+/// The longest prefix of `queued` that fits one request: one destination, the limits, and at
+/// most one record per key where order is kept. Never skips a record (order within a lane).
+fn take_batch<E>(queued: &mut VecDeque<Item<E>>, limits: Limits) -> Vec<Item<E>> {
+    let mut batch: Vec<Item<E>> = Vec::new();
+    let mut bytes = 0;
+    while let Some(next) = queued.front() {
+        if let Some(first) = batch.first() {
+            let fits = next.dest == first.dest
+                && batch.len() < limits.max_entries
+                && bytes + next.bytes <= limits.max_bytes
+                && next
+                    .key
+                    .is_none_or(|k| batch.iter().all(|b| b.key != Some(k)));
+            if !fits {
+                break;
+            }
+        }
+        let Some(item) = queued.pop_front() else {
+            break;
+        };
+        bytes += item.bytes;
+        batch.push(item);
+    }
+    batch
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn item(dest: &str, key: Option<u64>, bytes: usize) -> Item<u32> {
+        let (done, _) = oneshot::channel();
+        Item {
+            dest: dest.into(),
+            key,
+            entry: 0,
+            bytes,
+            record: Box::new(Record {
+                topic: dest.into(),
+                exchange: None,
+                binary: false,
+                key: None,
+                value: None,
+                headers: Vec::new(),
+                partition: None,
+                timestamp_ms: None,
+            }),
+            done,
+        }
+    }
+
+    #[test]
+    fn a_batch_is_one_destination_within_limits_one_record_per_ordered_key_never_skipping() {
+        let limits = Limits {
+            max_entries: 3,
+            max_bytes: 100,
+        };
+        let mut q: VecDeque<_> = [
+            item("a", Some(1), 10),
+            item("a", Some(2), 10),
+            item("a", Some(1), 10), // the same key again: the batch ends before it
+            item("a", Some(3), 10),
+        ]
+        .into();
+        assert_eq!(take_batch(&mut q, limits).len(), 2);
+        assert_eq!(q.len(), 2);
+        let mut q: VecDeque<_> = [item("a", None, 10), item("b", None, 10)].into();
+        assert_eq!(take_batch(&mut q, limits).len(), 1);
+        let mut q: VecDeque<_> = (0..5).map(|_| item("a", None, 40)).collect();
+        assert_eq!(take_batch(&mut q, limits).len(), 2, "bytes");
+        let mut q: VecDeque<_> = (0..5).map(|_| item("a", None, 1)).collect();
+        assert_eq!(take_batch(&mut q, limits).len(), 3, "entries");
+        // One record over the byte limit still goes, alone.
+        let mut q: VecDeque<_> = [item("a", None, 500), item("a", None, 1)].into();
+        assert_eq!(take_batch(&mut q, limits).len(), 1);
+    }
+}
