@@ -29,6 +29,15 @@
 #                            RabbitMQ adds an AMQPS listener (its URL in DIR/tls_url)
 #   scripts/stack.sh rabbitmq-ctl DIR ARGS...
 #                            rabbitmqctl against that RabbitMQ node (e.g. a memory alarm)
+#   scripts/stack.sh elasticmq-start DIR
+#                            ElasticMQ (an SQS-compatible server, jars from Maven Central) of
+#                            its own in DIR, messages kept in DIR (H2), port kept in DIR/port;
+#                            prints its endpoint URL (the SQS sink's tests)
+#   scripts/stack.sh moto-start DIR [AUTH]
+#                            moto's server (an AWS emulator: SQS, SNS, EventBridge, STS, IAM)
+#                            in DIR; with AUTH = 1 it checks every request's signature and
+#                            access key (INITIAL_NO_AUTH_ACTION_COUNT=3: three calls to set up a
+#                            user first); prints its endpoint URL
 #   scripts/stack.sh broker-kill DIR, broker-stop DIR [--remove]
 #                            SIGKILL / stop that server (--remove: and its directory)
 #
@@ -45,6 +54,8 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 KAFKA_VERSION=$(sed -n 's#.*<kafka.version>\(.*\)</kafka.version>.*#\1#p' "$HERE/kafka/pom.xml")
 CACHE=${OUTBOXD_CACHE:-$HOME/.cache/outboxd}
 KAFKA_LIB=$CACHE/kafka-$KAFKA_VERSION/lib
+ELASTICMQ_VERSION=$(sed -n 's#.*<elasticmq.version>\(.*\)</elasticmq.version>.*#\1#p' "$HERE/elasticmq/pom.xml")
+ELASTICMQ_LIB=$CACHE/elasticmq-$ELASTICMQ_VERSION/lib
 STACK_DIR=${OUTBOXD_STACK_DIR:-/tmp/outboxd-stack-$(id -u)}
 
 log() { echo "stack: $*" >&2; }
@@ -100,17 +111,38 @@ ensure_packages() {
   fi
 }
 
+# fetch_jars POM LIB WHAT: the runtime classpath of POM from Maven Central into LIB (once;
+# LIB/.complete marks a finished copy).
+fetch_jars() {
+  local pom=$1 lib=$2 what=$3
+  if [ -f "$lib/.complete" ]; then return 0; fi
+  log "fetching $what jars from Maven Central (cached in $lib)"
+  rm -rf "$lib"
+  mkdir -p "$lib"
+  mvn -B -q -Dstyle.color=never -f "$pom" \
+    org.apache.maven.plugins:maven-dependency-plugin:3.6.1:copy-dependencies \
+    -DincludeScope=runtime -DoutputDirectory="$lib" >&2
+}
+
 ensure_kafka() {
   if [ -f "$KAFKA_LIB/.complete" ]; then return 0; fi
-  log "fetching Apache Kafka $KAFKA_VERSION jars from Maven Central (cached in $KAFKA_LIB)"
-  rm -rf "$KAFKA_LIB"
-  mkdir -p "$KAFKA_LIB"
-  mvn -B -q -Dstyle.color=never -f "$HERE/kafka/pom.xml" \
-    org.apache.maven.plugins:maven-dependency-plugin:3.6.1:copy-dependencies \
-    -DincludeScope=runtime -DoutputDirectory="$KAFKA_LIB" >&2
+  fetch_jars "$HERE/kafka/pom.xml" "$KAFKA_LIB" "Apache Kafka $KAFKA_VERSION"
   # Without the log4j2 slf4j binding the broker logs nothing and readiness is never seen.
   ls "$KAFKA_LIB" | grep -q '^log4j-slf4j-impl' || { log "log4j-slf4j-impl missing from $KAFKA_LIB"; exit 1; }
   touch "$KAFKA_LIB/.complete"
+}
+
+ensure_elasticmq() {
+  if [ -f "$ELASTICMQ_LIB/.complete" ]; then return 0; fi
+  fetch_jars "$HERE/elasticmq/pom.xml" "$ELASTICMQ_LIB" "ElasticMQ $ELASTICMQ_VERSION"
+  touch "$ELASTICMQ_LIB/.complete"
+}
+
+# moto's server comes with the moto package (preinstalled on these machines; else PyPI).
+ensure_moto() {
+  command -v moto_server >/dev/null && return 0
+  log "installing moto[server] from PyPI"
+  python3 -m pip install --quiet 'moto[server]>=5.1' >&2
 }
 
 # free_port: a port nobody listens on, chosen at random *below* the kernel's ephemeral range
@@ -444,7 +476,7 @@ rabbitmq_ctl() {
 }
 
 start_rabbitmq() {
-  local dir=$1 certs=${2:-} name i
+  local dir=$1 certs=${2:-} name
   mkdir -p "$dir/home"
   if [ ! -f "$dir/ports" ]; then
     echo "$(free_port) $(free_port) $(free_port) $(free_port)" >"$dir/ports"
@@ -470,8 +502,8 @@ start_rabbitmq() {
     chown -R rabbitmq: "$dir"
     run=(runuser -u rabbitmq --)
   fi
-  local before n
-  before=$(rabbitmq_started "$dir/log/$name.log")
+  local before
+  before=$(count_lines "$dir/log/$name.log" 'Server startup complete')
   setsid "${run[@]}" env HOME="$dir/home" RABBITMQ_NODENAME="$name" \
     RABBITMQ_NODE_IP_ADDRESS=127.0.0.1 RABBITMQ_NODE_PORT="$amqp" \
     RABBITMQ_DIST_PORT="$dist" ERL_EPMD_PORT="$epmd" \
@@ -479,31 +511,88 @@ start_rabbitmq() {
     RABBITMQ_ENABLED_PLUGINS_FILE="$dir/enabled_plugins" RABBITMQ_CONFIG_FILE="$dir/rabbitmq.conf" \
     /usr/lib/rabbitmq/bin/rabbitmq-server </dev/null >"$dir/stdout" 2>&1 &
   echo $! >"$dir/rabbitmq.pid"
+  if ! wait_log "$dir/log/$name.log" 'Server startup complete' "$before" "$dir/rabbitmq.pid"; then
+    log "RabbitMQ did not start in $dir:"; tail -20 "$dir/stdout" >&2
+    return 1
+  fi
+  echo "amqp://guest:guest@127.0.0.1:$amqp/%2f" >"$dir/url"
+  if [ -n "$certs" ]; then echo "amqps://guest:guest@localhost:$amqps/%2f" >"$dir/tls_url"; fi
+}
+
+# count_lines FILE PATTERN: how many lines of FILE match (0 when it does not exist).
+count_lines() {
+  local n=0
+  [ -f "$1" ] && n=$(grep -c "$2" "$1" || true)
+  echo "${n:-0}"
+}
+
+# wait_log FILE PATTERN BEFORE PIDFILE: until FILE has more than BEFORE lines matching
+# PATTERN (a server appends a start line each time it starts), 30 s at most; fails at once
+# when the process in PIDFILE is gone.
+wait_log() {
+  local file=$1 pattern=$2 before=$3 pidfile=$4 i
   for i in $(seq 1 300); do
-    n=$(rabbitmq_started "$dir/log/$name.log")
-    if [ "$n" -gt "$before" ]; then
-      echo "amqp://guest:guest@127.0.0.1:$amqp/%2f" >"$dir/url"
-      if [ -n "$certs" ]; then echo "amqps://guest:guest@localhost:$amqps/%2f" >"$dir/tls_url"; fi
-      return 0
-    fi
-    kill -0 "$(cat "$dir/rabbitmq.pid")" 2>/dev/null || break
+    if [ "$(count_lines "$file" "$pattern")" -gt "$before" ]; then return 0; fi
+    kill -0 "$(cat "$pidfile")" 2>/dev/null || return 1
     sleep 0.1
   done
-  log "RabbitMQ did not start in $dir:"; tail -20 "$dir/stdout" >&2
   return 1
 }
 
-rabbitmq_started() {
-  local n=0
-  [ -f "$1" ] && n=$(grep -c 'Server startup complete' "$1" || true)
-  echo "${n:-0}"
+# start_elasticmq DIR: ElasticMQ on 127.0.0.1 and a port kept in DIR/port (a restart on the
+# same DIR listens where clients reconnect), its queues and messages in DIR (an H2 database
+# written at every commit — with H2's default write delay a SIGKILL lost what ElasticMQ had
+# acknowledged; ElasticMQ ignores SIGTERM for over 10 s, so a stop is a kill too). The
+# deduplication ids of messages already deleted do not survive a restart (SQS keeps them 5
+# minutes).
+start_elasticmq() {
+  local dir=$1 port before
+  ensure_elasticmq
+  mkdir -p "$dir"
+  [ -f "$dir/port" ] || free_port >"$dir/port"
+  port=$(cat "$dir/port")
+  cat >"$dir/elasticmq.conf" <<EOF
+include classpath("application.conf")
+node-address { protocol = http, host = "127.0.0.1", port = $port, context-path = "" }
+rest-sqs { enabled = true, bind-port = $port, bind-hostname = "127.0.0.1", sqs-limits = strict }
+rest-stats { enabled = false }
+queues-storage { enabled = true, path = "$dir/queues.conf" }
+messages-storage { enabled = true, uri = "jdbc:h2:$dir/messages;WRITE_DELAY=0" }
+aws { region = "us-east-1", accountId = "000000000000" }
+EOF
+  before=$(count_lines "$dir/elasticmq.log" 'Started SQS rest server')
+  setsid java -Xms32m -Xmx256m -XX:+UseSerialGC -XX:TieredStopAtLevel=1 \
+    -Dconfig.file="$dir/elasticmq.conf" -cp "$ELASTICMQ_LIB/*" org.elasticmq.server.Main \
+    </dev/null >>"$dir/elasticmq.log" 2>&1 &
+  echo $! >"$dir/elasticmq.pid"
+  if ! wait_log "$dir/elasticmq.log" 'Started SQS rest server' "$before" "$dir/elasticmq.pid"; then
+    log "ElasticMQ did not start in $dir:"; tail -20 "$dir/elasticmq.log" >&2
+    return 1
+  fi
+  echo "http://127.0.0.1:$port" >"$dir/url"
+}
+
+# start_moto DIR [AUTH]: moto_server on 127.0.0.1 and a port kept in DIR/port. Its state is
+# in memory (a restart forgets it).
+start_moto() {
+  local dir=$1 auth=${2:-} port
+  ensure_moto
+  mkdir -p "$dir"
+  [ -f "$dir/port" ] || free_port >"$dir/port"
+  port=$(cat "$dir/port")
+  local envs=(MOTO_OUTBOXD=1)
+  if [ "$auth" = 1 ]; then envs+=(INITIAL_NO_AUTH_ACTION_COUNT=3); fi
+  setsid env "${envs[@]}" moto_server -H 127.0.0.1 -p "$port" </dev/null >>"$dir/moto.log" 2>&1 &
+  echo $! >"$dir/moto.pid"
+  wait_port "$port" moto_server
+  echo "http://127.0.0.1:$port" >"$dir/url"
 }
 
 # stop_broker DIR SIGNAL: the process group of a NATS or RabbitMQ started above (TERM: a
 # clean stop; KILL: a crash), and, for RabbitMQ, the epmd it started on its own port.
 stop_broker() {
   local dir=$1 signal=$2 f pid i epmd
-  for f in "$dir/nats.pid" "$dir/rabbitmq.pid"; do
+  for f in "$dir/nats.pid" "$dir/rabbitmq.pid" "$dir/elasticmq.pid" "$dir/moto.pid"; do
     [ -f "$f" ] || continue
     pid=$(cat "$f")
     kill "-$signal" -- "-$pid" 2>/dev/null || true
@@ -572,7 +661,7 @@ case "${1:-}" in
   # `install debezium`: the Debezium jars too (the tests run Debezium beside outboxd; the
   # demo does not need them).
   install)
-    ensure_packages; ensure_kafka
+    ensure_packages; ensure_kafka; ensure_elasticmq; ensure_moto
     if [ "${2:-}" = debezium ]; then "$HERE/../bench/debezium/debezium.sh" fetch; fi ;;
   pg-start) start_pg "$2" "$3" "${4:-}" ;;
   pg-stop) stop_pg "$2"; rm -rf "$2" ;;
@@ -587,7 +676,9 @@ case "${1:-}" in
   nats-start) start_nats "$2" "${3:-}"; cat "$2/url" ;;
   rabbitmq-start) start_rabbitmq "$2" "${3:-}"; cat "$2/url" ;;
   rabbitmq-ctl) dir=$2; shift 2; rabbitmq_ctl "$dir" "$@" ;;
+  elasticmq-start) start_elasticmq "$2"; cat "$2/url" ;;
+  moto-start) start_moto "$2" "${3:-}"; cat "$2/url" ;;
   broker-kill) stop_broker "$2" KILL ;;
   broker-stop) stop_broker "$2" TERM; if [ "${3:-}" = --remove ]; then rm -rf "$2"; fi ;;
-  *) echo "usage: $0 up|down|env|install|pg-start DIR PORT [OPTIONS]|pg-stop DIR|pg-crash-restart DIR|tls-certs DIR|kafka-start DIR [PROP=VALUE...]|kafka-start-sasl DIR USER PASSWORD|kafka-cluster-start DIR N [PROP=VALUE...]|kafka-node-kill DIR I|kafka-node-start DIR I|kafka-stop DIR|nats-start DIR|rabbitmq-start DIR|broker-kill DIR|broker-stop DIR [--remove]" >&2; exit 2 ;;
+  *) echo "usage: $0 up|down|env|install|pg-start DIR PORT [OPTIONS]|pg-stop DIR|pg-crash-restart DIR|tls-certs DIR|kafka-start DIR [PROP=VALUE...]|kafka-start-sasl DIR USER PASSWORD|kafka-cluster-start DIR N [PROP=VALUE...]|kafka-node-kill DIR I|kafka-node-start DIR I|kafka-stop DIR|nats-start DIR|rabbitmq-start DIR|elasticmq-start DIR|moto-start DIR [AUTH]|broker-kill DIR|broker-stop DIR [--remove]" >&2; exit 2 ;;
 esac

@@ -99,12 +99,7 @@ impl Rig {
             }
             Kind::RabbitMq => rabbitmq_read(&self.broker.url, &dlq, expect, timeout, linger).await,
         };
-        got.into_iter()
-            .map(|r| {
-                let reason = r.headers.get("outboxd.dlq.reason").cloned();
-                (r.id.unwrap_or_default(), reason.unwrap_or_default())
-            })
-            .collect()
+        dead_letter_reasons(got)
     }
 
     /// Transactions of 1–6 `order` events over 30 aggregates for `secs`, one in
@@ -115,15 +110,7 @@ impl Rig {
         rollback_one_in: u64,
         seed: u64,
     ) -> tokio::task::JoinHandle<(Vec<Written>, Vec<Written>)> {
-        SteadyWriter {
-            run_for: Duration::from_secs(secs),
-            aggregates: 30,
-            max_per_txn: 6,
-            rollback_one_in,
-            pause: Duration::from_millis(2),
-            seed,
-        }
-        .spawn(&self.db)
+        SteadyWriter::sink_test(secs, rollback_one_in, seed).spawn(&self.db)
     }
 
     /// NATS drops a resend of an id within the stream's duplicate window; RabbitMQ does not.
@@ -144,21 +131,7 @@ async fn concurrent_events_arrive_in_per_aggregate_order(kind: Kind, prefix: &st
     assert_eq!(written.len(), 10_000);
     relay.assert_running();
     // Readiness is about the configured broker (it was "Kafka is not reachable" for ever).
-    let addr = http_addr(&rig.config);
-    eventually(
-        Duration::from_secs(20),
-        "/readyz 200 while publishing",
-        || {
-            let addr = addr.clone();
-            async move {
-                http_get(&addr, "/readyz")
-                    .is_some_and(|(code, body)| code == 200 && body.contains("leader, publishing"))
-            }
-        },
-    )
-    .await;
-    let (_, status) = http_get(&addr, "/status").unwrap();
-    assert!(status.contains("\"broker_reachable\":true"), "{status}");
+    assert_ready_with_the_broker_reachable(&rig.config).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

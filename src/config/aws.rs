@@ -27,8 +27,8 @@ pub(super) struct RawSqs {
     max_message_bytes: Option<usize>,
 }
 
-/// `[aws]`: shared by the AWS sinks.
-#[derive(Clone, Debug)]
+/// `[aws]`: shared by the AWS sinks (`Debug` in `redact.rs`: the endpoint may hold userinfo).
+#[derive(Clone)]
 pub struct AwsConfig {
     /// `aws.region`; when unset, `AWS_REGION`, `AWS_DEFAULT_REGION` or the profile's region
     /// (resolved by the client, which names `aws.region` when none is found). Empty: unset.
@@ -57,7 +57,9 @@ pub struct SqsConfig {
     pub max_message_bytes: usize,
 }
 
-pub(super) fn aws(raw: RawAws) -> Result<AwsConfig, ConfigError> {
+/// `used`: an AWS sink is configured, so a region must be found (`aws.region`,
+/// `AWS_REGION`, `AWS_DEFAULT_REGION`, or the profile's `region` in the shared config file).
+pub(super) fn aws(raw: RawAws, used: bool) -> Result<AwsConfig, ConfigError> {
     let timeout = raw.request_timeout_ms.unwrap_or(10_000);
     if !(100..=300_000).contains(&timeout) {
         return Err(invalid(
@@ -80,7 +82,26 @@ pub(super) fn aws(raw: RawAws) -> Result<AwsConfig, ConfigError> {
             ));
         }
     }
-    let region = raw.region.unwrap_or_default();
+    let profile = raw.profile.filter(|p| !p.is_empty());
+    let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    let region = match raw.region {
+        Some(r) => r,
+        None if used => env("AWS_REGION")
+            .or_else(|| env("AWS_DEFAULT_REGION"))
+            .or_else(|| {
+                let name = super::aws_profile::profile_name(profile.as_deref());
+                super::aws_profile::load(&name)
+                    .get("region")
+                    .map(str::to_string)
+            })
+            .ok_or_else(|| {
+                invalid(
+                    "aws.region",
+                    "missing; set it, AWS_REGION, or the profile's region (like eu-west-1)",
+                )
+            })?,
+        None => String::new(),
+    };
     if !region
         .chars()
         .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
@@ -92,7 +113,7 @@ pub(super) fn aws(raw: RawAws) -> Result<AwsConfig, ConfigError> {
     }
     Ok(AwsConfig {
         region,
-        profile: raw.profile.filter(|p| !p.is_empty()),
+        profile,
         endpoint_url: raw.endpoint_url,
         request_timeout: Duration::from_millis(timeout),
         max_concurrent_requests: lanes,

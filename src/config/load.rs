@@ -298,7 +298,7 @@ impl Config {
         let keys = sinks::merge_window_keys(&mut raw.sink, &mut raw.kafka)?;
         let rabbitmq = sinks::rabbitmq(raw.rabbitmq, sink == SinkKind::RabbitMq)?;
         let nats = sinks::nats(raw.nats, sink == SinkKind::Nats)?;
-        let aws = super::aws::aws(raw.aws)?;
+        let aws = super::aws::aws(raw.aws, sink == SinkKind::Sqs)?;
         let sqs = super::aws::sqs(raw.sqs)?;
         let cdc = super::cdc::load(raw.cdc)?;
         if !outbox && !cdc.enabled() {

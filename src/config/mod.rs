@@ -12,6 +12,7 @@
 //! `redact.rs` keeps secrets out of `Debug` output and logs.
 
 mod aws;
+pub mod aws_profile;
 mod cdc;
 mod kafka;
 mod load;
@@ -493,6 +494,8 @@ mod tests {
         assert_eq!(c.sink, d.sink);
         assert_eq!(format!("{:?}", c.rabbitmq), format!("{:?}", d.rabbitmq));
         assert_eq!(format!("{:?}", c.nats), format!("{:?}", d.nats));
+        assert_eq!(format!("{:?}", c.aws), format!("{:?}", d.aws));
+        assert_eq!(format!("{:?}", c.sqs), format!("{:?}", d.sqs));
     }
 
     #[test]

@@ -203,6 +203,23 @@ impl fmt::Debug for Config {
             .field("sink", &self.sink)
             .field("rabbitmq", &self.rabbitmq)
             .field("nats", &self.nats)
+            .field("aws", &self.aws)
+            .field("sqs", &self.sqs)
+            .finish()
+    }
+}
+
+impl fmt::Debug for super::AwsConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AwsConfig")
+            .field("region", &self.region)
+            .field("profile", &self.profile)
+            .field(
+                "endpoint_url",
+                &self.endpoint_url.as_deref().map(redact_url),
+            )
+            .field("request_timeout", &self.request_timeout)
+            .field("max_concurrent_requests", &self.max_concurrent_requests)
             .finish()
     }
 }

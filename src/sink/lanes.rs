@@ -263,6 +263,98 @@ fn take_batch<E>(queued: &mut VecDeque<Item<E>>, limits: Limits) -> Vec<Item<E>>
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::poison::PoisonKind;
+    use std::sync::Mutex;
+
+    /// An API whose answers the test scripts: per batch, the class of each entry's refusal
+    /// (`None`: stored). It records every batch it was asked to send.
+    struct Scripted {
+        answers: Mutex<VecDeque<Vec<Option<Class>>>>,
+        sent: Mutex<Vec<Vec<u32>>>,
+    }
+
+    impl BatchApi for Scripted {
+        type Entry = u32;
+        async fn send_batch(
+            &self,
+            _dest: &str,
+            entries: Vec<u32>,
+        ) -> Result<Vec<Result<(), Refusal>>, Refusal> {
+            let answer = self
+                .answers
+                .lock()
+                .map(|mut a| a.pop_front().unwrap_or_default())
+                .unwrap_or_default();
+            let results = (0..entries.len())
+                .map(|i| match answer.get(i).copied().flatten() {
+                    None => Ok(()),
+                    Some(class) => Err(Refusal {
+                        class,
+                        code: "x".into(),
+                        detail: "scripted".into(),
+                        alone: true,
+                    }),
+                })
+                .collect();
+            if let Ok(mut sent) = self.sent.lock() {
+                sent.push(entries);
+            }
+            Ok(results)
+        }
+    }
+
+    fn rec(key: &str) -> Record {
+        Record {
+            key: Some(key.into()),
+            ..item("q", None, 0).record.as_ref().clone()
+        }
+    }
+
+    /// Records 0–3 of keys a, b, a, b on one lane, in one batch (unordered) or two (ordered);
+    /// the first batch's second entry refused with `class`. Returns what each delivery
+    /// resolved to and the batches the API was asked for.
+    async fn run(class: Class) -> (Vec<bool>, Vec<Vec<u32>>) {
+        let api = Arc::new(Scripted {
+            answers: Mutex::new([vec![None, Some(class)]].into()),
+            sent: Mutex::new(Vec::new()),
+        });
+        let limits = Limits {
+            max_entries: 10,
+            max_bytes: 1000,
+        };
+        let lanes = Lanes::start(api.clone(), 1, 16, limits);
+        let mut deliveries = Vec::new();
+        for (i, key) in ["a", "b", "a", "b"].iter().enumerate() {
+            let sent = lanes.send("q".into(), true, &rec(key), i as u32, 1);
+            deliveries.push(
+                sent.map_err(|_| ())
+                    .unwrap_or_else(|()| panic!("queue full")),
+            );
+        }
+        let mut ok = Vec::new();
+        for d in deliveries {
+            ok.push(d.await.is_ok());
+        }
+        let sent = api.sent.lock().map(|s| s.clone()).unwrap_or_default();
+        (ok, sent)
+    }
+
+    #[tokio::test]
+    async fn a_refusal_not_about_the_record_stops_its_lane_before_a_later_record_of_its_key_is_sent(
+    ) {
+        let (ok, sent) = run(Class::Cluster).await;
+        // One record per key in an ordered batch: [a0, b1], then [a2, b3] — never sent, as
+        // b1 was refused: b3 stored before b1's resend would reorder key b.
+        assert_eq!(sent, vec![vec![0, 1]]);
+        assert_eq!(ok, vec![true, false, false, false]);
+    }
+
+    #[tokio::test]
+    async fn a_refusal_about_the_record_alone_leaves_its_lane_running() {
+        let (ok, sent) = run(Class::Record(PoisonKind::TooLarge)).await;
+        assert_eq!(sent, vec![vec![0, 1], vec![2, 3]]);
+        assert_eq!(ok, vec![true, false, true, true]);
+    }
 
     fn item(dest: &str, key: Option<u64>, bytes: usize) -> Item<u32> {
         let (done, _) = oneshot::channel();

@@ -27,11 +27,19 @@ impl PrivateBroker {
     /// `kind`: "nats" or "rabbitmq". With TLS: a throwaway CA in `certs` (`stack.sh tls-certs`), server certificate for
     /// `localhost`.
     pub fn start(kind: &'static str, certs: Option<&Path>) -> PrivateBroker {
+        let certs_arg = certs.map(|c| c.to_str().unwrap().to_string());
+        let extra: Vec<&str> = certs_arg.iter().map(String::as_str).collect();
+        let mut broker = Self::start_with(kind, &extra);
+        broker.ca = certs.map(|c| c.join("ca.pem"));
+        broker.certs = certs.map(Path::to_path_buf);
+        broker
+    }
+
+    /// `kind`-start with extra arguments (`moto`: `1` turns authentication on).
+    pub fn start_with(kind: &'static str, extra: &[&str]) -> PrivateBroker {
         let dir = std::env::temp_dir().join(unique(&format!("outboxd-{kind}")));
         let mut args = vec![format!("{kind}-start"), dir.to_str().unwrap().to_string()];
-        if let Some(c) = certs {
-            args.push(c.to_str().unwrap().to_string());
-        }
+        args.extend(extra.iter().map(|a| a.to_string()));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let out = stack(&args);
         let url = String::from_utf8(out.stdout).unwrap().trim().to_string();
@@ -42,9 +50,9 @@ impl PrivateBroker {
             dir,
             url,
             tls_url,
-            ca: certs.map(|c| c.join("ca.pem")),
+            ca: None,
             kind,
-            certs: certs.map(Path::to_path_buf),
+            certs: None,
         }
     }
 
@@ -78,6 +86,42 @@ impl Drop for PrivateBroker {
         let _ = Command::new(script)
             .args(["broker-stop", self.dir.to_str().unwrap(), "--remove"])
             .status();
+    }
+}
+
+/// The dead letters read back: event id → `outboxd.dlq.reason`.
+pub fn dead_letter_reasons(got: Vec<Received>) -> Vec<(String, String)> {
+    got.into_iter()
+        .map(|r| {
+            let reason = r.headers.get("outboxd.dlq.reason").cloned();
+            (r.id.unwrap_or_default(), reason.unwrap_or_default())
+        })
+        .collect()
+}
+
+/// When a reader of a queue stops: once every expected id was seen and `linger` more has
+/// passed (repeats still arriving), or at `timeout`.
+pub struct ReadUntil {
+    deadline: Instant,
+    linger: Duration,
+    linger_until: Option<Instant>,
+}
+
+impl ReadUntil {
+    pub fn new(timeout: Duration, linger: Duration) -> ReadUntil {
+        ReadUntil {
+            deadline: Instant::now() + timeout,
+            linger,
+            linger_until: None,
+        }
+    }
+
+    pub fn done(&mut self, expect: &HashSet<String>, seen: &HashSet<String>) -> bool {
+        let now = Instant::now();
+        if self.linger_until.is_none() && expect.iter().all(|id| seen.contains(id)) {
+            self.linger_until = Some(now + self.linger);
+        }
+        now >= self.linger_until.unwrap_or(self.deadline)
     }
 }
 
@@ -256,16 +300,8 @@ pub async fn rabbitmq_read(
     let ch = conn.create_channel().await.unwrap();
     let mut out = Vec::new();
     let mut seen: HashSet<String> = HashSet::new();
-    let deadline = Instant::now() + timeout;
-    let mut linger_until: Option<Instant> = None;
-    loop {
-        let now = Instant::now();
-        if linger_until.is_none() && expect.iter().all(|id| seen.contains(id)) {
-            linger_until = Some(now + linger);
-        }
-        if now >= linger_until.unwrap_or(deadline) {
-            break;
-        }
+    let mut until = ReadUntil::new(timeout, linger);
+    while !until.done(expect, &seen) {
         let got = ch
             .basic_get(queue.into(), BasicGetOptions { no_ack: true })
             .await

@@ -157,3 +157,24 @@ impl Drop for Relay {
         }
     }
 }
+
+/// Readiness is about the configured broker (it was "Kafka is not reachable" for ever with
+/// another sink): `/readyz` answers 200 "leader, publishing" within 20 s and `/status` says
+/// the broker is reachable.
+pub async fn assert_ready_with_the_broker_reachable(config: &Path) {
+    let addr = http_addr(config);
+    super::eventually(
+        Duration::from_secs(20),
+        "/readyz 200 while publishing",
+        || {
+            let addr = addr.clone();
+            async move {
+                http_get(&addr, "/readyz")
+                    .is_some_and(|(code, body)| code == 200 && body.contains("leader, publishing"))
+            }
+        },
+    )
+    .await;
+    let (_, status) = http_get(&addr, "/status").unwrap();
+    assert!(status.contains("\"broker_reachable\":true"), "{status}");
+}

@@ -167,6 +167,18 @@ pub struct SteadyWriter {
 }
 
 impl SteadyWriter {
+    /// The sink tests' writer: 30 aggregates, 1–6 events a transaction, 2 ms apart.
+    pub fn sink_test(secs: u64, rollback_one_in: u64, seed: u64) -> SteadyWriter {
+        SteadyWriter {
+            run_for: Duration::from_secs(secs),
+            aggregates: 30,
+            max_per_txn: 6,
+            rollback_one_in,
+            pause: Duration::from_millis(2),
+            seed,
+        }
+    }
+
     pub fn spawn(self, db: &TestDb) -> tokio::task::JoinHandle<(Vec<Written>, Vec<Written>)> {
         let db = db.clone();
         tokio::spawn(async move {

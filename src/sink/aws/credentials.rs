@@ -12,8 +12,8 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use super::profile::{self, Profile};
 use super::xml;
+use crate::config::aws_profile::{self as profile, Profile};
 
 /// A secret string: shown as `<redacted>`.
 #[derive(Clone, PartialEq, Eq)]
@@ -65,6 +65,8 @@ pub enum CredentialsError {
 /// Where the credentials come from.
 #[derive(Debug, Clone)]
 enum Source {
+    /// Given by the caller (tools and tests that hold their own).
+    Fixed(Credentials),
     Environment,
     Profile(Profile),
     Process {
@@ -112,9 +114,19 @@ impl Provider {
         })
     }
 
+    /// Always `creds`.
+    pub fn fixed(creds: Credentials, http: reqwest::Client) -> Provider {
+        Provider {
+            source: Source::Fixed(creds),
+            http,
+            cached: tokio::sync::Mutex::new(None),
+        }
+    }
+
     /// A short description of the source, for the start log.
     pub fn describe(&self) -> String {
         match &self.source {
+            Source::Fixed(c) => c.source.clone(),
             Source::Environment => "environment (AWS_ACCESS_KEY_ID)".into(),
             Source::Profile(p) => format!("profile {} ({})", p.name, p.files.join(", ")),
             Source::Process { profile, .. } => format!("profile {profile} credential_process"),
@@ -128,7 +140,10 @@ impl Provider {
 
     /// Whether the source hands out temporary credentials that can be fetched anew.
     pub fn refreshable(&self) -> bool {
-        !matches!(self.source, Source::Environment | Source::Profile(_))
+        !matches!(
+            self.source,
+            Source::Fixed(_) | Source::Environment | Source::Profile(_)
+        )
     }
 
     /// Current credentials: cached until five minutes before they expire.
@@ -155,6 +170,7 @@ impl Provider {
     async fn fetch(&self) -> Result<Credentials, CredentialsError> {
         let source = self.describe();
         match &self.source {
+            Source::Fixed(c) => Ok(c.clone()),
             Source::Environment => from_environment(),
             Source::Profile(p) => from_profile(p),
             Source::Process { command, .. } => from_process(command, &source).await,

@@ -16,7 +16,6 @@
 //! request (a client-side retry of a batch would reorder a FIFO group behind its successors).
 
 pub mod credentials;
-pub mod profile;
 pub mod sigv4;
 pub mod xml;
 
@@ -177,6 +176,25 @@ impl AwsClient {
         service: &'static str,
         env_name: &str,
     ) -> crate::error::Result<AwsClient> {
+        Self::build(cfg, service, env_name, None)
+    }
+
+    /// [`AwsClient::new`] with credentials of the caller's (tools, tests).
+    pub fn with_credentials(
+        cfg: &AwsConfig,
+        service: &'static str,
+        env_name: &str,
+        creds: credentials::Credentials,
+    ) -> crate::error::Result<AwsClient> {
+        Self::build(cfg, service, env_name, Some(creds))
+    }
+
+    fn build(
+        cfg: &AwsConfig,
+        service: &'static str,
+        env_name: &str,
+        fixed: Option<credentials::Credentials>,
+    ) -> crate::error::Result<AwsClient> {
         let region = resolve_region(cfg)?;
         let endpoint = endpoint(cfg, service, env_name, &region);
         let url = reqwest::Url::parse(&endpoint).map_err(|e| {
@@ -204,8 +222,11 @@ impl AwsClient {
             .tcp_keepalive(Duration::from_secs(15))
             .build()
             .map_err(|e| Error::Publish(format!("{service}: building the HTTP client: {e}")))?;
-        let credentials = Provider::discover(cfg.profile.as_deref(), &region, http.clone())
-            .map_err(credentials_error)?;
+        let credentials = match fixed {
+            Some(c) => Provider::fixed(c, http.clone()),
+            None => Provider::discover(cfg.profile.as_deref(), &region, http.clone())
+                .map_err(credentials_error)?,
+        };
         Ok(AwsClient {
             http,
             url,
@@ -339,25 +360,16 @@ pub fn endpoint_host(cfg: &AwsConfig, service: &str, env_name: &str) -> Option<S
     ))
 }
 
-/// `aws.region`, else `AWS_REGION`, `AWS_DEFAULT_REGION`, or the profile's `region`.
+/// The region configuration resolved (`crate::config` names `aws.region` when none is
+/// found); an empty one only in a config built by hand.
 fn resolve_region(cfg: &AwsConfig) -> crate::error::Result<String> {
-    if !cfg.region.is_empty() {
-        return Ok(cfg.region.clone());
+    if cfg.region.is_empty() {
+        return Err(Error::setup(
+            "aws.region is not set, nor AWS_REGION, AWS_DEFAULT_REGION or the profile's region",
+            "set aws.region (like eu-west-1) or AWS_REGION",
+        ));
     }
-    let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
-    env("AWS_REGION")
-        .or_else(|| env("AWS_DEFAULT_REGION"))
-        .or_else(|| {
-            profile::load(&profile::profile_name(cfg.profile.as_deref()))
-                .get("region")
-                .map(str::to_string)
-        })
-        .ok_or_else(|| {
-            Error::setup(
-                "aws.region is not set, nor AWS_REGION, AWS_DEFAULT_REGION or the profile's region",
-                "set aws.region (like eu-west-1) or AWS_REGION",
-            )
-        })
+    Ok(cfg.region.clone())
 }
 
 /// A credentials problem at start: exit 2, unless the source may answer later.

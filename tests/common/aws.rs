@@ -1,0 +1,140 @@
+//! AWS-compatible servers of a test's own (`scripts/stack.sh elasticmq-start` / `moto-start`)
+//! and a reader that turns what an SQS queue holds into [`Received`] records, so the
+//! assertions written for Kafka ([`assert_exactly_written`]) apply to SQS too. The reader
+//! talks through outboxd's own signed client (`outboxd::sink::aws`), with test credentials.
+
+use super::*;
+
+use outboxd::config::AwsConfig;
+use outboxd::sink::aws::credentials::{Credentials, Secret};
+use outboxd::sink::aws::AwsClient;
+use serde_json::{json, Value};
+
+/// The access key every test relay is given (ElasticMQ and moto without auth take any).
+pub const TEST_KEY_ID: &str = "AKIAOUTBOXDTEST00001";
+pub const TEST_SECRET: &str = "outboxd-test-secret-do-not-log-9f2c";
+
+/// The environment a test relay publishing to an AWS emulator runs with: the test keys, a
+/// region, and no instance metadata (a test must never reach 169.254.169.254).
+pub fn aws_env() -> Vec<(&'static str, &'static str)> {
+    vec![
+        ("AWS_ACCESS_KEY_ID", TEST_KEY_ID),
+        ("AWS_SECRET_ACCESS_KEY", TEST_SECRET),
+        ("AWS_REGION", "us-east-1"),
+        ("AWS_EC2_METADATA_DISABLED", "true"),
+    ]
+}
+
+/// A client of `service` at `endpoint` with the given keys.
+pub fn aws_client(endpoint: &str, service: &'static str, key: &str, secret: &str) -> AwsClient {
+    let cfg = AwsConfig {
+        region: "us-east-1".into(),
+        profile: None,
+        endpoint_url: Some(endpoint.to_string()),
+        request_timeout: Duration::from_secs(30),
+        max_concurrent_requests: 1,
+    };
+    let creds = Credentials {
+        access_key_id: key.into(),
+        secret_access_key: Secret::new(secret.into()),
+        session_token: None,
+        expires: None,
+        source: "test".into(),
+    };
+    AwsClient::with_credentials(&cfg, service, "TEST", creds).unwrap()
+}
+
+/// An SQS client of a test (the test keys).
+pub fn sqs_client(endpoint: &str) -> AwsClient {
+    aws_client(endpoint, "sqs", TEST_KEY_ID, TEST_SECRET)
+}
+
+/// One SQS JSON action; panics on an error answer.
+pub async fn sqs_call(client: &AwsClient, action: &str, body: Value) -> Value {
+    let answer = client
+        .json(
+            &format!("AmazonSQS.{action}"),
+            "1.0",
+            body.to_string().into_bytes(),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("sqs {action}: {e}"));
+    serde_json::from_slice(&answer).unwrap_or(Value::Null)
+}
+
+/// Creates queue `name` (FIFO if it ends in `.fifo`) and returns its URL.
+pub async fn sqs_create_queue(client: &AwsClient, name: &str) -> String {
+    let mut body = json!({ "QueueName": name });
+    if name.ends_with(".fifo") {
+        body["Attributes"] = json!({ "FifoQueue": "true" });
+    }
+    let v = sqs_call(client, "CreateQueue", body).await;
+    v["QueueUrl"].as_str().unwrap().to_string()
+}
+
+/// Receives and deletes every message of `queue_url` until each id in `expect` was seen or
+/// `timeout` passed, then `linger` more. `offset` is the receive order (a FIFO queue hands
+/// one group's messages out in order), `key` the `key` attribute.
+pub async fn sqs_read(
+    client: &AwsClient,
+    queue_url: &str,
+    expect: &HashSet<String>,
+    timeout: Duration,
+    linger: Duration,
+) -> Vec<Received> {
+    let mut out = Vec::new();
+    let mut seen: HashSet<String> = HashSet::new();
+    let mut until = ReadUntil::new(timeout, linger);
+    while !until.done(expect, &seen) {
+        let v = sqs_call(
+            client,
+            "ReceiveMessage",
+            json!({
+                "QueueUrl": queue_url,
+                "MaxNumberOfMessages": 10,
+                "WaitTimeSeconds": 1,
+                "VisibilityTimeout": 60,
+                "MessageAttributeNames": ["All"],
+            }),
+        )
+        .await;
+        let messages = v["Messages"].as_array().cloned().unwrap_or_default();
+        let mut handles = Vec::new();
+        for (i, m) in messages.iter().enumerate() {
+            let mut headers = HashMap::new();
+            if let Some(attrs) = m["MessageAttributes"].as_object() {
+                for (k, a) in attrs {
+                    if let Some(s) = a["StringValue"].as_str() {
+                        headers.insert(k.clone(), s.to_string());
+                    }
+                }
+            }
+            let id = headers.get("id").cloned();
+            if let Some(id) = &id {
+                seen.insert(id.clone());
+            }
+            let body = m["Body"].as_str().unwrap_or("").to_string();
+            out.push(Received {
+                topic: queue_url.to_string(),
+                partition: 0,
+                offset: out.len() as i64,
+                key: headers.get("key").cloned(),
+                id,
+                raw_payload: Some(body.clone().into_bytes()),
+                payload: Some(body),
+                headers,
+                timestamp_ms: None,
+            });
+            handles.push(json!({ "Id": i.to_string(), "ReceiptHandle": m["ReceiptHandle"] }));
+        }
+        if !handles.is_empty() {
+            sqs_call(
+                client,
+                "DeleteMessageBatch",
+                json!({ "QueueUrl": queue_url, "Entries": handles }),
+            )
+            .await;
+        }
+    }
+    out
+}
