@@ -1,8 +1,9 @@
-//! Backlog-drain benchmark for the RabbitMQ and NATS sinks: `--events` are committed first,
-//! then a real `outboxd run` starts; throughput is N / (relay start → the broker holds all N).
-//! "Holds" is read from the broker itself: the stream's message count (NATS), the bound
-//! queue's message count (RabbitMQ). Prints events/s, the relay's CPU seconds and peak RSS.
-//! Run it with `scripts/bench.sh --sink nats|rabbitmq`.
+//! Backlog-drain benchmark for the RabbitMQ, NATS and SQS sinks: `--events` are committed
+//! first, then a real `outboxd run` starts; throughput is N / (relay start → the broker holds
+//! all N). "Holds" is read from the broker itself: the stream's message count (NATS), the
+//! bound queue's message count (RabbitMQ), the queue's `ApproximateNumberOfMessages` (SQS,
+//! ElasticMQ). Prints events/s, the relay's CPU seconds and peak RSS.
+//! Run it with `scripts/bench.sh --sink nats|rabbitmq|sqs`.
 
 #[path = "support/proc.rs"]
 mod proc_stats;
@@ -27,6 +28,7 @@ use tokio_postgres::NoTls;
 enum SinkKind {
     Nats,
     Rabbitmq,
+    Sqs,
 }
 
 #[derive(Parser, Debug)]
@@ -46,7 +48,18 @@ struct Args {
     /// TOML appended to the sink's table, e.g. "channels = 1".
     #[arg(long, default_value = "")]
     extra_config: String,
+    /// SQS: a standard queue instead of a FIFO one.
+    #[arg(long)]
+    standard: bool,
 }
+
+/// The keys the relay and the bench give ElasticMQ (it takes any).
+const AWS_ENV: [(&str, &str); 4] = [
+    ("AWS_ACCESS_KEY_ID", "AKIAOUTBOXDBENCH0001"),
+    ("AWS_SECRET_ACCESS_KEY", "bench-secret"),
+    ("AWS_REGION", "us-east-1"),
+    ("AWS_EC2_METADATA_DISABLED", "true"),
+];
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
@@ -62,6 +75,11 @@ async fn main() -> anyhow::Result<()> {
             "[sink]\nkind = \"rabbitmq\"\n[rabbitmq]\nurl = \"{}\"\nexchange = \"{db}\"\ndead_letter_queue = \"{db}_dlq\"\n",
             args.url
         ),
+        SinkKind::Sqs => format!(
+            "[sink]\nkind = \"sqs\"\n[aws]\nregion = \"us-east-1\"\nendpoint_url = \"{}\"\n[sqs]\nqueue = \"{db}-{{aggregatetype}}{}\"\ndead_letter_queue = \"{db}-dlq\"\n",
+            args.url,
+            if args.standard { "" } else { ".fifo" }
+        ),
     };
     let config = dir.join("outboxd.toml");
     std::fs::write(
@@ -74,7 +92,11 @@ async fn main() -> anyhow::Result<()> {
     relay::migrate(&args.relay, &config)?;
     let amqp = match args.sink {
         SinkKind::Rabbitmq => Some(rabbitmq_queue(&args.url, &db).await?),
-        SinkKind::Nats => None,
+        _ => None,
+    };
+    let sqs = match args.sink {
+        SinkKind::Sqs => Some(sqs_queues(&args.url, &db, !args.standard).await?),
+        _ => None,
     };
 
     let (client, conn) = tokio_postgres::connect(&url, NoTls).await?;
@@ -105,13 +127,15 @@ async fn main() -> anyhow::Result<()> {
     let mut relay = Command::new(&args.relay)
         .args(["run", "--config"])
         .arg(&config)
+        .envs(AWS_ENV)
         .stderr(Stdio::from(log))
         .stdout(Stdio::null())
         .spawn()?;
     let pid = relay.id();
     let deadline = started + Duration::from_secs(600);
     loop {
-        let held = match (&amqp, args.sink) {
+        let held = match (&amqp, &sqs) {
+            (_, Some((client, queue))) => sqs_count(client, queue).await.unwrap_or(0),
             (Some((_, ch)), _) => ch
                 .queue_declare(
                     db.as_str().into(),
@@ -151,6 +175,81 @@ async fn main() -> anyhow::Result<()> {
         rss as f64 / 1024.0
     );
     Ok(())
+}
+
+fn sqs_client(url: &str) -> anyhow::Result<outboxd::sink::aws::AwsClient> {
+    use outboxd::sink::aws::credentials::{Credentials, Secret};
+    let cfg = outboxd::config::AwsConfig {
+        region: "us-east-1".into(),
+        profile: None,
+        endpoint_url: Some(url.to_string()),
+        request_timeout: Duration::from_secs(30),
+        max_concurrent_requests: 1,
+    };
+    let creds = Credentials {
+        access_key_id: AWS_ENV[0].1.into(),
+        secret_access_key: Secret::new(AWS_ENV[1].1.into()),
+        session_token: None,
+        expires: None,
+        source: "bench".into(),
+    };
+    Ok(outboxd::sink::aws::AwsClient::with_credentials(
+        &cfg, "sqs", "SQS", creds,
+    )?)
+}
+
+async fn sqs_action(
+    client: &outboxd::sink::aws::AwsClient,
+    action: &str,
+    body: serde_json::Value,
+) -> anyhow::Result<serde_json::Value> {
+    let answer = client
+        .json(
+            &format!("AmazonSQS.{action}"),
+            "1.0",
+            body.to_string().into_bytes(),
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("sqs {action}: {e}"))?;
+    Ok(serde_json::from_slice(&answer)?)
+}
+
+/// The bench queue `<db>-bench[.fifo]` and the dead-letter queue; returns a client and the
+/// bench queue's URL.
+async fn sqs_queues(
+    url: &str,
+    db: &str,
+    fifo: bool,
+) -> anyhow::Result<(outboxd::sink::aws::AwsClient, String)> {
+    let client = sqs_client(url)?;
+    let mut body = serde_json::json!({ "QueueName": format!("{db}-bench{}", if fifo { ".fifo" } else { "" }) });
+    if fifo {
+        body["Attributes"] = serde_json::json!({ "FifoQueue": "true" });
+    }
+    let queue = sqs_action(&client, "CreateQueue", body).await?["QueueUrl"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    sqs_action(
+        &client,
+        "CreateQueue",
+        serde_json::json!({ "QueueName": format!("{db}-dlq") }),
+    )
+    .await?;
+    Ok((client, queue))
+}
+
+async fn sqs_count(client: &outboxd::sink::aws::AwsClient, queue: &str) -> anyhow::Result<u64> {
+    let v = sqs_action(
+        client,
+        "GetQueueAttributes",
+        serde_json::json!({ "QueueUrl": queue, "AttributeNames": ["ApproximateNumberOfMessages"] }),
+    )
+    .await?;
+    Ok(v["Attributes"]["ApproximateNumberOfMessages"]
+        .as_str()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0))
 }
 
 async fn nats_count(url: &str, stream: &str) -> anyhow::Result<u64> {

@@ -10,8 +10,11 @@
 #                                                  a table of N rows (default 1,000,000)
 #                                                  snapshotted (examples/bench_snapshot.rs):
 #                                                  rows/s, CPU-s per 100k rows, peak RSS
-#   scripts/bench.sh --sink nats|rabbitmq [args]   drain a backlog into a NATS JetStream stream /
-#                                                  a RabbitMQ queue (examples/bench_sinks.rs)
+#   scripts/bench.sh --sink nats|rabbitmq|sqs [args]
+#                                                  drain a backlog into a NATS JetStream stream /
+#                                                  a RabbitMQ queue / an SQS queue of ElasticMQ
+#                                                  (examples/bench_sinks.rs; sqs: --standard for
+#                                                  a standard queue, FIFO otherwise)
 #   scripts/bench.sh --cdc [--compare debezium] [args]
 #                                                  table CDC: a 10-column table, insert/update/
 #                                                  delete mix (examples/bench_cdc.rs); the same
@@ -38,11 +41,13 @@ elif [ "${1:-}" = "--snapshot" ]; then
   shift
 fi
 if [ "${1:-}" = "--sink" ]; then
-  sink=${2:?--sink needs nats or rabbitmq}
+  sink=${2:?--sink needs nats, rabbitmq or sqs}
   shift 2
   broker_dir=$(mktemp -d /tmp/outboxd-bench-broker.XXXXXX)
   trap 'scripts/stack.sh broker-stop "$broker_dir" --remove; [ -n "${KEEP:-}" ] || scripts/stack.sh down' EXIT
-  url=$(scripts/stack.sh "$sink-start" "$broker_dir")
+  server=$sink
+  [ "$sink" = sqs ] && server=elasticmq
+  url=$(scripts/stack.sh "$server-start" "$broker_dir")
   "${CARGO_TARGET_DIR:-target}"/release/examples/bench_sinks --sink "$sink" --url "$url" "$@"
 elif [ "${1:-}" = "--compare" ]; then
   other=${2:?--compare needs a system: debezium}

@@ -29,9 +29,10 @@
 #                            RabbitMQ adds an AMQPS listener (its URL in DIR/tls_url)
 #   scripts/stack.sh rabbitmq-ctl DIR ARGS...
 #                            rabbitmqctl against that RabbitMQ node (e.g. a memory alarm)
-#   scripts/stack.sh elasticmq-start DIR
+#   scripts/stack.sh elasticmq-start DIR [memory]
 #                            ElasticMQ (an SQS-compatible server, jars from Maven Central) of
-#                            its own in DIR, messages kept in DIR (H2), port kept in DIR/port;
+#                            its own in DIR, messages kept in DIR (H2) — in memory only with
+#                            `memory` (faster; a restart loses them) — port kept in DIR/port;
 #                            prints its endpoint URL (the SQS sink's tests)
 #   scripts/stack.sh moto-start DIR [AUTH]
 #                            moto's server (an AWS emulator: SQS, SNS, EventBridge, STS, IAM)
@@ -546,18 +547,19 @@ wait_log() {
 # deduplication ids of messages already deleted do not survive a restart (SQS keeps them 5
 # minutes).
 start_elasticmq() {
-  local dir=$1 port before
+  local dir=$1 memory=${2:-} port before storage=true
   ensure_elasticmq
   mkdir -p "$dir"
   [ -f "$dir/port" ] || free_port >"$dir/port"
   port=$(cat "$dir/port")
+  [ "$memory" = memory ] && storage=false
   cat >"$dir/elasticmq.conf" <<EOF
 include classpath("application.conf")
 node-address { protocol = http, host = "127.0.0.1", port = $port, context-path = "" }
 rest-sqs { enabled = true, bind-port = $port, bind-hostname = "127.0.0.1", sqs-limits = strict }
 rest-stats { enabled = false }
-queues-storage { enabled = true, path = "$dir/queues.conf" }
-messages-storage { enabled = true, uri = "jdbc:h2:$dir/messages;WRITE_DELAY=0" }
+queues-storage { enabled = $storage, path = "$dir/queues.conf" }
+messages-storage { enabled = $storage, uri = "jdbc:h2:$dir/messages;WRITE_DELAY=0" }
 aws { region = "us-east-1", accountId = "000000000000" }
 EOF
   before=$(count_lines "$dir/elasticmq.log" 'Started SQS rest server')
@@ -676,7 +678,7 @@ case "${1:-}" in
   nats-start) start_nats "$2" "${3:-}"; cat "$2/url" ;;
   rabbitmq-start) start_rabbitmq "$2" "${3:-}"; cat "$2/url" ;;
   rabbitmq-ctl) dir=$2; shift 2; rabbitmq_ctl "$dir" "$@" ;;
-  elasticmq-start) start_elasticmq "$2"; cat "$2/url" ;;
+  elasticmq-start) start_elasticmq "$2" "${3:-}"; cat "$2/url" ;;
   moto-start) start_moto "$2" "${3:-}"; cat "$2/url" ;;
   broker-kill) stop_broker "$2" KILL ;;
   broker-stop) stop_broker "$2" TERM; if [ "${3:-}" = --remove ]; then rm -rf "$2"; fi ;;

@@ -1,7 +1,7 @@
 //! Background checks for readiness and metrics, independent of the relay's own connections:
 //! every few seconds, the slot's lag, safe WAL size and `wal_status` from
 //! `pg_replication_slots`, and whether the configured sink's broker answers: Kafka a metadata
-//! request; RabbitMQ, NATS and SQS a TCP connection to the URL's (endpoint's) first host (their credentials
+//! request; RabbitMQ, NATS, SQS and SNS a TCP connection to the URL's (endpoint's) first host (their credentials
 //! and protocol are proven by the relay's own session, which fails loudly when they do not
 //! work). Probing Kafka for another sink made `/readyz` fail for ever ("Kafka is not
 //! reachable") while the relay published — a pod that never became ready.
@@ -108,6 +108,8 @@ impl Probe {
             }
             SinkKind::Nats => first_host(&cfg.nats.url, 4222).map_or(Probe::None, Probe::Tcp),
             SinkKind::Sqs => crate::sink::aws::endpoint_host(&cfg.aws, "sqs", "SQS")
+                .map_or(Probe::None, Probe::Tcp),
+            SinkKind::Sns => crate::sink::aws::endpoint_host(&cfg.aws, "sns", "SNS")
                 .map_or(Probe::None, Probe::Tcp),
         }
     }

@@ -178,6 +178,7 @@ pub async fn verify(cfg: &Config, sel: &Selection) -> Result<Verification> {
             (Ok((record, _)), _) => record.topic,
             (Err(_), SinkKind::Nats) => cfg.nats.dead_letter_subject.clone(),
             (Err(_), SinkKind::Sqs) => cfg.sqs.dead_letter_queue.clone(),
+            (Err(_), SinkKind::Sns) => cfg.sns.dead_letter_topic_arn.clone(),
             (Err(_), _) => cfg.kafka.dlq_topic.clone(),
         };
         by_topic.entry(topic).or_default().push(event.id.clone());
@@ -197,6 +198,12 @@ pub async fn verify(cfg: &Config, sel: &Selection) -> Result<Verification> {
             return Err(Error::setup(
                 "verify cannot read RabbitMQ back: a queue hands each message to one consumer and removes it",
                 "check deliveries at your consumers (message_id = event id), or replay what they miss",
+            ))
+        }
+        SinkKind::Sns => {
+            return Err(Error::setup(
+                "verify cannot read SNS back: a topic keeps nothing, it hands each message to its subscriptions",
+                "check deliveries at the subscriptions (the `id` message attribute), or replay what they miss",
             ))
         }
         SinkKind::Sqs => {

@@ -114,6 +114,11 @@ impl Router {
                 Naming::NatsSubject,
             ),
             SinkKind::Sqs => (parse("sqs.queue", &cfg.sqs.queue)?, None, Naming::SqsQueue),
+            SinkKind::Sns => (
+                parse("sns.topic_arn", &cfg.sns.topic_arn)?,
+                None,
+                Naming::SnsTopicArn,
+            ),
         };
         Ok(Router {
             template,
@@ -132,6 +137,7 @@ impl Router {
                 ],
                 SinkKind::Nats => vec![cfg.nats.dead_letter_subject.clone()],
                 SinkKind::Sqs => vec![cfg.sqs.dead_letter_queue.clone()],
+                SinkKind::Sns => vec![cfg.sns.dead_letter_topic_arn.clone()],
                 SinkKind::RabbitMq => Vec::new(),
             },
         })

@@ -113,6 +113,26 @@ pub fn valid_sqs_queue(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
+/// An SNS topic ARN: `arn:PARTITION:sns:REGION:ACCOUNT:NAME`, the name 1–256 letters,
+/// digits, `-` and `_` (`.fifo` for a FIFO topic).
+pub fn valid_sns_topic_arn(arn: &str) -> bool {
+    let parts: Vec<&str> = arn.splitn(6, ':').collect();
+    let [arn_word, partition, service, region, account, name] = parts[..] else {
+        return false;
+    };
+    let base = name.strip_suffix(".fifo").unwrap_or(name);
+    arn_word == "arn"
+        && !partition.is_empty()
+        && service == "sns"
+        && !region.is_empty()
+        && !account.is_empty()
+        && !base.is_empty()
+        && name.len() <= 256
+        && base
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
 /// Which broker's rule a rendered destination name must follow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Naming {
@@ -121,6 +141,7 @@ pub enum Naming {
     /// A routing key (the exchange is checked with [`valid_amqp_name`]).
     AmqpRoutingKey,
     SqsQueue,
+    SnsTopicArn,
 }
 
 impl Naming {
@@ -138,6 +159,10 @@ impl Naming {
             Naming::SqsQueue => (
                 valid_sqs_queue(name),
                 "an SQS queue name (1–80 of letters, digits, `-`, `_`; `.fifo` for FIFO)",
+            ),
+            Naming::SnsTopicArn => (
+                valid_sns_topic_arn(name),
+                "an SNS topic ARN (arn:aws:sns:REGION:ACCOUNT:NAME, the name of letters, digits, `-`, `_`; `.fifo` for FIFO)",
             ),
         };
         if ok {

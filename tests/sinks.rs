@@ -228,19 +228,7 @@ async fn unroutable_event_is_dead_lettered(kind: Kind, prefix: &str, reason: &st
         assert_ne!(text, narrowed);
         std::fs::write(&rig.config, narrowed).unwrap();
     }
-    let mut client = rig.db.client().await;
-    let mut written = Vec::new();
-    for i in 0..20 {
-        let e = [("order".to_string(), format!("agg-{}", i % 5))];
-        written.extend(write_txn(&mut client, &e, false).await.unwrap());
-    }
-    let stray = write_txn(&mut client, &[("stray".into(), "agg-x".into())], false)
-        .await
-        .unwrap();
-    for i in 0..20 {
-        let e = [("order".to_string(), format!("agg-{}", i % 5))];
-        written.extend(write_txn(&mut client, &e, false).await.unwrap());
-    }
+    let (written, stray) = orders_around_a_stray(&rig.db).await;
     let mut relay = Relay::start(&rig.config);
     let received = rig.read(&ids(&written)).await;
     assert_exactly_written(&written, &received);

@@ -21,6 +21,14 @@ pub(super) struct RawAws {
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
+pub(super) struct RawSns {
+    topic_arn: Option<String>,
+    dead_letter_topic_arn: Option<String>,
+    max_message_bytes: Option<usize>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
 pub(super) struct RawSqs {
     queue: Option<String>,
     dead_letter_queue: Option<String>,
@@ -59,6 +67,57 @@ pub struct SqsConfig {
 
 /// `used`: an AWS sink is configured, so a region must be found (`aws.region`,
 /// `AWS_REGION`, `AWS_DEFAULT_REGION`, or the profile's `region` in the shared config file).
+/// `[sns]`.
+#[derive(Clone, Debug)]
+pub struct SnsConfig {
+    /// Topic-ARN template (`{aggregatetype}`, `{type}`); an ARN ending in `.fifo` is a FIFO
+    /// topic (group = aggregate id, deduplication id = event id).
+    pub topic_arn: String,
+    /// The topic poison events go to, with their reason as attributes.
+    pub dead_letter_topic_arn: String,
+    /// A message's size limit (body and attributes), at most SNS's 262,144.
+    pub max_message_bytes: usize,
+}
+
+pub(super) fn sns(raw: RawSns, used: bool) -> Result<SnsConfig, ConfigError> {
+    let missing = |key| {
+        invalid(
+            key,
+            "missing: an SNS topic ARN (arn:aws:sns:REGION:ACCOUNT:NAME)",
+        )
+    };
+    let topic_arn = match raw.topic_arn {
+        Some(t) => t,
+        None if used => return Err(missing("sns.topic_arn")),
+        None => String::new(),
+    };
+    if !topic_arn.is_empty() {
+        TopicTemplate::parse(&topic_arn).map_err(|p| invalid("sns.topic_arn", p))?;
+    }
+    let dead_letter_topic_arn = match raw.dead_letter_topic_arn {
+        Some(t) => t,
+        None if used => return Err(missing("sns.dead_letter_topic_arn")),
+        None => String::new(),
+    };
+    if used {
+        if let Err(p) = crate::topic::Naming::SnsTopicArn.check(&dead_letter_topic_arn) {
+            return Err(invalid("sns.dead_letter_topic_arn", p));
+        }
+    }
+    let max = raw.max_message_bytes.unwrap_or(262_144);
+    if !(1_024..=262_144).contains(&max) {
+        return Err(invalid(
+            "sns.max_message_bytes",
+            "must be between 1024 and 262144 (SNS's largest message)",
+        ));
+    }
+    Ok(SnsConfig {
+        topic_arn,
+        dead_letter_topic_arn,
+        max_message_bytes: max,
+    })
+}
+
 pub(super) fn aws(raw: RawAws, used: bool) -> Result<AwsConfig, ConfigError> {
     let timeout = raw.request_timeout_ms.unwrap_or(10_000);
     if !(100..=300_000).contains(&timeout) {

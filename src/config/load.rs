@@ -37,6 +37,8 @@ struct RawConfig {
     #[serde(default)]
     sqs: super::aws::RawSqs,
     #[serde(default)]
+    sns: super::aws::RawSns,
+    #[serde(default)]
     cdc: super::cdc::RawCdc,
 }
 
@@ -298,8 +300,9 @@ impl Config {
         let keys = sinks::merge_window_keys(&mut raw.sink, &mut raw.kafka)?;
         let rabbitmq = sinks::rabbitmq(raw.rabbitmq, sink == SinkKind::RabbitMq)?;
         let nats = sinks::nats(raw.nats, sink == SinkKind::Nats)?;
-        let aws = super::aws::aws(raw.aws, sink == SinkKind::Sqs)?;
+        let aws = super::aws::aws(raw.aws, matches!(sink, SinkKind::Sqs | SinkKind::Sns))?;
         let sqs = super::aws::sqs(raw.sqs)?;
+        let sns = super::aws::sns(raw.sns, sink == SinkKind::Sns)?;
         let cdc = super::cdc::load(raw.cdc)?;
         if !outbox && !cdc.enabled() {
             return Err(invalid(
@@ -377,6 +380,7 @@ impl Config {
             nats,
             aws,
             sqs,
+            sns,
         })
     }
 }

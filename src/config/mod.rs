@@ -20,7 +20,7 @@ mod redact;
 mod sinks;
 mod snapshot;
 
-pub use aws::{AwsConfig, SqsConfig};
+pub use aws::{AwsConfig, SnsConfig, SqsConfig};
 pub use cdc::{
     BinaryMode, CdcConfig, DecimalMode, HstoreMode, IntervalMode, Modes, Operations, TimeMode,
     ToastMode,
@@ -65,6 +65,7 @@ pub struct Config {
     /// `[aws]`: shared by the AWS sinks.
     pub aws: AwsConfig,
     pub sqs: SqsConfig,
+    pub sns: SnsConfig,
 }
 
 /// Which broker the relay publishes to.
@@ -75,6 +76,8 @@ pub enum SinkKind {
     Nats,
     /// Amazon SQS (standard and FIFO queues).
     Sqs,
+    /// Amazon SNS (standard and FIFO topics).
+    Sns,
 }
 
 impl SinkKind {
@@ -84,6 +87,7 @@ impl SinkKind {
             SinkKind::RabbitMq => "rabbitmq",
             SinkKind::Nats => "nats",
             SinkKind::Sqs => "sqs",
+            SinkKind::Sns => "sns",
         }
     }
 }
@@ -496,6 +500,7 @@ mod tests {
         assert_eq!(format!("{:?}", c.nats), format!("{:?}", d.nats));
         assert_eq!(format!("{:?}", c.aws), format!("{:?}", d.aws));
         assert_eq!(format!("{:?}", c.sqs), format!("{:?}", d.sqs));
+        assert_eq!(format!("{:?}", c.sns), format!("{:?}", d.sns));
     }
 
     #[test]

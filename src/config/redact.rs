@@ -205,6 +205,7 @@ impl fmt::Debug for Config {
             .field("nats", &self.nats)
             .field("aws", &self.aws)
             .field("sqs", &self.sqs)
+            .field("sns", &self.sns)
             .finish()
     }
 }

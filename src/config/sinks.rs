@@ -142,9 +142,10 @@ pub(super) fn sink_kind(sink: &RawSink) -> Result<SinkKind, ConfigError> {
         "rabbitmq" => Ok(SinkKind::RabbitMq),
         "nats" => Ok(SinkKind::Nats),
         "sqs" => Ok(SinkKind::Sqs),
+        "sns" => Ok(SinkKind::Sns),
         other => Err(invalid(
             "sink.kind",
-            format!("`{other}` is not one of: kafka, rabbitmq, nats, sqs"),
+            format!("`{other}` is not one of: kafka, rabbitmq, nats, sqs, sns"),
         )),
     }
 }

@@ -9,6 +9,7 @@ use std::time::Duration;
 use super::kafka::{KafkaDelivery, KafkaSink};
 use super::nats::NatsSink;
 use super::rabbitmq::RabbitSink;
+use super::sns::SnsSink;
 use super::sqs::SqsSink;
 use super::{BoxDelivery, Failed, Promises, SendError, Sink};
 use crate::config::{Config, SinkKind};
@@ -22,6 +23,7 @@ pub enum Broker {
     RabbitMq(RabbitSink),
     Nats(NatsSink),
     Sqs(SqsSink),
+    Sns(SnsSink),
 }
 
 /// The delivery future of a [`Broker`].
@@ -64,8 +66,13 @@ impl Broker {
             }
             SinkKind::Sqs => {
                 let namespace = format!("{}.{}", cfg.postgres.schema, cfg.postgres.table);
-                let (sink, line) = SqsSink::connect(cfg, &cfg.kafka, &namespace).await?;
+                let (sink, line) = super::sqs::connect(cfg, &cfg.kafka, &namespace).await?;
                 Ok((Broker::Sqs(sink), line))
+            }
+            SinkKind::Sns => {
+                let namespace = format!("{}.{}", cfg.postgres.schema, cfg.postgres.table);
+                let (sink, line) = super::sns::connect(cfg, &cfg.kafka, &namespace).await?;
+                Ok((Broker::Sns(sink), line))
             }
         }
     }
@@ -75,6 +82,7 @@ impl Broker {
         match self {
             Broker::Nats(s) => s.replaying(),
             Broker::Sqs(s) => s.replaying(),
+            Broker::Sns(s) => s.replaying(),
             _ => {}
         }
     }
@@ -101,6 +109,7 @@ impl Sink for Broker {
             Broker::RabbitMq(s) => s.promises(),
             Broker::Nats(s) => s.promises(),
             Broker::Sqs(s) => s.promises(),
+            Broker::Sns(s) => s.promises(),
         }
     }
 
@@ -110,6 +119,7 @@ impl Sink for Broker {
             Broker::RabbitMq(s) => s.flush(timeout),
             Broker::Nats(s) => s.flush(timeout),
             Broker::Sqs(s) => s.flush(timeout),
+            Broker::Sns(s) => s.flush(timeout),
         }
     }
 
@@ -119,6 +129,7 @@ impl Sink for Broker {
             Broker::RabbitMq(s) => BrokerDelivery::Other(s.send(record).await?),
             Broker::Nats(s) => BrokerDelivery::Other(s.send(record).await?),
             Broker::Sqs(s) => BrokerDelivery::Other(s.send(record).await?),
+            Broker::Sns(s) => BrokerDelivery::Other(s.send(record).await?),
         })
     }
 
@@ -128,6 +139,7 @@ impl Sink for Broker {
             Broker::RabbitMq(s) => s.ensure_topic(record).await,
             Broker::Nats(s) => s.ensure_topic(record).await,
             Broker::Sqs(s) => s.ensure_topic(record).await,
+            Broker::Sns(s) => s.ensure_topic(record).await,
         }
     }
 
@@ -142,6 +154,7 @@ impl Sink for Broker {
             Broker::RabbitMq(s) => s.dead_letter(record, kind, detail).await,
             Broker::Nats(s) => s.dead_letter(record, kind, detail).await,
             Broker::Sqs(s) => s.dead_letter(record, kind, detail).await,
+            Broker::Sns(s) => s.dead_letter(record, kind, detail).await,
         }
     }
 
@@ -151,6 +164,7 @@ impl Sink for Broker {
             Broker::RabbitMq(s) => s.delivery_timeout(),
             Broker::Nats(s) => s.delivery_timeout(),
             Broker::Sqs(s) => s.delivery_timeout(),
+            Broker::Sns(s) => s.delivery_timeout(),
         }
     }
 }

@@ -1,10 +1,10 @@
 //! Destinations. The relay drives a [`Sink`]: hand it a routed [`Record`], get a delivery
 //! future that resolves once the broker has the record (or with the refusal, classified by
-//! the sink that saw it), create destinations, dead-letter. Four implementations:
+//! the sink that saw it), create destinations, dead-letter. Five implementations:
 //! [`kafka::KafkaSink`] (its error codes are classified in [`classify`]),
 //! [`rabbitmq::RabbitSink`] (publisher confirms, mandatory) and [`nats::NatsSink`]
-//! (JetStream, `Nats-Msg-Id`) and [`sqs::SqsSink`] (batches through [`lanes`], signed by
-//! [`aws`]); [`broker::Broker`] is the one the relay holds, chosen by
+//! (JetStream, `Nats-Msg-Id`), [`sqs::SqsSink`] and [`sns::SnsSink`] (batches through
+//! [`lanes`], one [`aws::sink::AwsSink`] signed by [`aws`]); [`broker::Broker`] is the one the relay holds, chosen by
 //! `[sink] kind`. What only Kafka does — transactions, the position topic — stays on
 //! `KafkaSink` itself.
 
@@ -16,6 +16,7 @@ pub mod lanes;
 pub mod nats;
 pub mod positions;
 pub mod rabbitmq;
+pub mod sns;
 pub mod sqs;
 
 use std::future::Future;
@@ -94,6 +95,26 @@ impl std::fmt::Display for Promises {
             yes_no(self.transactions)
         )
     }
+}
+
+/// The record as it goes to a dead-letter destination: its headers plus
+/// `outboxd.dlq.reason`, `outboxd.dlq.topic` (where it was headed) and `outboxd.dlq.error`
+/// (`detail` on one line).
+pub fn dead_letter_record(record: &Record, kind: PoisonKind, detail: &str) -> Record {
+    let mut dlq = record.clone();
+    let one_line = detail.replace(['\r', '\n'], " ");
+    dlq.headers.extend([
+        (
+            "outboxd.dlq.reason".to_string(),
+            kind.label().as_bytes().to_vec(),
+        ),
+        (
+            "outboxd.dlq.topic".to_string(),
+            record.topic.clone().into_bytes(),
+        ),
+        ("outboxd.dlq.error".to_string(), one_line.into_bytes()),
+    ]);
+    dlq
 }
 
 /// A destination the relay publishes to.

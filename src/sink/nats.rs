@@ -482,7 +482,7 @@ impl Sink for NatsSink {
         kind: PoisonKind,
         detail: &str,
     ) -> std::result::Result<(), String> {
-        let mut dlq = record.clone();
+        let mut dlq = super::dead_letter_record(record, kind, detail);
         if kind == PoisonKind::InvalidHeaders {
             dlq.headers.retain(|(k, v)| {
                 HeaderName::try_from(k.as_str()).is_ok()
@@ -490,18 +490,6 @@ impl Sink for NatsSink {
                     && !v.contains(&b'\r')
             });
         }
-        let one_line = detail.replace(['\r', '\n'], " ");
-        dlq.headers.extend([
-            (
-                "outboxd.dlq.reason".to_string(),
-                kind.label().as_bytes().to_vec(),
-            ),
-            (
-                "outboxd.dlq.topic".to_string(),
-                record.topic.clone().into_bytes(),
-            ),
-            ("outboxd.dlq.error".to_string(), one_line.into_bytes()),
-        ]);
         let headers = self.headers(&dlq).map_err(|r| r.detail)?;
         let subject = self.cfg.dead_letter_subject.clone();
         let ack = self

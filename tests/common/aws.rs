@@ -138,3 +138,51 @@ pub async fn sqs_read(
     }
     out
 }
+
+/// One SNS query action with the test keys; the answer's XML (panics on an error).
+pub async fn sns_call(client: &AwsClient, pairs: &[(&str, &str)]) -> String {
+    let mut form = vec![("Version", "2010-03-31")];
+    form.extend_from_slice(pairs);
+    client
+        .query(&form)
+        .await
+        .unwrap_or_else(|e| panic!("sns {pairs:?}: {e}"))
+}
+
+/// Creates topic `name` (FIFO if it ends in `.fifo`) and a queue of the same kind subscribed
+/// to it with raw message delivery (the body and attributes as published); returns the
+/// topic's ARN and the queue's URL.
+pub async fn sns_topic_with_queue(endpoint: &str, name: &str) -> (String, String) {
+    let sns = aws_client(endpoint, "sns", TEST_KEY_ID, TEST_SECRET);
+    let sqs = sqs_client(endpoint);
+    let mut create = vec![("Action", "CreateTopic"), ("Name", name)];
+    if name.ends_with(".fifo") {
+        create.extend([
+            ("Attributes.entry.1.key", "FifoTopic"),
+            ("Attributes.entry.1.value", "true"),
+        ]);
+    }
+    let answer = sns_call(&sns, &create).await;
+    let arn = outboxd::sink::aws::xml::text(&answer, "TopicArn").unwrap();
+    let queue_url = sqs_create_queue(&sqs, name).await;
+    let v = sqs_call(
+        &sqs,
+        "GetQueueAttributes",
+        json!({ "QueueUrl": queue_url, "AttributeNames": ["QueueArn"] }),
+    )
+    .await;
+    let queue_arn = v["Attributes"]["QueueArn"].as_str().unwrap().to_string();
+    sns_call(
+        &sns,
+        &[
+            ("Action", "Subscribe"),
+            ("TopicArn", &arn),
+            ("Protocol", "sqs"),
+            ("Endpoint", &queue_arn),
+            ("Attributes.entry.1.key", "RawMessageDelivery"),
+            ("Attributes.entry.1.value", "true"),
+        ],
+    )
+    .await;
+    (arn, queue_url)
+}

@@ -21,6 +21,8 @@ pub struct PrivateBroker {
     pub ca: Option<PathBuf>,
     kind: &'static str,
     certs: Option<PathBuf>,
+    /// The start's extra arguments, given again on a restart.
+    extra: Vec<String>,
 }
 
 impl PrivateBroker {
@@ -53,6 +55,7 @@ impl PrivateBroker {
             ca: None,
             kind,
             certs: None,
+            extra: extra.iter().map(|a| a.to_string()).collect(),
         }
     }
 
@@ -72,9 +75,8 @@ impl PrivateBroker {
             format!("{}-start", self.kind),
             self.dir.to_str().unwrap().to_string(),
         ];
-        if let Some(c) = &self.certs {
-            args.push(c.to_str().unwrap().to_string());
-        }
+        // The start's arguments: the certificates' directory, `memory`, …
+        args.extend(self.extra.iter().cloned());
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         stack(&args);
     }

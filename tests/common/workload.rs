@@ -61,6 +61,24 @@ pub async fn setup_on_mock(
     (mock, brokers, db, config)
 }
 
+/// 20 `order` events over 5 aggregates, one `stray` event, 20 more `order` events, each in a
+/// transaction of its own; returns (the `order` events, the stray one).
+pub async fn orders_around_a_stray(db: &TestDb) -> (Vec<Written>, Vec<Written>) {
+    let mut client = db.client().await;
+    let mut written = Vec::new();
+    let orders = |i: usize| [("order".to_string(), format!("agg-{}", i % 5))];
+    for i in 0..20 {
+        written.extend(write_txn(&mut client, &orders(i), false).await.unwrap());
+    }
+    let stray = write_txn(&mut client, &[("stray".into(), "agg-x".into())], false)
+        .await
+        .unwrap();
+    for i in 0..20 {
+        written.extend(write_txn(&mut client, &orders(i), false).await.unwrap());
+    }
+    (written, stray)
+}
+
 pub fn ids(written: &[Written]) -> HashSet<String> {
     written.iter().map(|w| w.id.clone()).collect()
 }

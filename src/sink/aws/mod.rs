@@ -16,7 +16,9 @@
 //! request (a client-side retry of a batch would reorder a FIFO group behind its successors).
 
 pub mod credentials;
+pub mod message;
 pub mod sigv4;
+pub mod sink;
 pub mod xml;
 
 use std::sync::Arc;
