@@ -529,3 +529,92 @@ async fn sns_event_for_a_missing_topic_is_dead_lettered_and_the_rest_flows() {
     let rig = Rig::sns("sns_dlq", "[sink]\nmax_record_retries = 3\n").await;
     missing_destination_is_dead_lettered_and_the_rest_flows(rig).await;
 }
+
+/// The credentials chain beyond the environment, against moto's SQS and STS: a relay whose
+/// keys are in a shared credentials file under profile `relay` (`aws.profile`), and one with
+/// only a web identity token and a role (EKS IRSA's variables), exchanged at STS
+/// (`AssumeRoleWithWebIdentity`) — each says where its credentials came from and publishes
+/// every event; neither sees `AWS_ACCESS_KEY_ID`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sqs_credentials_come_from_a_profile_file_or_a_web_identity_token_exchanged_at_sts() {
+    let moto = PrivateBroker::start_with("moto", &[]);
+    let client = sqs_client(&moto.url);
+    let dir = std::env::temp_dir().join(unique("aws-files"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let credentials = dir.join("credentials");
+    std::fs::write(
+        &credentials,
+        "[default]\naws_access_key_id = AKIAWRONGPROFILE0000\n\n[relay]\n\
+         aws_access_key_id = AKIARELAYPROFILE0001\naws_secret_access_key = profile-secret\n",
+    )
+    .unwrap();
+    let token = dir.join("token");
+    std::fs::write(&token, "eyJhbGciOiJSUzI1NiJ9.e30.c2ln").unwrap();
+    let cases = [
+        (
+            "sqs_profile",
+            "[aws]\nprofile = \"relay\"\n",
+            vec![(
+                "AWS_SHARED_CREDENTIALS_FILE",
+                credentials.to_str().unwrap().to_string(),
+            )],
+            "credentials from profile relay",
+        ),
+        (
+            "sqs_irsa",
+            "",
+            vec![
+                (
+                    "AWS_WEB_IDENTITY_TOKEN_FILE",
+                    token.to_str().unwrap().to_string(),
+                ),
+                (
+                    "AWS_ROLE_ARN",
+                    "arn:aws:iam::123456789012:role/outboxd".to_string(),
+                ),
+                ("AWS_ENDPOINT_URL_STS", moto.url.clone()),
+                ("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent".to_string()),
+            ],
+            "credentials from web identity token",
+        ),
+    ];
+    for (prefix, extra, env, source) in cases {
+        let db = TestDb::new(prefix).await;
+        let queue_url = sqs_create_queue(&client, &format!("{}-order", db.name)).await;
+        sqs_create_queue(&client, &format!("{}-dlq", db.name)).await;
+        let sink = format!(
+            "[sink]\nkind = \"sqs\"\n\n[aws]\nregion = \"us-east-1\"\nendpoint_url = \"{url}\"\n\n\
+             [sqs]\nqueue = \"{db}-{{aggregatetype}}\"\ndead_letter_queue = \"{db}-dlq\"\n{extra}",
+            url = moto.url,
+            db = db.name,
+        );
+        let config = db.config(&kafka_brokers(), &sink);
+        migrate(&config);
+        create_aggregates_table(&db.client().await).await;
+        let mut env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        env.extend([
+            ("AWS_ACCESS_KEY_ID", ""),
+            ("AWS_SECRET_ACCESS_KEY", ""),
+            ("AWS_CONFIG_FILE", "/nonexistent"),
+            ("AWS_EC2_METADATA_DISABLED", "true"),
+        ]);
+        let mut relay = Relay::start_with_env(&config, &env);
+        let written = concurrent_workload(&db, 100, 2, 10, &["order"]).await;
+        let received = sqs_read(
+            &client,
+            &queue_url,
+            &ids(&written),
+            Duration::from_secs(60),
+            Duration::from_millis(500),
+        )
+        .await;
+        assert_written(&written, &received, true);
+        let log = relay.log_text();
+        assert!(
+            log.contains(source),
+            "expected `{source}` in the start line: {log}"
+        );
+        assert!(!log.contains("profile-secret"), "{log}");
+        relay.assert_running();
+    }
+}
