@@ -1,8 +1,8 @@
 //! Backlog-drain benchmark for the RabbitMQ, NATS and SQS sinks: `--events` are committed
 //! first, then a real `outboxd run` starts; throughput is N / (relay start → the broker holds
 //! all N). "Holds" is read from the broker itself: the stream's message count (NATS), the
-//! bound queue's message count (RabbitMQ), the queue's `ApproximateNumberOfMessages` (SQS,
-//! ElasticMQ). Prints events/s, the relay's CPU seconds and peak RSS.
+//! bound queue's message count (RabbitMQ), the queue's `ApproximateNumberOfMessages` (SQS on
+//! ElasticMQ; SNS on moto: the queue subscribed to the topic). Prints events/s, the relay's CPU seconds and peak RSS.
 //! Run it with `scripts/bench.sh --sink nats|rabbitmq|sqs`.
 
 #[path = "support/proc.rs"]
@@ -29,6 +29,7 @@ enum SinkKind {
     Nats,
     Rabbitmq,
     Sqs,
+    Sns,
 }
 
 #[derive(Parser, Debug)]
@@ -45,7 +46,8 @@ struct Args {
     payload_pad: usize,
     #[arg(long, default_value = "target/release/outboxd")]
     relay: PathBuf,
-    /// TOML appended to the sink's table, e.g. "channels = 1".
+    /// TOML appended to the sink's table, e.g. "channels = 1" ([aws] for SQS and SNS, e.g.
+    /// "max_concurrent_requests = 32").
     #[arg(long, default_value = "")]
     extra_config: String,
     /// SQS: a standard queue instead of a FIFO one.
@@ -76,7 +78,12 @@ async fn main() -> anyhow::Result<()> {
             args.url
         ),
         SinkKind::Sqs => format!(
-            "[sink]\nkind = \"sqs\"\n[aws]\nregion = \"us-east-1\"\nendpoint_url = \"{}\"\n[sqs]\nqueue = \"{db}-{{aggregatetype}}{}\"\ndead_letter_queue = \"{db}-dlq\"\n",
+            "[sink]\nkind = \"sqs\"\n[sqs]\nqueue = \"{db}-{{aggregatetype}}{1}\"\ndead_letter_queue = \"{db}-dlq\"\n[aws]\nregion = \"us-east-1\"\nendpoint_url = \"{0}\"\n",
+            args.url,
+            if args.standard { "" } else { ".fifo" }
+        ),
+        SinkKind::Sns => format!(
+            "[sink]\nkind = \"sns\"\n[sns]\ntopic_arn = \"arn:aws:sns:us-east-1:123456789012:{db}-{{aggregatetype}}{1}\"\ndead_letter_topic_arn = \"arn:aws:sns:us-east-1:123456789012:{db}-dlq\"\n[aws]\nregion = \"us-east-1\"\nendpoint_url = \"{0}\"\n",
             args.url,
             if args.standard { "" } else { ".fifo" }
         ),
@@ -96,6 +103,7 @@ async fn main() -> anyhow::Result<()> {
     };
     let sqs = match args.sink {
         SinkKind::Sqs => Some(sqs_queues(&args.url, &db, !args.standard).await?),
+        SinkKind::Sns => Some(sns_topics(&args.url, &db, !args.standard).await?),
         _ => None,
     };
 
@@ -178,6 +186,10 @@ async fn main() -> anyhow::Result<()> {
 }
 
 fn sqs_client(url: &str) -> anyhow::Result<outboxd::sink::aws::AwsClient> {
+    aws_client(url, "sqs")
+}
+
+fn aws_client(url: &str, service: &'static str) -> anyhow::Result<outboxd::sink::aws::AwsClient> {
     use outboxd::sink::aws::credentials::{Credentials, Secret};
     let cfg = outboxd::config::AwsConfig {
         region: "us-east-1".into(),
@@ -194,7 +206,7 @@ fn sqs_client(url: &str) -> anyhow::Result<outboxd::sink::aws::AwsClient> {
         source: "bench".into(),
     };
     Ok(outboxd::sink::aws::AwsClient::with_credentials(
-        &cfg, "sqs", "SQS", creds,
+        &cfg, service, "BENCH", creds,
     )?)
 }
 
@@ -237,6 +249,64 @@ async fn sqs_queues(
     )
     .await?;
     Ok((client, queue))
+}
+
+/// The topics `<db>-bench[.fifo]` and `<db>-dlq`, and a queue of the first's kind subscribed
+/// to it with raw delivery; returns a client and that queue's URL.
+async fn sns_topics(
+    url: &str,
+    db: &str,
+    fifo: bool,
+) -> anyhow::Result<(outboxd::sink::aws::AwsClient, String)> {
+    let (sqs, queue) = sqs_queues(url, db, fifo).await?;
+    let sns = aws_client(url, "sns")?;
+    let name = format!("{db}-bench{}", if fifo { ".fifo" } else { "" });
+    let mut create = vec![
+        ("Action", "CreateTopic"),
+        ("Version", "2010-03-31"),
+        ("Name", name.as_str()),
+    ];
+    if fifo {
+        create.extend([
+            ("Attributes.entry.1.key", "FifoTopic"),
+            ("Attributes.entry.1.value", "true"),
+        ]);
+    }
+    let answer = sns
+        .query(&create)
+        .await
+        .map_err(|e| anyhow::anyhow!("sns CreateTopic: {e}"))?;
+    let arn = outboxd::sink::aws::xml::text(&answer, "TopicArn").unwrap_or_default();
+    let dlq = format!("{db}-dlq");
+    sns.query(&[
+        ("Action", "CreateTopic"),
+        ("Version", "2010-03-31"),
+        ("Name", dlq.as_str()),
+    ])
+    .await
+    .map_err(|e| anyhow::anyhow!("sns CreateTopic: {e}"))?;
+    let v = sqs_action(
+        &sqs,
+        "GetQueueAttributes",
+        serde_json::json!({ "QueueUrl": queue, "AttributeNames": ["QueueArn"] }),
+    )
+    .await?;
+    let queue_arn = v["Attributes"]["QueueArn"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    sns.query(&[
+        ("Action", "Subscribe"),
+        ("Version", "2010-03-31"),
+        ("TopicArn", arn.as_str()),
+        ("Protocol", "sqs"),
+        ("Endpoint", queue_arn.as_str()),
+        ("Attributes.entry.1.key", "RawMessageDelivery"),
+        ("Attributes.entry.1.value", "true"),
+    ])
+    .await
+    .map_err(|e| anyhow::anyhow!("sns Subscribe: {e}"))?;
+    Ok((sqs, queue))
 }
 
 async fn sqs_count(client: &outboxd::sink::aws::AwsClient, queue: &str) -> anyhow::Result<u64> {

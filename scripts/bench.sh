@@ -10,11 +10,12 @@
 #                                                  a table of N rows (default 1,000,000)
 #                                                  snapshotted (examples/bench_snapshot.rs):
 #                                                  rows/s, CPU-s per 100k rows, peak RSS
-#   scripts/bench.sh --sink nats|rabbitmq|sqs [args]
+#   scripts/bench.sh --sink nats|rabbitmq|sqs|sns [args]
 #                                                  drain a backlog into a NATS JetStream stream /
-#                                                  a RabbitMQ queue / an SQS queue of ElasticMQ
-#                                                  (examples/bench_sinks.rs; sqs: --standard for
-#                                                  a standard queue, FIFO otherwise)
+#                                                  a RabbitMQ queue / an SQS queue of ElasticMQ /
+#                                                  an SNS topic of moto with a queue subscribed
+#                                                  (examples/bench_sinks.rs; sqs, sns: --standard
+#                                                  for a standard queue or topic, FIFO otherwise)
 #   scripts/bench.sh --cdc [--compare debezium] [args]
 #                                                  table CDC: a 10-column table, insert/update/
 #                                                  delete mix (examples/bench_cdc.rs); the same
@@ -41,13 +42,17 @@ elif [ "${1:-}" = "--snapshot" ]; then
   shift
 fi
 if [ "${1:-}" = "--sink" ]; then
-  sink=${2:?--sink needs nats, rabbitmq or sqs}
+  sink=${2:?--sink needs nats, rabbitmq, sqs or sns}
   shift 2
   broker_dir=$(mktemp -d /tmp/outboxd-bench-broker.XXXXXX)
   trap 'scripts/stack.sh broker-stop "$broker_dir" --remove; [ -n "${KEEP:-}" ] || scripts/stack.sh down' EXIT
-  server=$sink
-  [ "$sink" = sqs ] && server=elasticmq
-  url=$(scripts/stack.sh "$server-start" "$broker_dir")
+  # sqs: ElasticMQ holding messages in memory (its H2 store would be what is measured);
+  # sns: moto's AWS emulator.
+  case "$sink" in
+    sqs) url=$(scripts/stack.sh elasticmq-start "$broker_dir" memory) ;;
+    sns) url=$(scripts/stack.sh moto-start "$broker_dir") ;;
+    *) url=$(scripts/stack.sh "$sink-start" "$broker_dir") ;;
+  esac
   "${CARGO_TARGET_DIR:-target}"/release/examples/bench_sinks --sink "$sink" --url "$url" "$@"
 elif [ "${1:-}" = "--compare" ]; then
   other=${2:?--compare needs a system: debezium}
