@@ -4,13 +4,26 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-/// The settings of one profile, from both files (the credentials file wins).
-#[derive(Debug, Default, Clone)]
+/// The settings of one profile, from both files (the credentials file wins). `Debug` shows
+/// the settings' names only: their values include the secret key.
+#[derive(Default, Clone)]
 pub struct Profile {
     pub name: String,
     pub settings: HashMap<String, String>,
     /// Where the settings were found (for messages; never their values).
     pub files: Vec<String>,
+}
+
+impl std::fmt::Debug for Profile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut names: Vec<&String> = self.settings.keys().collect();
+        names.sort();
+        f.debug_struct("Profile")
+            .field("name", &self.name)
+            .field("settings", &names)
+            .field("files", &self.files)
+            .finish()
+    }
 }
 
 impl Profile {

@@ -34,8 +34,9 @@ impl std::fmt::Debug for Secret {
     }
 }
 
-/// A set of credentials and where they came from.
-#[derive(Debug, Clone)]
+/// A set of credentials and where they came from. `Debug` shows neither the secret nor the
+/// session token.
+#[derive(Clone)]
 pub struct Credentials {
     pub access_key_id: String,
     pub secret_access_key: Secret,
@@ -44,6 +45,21 @@ pub struct Credentials {
     /// Where they came from, for messages: `environment (AWS_ACCESS_KEY_ID)`, `profile
     /// relay in ~/.aws/credentials`, …
     pub source: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("access_key_id", &self.access_key_id)
+            .field("secret_access_key", &self.secret_access_key)
+            .field(
+                "session_token",
+                &self.session_token.as_ref().map(|_| "<redacted>"),
+            )
+            .field("expires", &self.expires)
+            .field("source", &self.source)
+            .finish()
+    }
 }
 
 /// Why no credentials could be had.
@@ -457,11 +473,12 @@ mod tests {
         let c = Credentials {
             access_key_id: "AKID".into(),
             secret_access_key: Secret::new("very-secret".into()),
-            session_token: None,
+            session_token: Some("session-token-secret".into()),
             expires: None,
             source: "test".into(),
         };
-        assert!(!format!("{c:?}").contains("very-secret"));
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("very-secret") && !shown.contains("session-token-secret"));
     }
 
     #[test]

@@ -314,10 +314,11 @@ impl AwsClient {
         for (k, v) in headers {
             req = req.header(*k, *v);
         }
+        // reqwest's message names the URL already ("error sending request for url (…)").
         let transport = |e: reqwest::Error| AwsError {
             kind: Kind::Transport,
             code: String::new(),
-            message: format!("{} at {}: {}", self.service, self.url, describe_http(&e)),
+            message: describe_http(&e),
         };
         let resp = req.body(body).send().await.map_err(transport)?;
         let status = resp.status().as_u16();
