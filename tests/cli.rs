@@ -184,11 +184,15 @@ async fn wrong_password_exits_2_naming_the_problem_without_leaking_it() {
     let base = pg_admin_url();
     let hostport = base.split('@').nth(1).unwrap().split('/').next().unwrap();
     let url = format!("postgres://{role}:Wr0ngSecret@{hostport}/{}", db.name);
+    // A port of its own: the default (127.0.0.1:9465) is the one tests/http.rs checks the
+    // relay binds without http.addr — run at the same time, one of the two could not listen.
+    let addr = format!("127.0.0.1:{}", free_port());
     let out = outboxd(
         &["run"],
         &[
             ("OUTBOXD_POSTGRES_URL", url.as_str()),
             ("OUTBOXD_KAFKA_BROKERS", &kafka_brokers()),
+            ("OUTBOXD_HTTP_ADDR", &addr),
         ],
     );
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
