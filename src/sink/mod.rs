@@ -97,6 +97,17 @@ impl std::fmt::Display for Promises {
     }
 }
 
+/// A suffix unique to one `outboxd replay` (`:replay-<ms since the epoch>`), appended to the
+/// ids a broker deduplicates by, so a republished event is not dropped as a repeat of its
+/// first copy (the `id` header stays the event id).
+pub fn replay_suffix() -> String {
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0);
+    format!(":replay-{ms}")
+}
+
 /// The record as it goes to a dead-letter destination: its headers plus
 /// `outboxd.dlq.reason`, `outboxd.dlq.topic` (where it was headed) and `outboxd.dlq.error`
 /// (`detail` on one line).

@@ -253,11 +253,7 @@ impl NatsSink {
     /// repeat of its first copy (the stream remembers ids for its duplicate window, even of
     /// messages since deleted), so its `Nats-Msg-Id` gets a suffix unique to this replay.
     pub fn replaying(&mut self) {
-        let ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis())
-            .unwrap_or(0);
-        self.replay_suffix = Some(format!(":replay-{ms}"));
+        self.replay_suffix = Some(super::replay_suffix());
     }
 
     fn headers(&self, record: &Record) -> std::result::Result<HeaderMap, Refusal> {

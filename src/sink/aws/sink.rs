@@ -110,11 +110,7 @@ impl<S: Service> AwsSink<S> {
 
     /// `outboxd replay`: FIFO destinations must not drop the republished events as repeats.
     pub fn replaying(&mut self) {
-        let ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis())
-            .unwrap_or(0);
-        self.replay_suffix = Some(format!(":replay-{ms}"));
+        self.replay_suffix = Some(crate::sink::replay_suffix());
     }
 
     fn mapping(&self, fifo: bool) -> Mapping<'_> {
