@@ -64,6 +64,7 @@ async fn main() -> anyhow::Result<()> {
                 let record = Record {
                     topic: topic.clone(),
                     exchange: None,
+                    detail_type: None,
                     binary: false,
                     key: Some(format!("k{}", n % 3)),
                     value: Some(format!("{{\"n\":{n}}}").into_bytes()),

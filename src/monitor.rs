@@ -111,6 +111,10 @@ impl Probe {
                 .map_or(Probe::None, Probe::Tcp),
             SinkKind::Sns => crate::sink::aws::endpoint_host(&cfg.aws, "sns", "SNS")
                 .map_or(Probe::None, Probe::Tcp),
+            SinkKind::EventBridge => {
+                crate::sink::aws::endpoint_host(&cfg.aws, "events", "EVENTBRIDGE")
+                    .map_or(Probe::None, Probe::Tcp)
+            }
         }
     }
 

@@ -21,6 +21,9 @@ pub enum PoisonKind {
     InvalidHeaders,
     /// A table-less event whose message is not the outbox JSON.
     MalformedMessage,
+    /// A payload the broker cannot carry as it is: EventBridge's `Detail` must be a JSON
+    /// object.
+    InvalidPayload,
     /// RabbitMQ returned it: no queue is bound to its exchange and routing key.
     Unroutable,
     /// Another permanent rejection by the broker.
@@ -39,6 +42,7 @@ impl PoisonKind {
             PoisonKind::MissingKey => "missing_key",
             PoisonKind::InvalidHeaders => "invalid_headers",
             PoisonKind::MalformedMessage => "malformed_message",
+            PoisonKind::InvalidPayload => "invalid_payload",
             PoisonKind::Unroutable => "unroutable",
             PoisonKind::Rejected => "rejected",
         }

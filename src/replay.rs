@@ -179,6 +179,7 @@ pub async fn verify(cfg: &Config, sel: &Selection) -> Result<Verification> {
             (Err(_), SinkKind::Nats) => cfg.nats.dead_letter_subject.clone(),
             (Err(_), SinkKind::Sqs) => cfg.sqs.dead_letter_queue.clone(),
             (Err(_), SinkKind::Sns) => cfg.sns.dead_letter_topic_arn.clone(),
+            (Err(_), SinkKind::EventBridge) => cfg.eventbridge.dead_letter_event_bus.clone(),
             (Err(_), _) => cfg.kafka.dlq_topic.clone(),
         };
         by_topic.entry(topic).or_default().push(event.id.clone());
@@ -204,6 +205,12 @@ pub async fn verify(cfg: &Config, sel: &Selection) -> Result<Verification> {
             return Err(Error::setup(
                 "verify cannot read SNS back: a topic keeps nothing, it hands each message to its subscriptions",
                 "check deliveries at the subscriptions (the `id` message attribute), or replay what they miss",
+            ))
+        }
+        SinkKind::EventBridge => {
+            return Err(Error::setup(
+                "verify cannot read EventBridge back: a bus keeps nothing, it hands each event to the targets of its rules (an archive replays events, it cannot be read)",
+                "check deliveries at the targets (`detail.outboxd.id`), or replay what they miss",
             ))
         }
         SinkKind::Sqs => {

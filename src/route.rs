@@ -9,8 +9,10 @@ pub use crate::topic::{valid_amqp_name, valid_topic_name, Naming, TopicTemplate}
 pub struct Record {
     /// The Kafka topic, NATS subject or AMQP routing key.
     pub topic: String,
-    /// RabbitMQ only: the exchange (`None` for the other sinks).
+    /// RabbitMQ: the exchange; EventBridge: the event's `Source` (`None` for the others).
     pub exchange: Option<String>,
+    /// EventBridge only: the event's `DetailType`.
+    pub detail_type: Option<String>,
     /// The value is bytes (a `bytea` payload), not JSON: RabbitMQ's `content_type` says so.
     pub binary: bool,
     pub key: Option<String>,
@@ -72,8 +74,10 @@ pub type Rejected = Box<(Record, Poison)>;
 pub struct Router {
     /// Topic, subject or routing key.
     pub template: TopicTemplate,
-    /// RabbitMQ: the exchange template.
+    /// RabbitMQ: the exchange template; EventBridge: the `Source` template.
     pub exchange: Option<TopicTemplate>,
+    /// EventBridge: the `DetailType` template.
+    pub detail_type: Option<TopicTemplate>,
     /// The rule a rendered destination must follow.
     pub naming: Naming,
     pub require_key: bool,
@@ -97,6 +101,7 @@ impl Router {
                 crate::error::Error::setup(format!("{key}: {p}"), "correct the template")
             })
         };
+        let mut detail_type = None;
         let (template, exchange, naming) = match cfg.sink {
             SinkKind::Kafka => (
                 parse("kafka.topic_template", &cfg.kafka.topic_template)?,
@@ -119,10 +124,20 @@ impl Router {
                 None,
                 Naming::SnsTopicArn,
             ),
+            SinkKind::EventBridge => {
+                let eb = &cfg.eventbridge;
+                detail_type = Some(parse("eventbridge.detail_type", &eb.detail_type)?);
+                (
+                    parse("eventbridge.event_bus", &eb.event_bus)?,
+                    Some(parse("eventbridge.source", &eb.source)?),
+                    Naming::EventBus,
+                )
+            }
         };
         Ok(Router {
             template,
             exchange,
+            detail_type,
             naming,
             require_key: cfg.kafka.require_key,
             max_message_bytes: cfg.kafka.max_message_bytes,
@@ -138,9 +153,40 @@ impl Router {
                 SinkKind::Nats => vec![cfg.nats.dead_letter_subject.clone()],
                 SinkKind::Sqs => vec![cfg.sqs.dead_letter_queue.clone()],
                 SinkKind::Sns => vec![cfg.sns.dead_letter_topic_arn.clone()],
+                SinkKind::EventBridge => vec![cfg.eventbridge.dead_letter_event_bus.clone()],
                 SinkKind::RabbitMq => Vec::new(),
             },
         })
+    }
+
+    /// The record's other address parts: a RabbitMQ exchange name; an EventBridge `Source`
+    /// (1–256 characters, not `aws.…`, which AWS keeps for its own services) and `DetailType`
+    /// (1–128 characters).
+    fn check_parts(&self, record: &Record) -> Result<(), String> {
+        let exchange = record.exchange.as_deref().unwrap_or_default();
+        match self.naming {
+            Naming::AmqpRoutingKey if !valid_amqp_name(exchange) => Err(format!(
+                "`{exchange}` is not a legal RabbitMQ exchange name"
+            )),
+            Naming::EventBus => {
+                let detail_type = record.detail_type.as_deref().unwrap_or_default();
+                if exchange.is_empty()
+                    || exchange.chars().count() > 256
+                    || exchange.to_ascii_lowercase().starts_with("aws.")
+                {
+                    Err(format!(
+                        "`{exchange}` is not an EventBridge Source (1–256 characters, not `aws.…`)"
+                    ))
+                } else if detail_type.is_empty() || detail_type.chars().count() > 128 {
+                    Err(format!(
+                        "`{detail_type}` is not an EventBridge DetailType (1–128 characters)"
+                    ))
+                } else {
+                    Ok(())
+                }
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Builds the record: headers `id` and `type` first, then every member of the `headers`
@@ -171,6 +217,7 @@ impl Router {
                 _ => self.template.render(event),
             },
             exchange: self.exchange.as_ref().map(|t| t.render(event)),
+            detail_type: self.detail_type.as_ref().map(|t| t.render(event)),
             binary: event.extra.binary_payload,
             key: event.aggregateid.clone(),
             value,
@@ -223,11 +270,8 @@ impl Router {
             let detail = format!("`{}` is the relay's own destination", record.topic);
             return poison(record, PoisonKind::InvalidTopic, detail);
         }
-        if let Some(exchange) = record.exchange.as_deref() {
-            if !valid_amqp_name(exchange) {
-                let detail = format!("`{exchange}` is not a legal RabbitMQ exchange name");
-                return poison(record, PoisonKind::InvalidTopic, detail);
-            }
+        if let Err(detail) = self.check_parts(&record) {
+            return poison(record, PoisonKind::InvalidTopic, detail);
         }
         if self.require_key && record.key.is_none() && !event.extra.change {
             return poison(
@@ -271,6 +315,7 @@ mod tests {
         Router {
             template: TopicTemplate::parse(template).unwrap(),
             exchange: None,
+            detail_type: None,
             naming: Naming::KafkaTopic,
             require_key: true,
             max_message_bytes: 1_000_000,

@@ -133,6 +133,32 @@ pub fn valid_sns_topic_arn(arn: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
+/// An EventBridge event bus: its name (1–256 of letters, digits, `.`, `-`, `_`, `/`) or its
+/// ARN (`arn:PARTITION:events:REGION:ACCOUNT:event-bus/NAME`).
+pub fn valid_event_bus(bus: &str) -> bool {
+    let name = if bus.starts_with("arn:") {
+        let parts: Vec<&str> = bus.splitn(6, ':').collect();
+        match parts[..] {
+            [_, partition, "events", region, account, resource]
+                if !partition.is_empty() && !region.is_empty() && !account.is_empty() =>
+            {
+                match resource.strip_prefix("event-bus/") {
+                    Some(name) => name,
+                    None => return false,
+                }
+            }
+            _ => return false,
+        }
+    } else {
+        bus
+    };
+    !name.is_empty()
+        && name.len() <= 256
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-/".contains(&b))
+}
+
 /// Which broker's rule a rendered destination name must follow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Naming {
@@ -142,6 +168,8 @@ pub enum Naming {
     AmqpRoutingKey,
     SqsQueue,
     SnsTopicArn,
+    /// An EventBridge event bus (name or ARN).
+    EventBus,
 }
 
 impl Naming {
@@ -163,6 +191,10 @@ impl Naming {
             Naming::SnsTopicArn => (
                 valid_sns_topic_arn(name),
                 "an SNS topic ARN (arn:aws:sns:REGION:ACCOUNT:NAME, the name of letters, digits, `-`, `_`; `.fifo` for FIFO)",
+            ),
+            Naming::EventBus => (
+                valid_event_bus(name),
+                "an EventBridge event bus name (1–256 of letters, digits, `.`, `-`, `_`, `/`) or ARN",
             ),
         };
         if ok {

@@ -49,9 +49,7 @@ impl Rig {
             url = broker.url,
             db = db.name,
         );
-        let config = db.config(&kafka_brokers(), &format!("{sink}\n{extra}"));
-        migrate(&config);
-        create_aggregates_table(&db.client().await).await;
+        let config = emulator_config(&db, &sink, extra, false).await;
         Rig {
             broker,
             db,
@@ -80,15 +78,7 @@ impl Rig {
              [sns]\ntopic_arn = \"{template}\"\ndead_letter_topic_arn = \"{dlq}\"\n",
             url = moto.url,
         );
-        let config = db.config(&kafka_brokers(), &format!("{sink}\n{extra}"));
-        // moto delivers a FIFO topic's messages to its queue in time growing with the queue
-        // (measured: a PublishBatch of 10 took ~0.1 s into an empty queue, ~1.3 s into one of
-        // 2,000): the tests' 5 s delivery bound would end sessions as stalls.
-        let text = std::fs::read_to_string(&config).unwrap();
-        let text = text.replace("delivery_timeout_ms = 5000", "delivery_timeout_ms = 30000");
-        std::fs::write(&config, text).unwrap();
-        migrate(&config);
-        create_aggregates_table(&db.client().await).await;
+        let config = emulator_config(&db, &sink, extra, true).await;
         Rig {
             client: sqs_client(&moto.url),
             broker: moto,
@@ -406,7 +396,7 @@ fn run_with(config: &str, env: &[(&str, &str)]) -> std::process::Output {
 }
 
 #[test]
-fn bad_sqs_config_exits_2_with_one_line_naming_the_key() {
+fn bad_aws_sink_config_exits_2_with_one_line_naming_the_key() {
     let pg = "[postgres]\nurl = \"postgres://u@localhost/db\"\n[sink]\nkind = \"sqs\"\n";
     let env = aws_env();
     for (config, key) in [
@@ -436,12 +426,29 @@ fn bad_sqs_config_exits_2_with_one_line_naming_the_key() {
             "[sns]\ntopic_arn = \"t-{aggregatetype}\"\ndead_letter_topic_arn = \"arn:aws:sns:us-east-1:1:d\"\nmax_message_bytes = 300000\n",
             "sns.max_message_bytes",
         ),
+        ("[eventbridge]\n", "eventbridge.dead_letter_event_bus"),
+        (
+            "[eventbridge]\ndead_letter_event_bus = \"arn:aws:sqs:us-east-1:1:q\"\n",
+            "eventbridge.dead_letter_event_bus",
+        ),
+        (
+            "[eventbridge]\ndead_letter_event_bus = \"d\"\nsource = \"aws.orders\"\n",
+            "eventbridge.source",
+        ),
+        (
+            "[eventbridge]\ndead_letter_event_bus = \"d\"\ndetail_type = \"{kind}\"\n",
+            "eventbridge.detail_type",
+        ),
+        (
+            "[eventbridge]\ndead_letter_event_bus = \"d\"\nmax_entry_bytes = 300000\n",
+            "eventbridge.max_entry_bytes",
+        ),
     ] {
-        // The [sns] cases are for an SNS sink.
-        let pg = if config.starts_with("[sns]") {
-            pg.replace("\"sqs\"", "\"sns\"")
-        } else {
-            pg.to_string()
+        // The [sns] and [eventbridge] cases are for that sink.
+        let pg = match config.split(']').next() {
+            Some("[sns") => pg.replace("\"sqs\"", "\"sns\""),
+            Some("[eventbridge") => pg.replace("\"sqs\"", "\"eventbridge\""),
+            _ => pg.to_string(),
         };
         let out = run_with(&format!("{pg}{config}"), &env);
         let err = String::from_utf8_lossy(&out.stderr).to_string();

@@ -1,5 +1,5 @@
-//! `[aws]` (what every AWS sink shares: region, profile, endpoint, request limits) and
-//! `[sqs]`. Credentials are never keys of the file: they come from the SDKs' default chain
+//! `[aws]` (what every AWS sink shares: region, profile, endpoint, request limits), `[sqs]`,
+//! `[sns]` and `[eventbridge]`. Credentials are never keys of the file: they come from the SDKs' default chain
 //! (`crate::sink::aws::credentials`), so a config file holds no AWS secret.
 
 use std::time::Duration;
@@ -25,6 +25,16 @@ pub(super) struct RawSns {
     topic_arn: Option<String>,
     dead_letter_topic_arn: Option<String>,
     max_message_bytes: Option<usize>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawEventBridge {
+    event_bus: Option<String>,
+    source: Option<String>,
+    detail_type: Option<String>,
+    dead_letter_event_bus: Option<String>,
+    max_entry_bytes: Option<usize>,
 }
 
 #[derive(Deserialize, Default)]
@@ -77,6 +87,71 @@ pub struct SnsConfig {
     pub dead_letter_topic_arn: String,
     /// A message's size limit (body and attributes), at most SNS's 262,144.
     pub max_message_bytes: usize,
+}
+
+/// `[eventbridge]`.
+#[derive(Clone, Debug)]
+pub struct EventBridgeConfig {
+    /// Event-bus template (`{aggregatetype}`, `{type}`): a bus name or ARN.
+    pub event_bus: String,
+    /// The events' `Source` template (default `outboxd.{aggregatetype}`).
+    pub source: String,
+    /// The events' `DetailType` template (default `{type}`).
+    pub detail_type: String,
+    /// The bus poison events go to (`Source` `outboxd`, `DetailType` `outboxd.dead_letter`).
+    pub dead_letter_event_bus: String,
+    /// An entry's size limit as EventBridge counts it (source, detail type, detail, time),
+    /// at most its 262,144; a request holds at most that much too.
+    pub max_entry_bytes: usize,
+}
+
+pub(super) fn eventbridge(
+    raw: RawEventBridge,
+    used: bool,
+) -> Result<EventBridgeConfig, ConfigError> {
+    let template = |key: &'static str, value: Option<String>, default: &str| {
+        let value = value.unwrap_or_else(|| default.to_string());
+        TopicTemplate::parse(&value).map_err(|p| invalid(key, p))?;
+        Ok::<_, ConfigError>(value)
+    };
+    let event_bus = template("eventbridge.event_bus", raw.event_bus, "default")?;
+    let source = template("eventbridge.source", raw.source, "outboxd.{aggregatetype}")?;
+    if source.to_ascii_lowercase().starts_with("aws.") {
+        return Err(invalid(
+            "eventbridge.source",
+            "must not start with `aws.` (AWS keeps those sources for its own services)",
+        ));
+    }
+    let detail_type = template("eventbridge.detail_type", raw.detail_type, "{type}")?;
+    let dead_letter_event_bus = match raw.dead_letter_event_bus {
+        Some(b) => b,
+        None if used => {
+            return Err(invalid(
+                "eventbridge.dead_letter_event_bus",
+                "missing: the event bus (name or ARN) poison events go to",
+            ))
+        }
+        None => String::new(),
+    };
+    if used {
+        if let Err(p) = crate::topic::Naming::EventBus.check(&dead_letter_event_bus) {
+            return Err(invalid("eventbridge.dead_letter_event_bus", p));
+        }
+    }
+    let max = raw.max_entry_bytes.unwrap_or(262_144);
+    if !(1_024..=262_144).contains(&max) {
+        return Err(invalid(
+            "eventbridge.max_entry_bytes",
+            "must be between 1024 and 262144 (EventBridge's largest entry)",
+        ));
+    }
+    Ok(EventBridgeConfig {
+        event_bus,
+        source,
+        detail_type,
+        dead_letter_event_bus,
+        max_entry_bytes: max,
+    })
 }
 
 pub(super) fn sns(raw: RawSns, used: bool) -> Result<SnsConfig, ConfigError> {

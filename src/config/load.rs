@@ -39,6 +39,8 @@ struct RawConfig {
     #[serde(default)]
     sns: super::aws::RawSns,
     #[serde(default)]
+    eventbridge: super::aws::RawEventBridge,
+    #[serde(default)]
     cdc: super::cdc::RawCdc,
 }
 
@@ -300,9 +302,13 @@ impl Config {
         let keys = sinks::merge_window_keys(&mut raw.sink, &mut raw.kafka)?;
         let rabbitmq = sinks::rabbitmq(raw.rabbitmq, sink == SinkKind::RabbitMq)?;
         let nats = sinks::nats(raw.nats, sink == SinkKind::Nats)?;
-        let aws = super::aws::aws(raw.aws, matches!(sink, SinkKind::Sqs | SinkKind::Sns))?;
+        let aws = super::aws::aws(
+            raw.aws,
+            matches!(sink, SinkKind::Sqs | SinkKind::Sns | SinkKind::EventBridge),
+        )?;
         let sqs = super::aws::sqs(raw.sqs)?;
         let sns = super::aws::sns(raw.sns, sink == SinkKind::Sns)?;
+        let eventbridge = super::aws::eventbridge(raw.eventbridge, sink == SinkKind::EventBridge)?;
         let cdc = super::cdc::load(raw.cdc)?;
         if !outbox && !cdc.enabled() {
             return Err(invalid(
@@ -381,6 +387,7 @@ impl Config {
             aws,
             sqs,
             sns,
+            eventbridge,
         })
     }
 }

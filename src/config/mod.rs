@@ -20,7 +20,7 @@ mod redact;
 mod sinks;
 mod snapshot;
 
-pub use aws::{AwsConfig, SnsConfig, SqsConfig};
+pub use aws::{AwsConfig, EventBridgeConfig, SnsConfig, SqsConfig};
 pub use cdc::{
     BinaryMode, CdcConfig, DecimalMode, HstoreMode, IntervalMode, Modes, Operations, TimeMode,
     ToastMode,
@@ -66,6 +66,7 @@ pub struct Config {
     pub aws: AwsConfig,
     pub sqs: SqsConfig,
     pub sns: SnsConfig,
+    pub eventbridge: EventBridgeConfig,
 }
 
 /// Which broker the relay publishes to.
@@ -78,6 +79,7 @@ pub enum SinkKind {
     Sqs,
     /// Amazon SNS (standard and FIFO topics).
     Sns,
+    EventBridge,
 }
 
 impl SinkKind {
@@ -88,6 +90,7 @@ impl SinkKind {
             SinkKind::Nats => "nats",
             SinkKind::Sqs => "sqs",
             SinkKind::Sns => "sns",
+            SinkKind::EventBridge => "eventbridge",
         }
     }
 }
@@ -501,6 +504,10 @@ mod tests {
         assert_eq!(format!("{:?}", c.aws), format!("{:?}", d.aws));
         assert_eq!(format!("{:?}", c.sqs), format!("{:?}", d.sqs));
         assert_eq!(format!("{:?}", c.sns), format!("{:?}", d.sns));
+        assert_eq!(
+            format!("{:?}", c.eventbridge),
+            format!("{:?}", d.eventbridge)
+        );
     }
 
     #[test]

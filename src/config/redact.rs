@@ -206,6 +206,7 @@ impl fmt::Debug for Config {
             .field("aws", &self.aws)
             .field("sqs", &self.sqs)
             .field("sns", &self.sns)
+            .field("eventbridge", &self.eventbridge)
             .finish()
     }
 }

@@ -143,9 +143,10 @@ pub(super) fn sink_kind(sink: &RawSink) -> Result<SinkKind, ConfigError> {
         "nats" => Ok(SinkKind::Nats),
         "sqs" => Ok(SinkKind::Sqs),
         "sns" => Ok(SinkKind::Sns),
+        "eventbridge" => Ok(SinkKind::EventBridge),
         other => Err(invalid(
             "sink.kind",
-            format!("`{other}` is not one of: kafka, rabbitmq, nats, sqs, sns"),
+            format!("`{other}` is not one of: kafka, rabbitmq, nats, sqs, sns, eventbridge"),
         )),
     }
 }

@@ -181,7 +181,7 @@ pub(super) async fn run<S: Source>(
                             e.transactions.sending(window.sent);
                         }
                         let headers = id.iter().map(|i| ("id".to_string(), i.clone().into_bytes())).collect();
-                        let record = Record { topic: String::new(), exchange: None, binary: true, key: None, value: Some(raw), headers, partition: None, timestamp_ms: None };
+                        let record = Record { topic: String::new(), exchange: None, detail_type: None, binary: true, key: None, value: Some(raw), headers, partition: None, timestamp_ms: None };
                         let poison = Poison { kind: PoisonKind::MalformedMessage, detail: reason };
                         let ticket = window.ledger.yielded(id.as_deref().unwrap_or("?"), source.event_position());
                         let dlq = DlqTable::new(source.client(), &cfg.postgres);

@@ -6,6 +6,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use super::eventbridge::EventBridgeSink;
 use super::kafka::{KafkaDelivery, KafkaSink};
 use super::nats::NatsSink;
 use super::rabbitmq::RabbitSink;
@@ -24,6 +25,7 @@ pub enum Broker {
     Nats(NatsSink),
     Sqs(SqsSink),
     Sns(SnsSink),
+    EventBridge(EventBridgeSink),
 }
 
 /// The delivery future of a [`Broker`].
@@ -74,6 +76,10 @@ impl Broker {
                 let (sink, line) = super::sns::connect(cfg, &cfg.kafka, &namespace).await?;
                 Ok((Broker::Sns(sink), line))
             }
+            SinkKind::EventBridge => {
+                let (sink, line) = super::eventbridge::connect(cfg, &cfg.kafka).await?;
+                Ok((Broker::EventBridge(sink), line))
+            }
         }
     }
 
@@ -110,6 +116,7 @@ impl Sink for Broker {
             Broker::Nats(s) => s.promises(),
             Broker::Sqs(s) => s.promises(),
             Broker::Sns(s) => s.promises(),
+            Broker::EventBridge(s) => s.promises(),
         }
     }
 
@@ -120,6 +127,7 @@ impl Sink for Broker {
             Broker::Nats(s) => s.flush(timeout),
             Broker::Sqs(s) => s.flush(timeout),
             Broker::Sns(s) => s.flush(timeout),
+            Broker::EventBridge(s) => s.flush(timeout),
         }
     }
 
@@ -130,6 +138,7 @@ impl Sink for Broker {
             Broker::Nats(s) => BrokerDelivery::Other(s.send(record).await?),
             Broker::Sqs(s) => BrokerDelivery::Other(s.send(record).await?),
             Broker::Sns(s) => BrokerDelivery::Other(s.send(record).await?),
+            Broker::EventBridge(s) => BrokerDelivery::Other(s.send(record).await?),
         })
     }
 
@@ -140,6 +149,7 @@ impl Sink for Broker {
             Broker::Nats(s) => s.ensure_topic(record).await,
             Broker::Sqs(s) => s.ensure_topic(record).await,
             Broker::Sns(s) => s.ensure_topic(record).await,
+            Broker::EventBridge(s) => s.ensure_topic(record).await,
         }
     }
 
@@ -155,6 +165,7 @@ impl Sink for Broker {
             Broker::Nats(s) => s.dead_letter(record, kind, detail).await,
             Broker::Sqs(s) => s.dead_letter(record, kind, detail).await,
             Broker::Sns(s) => s.dead_letter(record, kind, detail).await,
+            Broker::EventBridge(s) => s.dead_letter(record, kind, detail).await,
         }
     }
 
@@ -165,6 +176,7 @@ impl Sink for Broker {
             Broker::Nats(s) => s.delivery_timeout(),
             Broker::Sqs(s) => s.delivery_timeout(),
             Broker::Sns(s) => s.delivery_timeout(),
+            Broker::EventBridge(s) => s.delivery_timeout(),
         }
     }
 }

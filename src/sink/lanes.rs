@@ -374,6 +374,7 @@ mod tests {
             record: Box::new(Record {
                 topic: dest.into(),
                 exchange: None,
+                detail_type: None,
                 binary: false,
                 key: None,
                 value: None,

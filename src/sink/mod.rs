@@ -1,16 +1,18 @@
 //! Destinations. The relay drives a [`Sink`]: hand it a routed [`Record`], get a delivery
 //! future that resolves once the broker has the record (or with the refusal, classified by
-//! the sink that saw it), create destinations, dead-letter. Five implementations:
+//! the sink that saw it), create destinations, dead-letter. Six implementations:
 //! [`kafka::KafkaSink`] (its error codes are classified in [`classify`]),
 //! [`rabbitmq::RabbitSink`] (publisher confirms, mandatory) and [`nats::NatsSink`]
-//! (JetStream, `Nats-Msg-Id`), [`sqs::SqsSink`] and [`sns::SnsSink`] (batches through
-//! [`lanes`], one [`aws::sink::AwsSink`] signed by [`aws`]); [`broker::Broker`] is the one the relay holds, chosen by
+//! (JetStream, `Nats-Msg-Id`), [`sqs::SqsSink`], [`sns::SnsSink`] and
+//! [`eventbridge::EventBridgeSink`] (batches through [`lanes`], one [`aws::sink::AwsSink`]
+//! signed by [`aws`]); [`broker::Broker`] is the one the relay holds, chosen by
 //! `[sink] kind`. What only Kafka does — transactions, the position topic — stays on
 //! `KafkaSink` itself.
 
 pub mod aws;
 pub mod broker;
 pub mod classify;
+pub mod eventbridge;
 pub mod kafka;
 pub mod lanes;
 pub mod nats;
@@ -36,8 +38,15 @@ pub enum Class {
     Batchmate,
     /// About the broker or the connection: retry, never dead-letter.
     Cluster,
-    /// Either: retry; dead-letter after `kafka.max_record_retries` identical failures.
+    /// Either: retry; dead-letter after `kafka.max_record_retries` identical failures — counted
+    /// only in sessions where other records got through (else the cluster may refuse all).
     Unclear,
+    /// The broker answered that the record's destination does not exist (an SQS queue, an
+    /// SNS topic, an event bus): retried like [`Class::Unclear`] — an operator may create it —
+    /// but every repeat counts, since the answer itself shows the broker is up. Without this, a
+    /// missing destination at the head of a session (nothing sent before it, nothing acked)
+    /// would be retried forever and hold every event behind it.
+    Absent,
 }
 
 /// A refusal, classified by the sink that saw it.

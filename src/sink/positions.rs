@@ -120,6 +120,7 @@ pub async fn write(
         .await;
     let record = Record {
         exchange: None,
+        detail_type: None,
         binary: false,
         topic: topic.to_string(),
         key: Some(pipeline.to_string()),

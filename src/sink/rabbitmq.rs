@@ -271,6 +271,7 @@ fn record_of(returned: &lapin::message::BasicReturnMessage) -> Record {
     Record {
         topic: d.routing_key.to_string(),
         exchange: Some(d.exchange.to_string()),
+        detail_type: None,
         binary: d
             .properties
             .content_type()
@@ -435,6 +436,7 @@ mod tests {
         Record {
             topic: "order.Placed".into(),
             exchange: Some("outbox".into()),
+            detail_type: None,
             binary,
             key: Some("42".into()),
             value: Some(b"{}".to_vec()),

@@ -9,13 +9,14 @@
 
 use std::sync::Arc;
 
-use super::aws::message::{request_refusal, BatchResults, Message};
-use super::aws::sink::{AwsSink, Service, Settings};
+use super::aws::message::{request_refusal, BatchResults, Mapping, Message};
+use super::aws::sink::{message_entry, AwsSink, Service, Settings};
 use super::aws::{xml, AwsClient, AwsError};
 use super::lanes::BatchApi;
 use super::Refusal;
 use crate::config::{Config, KafkaConfig};
 use crate::error::Result;
+use crate::route::Record;
 
 /// The SNS sink.
 pub type SnsSink = AwsSink<SnsApi>;
@@ -92,6 +93,14 @@ impl Service for SnsApi {
 
     fn client(&self) -> &AwsClient {
         &self.client
+    }
+
+    fn entry(
+        &self,
+        mapping: &Mapping<'_>,
+        record: &Record,
+    ) -> std::result::Result<(Message, usize), Refusal> {
+        message_entry(mapping, record)
     }
 
     /// `GetTopicAttributes`: the ARN is the address; `NotFound` means no such topic.

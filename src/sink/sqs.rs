@@ -24,13 +24,14 @@ use std::sync::Arc;
 
 use serde_json::{json, Map, Value};
 
-use super::aws::message::{request_refusal, BatchResults, Message};
-use super::aws::sink::{AwsSink, Service, Settings};
+use super::aws::message::{request_refusal, BatchResults, Mapping, Message};
+use super::aws::sink::{message_entry, AwsSink, Service, Settings};
 use super::aws::{AwsClient, AwsError, Kind};
 use super::lanes::BatchApi;
 use super::{Class, Refusal};
 use crate::config::{Config, KafkaConfig};
 use crate::error::Result;
+use crate::route::Record;
 
 /// The SQS sink.
 pub type SqsSink = AwsSink<SqsApi>;
@@ -119,6 +120,14 @@ impl Service for SqsApi {
 
     fn client(&self) -> &AwsClient {
         &self.client
+    }
+
+    fn entry(
+        &self,
+        mapping: &Mapping<'_>,
+        record: &Record,
+    ) -> std::result::Result<(Message, usize), Refusal> {
+        message_entry(mapping, record)
     }
 
     /// `GetQueueUrl`.

@@ -91,6 +91,20 @@ pub struct Mapping<'a> {
 }
 
 impl Mapping<'_> {
+    /// The refusal of a message or entry of `size` bytes, over the limit (final: the record's
+    /// own).
+    pub fn too_large(&self, size: usize) -> Refusal {
+        Refusal {
+            class: Class::Record(PoisonKind::TooLarge),
+            code: "too_large".into(),
+            detail: format!(
+                "the message would be {size} bytes, over {} = {}",
+                self.max_bytes_key, self.max_bytes
+            ),
+            alone: true,
+        }
+    }
+
     /// The message for `record`; `Err` (the record's own, final) when it is larger than
     /// `max_bytes`.
     pub fn message(&self, record: &Record) -> Result<Message, Refusal> {
@@ -137,15 +151,7 @@ impl Mapping<'_> {
                 .map(|(k, v)| k.len() + "String".len() + v.len())
                 .sum::<usize>();
         if size > self.max_bytes {
-            return Err(Refusal {
-                class: Class::Record(PoisonKind::TooLarge),
-                code: "too_large".into(),
-                detail: format!(
-                    "the message would be {size} bytes, over {} = {}",
-                    self.max_bytes_key, self.max_bytes
-                ),
-                alone: true,
-            });
+            return Err(self.too_large(size));
         }
         let (group, dedup) = if self.fifo {
             let id = record
@@ -214,6 +220,8 @@ pub fn entry_refusal(service: &str, code: &str, message: &str, sender_fault: boo
                         | "MissingParameter"
                         | "InvalidBatchEntryId"
                         | "ValidationError"
+                        | "MalformedDetail"
+                        | "InvalidArgument"
                 ) =>
         {
             Class::Record(PoisonKind::Rejected)
@@ -295,6 +303,7 @@ mod tests {
         Record {
             topic: "orders.fifo".into(),
             exchange: None,
+            detail_type: None,
             binary: false,
             key: key.map(str::to_string),
             value: value.map(<[u8]>::to_vec),

@@ -104,7 +104,9 @@ pub fn kind_of(code: &str, status: u16) -> Kind {
         | "KMSDisabledException"
         | "KMSInvalidStateException"
         | "KMSNotFoundException"
-        | "KMSOptInRequired" => Kind::Denied,
+        | "KMSOptInRequired"
+        | "NotAuthorizedForSourceException"
+        | "NotAuthorizedForDetailTypeException" => Kind::Denied,
         "InternalError"
         | "InternalFailure"
         | "InternalErrorException"

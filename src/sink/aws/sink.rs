@@ -1,10 +1,11 @@
-//! The sink of an AWS service that takes batches of messages with a result per entry (SQS
-//! `SendMessageBatch`, SNS `PublishBatch`): written once, the service named by a [`Service`].
+//! The sink of an AWS service that takes batches of entries with a result per entry (SQS
+//! `SendMessageBatch`, SNS `PublishBatch`, EventBridge `PutEvents`): written once, the
+//! service named by a [`Service`].
 //!
 //! At connect the dead-letter destination is resolved — which proves the endpoint, the
 //! credentials and a permission before anything is read. Each destination an event names is
 //! resolved once per session (a queue URL, a topic's existence); one that does not exist
-//! refuses its events as `Unclear` — retried, then dead-lettered after
+//! refuses its events as `Absent` — retried, then dead-lettered after
 //! `sink.max_record_retries` identical refusals — while the others flow. Records go through
 //! the lanes (`sink::lanes`): one request in flight per key's lane, FIFO order kept through
 //! failures.
@@ -23,7 +24,7 @@ use crate::sink::lanes::{BatchApi, Lanes, Limits};
 use crate::sink::{BoxDelivery, Class, Promises, Refusal, SendError, Sink};
 
 /// One AWS service's side of [`AwsSink`].
-pub trait Service: BatchApi<Entry = Message> {
+pub trait Service: BatchApi {
     /// `sqs`, `sns`: in messages and metrics.
     const NAME: &'static str;
     /// What to grant when the service denies the relay (the fix of the exit-2 message).
@@ -37,11 +38,44 @@ pub trait Service: BatchApi<Entry = Message> {
         &self,
         name: &str,
     ) -> impl Future<Output = std::result::Result<Option<Arc<str>>, AwsError>> + Send;
+
+    /// Whether `destination` keeps a key's order and drops repeats (an SQS queue or SNS
+    /// topic whose name ends in `.fifo`).
+    fn fifo(destination: &str) -> bool {
+        destination.ends_with(".fifo")
+    }
+
+    /// The entry for `record` and its size as the service counts it; `Err` is the record's
+    /// own refusal (final: it is dead-lettered).
+    fn entry(
+        &self,
+        mapping: &Mapping<'_>,
+        record: &Record,
+    ) -> std::result::Result<(Self::Entry, usize), Refusal>;
+
+    /// The entry of a dead letter (`record` carries `outboxd.dlq.*` headers).
+    fn dead_letter_entry(
+        &self,
+        mapping: &Mapping<'_>,
+        record: &Record,
+    ) -> std::result::Result<(Self::Entry, usize), Refusal> {
+        self.entry(mapping, record)
+    }
+}
+
+/// [`Service::entry`] of the services whose entries are [`Message`]s (SQS, SNS).
+pub fn message_entry(
+    mapping: &Mapping<'_>,
+    record: &Record,
+) -> std::result::Result<(Message, usize), Refusal> {
+    let message = mapping.message(record)?;
+    let size = message.size;
+    Ok((message, size))
 }
 
 /// What an [`AwsSink`] is configured with.
 pub struct Settings {
-    /// The destination template ends in `.fifo` (what `promises()` states).
+    /// The destination template is FIFO (what `promises()` states).
     pub fifo: bool,
     /// The dead-letter destination and the key that names it.
     pub dead_letter: String,
@@ -57,7 +91,7 @@ pub struct Settings {
 
 pub struct AwsSink<S: Service> {
     api: Arc<S>,
-    lanes: Lanes<Message>,
+    lanes: Lanes<S::Entry>,
     /// Destination name → address (`None`: it does not exist).
     destinations: HashMap<String, Option<Arc<str>>>,
     dead_letter: Arc<str>,
@@ -168,7 +202,7 @@ impl<S: Service> Sink for AwsSink<S> {
             Some(Some(address)) => address.clone(),
             Some(None) => {
                 return Err(SendError::Refused(Refusal {
-                    class: Class::Unclear,
+                    class: Class::Absent,
                     code: "NotFound".into(),
                     detail: format!("{}: {} does not exist", S::NAME, record.topic),
                     alone: true,
@@ -183,13 +217,12 @@ impl<S: Service> Sink for AwsSink<S> {
                 }))
             }
         };
-        let fifo = record.topic.ends_with(".fifo");
-        let message = self
-            .mapping(fifo)
-            .message(record)
+        let fifo = S::fifo(&record.topic);
+        let (entry, size) = self
+            .api
+            .entry(&self.mapping(fifo), record)
             .map_err(SendError::Refused)?;
-        let size = message.size;
-        self.lanes.send(address, fifo, record, message, size)
+        self.lanes.send(address, fifo, record, entry, size)
     }
 
     async fn ensure_topic(&mut self, record: &Record) -> Result<()> {
@@ -220,14 +253,14 @@ impl<S: Service> Sink for AwsSink<S> {
         detail: &str,
     ) -> std::result::Result<(), String> {
         let dlq = crate::sink::dead_letter_record(record, kind, detail);
-        let fifo = self.settings.dead_letter.ends_with(".fifo");
-        let message = self
-            .mapping(fifo)
-            .message(&dlq)
+        let fifo = S::fifo(&self.settings.dead_letter);
+        let (entry, _) = self
+            .api
+            .dead_letter_entry(&self.mapping(fifo), &dlq)
             .map_err(|r| format!("{}: {}", S::NAME, r.detail))?;
         let results = self
             .api
-            .send_batch(&self.dead_letter, vec![message])
+            .send_batch(&self.dead_letter, vec![entry])
             .await
             .map_err(|r| r.detail)?;
         match results.into_iter().next() {

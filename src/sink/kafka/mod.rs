@@ -249,6 +249,7 @@ fn record_of(msg: &OwnedMessage) -> Record {
         .unwrap_or_default();
     Record {
         exchange: None,
+        detail_type: None,
         binary: false,
         topic: msg.topic().to_string(),
         key: msg.key().map(|k| String::from_utf8_lossy(k).into_owned()),

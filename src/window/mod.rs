@@ -27,133 +27,13 @@ use crate::health::Health;
 use crate::ledger::{Ledger, Ticket};
 use crate::lessons::Lessons;
 use crate::metrics as m;
-use crate::route::{Poison, PoisonKind, Record, Router};
+use crate::route::{Record, Router};
 use crate::sink::broker::BrokerDelivery;
-use crate::sink::{Class, Failed, Refusal, SendError, Sink};
+use crate::sink::{Class, Failed, SendError, Sink};
 
-/// Why a delivery did not succeed (see `sink::classify`).
-pub enum Failure {
-    /// About the cluster or the connection: resend from the confirmed position, forever.
-    Cluster(String),
-    /// About the record or the cluster: resend; the relay counts repeats of the same record.
-    Unclear {
-        id: Option<String>,
-        code: String,
-        message: String,
-    },
-    /// Refused for a reason about the record, but in a batch: maybe about a batchmate.
-    Suspect { id: String, poison: Poison },
-    /// Kafka will never accept this record.
-    Poison {
-        id: Option<String>,
-        record: Record,
-        poison: Poison,
-    },
-}
-
-/// The error that ends a session for a failure that is not the record's own.
-fn failure_error(failure: Failure, others_acked: bool) -> Error {
-    match failure {
-        Failure::Cluster(reason) => Error::Publish(format!(
-            "delivery failed, resending from the last confirmed position: {reason}"
-        )),
-        Failure::Unclear { id, code, message } => Error::Delivery {
-            event_id: id,
-            code,
-            others_acked,
-            message: format!(
-                "delivery failed, resending from the last confirmed position: {message}"
-            ),
-        },
-        Failure::Suspect { id, poison } => Error::Suspect {
-            message: format!(
-                "event {id} was refused ({}: {}), maybe only because of its batch; sending it alone",
-                poison.kind.label(),
-                poison.detail
-            ),
-            event_ids: vec![id],
-        },
-        Failure::Poison { poison, .. } => Error::Publish(format!(
-            "a refused record was not dead-lettered: {}",
-            poison.detail
-        )),
-    }
-}
-
-/// Where a refusal surfaced: whether it can be believed to be about this record.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Seen {
-    /// Refused before it left the process: a check of this one record.
-    Send,
-    /// In a delivery report of a record that travelled with others: maybe a batchmate's.
-    InBatch,
-    /// In the delivery report of a record sent alone.
-    Alone,
-}
-
-/// What a sink's refusal of the record `id` to `topic` means for the session.
-fn failure(
-    refusal: Refusal,
-    seen: Seen,
-    id: Option<String>,
-    topic: &str,
-    record: Option<Record>,
-) -> Failure {
-    let message = format!(
-        "event {} to topic {topic}: {}",
-        id.as_deref().unwrap_or("?"),
-        refusal.detail
-    );
-    if !refusal.code.is_empty() {
-        let label = match refusal.class {
-            Class::Record(_) => "record",
-            Class::Batchmate => "batchmate",
-            Class::Cluster => "cluster",
-            Class::Unclear => "unclear",
-        };
-        metrics::counter!(m::DELIVERY_FAILURES, "class" => label, "code" => refusal.code.clone())
-            .increment(1);
-    }
-    match refusal.class {
-        Class::Record(kind) => {
-            let poison = Poison {
-                kind,
-                detail: refusal.detail,
-            };
-            match (seen, id, record) {
-                (Seen::InBatch, Some(id), _) => Failure::Suspect { id, poison },
-                (_, id, Some(record)) => Failure::Poison { id, record, poison },
-                // Nothing left to dead-letter: resend it.
-                (_, id, None) => Failure::Unclear {
-                    id,
-                    code: refusal.code,
-                    message,
-                },
-            }
-        }
-        // Refused for another record of its batch: find which, sending them alone.
-        Class::Batchmate => match (seen, id) {
-            (Seen::InBatch, Some(id)) => Failure::Suspect {
-                id,
-                poison: Poison {
-                    kind: PoisonKind::Rejected,
-                    detail: refusal.detail,
-                },
-            },
-            (_, id) => Failure::Unclear {
-                id,
-                code: refusal.code,
-                message,
-            },
-        },
-        Class::Cluster => Failure::Cluster(message),
-        Class::Unclear => Failure::Unclear {
-            id,
-            code: refusal.code,
-            message,
-        },
-    }
-}
+mod failure;
+pub use failure::Failure;
+use failure::{failure, failure_error, Seen};
 
 /// The bytes of a record the window counts: key, value, header names and values.
 fn record_bytes(r: &Record) -> usize {

@@ -1,0 +1,174 @@
+//! What a sink's refusal means for the session: dead-letter the record now, send its batch
+//! alone to find the culprit, or end the session and resend — and whether a repeat of the
+//! same refusal counts toward `retries_exhausted` (`crate::lessons`).
+
+use crate::error::Error;
+use crate::metrics as m;
+use crate::route::{Poison, PoisonKind, Record};
+use crate::sink::{Class, Refusal};
+
+/// Why a delivery did not succeed (see `sink::classify`).
+pub enum Failure {
+    /// About the cluster or the connection: resend from the confirmed position, forever.
+    Cluster(String),
+    /// About the record or the cluster: resend; the relay counts repeats of the same record.
+    Unclear {
+        id: Option<String>,
+        code: String,
+        message: String,
+        /// The broker answered about this record ([`Class::Absent`]): it is up, so the
+        /// repeat counts even if nothing else was acknowledged.
+        answered: bool,
+    },
+    /// Refused for a reason about the record, but in a batch: maybe about a batchmate.
+    Suspect { id: String, poison: Poison },
+    /// Kafka will never accept this record.
+    Poison {
+        id: Option<String>,
+        record: Record,
+        poison: Poison,
+    },
+}
+
+/// The error that ends a session for a failure that is not the record's own.
+pub(super) fn failure_error(failure: Failure, others_acked: bool) -> Error {
+    match failure {
+        Failure::Cluster(reason) => Error::Publish(format!(
+            "delivery failed, resending from the last confirmed position: {reason}"
+        )),
+        Failure::Unclear {
+            id,
+            code,
+            message,
+            answered,
+        } => Error::Delivery {
+            event_id: id,
+            code,
+            others_acked: others_acked || answered,
+            message: format!(
+                "delivery failed, resending from the last confirmed position: {message}"
+            ),
+        },
+        Failure::Suspect { id, poison } => Error::Suspect {
+            message: format!(
+                "event {id} was refused ({}: {}), maybe only because of its batch; sending it alone",
+                poison.kind.label(),
+                poison.detail
+            ),
+            event_ids: vec![id],
+        },
+        Failure::Poison { poison, .. } => Error::Publish(format!(
+            "a refused record was not dead-lettered: {}",
+            poison.detail
+        )),
+    }
+}
+
+/// Where a refusal surfaced: whether it can be believed to be about this record.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum Seen {
+    /// Refused before it left the process: a check of this one record.
+    Send,
+    /// In a delivery report of a record that travelled with others: maybe a batchmate's.
+    InBatch,
+    /// In the delivery report of a record sent alone.
+    Alone,
+}
+
+/// What a sink's refusal of the record `id` to `topic` means for the session.
+pub(super) fn failure(
+    refusal: Refusal,
+    seen: Seen,
+    id: Option<String>,
+    topic: &str,
+    record: Option<Record>,
+) -> Failure {
+    let message = format!(
+        "event {} to topic {topic}: {}",
+        id.as_deref().unwrap_or("?"),
+        refusal.detail
+    );
+    if !refusal.code.is_empty() {
+        let label = match refusal.class {
+            Class::Record(_) => "record",
+            Class::Batchmate => "batchmate",
+            Class::Cluster => "cluster",
+            Class::Unclear | Class::Absent => "unclear",
+        };
+        metrics::counter!(m::DELIVERY_FAILURES, "class" => label, "code" => refusal.code.clone())
+            .increment(1);
+    }
+    match refusal.class {
+        Class::Record(kind) => {
+            let poison = Poison {
+                kind,
+                detail: refusal.detail,
+            };
+            match (seen, id, record) {
+                (Seen::InBatch, Some(id), _) => Failure::Suspect { id, poison },
+                (_, id, Some(record)) => Failure::Poison { id, record, poison },
+                // Nothing left to dead-letter: resend it.
+                (_, id, None) => Failure::Unclear {
+                    id,
+                    code: refusal.code,
+                    message,
+                    answered: false,
+                },
+            }
+        }
+        // Refused for another record of its batch: find which, sending them alone.
+        Class::Batchmate => match (seen, id) {
+            (Seen::InBatch, Some(id)) => Failure::Suspect {
+                id,
+                poison: Poison {
+                    kind: PoisonKind::Rejected,
+                    detail: refusal.detail,
+                },
+            },
+            (_, id) => Failure::Unclear {
+                id,
+                code: refusal.code,
+                message,
+                answered: false,
+            },
+        },
+        Class::Cluster => Failure::Cluster(message),
+        Class::Unclear | Class::Absent => Failure::Unclear {
+            id,
+            code: refusal.code,
+            message,
+            answered: refusal.class == Class::Absent,
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refusal(class: Class) -> Refusal {
+        Refusal {
+            class,
+            code: "NotFound".into(),
+            detail: "gone".into(),
+            alone: true,
+        }
+    }
+
+    fn others_acked(class: Class) -> Option<bool> {
+        let f = failure(refusal(class), Seen::Send, Some("e-1".into()), "q", None);
+        match failure_error(f, false) {
+            Error::Delivery { others_acked, .. } => Some(others_acked),
+            _ => None,
+        }
+    }
+
+    /// A missing destination at the head of a session: nothing else was sent, nothing acked.
+    /// The broker's answer still shows it is up, so the repeat counts (else the relay would
+    /// retry forever, holding every event behind it); an unclear refusal does not.
+    #[test]
+    fn an_absent_destination_counts_toward_retries_even_when_nothing_else_was_acked() {
+        assert_eq!(others_acked(Class::Absent), Some(true));
+        assert_eq!(others_acked(Class::Unclear), Some(false));
+    }
+}
