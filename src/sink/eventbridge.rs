@@ -1,4 +1,4 @@
-//! Amazon EventBridge: `PutEvents` (JSON 1.1), the service side of `aws::sink::AwsSink`.
+//! Amazon EventBridge: `PutEvents` (JSON 1.1), the service side of `batch::BatchSink`.
 //!
 //! ## What an event carries
 //!
@@ -40,8 +40,8 @@ use base64::Engine as _;
 use serde_json::{json, Map, Value};
 
 use super::aws::message::{request_refusal, BatchResults, Mapping};
-use super::aws::sink::{AwsSink, Service, Settings};
-use super::aws::{kind_of, AwsClient, AwsError, Kind};
+use super::aws::{kind_of, resolve_error, AwsClient, Kind};
+use super::batch::{BatchSink, Service, Settings};
 use super::lanes::BatchApi;
 use super::{Class, Refusal};
 use crate::config::{Config, KafkaConfig};
@@ -50,7 +50,7 @@ use crate::poison::PoisonKind;
 use crate::route::Record;
 
 /// The EventBridge sink.
-pub type EventBridgeSink = AwsSink<EventBridgeApi>;
+pub type EventBridgeSink = BatchSink<EventBridgeApi>;
 
 /// The member of `Detail` that carries the event id, headers and key.
 const META: &str = "outboxd";
@@ -72,6 +72,9 @@ impl PutEntry {
         14 + self.source.len() + self.detail_type.len() + self.detail.len()
     }
 }
+
+/// What to grant when EventBridge denies the relay (the fix of the exit-2 message).
+const PERMISSIONS: &str = "grant events:DescribeEventBus and events:PutEvents on the event buses";
 
 /// The EventBridge API the lanes call.
 pub struct EventBridgeApi {
@@ -225,15 +228,14 @@ impl BatchApi for EventBridgeApi {
 
 impl Service for EventBridgeApi {
     const NAME: &'static str = "eventbridge";
-    const PERMISSIONS: &'static str =
-        "grant events:DescribeEventBus and events:PutEvents on the event buses";
+    const MAX_ENTRIES: usize = 10;
 
-    fn client(&self) -> &AwsClient {
-        &self.client
+    fn origin(&self) -> String {
+        self.client.origin()
     }
 
     /// `DescribeEventBus`: the name or ARN is the address.
-    async fn resolve(&self, bus: &str) -> std::result::Result<Option<Arc<str>>, AwsError> {
+    async fn resolve(&self, bus: &str) -> Result<Option<Arc<str>>> {
         let body = json!({ "Name": bus }).to_string().into_bytes();
         match self
             .client
@@ -242,12 +244,12 @@ impl Service for EventBridgeApi {
         {
             Ok(_) => Ok(Some(bus.into())),
             Err(e) if e.code.contains("ResourceNotFound") => Ok(None),
-            Err(e) => Err(e),
+            Err(e) => Err(resolve_error(Self::NAME, PERMISSIONS, &e, &self.client)),
         }
     }
 
     /// EventBridge keeps no order and drops no repeat.
-    fn fifo(_bus: &str) -> bool {
+    fn one_per_key(_bus: &str) -> bool {
         false
     }
 
@@ -307,10 +309,11 @@ pub async fn connect(cfg: &Config, window: &KafkaConfig) -> Result<(EventBridgeS
     let api = EventBridgeApi {
         client: AwsClient::new(&cfg.aws, "events", "EVENTBRIDGE")?,
     };
-    AwsSink::connect(
+    BatchSink::connect(
         api,
         Settings {
-            fifo: false,
+            per_key_order: false,
+            broker_dedup: false,
             dead_letter: cfg.eventbridge.dead_letter_event_bus.clone(),
             dead_letter_key: "eventbridge.dead_letter_event_bus",
             max_bytes: cfg.eventbridge.max_entry_bytes,

@@ -4,12 +4,13 @@
 //! [`kafka::KafkaSink`] (its error codes are classified in [`classify`]),
 //! [`rabbitmq::RabbitSink`] (publisher confirms, mandatory) and [`nats::NatsSink`]
 //! (JetStream, `Nats-Msg-Id`), [`sqs::SqsSink`], [`sns::SnsSink`] and
-//! [`eventbridge::EventBridgeSink`] (batches through [`lanes`], one [`aws::sink::AwsSink`]
+//! [`eventbridge::EventBridgeSink`] (batches through [`lanes`], one [`batch::BatchSink`],
 //! signed by [`aws`]); [`broker::Broker`] is the one the relay holds, chosen by
 //! `[sink] kind`. What only Kafka does — transactions, the position topic — stays on
 //! `KafkaSink` itself.
 
 pub mod aws;
+pub mod batch;
 pub mod broker;
 pub mod classify;
 pub mod eventbridge;

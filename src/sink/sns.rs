@@ -1,4 +1,4 @@
-//! Amazon SNS: `PublishBatch` (query protocol), the service side of `aws::sink::AwsSink`.
+//! Amazon SNS: `PublishBatch` (query protocol), the service side of `batch::BatchSink`.
 //!
 //! A topic whose ARN ends in `.fifo` gets the same `MessageGroupId` (aggregate id) and
 //! `MessageDeduplicationId` (event id) as an SQS FIFO queue, and SNS keeps a group's order
@@ -9,9 +9,9 @@
 
 use std::sync::Arc;
 
-use super::aws::message::{request_refusal, BatchResults, Mapping, Message};
-use super::aws::sink::{message_entry, AwsSink, Service, Settings};
-use super::aws::{xml, AwsClient, AwsError};
+use super::aws::message::{message_entry, request_refusal, BatchResults, Mapping, Message};
+use super::aws::{resolve_error, xml, AwsClient, AwsError};
+use super::batch::{BatchSink, Service, Settings};
 use super::lanes::BatchApi;
 use super::Refusal;
 use crate::config::{Config, KafkaConfig};
@@ -19,7 +19,10 @@ use crate::error::Result;
 use crate::route::Record;
 
 /// The SNS sink.
-pub type SnsSink = AwsSink<SnsApi>;
+pub type SnsSink = BatchSink<SnsApi>;
+
+/// What to grant when the service denies the relay (the fix of the exit-2 message).
+const PERMISSIONS: &str = "grant sns:GetTopicAttributes and sns:Publish on the topics (and kms:GenerateDataKey, kms:Decrypt for an encrypted topic)";
 
 /// The SNS API the lanes call.
 pub struct SnsApi {
@@ -89,10 +92,10 @@ impl BatchApi for SnsApi {
 
 impl Service for SnsApi {
     const NAME: &'static str = "sns";
-    const PERMISSIONS: &'static str = "grant sns:GetTopicAttributes and sns:Publish on the topics (and kms:GenerateDataKey, kms:Decrypt for an encrypted topic)";
+    const MAX_ENTRIES: usize = 10;
 
-    fn client(&self) -> &AwsClient {
-        &self.client
+    fn origin(&self) -> String {
+        self.client.origin()
     }
 
     fn entry(
@@ -104,7 +107,15 @@ impl Service for SnsApi {
     }
 
     /// `GetTopicAttributes`: the ARN is the address; `NotFound` means no such topic.
-    async fn resolve(&self, arn: &str) -> std::result::Result<Option<Arc<str>>, AwsError> {
+    async fn resolve(&self, arn: &str) -> Result<Option<Arc<str>>> {
+        self.lookup(arn)
+            .await
+            .map_err(|e| resolve_error(Self::NAME, PERMISSIONS, &e, &self.client))
+    }
+}
+
+impl SnsApi {
+    async fn lookup(&self, arn: &str) -> std::result::Result<Option<Arc<str>>, AwsError> {
         let form = [
             ("Action", "GetTopicAttributes"),
             ("Version", "2010-03-31"),
@@ -129,10 +140,11 @@ pub async fn connect(
         client: AwsClient::new(&cfg.aws, "sns", "SNS")?,
     };
     let lanes = cfg.aws.max_concurrent_requests;
-    AwsSink::connect(
+    BatchSink::connect(
         api,
         Settings {
-            fifo: cfg.sns.topic_arn.ends_with(".fifo"),
+            per_key_order: cfg.sns.topic_arn.ends_with(".fifo"),
+            broker_dedup: cfg.sns.topic_arn.ends_with(".fifo"),
             dead_letter: cfg.sns.dead_letter_topic_arn.clone(),
             dead_letter_key: "sns.dead_letter_topic_arn",
             max_bytes: cfg.sns.max_message_bytes,

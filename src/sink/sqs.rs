@@ -1,4 +1,4 @@
-//! Amazon SQS: `SendMessageBatch` (JSON protocol), the service side of `aws::sink::AwsSink`.
+//! Amazon SQS: `SendMessageBatch` (JSON protocol), the service side of `batch::BatchSink`.
 //!
 //! ## FIFO queues
 //!
@@ -24,9 +24,9 @@ use std::sync::Arc;
 
 use serde_json::{json, Map, Value};
 
-use super::aws::message::{request_refusal, BatchResults, Mapping, Message};
-use super::aws::sink::{message_entry, AwsSink, Service, Settings};
-use super::aws::{AwsClient, AwsError, Kind};
+use super::aws::message::{message_entry, request_refusal, BatchResults, Mapping, Message};
+use super::aws::{resolve_error, AwsClient, AwsError, Kind};
+use super::batch::{BatchSink, Service, Settings};
 use super::lanes::BatchApi;
 use super::{Class, Refusal};
 use crate::config::{Config, KafkaConfig};
@@ -34,7 +34,10 @@ use crate::error::Result;
 use crate::route::Record;
 
 /// The SQS sink.
-pub type SqsSink = AwsSink<SqsApi>;
+pub type SqsSink = BatchSink<SqsApi>;
+
+/// What to grant when the service denies the relay (the fix of the exit-2 message).
+const PERMISSIONS: &str = "grant sqs:GetQueueUrl and sqs:SendMessage on the queues (and kms:GenerateDataKey, kms:Decrypt for an encrypted queue)";
 
 /// The SQS API the lanes call.
 pub struct SqsApi {
@@ -116,10 +119,10 @@ impl BatchApi for SqsApi {
 
 impl Service for SqsApi {
     const NAME: &'static str = "sqs";
-    const PERMISSIONS: &'static str = "grant sqs:GetQueueUrl and sqs:SendMessage on the queues (and kms:GenerateDataKey, kms:Decrypt for an encrypted queue)";
+    const MAX_ENTRIES: usize = 10;
 
-    fn client(&self) -> &AwsClient {
-        &self.client
+    fn origin(&self) -> String {
+        self.client.origin()
     }
 
     fn entry(
@@ -131,7 +134,15 @@ impl Service for SqsApi {
     }
 
     /// `GetQueueUrl`.
-    async fn resolve(&self, name: &str) -> std::result::Result<Option<Arc<str>>, AwsError> {
+    async fn resolve(&self, name: &str) -> Result<Option<Arc<str>>> {
+        self.lookup(name)
+            .await
+            .map_err(|e| resolve_error(Self::NAME, PERMISSIONS, &e, &self.client))
+    }
+}
+
+impl SqsApi {
+    async fn lookup(&self, name: &str) -> std::result::Result<Option<Arc<str>>, AwsError> {
         let body = json!({ "QueueName": name }).to_string().into_bytes();
         match self.client.json("AmazonSQS.GetQueueUrl", "1.0", body).await {
             Ok(answer) => {
@@ -166,10 +177,11 @@ pub async fn connect(
         client: AwsClient::new(&cfg.aws, "sqs", "SQS")?,
     };
     let lanes = cfg.aws.max_concurrent_requests;
-    AwsSink::connect(
+    BatchSink::connect(
         api,
         Settings {
-            fifo: cfg.sqs.queue.ends_with(".fifo"),
+            per_key_order: cfg.sqs.queue.ends_with(".fifo"),
+            broker_dedup: cfg.sqs.queue.ends_with(".fifo"),
             dead_letter: cfg.sqs.dead_letter_queue.clone(),
             dead_letter_key: "sqs.dead_letter_queue",
             max_bytes: cfg.sqs.max_message_bytes,

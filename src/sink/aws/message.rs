@@ -28,6 +28,8 @@ use crate::poison::PoisonKind;
 use crate::route::Record;
 use crate::sink::{Class, Refusal};
 
+pub use crate::sink::batch::Mapping;
+
 /// The most attributes a message may have.
 const MAX_ATTRIBUTES: usize = 10;
 
@@ -78,33 +80,7 @@ fn attribute_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
 }
 
-/// How records become messages for one sink.
-pub struct Mapping<'a> {
-    pub fifo: bool,
-    /// Prefix of deduplication ids (the outbox table).
-    pub namespace: &'a str,
-    /// `outboxd replay`: makes deduplication ids new.
-    pub replay_suffix: Option<&'a str>,
-    pub max_bytes: usize,
-    /// The size key, for the refusal (`sqs.max_message_bytes`).
-    pub max_bytes_key: &'static str,
-}
-
 impl Mapping<'_> {
-    /// The refusal of a message or entry of `size` bytes, over the limit (final: the record's
-    /// own).
-    pub fn too_large(&self, size: usize) -> Refusal {
-        Refusal {
-            class: Class::Record(PoisonKind::TooLarge),
-            code: "too_large".into(),
-            detail: format!(
-                "the message would be {size} bytes, over {} = {}",
-                self.max_bytes_key, self.max_bytes
-            ),
-            alone: true,
-        }
-    }
-
     /// The message for `record`; `Err` (the record's own, final) when it is larger than
     /// `max_bytes`.
     pub fn message(&self, record: &Record) -> Result<Message, Refusal> {
@@ -180,6 +156,13 @@ impl Mapping<'_> {
             size,
         })
     }
+}
+
+/// `Service::entry` of the services whose entries are [`Message`]s (SQS, SNS).
+pub fn message_entry(mapping: &Mapping<'_>, record: &Record) -> Result<(Message, usize), Refusal> {
+    let message = mapping.message(record)?;
+    let size = message.size;
+    Ok((message, size))
 }
 
 /// A refusal of a whole request: about the service, the connection or the credentials —

@@ -18,7 +18,6 @@
 pub mod credentials;
 pub mod message;
 pub mod sigv4;
-pub mod sink;
 pub mod xml;
 
 use std::sync::Arc;
@@ -243,6 +242,15 @@ impl AwsClient {
     }
 
     /// Where the credentials come from (for the start log).
+    /// `at <endpoint>, credentials from <source>`: the start line's (never a secret).
+    pub fn origin(&self) -> String {
+        format!(
+            "at {}, credentials from {}",
+            self.endpoint(),
+            self.credentials_source()
+        )
+    }
+
     pub fn credentials_source(&self) -> String {
         self.credentials.describe()
     }
@@ -423,6 +431,37 @@ fn parse_error(status: u16, json_type: Option<&str>, body: &[u8]) -> AwsError {
         kind: kind_of(&code, status),
         code,
         message,
+    }
+}
+
+/// An error while resolving a destination (at start, or one an event names): refused
+/// credentials or a missing permission are exit 2 naming where the credentials came from
+/// (never their secret) and what to grant (`permissions`); the rest is retried.
+pub fn resolve_error(
+    service: &str,
+    permissions: &str,
+    e: &AwsError,
+    client: &AwsClient,
+) -> crate::error::Error {
+    use crate::error::Error;
+    let source = client.credentials_source();
+    let name = service.to_uppercase();
+    match e.kind {
+        Kind::Credentials if e.code == "Credentials" => credentials_error(
+            credentials::CredentialsError::Invalid(e.message.clone()),
+        ),
+        Kind::Credentials => Error::setup(
+            format!(
+                "{name} at {} refused the AWS credentials from {source}: {e}",
+                client.endpoint()
+            ),
+            "check the access key and secret (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, or the profile) and aws.region",
+        ),
+        Kind::Denied => Error::setup(
+            format!("{name} denied the relay's identity ({source}): {e}"),
+            permissions,
+        ),
+        _ => Error::Publish(format!("{service} at {}: {e}", client.endpoint())),
     }
 }
 

@@ -1,6 +1,6 @@
-//! The sink of an AWS service that takes batches of entries with a result per entry (SQS
-//! `SendMessageBatch`, SNS `PublishBatch`, EventBridge `PutEvents`): written once, the
-//! service named by a [`Service`].
+//! The sink of a broker that takes batches of entries over HTTP (SQS `SendMessageBatch`, SNS
+//! `PublishBatch`, EventBridge `PutEvents`, Pub/Sub `publish`): written once, the broker
+//! named by a [`Service`].
 //!
 //! At connect the dead-letter destination is resolved — which proves the endpoint, the
 //! credentials and a permission before anything is read. Each destination an event names is
@@ -15,33 +15,33 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::message::{Mapping, Message};
-use super::{credentials_error, AwsClient, AwsError, Kind};
 use crate::error::{Error, Result};
 use crate::poison::PoisonKind;
 use crate::route::Record;
 use crate::sink::lanes::{BatchApi, Lanes, Limits};
 use crate::sink::{BoxDelivery, Class, Promises, Refusal, SendError, Sink};
 
-/// One AWS service's side of [`AwsSink`].
+/// One broker's side of [`BatchSink`].
 pub trait Service: BatchApi {
-    /// `sqs`, `sns`: in messages and metrics.
+    /// `sqs`, `sns`, `eventbridge`, `pubsub`: in messages and metrics.
     const NAME: &'static str;
-    /// What to grant when the service denies the relay (the fix of the exit-2 message).
-    const PERMISSIONS: &'static str;
+    /// The most entries a request takes.
+    const MAX_ENTRIES: usize;
 
-    fn client(&self) -> &AwsClient;
+    /// Where the sink publishes and with what credentials, for the start line (never a
+    /// secret): `at https://…, credentials from …`.
+    fn origin(&self) -> String;
 
     /// The address of destination `name` (a queue URL, a topic ARN), `None` if the service
-    /// says it does not exist.
-    fn resolve(
-        &self,
-        name: &str,
-    ) -> impl Future<Output = std::result::Result<Option<Arc<str>>, AwsError>> + Send;
+    /// says it does not exist. `Err`: a setup error (exit 2: credentials or a permission
+    /// refused) or one that waiting can mend.
+    fn resolve(&self, name: &str) -> impl Future<Output = Result<Option<Arc<str>>>> + Send;
 
-    /// Whether `destination` keeps a key's order and drops repeats (an SQS queue or SNS
-    /// topic whose name ends in `.fifo`).
-    fn fifo(destination: &str) -> bool {
+    /// Whether a batch to `destination` may hold one record per key only: the broker answers
+    /// per entry, so a key's second record could be stored while its first is refused (SQS
+    /// and SNS FIFO, whose names end in `.fifo`). Not for a broker that keeps no order, nor
+    /// for one whose requests are all-or-nothing.
+    fn one_per_key(destination: &str) -> bool {
         destination.ends_with(".fifo")
     }
 
@@ -63,33 +63,54 @@ pub trait Service: BatchApi {
     }
 }
 
-/// [`Service::entry`] of the services whose entries are [`Message`]s (SQS, SNS).
-pub fn message_entry(
-    mapping: &Mapping<'_>,
-    record: &Record,
-) -> std::result::Result<(Message, usize), Refusal> {
-    let message = mapping.message(record)?;
-    let size = message.size;
-    Ok((message, size))
+/// How records become entries for one sink.
+pub struct Mapping<'a> {
+    /// The destination keeps order and drops repeats (SQS/SNS FIFO: group and dedup ids).
+    pub fifo: bool,
+    /// Prefix of deduplication ids (the outbox table).
+    pub namespace: &'a str,
+    /// `outboxd replay`: makes deduplication ids new.
+    pub replay_suffix: Option<&'a str>,
+    pub max_bytes: usize,
+    /// The size key, for the refusal (`sqs.max_message_bytes`).
+    pub max_bytes_key: &'static str,
 }
 
-/// What an [`AwsSink`] is configured with.
+impl Mapping<'_> {
+    /// The refusal of a message or entry of `size` bytes, over the limit (final: the record's
+    /// own).
+    pub fn too_large(&self, size: usize) -> Refusal {
+        Refusal {
+            class: Class::Record(PoisonKind::TooLarge),
+            code: "too_large".into(),
+            detail: format!(
+                "the message would be {size} bytes, over {} = {}",
+                self.max_bytes_key, self.max_bytes
+            ),
+            alone: true,
+        }
+    }
+}
+
+/// What a [`BatchSink`] is configured with.
 pub struct Settings {
-    /// The destination template is FIFO (what `promises()` states).
-    pub fifo: bool,
+    /// What `promises()` states: the destination keeps a key's order (FIFO, ordering keys)…
+    pub per_key_order: bool,
+    /// … and drops repeats (FIFO deduplication).
+    pub broker_dedup: bool,
     /// The dead-letter destination and the key that names it.
     pub dead_letter: String,
     pub dead_letter_key: &'static str,
     pub max_bytes: usize,
     pub max_bytes_key: &'static str,
-    /// Lanes (`aws.max_concurrent_requests`).
+    /// Lanes (`aws.max_concurrent_requests`, `pubsub.max_concurrent_requests`).
     pub lanes: usize,
     pub delivery_timeout: Duration,
     /// Prefix of FIFO deduplication ids (the outbox table).
     pub namespace: String,
 }
 
-pub struct AwsSink<S: Service> {
+pub struct BatchSink<S: Service> {
     api: Arc<S>,
     lanes: Lanes<S::Entry>,
     /// Destination name → address (`None`: it does not exist).
@@ -99,14 +120,13 @@ pub struct AwsSink<S: Service> {
     replay_suffix: Option<String>,
 }
 
-impl<S: Service> AwsSink<S> {
+impl<S: Service> BatchSink<S> {
     /// Resolves the dead-letter destination (exit 2 when it does not exist or the
     /// credentials are refused) and starts the lanes. Returns the sink and its start line.
-    pub async fn connect(api: S, settings: Settings) -> Result<(AwsSink<S>, String)> {
-        let source = api.client().credentials_source();
-        let dead_letter = match api.resolve(&settings.dead_letter).await {
-            Ok(Some(address)) => address,
-            Ok(None) => {
+    pub async fn connect(api: S, settings: Settings) -> Result<(BatchSink<S>, String)> {
+        let dead_letter = match api.resolve(&settings.dead_letter).await? {
+            Some(address) => address,
+            None => {
                 return Err(Error::setup(
                     format!(
                         "the dead-letter destination {} does not exist ({})",
@@ -115,22 +135,21 @@ impl<S: Service> AwsSink<S> {
                     format!("create it, or point {} at one", settings.dead_letter_key),
                 ))
             }
-            Err(e) => return Err(start_error::<S>(&e, &source, api.client())),
         };
         let api = Arc::new(api);
         let limits = Limits {
-            max_entries: 10,
+            max_entries: S::MAX_ENTRIES,
             max_bytes: settings.max_bytes,
         };
         let lanes = Lanes::start(api.clone(), settings.lanes, limits);
         let line = format!(
-            "{} at {}, credentials from {source}, dead letters to {}",
+            "{} {}, dead letters to {}",
             S::NAME,
-            api.client().endpoint(),
+            api.origin(),
             settings.dead_letter
         );
         Ok((
-            AwsSink {
+            BatchSink {
                 api,
                 lanes,
                 destinations: HashMap::new(),
@@ -158,37 +177,13 @@ impl<S: Service> AwsSink<S> {
     }
 }
 
-/// An error while resolving at start (or a destination later): refused credentials or a
-/// missing permission are exit 2 naming where the credentials came from (never their
-/// secret); the rest is retried.
-fn start_error<S: Service>(e: &AwsError, source: &str, client: &AwsClient) -> Error {
-    let name = S::NAME.to_uppercase();
-    match e.kind {
-        Kind::Credentials if e.code == "Credentials" => credentials_error(
-            super::credentials::CredentialsError::Invalid(e.message.clone()),
-        ),
-        Kind::Credentials => Error::setup(
-            format!(
-                "{name} at {} refused the AWS credentials from {source}: {e}",
-                client.endpoint()
-            ),
-            "check the access key and secret (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, or the profile) and aws.region",
-        ),
-        Kind::Denied => Error::setup(
-            format!("{name} denied the relay's identity ({source}): {e}"),
-            S::PERMISSIONS,
-        ),
-        _ => Error::Publish(format!("{} at {}: {e}", S::NAME, client.endpoint())),
-    }
-}
-
-impl<S: Service> Sink for AwsSink<S> {
+impl<S: Service> Sink for BatchSink<S> {
     type Delivery = BoxDelivery;
 
     fn promises(&self) -> Promises {
         Promises {
-            per_key_order: self.settings.fifo,
-            broker_dedup: self.settings.fifo,
+            per_key_order: self.settings.per_key_order,
+            broker_dedup: self.settings.broker_dedup,
             transactions: false,
         }
     }
@@ -217,7 +212,7 @@ impl<S: Service> Sink for AwsSink<S> {
                 }))
             }
         };
-        let fifo = S::fifo(&record.topic);
+        let fifo = S::one_per_key(&record.topic);
         let (entry, size) = self
             .api
             .entry(&self.mapping(fifo), record)
@@ -229,19 +224,12 @@ impl<S: Service> Sink for AwsSink<S> {
         if self.destinations.contains_key(&record.topic) {
             return Ok(());
         }
-        match self.api.resolve(&record.topic).await {
-            Ok(address) => {
-                if address.is_none() {
-                    tracing::warn!(destination = %record.topic, sink = S::NAME, "the destination does not exist; its events are retried and dead-lettered after sink.max_record_retries failures");
-                }
-                self.destinations.insert(record.topic.clone(), address);
-                Ok(())
-            }
-            Err(e) => {
-                let source = self.api.client().credentials_source();
-                Err(start_error::<S>(&e, &source, self.api.client()))
-            }
+        let address = self.api.resolve(&record.topic).await?;
+        if address.is_none() {
+            tracing::warn!(destination = %record.topic, sink = S::NAME, "the destination does not exist; its events are retried and dead-lettered after sink.max_record_retries failures");
         }
+        self.destinations.insert(record.topic.clone(), address);
+        Ok(())
     }
 
     /// Sends the record to the dead-letter destination with `outboxd.dlq.reason`, `.topic`
@@ -253,7 +241,7 @@ impl<S: Service> Sink for AwsSink<S> {
         detail: &str,
     ) -> std::result::Result<(), String> {
         let dlq = crate::sink::dead_letter_record(record, kind, detail);
-        let fifo = S::fifo(&self.settings.dead_letter);
+        let fifo = S::one_per_key(&self.settings.dead_letter);
         let (entry, _) = self
             .api
             .dead_letter_entry(&self.mapping(fifo), &dlq)
