@@ -39,6 +39,11 @@
 #                            in DIR; with AUTH = 1 it checks every request's signature and
 #                            access key (INITIAL_NO_AUTH_ACTION_COUNT=3: three calls to set up a
 #                            user first); prints its endpoint URL
+#   scripts/stack.sh pubsub-start DIR
+#                            Google's Pub/Sub emulator (the Debian package
+#                            google-cloud-cli-pubsub-emulator, Java) of its own in DIR, port kept
+#                            in DIR/port; prints its endpoint URL (in memory: a restart loses
+#                            its topics)
 #   scripts/stack.sh broker-kill DIR, broker-stop DIR [--remove]
 #                            SIGKILL / stop that server (--remove: and its directory)
 #
@@ -144,6 +149,36 @@ ensure_moto() {
   command -v moto_server >/dev/null && return 0
   log "installing moto[server] from PyPI"
   python3 -m pip install --quiet 'moto[server]>=5.1' >&2
+}
+
+# pubsub_jar: the Pub/Sub emulator's jar, from the google-cloud-cli-pubsub-emulator package
+# (installed with apt when missing — it comes from Google's Cloud SDK repository, which this
+# kind of machine has configured).
+pubsub_jar() {
+  local jar
+  jar=$(dpkg -L google-cloud-cli-pubsub-emulator 2>/dev/null | grep -m1 'all\.jar$' || true)
+  if [ -z "$jar" ]; then
+    log "installing google-cloud-cli-pubsub-emulator"
+    apt-get install -y -q google-cloud-cli-pubsub-emulator >&2 || true
+    jar=$(dpkg -L google-cloud-cli-pubsub-emulator 2>/dev/null | grep -m1 'all\.jar$' || true)
+  fi
+  if [ -z "$jar" ]; then
+    log "the Pub/Sub emulator (Debian package google-cloud-cli-pubsub-emulator) is not installed and could not be"
+    return 1
+  fi
+  echo "$jar"
+}
+
+start_pubsub() {
+  local dir=$1 port jar
+  jar=$(pubsub_jar)
+  mkdir -p "$dir"
+  [ -f "$dir/port" ] || free_port >"$dir/port"
+  port=$(cat "$dir/port")
+  setsid java -Xms32m -Xmx512m -XX:+UseSerialGC -XX:TieredStopAtLevel=1 -jar "$jar" --host=127.0.0.1 --port="$port" </dev/null >>"$dir/pubsub.log" 2>&1 &
+  echo $! >"$dir/pubsub.pid"
+  wait_port "$port" pubsub-emulator
+  echo "http://127.0.0.1:$port" >"$dir/url"
 }
 
 # free_port: a port nobody listens on, chosen at random *below* the kernel's ephemeral range
@@ -594,7 +629,7 @@ start_moto() {
 # clean stop; KILL: a crash), and, for RabbitMQ, the epmd it started on its own port.
 stop_broker() {
   local dir=$1 signal=$2 f pid i epmd
-  for f in "$dir/nats.pid" "$dir/rabbitmq.pid" "$dir/elasticmq.pid" "$dir/moto.pid"; do
+  for f in "$dir/nats.pid" "$dir/rabbitmq.pid" "$dir/elasticmq.pid" "$dir/moto.pid" "$dir/pubsub.pid"; do
     [ -f "$f" ] || continue
     pid=$(cat "$f")
     kill "-$signal" -- "-$pid" 2>/dev/null || true
@@ -680,7 +715,8 @@ case "${1:-}" in
   rabbitmq-ctl) dir=$2; shift 2; rabbitmq_ctl "$dir" "$@" ;;
   elasticmq-start) start_elasticmq "$2" "${3:-}"; cat "$2/url" ;;
   moto-start) start_moto "$2" "${3:-}"; cat "$2/url" ;;
+  pubsub-start) start_pubsub "$2"; cat "$2/url" ;;
   broker-kill) stop_broker "$2" KILL ;;
   broker-stop) stop_broker "$2" TERM; if [ "${3:-}" = --remove ]; then rm -rf "$2"; fi ;;
-  *) echo "usage: $0 up|down|env|install|pg-start DIR PORT [OPTIONS]|pg-stop DIR|pg-crash-restart DIR|tls-certs DIR|kafka-start DIR [PROP=VALUE...]|kafka-start-sasl DIR USER PASSWORD|kafka-cluster-start DIR N [PROP=VALUE...]|kafka-node-kill DIR I|kafka-node-start DIR I|kafka-stop DIR|nats-start DIR|rabbitmq-start DIR|elasticmq-start DIR|moto-start DIR [AUTH]|broker-kill DIR|broker-stop DIR [--remove]" >&2; exit 2 ;;
+  *) echo "usage: $0 up|down|env|install|pg-start DIR PORT [OPTIONS]|pg-stop DIR|pg-crash-restart DIR|tls-certs DIR|kafka-start DIR [PROP=VALUE...]|kafka-start-sasl DIR USER PASSWORD|kafka-cluster-start DIR N [PROP=VALUE...]|kafka-node-kill DIR I|kafka-node-start DIR I|kafka-stop DIR|nats-start DIR|rabbitmq-start DIR|elasticmq-start DIR|moto-start DIR [AUTH]|pubsub-start DIR|broker-kill DIR|broker-stop DIR [--remove]" >&2; exit 2 ;;
 esac

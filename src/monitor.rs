@@ -111,6 +111,11 @@ impl Probe {
                 .map_or(Probe::None, Probe::Tcp),
             SinkKind::Sns => crate::sink::aws::endpoint_host(&cfg.aws, "sns", "SNS")
                 .map_or(Probe::None, Probe::Tcp),
+            SinkKind::PubSub => {
+                let url = &cfg.pubsub.endpoint;
+                let tls = url.starts_with("https://");
+                first_host(url, if tls { 443 } else { 80 }).map_or(Probe::None, Probe::Tcp)
+            }
             SinkKind::EventBridge => {
                 crate::sink::aws::endpoint_host(&cfg.aws, "events", "EVENTBRIDGE")
                     .map_or(Probe::None, Probe::Tcp)

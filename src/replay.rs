@@ -180,6 +180,7 @@ pub async fn verify(cfg: &Config, sel: &Selection) -> Result<Verification> {
             (Err(_), SinkKind::Sqs) => cfg.sqs.dead_letter_queue.clone(),
             (Err(_), SinkKind::Sns) => cfg.sns.dead_letter_topic_arn.clone(),
             (Err(_), SinkKind::EventBridge) => cfg.eventbridge.dead_letter_event_bus.clone(),
+            (Err(_), SinkKind::PubSub) => cfg.pubsub.dead_letter_topic.clone(),
             (Err(_), _) => cfg.kafka.dlq_topic.clone(),
         };
         by_topic.entry(topic).or_default().push(event.id.clone());
@@ -205,6 +206,12 @@ pub async fn verify(cfg: &Config, sel: &Selection) -> Result<Verification> {
             return Err(Error::setup(
                 "verify cannot read SNS back: a topic keeps nothing, it hands each message to its subscriptions",
                 "check deliveries at the subscriptions (the `id` message attribute), or replay what they miss",
+            ))
+        }
+        SinkKind::PubSub => {
+            return Err(Error::setup(
+                "verify cannot read Pub/Sub back: a topic keeps nothing for a subscription created after the fact (unless the topic retains messages), and reading the relay's consumers' subscriptions would take their messages",
+                "check deliveries at the subscriptions (the `id` attribute), or replay what they miss",
             ))
         }
         SinkKind::EventBridge => {

@@ -124,6 +124,11 @@ impl Router {
                 None,
                 Naming::SnsTopicArn,
             ),
+            SinkKind::PubSub => (
+                parse("pubsub.topic", &cfg.pubsub.topic)?,
+                None,
+                Naming::PubSubTopic,
+            ),
             SinkKind::EventBridge => {
                 let eb = &cfg.eventbridge;
                 detail_type = Some(parse("eventbridge.detail_type", &eb.detail_type)?);
@@ -154,6 +159,7 @@ impl Router {
                 SinkKind::Sqs => vec![cfg.sqs.dead_letter_queue.clone()],
                 SinkKind::Sns => vec![cfg.sns.dead_letter_topic_arn.clone()],
                 SinkKind::EventBridge => vec![cfg.eventbridge.dead_letter_event_bus.clone()],
+                SinkKind::PubSub => vec![cfg.pubsub.dead_letter_topic.clone()],
                 SinkKind::RabbitMq => Vec::new(),
             },
         })

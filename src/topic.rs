@@ -159,6 +159,18 @@ pub fn valid_event_bus(bus: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"._-/".contains(&b))
 }
 
+/// A topic id Pub/Sub takes: 3–255 of letters, digits, `-_.~+%`, starting with a letter, not
+/// `goog…`.
+pub fn valid_pubsub_topic(id: &str) -> bool {
+    id.len() >= 3
+        && id.len() <= 255
+        && id.starts_with(|c: char| c.is_ascii_alphabetic())
+        && !id.to_ascii_lowercase().starts_with("goog")
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.~+%".contains(&b))
+}
+
 /// Which broker's rule a rendered destination name must follow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Naming {
@@ -170,6 +182,8 @@ pub enum Naming {
     SnsTopicArn,
     /// An EventBridge event bus (name or ARN).
     EventBus,
+    /// A Pub/Sub topic id (in `pubsub.project`).
+    PubSubTopic,
 }
 
 impl Naming {
@@ -195,6 +209,10 @@ impl Naming {
             Naming::EventBus => (
                 valid_event_bus(name),
                 "an EventBridge event bus name (1–256 of letters, digits, `.`, `-`, `_`, `/`) or ARN",
+            ),
+            Naming::PubSubTopic => (
+                valid_pubsub_topic(name),
+                "a Pub/Sub topic id (3–255 of letters, digits, `-_.~+%`, starting with a letter, not `goog…`)",
             ),
         };
         if ok {

@@ -265,15 +265,7 @@ async fn sqs_event_over_the_size_limit_is_dead_lettered_with_its_reason_and_the_
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sqs_path_gone_silent_mid_stream_is_noticed_and_nothing_is_lost() {
     let rig = Rig::new("sqs_silent", true, "").await;
-    let port: u16 = rig.broker.url.rsplit(':').next().unwrap().parse().unwrap();
-    let proxy = common::proxy::Proxy::start(([127, 0, 0, 1], port).into());
-    let text = std::fs::read_to_string(&rig.config).unwrap();
-    let via = text.replace(
-        &format!("endpoint_url = \"{}\"", rig.broker.url),
-        &format!("endpoint_url = \"http://127.0.0.1:{}\"", proxy.port),
-    );
-    assert_ne!(text, via);
-    std::fs::write(&rig.config, via).unwrap();
+    let proxy = route_through_proxy(&rig.config, "endpoint_url", &rig.broker.url);
     let writer = rig.steady_writer(16, 0, 0xb1ac);
     let mut relay = rig.relay();
     tokio::time::sleep(Duration::from_secs(4)).await;

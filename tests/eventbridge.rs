@@ -145,25 +145,13 @@ async fn eventbridge_event_it_cannot_carry_is_dead_lettered_with_its_reason_and_
     assert_written_in_any_order(&normalized(&written), &received);
     let expect: HashSet<String> = poison.iter().map(|(id, _)| id.clone()).collect();
     let mut dead = dead_letter_reasons(rig.read(&rig.dlq_url, &expect).await);
+    // A session that ends after a dead letter (a stall while moto is slow) sends it again
+    // from the confirmed position: the same id, at least once.
     dead.sort();
+    dead.dedup();
     poison.sort();
     assert_eq!(dead, poison, "dead letters; log:\n{}", relay.log_text());
-    let mut reason = None;
-    for _ in 0..100 {
-        let row = client
-            .query_opt(
-                "SELECT reason, error FROM outboxd_dead_letter WHERE event_id = $1",
-                &[&big_id],
-            )
-            .await
-            .unwrap();
-        if let Some(row) = row {
-            reason = Some((row.get::<_, String>(0), row.get::<_, String>(1)));
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    let (reason, error) = reason.expect("the oversized event was not dead-lettered");
+    let (reason, error) = dead_letter_row(&client, &big_id).await;
     assert_eq!(reason, "too_large");
     assert!(error.contains("eventbridge.max_entry_bytes"), "{error}");
     relay.assert_running();

@@ -41,6 +41,8 @@ struct RawConfig {
     #[serde(default)]
     eventbridge: super::aws::RawEventBridge,
     #[serde(default)]
+    pubsub: super::pubsub::RawPubSub,
+    #[serde(default)]
     cdc: super::cdc::RawCdc,
 }
 
@@ -309,6 +311,7 @@ impl Config {
         let sqs = super::aws::sqs(raw.sqs)?;
         let sns = super::aws::sns(raw.sns, sink == SinkKind::Sns)?;
         let eventbridge = super::aws::eventbridge(raw.eventbridge, sink == SinkKind::EventBridge)?;
+        let pubsub = super::pubsub::pubsub(raw.pubsub, sink == SinkKind::PubSub)?;
         let cdc = super::cdc::load(raw.cdc)?;
         if !outbox && !cdc.enabled() {
             return Err(invalid(
@@ -388,6 +391,7 @@ impl Config {
             sqs,
             sns,
             eventbridge,
+            pubsub,
         })
     }
 }

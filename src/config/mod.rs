@@ -16,6 +16,7 @@ pub mod aws_profile;
 mod cdc;
 mod kafka;
 mod load;
+mod pubsub;
 mod redact;
 mod sinks;
 mod snapshot;
@@ -25,6 +26,7 @@ pub use cdc::{
     BinaryMode, CdcConfig, DecimalMode, HstoreMode, IntervalMode, Modes, Operations, TimeMode,
     ToastMode,
 };
+pub use pubsub::PubSubConfig;
 pub use redact::redact_url;
 pub use snapshot::{SnapshotConfig, SnapshotMode};
 
@@ -67,6 +69,7 @@ pub struct Config {
     pub sqs: SqsConfig,
     pub sns: SnsConfig,
     pub eventbridge: EventBridgeConfig,
+    pub pubsub: PubSubConfig,
 }
 
 /// Which broker the relay publishes to.
@@ -80,6 +83,7 @@ pub enum SinkKind {
     /// Amazon SNS (standard and FIFO topics).
     Sns,
     EventBridge,
+    PubSub,
 }
 
 impl SinkKind {
@@ -91,6 +95,7 @@ impl SinkKind {
             SinkKind::Sqs => "sqs",
             SinkKind::Sns => "sns",
             SinkKind::EventBridge => "eventbridge",
+            SinkKind::PubSub => "pubsub",
         }
     }
 }
@@ -508,6 +513,7 @@ mod tests {
             format!("{:?}", c.eventbridge),
             format!("{:?}", d.eventbridge)
         );
+        assert_eq!(format!("{:?}", c.pubsub), format!("{:?}", d.pubsub));
     }
 
     #[test]

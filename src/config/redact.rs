@@ -207,6 +207,7 @@ impl fmt::Debug for Config {
             .field("sqs", &self.sqs)
             .field("sns", &self.sns)
             .field("eventbridge", &self.eventbridge)
+            .field("pubsub", &self.pubsub)
             .finish()
     }
 }

@@ -144,9 +144,12 @@ pub(super) fn sink_kind(sink: &RawSink) -> Result<SinkKind, ConfigError> {
         "sqs" => Ok(SinkKind::Sqs),
         "sns" => Ok(SinkKind::Sns),
         "eventbridge" => Ok(SinkKind::EventBridge),
+        "pubsub" => Ok(SinkKind::PubSub),
         other => Err(invalid(
             "sink.kind",
-            format!("`{other}` is not one of: kafka, rabbitmq, nats, sqs, sns, eventbridge"),
+            format!(
+                "`{other}` is not one of: kafka, rabbitmq, nats, sqs, sns, eventbridge, pubsub"
+            ),
         )),
     }
 }

@@ -9,6 +9,7 @@ use std::time::Duration;
 use super::eventbridge::EventBridgeSink;
 use super::kafka::{KafkaDelivery, KafkaSink};
 use super::nats::NatsSink;
+use super::pubsub::PubSubSink;
 use super::rabbitmq::RabbitSink;
 use super::sns::SnsSink;
 use super::sqs::SqsSink;
@@ -26,6 +27,7 @@ pub enum Broker {
     Sqs(SqsSink),
     Sns(SnsSink),
     EventBridge(EventBridgeSink),
+    PubSub(PubSubSink),
 }
 
 /// The delivery future of a [`Broker`].
@@ -80,6 +82,10 @@ impl Broker {
                 let (sink, line) = super::eventbridge::connect(cfg, &cfg.kafka).await?;
                 Ok((Broker::EventBridge(sink), line))
             }
+            SinkKind::PubSub => {
+                let (sink, line) = super::pubsub::connect(cfg, &cfg.kafka).await?;
+                Ok((Broker::PubSub(sink), line))
+            }
         }
     }
 
@@ -117,6 +123,7 @@ impl Sink for Broker {
             Broker::Sqs(s) => s.promises(),
             Broker::Sns(s) => s.promises(),
             Broker::EventBridge(s) => s.promises(),
+            Broker::PubSub(s) => s.promises(),
         }
     }
 
@@ -128,6 +135,7 @@ impl Sink for Broker {
             Broker::Sqs(s) => s.flush(timeout),
             Broker::Sns(s) => s.flush(timeout),
             Broker::EventBridge(s) => s.flush(timeout),
+            Broker::PubSub(s) => s.flush(timeout),
         }
     }
 
@@ -139,6 +147,7 @@ impl Sink for Broker {
             Broker::Sqs(s) => BrokerDelivery::Other(s.send(record).await?),
             Broker::Sns(s) => BrokerDelivery::Other(s.send(record).await?),
             Broker::EventBridge(s) => BrokerDelivery::Other(s.send(record).await?),
+            Broker::PubSub(s) => BrokerDelivery::Other(s.send(record).await?),
         })
     }
 
@@ -150,6 +159,7 @@ impl Sink for Broker {
             Broker::Sqs(s) => s.ensure_topic(record).await,
             Broker::Sns(s) => s.ensure_topic(record).await,
             Broker::EventBridge(s) => s.ensure_topic(record).await,
+            Broker::PubSub(s) => s.ensure_topic(record).await,
         }
     }
 
@@ -166,6 +176,7 @@ impl Sink for Broker {
             Broker::Sqs(s) => s.dead_letter(record, kind, detail).await,
             Broker::Sns(s) => s.dead_letter(record, kind, detail).await,
             Broker::EventBridge(s) => s.dead_letter(record, kind, detail).await,
+            Broker::PubSub(s) => s.dead_letter(record, kind, detail).await,
         }
     }
 
@@ -177,6 +188,7 @@ impl Sink for Broker {
             Broker::Sqs(s) => s.delivery_timeout(),
             Broker::Sns(s) => s.delivery_timeout(),
             Broker::EventBridge(s) => s.delivery_timeout(),
+            Broker::PubSub(s) => s.delivery_timeout(),
         }
     }
 }

@@ -230,11 +230,14 @@ async fn run_lane<A: BatchApi>(
                 }
             }
             Err(refusal) => {
+                // The whole request was refused (a broker whose requests are all-or-nothing,
+                // or no answer): every record gets the refusal and, for a dead letter when it
+                // travelled alone and the refusal is about it, the record.
                 broken = Some(refusal.detail.clone());
-                for (done, _) in waiting {
+                for (done, record) in waiting {
                     let _ = done.send(Err(Failed {
                         refusal: refusal.clone(),
-                        record: None,
+                        record: Some(record),
                     }));
                 }
             }

@@ -340,3 +340,36 @@ pub async fn rabbitmq_read(
     let _ = conn.close(200, "done".into()).await;
     out
 }
+
+/// Waits (10 s at most) for event `id` in the dead-letter table; its `(reason, error)`.
+pub async fn dead_letter_row(client: &tokio_postgres::Client, id: &str) -> (String, String) {
+    for _ in 0..50 {
+        let row = client
+            .query_opt(
+                "SELECT reason, error FROM outboxd_dead_letter WHERE event_id = $1",
+                &[&id],
+            )
+            .await
+            .unwrap();
+        if let Some(row) = row {
+            return (row.get(0), row.get(1));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!("event {id} never reached the dead-letter table");
+}
+
+/// A TCP proxy in front of `url` (`http://127.0.0.1:PORT`), and `config`'s `key = "url"`
+/// line pointed at it.
+pub fn route_through_proxy(config: &Path, key: &str, url: &str) -> proxy::Proxy {
+    let port: u16 = url.rsplit(':').next().unwrap().parse().unwrap();
+    let proxy = proxy::Proxy::start(([127, 0, 0, 1], port).into());
+    let text = std::fs::read_to_string(config).unwrap();
+    let via = text.replace(
+        &format!("{key} = \"{url}\""),
+        &format!("{key} = \"http://127.0.0.1:{}\"", proxy.port),
+    );
+    assert_ne!(text, via, "no `{key} = \"{url}\"` in the config");
+    std::fs::write(config, via).unwrap();
+    proxy
+}

@@ -6,6 +6,7 @@
 mod aws;
 mod brokers;
 mod debezium;
+mod gcp;
 mod kafka;
 mod pg;
 pub mod proxy;
@@ -18,6 +19,8 @@ pub use aws::*;
 pub use brokers::*;
 #[allow(unused_imports)] // only the Debezium comparisons use it
 pub use debezium::*;
+#[allow(unused_imports)] // only the Pub/Sub sink tests use them
+pub use gcp::*;
 pub use kafka::*;
 pub use pg::*;
 pub use relay::*;

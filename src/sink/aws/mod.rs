@@ -241,7 +241,6 @@ impl AwsClient {
         })
     }
 
-    /// Where the credentials come from (for the start log).
     /// `at <endpoint>, credentials from <source>`: the start line's (never a secret).
     pub fn origin(&self) -> String {
         format!(
@@ -251,6 +250,7 @@ impl AwsClient {
         )
     }
 
+    /// Where the credentials come from (for the start log).
     pub fn credentials_source(&self) -> String {
         self.credentials.describe()
     }
