@@ -1,9 +1,12 @@
-//! Backlog-drain benchmark for the RabbitMQ, NATS and SQS sinks: `--events` are committed
-//! first, then a real `outboxd run` starts; throughput is N / (relay start → the broker holds
-//! all N). "Holds" is read from the broker itself: the stream's message count (NATS), the
-//! bound queue's message count (RabbitMQ), the queue's `ApproximateNumberOfMessages` (SQS on
-//! ElasticMQ; SNS on moto: the queue subscribed to the topic). Prints events/s, the relay's CPU seconds and peak RSS.
-//! Run it with `scripts/bench.sh --sink nats|rabbitmq|sqs`.
+//! Backlog-drain benchmark for the sinks other than Kafka: `--events` are committed first,
+//! then a real `outboxd run` starts; throughput is N / (relay start → the broker holds all N).
+//! "Holds" is read from the broker itself where it can say: the stream's message count (NATS),
+//! the bound queue's message count (RabbitMQ), the queue's `ApproximateNumberOfMessages` (SQS
+//! on ElasticMQ; SNS on moto: the queue subscribed to the topic), what a subscription pulled
+//! (Pub/Sub on its emulator). EventBridge on moto: a bus without rules (moto passes ~10 events
+//! a second through a rule), counted by the relay's `outboxd_events_published_total` — each
+//! an entry `PutEvents` answered with an `EventId`. Prints events/s, the relay's CPU seconds
+//! and peak RSS. Run it with `scripts/bench.sh --sink nats|rabbitmq|sqs|sns|eventbridge|pubsub`.
 
 #[path = "support/proc.rs"]
 mod proc_stats;
@@ -30,6 +33,49 @@ enum SinkKind {
     Rabbitmq,
     Sqs,
     Sns,
+    Eventbridge,
+    Pubsub,
+}
+
+/// How the bench reads how many events the broker holds.
+enum Counter {
+    Nats(String, String),
+    /// The connection is held (`_conn`): the channel closes with it.
+    Rabbit {
+        _conn: lapin::Connection,
+        ch: lapin::Channel,
+        queue: String,
+    },
+    Sqs(outboxd::sink::aws::AwsClient, String),
+    /// The relay's `/metrics` at this address.
+    Published(String),
+    /// Pulls (and acknowledges) subscription `.1` of the emulator at `.0`, counting.
+    PubSub(String, String, u64),
+}
+
+impl Counter {
+    async fn held(&mut self) -> anyhow::Result<u64> {
+        match self {
+            Counter::Nats(url, stream) => nats_count(url, stream).await,
+            Counter::Rabbit { ch, queue, .. } => Ok(ch
+                .queue_declare(
+                    queue.as_str().into(),
+                    QueueDeclareOptions {
+                        passive: true,
+                        ..Default::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await?
+                .message_count() as u64),
+            Counter::Sqs(client, queue) => sqs_count(client, queue).await,
+            Counter::Published(addr) => published(addr).await,
+            Counter::PubSub(url, sub, n) => {
+                *n += pubsub_pull(url, sub).await?;
+                Ok(*n)
+            }
+        }
+    }
 }
 
 #[derive(Parser, Debug)]
@@ -87,24 +133,51 @@ async fn main() -> anyhow::Result<()> {
             args.url,
             if args.standard { "" } else { ".fifo" }
         ),
+        SinkKind::Eventbridge => format!(
+            "[sink]\nkind = \"eventbridge\"\n[eventbridge]\nevent_bus = \"{db}-{{aggregatetype}}\"\ndead_letter_event_bus = \"{db}-dlq\"\n[aws]\nregion = \"us-east-1\"\nendpoint_url = \"{0}\"\n",
+            args.url,
+        ),
+        SinkKind::Pubsub => format!(
+            "[sink]\nkind = \"pubsub\"\n[pubsub]\nproject = \"outboxd-bench\"\nendpoint = \"{0}\"\ntopic = \"{db}-{{aggregatetype}}\"\ndead_letter_topic = \"{db}-dlq\"\n",
+            args.url,
+        ),
     };
+    let metrics_addr = format!("127.0.0.1:{}", free_port()?);
     let config = dir.join("outboxd.toml");
     std::fs::write(
         &config,
         format!(
-            "[postgres]\nurl = \"{url}\"\nslot = \"{db}\"\n{sink}{}\n",
+            "[postgres]\nurl = \"{url}\"\nslot = \"{db}\"\n[http]\naddr = \"{metrics_addr}\"\n{sink}{}\n",
             args.extra_config
         ),
     )?;
     relay::migrate(&args.relay, &config)?;
-    let amqp = match args.sink {
-        SinkKind::Rabbitmq => Some(rabbitmq_queue(&args.url, &db).await?),
-        _ => None,
-    };
-    let sqs = match args.sink {
-        SinkKind::Sqs => Some(sqs_queues(&args.url, &db, !args.standard).await?),
-        SinkKind::Sns => Some(sns_topics(&args.url, &db, !args.standard).await?),
-        _ => None,
+    let mut counter = match args.sink {
+        SinkKind::Rabbitmq => {
+            let (conn, ch) = rabbitmq_queue(&args.url, &db).await?;
+            Counter::Rabbit {
+                _conn: conn,
+                ch,
+                queue: db.clone(),
+            }
+        }
+        SinkKind::Sqs => {
+            let (client, queue) = sqs_queues(&args.url, &db, !args.standard).await?;
+            Counter::Sqs(client, queue)
+        }
+        SinkKind::Sns => {
+            let (client, queue) = sns_topics(&args.url, &db, !args.standard).await?;
+            Counter::Sqs(client, queue)
+        }
+        SinkKind::Nats => Counter::Nats(args.url.clone(), db.to_uppercase()),
+        SinkKind::Eventbridge => {
+            eventbridge_buses(&args.url, &db).await?;
+            Counter::Published(metrics_addr.clone())
+        }
+        SinkKind::Pubsub => {
+            pubsub_topics(&args.url, &db).await?;
+            Counter::PubSub(args.url.clone(), format!("{db}-bench"), 0)
+        }
     };
 
     let (client, conn) = tokio_postgres::connect(&url, NoTls).await?;
@@ -142,21 +215,7 @@ async fn main() -> anyhow::Result<()> {
     let pid = relay.id();
     let deadline = started + Duration::from_secs(600);
     loop {
-        let held = match (&amqp, &sqs) {
-            (_, Some((client, queue))) => sqs_count(client, queue).await.unwrap_or(0),
-            (Some((_, ch)), _) => ch
-                .queue_declare(
-                    db.as_str().into(),
-                    QueueDeclareOptions {
-                        passive: true,
-                        ..Default::default()
-                    },
-                    FieldTable::default(),
-                )
-                .await?
-                .message_count() as u64,
-            (None, _) => nats_count(&args.url, &db.to_uppercase()).await.unwrap_or(0),
-        };
+        let held = counter.held().await.unwrap_or(0);
         if held >= n {
             break;
         }
@@ -363,4 +422,113 @@ async fn rabbitmq_queue(
     )
     .await?;
     Ok((conn, ch))
+}
+
+/// A port nobody listens on (the relay's `/metrics` for this run).
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// The relay's `outboxd_events_published_total`, summed over topics.
+async fn published(addr: &str) -> anyhow::Result<u64> {
+    let text = reqwest::get(format!("http://{addr}/metrics"))
+        .await?
+        .text()
+        .await?;
+    Ok(text
+        .lines()
+        .filter(|l| l.starts_with("outboxd_events_published_total"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64)
+}
+
+/// The buses `<db>-bench` and `<db>-dlq`, without rules.
+async fn eventbridge_buses(url: &str, db: &str) -> anyhow::Result<()> {
+    let events = aws_client(url, "events")?;
+    for bus in ["bench", "dlq"] {
+        let body = serde_json::json!({ "Name": format!("{db}-{bus}") });
+        events
+            .json(
+                "AWSEvents.CreateEventBus",
+                "1.1",
+                body.to_string().into_bytes(),
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("events CreateEventBus: {e}"))?;
+    }
+    Ok(())
+}
+
+/// `method` on the emulator's `projects/outboxd-bench/<path>`.
+async fn pubsub_call(
+    url: &str,
+    method: reqwest::Method,
+    path: &str,
+    body: serde_json::Value,
+) -> anyhow::Result<serde_json::Value> {
+    let answer = reqwest::Client::new()
+        .request(method, format!("{url}/v1/projects/outboxd-bench/{path}"))
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await?;
+    let status = answer.status();
+    let bytes = answer.bytes().await?;
+    if !status.is_success() {
+        bail!(
+            "pubsub {path}: {status}: {}",
+            String::from_utf8_lossy(&bytes)
+        );
+    }
+    Ok(serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null))
+}
+
+/// The topics `<db>-bench` (with an ordered subscription of the same name) and `<db>-dlq`.
+async fn pubsub_topics(url: &str, db: &str) -> anyhow::Result<()> {
+    use reqwest::Method;
+    for t in ["bench", "dlq"] {
+        pubsub_call(
+            url,
+            Method::PUT,
+            &format!("topics/{db}-{t}"),
+            serde_json::json!({}),
+        )
+        .await?;
+    }
+    let body = serde_json::json!({
+        "topic": format!("projects/outboxd-bench/topics/{db}-bench"),
+        "enableMessageOrdering": true,
+    });
+    pubsub_call(url, Method::PUT, &format!("subscriptions/{db}-bench"), body).await?;
+    Ok(())
+}
+
+/// Pulls and acknowledges what subscription `sub` has; how many.
+async fn pubsub_pull(url: &str, sub: &str) -> anyhow::Result<u64> {
+    use reqwest::Method;
+    let body = serde_json::json!({ "maxMessages": 1000, "returnImmediately": true });
+    let v = pubsub_call(
+        url,
+        Method::POST,
+        &format!("subscriptions/{sub}:pull"),
+        body,
+    )
+    .await?;
+    let acks: Vec<serde_json::Value> = v["receivedMessages"]
+        .as_array()
+        .map(|m| m.iter().map(|m| m["ackId"].clone()).collect())
+        .unwrap_or_default();
+    if !acks.is_empty() {
+        let body = serde_json::json!({ "ackIds": acks });
+        pubsub_call(
+            url,
+            Method::POST,
+            &format!("subscriptions/{sub}:acknowledge"),
+            body,
+        )
+        .await?;
+    }
+    Ok(acks.len() as u64)
 }

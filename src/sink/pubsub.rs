@@ -210,7 +210,10 @@ impl BatchApi for PubSubApi {
 
 impl Service for PubSubApi {
     const NAME: &'static str = "pubsub";
-    const MAX_ENTRIES: usize = 1_000;
+    /// Pub/Sub takes 1,000 a request; 100 is its client libraries' batch, and a lane queues
+    /// three batches: measured on a 20,000-event backlog against the emulator, 1,000 held
+    /// ~90 MiB of records in the lanes' queues for no gain in events/s.
+    const MAX_ENTRIES: usize = 100;
 
     fn origin(&self) -> String {
         self.client.origin()
