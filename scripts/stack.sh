@@ -44,6 +44,12 @@
 #                            google-cloud-cli-pubsub-emulator, Java) of its own in DIR, port kept
 #                            in DIR/port; prints its endpoint URL (in memory: a restart loses
 #                            its topics)
+#   scripts/stack.sh artemis-start DIR [QUEUE...]
+#                            Apache ActiveMQ Artemis (AMQP 1.0; from Maven Central) of its own in
+#                            DIR: login outboxd/secret, the anycast queues named (created with
+#                            the instance; addresses are not auto-created, so a send to another
+#                            is refused `amqp:not-found`, as Service Bus does), messages
+#                            journaled in DIR; prints its amqp:// URL (the Service Bus tests)
 #   scripts/stack.sh broker-kill DIR, broker-stop DIR [--remove]
 #                            SIGKILL / stop that server (--remove: and its directory)
 #
@@ -62,6 +68,8 @@ CACHE=${OUTBOXD_CACHE:-$HOME/.cache/outboxd}
 KAFKA_LIB=$CACHE/kafka-$KAFKA_VERSION/lib
 ELASTICMQ_VERSION=$(sed -n 's#.*<elasticmq.version>\(.*\)</elasticmq.version>.*#\1#p' "$HERE/elasticmq/pom.xml")
 ELASTICMQ_LIB=$CACHE/elasticmq-$ELASTICMQ_VERSION/lib
+ARTEMIS_VERSION=2.40.0
+ARTEMIS_HOME=$CACHE/apache-artemis-$ARTEMIS_VERSION
 STACK_DIR=${OUTBOXD_STACK_DIR:-/tmp/outboxd-stack-$(id -u)}
 
 log() { echo "stack: $*" >&2; }
@@ -609,6 +617,53 @@ EOF
   echo "http://127.0.0.1:$port" >"$dir/url"
 }
 
+# ensure_artemis: Artemis's binary distribution from Maven Central, unpacked in the cache.
+ensure_artemis() {
+  [ -x "$ARTEMIS_HOME/bin/artemis" ] && return 0
+  log "fetching Apache ActiveMQ Artemis $ARTEMIS_VERSION from Maven Central"
+  mkdir -p "$CACHE"
+  mvn -B -q -Dstyle.color=never dependency:copy \
+    -Dartifact="org.apache.activemq:apache-artemis:$ARTEMIS_VERSION:tar.gz:bin" \
+    -DoutputDirectory="$CACHE" >&2
+  tar xzf "$CACHE/apache-artemis-$ARTEMIS_VERSION-bin.tar.gz" -C "$CACHE"
+  rm -f "$CACHE/apache-artemis-$ARTEMIS_VERSION-bin.tar.gz"
+}
+
+# start_artemis DIR [QUEUE...]: an Artemis instance in DIR/broker (made on first start, with
+# the queues), AMQP on a port kept in DIR/port, its core acceptor on DIR/core_port.
+start_artemis() {
+  local dir=$1 port core before q addresses=""
+  shift
+  ensure_artemis
+  mkdir -p "$dir"
+  [ -f "$dir/port" ] || free_port >"$dir/port"
+  [ -f "$dir/core_port" ] || free_port >"$dir/core_port"
+  port=$(cat "$dir/port")
+  core=$(cat "$dir/core_port")
+  if [ ! -d "$dir/broker" ]; then
+    "$ARTEMIS_HOME/bin/artemis" create --silent --no-web --require-login --user outboxd \
+      --password secret --no-autotune --no-hornetq-acceptor --no-mqtt-acceptor \
+      --no-stomp-acceptor "$dir/broker" >"$dir/create.log" 2>&1
+    for q in "$@"; do
+      addresses+="<address name=\"$q\"><anycast><queue name=\"$q\"/></anycast></address>"
+    done
+    sed -i -e "s#tcp://0.0.0.0:61616?#tcp://127.0.0.1:$core?#" \
+      -e "s#tcp://0.0.0.0:5672?#tcp://127.0.0.1:$port?#" \
+      -e 's#<auto-create-queues>true#<auto-create-queues>false#' \
+      -e 's#<auto-create-addresses>true#<auto-create-addresses>false#' \
+      -e "s#<addresses>#<addresses>$addresses#" "$dir/broker/etc/broker.xml"
+    sed -i -e 's/-Xms512M/-Xms64M/' -e 's/-Xmx2G/-Xmx512M/' "$dir/broker/etc/artemis.profile"
+  fi
+  before=$(count_lines "$dir/artemis.log" 'Server is now active')
+  setsid "$dir/broker/bin/artemis" run </dev/null >>"$dir/artemis.log" 2>&1 &
+  echo $! >"$dir/artemis.pid"
+  if ! wait_log "$dir/artemis.log" 'Server is now active' "$before" "$dir/artemis.pid"; then
+    log "Artemis did not start in $dir:"; tail -20 "$dir/artemis.log" >&2
+    return 1
+  fi
+  echo "amqp://127.0.0.1:$port" >"$dir/url"
+}
+
 # start_moto DIR [AUTH]: moto_server on 127.0.0.1 and a port kept in DIR/port. Its state is
 # in memory (a restart forgets it).
 start_moto() {
@@ -629,7 +684,7 @@ start_moto() {
 # clean stop; KILL: a crash), and, for RabbitMQ, the epmd it started on its own port.
 stop_broker() {
   local dir=$1 signal=$2 f pid i epmd
-  for f in "$dir/nats.pid" "$dir/rabbitmq.pid" "$dir/elasticmq.pid" "$dir/moto.pid" "$dir/pubsub.pid"; do
+  for f in "$dir/nats.pid" "$dir/rabbitmq.pid" "$dir/elasticmq.pid" "$dir/moto.pid" "$dir/pubsub.pid" "$dir/artemis.pid"; do
     [ -f "$f" ] || continue
     pid=$(cat "$f")
     kill "-$signal" -- "-$pid" 2>/dev/null || true
@@ -716,7 +771,8 @@ case "${1:-}" in
   elasticmq-start) start_elasticmq "$2" "${3:-}"; cat "$2/url" ;;
   moto-start) start_moto "$2" "${3:-}"; cat "$2/url" ;;
   pubsub-start) start_pubsub "$2"; cat "$2/url" ;;
+  artemis-start) d=$2; shift 2; start_artemis "$d" "$@"; cat "$d/url" ;;
   broker-kill) stop_broker "$2" KILL ;;
   broker-stop) stop_broker "$2" TERM; if [ "${3:-}" = --remove ]; then rm -rf "$2"; fi ;;
-  *) echo "usage: $0 up|down|env|install|pg-start DIR PORT [OPTIONS]|pg-stop DIR|pg-crash-restart DIR|tls-certs DIR|kafka-start DIR [PROP=VALUE...]|kafka-start-sasl DIR USER PASSWORD|kafka-cluster-start DIR N [PROP=VALUE...]|kafka-node-kill DIR I|kafka-node-start DIR I|kafka-stop DIR|nats-start DIR|rabbitmq-start DIR|elasticmq-start DIR|moto-start DIR [AUTH]|pubsub-start DIR|broker-kill DIR|broker-stop DIR [--remove]" >&2; exit 2 ;;
+  *) echo "usage: $0 up|down|env|install|pg-start DIR PORT [OPTIONS]|pg-stop DIR|pg-crash-restart DIR|tls-certs DIR|kafka-start DIR [PROP=VALUE...]|kafka-start-sasl DIR USER PASSWORD|kafka-cluster-start DIR N [PROP=VALUE...]|kafka-node-kill DIR I|kafka-node-start DIR I|kafka-stop DIR|nats-start DIR|rabbitmq-start DIR|elasticmq-start DIR|moto-start DIR [AUTH]|pubsub-start DIR|artemis-start DIR [QUEUE...]|broker-kill DIR|broker-stop DIR [--remove]" >&2; exit 2 ;;
 esac

@@ -31,6 +31,7 @@ pub mod poison;
 pub mod relay;
 pub mod replay;
 pub mod route;
+pub mod secret;
 pub mod sink;
 pub mod source;
 pub mod status;

@@ -111,6 +111,11 @@ impl Probe {
                 .map_or(Probe::None, Probe::Tcp),
             SinkKind::Sns => crate::sink::aws::endpoint_host(&cfg.aws, "sns", "SNS")
                 .map_or(Probe::None, Probe::Tcp),
+            SinkKind::ServiceBus => {
+                let url = &cfg.servicebus.url;
+                let tls = url.starts_with("amqps://");
+                first_host(url, if tls { 5671 } else { 5672 }).map_or(Probe::None, Probe::Tcp)
+            }
             SinkKind::PubSub => {
                 let url = &cfg.pubsub.endpoint;
                 let tls = url.starts_with("https://");

@@ -181,6 +181,7 @@ pub async fn verify(cfg: &Config, sel: &Selection) -> Result<Verification> {
             (Err(_), SinkKind::Sns) => cfg.sns.dead_letter_topic_arn.clone(),
             (Err(_), SinkKind::EventBridge) => cfg.eventbridge.dead_letter_event_bus.clone(),
             (Err(_), SinkKind::PubSub) => cfg.pubsub.dead_letter_topic.clone(),
+            (Err(_), SinkKind::ServiceBus) => cfg.servicebus.dead_letter_queue.clone(),
             (Err(_), _) => cfg.kafka.dlq_topic.clone(),
         };
         by_topic.entry(topic).or_default().push(event.id.clone());
@@ -206,6 +207,12 @@ pub async fn verify(cfg: &Config, sel: &Selection) -> Result<Verification> {
             return Err(Error::setup(
                 "verify cannot read SNS back: a topic keeps nothing, it hands each message to its subscriptions",
                 "check deliveries at the subscriptions (the `id` message attribute), or replay what they miss",
+            ))
+        }
+        SinkKind::ServiceBus => {
+            return Err(Error::setup(
+                "verify cannot read Service Bus back: receiving takes a queue's messages from its consumers (peeking reads only what they have not yet taken)",
+                "check deliveries at your consumers (MessageId = event id), or replay what they miss",
             ))
         }
         SinkKind::PubSub => {

@@ -124,6 +124,11 @@ impl Router {
                 None,
                 Naming::SnsTopicArn,
             ),
+            SinkKind::ServiceBus => (
+                parse("servicebus.queue", &cfg.servicebus.queue)?,
+                None,
+                Naming::ServiceBusEntity,
+            ),
             SinkKind::PubSub => (
                 parse("pubsub.topic", &cfg.pubsub.topic)?,
                 None,
@@ -160,6 +165,7 @@ impl Router {
                 SinkKind::Sns => vec![cfg.sns.dead_letter_topic_arn.clone()],
                 SinkKind::EventBridge => vec![cfg.eventbridge.dead_letter_event_bus.clone()],
                 SinkKind::PubSub => vec![cfg.pubsub.dead_letter_topic.clone()],
+                SinkKind::ServiceBus => vec![cfg.servicebus.dead_letter_queue.clone()],
                 SinkKind::RabbitMq => Vec::new(),
             },
         })

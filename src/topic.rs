@@ -171,6 +171,18 @@ pub fn valid_pubsub_topic(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"-_.~+%".contains(&b))
 }
 
+/// A Service Bus queue or topic name: 1–260 of letters, digits, `.`, `-`, `_`, `/`, starting
+/// and ending with a letter or digit.
+pub fn valid_servicebus_entity(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 260
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name.ends_with(|c: char| c.is_ascii_alphanumeric())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-/".contains(&b))
+}
+
 /// Which broker's rule a rendered destination name must follow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Naming {
@@ -184,6 +196,8 @@ pub enum Naming {
     EventBus,
     /// A Pub/Sub topic id (in `pubsub.project`).
     PubSubTopic,
+    /// A Service Bus queue or topic.
+    ServiceBusEntity,
 }
 
 impl Naming {
@@ -213,6 +227,10 @@ impl Naming {
             Naming::PubSubTopic => (
                 valid_pubsub_topic(name),
                 "a Pub/Sub topic id (3–255 of letters, digits, `-_.~+%`, starting with a letter, not `goog…`)",
+            ),
+            Naming::ServiceBusEntity => (
+                valid_servicebus_entity(name),
+                "a Service Bus queue or topic name (1–260 of letters, digits, `.`, `-`, `_`, `/`, starting and ending with a letter or digit)",
             ),
         };
         if ok {

@@ -501,12 +501,7 @@ async fn sns_fifo_relay_sigkilled_twice_mid_stream_loses_nothing_and_delivers_no
         ..SteadyWriter::sink_test(6, 10, 0x5a5)
     }
     .spawn(&rig.db);
-    let mut relay = rig.relay();
-    for at in [2, 2] {
-        tokio::time::sleep(Duration::from_secs(at)).await;
-        relay.kill();
-        relay = rig.relay();
-    }
+    let mut relay = relay_sigkilled_twice(|| rig.relay()).await;
     let (written, rolled_back) = writer.await.unwrap();
     let received = rig.read(&ids(&written)).await;
     let duplicates = assert_exactly_written(&written, &received);

@@ -76,12 +76,7 @@ async fn eventbridge_relay_sigkilled_twice_mid_stream_delivers_every_event_with_
         ..SteadyWriter::sink_test(6, 10, 0xeb)
     }
     .spawn(&rig.db);
-    let mut relay = rig.relay();
-    for at in [2, 2] {
-        tokio::time::sleep(Duration::from_secs(at)).await;
-        relay.kill();
-        relay = rig.relay();
-    }
+    let mut relay = relay_sigkilled_twice(|| rig.relay()).await;
     let (written, rolled_back) = writer.await.unwrap();
     let received = rig.read(&rig.queue_url, &ids(&written)).await;
     let repeats = assert_written_in_any_order(&normalized(&written), &received);

@@ -101,12 +101,7 @@ async fn pubsub_relay_sigkilled_twice_and_the_path_gone_silent_loses_nothing_and
     assert_ne!(text, via);
     std::fs::write(&rig.config, via).unwrap();
     let writer = SteadyWriter::sink_test(14, 10, 0x95b).spawn(&rig.db);
-    let mut relay = rig.relay();
-    for at in [2, 2] {
-        tokio::time::sleep(Duration::from_secs(at)).await;
-        relay.kill();
-        relay = rig.relay();
-    }
+    let mut relay = relay_sigkilled_twice(|| rig.relay()).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     proxy.black_hole(true);
     tokio::time::sleep(Duration::from_secs(6)).await;

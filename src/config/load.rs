@@ -43,6 +43,8 @@ struct RawConfig {
     #[serde(default)]
     pubsub: super::pubsub::RawPubSub,
     #[serde(default)]
+    servicebus: super::servicebus::RawServiceBus,
+    #[serde(default)]
     cdc: super::cdc::RawCdc,
 }
 
@@ -163,6 +165,9 @@ impl Config {
         }
         if let Some(v) = env_nonempty("OUTBOXD_NATS_URL") {
             raw.nats.url = Some(v);
+        }
+        if let Some(v) = env_nonempty("OUTBOXD_SERVICEBUS_CONNECTION_STRING") {
+            raw.servicebus.connection_string = Some(v);
         }
 
         let mode = match raw.mode.as_deref().unwrap_or("logical") {
@@ -312,6 +317,8 @@ impl Config {
         let sns = super::aws::sns(raw.sns, sink == SinkKind::Sns)?;
         let eventbridge = super::aws::eventbridge(raw.eventbridge, sink == SinkKind::EventBridge)?;
         let pubsub = super::pubsub::pubsub(raw.pubsub, sink == SinkKind::PubSub)?;
+        let servicebus =
+            super::servicebus::servicebus(raw.servicebus, sink == SinkKind::ServiceBus)?;
         let cdc = super::cdc::load(raw.cdc)?;
         if !outbox && !cdc.enabled() {
             return Err(invalid(
@@ -392,6 +399,7 @@ impl Config {
             sns,
             eventbridge,
             pubsub,
+            servicebus,
         })
     }
 }

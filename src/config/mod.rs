@@ -18,6 +18,7 @@ mod kafka;
 mod load;
 mod pubsub;
 mod redact;
+mod servicebus;
 mod sinks;
 mod snapshot;
 
@@ -28,6 +29,7 @@ pub use cdc::{
 };
 pub use pubsub::PubSubConfig;
 pub use redact::redact_url;
+pub use servicebus::ServiceBusConfig;
 pub use snapshot::{SnapshotConfig, SnapshotMode};
 
 use std::collections::BTreeMap;
@@ -70,6 +72,7 @@ pub struct Config {
     pub sns: SnsConfig,
     pub eventbridge: EventBridgeConfig,
     pub pubsub: PubSubConfig,
+    pub servicebus: ServiceBusConfig,
 }
 
 /// Which broker the relay publishes to.
@@ -84,6 +87,7 @@ pub enum SinkKind {
     Sns,
     EventBridge,
     PubSub,
+    ServiceBus,
 }
 
 impl SinkKind {
@@ -96,6 +100,7 @@ impl SinkKind {
             SinkKind::Sns => "sns",
             SinkKind::EventBridge => "eventbridge",
             SinkKind::PubSub => "pubsub",
+            SinkKind::ServiceBus => "servicebus",
         }
     }
 }
@@ -514,6 +519,7 @@ mod tests {
             format!("{:?}", d.eventbridge)
         );
         assert_eq!(format!("{:?}", c.pubsub), format!("{:?}", d.pubsub));
+        assert_eq!(format!("{:?}", c.servicebus), format!("{:?}", d.servicebus));
     }
 
     #[test]

@@ -208,6 +208,7 @@ impl fmt::Debug for Config {
             .field("sns", &self.sns)
             .field("eventbridge", &self.eventbridge)
             .field("pubsub", &self.pubsub)
+            .field("servicebus", &self.servicebus)
             .finish()
     }
 }

@@ -145,10 +145,11 @@ pub(super) fn sink_kind(sink: &RawSink) -> Result<SinkKind, ConfigError> {
         "sns" => Ok(SinkKind::Sns),
         "eventbridge" => Ok(SinkKind::EventBridge),
         "pubsub" => Ok(SinkKind::PubSub),
+        "servicebus" => Ok(SinkKind::ServiceBus),
         other => Err(invalid(
             "sink.kind",
             format!(
-                "`{other}` is not one of: kafka, rabbitmq, nats, sqs, sns, eventbridge, pubsub"
+                "`{other}` is not one of: kafka, rabbitmq, nats, sqs, sns, eventbridge, pubsub, servicebus"
             ),
         )),
     }

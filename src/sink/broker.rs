@@ -11,6 +11,7 @@ use super::kafka::{KafkaDelivery, KafkaSink};
 use super::nats::NatsSink;
 use super::pubsub::PubSubSink;
 use super::rabbitmq::RabbitSink;
+use super::servicebus::ServiceBusSink;
 use super::sns::SnsSink;
 use super::sqs::SqsSink;
 use super::{BoxDelivery, Failed, Promises, SendError, Sink};
@@ -28,6 +29,7 @@ pub enum Broker {
     Sns(SnsSink),
     EventBridge(EventBridgeSink),
     PubSub(PubSubSink),
+    ServiceBus(ServiceBusSink),
 }
 
 /// The delivery future of a [`Broker`].
@@ -86,6 +88,10 @@ impl Broker {
                 let (sink, line) = super::pubsub::connect(cfg, &cfg.kafka).await?;
                 Ok((Broker::PubSub(sink), line))
             }
+            SinkKind::ServiceBus => {
+                let (sink, line) = ServiceBusSink::connect(&cfg.servicebus, &cfg.kafka).await?;
+                Ok((Broker::ServiceBus(sink), line))
+            }
         }
     }
 
@@ -124,6 +130,7 @@ impl Sink for Broker {
             Broker::Sns(s) => s.promises(),
             Broker::EventBridge(s) => s.promises(),
             Broker::PubSub(s) => s.promises(),
+            Broker::ServiceBus(s) => s.promises(),
         }
     }
 
@@ -136,6 +143,7 @@ impl Sink for Broker {
             Broker::Sns(s) => s.flush(timeout),
             Broker::EventBridge(s) => s.flush(timeout),
             Broker::PubSub(s) => s.flush(timeout),
+            Broker::ServiceBus(s) => s.flush(timeout),
         }
     }
 
@@ -148,6 +156,7 @@ impl Sink for Broker {
             Broker::Sns(s) => BrokerDelivery::Other(s.send(record).await?),
             Broker::EventBridge(s) => BrokerDelivery::Other(s.send(record).await?),
             Broker::PubSub(s) => BrokerDelivery::Other(s.send(record).await?),
+            Broker::ServiceBus(s) => BrokerDelivery::Other(s.send(record).await?),
         })
     }
 
@@ -160,6 +169,7 @@ impl Sink for Broker {
             Broker::Sns(s) => s.ensure_topic(record).await,
             Broker::EventBridge(s) => s.ensure_topic(record).await,
             Broker::PubSub(s) => s.ensure_topic(record).await,
+            Broker::ServiceBus(s) => s.ensure_topic(record).await,
         }
     }
 
@@ -177,6 +187,7 @@ impl Sink for Broker {
             Broker::Sns(s) => s.dead_letter(record, kind, detail).await,
             Broker::EventBridge(s) => s.dead_letter(record, kind, detail).await,
             Broker::PubSub(s) => s.dead_letter(record, kind, detail).await,
+            Broker::ServiceBus(s) => s.dead_letter(record, kind, detail).await,
         }
     }
 
@@ -189,6 +200,7 @@ impl Sink for Broker {
             Broker::Sns(s) => s.delivery_timeout(),
             Broker::EventBridge(s) => s.delivery_timeout(),
             Broker::PubSub(s) => s.delivery_timeout(),
+            Broker::ServiceBus(s) => s.delivery_timeout(),
         }
     }
 }

@@ -1,11 +1,12 @@
 //! Destinations. The relay drives a [`Sink`]: hand it a routed [`Record`], get a delivery
 //! future that resolves once the broker has the record (or with the refusal, classified by
-//! the sink that saw it), create destinations, dead-letter. Seven implementations:
+//! the sink that saw it), create destinations, dead-letter. Eight implementations:
 //! [`kafka::KafkaSink`] (its error codes are classified in [`classify`]),
 //! [`rabbitmq::RabbitSink`] (publisher confirms, mandatory) and [`nats::NatsSink`]
 //! (JetStream, `Nats-Msg-Id`), [`sqs::SqsSink`], [`sns::SnsSink`],
 //! [`eventbridge::EventBridgeSink`] (signed by [`aws`]) and [`pubsub::PubSubSink`] (over
-//! [`gcp`]) — batches through [`lanes`], one [`batch::BatchSink`]; [`broker::Broker`] is the one the relay holds, chosen by
+//! [`gcp`]) — batches through [`lanes`], one [`batch::BatchSink`] —, and
+//! [`servicebus::ServiceBusSink`] (AMQP 1.0); [`broker::Broker`] is the one the relay holds, chosen by
 //! `[sink] kind`. What only Kafka does — transactions, the position topic — stays on
 //! `KafkaSink` itself.
 
@@ -21,6 +22,7 @@ pub mod nats;
 pub mod positions;
 pub mod pubsub;
 pub mod rabbitmq;
+pub mod servicebus;
 pub mod sns;
 pub mod sqs;
 

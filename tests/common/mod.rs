@@ -3,6 +3,7 @@
 //! publication and topics, so tests run in parallel.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+mod amqp10;
 mod aws;
 mod brokers;
 mod debezium;
@@ -13,6 +14,8 @@ pub mod proxy;
 mod relay;
 mod workload;
 
+#[allow(unused_imports)] // only the Service Bus sink tests use them
+pub use amqp10::*;
 #[allow(unused_imports)] // only the AWS sink tests use them
 pub use aws::*;
 #[allow(unused_imports)] // only the sink tests use them

@@ -178,3 +178,15 @@ pub async fn assert_ready_with_the_broker_reachable(config: &Path) {
     let (_, status) = http_get(&addr, "/status").unwrap();
     assert!(status.contains("\"broker_reachable\":true"), "{status}");
 }
+
+/// Runs a relay (`start`), SIGKILLs it 2 s in and again 2 s after its successor started;
+/// returns the third, running.
+pub async fn relay_sigkilled_twice(start: impl Fn() -> Relay) -> Relay {
+    let mut relay = start();
+    for _ in 0..2 {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        relay.kill();
+        relay = start();
+    }
+    relay
+}

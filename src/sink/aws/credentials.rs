@@ -15,24 +15,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use super::xml;
 use crate::config::aws_profile::{self as profile, Profile};
 
-/// A secret string: shown as `<redacted>`.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(s: String) -> Secret {
-        Secret(s)
-    }
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::fmt::Debug for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("<redacted>")
-    }
-}
+pub use crate::secret::Secret;
 
 /// A set of credentials and where they came from. `Debug` shows neither the secret nor the
 /// session token.
