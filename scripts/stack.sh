@@ -622,11 +622,15 @@ ensure_artemis() {
   [ -x "$ARTEMIS_HOME/bin/artemis" ] && return 0
   log "fetching Apache ActiveMQ Artemis $ARTEMIS_VERSION from Maven Central"
   mkdir -p "$CACHE"
+  local tmp
+  tmp=$(mktemp -d "$CACHE/.artemis.XXXXXX")
   mvn -B -q -Dstyle.color=never dependency:copy \
     -Dartifact="org.apache.activemq:apache-artemis:$ARTEMIS_VERSION:tar.gz:bin" \
-    -DoutputDirectory="$CACHE" >&2
-  tar xzf "$CACHE/apache-artemis-$ARTEMIS_VERSION-bin.tar.gz" -C "$CACHE"
-  rm -f "$CACHE/apache-artemis-$ARTEMIS_VERSION-bin.tar.gz"
+    -DoutputDirectory="$tmp" >&2
+  tar xzf "$tmp/apache-artemis-$ARTEMIS_VERSION-bin.tar.gz" -C "$tmp"
+  # Atomic: a concurrent start sees the whole distribution or none.
+  mv "$tmp/apache-artemis-$ARTEMIS_VERSION" "$ARTEMIS_HOME" 2>/dev/null || true
+  rm -rf "$tmp"
 }
 
 # start_artemis DIR [QUEUE...]: an Artemis instance in DIR/broker (made on first start, with
@@ -753,7 +757,8 @@ case "${1:-}" in
   # `install debezium`: the Debezium jars too (the tests run Debezium beside outboxd; the
   # demo does not need them).
   install)
-    ensure_packages; ensure_kafka; ensure_elasticmq; ensure_moto
+    ensure_packages; ensure_kafka; ensure_elasticmq; ensure_moto; ensure_artemis
+    pubsub_jar >/dev/null || true
     if [ "${2:-}" = debezium ]; then "$HERE/../bench/debezium/debezium.sh" fetch; fi ;;
   pg-start) start_pg "$2" "$3" "${4:-}" ;;
   pg-stop) stop_pg "$2"; rm -rf "$2" ;;
