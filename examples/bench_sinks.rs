@@ -3,10 +3,11 @@
 //! "Holds" is read from the broker itself where it can say: the stream's message count (NATS),
 //! the bound queue's message count (RabbitMQ), the queue's `ApproximateNumberOfMessages` (SQS
 //! on ElasticMQ; SNS on moto: the queue subscribed to the topic), what a subscription pulled
-//! (Pub/Sub on its emulator). EventBridge on moto: a bus without rules (moto passes ~10 events
+//! (Pub/Sub on its emulator), what a receiver accepted (Service Bus's AMQP 1.0 on Artemis).
+//! EventBridge on moto: a bus without rules (moto passes ~10 events
 //! a second through a rule), counted by the relay's `outboxd_events_published_total` — each
 //! an entry `PutEvents` answered with an `EventId`. Prints events/s, the relay's CPU seconds
-//! and peak RSS. Run it with `scripts/bench.sh --sink nats|rabbitmq|sqs|sns|eventbridge|pubsub`.
+//! and peak RSS. Run it with `scripts/bench.sh --sink nats|rabbitmq|sqs|sns|eventbridge|pubsub|servicebus`.
 
 #[path = "support/proc.rs"]
 mod proc_stats;
@@ -35,6 +36,7 @@ enum SinkKind {
     Sns,
     Eventbridge,
     Pubsub,
+    Servicebus,
 }
 
 /// How the bench reads how many events the broker holds.
@@ -51,6 +53,16 @@ enum Counter {
     Published(String),
     /// Pulls (and acknowledges) subscription `.1` of the emulator at `.0`, counting.
     PubSub(String, String, u64),
+    /// Receives (and accepts) the AMQP 1.0 queue, counting.
+    Amqp(Box<AmqpQueue>),
+}
+
+/// A receiver on an AMQP 1.0 queue and how many it received.
+struct AmqpQueue {
+    _connection: fe2o3_amqp::connection::ConnectionHandle<()>,
+    _session: fe2o3_amqp::session::SessionHandle<()>,
+    receiver: fe2o3_amqp::Receiver,
+    n: u64,
 }
 
 impl Counter {
@@ -73,6 +85,21 @@ impl Counter {
             Counter::PubSub(url, sub, n) => {
                 *n += pubsub_pull(url, sub).await?;
                 Ok(*n)
+            }
+            Counter::Amqp(q) => {
+                use fe2o3_amqp::types::messaging::Body;
+                use fe2o3_amqp::types::primitives::Value;
+                // What arrives within 50 ms, then the count.
+                while let Ok(d) = tokio::time::timeout(
+                    Duration::from_millis(50),
+                    q.receiver.recv::<Body<Value>>(),
+                )
+                .await
+                {
+                    q.receiver.accept(&d?).await?;
+                    q.n += 1;
+                }
+                Ok(q.n)
             }
         }
     }
@@ -137,6 +164,10 @@ async fn main() -> anyhow::Result<()> {
             "[sink]\nkind = \"eventbridge\"\n[eventbridge]\nevent_bus = \"{db}-{{aggregatetype}}\"\ndead_letter_event_bus = \"{db}-dlq\"\n[aws]\nregion = \"us-east-1\"\nendpoint_url = \"{0}\"\n",
             args.url,
         ),
+        SinkKind::Servicebus => format!(
+            "[sink]\nkind = \"servicebus\"\n[servicebus]\nconnection_string = \"Endpoint={0}/;SharedAccessKeyName=outboxd;SharedAccessKey=secret\"\nqueue = \"outboxd-{{aggregatetype}}\"\ndead_letter_queue = \"outboxd-bench-dlq\"\n",
+            args.url,
+        ),
         SinkKind::Pubsub => format!(
             "[sink]\nkind = \"pubsub\"\n[pubsub]\nproject = \"outboxd-bench\"\nendpoint = \"{0}\"\ntopic = \"{db}-{{aggregatetype}}\"\ndead_letter_topic = \"{db}-dlq\"\n",
             args.url,
@@ -174,6 +205,7 @@ async fn main() -> anyhow::Result<()> {
             eventbridge_buses(&args.url, &db).await?;
             Counter::Published(metrics_addr.clone())
         }
+        SinkKind::Servicebus => Counter::Amqp(Box::new(amqp_queue(&args.url).await?)),
         SinkKind::Pubsub => {
             pubsub_topics(&args.url, &db).await?;
             Counter::PubSub(args.url.clone(), format!("{db}-bench"), 0)
@@ -531,4 +563,24 @@ async fn pubsub_pull(url: &str, sub: &str) -> anyhow::Result<u64> {
         .await?;
     }
     Ok(acks.len() as u64)
+}
+
+/// A receiver on `outboxd-bench` of the Artemis at `url` (`scripts/bench.sh` creates it).
+async fn amqp_queue(url: &str) -> anyhow::Result<AmqpQueue> {
+    let mut connection = fe2o3_amqp::Connection::builder()
+        .container_id("outboxd-bench-reader")
+        .sasl_profile(fe2o3_amqp::sasl_profile::SaslProfile::Plain {
+            username: "outboxd".into(),
+            password: "secret".into(),
+        })
+        .open(url)
+        .await?;
+    let mut session = fe2o3_amqp::Session::begin(&mut connection).await?;
+    let receiver = fe2o3_amqp::Receiver::attach(&mut session, "bench", "outboxd-bench").await?;
+    Ok(AmqpQueue {
+        _connection: connection,
+        _session: session,
+        receiver,
+        n: 0,
+    })
 }

@@ -10,11 +10,12 @@
 #                                                  a table of N rows (default 1,000,000)
 #                                                  snapshotted (examples/bench_snapshot.rs):
 #                                                  rows/s, CPU-s per 100k rows, peak RSS
-#   scripts/bench.sh --sink nats|rabbitmq|sqs|sns|eventbridge|pubsub [args]
+#   scripts/bench.sh --sink nats|rabbitmq|sqs|sns|eventbridge|pubsub|servicebus [args]
 #                                                  drain a backlog into a NATS JetStream stream /
 #                                                  a RabbitMQ queue / an SQS queue of ElasticMQ /
 #                                                  an SNS topic of moto with a queue subscribed /
-#                                                  a bus of moto / a topic of Google's emulator
+#                                                  a bus of moto / a topic of Google's emulator /
+#                                                  an AMQP 1.0 queue of Artemis (Service Bus)
 #                                                  (examples/bench_sinks.rs; sqs, sns: --standard
 #                                                  for a standard queue or topic, FIFO otherwise)
 #   scripts/bench.sh --cdc [--compare debezium] [args]
@@ -43,7 +44,7 @@ elif [ "${1:-}" = "--snapshot" ]; then
   shift
 fi
 if [ "${1:-}" = "--sink" ]; then
-  sink=${2:?--sink needs nats, rabbitmq, sqs, sns, eventbridge or pubsub}
+  sink=${2:?--sink needs nats, rabbitmq, sqs, sns, eventbridge, pubsub or servicebus}
   shift 2
   broker_dir=$(mktemp -d /tmp/outboxd-bench-broker.XXXXXX)
   trap 'scripts/stack.sh broker-stop "$broker_dir" --remove; [ -n "${KEEP:-}" ] || scripts/stack.sh down' EXIT
@@ -52,6 +53,7 @@ if [ "${1:-}" = "--sink" ]; then
   case "$sink" in
     sqs) url=$(scripts/stack.sh elasticmq-start "$broker_dir" memory) ;;
     sns | eventbridge) url=$(scripts/stack.sh moto-start "$broker_dir") ;;
+    servicebus) url=$(scripts/stack.sh artemis-start "$broker_dir" outboxd-bench outboxd-bench-dlq) ;;
     *) url=$(scripts/stack.sh "$sink-start" "$broker_dir") ;;
   esac
   "${CARGO_TARGET_DIR:-target}"/release/examples/bench_sinks --sink "$sink" --url "$url" "$@"
