@@ -13,6 +13,7 @@ pub mod cdc;
 pub mod checkpoint;
 pub mod cli;
 pub mod config;
+pub mod contract;
 pub mod dead_letter;
 pub mod error;
 pub mod event;

@@ -15,6 +15,8 @@ pub const EVENTS_PUBLISHED: &str = "outboxd_events_published_total";
 pub const EVENTS_DEAD_LETTERED: &str = "outboxd_events_dead_lettered_total";
 /// Changes in the replication stream that are deliberately not events, by kind (a logical
 /// message of another prefix, an update, a delete, a truncate).
+/// Event payloads checked against their type's schema, by aggregate type, type and result.
+pub const SCHEMA_VALIDATIONS: &str = "outboxd_schema_validations_total";
 pub const IGNORED_CHANGES: &str = "outboxd_ignored_changes_total";
 /// Table CDC: change events decoded, by table and op.
 pub const CDC_CHANGES: &str = "outboxd_cdc_changes_total";
@@ -127,6 +129,10 @@ fn describe() {
     describe_counter!(
         EVENTS_DEAD_LETTERED,
         "Events sent to the dead-letter destination, by reason"
+    );
+    describe_counter!(
+        SCHEMA_VALIDATIONS,
+        "Event payloads checked against their type's schema (schemas.dir), by aggregatetype, type and result: valid, invalid, no_schema, missing"
     );
     describe_counter!(
         PUBLISH_RETRIES,

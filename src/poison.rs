@@ -24,6 +24,10 @@ pub enum PoisonKind {
     /// A payload the broker cannot carry as it is: EventBridge's `Detail` must be a JSON
     /// object.
     InvalidPayload,
+    /// The payload does not match its type's schema (`crate::contract`).
+    SchemaInvalid,
+    /// Its type has no schema and `schemas.require_schema` is on.
+    SchemaMissing,
     /// RabbitMQ returned it: no queue is bound to its exchange and routing key.
     Unroutable,
     /// Another permanent rejection by the broker.
@@ -43,6 +47,8 @@ impl PoisonKind {
             PoisonKind::InvalidHeaders => "invalid_headers",
             PoisonKind::MalformedMessage => "malformed_message",
             PoisonKind::InvalidPayload => "invalid_payload",
+            PoisonKind::SchemaInvalid => "schema_invalid",
+            PoisonKind::SchemaMissing => "schema_missing",
             PoisonKind::Unroutable => "unroutable",
             PoisonKind::Rejected => "rejected",
         }

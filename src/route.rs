@@ -1,5 +1,6 @@
 //! Event → Kafka record: topic from a template, key, headers, value.
 
+use crate::contract::Verdict;
 use crate::event::{rfc3339_ms, Event};
 pub use crate::poison::{Poison, PoisonKind};
 pub use crate::topic::{valid_amqp_name, valid_topic_name, Naming, TopicTemplate};
@@ -78,6 +79,8 @@ pub struct Router {
     pub exchange: Option<TopicTemplate>,
     /// EventBridge: the `DetailType` template.
     pub detail_type: Option<TopicTemplate>,
+    /// The event contracts (`schemas.dir`), checked before an event is published.
+    pub contracts: Option<std::sync::Arc<crate::contract::Contracts>>,
     /// The rule a rendered destination must follow.
     pub naming: Naming,
     pub require_key: bool,
@@ -148,6 +151,7 @@ impl Router {
             template,
             exchange,
             detail_type,
+            contracts: crate::contract::Contracts::load(&cfg.schemas)?.map(std::sync::Arc::new),
             naming,
             require_key: cfg.kafka.require_key,
             max_message_bytes: cfg.kafka.max_message_bytes,
@@ -285,6 +289,33 @@ impl Router {
         if let Err(detail) = self.check_parts(&record) {
             return poison(record, PoisonKind::InvalidTopic, detail);
         }
+        if let (Some(contracts), false) = (&self.contracts, event.extra.change) {
+            let verdict = contracts.check(
+                &event.aggregatetype,
+                &event.event_type,
+                record.value.as_deref(),
+            );
+            metrics::counter!(
+                crate::metrics::SCHEMA_VALIDATIONS,
+                "aggregatetype" => event.aggregatetype.clone(),
+                "type" => event.event_type.clone(),
+                "result" => verdict.label()
+            )
+            .increment(1);
+            match verdict {
+                Verdict::Invalid(detail) => {
+                    return poison(record, PoisonKind::SchemaInvalid, detail);
+                }
+                Verdict::Missing => {
+                    let detail = format!(
+                        "no schema for aggregatetype `{}`, type `{}` and schemas.require_schema is on",
+                        event.aggregatetype, event.event_type
+                    );
+                    return poison(record, PoisonKind::SchemaMissing, detail);
+                }
+                Verdict::Valid | Verdict::NoSchema => {}
+            }
+        }
         if self.require_key && record.key.is_none() && !event.extra.change {
             return poison(
                 record,
@@ -328,6 +359,7 @@ mod tests {
             template: TopicTemplate::parse(template).unwrap(),
             exchange: None,
             detail_type: None,
+            contracts: None,
             naming: Naming::KafkaTopic,
             require_key: true,
             max_message_bytes: 1_000_000,

@@ -318,3 +318,122 @@ async fn table_of_another_shape_is_mapped_by_configuration() {
         "NULL extra columns add no header"
     );
 }
+
+/// Event contracts (`schemas.dir`): `order/Changed.json` requires `agg` (a string) and `seq`
+/// (an integer ≥ 1). Valid events arrive in order; one with `seq` missing and one with `agg`
+/// a number are dead-lettered `schema_invalid` with where they break in `outboxd.dlq.error`,
+/// never reaching the topic, and the events after them flow; an `invoice` event (no schema)
+/// passes. Then a schema that does not compile stops the next relay with exit 2 naming it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn payloads_breaking_their_types_schema_are_dead_lettered_and_valid_ones_flow() {
+    let brokers = kafka_brokers();
+    let db = TestDb::new("contract").await;
+    let schemas = db.dir.join("schemas");
+    std::fs::create_dir_all(schemas.join("order")).unwrap();
+    std::fs::write(
+        schemas.join("order/Changed.json"),
+        r#"{"type": "object", "required": ["agg", "seq"],
+            "properties": {"agg": {"type": "string"}, "seq": {"type": "integer", "minimum": 1}}}"#,
+    )
+    .unwrap();
+    let dlq_topic = format!("{}.dlq", db.name);
+    let config = db.config(
+        &brokers,
+        &format!(
+            "[kafka]\ndlq_topic = \"{dlq_topic}\"\n\n[schemas]\ndir = \"{}\"\n",
+            schemas.display()
+        ),
+    );
+    migrate(&config);
+    let mut client = db.client().await;
+    create_aggregates_table(&client).await;
+    let mut relay = Relay::start(&config);
+    let mut good = Vec::new();
+    let mut broken = HashMap::new();
+    for (i, (payload, at)) in [
+        (r#"{"agg": "a0"}"#, "seq"),
+        (r#"{"agg": 7, "seq": 1}"#, "/agg"),
+    ]
+    .iter()
+    .enumerate()
+    {
+        good.extend(
+            write_txn(&mut client, &[("order".into(), format!("a{i}"))], false)
+                .await
+                .unwrap(),
+        );
+        let id: String = client
+            .query_one(
+                "INSERT INTO outbox (aggregatetype, aggregateid, type, payload) VALUES ('order', 'a0', 'Changed', $1::text::jsonb) RETURNING id::text",
+                &[payload],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        broken.insert(id, *at);
+    }
+    let invoice: String = client
+        .query_one(
+            "INSERT INTO outbox (aggregatetype, aggregateid, type, payload) VALUES ('invoice', 'i1', 'Issued', '[1]') RETURNING id::text",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    good.extend(
+        write_txn(&mut client, &[("order".into(), "a0".into())], false)
+            .await
+            .unwrap(),
+    );
+    let received = consume(
+        &brokers,
+        &[db.topic("order")],
+        &ids(&good),
+        Duration::from_secs(60),
+        Duration::from_secs(1),
+    );
+    assert_exactly_written(&good, &received);
+    let expect: HashSet<String> = broken.keys().cloned().collect();
+    let dead = consume(
+        &brokers,
+        std::slice::from_ref(&dlq_topic),
+        &expect,
+        Duration::from_secs(60),
+        Duration::from_secs(1),
+    );
+    for (id, at) in &broken {
+        let d = dead
+            .iter()
+            .find(|r| r.id.as_deref() == Some(id.as_str()))
+            .unwrap_or_else(|| panic!("{id} is not in the DLQ"));
+        let h = |k: &str| d.headers.get(k).cloned().unwrap_or_default();
+        assert_eq!(h("outboxd.dlq.reason"), "schema_invalid", "{id}");
+        assert!(
+            h("outboxd.dlq.error").contains(at),
+            "{id}: {}",
+            h("outboxd.dlq.error")
+        );
+    }
+    let invoices = consume(
+        &brokers,
+        &[db.topic("invoice")],
+        &HashSet::from([invoice.clone()]),
+        Duration::from_secs(60),
+        Duration::from_millis(200),
+    );
+    assert_eq!(
+        invoices
+            .iter()
+            .filter_map(|r| r.id.clone())
+            .collect::<Vec<_>>(),
+        vec![invoice]
+    );
+    relay.assert_running();
+    drop(relay);
+
+    std::fs::write(schemas.join("order/Broken.json"), r#"{"type": 12}"#).unwrap();
+    let out = outboxd(&["run", "--config", config.to_str().unwrap()], &[]);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("Broken.json"), "{err}");
+}

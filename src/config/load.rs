@@ -45,6 +45,8 @@ struct RawConfig {
     #[serde(default)]
     servicebus: super::servicebus::RawServiceBus,
     #[serde(default)]
+    schemas: super::schemas::RawSchemas,
+    #[serde(default)]
     cdc: super::cdc::RawCdc,
 }
 
@@ -319,6 +321,7 @@ impl Config {
         let pubsub = super::pubsub::pubsub(raw.pubsub, sink == SinkKind::PubSub)?;
         let servicebus =
             super::servicebus::servicebus(raw.servicebus, sink == SinkKind::ServiceBus)?;
+        let schemas = super::schemas::schemas(raw.schemas)?;
         let cdc = super::cdc::load(raw.cdc)?;
         if !outbox && !cdc.enabled() {
             return Err(invalid(
@@ -400,6 +403,7 @@ impl Config {
             eventbridge,
             pubsub,
             servicebus,
+            schemas,
         })
     }
 }

@@ -18,6 +18,7 @@ mod kafka;
 mod load;
 mod pubsub;
 mod redact;
+mod schemas;
 mod servicebus;
 mod sinks;
 mod snapshot;
@@ -29,6 +30,7 @@ pub use cdc::{
 };
 pub use pubsub::PubSubConfig;
 pub use redact::redact_url;
+pub use schemas::SchemasConfig;
 pub use servicebus::ServiceBusConfig;
 pub use snapshot::{SnapshotConfig, SnapshotMode};
 
@@ -73,6 +75,7 @@ pub struct Config {
     pub eventbridge: EventBridgeConfig,
     pub pubsub: PubSubConfig,
     pub servicebus: ServiceBusConfig,
+    pub schemas: SchemasConfig,
 }
 
 /// Which broker the relay publishes to.
@@ -520,6 +523,7 @@ mod tests {
         );
         assert_eq!(format!("{:?}", c.pubsub), format!("{:?}", d.pubsub));
         assert_eq!(format!("{:?}", c.servicebus), format!("{:?}", d.servicebus));
+        assert_eq!(c.schemas, d.schemas);
     }
 
     #[test]

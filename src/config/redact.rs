@@ -209,6 +209,7 @@ impl fmt::Debug for Config {
             .field("eventbridge", &self.eventbridge)
             .field("pubsub", &self.pubsub)
             .field("servicebus", &self.servicebus)
+            .field("schemas", &self.schemas)
             .finish()
     }
 }
