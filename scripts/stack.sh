@@ -50,6 +50,10 @@
 #                            the instance; addresses are not auto-created, so a send to another
 #                            is refused `amqp:not-found`, as Service Bus does), messages
 #                            journaled in DIR; prints its amqp:// URL (the Service Bus tests)
+#   scripts/stack.sh apicurio-start DIR
+#                            Apicurio Registry 3.3.3 (Maven Central, ~158 MB, cached; a Java 21+
+#                            runtime: the Temurin JDK under /usr/lib/jvm) of its own, in-memory
+#                            storage; prints its Confluent-compatible API URL (…/apis/ccompat/v7)
 #   scripts/stack.sh broker-kill DIR, broker-stop DIR [--remove]
 #                            SIGKILL / stop that server (--remove: and its directory)
 #
@@ -70,6 +74,8 @@ ELASTICMQ_VERSION=$(sed -n 's#.*<elasticmq.version>\(.*\)</elasticmq.version>.*#
 ELASTICMQ_LIB=$CACHE/elasticmq-$ELASTICMQ_VERSION/lib
 ARTEMIS_VERSION=2.40.0
 ARTEMIS_HOME=$CACHE/apache-artemis-$ARTEMIS_VERSION
+APICURIO_VERSION=3.3.3
+APICURIO_HOME=$CACHE/apicurio-registry-$APICURIO_VERSION
 STACK_DIR=${OUTBOXD_STACK_DIR:-/tmp/outboxd-stack-$(id -u)}
 
 log() { echo "stack: $*" >&2; }
@@ -668,6 +674,54 @@ start_artemis() {
   echo "amqp://127.0.0.1:$port" >"$dir/url"
 }
 
+# ensure_apicurio: Apicurio Registry's Quarkus app from Maven Central, unpacked in the cache.
+ensure_apicurio() {
+  [ -f "$APICURIO_HOME/quarkus-run.jar" ] && return 0
+  log "fetching Apicurio Registry $APICURIO_VERSION from Maven Central (~158 MB, once)"
+  mkdir -p "$CACHE"
+  local tmp
+  tmp=$(mktemp -d "$CACHE/.apicurio.XXXXXX")
+  mvn -B -q -Dstyle.color=never dependency:copy \
+    -Dartifact="io.apicurio:apicurio-registry-app:$APICURIO_VERSION:tar.gz:all" \
+    -DoutputDirectory="$tmp" >&2
+  mkdir -p "$tmp/app"
+  tar xzf "$tmp/apicurio-registry-app-$APICURIO_VERSION-all.tar.gz" -C "$tmp/app"
+  mv "$tmp/app" "$APICURIO_HOME" 2>/dev/null || true
+  rm -rf "$tmp"
+}
+
+# java21: a Java 21+ runtime (Apicurio needs one; OpenJDK 17 is the default here).
+java21() {
+  local j
+  for j in $(ls -d /usr/lib/jvm/*/bin/java 2>/dev/null | sort -rV) java; do
+    if "$j" -version 2>&1 | grep -qE 'version "(2[1-9]|[3-9][0-9])'; then echo "$j"; return 0; fi
+  done
+  log "no Java 21+ runtime found (Apicurio Registry needs one): install one, e.g. openjdk-21-jre-headless"
+  return 1
+}
+
+start_apicurio() {
+  local dir=$1 port java before
+  ensure_apicurio
+  java=$(java21)
+  mkdir -p "$dir"
+  [ -f "$dir/port" ] || free_port >"$dir/port"
+  [ -f "$dir/management_port" ] || free_port >"$dir/management_port"
+  port=$(cat "$dir/port")
+  before=$(count_lines "$dir/apicurio.log" 'Installed features')
+  # Quarkus's management interface binds 0.0.0.0:9000 by default: one per machine.
+  QUARKUS_HTTP_PORT=$port QUARKUS_HTTP_HOST=127.0.0.1 \
+    QUARKUS_MANAGEMENT_PORT=$(cat "$dir/management_port") QUARKUS_MANAGEMENT_HOST=127.0.0.1 \
+    setsid "$java" -Xms64m -Xmx512m -XX:+UseSerialGC -XX:TieredStopAtLevel=1 \
+    -jar "$APICURIO_HOME/quarkus-run.jar" </dev/null >>"$dir/apicurio.log" 2>&1 &
+  echo $! >"$dir/apicurio.pid"
+  if ! wait_log "$dir/apicurio.log" 'Installed features' "$before" "$dir/apicurio.pid"; then
+    log "Apicurio did not start in $dir:"; tail -20 "$dir/apicurio.log" >&2
+    return 1
+  fi
+  echo "http://127.0.0.1:$port/apis/ccompat/v7" >"$dir/url"
+}
+
 # start_moto DIR [AUTH]: moto_server on 127.0.0.1 and a port kept in DIR/port. Its state is
 # in memory (a restart forgets it).
 start_moto() {
@@ -688,7 +742,7 @@ start_moto() {
 # clean stop; KILL: a crash), and, for RabbitMQ, the epmd it started on its own port.
 stop_broker() {
   local dir=$1 signal=$2 f pid i epmd
-  for f in "$dir/nats.pid" "$dir/rabbitmq.pid" "$dir/elasticmq.pid" "$dir/moto.pid" "$dir/pubsub.pid" "$dir/artemis.pid"; do
+  for f in "$dir/nats.pid" "$dir/rabbitmq.pid" "$dir/elasticmq.pid" "$dir/moto.pid" "$dir/pubsub.pid" "$dir/artemis.pid" "$dir/apicurio.pid"; do
     [ -f "$f" ] || continue
     pid=$(cat "$f")
     kill "-$signal" -- "-$pid" 2>/dev/null || true
@@ -757,7 +811,7 @@ case "${1:-}" in
   # `install debezium`: the Debezium jars too (the tests run Debezium beside outboxd; the
   # demo does not need them).
   install)
-    ensure_packages; ensure_kafka; ensure_elasticmq; ensure_moto; ensure_artemis
+    ensure_packages; ensure_kafka; ensure_elasticmq; ensure_moto; ensure_artemis; ensure_apicurio
     pubsub_jar >/dev/null || true
     if [ "${2:-}" = debezium ]; then "$HERE/../bench/debezium/debezium.sh" fetch; fi ;;
   pg-start) start_pg "$2" "$3" "${4:-}" ;;
@@ -777,7 +831,8 @@ case "${1:-}" in
   moto-start) start_moto "$2" "${3:-}"; cat "$2/url" ;;
   pubsub-start) start_pubsub "$2"; cat "$2/url" ;;
   artemis-start) d=$2; shift 2; start_artemis "$d" "$@"; cat "$d/url" ;;
+  apicurio-start) start_apicurio "$2"; cat "$2/url" ;;
   broker-kill) stop_broker "$2" KILL ;;
   broker-stop) stop_broker "$2" TERM; if [ "${3:-}" = --remove ]; then rm -rf "$2"; fi ;;
-  *) echo "usage: $0 up|down|env|install|pg-start DIR PORT [OPTIONS]|pg-stop DIR|pg-crash-restart DIR|tls-certs DIR|kafka-start DIR [PROP=VALUE...]|kafka-start-sasl DIR USER PASSWORD|kafka-cluster-start DIR N [PROP=VALUE...]|kafka-node-kill DIR I|kafka-node-start DIR I|kafka-stop DIR|nats-start DIR|rabbitmq-start DIR|elasticmq-start DIR|moto-start DIR [AUTH]|pubsub-start DIR|artemis-start DIR [QUEUE...]|broker-kill DIR|broker-stop DIR [--remove]" >&2; exit 2 ;;
+  *) echo "usage: $0 up|down|env|install|pg-start DIR PORT [OPTIONS]|pg-stop DIR|pg-crash-restart DIR|tls-certs DIR|kafka-start DIR [PROP=VALUE...]|kafka-start-sasl DIR USER PASSWORD|kafka-cluster-start DIR N [PROP=VALUE...]|kafka-node-kill DIR I|kafka-node-start DIR I|kafka-stop DIR|nats-start DIR|rabbitmq-start DIR|elasticmq-start DIR|moto-start DIR [AUTH]|pubsub-start DIR|artemis-start DIR [QUEUE...]|apicurio-start DIR|broker-kill DIR|broker-stop DIR [--remove]" >&2; exit 2 ;;
 esac

@@ -78,12 +78,36 @@ pub enum Command {
         #[arg(long, conflicts_with_all = ["pause", "resume", "stop"])]
         wait: bool,
     },
+    /// Event contracts against a Confluent-API schema registry (schemas.registry_url): `check`
+    /// exits 1 naming each schema file that breaks its subject's compatibility; `register`
+    /// registers them.
+    Schemas {
+        #[command(subcommand)]
+        action: SchemasAction,
+    },
     /// Mode, slot position and lag, WAL retention, leader, lag of the local instance, last
     /// error. Exit 0 healthy, 1 degraded, 2 cannot connect.
     Status {
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
+    },
+}
+
+/// `outboxd schemas …`.
+#[derive(Debug, Subcommand)]
+pub enum SchemasAction {
+    /// Check every schema file against the registry's latest version of its subject.
+    Check {
+        /// The schema directory (`<aggregatetype>/<type>.json`); default schemas.dir.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+    /// Register every schema file under its subject.
+    Register {
+        /// The schema directory; default schemas.dir.
+        #[arg(long)]
+        dir: Option<PathBuf>,
     },
 }
 

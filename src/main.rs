@@ -79,6 +79,18 @@ async fn dispatch(command: Command, config: Config) -> anyhow::Result<u8> {
         Command::Migrate => migrate(&config).await.map(|()| 0),
         Command::Run => run(config).await.map(|()| 0),
         Command::Status { json } => status(&config, json).await,
+        Command::Schemas { action } => {
+            use outboxd::cli::SchemasAction;
+            let (dir, register) = match action {
+                SchemasAction::Check { dir } => (dir, false),
+                SchemasAction::Register { dir } => (dir, true),
+            };
+            Ok(
+                outboxd::contract::registry::run(&config, dir.as_deref(), register)
+                    .await
+                    .context("schemas")?,
+            )
+        }
         Command::Replay { selection } => {
             let sel = Selection::from(selection);
             let (published, poison) = outboxd::replay::replay(&config, &sel)

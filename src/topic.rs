@@ -53,12 +53,17 @@ impl TopicTemplate {
     }
 
     pub fn render(&self, event: &Event) -> String {
+        self.render_parts(&event.aggregatetype, &event.event_type)
+    }
+
+    /// The name for an event of `aggregatetype` and `event_type`.
+    pub fn render_parts(&self, aggregatetype: &str, event_type: &str) -> String {
         let mut out = String::new();
         for part in &self.parts {
             match part {
                 Part::Literal(s) => out.push_str(s),
-                Part::AggregateType => out.push_str(&event.aggregatetype),
-                Part::Type => out.push_str(&event.event_type),
+                Part::AggregateType => out.push_str(aggregatetype),
+                Part::Type => out.push_str(event_type),
             }
         }
         out

@@ -437,3 +437,63 @@ async fn payloads_breaking_their_types_schema_are_dead_lettered_and_valid_ones_f
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("Broken.json"), "{err}");
 }
+
+/// A service's CI against a real Confluent-API registry (Apicurio Registry, BACKWARD):
+/// `schemas register` registers each file under its subject (`<topic>-<aggregatetype>.<type>`),
+/// `schemas check` passes the same file, then exits 1 naming the subject once `orderId` is
+/// renamed `id` (a consumer reading the old shape would break), and exits 2 naming the
+/// registry when it is down — a check that could not run never passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schemas_check_exits_1_on_a_backward_breaking_rename_and_2_when_the_registry_is_down() {
+    let registry = PrivateBroker::start_with("apicurio", &[]);
+    let answer = reqwest::Client::new()
+        .put(format!("{}/config", registry.url))
+        .header("content-type", "application/vnd.schemaregistry.v1+json")
+        .body(r#"{"compatibility": "BACKWARD"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert!(answer.status().is_success(), "{}", answer.status());
+    let dir = std::env::temp_dir().join(unique("schemas"));
+    std::fs::create_dir_all(dir.join("order")).unwrap();
+    let schema = |field: &str| {
+        format!(
+            r#"{{"type": "object", "required": ["{field}"], "properties": {{"{field}": {{"type": "string"}}}}}}"#
+        )
+    };
+    std::fs::write(dir.join("order/Placed.json"), schema("orderId")).unwrap();
+    let config = dir.join("outboxd.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[postgres]\nurl = \"postgres://u@localhost/db\"\n[kafka]\nbrokers = \"localhost:9092\"\n\
+             topic_template = \"shop.{{aggregatetype}}\"\n[schemas]\ndir = \"{}\"\nregistry_url = \"{}\"\n",
+            dir.display(),
+            registry.url
+        ),
+    )
+    .unwrap();
+    let run = |action: &str| {
+        let out = outboxd(
+            &["--config", config.to_str().unwrap(), "schemas", action],
+            &[],
+        );
+        let text = |b: &[u8]| String::from_utf8_lossy(b).to_string();
+        (out.status.code(), text(&out.stdout), text(&out.stderr))
+    };
+    let subject = "shop.order-order.Placed";
+    let (code, out, err) = run("register");
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains(&format!("registered {subject}")), "{out}");
+    let (code, out, err) = run("check");
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains(&format!("compatible {subject}")), "{out}");
+    std::fs::write(dir.join("order/Placed.json"), schema("id")).unwrap();
+    let (code, out, err) = run("check");
+    assert_eq!(code, Some(1), "{out}{err}");
+    assert!(out.contains(&format!("INCOMPATIBLE {subject}")), "{out}");
+    registry.kill();
+    let (code, out, err) = run("check");
+    assert_eq!(code, Some(2), "{out}{err}");
+    assert!(err.contains(&registry.url), "{err}");
+}

@@ -168,6 +168,9 @@ impl Config {
         if let Some(v) = env_nonempty("OUTBOXD_NATS_URL") {
             raw.nats.url = Some(v);
         }
+        if let Some(v) = env_nonempty("OUTBOXD_SCHEMA_REGISTRY_PASSWORD") {
+            raw.schemas.registry_password = Some(v);
+        }
         if let Some(v) = env_nonempty("OUTBOXD_SERVICEBUS_CONNECTION_STRING") {
             raw.servicebus.connection_string = Some(v);
         }

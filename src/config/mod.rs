@@ -30,7 +30,7 @@ pub use cdc::{
 };
 pub use pubsub::PubSubConfig;
 pub use redact::redact_url;
-pub use schemas::SchemasConfig;
+pub use schemas::{SchemasConfig, SubjectStrategy};
 pub use servicebus::ServiceBusConfig;
 pub use snapshot::{SnapshotConfig, SnapshotMode};
 

@@ -1,14 +1,33 @@
-//! `[schemas]`: event contracts (`crate::contract`).
+//! `[schemas]`: event contracts (`crate::contract`) and the schema registry
+//! (`crate::contract::registry`; its password is a [`Secret`], never shown).
 
 use serde::Deserialize;
 
 use super::{invalid, ConfigError};
+use crate::secret::Secret;
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawSchemas {
     dir: Option<String>,
     require_schema: Option<bool>,
+    registry_url: Option<String>,
+    registry_username: Option<String>,
+    pub(super) registry_password: Option<String>,
+    registry_ca_file: Option<String>,
+    subject_strategy: Option<String>,
+}
+
+/// How a schema's registry subject is named (Confluent's subject name strategies).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SubjectStrategy {
+    /// `<topic>-value`: one schema per topic.
+    Topic,
+    /// `<aggregatetype>.<type>`: one per event type, whatever the topic.
+    Record,
+    /// `<topic>-<aggregatetype>.<type>`: one per event type per topic.
+    #[default]
+    TopicRecord,
 }
 
 /// `[schemas]`.
@@ -18,6 +37,14 @@ pub struct SchemasConfig {
     pub dir: Option<String>,
     /// Dead-letter (`schema_missing`) an event whose type has no schema.
     pub require_schema: bool,
+    /// A Confluent-API schema registry (`…/apis/ccompat/v7` for Apicurio).
+    pub registry_url: Option<String>,
+    pub registry_username: Option<String>,
+    /// `OUTBOXD_SCHEMA_REGISTRY_PASSWORD` overrides it.
+    pub registry_password: Option<Secret>,
+    /// A PEM CA bundle the registry's certificate must chain to.
+    pub registry_ca_file: Option<String>,
+    pub subject_strategy: SubjectStrategy,
 }
 
 pub(super) fn schemas(raw: RawSchemas) -> Result<SchemasConfig, ConfigError> {
@@ -37,8 +64,44 @@ pub(super) fn schemas(raw: RawSchemas) -> Result<SchemasConfig, ConfigError> {
             "needs schemas.dir (without schemas every event would be dead-lettered)",
         ));
     }
+    let registry_url = raw.registry_url.filter(|u| !u.is_empty());
+    if let Some(u) = &registry_url {
+        if !(u.starts_with("https://") || u.starts_with("http://")) {
+            return Err(invalid(
+                "schemas.registry_url",
+                "must start with https:// (or http://)",
+            ));
+        }
+    }
+    if let Some(ca) = &raw.registry_ca_file {
+        std::fs::metadata(ca).map_err(|e| {
+            invalid(
+                "schemas.registry_ca_file",
+                format!("cannot read `{ca}`: {e}"),
+            )
+        })?;
+    }
+    let subject_strategy = match raw.subject_strategy.as_deref().unwrap_or("topic_record") {
+        "topic" => SubjectStrategy::Topic,
+        "record" => SubjectStrategy::Record,
+        "topic_record" => SubjectStrategy::TopicRecord,
+        other => {
+            return Err(invalid(
+                "schemas.subject_strategy",
+                format!("`{other}` is not one of: topic, record, topic_record"),
+            ))
+        }
+    };
     Ok(SchemasConfig {
         dir,
         require_schema,
+        registry_url: registry_url.map(|u| u.trim_end_matches('/').to_string()),
+        registry_username: raw.registry_username.filter(|u| !u.is_empty()),
+        registry_password: raw
+            .registry_password
+            .filter(|p| !p.is_empty())
+            .map(Secret::new),
+        registry_ca_file: raw.registry_ca_file,
+        subject_strategy,
     })
 }

@@ -13,6 +13,8 @@
 //! `schemas.require_schema`. Table change events (CDC) are not checked: their shape is the
 //! table's.
 
+pub mod registry;
+
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -67,6 +69,51 @@ fn unreadable(path: &Path, problem: impl std::fmt::Display) -> Error {
     )
 }
 
+/// A schema file: `<dir>/<aggregatetype>/<type>.json`.
+#[derive(Debug, Clone)]
+pub struct SchemaFile {
+    pub aggregatetype: String,
+    pub event_type: String,
+    /// Absolute.
+    pub path: std::path::PathBuf,
+}
+
+/// The schema files under `dir`, sorted; an unreadable directory or file is an error naming
+/// it.
+pub fn schema_files(dir: &Path) -> Result<Vec<SchemaFile>> {
+    let read = |p: &Path| std::fs::read_dir(p).map_err(|e| unreadable(p, e));
+    let name = |p: &Path| {
+        p.file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    };
+    let mut out = Vec::new();
+    for aggregate in read(dir)? {
+        let aggregate = aggregate.map_err(|e| unreadable(dir, e))?.path();
+        if !aggregate.is_dir() {
+            continue;
+        }
+        for file in read(&aggregate)? {
+            let path = file.map_err(|e| unreadable(&aggregate, e))?.path();
+            if path.extension().and_then(|e| e.to_str()) != Some("json") {
+                continue;
+            }
+            let path = path.canonicalize().map_err(|e| unreadable(&path, e))?;
+            let aggregatetype = aggregate
+                .file_name()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            out.push(SchemaFile {
+                aggregatetype,
+                event_type: name(&path),
+                path,
+            });
+        }
+    }
+    out.sort_by(|a, b| a.path.cmp(&b.path));
+    Ok(out)
+}
+
 impl Contracts {
     /// Compiles every `<aggregatetype>/<type>.json` under `cfg.dir`; `None` when no directory
     /// is configured.
@@ -78,29 +125,11 @@ impl Contracts {
         compiler.set_default_draft(boon::Draft::V2020_12);
         let mut schemas = boon::Schemas::new();
         let mut by_type = HashMap::new();
-        let read = |p: &Path| std::fs::read_dir(p).map_err(|e| unreadable(p, e));
-        for aggregate in read(Path::new(dir))? {
-            let aggregate = aggregate.map_err(|e| unreadable(Path::new(dir), e))?.path();
-            if !aggregate.is_dir() {
-                continue;
-            }
-            for file in read(&aggregate)? {
-                let path = file.map_err(|e| unreadable(&aggregate, e))?.path();
-                if path.extension().and_then(|e| e.to_str()) != Some("json") {
-                    continue;
-                }
-                let path = path.canonicalize().map_err(|e| unreadable(&path, e))?;
-                let index = compiler
-                    .compile(&path.to_string_lossy(), &mut schemas)
-                    .map_err(|e| unreadable(&path, e))?;
-                let name = |p: &Path| {
-                    p.file_stem()
-                        .or(p.file_name())
-                        .map(|s| s.to_string_lossy().into_owned())
-                        .unwrap_or_default()
-                };
-                by_type.insert((name(&aggregate), name(&path)), index);
-            }
+        for file in schema_files(Path::new(dir))? {
+            let index = compiler
+                .compile(&file.path.to_string_lossy(), &mut schemas)
+                .map_err(|e| unreadable(&file.path, e))?;
+            by_type.insert((file.aggregatetype, file.event_type), index);
         }
         tracing::info!(dir = %dir, types = by_type.len(), require_schema = cfg.require_schema, "event schemas loaded");
         Ok(Some(Contracts {
@@ -162,6 +191,7 @@ mod tests {
         Contracts::load(&SchemasConfig {
             dir: Some(dir.to_string_lossy().into_owned()),
             require_schema: require,
+            ..Default::default()
         })
     }
 

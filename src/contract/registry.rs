@@ -1,0 +1,255 @@
+//! A Confluent-API schema registry (Confluent Schema Registry, Apicurio's `ccompat` API,
+//! Karapace…): the checks a service runs in its CI before a deploy — `outboxd schemas
+//! check` — and the registration after it — `outboxd schemas register`.
+//!
+//! A schema file's subject follows `schemas.subject_strategy`: `topic_record` (default:
+//! `<topic>-<aggregatetype>.<type>`, one subject per event type per topic, as Confluent's
+//! TopicRecordNameStrategy), `topic` (`<topic>-value`), `record` (`<aggregatetype>.<type>`).
+//! The topic is the one `kafka.topic_template` gives the type. `check` asks the registry
+//! whether each file is compatible with the subject's latest version under the subject's
+//! compatibility level (the registry's rule; BACKWARD is Confluent's default): a file that
+//! breaks it is named with its subject, and the command exits 1; a subject the registry does
+//! not have yet has nothing to break.
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use super::SchemaFile;
+use crate::config::{Config, SubjectStrategy};
+use crate::error::{Error, Result};
+use crate::topic::TopicTemplate;
+
+const CONTENT_TYPE: &str = "application/vnd.schemaregistry.v1+json";
+
+/// A registry client.
+pub struct Registry {
+    http: reqwest::Client,
+    url: String,
+    auth: Option<(String, crate::secret::Secret)>,
+}
+
+fn setup(problem: String) -> Error {
+    Error::setup(
+        problem,
+        "check schemas.registry_url, schemas.registry_username / OUTBOXD_SCHEMA_REGISTRY_PASSWORD and schemas.registry_ca_file",
+    )
+}
+
+/// The subject of `file` under `strategy`, `template` rendering its topic.
+pub fn subject(strategy: SubjectStrategy, template: &TopicTemplate, file: &SchemaFile) -> String {
+    let record = format!("{}.{}", file.aggregatetype, file.event_type);
+    let topic = || template.render_parts(&file.aggregatetype, &file.event_type);
+    match strategy {
+        SubjectStrategy::Topic => format!("{}-value", topic()),
+        SubjectStrategy::Record => record,
+        SubjectStrategy::TopicRecord => format!("{}-{record}", topic()),
+    }
+}
+
+/// What `check` found for one file.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Compatibility {
+    Compatible,
+    /// The registry has no such subject yet.
+    New,
+    /// Why, as the registry says (may be empty).
+    Breaks(Vec<String>),
+}
+
+impl Registry {
+    pub fn new(cfg: &crate::config::SchemasConfig) -> Result<Registry> {
+        let url = cfg
+            .registry_url
+            .clone()
+            .ok_or_else(|| setup("schemas.registry_url is not set".into()))?;
+        let mut builder = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(30));
+        if let Some(ca) = &cfg.registry_ca_file {
+            let pem = std::fs::read(ca)
+                .map_err(|e| setup(format!("schemas.registry_ca_file {ca}: {e}")))?;
+            let cert = reqwest::Certificate::from_pem(&pem)
+                .map_err(|e| setup(format!("schemas.registry_ca_file {ca}: {e}")))?;
+            builder = builder.add_root_certificate(cert);
+        }
+        let http = builder
+            .build()
+            .map_err(|e| setup(format!("building the registry client: {e}")))?;
+        let auth = cfg.registry_username.clone().map(|u| {
+            (
+                u,
+                cfg.registry_password
+                    .clone()
+                    .unwrap_or_else(|| crate::secret::Secret::new(String::new())),
+            )
+        });
+        Ok(Registry { http, url, auth })
+    }
+
+    /// POST `path` with `body`: the answer's status and JSON. An unanswered request or a
+    /// refused login is an error naming the registry (never the password).
+    async fn post(&self, path: &str, body: &Value) -> Result<(u16, Value)> {
+        let mut req = self
+            .http
+            .post(format!("{}/{path}", self.url))
+            .header("content-type", CONTENT_TYPE)
+            .body(body.to_string());
+        if let Some((user, password)) = &self.auth {
+            req = req.basic_auth(user, Some(password.expose()));
+        }
+        let answer = req.send().await.map_err(|e| {
+            setup(format!(
+                "schema registry {}: {}",
+                self.url,
+                crate::sink::aws::describe_http(&e)
+            ))
+        })?;
+        let status = answer.status().as_u16();
+        let bytes = answer.bytes().await.unwrap_or_default();
+        if status == 401 || status == 403 {
+            return Err(setup(format!(
+                "schema registry {} refused the login ({status})",
+                self.url
+            )));
+        }
+        Ok((
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        ))
+    }
+
+    fn body(file: &SchemaFile) -> Result<Value> {
+        let text = std::fs::read_to_string(&file.path)
+            .map_err(|e| setup(format!("{}: {e}", file.path.display())))?;
+        Ok(json!({ "schemaType": "JSON", "schema": text }))
+    }
+
+    /// Is `file` compatible with `subject`'s latest version?
+    pub async fn check(&self, subject: &str, file: &SchemaFile) -> Result<Compatibility> {
+        let path = format!(
+            "compatibility/subjects/{}/versions/latest?verbose=true",
+            urlencode(subject)
+        );
+        let (status, v) = self.post(&path, &Self::body(file)?).await?;
+        match (status, v.get("is_compatible").and_then(Value::as_bool)) {
+            (404, _) => Ok(Compatibility::New),
+            (200, Some(true)) => Ok(Compatibility::Compatible),
+            (200, Some(false)) => Ok(Compatibility::Breaks(
+                v.get("messages")
+                    .and_then(Value::as_array)
+                    .map(|m| {
+                        m.iter()
+                            .filter_map(|s| s.as_str().map(str::to_string))
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+            )),
+            _ => Err(setup(format!(
+                "schema registry {}: checking {subject}: {status} {v}",
+                self.url
+            ))),
+        }
+    }
+
+    /// Registers `file` under `subject`; its schema id.
+    pub async fn register(&self, subject: &str, file: &SchemaFile) -> Result<u64> {
+        let path = format!("subjects/{}/versions", urlencode(subject));
+        let (status, v) = self.post(&path, &Self::body(file)?).await?;
+        match (status, v.get("id").and_then(Value::as_u64)) {
+            (200, Some(id)) => Ok(id),
+            _ => Err(setup(format!(
+                "schema registry {}: registering {subject}: {status} {v}",
+                self.url
+            ))),
+        }
+    }
+}
+
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+/// `outboxd schemas check|register`: every file of `dir` (default `schemas.dir`), one line
+/// each. `check` returns 1 when a file breaks its subject's compatibility, else 0.
+pub async fn run(cfg: &Config, dir: Option<&Path>, register: bool) -> Result<u8> {
+    let dir = match (dir, &cfg.schemas.dir) {
+        (Some(d), _) => d.to_path_buf(),
+        (None, Some(d)) => d.into(),
+        (None, None) => {
+            return Err(Error::setup(
+                "no schema directory",
+                "pass --dir or set schemas.dir",
+            ))
+        }
+    };
+    let registry = Registry::new(&cfg.schemas)?;
+    let template = TopicTemplate::parse(&cfg.kafka.topic_template)
+        .map_err(|p| Error::setup(format!("kafka.topic_template: {p}"), "correct the template"))?;
+    let files = super::schema_files(&dir)?;
+    // A file that does not compile must not reach the registry, nor pass the check.
+    super::Contracts::load(&crate::config::SchemasConfig {
+        dir: Some(dir.to_string_lossy().into_owned()),
+        ..Default::default()
+    })?;
+    let mut broken = 0;
+    for file in &files {
+        let subject = subject(cfg.schemas.subject_strategy, &template, file);
+        let shown = file.path.display();
+        if register {
+            let id = registry.register(&subject, file).await?;
+            println!("registered {subject} ({shown}): id {id}");
+            continue;
+        }
+        match registry.check(&subject, file).await? {
+            Compatibility::Compatible => println!("compatible {subject} ({shown})"),
+            Compatibility::New => println!("new {subject} ({shown}): nothing registered to break"),
+            Compatibility::Breaks(why) => {
+                broken += 1;
+                let why = if why.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {}", why.join("; "))
+                };
+                println!(
+                    "INCOMPATIBLE {subject} ({shown}) with its latest registered version{why}"
+                );
+            }
+        }
+    }
+    if !register {
+        println!("{} schemas checked, {broken} incompatible", files.len());
+    }
+    Ok(u8::from(broken > 0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subjects_follow_the_strategy() {
+        let t = TopicTemplate::parse("shop.{aggregatetype}").unwrap_or_else(|_| unreachable!());
+        let f = SchemaFile {
+            aggregatetype: "order".into(),
+            event_type: "Placed".into(),
+            path: "/x".into(),
+        };
+        assert_eq!(
+            subject(SubjectStrategy::TopicRecord, &t, &f),
+            "shop.order-order.Placed"
+        );
+        assert_eq!(subject(SubjectStrategy::Topic, &t, &f), "shop.order-value");
+        assert_eq!(subject(SubjectStrategy::Record, &t, &f), "order.Placed");
+        assert_eq!(urlencode("a b/c"), "a%20b%2Fc");
+    }
+}
