@@ -73,7 +73,7 @@ KAFKA_LIB=$CACHE/kafka-$KAFKA_VERSION/lib
 ELASTICMQ_VERSION=$(sed -n 's#.*<elasticmq.version>\(.*\)</elasticmq.version>.*#\1#p' "$HERE/elasticmq/pom.xml")
 ELASTICMQ_LIB=$CACHE/elasticmq-$ELASTICMQ_VERSION/lib
 ARTEMIS_VERSION=2.40.0
-ARTEMIS_HOME=$CACHE/apache-artemis-$ARTEMIS_VERSION
+ARTEMIS_HOME=$CACHE/artemis-$ARTEMIS_VERSION/apache-artemis-$ARTEMIS_VERSION
 APICURIO_VERSION=3.3.3
 APICURIO_HOME=$CACHE/apicurio-registry-$APICURIO_VERSION
 STACK_DIR=${OUTBOXD_STACK_DIR:-/tmp/outboxd-stack-$(id -u)}
@@ -623,20 +623,24 @@ EOF
   echo "http://127.0.0.1:$port" >"$dir/url"
 }
 
-# ensure_artemis: Artemis's binary distribution from Maven Central, unpacked in the cache.
+# fetch_archive ARTIFACT DEST: a tar.gz from Maven Central (group:artifact:version:tar.gz:
+# classifier) unpacked into DEST, atomically: a concurrent start sees all of it or none.
+fetch_archive() {
+  local artifact=$1 dest=$2 tmp
+  mkdir -p "$CACHE"
+  tmp=$(mktemp -d "$CACHE/.fetch.XXXXXX")
+  mvn -B -q -Dstyle.color=never dependency:copy -Dartifact="$artifact" -DoutputDirectory="$tmp" >&2
+  mkdir -p "$tmp/unpacked"
+  tar xzf "$tmp"/*.tar.gz -C "$tmp/unpacked"
+  mv "$tmp/unpacked" "$dest" 2>/dev/null || true
+  rm -rf "$tmp"
+}
+
+# ensure_artemis: Artemis's binary distribution, in the cache.
 ensure_artemis() {
   [ -x "$ARTEMIS_HOME/bin/artemis" ] && return 0
   log "fetching Apache ActiveMQ Artemis $ARTEMIS_VERSION from Maven Central"
-  mkdir -p "$CACHE"
-  local tmp
-  tmp=$(mktemp -d "$CACHE/.artemis.XXXXXX")
-  mvn -B -q -Dstyle.color=never dependency:copy \
-    -Dartifact="org.apache.activemq:apache-artemis:$ARTEMIS_VERSION:tar.gz:bin" \
-    -DoutputDirectory="$tmp" >&2
-  tar xzf "$tmp/apache-artemis-$ARTEMIS_VERSION-bin.tar.gz" -C "$tmp"
-  # Atomic: a concurrent start sees the whole distribution or none.
-  mv "$tmp/apache-artemis-$ARTEMIS_VERSION" "$ARTEMIS_HOME" 2>/dev/null || true
-  rm -rf "$tmp"
+  fetch_archive "org.apache.activemq:apache-artemis:$ARTEMIS_VERSION:tar.gz:bin" "$CACHE/artemis-$ARTEMIS_VERSION"
 }
 
 # start_artemis DIR [QUEUE...]: an Artemis instance in DIR/broker (made on first start, with
@@ -674,20 +678,11 @@ start_artemis() {
   echo "amqp://127.0.0.1:$port" >"$dir/url"
 }
 
-# ensure_apicurio: Apicurio Registry's Quarkus app from Maven Central, unpacked in the cache.
+# ensure_apicurio: Apicurio Registry's Quarkus app, in the cache.
 ensure_apicurio() {
   [ -f "$APICURIO_HOME/quarkus-run.jar" ] && return 0
   log "fetching Apicurio Registry $APICURIO_VERSION from Maven Central (~158 MB, once)"
-  mkdir -p "$CACHE"
-  local tmp
-  tmp=$(mktemp -d "$CACHE/.apicurio.XXXXXX")
-  mvn -B -q -Dstyle.color=never dependency:copy \
-    -Dartifact="io.apicurio:apicurio-registry-app:$APICURIO_VERSION:tar.gz:all" \
-    -DoutputDirectory="$tmp" >&2
-  mkdir -p "$tmp/app"
-  tar xzf "$tmp/apicurio-registry-app-$APICURIO_VERSION-all.tar.gz" -C "$tmp/app"
-  mv "$tmp/app" "$APICURIO_HOME" 2>/dev/null || true
-  rm -rf "$tmp"
+  fetch_archive "io.apicurio:apicurio-registry-app:$APICURIO_VERSION:tar.gz:all" "$APICURIO_HOME"
 }
 
 # java21: a Java 21+ runtime (Apicurio needs one; OpenJDK 17 is the default here).

@@ -29,6 +29,7 @@ pub use cdc::{
     ToastMode,
 };
 pub use pubsub::PubSubConfig;
+pub use redact::percent_encode;
 pub use redact::redact_url;
 pub use schemas::{SchemasConfig, SubjectStrategy};
 pub use servicebus::ServiceBusConfig;

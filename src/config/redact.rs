@@ -30,8 +30,9 @@ pub fn redact_url(url: &str) -> String {
     out
 }
 
-/// Every byte outside `[A-Za-z0-9-._~]` percent-encoded.
-pub(super) fn percent_encode(s: &str) -> String {
+/// Every byte outside `[A-Za-z0-9-._~]` (RFC 3986's unreserved) percent-encoded: URLs'
+/// userinfo here, AWS's form bodies and signatures, registry subjects.
+pub fn percent_encode(s: &str) -> String {
     s.bytes()
         .map(|b| {
             if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {

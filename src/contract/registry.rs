@@ -17,7 +17,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use super::SchemaFile;
-use crate::config::{Config, SubjectStrategy};
+use crate::config::{percent_encode, Config, SubjectStrategy};
 use crate::error::{Error, Result};
 use crate::topic::TopicTemplate;
 
@@ -130,7 +130,7 @@ impl Registry {
     pub async fn check(&self, subject: &str, file: &SchemaFile) -> Result<Compatibility> {
         let path = format!(
             "compatibility/subjects/{}/versions/latest?verbose=true",
-            urlencode(subject)
+            percent_encode(subject)
         );
         let (status, v) = self.post(&path, &Self::body(file)?).await?;
         match (status, v.get("is_compatible").and_then(Value::as_bool)) {
@@ -155,7 +155,7 @@ impl Registry {
 
     /// Registers `file` under `subject`; its schema id.
     pub async fn register(&self, subject: &str, file: &SchemaFile) -> Result<u64> {
-        let path = format!("subjects/{}/versions", urlencode(subject));
+        let path = format!("subjects/{}/versions", percent_encode(subject));
         let (status, v) = self.post(&path, &Self::body(file)?).await?;
         match (status, v.get("id").and_then(Value::as_u64)) {
             (200, Some(id)) => Ok(id),
@@ -165,18 +165,6 @@ impl Registry {
             ))),
         }
     }
-}
-
-fn urlencode(s: &str) -> String {
-    s.bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
 }
 
 /// `outboxd schemas check|register`: every file of `dir` (default `schemas.dir`), one line
@@ -250,6 +238,5 @@ mod tests {
         );
         assert_eq!(subject(SubjectStrategy::Topic, &t, &f), "shop.order-value");
         assert_eq!(subject(SubjectStrategy::Record, &t, &f), "order.Placed");
-        assert_eq!(urlencode("a b/c"), "a%20b%2Fc");
     }
 }

@@ -138,22 +138,9 @@ pub fn form_body(pairs: &[(&str, &str)]) -> String {
         if !out.is_empty() {
             out.push('&');
         }
-        out.push_str(&percent(k));
+        out.push_str(&crate::config::percent_encode(k));
         out.push('=');
-        out.push_str(&percent(v));
-    }
-    out
-}
-
-/// RFC 3986 unreserved characters kept, everything else `%XX` (AWS's encoding).
-fn percent(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
+        out.push_str(&crate::config::percent_encode(v));
     }
     out
 }
