@@ -103,7 +103,7 @@ impl Registry {
             setup(format!(
                 "schema registry {}: {}",
                 self.url,
-                crate::sink::aws::describe_http(&e)
+                crate::sink::http::describe(&e)
             ))
         })?;
         let status = answer.status().as_u16();

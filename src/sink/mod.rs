@@ -16,6 +16,7 @@ pub mod broker;
 pub mod classify;
 pub mod eventbridge;
 pub mod gcp;
+pub mod http;
 pub mod kafka;
 pub mod lanes;
 pub mod nats;

@@ -280,11 +280,14 @@ impl Provider {
             .send()
             .await
             .map_err(|e| {
-                CredentialsError::Unavailable(format!("{source}: {}", super::describe_http(&e)))
+                CredentialsError::Unavailable(format!(
+                    "{source}: {}",
+                    crate::sink::http::describe(&e)
+                ))
             })?;
         let status = resp.status();
         let text = resp.text().await.map_err(|e| {
-            CredentialsError::Unavailable(format!("{source}: {}", super::describe_http(&e)))
+            CredentialsError::Unavailable(format!("{source}: {}", crate::sink::http::describe(&e)))
         })?;
         if status.is_success() {
             Ok(text)

@@ -119,18 +119,6 @@ pub fn kind_of(code: &str, status: u16) -> Kind {
     }
 }
 
-/// A reqwest error in one line, with its cause (reqwest's Display alone says "error sending
-/// request").
-pub fn describe_http(e: &reqwest::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = std::error::Error::source(e);
-    while let Some(cause) = src {
-        s.push_str(&format!(": {cause}"));
-        src = cause.source();
-    }
-    s
-}
-
 /// `application/x-www-form-urlencoded` of `pairs`, as AWS's query protocol reads it.
 pub fn form_body(pairs: &[(&str, &str)]) -> String {
     let mut out = String::new();
@@ -206,12 +194,7 @@ impl AwsClient {
         if url.scheme() == "http" {
             tracing::warn!(endpoint = %endpoint, "the {service} endpoint is plain http: requests and their signatures cross the network unencrypted (meant for local emulators)");
         }
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(5))
-            .pool_idle_timeout(Duration::from_secs(50))
-            .tcp_keepalive(Duration::from_secs(15))
-            .build()
-            .map_err(|e| Error::Publish(format!("{service}: building the HTTP client: {e}")))?;
+        let http = crate::sink::http::client(service)?;
         let credentials = match fixed {
             Some(c) => Provider::fixed(c, http.clone()),
             None => Provider::discover(cfg.profile.as_deref(), &region, http.clone())
@@ -315,7 +298,7 @@ impl AwsClient {
         let transport = |e: reqwest::Error| AwsError {
             kind: Kind::Transport,
             code: String::new(),
-            message: describe_http(&e),
+            message: crate::sink::http::describe(&e),
         };
         let resp = req.body(body).send().await.map_err(transport)?;
         let status = resp.status().as_u16();

@@ -181,7 +181,7 @@ impl Auth {
                 message: format!(
                     "fetching a token from {}: {}",
                     self.describe,
-                    crate::sink::aws::describe_http(&e)
+                    crate::sink::http::describe(&e)
                 ),
             })?;
         let status = answer.status();

@@ -19,7 +19,6 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::config::PubSubConfig;
-use crate::error::Error;
 use auth::Auth;
 
 /// What an error means for the relay.
@@ -89,12 +88,7 @@ impl GcpClient {
     /// The client of `cfg`: no credentials for the emulator (an `http://` endpoint), else
     /// application default credentials (the file is read now: exit 2 when unusable).
     pub fn new(cfg: &PubSubConfig) -> crate::error::Result<GcpClient> {
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(5))
-            .pool_idle_timeout(Duration::from_secs(50))
-            .tcp_keepalive(Duration::from_secs(15))
-            .build()
-            .map_err(|e| Error::Publish(format!("pubsub: building the HTTP client: {e}")))?;
+        let http = crate::sink::http::client("pubsub")?;
         let auth = if cfg.emulator() {
             tracing::warn!(endpoint = %cfg.endpoint, "the pubsub endpoint is plain http, without credentials: the emulator");
             Auth::none(http.clone())
@@ -141,7 +135,7 @@ impl GcpClient {
         let transport = |e: reqwest::Error| GcpError {
             kind: GcpKind::Transport,
             status: String::new(),
-            message: crate::sink::aws::describe_http(&e),
+            message: crate::sink::http::describe(&e),
         };
         let answer = req.send().await.map_err(transport)?;
         let http = answer.status();

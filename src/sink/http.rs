@@ -1,0 +1,32 @@
+//! What the HTTP-speaking sinks (AWS, Pub/Sub) and the schema registry client share: one
+//! way to build a client over the system's OpenSSL, and one way to say what went wrong.
+//!
+//! A pooled connection left idle behind a NAT or load balancer can be dropped without a FIN;
+//! idle connections are retired after 50 s (under the usual 60 s idle limits) and probed with
+//! TCP keepalives, and a connect is bounded at 5 s — a request's own bound is the caller's.
+
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+
+/// A client for `who` (in the error if it cannot be built).
+pub fn client(who: &str) -> Result<reqwest::Client> {
+    reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(5))
+        .pool_idle_timeout(Duration::from_secs(50))
+        .tcp_keepalive(Duration::from_secs(15))
+        .build()
+        .map_err(|e| Error::Publish(format!("{who}: building the HTTP client: {e}")))
+}
+
+/// A reqwest error in one line, with its cause (reqwest's Display alone says "error sending
+/// request").
+pub fn describe(e: &reqwest::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = std::error::Error::source(e);
+    while let Some(cause) = src {
+        s.push_str(&format!(": {cause}"));
+        src = cause.source();
+    }
+    s
+}
