@@ -458,9 +458,14 @@ async fn two_old_timestamps_in_one_transaction(prefix: &str, extra: &str) {
             g.id
         );
     }
+    // Four sessions when the broker sees both old records in one produce request (batch
+    // refused → both suspects → each sent alone, aborted, dead-lettered by the next); five
+    // when librdkafka happens to send the first old record in a request of its own (measured
+    // once in CI: the first session saw one suspect, a later batch of three the other). Five
+    // is the most that settling each refused batch's suspects together can take here.
     let sessions = relay.log_text().matches("relay started").count();
     assert!(
-        sessions <= 4,
+        sessions <= 5,
         "{sessions} sessions to converge:\n{}",
         relay.log_text()
     );
