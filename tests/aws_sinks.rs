@@ -242,7 +242,7 @@ async fn sqs_event_over_the_size_limit_is_dead_lettered_with_its_reason_and_the_
     for _ in 0..100 {
         let row = client
             .query_opt(
-                "SELECT reason, error FROM outboxd_dead_letter WHERE position('xxxx' in convert_from(payload, 'UTF8')) > 0",
+                "SELECT reason, error FROM outboxd_dead_letter WHERE position('xxxx' in convert_from(payload, 'UTF8')) > 0 ORDER BY seq LIMIT 1",
                 &[],
             )
             .await

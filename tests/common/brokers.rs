@@ -341,18 +341,26 @@ pub async fn rabbitmq_read(
     out
 }
 
-/// Waits (10 s at most) for event `id` in the dead-letter table; its `(reason, error)`.
+/// Waits (10 s at most) for event `id` in the dead-letter table; its `(reason, error)`. The
+/// table is at-least-once like the dead-letter topic: a session that ends after writing the row
+/// (a stall while an emulator is slow) writes it again from the confirmed position, so there
+/// may be several rows — each must carry the same reason.
 pub async fn dead_letter_row(client: &tokio_postgres::Client, id: &str) -> (String, String) {
     for _ in 0..50 {
-        let row = client
-            .query_opt(
-                "SELECT reason, error FROM outboxd_dead_letter WHERE event_id = $1",
+        let rows = client
+            .query(
+                "SELECT reason, error FROM outboxd_dead_letter WHERE event_id = $1 ORDER BY seq",
                 &[&id],
             )
             .await
             .unwrap();
-        if let Some(row) = row {
-            return (row.get(0), row.get(1));
+        if let Some(first) = rows.first() {
+            let reasons: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+            assert!(
+                reasons.iter().all(|r| *r == reasons[0]),
+                "event {id} dead-lettered with different reasons: {reasons:?}"
+            );
+            return (first.get(0), first.get(1));
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
