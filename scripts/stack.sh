@@ -52,8 +52,12 @@
 #                            journaled in DIR; prints its amqp:// URL (the Service Bus tests)
 #   scripts/stack.sh apicurio-start DIR
 #                            Apicurio Registry 3.3.3 (Maven Central, ~158 MB, cached; a Java 21+
-#                            runtime: the Temurin JDK under /usr/lib/jvm) of its own, in-memory
-#                            storage; prints its Confluent-compatible API URL (…/apis/ccompat/v7)
+#                            runtime: the Temurin JDK under /usr/lib/jvm) of its own, its H2
+#                            database a file in DIR (a restart keeps the schemas); prints its
+#                            Confluent-compatible API URL (…/apis/ccompat/v7)
+#   scripts/stack.sh python-consumer
+#                            a Python with confluent-kafka's schema-registry deserializers (PyPI,
+#                            a virtualenv in the cache); prints the interpreter
 #   scripts/stack.sh broker-kill DIR, broker-stop DIR [--remove]
 #                            SIGKILL / stop that server (--remove: and its directory)
 #
@@ -163,6 +167,21 @@ ensure_moto() {
   command -v moto_server >/dev/null && return 0
   log "installing moto[server] from PyPI"
   python3 -m pip install --quiet 'moto[server]>=5.1' >&2
+}
+
+# python_consumer: a Python with confluent-kafka's schema-registry deserializers (PyPI), in a
+# virtualenv in the cache; prints its interpreter. The tests decode the relay's Avro records
+# with it — a real consumer, not outboxd's code.
+CONFLUENT_KAFKA_VERSION=2.16.2
+python_consumer() {
+  local venv=$CACHE/python-consumer-$CONFLUENT_KAFKA_VERSION
+  if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import confluent_kafka.schema_registry.avro, confluent_kafka.schema_registry.json_schema' 2>/dev/null; then
+    log "installing confluent-kafka[avro,json,schemaregistry] $CONFLUENT_KAFKA_VERSION from PyPI"
+    rm -rf "$venv"
+    python3 -m venv "$venv" >&2
+    "$venv/bin/pip" install --quiet "confluent-kafka[avro,json,schemaregistry]==$CONFLUENT_KAFKA_VERSION" >&2
+  fi
+  echo "$venv/bin/python"
 }
 
 # pubsub_jar: the Pub/Sub emulator's jar, from the google-cloud-cli-pubsub-emulator package
@@ -699,6 +718,8 @@ java21() {
   return 1
 }
 
+# start_apicurio DIR: Apicurio Registry on 127.0.0.1 and a port kept in DIR/port; its
+# Confluent-compatible API's URL in DIR/url.
 start_apicurio() {
   local dir=$1 port java before
   ensure_apicurio
@@ -708,8 +729,11 @@ start_apicurio() {
   [ -f "$dir/management_port" ] || free_port >"$dir/management_port"
   port=$(cat "$dir/port")
   before=$(count_lines "$dir/apicurio.log" 'Installed features')
-  # Quarkus's management interface binds 0.0.0.0:9000 by default: one per machine.
-  QUARKUS_HTTP_PORT=$port QUARKUS_HTTP_HOST=127.0.0.1 \
+  # Quarkus's management interface binds 0.0.0.0:9000 by default: one per machine. Its H2
+  # database is a file in DIR (the default is in memory): a killed registry comes back with
+  # the same schemas and ids, as a real one does.
+  APICURIO_DATASOURCE_URL="jdbc:h2:file:$dir/h2/registry" \
+    QUARKUS_HTTP_PORT=$port QUARKUS_HTTP_HOST=127.0.0.1 \
     QUARKUS_MANAGEMENT_PORT=$(cat "$dir/management_port") QUARKUS_MANAGEMENT_HOST=127.0.0.1 \
     setsid "$java" -Xms64m -Xmx512m -XX:+UseSerialGC -XX:TieredStopAtLevel=1 \
     -jar "$APICURIO_HOME/quarkus-run.jar" </dev/null >>"$dir/apicurio.log" 2>&1 &
@@ -812,6 +836,7 @@ case "${1:-}" in
   install)
     ensure_packages; ensure_kafka; ensure_elasticmq; ensure_moto; ensure_artemis; ensure_apicurio
     pubsub_jar >/dev/null || true
+    python_consumer >/dev/null
     if [ "${2:-}" = debezium ]; then "$HERE/../bench/debezium/debezium.sh" fetch; fi ;;
   pg-start) start_pg "$2" "$3" "${4:-}" ;;
   pg-stop) stop_pg "$2"; rm -rf "$2" ;;
@@ -830,8 +855,9 @@ case "${1:-}" in
   moto-start) start_moto "$2" "${3:-}"; cat "$2/url" ;;
   pubsub-start) start_pubsub "$2"; cat "$2/url" ;;
   artemis-start) d=$2; shift 2; start_artemis "$d" "$@"; cat "$d/url" ;;
+  python-consumer) python_consumer ;;
   apicurio-start) start_apicurio "$2"; cat "$2/url" ;;
   broker-kill) stop_broker "$2" KILL ;;
   broker-stop) stop_broker "$2" TERM; if [ "${3:-}" = --remove ]; then rm -rf "$2"; fi ;;
-  *) echo "usage: $0 up|down|env|install|pg-start DIR PORT [OPTIONS]|pg-stop DIR|pg-crash-restart DIR|tls-certs DIR|kafka-start DIR [PROP=VALUE...]|kafka-start-sasl DIR USER PASSWORD|kafka-cluster-start DIR N [PROP=VALUE...]|kafka-node-kill DIR I|kafka-node-start DIR I|kafka-stop DIR|nats-start DIR|rabbitmq-start DIR|elasticmq-start DIR|moto-start DIR [AUTH]|pubsub-start DIR|artemis-start DIR [QUEUE...]|apicurio-start DIR|broker-kill DIR|broker-stop DIR [--remove]" >&2; exit 2 ;;
+  *) echo "usage: $0 up|down|env|install|pg-start DIR PORT [OPTIONS]|pg-stop DIR|pg-crash-restart DIR|tls-certs DIR|kafka-start DIR [PROP=VALUE...]|kafka-start-sasl DIR USER PASSWORD|kafka-cluster-start DIR N [PROP=VALUE...]|kafka-node-kill DIR I|kafka-node-start DIR I|kafka-stop DIR|nats-start DIR|rabbitmq-start DIR|elasticmq-start DIR|moto-start DIR [AUTH]|pubsub-start DIR|artemis-start DIR [QUEUE...]|apicurio-start DIR|python-consumer|broker-kill DIR|broker-stop DIR [--remove]" >&2; exit 2 ;;
 esac

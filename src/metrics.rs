@@ -13,10 +13,14 @@ pub const UNABLE_TO_PUBLISH: &str = "outboxd_unable_to_publish_seconds";
 pub const EVENTS_PUBLISHED: &str = "outboxd_events_published_total";
 /// Events sent to the dead-letter destination, by reason.
 pub const EVENTS_DEAD_LETTERED: &str = "outboxd_events_dead_lettered_total";
-/// Changes in the replication stream that are deliberately not events, by kind (a logical
-/// message of another prefix, an update, a delete, a truncate).
 /// Event payloads checked against their type's schema, by aggregate type, type and result.
 pub const SCHEMA_VALIDATIONS: &str = "outboxd_schema_validations_total";
+/// Schema registry requests at run time, by operation (lookup, register, latest) and result.
+pub const SCHEMA_REGISTRY_REQUESTS: &str = "outboxd_schema_registry_requests_total";
+/// Seconds a schema registry request took at run time.
+pub const SCHEMA_REGISTRY_SECONDS: &str = "outboxd_schema_registry_request_seconds";
+/// Changes in the replication stream that are deliberately not events, by kind (a logical
+/// message of another prefix, an update, a delete, a truncate).
 pub const IGNORED_CHANGES: &str = "outboxd_ignored_changes_total";
 /// Table CDC: change events decoded, by table and op.
 pub const CDC_CHANGES: &str = "outboxd_cdc_changes_total";
@@ -133,6 +137,14 @@ fn describe() {
     describe_counter!(
         SCHEMA_VALIDATIONS,
         "Event payloads checked against their type's schema (schemas.dir), by aggregatetype, type and result: valid, invalid, no_schema, missing"
+    );
+    describe_counter!(
+        SCHEMA_REGISTRY_REQUESTS,
+        "Schema registry requests at run time (schemas.encoding), by op (lookup, register, latest) and result (ok, not_found, error)"
+    );
+    describe_histogram!(
+        SCHEMA_REGISTRY_SECONDS,
+        "Seconds a schema registry request took at run time"
     );
     describe_counter!(
         PUBLISH_RETRIES,

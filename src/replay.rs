@@ -114,7 +114,7 @@ pub async fn replay(cfg: &Config, sel: &Selection) -> Result<(usize, usize)> {
     let mut published = 0;
     let mut poison = 0;
     for event in &events {
-        let record = match router.route(event) {
+        let mut record = match router.route(event) {
             Ok((record, _)) => record,
             Err(rejected) => {
                 let (_, p) = *rejected;
@@ -123,6 +123,17 @@ pub async fn replay(cfg: &Config, sel: &Selection) -> Result<(usize, usize)> {
                 continue;
             }
         };
+        // Replayed in the wire format the relay writes (`schemas.encoding`).
+        if let Some(serializer) = &router.serializer {
+            let written = serializer
+                .serialize(&mut record, &event.aggregatetype, &event.event_type)
+                .await?;
+            if let Err(p) = written {
+                tracing::warn!(event_id = %event.id, reason = p.kind.label(), "not replayed: {}", p.detail);
+                poison += 1;
+                continue;
+            }
+        }
         sink.ensure_topic(&record).await?;
         loop {
             match sink.send(&record).await {

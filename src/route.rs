@@ -79,8 +79,12 @@ pub struct Router {
     pub exchange: Option<TopicTemplate>,
     /// EventBridge: the `DetailType` template.
     pub detail_type: Option<TopicTemplate>,
-    /// The event contracts (`schemas.dir`), checked before an event is published.
+    /// The event contracts (`schemas.dir`), checked before an event is published
+    /// (`schemas.encoding = "json"`; otherwise the serializer checks them).
     pub contracts: Option<std::sync::Arc<crate::contract::Contracts>>,
+    /// Writes events in a registry's wire format (`schemas.encoding` other than `json`), after
+    /// routing: it may need the registry, which routing never waits for.
+    pub serializer: Option<std::sync::Arc<crate::contract::serializer::Serializer>>,
     /// The rule a rendered destination must follow.
     pub naming: Naming,
     pub require_key: bool,
@@ -147,11 +151,20 @@ impl Router {
                 )
             }
         };
+        let contracts = crate::contract::Contracts::load(&cfg.schemas)?.map(std::sync::Arc::new);
+        let serializer =
+            crate::contract::serializer::Serializer::new(&cfg.schemas, contracts.clone())?
+                .map(std::sync::Arc::new);
         Ok(Router {
             template,
             exchange,
             detail_type,
-            contracts: crate::contract::Contracts::load(&cfg.schemas)?.map(std::sync::Arc::new),
+            contracts: if serializer.is_some() {
+                None
+            } else {
+                contracts
+            },
+            serializer,
             naming,
             require_key: cfg.kafka.require_key,
             max_message_bytes: cfg.kafka.max_message_bytes,
@@ -360,6 +373,7 @@ mod tests {
             exchange: None,
             detail_type: None,
             contracts: None,
+            serializer: None,
             naming: Naming::KafkaTopic,
             require_key: true,
             max_message_bytes: 1_000_000,

@@ -28,6 +28,8 @@ pub struct Status {
     pub sink: &'static str,
     /// `at-least-once` or `exactly-once` (with the position topic).
     pub delivery: String,
+    /// `[schemas]`: what is checked and how events are written (`None`: nothing is).
+    pub schemas: Option<String>,
     pub slot: SlotFacts,
     pub slot_exists: bool,
     pub max_slot_lag_bytes: u64,
@@ -218,6 +220,7 @@ pub async fn gather(cfg: &Config) -> Result<Status> {
                 cfg.kafka.position_topic
             ),
         },
+        schemas: schemas_line(&cfg.schemas),
         slot,
         slot_exists,
         max_slot_lag_bytes: cfg.postgres.max_slot_lag_bytes,
@@ -231,6 +234,27 @@ pub async fn gather(cfg: &Config) -> Result<Status> {
         warnings,
         problems,
     })
+}
+
+/// `[schemas]` in one line: the files, the encoding, the registry (its password never shown).
+fn schemas_line(s: &crate::config::SchemasConfig) -> Option<String> {
+    if s.dir.is_none() && s.encoding == crate::config::Encoding::Json {
+        return None;
+    }
+    let mut line = format!("encoding {}", s.encoding.label());
+    if let Some(dir) = &s.dir {
+        line.push_str(&format!(", files in {dir}"));
+        if s.require_schema {
+            line.push_str(" (required)");
+        }
+    }
+    if let (Some(url), false) = (&s.registry_url, s.encoding == crate::config::Encoding::Json) {
+        line.push_str(&format!(", registry {}", crate::config::redact_url(url)));
+        if s.auto_register {
+            line.push_str(" (auto-register)");
+        }
+    }
+    Some(line)
 }
 
 fn local_addr(cfg: &Config) -> String {
@@ -278,6 +302,9 @@ impl std::fmt::Display for Status {
         writeln!(f, "  mode:          {}", self.mode)?;
         writeln!(f, "  sink:          {}", self.sink)?;
         writeln!(f, "  delivery:      {}", self.delivery)?;
+        if let Some(schemas) = &self.schemas {
+            writeln!(f, "  schemas:       {schemas}")?;
+        }
         if let Some(cursor) = &self.cursor {
             writeln!(f, "  cursor:        {cursor} (xid/seq)")?;
             writeln!(

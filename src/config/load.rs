@@ -325,6 +325,12 @@ impl Config {
         let servicebus =
             super::servicebus::servicebus(raw.servicebus, sink == SinkKind::ServiceBus)?;
         let schemas = super::schemas::schemas(raw.schemas)?;
+        if sink == SinkKind::EventBridge && schemas.encoding != super::Encoding::Json {
+            return Err(invalid(
+                "schemas.encoding",
+                "EventBridge's Detail is a JSON object: it cannot carry the registry's wire format (use json)",
+            ));
+        }
         let cdc = super::cdc::load(raw.cdc)?;
         if !outbox && !cdc.enabled() {
             return Err(invalid(

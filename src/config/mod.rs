@@ -31,7 +31,7 @@ pub use cdc::{
 pub use pubsub::PubSubConfig;
 pub use redact::percent_encode;
 pub use redact::redact_url;
-pub use schemas::{SchemasConfig, SubjectStrategy};
+pub use schemas::{Encoding, SchemasConfig, SubjectStrategy};
 pub use servicebus::ServiceBusConfig;
 pub use snapshot::{SnapshotConfig, SnapshotMode};
 

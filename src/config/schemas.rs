@@ -16,6 +16,31 @@ pub(super) struct RawSchemas {
     pub(super) registry_password: Option<String>,
     registry_ca_file: Option<String>,
     subject_strategy: Option<String>,
+    encoding: Option<String>,
+    auto_register: Option<bool>,
+}
+
+/// How an event's payload is written to the broker (`schemas.encoding`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Encoding {
+    /// The payload's JSON text, as the service wrote it.
+    #[default]
+    Json,
+    /// The JSON text in the Confluent wire format (magic byte, schema id), for JSON Schema
+    /// deserializers.
+    JsonSchema,
+    /// Avro binary in the Confluent wire format.
+    Avro,
+}
+
+impl Encoding {
+    pub fn label(self) -> &'static str {
+        match self {
+            Encoding::Json => "json",
+            Encoding::JsonSchema => "json_schema",
+            Encoding::Avro => "avro",
+        }
+    }
 }
 
 /// How a schema's registry subject is named (Confluent's subject name strategies).
@@ -45,6 +70,11 @@ pub struct SchemasConfig {
     /// A PEM CA bundle the registry's certificate must chain to.
     pub registry_ca_file: Option<String>,
     pub subject_strategy: SubjectStrategy,
+    /// `json` (as written), or a registry's wire format (`json_schema`, `avro`).
+    pub encoding: Encoding,
+    /// Register a `schemas.dir` file under its subject when the relay first uses it (else it
+    /// must be registered already: `outboxd schemas register`).
+    pub auto_register: bool,
 }
 
 pub(super) fn schemas(raw: RawSchemas) -> Result<SchemasConfig, ConfigError> {
@@ -92,7 +122,36 @@ pub(super) fn schemas(raw: RawSchemas) -> Result<SchemasConfig, ConfigError> {
             ))
         }
     };
+    let encoding = match raw.encoding.as_deref().unwrap_or("json") {
+        "json" => Encoding::Json,
+        "json_schema" => Encoding::JsonSchema,
+        "avro" => Encoding::Avro,
+        other => {
+            return Err(invalid(
+                "schemas.encoding",
+                format!("`{other}` is not one of: json, json_schema, avro"),
+            ))
+        }
+    };
+    if encoding != Encoding::Json && registry_url.is_none() {
+        return Err(invalid(
+            "schemas.encoding",
+            format!(
+                "`{}` writes the registry's schema id into every record: set schemas.registry_url",
+                encoding.label()
+            ),
+        ));
+    }
+    let auto_register = raw.auto_register.unwrap_or(false);
+    if auto_register && dir.is_none() {
+        return Err(invalid(
+            "schemas.auto_register",
+            "needs schemas.dir (the files it registers)",
+        ));
+    }
     Ok(SchemasConfig {
+        encoding,
+        auto_register,
         dir,
         require_schema,
         registry_url: registry_url.map(|u| u.trim_end_matches('/').to_string()),
@@ -104,4 +163,40 @@ pub(super) fn schemas(raw: RawSchemas) -> Result<SchemasConfig, ConfigError> {
         registry_ca_file: raw.registry_ca_file,
         subject_strategy,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::super::Config;
+
+    fn key_of(schemas: &str) -> String {
+        let text = format!(
+            "[postgres]\nurl = \"postgres://u@localhost/db\"\n[kafka]\nbrokers = \"localhost:9092\"\n[schemas]\n{schemas}"
+        );
+        match Config::from_toml_str(&text, |_| None) {
+            Ok(_) => "ok".into(),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn a_wire_encoding_needs_a_registry_and_auto_register_needs_files() {
+        let e = key_of("encoding = \"avro\"\n");
+        assert!(
+            e.contains("`schemas.encoding`") && e.contains("registry_url"),
+            "{e}"
+        );
+        let e = key_of("encoding = \"protobuf\"\nregistry_url = \"http://r\"\n");
+        assert!(
+            e.contains("`schemas.encoding`") && e.contains("protobuf"),
+            "{e}"
+        );
+        let e = key_of("auto_register = true\nregistry_url = \"http://r\"\n");
+        assert!(e.contains("`schemas.auto_register`"), "{e}");
+        assert_eq!(
+            key_of("encoding = \"json_schema\"\nregistry_url = \"http://r\"\n"),
+            "ok"
+        );
+    }
 }

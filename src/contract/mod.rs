@@ -6,26 +6,39 @@
 //! `outboxd.dlq.error`) and never reaches the main topic, while the events after it flow.
 //!
 //! Schemas are files: `schemas.dir/<aggregatetype>/<type>.json` (JSON Schema, draft 2020-12
-//! unless the file's `$schema` says otherwise; `$ref`s to sibling files resolve). All are
-//! compiled at start: a file that does not parse or compile stops the relay with exit 2
-//! naming it — a contract the relay cannot read would otherwise pass everything. An event
-//! whose type has no schema is published as it is, or dead-lettered `schema_missing` with
-//! `schemas.require_schema`. Table change events (CDC) are not checked: their shape is the
-//! table's.
+//! unless the file's `$schema` says otherwise; `$ref`s to sibling files resolve) or
+//! `<type>.avsc` (Avro: the payload must resolve into it). All are compiled at start: a file
+//! that does not parse or compile stops the relay with exit 2 naming it — a contract the relay
+//! cannot read would otherwise pass everything. An event whose type has no schema is published
+//! as it is, or dead-lettered `schema_missing` with `schemas.require_schema`. Table change
+//! events (CDC) are not checked: their shape is the table's.
+//!
+//! With `schemas.encoding` other than `json`, [`serializer`] takes over: it validates the same
+//! way and writes the record in the Confluent wire format for the registry's consumers.
 
 pub mod registry;
+pub mod serializer;
+pub mod wire;
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 
 use crate::config::SchemasConfig;
 use crate::error::{Error, Result};
 
+/// A compiled schema.
+#[derive(Clone)]
+pub enum Compiled {
+    Json(boon::SchemaIndex),
+    Avro(Arc<wire::AvroSchema>),
+}
+
 /// The compiled schemas of `schemas.dir`.
 pub struct Contracts {
     schemas: boon::Schemas,
-    /// (aggregatetype, type) → the compiled schema.
-    by_type: HashMap<(String, String), boon::SchemaIndex>,
+    /// (aggregatetype, type) → the compiled schema and its file.
+    by_type: HashMap<(String, String), (Compiled, SchemaFile)>,
     require: bool,
 }
 
@@ -69,13 +82,29 @@ fn unreadable(path: &Path, problem: impl std::fmt::Display) -> Error {
     )
 }
 
-/// A schema file: `<dir>/<aggregatetype>/<type>.json`.
+/// A schema file: `<dir>/<aggregatetype>/<type>.json` or `.avsc`.
 #[derive(Debug, Clone)]
 pub struct SchemaFile {
     pub aggregatetype: String,
     pub event_type: String,
     /// Absolute.
     pub path: std::path::PathBuf,
+}
+
+impl SchemaFile {
+    /// Avro (`.avsc`), else JSON Schema.
+    pub fn is_avro(&self) -> bool {
+        self.path.extension().and_then(|e| e.to_str()) == Some("avsc")
+    }
+
+    /// The registry's `schemaType`.
+    pub fn schema_type(&self) -> &'static str {
+        if self.is_avro() {
+            "AVRO"
+        } else {
+            "JSON"
+        }
+    }
 }
 
 /// The schema files under `dir`, sorted; an unreadable directory or file is an error naming
@@ -95,7 +124,10 @@ pub fn schema_files(dir: &Path) -> Result<Vec<SchemaFile>> {
         }
         for file in read(&aggregate)? {
             let path = file.map_err(|e| unreadable(&aggregate, e))?.path();
-            if path.extension().and_then(|e| e.to_str()) != Some("json") {
+            if !matches!(
+                path.extension().and_then(|e| e.to_str()),
+                Some("json" | "avsc")
+            ) {
                 continue;
             }
             let path = path.canonicalize().map_err(|e| unreadable(&path, e))?;
@@ -126,10 +158,24 @@ impl Contracts {
         let mut schemas = boon::Schemas::new();
         let mut by_type = HashMap::new();
         for file in schema_files(Path::new(dir))? {
-            let index = compiler
-                .compile(&file.path.to_string_lossy(), &mut schemas)
-                .map_err(|e| unreadable(&file.path, e))?;
-            by_type.insert((file.aggregatetype, file.event_type), index);
+            let compiled = if file.is_avro() {
+                let text =
+                    std::fs::read_to_string(&file.path).map_err(|e| unreadable(&file.path, e))?;
+                let avro = wire::AvroSchema::parse(&text).map_err(|e| unreadable(&file.path, e))?;
+                Compiled::Avro(Arc::new(avro))
+            } else {
+                let index = compiler
+                    .compile(&file.path.to_string_lossy(), &mut schemas)
+                    .map_err(|e| unreadable(&file.path, e))?;
+                Compiled::Json(index)
+            };
+            let key = (file.aggregatetype.clone(), file.event_type.clone());
+            if by_type.insert(key, (compiled, file.clone())).is_some() {
+                return Err(unreadable(
+                    &file.path,
+                    "a second schema for the same type (one of .json or .avsc per type)",
+                ));
+            }
         }
         tracing::info!(dir = %dir, types = by_type.len(), require_schema = cfg.require_schema, "event schemas loaded");
         Ok(Some(Contracts {
@@ -143,32 +189,61 @@ impl Contracts {
     /// (`aggregatetype`, `event_type`).
     pub fn check(&self, aggregatetype: &str, event_type: &str, payload: Option<&[u8]>) -> Verdict {
         let key = (aggregatetype.to_string(), event_type.to_string());
-        let Some(index) = self.by_type.get(&key) else {
+        let Some((compiled, _)) = self.by_type.get(&key) else {
             return if self.require {
                 Verdict::Missing
             } else {
                 Verdict::NoSchema
             };
         };
-        let value: serde_json::Value = match payload {
-            None => serde_json::Value::Null,
-            Some(bytes) => match serde_json::from_slice(bytes) {
-                Ok(v) => v,
-                Err(e) => return Verdict::Invalid(format!("the payload is not JSON: {e}")),
-            },
-        };
-        match self.schemas.validate(&value, *index) {
-            Ok(()) => Verdict::Valid,
-            Err(e) => {
-                // The first leaf: where the payload breaks the contract, and how.
-                let mut leaf = &e;
-                while let Some(first) = leaf.causes.first() {
-                    leaf = first;
+        let index = match compiled {
+            Compiled::Json(index) => index,
+            Compiled::Avro(avro) => {
+                return match avro.encode(payload) {
+                    Ok(_) => Verdict::Valid,
+                    Err(e) => Verdict::Invalid(e),
                 }
-                let at = leaf.instance_location.to_string();
-                let at = if at.is_empty() { "/".to_string() } else { at };
-                Verdict::Invalid(format!("{at}: {}", leaf.kind))
             }
+        };
+        self.validate_json(*index, payload)
+    }
+
+    /// The schema of (`aggregatetype`, `event_type`) and its file, if `schemas.dir` has one.
+    pub fn get(&self, aggregatetype: &str, event_type: &str) -> Option<&(Compiled, SchemaFile)> {
+        self.by_type
+            .get(&(aggregatetype.to_string(), event_type.to_string()))
+    }
+
+    /// Checks `payload` against the compiled JSON Schema `index`.
+    pub fn validate_json(&self, index: boon::SchemaIndex, payload: Option<&[u8]>) -> Verdict {
+        json_verdict(&self.schemas, index, payload)
+    }
+}
+
+/// Checks `payload` (JSON text; `None` is JSON `null`) against `schemas`' schema `index`.
+pub fn json_verdict(
+    schemas: &boon::Schemas,
+    index: boon::SchemaIndex,
+    payload: Option<&[u8]>,
+) -> Verdict {
+    let value: serde_json::Value = match payload {
+        None => serde_json::Value::Null,
+        Some(bytes) => match serde_json::from_slice(bytes) {
+            Ok(v) => v,
+            Err(e) => return Verdict::Invalid(format!("the payload is not JSON: {e}")),
+        },
+    };
+    match schemas.validate(&value, index) {
+        Ok(()) => Verdict::Valid,
+        Err(e) => {
+            // The first leaf: where the payload breaks the contract, and how.
+            let mut leaf = &e;
+            while let Some(first) = leaf.causes.first() {
+                leaf = first;
+            }
+            let at = leaf.instance_location.to_string();
+            let at = if at.is_empty() { "/".to_string() } else { at };
+            Verdict::Invalid(format!("{at}: {}", leaf.kind))
         }
     }
 }

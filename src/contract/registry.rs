@@ -27,6 +27,8 @@ const CONTENT_TYPE: &str = "application/vnd.schemaregistry.v1+json";
 pub struct Registry {
     http: reqwest::Client,
     url: String,
+    /// `url` with any password in it replaced: what messages show.
+    shown: String,
     auth: Option<(String, crate::secret::Secret)>,
 }
 
@@ -39,13 +41,31 @@ fn setup(problem: String) -> Error {
 
 /// The subject of `file` under `strategy`, `template` rendering its topic.
 pub fn subject(strategy: SubjectStrategy, template: &TopicTemplate, file: &SchemaFile) -> String {
-    let record = format!("{}.{}", file.aggregatetype, file.event_type);
-    let topic = || template.render_parts(&file.aggregatetype, &file.event_type);
+    let topic = template.render_parts(&file.aggregatetype, &file.event_type);
+    subject_for(strategy, &topic, &file.aggregatetype, &file.event_type)
+}
+
+/// The subject of an event of (`aggregatetype`, `event_type`) published to `topic`.
+pub fn subject_for(
+    strategy: SubjectStrategy,
+    topic: &str,
+    aggregatetype: &str,
+    event_type: &str,
+) -> String {
     match strategy {
-        SubjectStrategy::Topic => format!("{}-value", topic()),
-        SubjectStrategy::Record => record,
-        SubjectStrategy::TopicRecord => format!("{}-{record}", topic()),
+        SubjectStrategy::Topic => format!("{topic}-value"),
+        SubjectStrategy::Record => format!("{aggregatetype}.{event_type}"),
+        SubjectStrategy::TopicRecord => format!("{topic}-{aggregatetype}.{event_type}"),
     }
+}
+
+/// A registered schema version as the registry returns it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Version {
+    pub id: u32,
+    /// `AVRO`, `JSON` or `PROTOBUF`.
+    pub schema_type: String,
+    pub schema: String,
 }
 
 /// What `check` found for one file.
@@ -85,24 +105,44 @@ impl Registry {
                     .unwrap_or_else(|| crate::secret::Secret::new(String::new())),
             )
         });
-        Ok(Registry { http, url, auth })
+        let shown = crate::config::redact_url(&url);
+        Ok(Registry {
+            http,
+            url,
+            shown,
+            auth,
+        })
+    }
+
+    /// The registry's address, for messages (any password in it replaced).
+    pub fn shown(&self) -> &str {
+        &self.shown
     }
 
     /// POST `path` with `body`: the answer's status and JSON. An unanswered request or a
     /// refused login is an error naming the registry (never the password).
     async fn post(&self, path: &str, body: &Value) -> Result<(u16, Value)> {
-        let mut req = self
-            .http
-            .post(format!("{}/{path}", self.url))
-            .header("content-type", CONTENT_TYPE)
-            .body(body.to_string());
+        self.request(path, Some(body)).await
+    }
+
+    /// POST `path` with `body`, or GET it: the answer's status and JSON.
+    async fn request(&self, path: &str, body: Option<&Value>) -> Result<(u16, Value)> {
+        let url = format!("{}/{path}", self.url);
+        let mut req = match body {
+            Some(body) => self
+                .http
+                .post(url)
+                .header("content-type", CONTENT_TYPE)
+                .body(body.to_string()),
+            None => self.http.get(url).header("accept", CONTENT_TYPE),
+        };
         if let Some((user, password)) = &self.auth {
             req = req.basic_auth(user, Some(password.expose()));
         }
         let answer = req.send().await.map_err(|e| {
             setup(format!(
                 "schema registry {}: {}",
-                self.url,
+                self.shown,
                 crate::sink::http::describe(&e)
             ))
         })?;
@@ -111,7 +151,7 @@ impl Registry {
         if status == 401 || status == 403 {
             return Err(setup(format!(
                 "schema registry {} refused the login ({status})",
-                self.url
+                self.shown
             )));
         }
         Ok((
@@ -123,7 +163,45 @@ impl Registry {
     fn body(file: &SchemaFile) -> Result<Value> {
         let text = std::fs::read_to_string(&file.path)
             .map_err(|e| setup(format!("{}: {e}", file.path.display())))?;
-        Ok(json!({ "schemaType": "JSON", "schema": text }))
+        Ok(json!({ "schemaType": file.schema_type(), "schema": text }))
+    }
+
+    /// The id under which `subject` holds exactly `file`'s schema; `None` when it does not.
+    pub async fn lookup(&self, subject: &str, file: &SchemaFile) -> Result<Option<u32>> {
+        let path = format!("subjects/{}", percent_encode(subject));
+        let (status, v) = self.post(&path, &Self::body(file)?).await?;
+        match (status, v.get("id").and_then(Value::as_u64)) {
+            (200, Some(id)) => Ok(u32::try_from(id).ok()),
+            (404, _) => Ok(None),
+            _ => Err(setup(format!(
+                "schema registry {}: looking up {subject}: {status} {v}",
+                self.shown
+            ))),
+        }
+    }
+
+    /// `subject`'s latest version; `None` when the registry has no such subject.
+    pub async fn latest(&self, subject: &str) -> Result<Option<Version>> {
+        let path = format!("subjects/{}/versions/latest", percent_encode(subject));
+        let (status, v) = self.request(&path, None).await?;
+        let id = v.get("id").and_then(Value::as_u64);
+        let schema = v.get("schema").and_then(Value::as_str);
+        match (status, id, schema) {
+            (200, Some(id), Some(schema)) => Ok(Some(Version {
+                id: u32::try_from(id).unwrap_or(u32::MAX),
+                schema_type: v
+                    .get("schemaType")
+                    .and_then(Value::as_str)
+                    .unwrap_or("AVRO")
+                    .to_string(),
+                schema: schema.to_string(),
+            })),
+            (404, _, _) => Ok(None),
+            _ => Err(setup(format!(
+                "schema registry {}: reading {subject}: {status} {v}",
+                self.shown
+            ))),
+        }
     }
 
     /// Is `file` compatible with `subject`'s latest version?
@@ -148,20 +226,20 @@ impl Registry {
             )),
             _ => Err(setup(format!(
                 "schema registry {}: checking {subject}: {status} {v}",
-                self.url
+                self.shown
             ))),
         }
     }
 
     /// Registers `file` under `subject`; its schema id.
-    pub async fn register(&self, subject: &str, file: &SchemaFile) -> Result<u64> {
+    pub async fn register(&self, subject: &str, file: &SchemaFile) -> Result<u32> {
         let path = format!("subjects/{}/versions", percent_encode(subject));
         let (status, v) = self.post(&path, &Self::body(file)?).await?;
         match (status, v.get("id").and_then(Value::as_u64)) {
-            (200, Some(id)) => Ok(id),
+            (200, Some(id)) if u32::try_from(id).is_ok() => Ok(id as u32),
             _ => Err(setup(format!(
                 "schema registry {}: registering {subject}: {status} {v}",
-                self.url
+                self.shown
             ))),
         }
     }

@@ -28,5 +28,6 @@ pub fn describe(e: &reqwest::Error) -> String {
         s.push_str(&format!(": {cause}"));
         src = cause.source();
     }
-    s
+    // reqwest names the request's URL, which may carry a password (`https://u:p@registry`).
+    crate::config::redact_url(&s)
 }

@@ -251,7 +251,7 @@ where
     ) -> Result<()> {
         let ticket = self.ledger.yielded(&event.id, position);
         let payload = event.payload.take();
-        let record = match router.route_with_value(event, payload) {
+        let mut record = match router.route_with_value(event, payload) {
             Ok((record, warnings)) => {
                 for w in warnings {
                     tracing::warn!(event_id = %event.id, "{}", w.0);
@@ -265,6 +265,18 @@ where
                 return Ok(());
             }
         };
+        // The registry's wire format (`schemas.encoding`); a registry problem ends the session.
+        if let (Some(serializer), false) = (&router.serializer, event.extra.change) {
+            // Left as it was when the event is poison: the dead letter carries the JSON.
+            let written = serializer
+                .serialize(&mut record, &event.aggregatetype, &event.event_type)
+                .await?;
+            if let Err(poison) = written {
+                dead_letter(sink, dlq, Some(&event.id), &record, &poison).await?;
+                self.settle(ticket);
+                return Ok(());
+            }
+        }
         if let Some(poison) = self.lessons.dead_letter(&event.id).cloned() {
             dead_letter(sink, dlq, Some(&event.id), &record, &poison).await?;
             self.settle(ticket);

@@ -1,0 +1,205 @@
+//! Events written for a schema registry's consumers (`schemas.encoding = "avro"`) against a real
+//! Confluent-API registry (Apicurio Registry, its schemas in a file so a killed registry comes
+//! back with them) and decoded by a real consumer — confluent-kafka's `AvroDeserializer` from
+//! PyPI, never outboxd's code. Invalid payloads are dead-lettered with their reason, and a
+//! registry that dies mid-stream costs nothing: known subjects flow from the cache, a new one
+//! waits, loudly, for the registry, and nothing is dead-lettered for it.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+use serde_json::{json, Value};
+
+const PLACED: &str = r#"{"type": "record", "name": "Placed", "namespace": "shop.order",
+  "fields": [{"name": "orderId", "type": "string"}, {"name": "total", "type": "long"},
+             {"name": "note", "type": ["null", "string"], "default": null}]}"#;
+const SHIPPED: &str = r#"{"type": "record", "name": "Shipped", "namespace": "shop.order",
+  "fields": [{"name": "orderId", "type": "string"}, {"name": "carrier", "type": "string"}]}"#;
+
+/// Inserts an event; its id.
+async fn insert(client: &tokio_postgres::Client, agg: &str, kind: &str, payload: &Value) -> String {
+    client
+        .query_one(
+            "INSERT INTO outbox (aggregatetype, aggregateid, type, payload) VALUES ($1, $2, $3, $4::text::jsonb) RETURNING id::text",
+            &[&agg, &format!("{agg}-{}", payload["orderId"].as_str().unwrap_or("x")), &kind, &payload.to_string()],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// Every record of `topic` as confluent-kafka's deserializer decodes it: id → (schema id,
+/// value). A record it cannot decode fails the test.
+fn decoded(topic: &str, registry: &str, ids: usize) -> HashMap<String, (u64, Value)> {
+    let python = String::from_utf8(stack(&["python-consumer"]).stdout).unwrap();
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/consumers/confluent_decode.py"
+    );
+    let out = Command::new(python.trim())
+        .args([
+            script,
+            &kafka_brokers(),
+            topic,
+            registry,
+            "avro",
+            &ids.to_string(),
+            "60",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut all = HashMap::new();
+    for line in text.lines() {
+        let v: Value = serde_json::from_str(line).unwrap();
+        assert!(
+            v.get("error").is_none(),
+            "confluent-kafka could not decode: {line}"
+        );
+        let id = v["id"].as_str().unwrap().to_string();
+        all.insert(id, (v["schema_id"].as_u64().unwrap(), v["value"].clone()));
+    }
+    all
+}
+
+/// Avro on the wire, read back by confluent-kafka: 12 `Placed` events of 4 orders decode to
+/// what was written; a `Placed` without `orderId` and one whose `total` is text are
+/// dead-lettered `schema_invalid`, an `invoice` event (no schema anywhere) `schema_missing`.
+/// Then the registry is SIGKILLed: more `Placed` events flow (their id is cached), a first
+/// `Shipped` event waits — the log names the registry, nothing is dead-lettered — until the
+/// registry is back, then it and the events behind it arrive. Every id asserted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn avro_records_decode_with_confluent_kafka_and_a_registry_outage_loses_nothing() {
+    let brokers = kafka_brokers();
+    let registry = PrivateBroker::start_with("apicurio", &[]);
+    let db = TestDb::new("avro").await;
+    let schemas = db.dir.join("schemas");
+    std::fs::create_dir_all(schemas.join("order")).unwrap();
+    std::fs::write(schemas.join("order/Placed.avsc"), PLACED).unwrap();
+    std::fs::write(schemas.join("order/Shipped.avsc"), SHIPPED).unwrap();
+    let dlq_topic = format!("{}.dlq", db.name);
+    let config = db.config(
+        &brokers,
+        &format!(
+            "[kafka]\ndlq_topic = \"{dlq_topic}\"\n\n[schemas]\ndir = \"{}\"\nregistry_url = \"{}\"\n\
+             encoding = \"avro\"\nauto_register = true\n",
+            schemas.display(),
+            registry.url
+        ),
+    );
+    migrate(&config);
+    let client = db.client().await;
+    create_aggregates_table(&client).await;
+    let topic = db.topic("order");
+    let mut written: HashMap<String, Value> = HashMap::new();
+    for n in 0..12 {
+        let p = json!({"orderId": format!("o-{}", n % 4), "total": n * 100});
+        written.insert(insert(&client, "order", "Placed", &p).await, p);
+    }
+    let mut poison = HashMap::new();
+    for p in [
+        json!({"total": 1}),
+        json!({"orderId": "o-9", "total": "ten"}),
+    ] {
+        poison.insert(
+            insert(&client, "order", "Placed", &p).await,
+            "schema_invalid",
+        );
+    }
+    let invoice = insert(&client, "invoice", "Issued", &json!({"orderId": "i"})).await;
+    poison.insert(invoice, "schema_missing");
+    let mut relay = Relay::start(&config);
+    let wait_for = |ids: HashSet<String>| {
+        consume(
+            &brokers,
+            std::slice::from_ref(&topic),
+            &ids,
+            Duration::from_secs(60),
+            Duration::ZERO,
+        )
+    };
+    wait_for(written.keys().cloned().collect());
+
+    registry.kill();
+    let mut cached = HashSet::new();
+    for n in 0..3 {
+        let p =
+            json!({"orderId": format!("o-{n}"), "total": 7, "note": "while the registry is down"});
+        let id = insert(&client, "order", "Placed", &p).await;
+        cached.insert(id.clone());
+        written.insert(id, p);
+    }
+    wait_for(cached);
+    let shipped = json!({"orderId": "o-1", "carrier": "post"});
+    let shipped_id = insert(&client, "order", "Shipped", &shipped).await;
+    written.insert(shipped_id.clone(), shipped);
+    let behind = json!({"orderId": "o-2", "total": 5});
+    written.insert(insert(&client, "order", "Placed", &behind).await, behind);
+    eventually(
+        Duration::from_secs(30),
+        "the relay to name the registry",
+        || async { relay.log_text().contains("schema registry") },
+    )
+    .await;
+    registry.restart();
+
+    let all = decoded(&topic, &registry.url, written.len());
+    for (id, payload) in &written {
+        let (schema_id, value) = all.get(id).unwrap_or_else(|| {
+            panic!(
+                "{id} ({payload}) was not decoded; log:\n{}",
+                relay.log_text()
+            )
+        });
+        assert!(*schema_id > 0, "{id}");
+        for (k, v) in payload.as_object().unwrap() {
+            assert_eq!(&value[k], v, "{id}: {value}");
+        }
+    }
+    let unexpected: Vec<_> = all.keys().filter(|id| !written.contains_key(*id)).collect();
+    assert!(
+        unexpected.is_empty(),
+        "not written or poison: {unexpected:?}"
+    );
+
+    let dead = consume(
+        &brokers,
+        &[dlq_topic],
+        &poison.keys().cloned().collect(),
+        Duration::from_secs(60),
+        Duration::from_secs(1),
+    );
+    let reasons: HashMap<String, String> = dead
+        .iter()
+        .map(|r| {
+            let reason = r
+                .headers
+                .get("outboxd.dlq.reason")
+                .cloned()
+                .unwrap_or_default();
+            (r.id.clone().unwrap_or_default(), reason)
+        })
+        .collect();
+    let expected: HashMap<String, String> = poison
+        .iter()
+        .map(|(id, r)| (id.clone(), r.to_string()))
+        .collect();
+    assert_eq!(
+        reasons,
+        expected,
+        "only the poison is dead-lettered; log:\n{}",
+        relay.log_text()
+    );
+    relay.assert_running();
+}
