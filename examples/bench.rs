@@ -43,6 +43,19 @@ enum Mode {
     Backlog,
 }
 
+/// What the relay writes (`schemas.encoding`), each with the bench event's schema.
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
+enum Encoding {
+    /// No schemas: the payload's JSON text.
+    Plain,
+    /// The JSON text, checked against a JSON Schema.
+    Json,
+    /// The JSON text in the Confluent wire format (needs OUTBOXD_BENCH_REGISTRY).
+    JsonSchema,
+    /// Avro in the Confluent wire format (needs OUTBOXD_BENCH_REGISTRY).
+    Avro,
+}
+
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
 enum System {
     Outboxd,
@@ -82,11 +95,79 @@ struct Args {
     /// whether polling-mode retention keeps up with the insert rate.
     #[arg(long, default_value_t = 0)]
     table_report_secs: u64,
+    /// Schemas and the wire format: `scripts/bench.sh --registry` starts the registry the
+    /// encodings other than plain and json need.
+    #[arg(long, value_enum, default_value_t = Encoding::Plain)]
+    encoding: Encoding,
+}
+
+/// The `[schemas]` section of `encoding`, its schema file written under `dir`.
+fn schemas_config(encoding: Encoding, dir: &std::path::Path) -> anyhow::Result<String> {
+    let (file, text, wire) = match encoding {
+        Encoding::Plain => return Ok(String::new()),
+        Encoding::Json | Encoding::JsonSchema => (
+            "BenchEvent.json",
+            r#"{"type": "object", "required": ["n", "pad"],
+                "properties": {"n": {"type": "integer"}, "pad": {"type": "string"}}}"#,
+            if encoding == Encoding::Json {
+                "json"
+            } else {
+                "json_schema"
+            },
+        ),
+        Encoding::Avro => (
+            "BenchEvent.avsc",
+            r#"{"type": "record", "name": "BenchEvent",
+                "fields": [{"name": "n", "type": "long"}, {"name": "pad", "type": "string"}]}"#,
+            "avro",
+        ),
+    };
+    let schemas = dir.join("schemas");
+    std::fs::create_dir_all(schemas.join("bench"))?;
+    std::fs::write(schemas.join("bench").join(file), text)?;
+    let mut section = format!(
+        "[schemas]\ndir = \"{}\"\nencoding = \"{wire}\"\n",
+        schemas.display()
+    );
+    if wire != "json" {
+        let url = std::env::var("OUTBOXD_BENCH_REGISTRY")
+            .context("--encoding json-schema|avro needs a registry: scripts/bench.sh --registry")?;
+        section.push_str(&format!("registry_url = \"{url}\"\nauto_register = true\n"));
+    }
+    Ok(section)
+}
+
+/// The bench event's `n`: from its JSON text, or from the Confluent wire format (JSON after
+/// the 5-byte header; Avro: `n` is the record's first field, a zigzag varint long).
+fn event_number(payload: &[u8]) -> Option<u64> {
+    let json = |b: &[u8]| {
+        serde_json::from_slice::<serde_json::Value>(b)
+            .ok()?
+            .get("n")?
+            .as_u64()
+    };
+    match payload {
+        [0, _, _, _, _, b'{', ..] => json(&payload[5..]),
+        [0, _, _, _, _, rest @ ..] => {
+            let (mut value, mut shift) = (0u64, 0);
+            for byte in rest {
+                value |= u64::from(byte & 0x7f) << shift;
+                if byte & 0x80 == 0 {
+                    return Some((value >> 1) ^ (value & 1).wrapping_neg());
+                }
+                shift += 7;
+            }
+            None
+        }
+        _ => json(payload),
+    }
 }
 
 struct Arrivals {
     at: Vec<Option<Instant>>,
     count: u64,
+    /// Records in the Confluent wire format (`--encoding json-schema|avro`).
+    framed: u64,
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -104,8 +185,10 @@ async fn main() -> anyhow::Result<()> {
     std::fs::write(
         &config,
         format!(
-            "mode = \"{}\"\n[postgres]\nurl = \"{url}\"\nslot = \"{db}\"\n[kafka]\nbrokers = \"{brokers}\"\ntopic_template = \"{db}.{{aggregatetype}}\"\n{}\n",
-            args.read, args.extra_config
+            "mode = \"{}\"\n[postgres]\nurl = \"{url}\"\nslot = \"{db}\"\n[kafka]\nbrokers = \"{brokers}\"\ntopic_template = \"{db}.{{aggregatetype}}\"\n{}\n{}",
+            args.read,
+            args.extra_config,
+            schemas_config(args.encoding, &dir)?
         ),
     )?;
     let topic = format!("{db}.bench");
@@ -117,6 +200,7 @@ async fn main() -> anyhow::Result<()> {
     let arrivals = Arc::new(Mutex::new(Arrivals {
         at: vec![None; n as usize + 1],
         count: 0,
+        framed: 0,
     }));
 
     let log = std::fs::File::create(dir.join("outboxd.log"))?;
@@ -164,9 +248,10 @@ async fn main() -> anyhow::Result<()> {
     }
     let mut cpu_from = relay.as_ref().and_then(|r| proc_stats::cpu_secs(r.pid()));
     println!(
-        "outboxd bench: read={} mode={:?} events={n} writers={} txn_size={} rate={} payload≈{}B",
+        "outboxd bench: read={} mode={:?} encoding={:?} events={n} writers={} txn_size={} rate={} payload≈{}B",
         args.read,
         args.mode,
+        args.encoding,
         args.writers,
         args.txn_size,
         if args.rate == 0 {
@@ -322,6 +407,13 @@ async fn main() -> anyhow::Result<()> {
         n as f64 / cpu.max(0.001)
     );
     println!("relay peak RSS: {:.1} MiB", rss_kib as f64 / 1024.0);
+    if args.encoding != Encoding::Plain {
+        // `arr` holds the arrivals' lock.
+        println!(
+            "records in the Confluent wire format: {} of {n}",
+            arr.framed
+        );
+    }
     Ok(())
 }
 
@@ -402,10 +494,7 @@ fn spawn_consumer(
             };
             let now = Instant::now();
             let Some(payload) = m.payload() else { continue };
-            let Ok(v) = serde_json::from_slice::<serde_json::Value>(payload) else {
-                continue;
-            };
-            let Some(i) = v.get("n").and_then(|x| x.as_u64()) else {
+            let Some(i) = event_number(payload) else {
                 continue;
             };
             if let Ok(mut a) = arrivals.lock() {
@@ -413,6 +502,7 @@ fn spawn_consumer(
                     if slot.is_none() {
                         *slot = Some(now);
                         a.count += 1;
+                        a.framed += u64::from(payload.first() == Some(&0));
                     }
                 }
                 if a.count > n {

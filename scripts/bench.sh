@@ -18,6 +18,11 @@
 #                                                  an AMQP 1.0 queue of Artemis (Service Bus)
 #                                                  (examples/bench_sinks.rs; sqs, sns: --standard
 #                                                  for a standard queue or topic, FIFO otherwise)
+#   scripts/bench.sh --registry --encoding avro|json-schema [args]
+#                                                  the same with an Apicurio Registry started
+#                                                  first: events validated and written in the
+#                                                  Confluent wire format (--encoding json:
+#                                                  validated only, no registry needed)
 #   scripts/bench.sh --cdc [--compare debezium] [args]
 #                                                  table CDC: a 10-column table, insert/update/
 #                                                  delete mix (examples/bench_cdc.rs); the same
@@ -34,6 +39,13 @@ if [ -z "${KEEP:-}" ]; then trap 'scripts/stack.sh down' EXIT; fi
 export OUTBOXD_CHECK_LEDGER=1
 cargo build --release --quiet --bin outboxd --example bench --example bench_sinks --example bench_cdc --example bench_snapshot
 example=bench
+if [ "${1:-}" = "--registry" ]; then
+  registry_dir=$(mktemp -d /tmp/outboxd-bench-registry.XXXXXX)
+  trap 'scripts/stack.sh broker-stop "$registry_dir" --remove; [ -n "${KEEP:-}" ] || scripts/stack.sh down' EXIT
+  OUTBOXD_BENCH_REGISTRY=$(scripts/stack.sh apicurio-start "$registry_dir")
+  export OUTBOXD_BENCH_REGISTRY
+  shift
+fi
 if [ "${1:-}" = "--cdc" ]; then
   example=bench_cdc
   shift
