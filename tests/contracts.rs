@@ -34,16 +34,20 @@ async fn insert(client: &tokio_postgres::Client, agg: &str, kind: &str, payload:
         .get(0)
 }
 
-/// Every record of `topic` as confluent-kafka's deserializer decodes it: id → (schema id,
-/// value). A record it cannot decode fails the test.
-fn decoded(topic: &str, registry: &str, ids: usize) -> HashMap<String, (u64, Value)> {
+/// Every record of `topic` (until `ids` distinct ids were read) as confluent-kafka's
+/// deserializer decodes it: `{"id", "schema_id", "value"}` per record, in the topic's order
+/// per partition. A record it cannot decode fails the test.
+fn decoded_lines(topic: &str, registry: &str, ids: usize) -> Vec<Value> {
     let python = String::from_utf8(stack(&["python-consumer"]).stdout).unwrap();
     let script = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/tests/consumers/confluent_decode.py"
     );
-    let out = Command::new(python.trim())
+    // Bounded from outside as well: a consumer that hangs fails the test, never stalls it.
+    let out = Command::new("timeout")
         .args([
+            "90",
+            python.trim(),
             script,
             &kafka_brokers(),
             topic,
@@ -60,17 +64,27 @@ fn decoded(topic: &str, registry: &str, ids: usize) -> HashMap<String, (u64, Val
         "{text}{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let mut all = HashMap::new();
-    for line in text.lines() {
-        let v: Value = serde_json::from_str(line).unwrap();
-        assert!(
-            v.get("error").is_none(),
-            "confluent-kafka could not decode: {line}"
-        );
-        let id = v["id"].as_str().unwrap().to_string();
-        all.insert(id, (v["schema_id"].as_u64().unwrap(), v["value"].clone()));
-    }
-    all
+    text.lines()
+        .map(|line| {
+            let v: Value = serde_json::from_str(line).unwrap();
+            assert!(
+                v.get("error").is_none(),
+                "confluent-kafka could not decode: {line}"
+            );
+            v
+        })
+        .collect()
+}
+
+/// [`decoded_lines`] by event id: id → (schema id, value).
+fn decoded(topic: &str, registry: &str, ids: usize) -> HashMap<String, (u64, Value)> {
+    decoded_lines(topic, registry, ids)
+        .into_iter()
+        .map(|v| {
+            let id = v["id"].as_str().unwrap().to_string();
+            (id, (v["schema_id"].as_u64().unwrap(), v["value"].clone()))
+        })
+        .collect()
 }
 
 /// Avro on the wire, read back by confluent-kafka: 12 `Placed` events of 4 orders decode to
@@ -201,5 +215,114 @@ async fn avro_records_decode_with_confluent_kafka_and_a_registry_outage_loses_no
         "only the poison is dead-lettered; log:\n{}",
         relay.log_text()
     );
+    relay.assert_running();
+}
+
+/// Table CDC in Avro, as Debezium's Avro converter writes it, decoded by confluent-kafka: the
+/// change event's Connect schema becomes an Avro schema registered under `<topic>-value`
+/// (a `numeric` an Avro decimal, a column name that is no Avro name adjusted), the key stays
+/// the key columns' JSON, a delete's tombstone stays empty — and a column added mid-stream
+/// registers a new version: the events after the ALTER carry another schema id and the new
+/// column.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cdc_change_events_in_avro_decode_with_confluent_kafka_and_a_new_column_is_a_new_version() {
+    let registry = PrivateBroker::start_with("apicurio", &[]);
+    let db = TestDb::new("cdcavro").await;
+    let client = db.client().await;
+    client
+        .batch_execute(
+            "CREATE TABLE customers (id int PRIMARY KEY, name text NOT NULL, price numeric(10,2), \"first-seen\" date)",
+        )
+        .await
+        .unwrap();
+    let config = db.config(
+        &kafka_brokers(),
+        &format!(
+            "[cdc]\ntables = [\"public.customers\"]\ntopic_prefix = \"{}\"\n[cdc.snapshot]\nmode = \"never\"\n\n\
+             [schemas]\nregistry_url = \"{}\"\nencoding = \"avro\"\n",
+            db.name, registry.url
+        ),
+    );
+    migrate(&config);
+    let mut relay = Relay::start(&config);
+    db.streaming().await;
+    client
+        .batch_execute(
+            "INSERT INTO customers VALUES (1, 'ada', 10.50, '2026-12-07');
+             INSERT INTO customers VALUES (2, 'bob', NULL, NULL);
+             UPDATE customers SET name = 'ada l' WHERE id = 1;
+             DELETE FROM customers WHERE id = 2;
+             ALTER TABLE customers ADD COLUMN email text;
+             INSERT INTO customers VALUES (3, 'cy', 1.00, NULL, 'cy@example.com');",
+        )
+        .await
+        .unwrap();
+    let topic = format!("{}.public.customers", db.name);
+    let mut lines = decoded_lines(&topic, &registry.url, 6);
+    // By the change's LSN (the id's middle part), a delete before its tombstone.
+    lines.sort_by_key(|v| {
+        let id = v["id"].as_str().unwrap().to_string();
+        let lsn: u64 = id.split('/').nth(1).unwrap().parse().unwrap();
+        (lsn, id.ends_with('x'))
+    });
+    let summary: Vec<(String, Value, Value)> = lines
+        .iter()
+        .map(|v| {
+            let value = &v["value"];
+            (
+                v["id"]
+                    .as_str()
+                    .unwrap()
+                    .rsplit('/')
+                    .next()
+                    .unwrap()
+                    .to_string(),
+                value["op"].clone(),
+                value["after"].clone(),
+            )
+        })
+        .collect();
+    let after = |id: i64, name: &str, price: Value, first: Value| json!({"id": id, "name": name, "price": price, "first_seen": first});
+    // Avro's date is days since the epoch: 2026-12-07 is day 20,794.
+    assert_eq!(
+        summary,
+        vec![
+            (
+                "c".into(),
+                json!("c"),
+                after(1, "ada", json!("10.50"), json!(20794))
+            ),
+            (
+                "c".into(),
+                json!("c"),
+                after(2, "bob", Value::Null, Value::Null)
+            ),
+            (
+                "u".into(),
+                json!("u"),
+                after(1, "ada l", json!("10.50"), json!(20794))
+            ),
+            ("d".into(), json!("d"), Value::Null),
+            ("x".into(), Value::Null, Value::Null),
+            ("c".into(), json!("c"), {
+                let mut a = after(3, "cy", json!("1.00"), Value::Null);
+                a["email"] = json!("cy@example.com");
+                a
+            }),
+        ],
+        "log:\n{}",
+        relay.log_text()
+    );
+    let ids: Vec<u64> = lines
+        .iter()
+        .filter_map(|v| v["schema_id"].as_u64())
+        .collect();
+    assert_eq!(ids.len(), 5, "every change framed, the tombstone empty");
+    assert!(
+        ids[..4].iter().all(|i| *i == ids[0]),
+        "one version before the ALTER: {ids:?}"
+    );
+    assert_ne!(ids[4], ids[0], "a new version after it: {ids:?}");
+    assert_eq!(lines[3]["value"]["before"]["id"], json!(2));
     relay.assert_running();
 }

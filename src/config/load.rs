@@ -331,7 +331,12 @@ impl Config {
                 "EventBridge's Detail is a JSON object: it cannot carry the registry's wire format (use json)",
             ));
         }
-        let cdc = super::cdc::load(raw.cdc)?;
+        let mut cdc = super::cdc::load(raw.cdc)?;
+        // Avro change events are converted from their Kafka Connect schema
+        // (`crate::contract::connect`), which the change event then carries.
+        if schemas.encoding == super::Encoding::Avro {
+            std::sync::Arc::make_mut(&mut cdc).schemas = true;
+        }
         if !outbox && !cdc.enabled() {
             return Err(invalid(
                 "postgres.outbox",

@@ -16,6 +16,7 @@
 //! With `schemas.encoding` other than `json`, [`serializer`] takes over: it validates the same
 //! way and writes the record in the Confluent wire format for the registry's consumers.
 
+pub mod connect;
 pub mod registry;
 pub mod serializer;
 pub mod wire;

@@ -233,8 +233,19 @@ impl Registry {
 
     /// Registers `file` under `subject`; its schema id.
     pub async fn register(&self, subject: &str, file: &SchemaFile) -> Result<u32> {
+        self.register_body(subject, &Self::body(file)?).await
+    }
+
+    /// Registers the schema `text` of `schema_type` under `subject` (the registry answers
+    /// the existing id when it already holds it); its id.
+    pub async fn register_text(&self, subject: &str, schema_type: &str, text: &str) -> Result<u32> {
+        let body = json!({ "schemaType": schema_type, "schema": text });
+        self.register_body(subject, &body).await
+    }
+
+    async fn register_body(&self, subject: &str, body: &Value) -> Result<u32> {
         let path = format!("subjects/{}/versions", percent_encode(subject));
-        let (status, v) = self.post(&path, &Self::body(file)?).await?;
+        let (status, v) = self.post(&path, body).await?;
         match (status, v.get("id").and_then(Value::as_u64)) {
             (200, Some(id)) if u32::try_from(id).is_ok() => Ok(id as u32),
             _ => Err(setup(format!(

@@ -47,6 +47,13 @@ enum Writer {
     },
 }
 
+/// A table's change events in one version of its Connect schema.
+struct ChangeWriter {
+    id: u32,
+    connect: serde_json::Value,
+    schema: AvroSchema,
+}
+
 /// Validates and frames events for the registry (`schemas.encoding`).
 pub struct Serializer {
     encoding: Encoding,
@@ -55,6 +62,15 @@ pub struct Serializer {
     auto_register: bool,
     contracts: Option<Arc<Contracts>>,
     cache: Mutex<HashMap<(String, String, String), Arc<Writer>>>,
+    /// (subject, the Connect schema's text) → its Avro form and id.
+    changes: Mutex<HashMap<(String, String), Arc<ChangeWriter>>>,
+}
+
+/// `{"schema":S,"payload":P}` (Kafka Connect's JSON with schemas) split into `(S, P)` as text.
+fn split_connect(text: &str) -> Option<(&str, &str)> {
+    let rest = text.strip_prefix("{\"schema\":")?.strip_suffix('}')?;
+    let at = rest.rfind(",\"payload\":")?;
+    Some((&rest[..at], &rest[at + ",\"payload\":".len()..]))
 }
 
 impl std::fmt::Debug for Serializer {
@@ -105,6 +121,7 @@ impl Serializer {
             auto_register: cfg.auto_register,
             contracts,
             cache: Mutex::new(HashMap::new()),
+            changes: Mutex::new(HashMap::new()),
         }))
     }
 
@@ -123,12 +140,7 @@ impl Serializer {
             aggregatetype.to_string(),
             event_type.to_string(),
         );
-        let cached = self
-            .cache
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&key)
-            .cloned();
+        let cached = lookup(&self.cache, &key);
         let writer = match cached {
             Some(w) => w,
             None => match self.resolve(&subject, aggregatetype, event_type).await? {
@@ -180,6 +192,94 @@ impl Serializer {
                     detail,
                 }))
             }
+        }
+    }
+
+    /// A table change event in Avro (`schemas.encoding = "avro"`): its value converted along
+    /// its Connect schema, registered under `<topic>-value` (a new version when the table
+    /// changes), its key back to the plain JSON of the key columns. Other encodings leave
+    /// change events as they are.
+    pub async fn serialize_change(
+        &self,
+        record: &mut Record,
+    ) -> Result<std::result::Result<(), Poison>> {
+        if self.encoding != Encoding::Avro {
+            return Ok(Ok(()));
+        }
+        let invalid = |detail: String| {
+            Ok(Err(Poison {
+                kind: PoisonKind::SchemaInvalid,
+                detail,
+            }))
+        };
+        let text = match record.value.as_deref().map(std::str::from_utf8) {
+            Some(Ok(text)) => text,
+            // A truncate or a tombstone: nothing to convert.
+            _ => return Ok(Ok(())),
+        };
+        let Some((connect, payload)) = split_connect(text) else {
+            return invalid("a change event without its Connect schema".into());
+        };
+        let subject = format!("{}-value", record.topic);
+        let key = (subject.clone(), connect.to_string());
+        let cached = lookup(&self.changes, &key);
+        let writer = match cached {
+            Some(w) => w,
+            None => {
+                let connect_json: serde_json::Value = match serde_json::from_str(connect) {
+                    Ok(v) => v,
+                    Err(e) => return invalid(format!("the Connect schema is not JSON: {e}")),
+                };
+                let avro = match super::connect::avro_schema(
+                    &connect_json,
+                    &mut std::collections::HashSet::new(),
+                ) {
+                    Ok(a) => a.to_string(),
+                    Err(e) => return invalid(e),
+                };
+                let schema = match AvroSchema::parse(&avro) {
+                    Ok(s) => s,
+                    Err(e) => return invalid(format!("the derived Avro schema: {e}")),
+                };
+                let registered = async {
+                    self.registry
+                        .register_text(&subject, "AVRO", &avro)
+                        .await
+                        .map(Some)
+                };
+                let id = timed("register", registered)
+                    .await
+                    .map_err(|e| registry_down(&format!("registering {subject}"), e))?
+                    .unwrap_or_default();
+                tracing::info!(subject, id, "change event schema registered");
+                let w = Arc::new(ChangeWriter {
+                    id,
+                    connect: connect_json,
+                    schema,
+                });
+                self.changes
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(key, w.clone());
+                w
+            }
+        };
+        let payload: serde_json::Value = match serde_json::from_str(payload) {
+            Ok(v) => v,
+            Err(e) => return invalid(format!("the change event is not JSON: {e}")),
+        };
+        let body = super::connect::avro_value(&writer.connect, &payload)
+            .and_then(|v| writer.schema.encode_value(v));
+        match body {
+            Ok(body) => {
+                record.value = Some(frame(writer.id, &body));
+                record.binary = true;
+                if let Some((_, key)) = record.key.as_deref().and_then(split_connect) {
+                    record.key = Some(key.to_string());
+                }
+                Ok(Ok(()))
+            }
+            Err(e) => invalid(e),
         }
     }
 
@@ -286,6 +386,19 @@ fn json_framed(
         Verdict::Invalid(detail) => Err(detail),
         _ => Ok(frame(id, payload.unwrap_or(b"null"))),
     }
+}
+
+/// What `cache` holds for `key` (the lock is held for the lookup only, never across a
+/// registry request).
+fn lookup<K: std::hash::Hash + Eq, V>(
+    cache: &Mutex<HashMap<K, Arc<V>>>,
+    key: &K,
+) -> Option<Arc<V>> {
+    cache
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(key)
+        .cloned()
 }
 
 fn count(aggregatetype: &str, event_type: &str, result: &'static str) {

@@ -75,6 +75,14 @@ impl AvroSchema {
         })
     }
 
+    /// The Avro binary datum of `value`, built for this schema (`super::connect`), or why it
+    /// does not fit.
+    pub fn encode_value(&self, value: Value) -> Result<Vec<u8>, String> {
+        self.writer
+            .write_value_to_vec(value)
+            .map_err(|e| format!("does not fit the Avro schema: {}", short(e)))
+    }
+
     /// The Avro binary datum of `payload` (JSON text; `None` is JSON `null`), or why it does
     /// not fit the schema.
     pub fn encode(&self, payload: Option<&[u8]>) -> Result<Vec<u8>, String> {

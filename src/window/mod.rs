@@ -266,11 +266,15 @@ where
             }
         };
         // The registry's wire format (`schemas.encoding`); a registry problem ends the session.
-        if let (Some(serializer), false) = (&router.serializer, event.extra.change) {
+        if let Some(serializer) = &router.serializer {
             // Left as it was when the event is poison: the dead letter carries the JSON.
-            let written = serializer
-                .serialize(&mut record, &event.aggregatetype, &event.event_type)
-                .await?;
+            let written = if event.extra.change {
+                serializer.serialize_change(&mut record).await?
+            } else {
+                serializer
+                    .serialize(&mut record, &event.aggregatetype, &event.event_type)
+                    .await?
+            };
             if let Err(poison) = written {
                 dead_letter(sink, dlq, Some(&event.id), &record, &poison).await?;
                 self.settle(ticket);

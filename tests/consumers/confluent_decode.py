@@ -5,7 +5,8 @@ schema-registry deserializers (never outboxd's code): one JSON line per record,
     confluent_decode.py BOOTSTRAP TOPIC REGISTRY_URL avro|json_schema COUNT TIMEOUT_S
 
 Stops once COUNT distinct ids were decoded (then 1 s more, for repeats) or after TIMEOUT_S.
-A record that does not decode is printed as {"id": ..., "error": ...}.
+A record that does not decode is printed as {"id": ..., "error": ...}; a tombstone (no value)
+as {"id": ..., "value": null}.
 """
 
 import json
@@ -13,7 +14,7 @@ import struct
 import sys
 import time
 
-from confluent_kafka import Consumer
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from confluent_kafka.schema_registry import SchemaRegistryClient
 from confluent_kafka.schema_registry.avro import AvroDeserializer
 from confluent_kafka.schema_registry.json_schema import JSONDeserializer
@@ -34,9 +35,16 @@ def main():
         "auto.offset.reset": "earliest",
         "enable.auto.commit": False,
     })
-    consumer.subscribe([topic])
-    seen = set()
+    # Every partition from its beginning, without a consumer group (nothing to join or leave).
     deadline = time.monotonic() + timeout
+    partitions = []
+    while not partitions and time.monotonic() < deadline:
+        meta = consumer.list_topics(topic, timeout=5).topics.get(topic)
+        partitions = list(meta.partitions) if meta is not None and meta.error is None else []
+        if not partitions:
+            time.sleep(0.2)
+    consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
+    seen = set()
     done_at = None
     while time.monotonic() < deadline and (done_at is None or time.monotonic() < done_at):
         msg = consumer.poll(0.5)
@@ -44,16 +52,18 @@ def main():
             continue
         headers = dict(msg.headers() or [])
         event_id = headers.get("id", b"").decode()
-        raw = msg.value() or b""
-        line = {"id": event_id}
-        if len(raw) >= 5 and raw[0] == 0:
+        raw = msg.value()
+        line = {"id": event_id, "value": None}
+        if raw and len(raw) >= 5 and raw[0] == 0:
             line["schema_id"] = struct.unpack(">I", raw[1:5])[0]
         try:
-            ctx = SerializationContext(msg.topic(), MessageField.VALUE, msg.headers())
-            line["value"] = deserialize(raw, ctx)
+            # A tombstone (no value) stays empty.
+            if raw is not None:
+                ctx = SerializationContext(msg.topic(), MessageField.VALUE, msg.headers())
+                line["value"] = deserialize(raw, ctx)
         except Exception as e:  # noqa: BLE001 - reported, the test fails on it
             line["error"] = f"{type(e).__name__}: {e}"
-        print(json.dumps(line), flush=True)
+        print(json.dumps(line, default=str), flush=True)
         seen.add(event_id)
         if len(seen) >= count and done_at is None:
             done_at = time.monotonic() + 1.0
