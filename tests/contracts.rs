@@ -37,7 +37,7 @@ async fn insert(client: &tokio_postgres::Client, agg: &str, kind: &str, payload:
 /// Every record of `topic` (until `ids` distinct ids were read) as confluent-kafka's
 /// deserializer decodes it: `{"id", "schema_id", "value"}` per record, in the topic's order
 /// per partition. A record it cannot decode fails the test.
-fn decoded_lines(topic: &str, registry: &str, ids: usize) -> Vec<Value> {
+fn decoded_lines(topic: &str, registry: &str, kind: &str, ids: usize) -> Vec<Value> {
     let python = String::from_utf8(stack(&["python-consumer"]).stdout).unwrap();
     let script = concat!(
         env!("CARGO_MANIFEST_DIR"),
@@ -52,7 +52,7 @@ fn decoded_lines(topic: &str, registry: &str, ids: usize) -> Vec<Value> {
             &kafka_brokers(),
             topic,
             registry,
-            "avro",
+            kind,
             &ids.to_string(),
             "60",
         ])
@@ -78,7 +78,7 @@ fn decoded_lines(topic: &str, registry: &str, ids: usize) -> Vec<Value> {
 
 /// [`decoded_lines`] by event id: id → (schema id, value).
 fn decoded(topic: &str, registry: &str, ids: usize) -> HashMap<String, (u64, Value)> {
-    decoded_lines(topic, registry, ids)
+    decoded_lines(topic, registry, "avro", ids)
         .into_iter()
         .map(|v| {
             let id = v["id"].as_str().unwrap().to_string();
@@ -258,7 +258,7 @@ async fn cdc_change_events_in_avro_decode_with_confluent_kafka_and_a_new_column_
         .await
         .unwrap();
     let topic = format!("{}.public.customers", db.name);
-    let mut lines = decoded_lines(&topic, &registry.url, 6);
+    let mut lines = decoded_lines(&topic, &registry.url, "avro", 6);
     // By the change's LSN (the id's middle part), a delete before its tombstone.
     lines.sort_by_key(|v| {
         let id = v["id"].as_str().unwrap().to_string();
@@ -325,4 +325,76 @@ async fn cdc_change_events_in_avro_decode_with_confluent_kafka_and_a_new_column_
     assert_ne!(ids[4], ids[0], "a new version after it: {ids:?}");
     assert_eq!(lines[3]["value"]["before"]["id"], json!(2));
     relay.assert_running();
+}
+
+/// JSON Schema on the wire (`encoding = "json_schema"`), read back by confluent-kafka's
+/// `JSONDeserializer` with the writer's schema from the registry: every valid event decodes to
+/// its payload under the id the registry gave `order/Placed.json`; one that breaks the schema
+/// is dead-lettered `schema_invalid`, never framed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_schema_records_decode_with_confluent_kafka_and_invalid_ones_are_dead_lettered() {
+    let brokers = kafka_brokers();
+    let registry = PrivateBroker::start_with("apicurio", &[]);
+    let db = TestDb::new("jsonwire").await;
+    let schemas = db.dir.join("schemas");
+    std::fs::create_dir_all(schemas.join("order")).unwrap();
+    std::fs::write(
+        schemas.join("order/Placed.json"),
+        r#"{"type": "object", "required": ["orderId", "total"],
+            "properties": {"orderId": {"type": "string"}, "total": {"type": "integer"}}}"#,
+    )
+    .unwrap();
+    let dlq_topic = format!("{}.dlq", db.name);
+    let config = db.config(
+        &brokers,
+        &format!(
+            "[kafka]\ndlq_topic = \"{dlq_topic}\"\n\n[schemas]\ndir = \"{}\"\nregistry_url = \"{}\"\n\
+             encoding = \"json_schema\"\nauto_register = true\n",
+            schemas.display(),
+            registry.url
+        ),
+    );
+    migrate(&config);
+    let client = db.client().await;
+    create_aggregates_table(&client).await;
+    let mut written = HashMap::new();
+    for n in 0..5 {
+        let p = json!({"orderId": format!("o-{n}"), "total": n});
+        written.insert(insert(&client, "order", "Placed", &p).await, p);
+    }
+    let bad = insert(
+        &client,
+        "order",
+        "Placed",
+        &json!({"orderId": "o-9", "total": "ten"}),
+    )
+    .await;
+    let relay = Relay::start(&config);
+    let lines = decoded_lines(
+        &db.topic("order"),
+        &registry.url,
+        "json_schema",
+        written.len(),
+    );
+    let got: HashMap<String, Value> = lines
+        .iter()
+        .map(|v| {
+            assert!(v["schema_id"].as_u64().unwrap() > 0, "{v}");
+            (v["id"].as_str().unwrap().to_string(), v["value"].clone())
+        })
+        .collect();
+    assert_eq!(got, written, "log:\n{}", relay.log_text());
+    let dead = consume(
+        &brokers,
+        &[dlq_topic],
+        &HashSet::from([bad.clone()]),
+        Duration::from_secs(60),
+        Duration::ZERO,
+    );
+    assert_eq!(dead[0].headers["outboxd.dlq.reason"], "schema_invalid");
+    assert!(
+        dead[0].headers["outboxd.dlq.error"].contains("/total"),
+        "{:?}",
+        dead[0].headers
+    );
 }

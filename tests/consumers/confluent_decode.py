@@ -13,6 +13,7 @@ import json
 import struct
 import sys
 import time
+import traceback
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from confluent_kafka.schema_registry import SchemaRegistryClient
@@ -25,6 +26,7 @@ def main():
     bootstrap, topic, registry, kind, count, timeout = sys.argv[1:7]
     count, timeout = int(count), float(timeout)
     client = SchemaRegistryClient({"url": registry})
+    # No reader schema: each record decodes with the writer's, fetched by the id it carries.
     if kind == "avro":
         deserialize = AvroDeserializer(client)
     else:
@@ -62,7 +64,7 @@ def main():
                 ctx = SerializationContext(msg.topic(), MessageField.VALUE, msg.headers())
                 line["value"] = deserialize(raw, ctx)
         except Exception as e:  # noqa: BLE001 - reported, the test fails on it
-            line["error"] = f"{type(e).__name__}: {e}"
+            line["error"] = f"{type(e).__name__}: {e} at {traceback.format_exc().strip().splitlines()[-3:]}"
         print(json.dumps(line, default=str), flush=True)
         seen.add(event_id)
         if len(seen) >= count and done_at is None:
