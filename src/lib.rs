@@ -29,6 +29,7 @@ pub mod migrate;
 pub mod monitor;
 pub mod pg;
 pub mod poison;
+pub mod record;
 pub mod relay;
 pub mod replay;
 pub mod route;

@@ -26,7 +26,7 @@ use crate::config::{Encoding, SchemasConfig, SubjectStrategy};
 use crate::error::{Error, Result};
 use crate::metrics as m;
 use crate::poison::{Poison, PoisonKind};
-use crate::route::Record;
+use crate::record::Record;
 
 /// How one (subject, type) is written.
 enum Writer {

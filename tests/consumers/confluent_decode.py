@@ -9,6 +9,7 @@ A record that does not decode is printed as {"id": ..., "error": ...}; a tombsto
 as {"id": ..., "value": null}.
 """
 
+import faulthandler
 import json
 import struct
 import sys
@@ -25,7 +26,11 @@ from confluent_kafka.serialization import MessageField, SerializationContext
 def main():
     bootstrap, topic, registry, kind, count, timeout = sys.argv[1:7]
     count, timeout = int(count), float(timeout)
-    client = SchemaRegistryClient({"url": registry})
+    # If it hangs anyway, say where before the test's `timeout` kills it.
+    faulthandler.dump_traceback_later(max(timeout + 15, 1), exit=False)
+    # The client's default is no timeout at all: a request the registry never answers (seen
+    # once in CI) would hang the consumer; with one it fails and the client retries it.
+    client = SchemaRegistryClient({"url": registry, "timeout": 10})
     # No reader schema: each record decodes with the writer's, fetched by the id it carries.
     if kind == "avro":
         deserialize = AvroDeserializer(client)
