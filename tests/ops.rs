@@ -113,6 +113,26 @@ async fn metrics_pass_promtool_and_lag_rises_while_kafka_is_down_then_returns_to
     ] {
         assert!(text.contains(name), "{name} missing from /metrics:\n{text}");
     }
+    // The dashboard's panels for any running relay read what this one exports.
+    let read: std::collections::HashSet<String> = dashboard_exprs()
+        .iter()
+        .flat_map(|e| metric_names(e))
+        .collect();
+    for name in [
+        "outboxd_lag_seconds",
+        "outboxd_events_published_total",
+        "outboxd_commit_to_ack_seconds",
+        "outboxd_replication_slot_lag_bytes",
+        "outboxd_replication_slot_wal_status",
+        "outboxd_inflight_events",
+        "outboxd_is_leader",
+    ] {
+        assert!(read.contains(name), "the dashboard has no panel on {name}");
+        assert!(
+            text.lines().any(|l| l.starts_with(name)),
+            "the dashboard reads {name}, which /metrics does not have:\n{text}"
+        );
+    }
     assert_eq!(sample(&text, "outboxd_is_leader"), Some(1.0));
     let topic_line = format!(
         "outboxd_events_published_total{{topic=\"{}\"}} 10",
@@ -557,6 +577,82 @@ fn yaml_parses(path: &Path) {
         path.display(),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// Every PromQL expression of the shipped Grafana dashboard (`docker/grafana/outboxd.json`).
+fn dashboard_exprs() -> Vec<String> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(root.join("docker/grafana/outboxd.json")).unwrap();
+    let dashboard: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let mut exprs = Vec::new();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            exprs.push(target["expr"].as_str().unwrap().to_string());
+        }
+    }
+    exprs
+}
+
+/// The `outboxd_…` metric names an expression reads (a histogram's `_bucket`, `_sum` and
+/// `_count` series named by the histogram).
+fn metric_names(expr: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    let mut rest = expr;
+    while let Some(at) = rest.find("outboxd_") {
+        let tail = &rest[at..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        let name = &tail[..end];
+        let base = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s))
+            .unwrap_or(name);
+        names.push(base.to_string());
+        rest = &tail[end..];
+    }
+    names
+}
+
+/// The Grafana dashboard's queries are valid PromQL (each one a recording rule that
+/// `promtool check rules` accepts) over metrics the relay declares (`src/metrics.rs`); the
+/// ones any running relay exports are checked against a real scrape in
+/// `metrics_pass_promtool_and_lag_rises_while_kafka_is_down_then_returns_to_zero`.
+#[test]
+fn dashboard_queries_are_valid_promql_over_metrics_the_relay_declares() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let exprs = dashboard_exprs();
+    assert!(exprs.len() >= 10, "{exprs:?}");
+    let mut rules = String::from("groups:\n  - name: outboxd-dashboard\n    rules:\n");
+    for (i, e) in exprs.iter().enumerate() {
+        rules.push_str(&format!(
+            "      - record: outboxd_dashboard:query_{i}\n        expr: {}\n",
+            serde_json::Value::String(e.clone())
+        ));
+    }
+    let file = std::env::temp_dir().join(unique("dashboard-rules") + ".yml");
+    std::fs::write(&file, &rules).unwrap();
+    let out = Command::new("promtool")
+        .args(["check", "rules", file.to_str().unwrap()])
+        .output()
+        .expect("promtool installed by scripts/stack.sh");
+    assert!(
+        out.status.success(),
+        "the dashboard's queries are not valid PromQL: {}{}\n{rules}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let declared = std::fs::read_to_string(root.join("src/metrics.rs")).unwrap();
+    for e in &exprs {
+        let names = metric_names(e);
+        assert!(!names.is_empty(), "`{e}` reads no outboxd metric");
+        for name in names {
+            assert!(
+                declared.contains(&format!("\"{name}\"")),
+                "the dashboard reads `{name}`, which src/metrics.rs does not declare: `{e}`"
+            );
+        }
+    }
 }
 
 #[test]
