@@ -27,6 +27,17 @@ CREATE TABLE IF NOT EXISTS public.outboxd_dead_letter (
     dead_lettered_at timestamptz NOT NULL DEFAULT now()
 );
 
+-- What `outboxd dead-letters redrive` republished: one row per dead letter, so a second run
+-- redrives nothing twice.
+CREATE TABLE IF NOT EXISTS public.outboxd_redriven (
+    source      text        NOT NULL,
+    position    text        NOT NULL,
+    event_id    text,
+    topic       text        NOT NULL,
+    redriven_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (source, position)
+);
+
 -- Table-less events: SELECT outbox_emit('order', '42', 'OrderPlaced', '{"total": 10}');
 -- writes a transactional logical decoding message instead of a row; it is relayed like a row
 -- (same topic, key, headers, order and guarantee) and leaves nothing to delete.

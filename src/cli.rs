@@ -85,6 +85,12 @@ pub enum Command {
         #[command(subcommand)]
         action: SchemasAction,
     },
+    /// Dead letters in the dead-letter topic and table: list them, show one, or redrive
+    /// them to their destination once the cause is fixed (recorded: never twice).
+    DeadLetters {
+        #[command(subcommand)]
+        action: DeadLettersAction,
+    },
     /// Mode, slot position and lag, WAL retention, leader, lag of the local instance, last
     /// error. Exit 0 healthy, 1 degraded, 2 cannot connect.
     Status {
@@ -109,6 +115,74 @@ pub enum SchemasAction {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
+}
+
+/// `outboxd dead-letters …`.
+#[derive(Debug, Subcommand)]
+pub enum DeadLettersAction {
+    /// One line per dead letter: where, when, reason, event id, destination, type, error.
+    List {
+        #[command(flatten)]
+        filter: DeadLetterFilter,
+    },
+    /// Everything about the dead letters of one event: headers, key, payload, error.
+    Show {
+        /// The event id (header `id`).
+        #[arg(long)]
+        id: String,
+    },
+    /// Republish the matching dead letters not redriven yet to their destination with their
+    /// id, key, headers and payload; exit 1 when the destination refuses one again.
+    Redrive {
+        #[command(flatten)]
+        filter: DeadLetterFilter,
+        /// Every dead letter (otherwise a filter is required).
+        #[arg(long)]
+        all: bool,
+    },
+}
+
+/// Which dead letters `list` and `redrive` cover.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DeadLetterFilter {
+    /// Only this reason (`too_large`, `schema_invalid`, `retries_exhausted`, …).
+    #[arg(long)]
+    pub reason: Option<String>,
+    /// Only events of this `type`.
+    #[arg(long = "type")]
+    pub event_type: Option<String>,
+    /// Only this event id.
+    #[arg(long)]
+    pub id: Option<String>,
+    /// Dead-lettered since: a timestamp (`2026-11-22 10:00:00+00`) or an interval back from now (`2 hours`).
+    #[arg(long)]
+    pub since: Option<String>,
+    /// Dead-lettered before: same forms as --since.
+    #[arg(long)]
+    pub until: Option<String>,
+}
+
+impl DeadLetterFilter {
+    /// No filter given.
+    pub fn is_empty(&self) -> bool {
+        self.reason.is_none()
+            && self.event_type.is_none()
+            && self.id.is_none()
+            && self.since.is_none()
+            && self.until.is_none()
+    }
+}
+
+impl From<DeadLetterFilter> for crate::dead_letter::redrive::Filter {
+    fn from(a: DeadLetterFilter) -> Self {
+        crate::dead_letter::redrive::Filter {
+            reason: a.reason,
+            event_type: a.event_type,
+            id: a.id,
+            since: a.since,
+            until: a.until,
+        }
+    }
 }
 
 /// Which retained events `replay` and `verify` cover.

@@ -91,6 +91,7 @@ async fn dispatch(command: Command, config: Config) -> anyhow::Result<u8> {
                     .context("schemas")?,
             )
         }
+        Command::DeadLetters { action } => dead_letters(&config, action).await,
         Command::Replay { selection } => {
             let sel = Selection::from(selection);
             let (published, poison) = outboxd::replay::replay(&config, &sel)
@@ -216,6 +217,60 @@ async fn migrate(config: &Config) -> anyhow::Result<()> {
         println!("{what}: {verb}");
     }
     Ok(())
+}
+
+/// `outboxd dead-letters list|show|redrive`.
+async fn dead_letters(
+    config: &Config,
+    action: outboxd::cli::DeadLettersAction,
+) -> anyhow::Result<u8> {
+    use outboxd::cli::DeadLettersAction;
+    use outboxd::dead_letter::redrive::{self, Filter};
+    match action {
+        DeadLettersAction::List { filter } => {
+            let letters = redrive::list(config, &filter.into())
+                .await
+                .context("dead-letters list")?;
+            for d in &letters {
+                println!("{}", d.line());
+            }
+            println!("{} dead letters", letters.len());
+            Ok(0)
+        }
+        DeadLettersAction::Show { id } => {
+            let filter = Filter {
+                id: Some(id.clone()),
+                ..Filter::default()
+            };
+            let letters = redrive::list(config, &filter)
+                .await
+                .context("dead-letters show")?;
+            if letters.is_empty() {
+                println!("no dead letter of event {id}");
+                return Ok(1);
+            }
+            for d in &letters {
+                println!("{}", d.details());
+            }
+            Ok(0)
+        }
+        DeadLettersAction::Redrive { filter, all } => {
+            if filter.is_empty() && !all {
+                eprintln!("outboxd: dead-letters redrive needs a filter (--reason, --type, --id, --since, --until) or --all");
+                return Ok(2);
+            }
+            let done = redrive::redrive(config, &filter.into())
+                .await
+                .context("dead-letters redrive")?;
+            println!(
+                "{} redriven, {} already redriven before, {} refused again",
+                done.redriven,
+                done.skipped,
+                done.refused.len()
+            );
+            Ok(u8::from(!done.refused.is_empty()))
+        }
+    }
 }
 
 async fn verify_table(config: &Config, table: &str, json: bool) -> anyhow::Result<u8> {

@@ -55,32 +55,9 @@ pub async fn retained(cfg: &Config, sel: &Selection) -> Result<Vec<Event>> {
         .batch_execute("SET TimeZone = 'UTC'; SET DateStyle = 'ISO'")
         .await
         .map_err(|e| Error::pg("setting the session time zone", e))?;
-    let bound = |text: &str| {
-        let client = &client;
-        let text = text.to_string();
-        async move {
-            // A timestamp, or an interval back from now.
-            let row = client
-                .query_one("SELECT $1::text::timestamptz::text", &[&text])
-                .await;
-            let row = match row {
-                Ok(r) => r,
-                Err(_) => client
-                    .query_one("SELECT (now() - $1::text::interval)::text", &[&text])
-                    .await
-                    .map_err(|_| {
-                        Error::setup(
-                            format!("`{text}` is neither a timestamp nor an interval"),
-                            "use e.g. `2026-11-22 10:00:00+00` or `2 hours`",
-                        )
-                    })?,
-            };
-            Ok::<String, Error>(row.get(0))
-        }
-    };
-    let since = bound(&sel.since).await?;
+    let since = time_bound(&client, &sel.since).await?;
     let until = match &sel.until {
-        Some(u) => bound(u).await?,
+        Some(u) => time_bound(&client, u).await?,
         None => "infinity".to_string(),
     };
     let select = event_select(&client, cfg).await?;
@@ -102,6 +79,27 @@ pub async fn retained(cfg: &Config, sel: &Selection) -> Result<Vec<Event>> {
         .iter()
         .map(|r| row_event(r, 0, cfg, select.payload_is_bytea))
         .collect())
+}
+
+/// A timestamp (`2026-11-22 10:00:00+00`) or an interval back from now (`2 hours`) as
+/// PostgreSQL's timestamptz text; anything else is a setup error naming it.
+pub(crate) async fn time_bound(client: &tokio_postgres::Client, text: &str) -> Result<String> {
+    let row = match client
+        .query_one("SELECT $1::text::timestamptz::text", &[&text])
+        .await
+    {
+        Ok(r) => r,
+        Err(_) => client
+            .query_one("SELECT (now() - $1::text::interval)::text", &[&text])
+            .await
+            .map_err(|_| {
+                Error::setup(
+                    format!("`{text}` is neither a timestamp nor an interval"),
+                    "use e.g. `2026-11-22 10:00:00+00` or `2 hours`",
+                )
+            })?,
+    };
+    Ok(row.get(0))
 }
 
 /// Republishes the selection; returns (published, skipped as poison).

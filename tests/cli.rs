@@ -254,9 +254,11 @@ async fn migrate_is_idempotent_and_reports_what_existed() {
     let second = outboxd(&["migrate", "--config", config.to_str().unwrap()], &[]);
     assert!(second.status.success(), "{}", stderr(&second));
     let text = String::from_utf8_lossy(&second.stdout);
-    assert_eq!(text.matches("already exists").count(), 5, "{text}");
+    assert_eq!(text.matches("already exists").count(), 6, "{text}");
     assert!(
-        text.contains("dead-letter table") && text.contains("function"),
+        text.contains("dead-letter table")
+            && text.contains("redrive log")
+            && text.contains("function"),
         "{text}"
     );
     assert!(!text.contains("created"), "{text}");

@@ -34,6 +34,17 @@ pub const DEAD_LETTER_DDL: &str = "CREATE TABLE IF NOT EXISTS {schema}.outboxd_d
     dead_lettered_at timestamptz NOT NULL DEFAULT now()
 )";
 
+/// The redrive log (`outboxd dead-letters redrive`): one row per dead letter redriven. `{schema}` is the quoted schema. Kept
+/// identical to `sql/outbox.sql`.
+pub const REDRIVEN_DDL: &str = "CREATE TABLE IF NOT EXISTS {schema}.outboxd_redriven (
+    source      text        NOT NULL,
+    position    text        NOT NULL,
+    event_id    text,
+    topic       text        NOT NULL,
+    redriven_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (source, position)
+)";
+
 /// Table-less events: writes the event as a transactional logical decoding message, which
 /// outboxd relays exactly like a row. Kept identical to `sql/outbox.sql`.
 pub const OUTBOX_EMIT_DDL: &str = "CREATE OR REPLACE FUNCTION {schema}.outbox_emit(
@@ -174,6 +185,7 @@ pub async fn migrate(config: &Config) -> Result<Report> {
             DEAD_LETTER_DDL,
             "dead-letter table",
         ),
+        ("r", "outboxd_redriven", REDRIVEN_DDL, "redrive log"),
         ("f", "outbox_emit", OUTBOX_EMIT_DDL, "function"),
     ] {
         let what = format!("{label} {schema_q}.{}", quote_ident(name));
@@ -316,5 +328,12 @@ mod tests {
             shipped.contains(&format!("{ddl};")),
             "sql/outbox.sql drifted from migrate.rs"
         );
+        for helper in [super::DEAD_LETTER_DDL, super::REDRIVEN_DDL] {
+            let ddl = helper.replace("{schema}", "public");
+            assert!(
+                shipped.contains(&format!("{ddl};")),
+                "sql/outbox.sql drifted from {ddl}"
+            );
+        }
     }
 }

@@ -3,6 +3,8 @@
 //! `outboxd migrate`). Logged with its id and counted; only if both fail does the session fail
 //! and retry — a poison event is never dropped.
 
+pub mod redrive;
+
 use std::time::Duration;
 
 use tokio_postgres::Client;
