@@ -81,6 +81,7 @@ pub async fn run(cfg: Config, mut stop: watch::Receiver<bool>, health: Arc<Healt
         crate::config::Delivery::ExactlyOnce => "exactly-once",
     };
     metrics::gauge!(m::SINK_INFO, "sink" => cfg.sink.as_str(), "delivery" => delivery).set(1.0);
+    let exactly_once = cfg.kafka.delivery == crate::config::Delivery::ExactlyOnce;
     let mut backoff = Backoff::new(&cfg.retry);
     let mut attempt: u32 = 0;
     let mut lessons = Lessons::default();
@@ -113,6 +114,7 @@ pub async fn run(cfg: Config, mut stop: watch::Receiver<bool>, health: Arc<Healt
             },
         };
         health.set_role(Role::Starting);
+        let result = result.map_err(|e| fenced_delivery(e, exactly_once));
         match result {
             Ok(()) => return Ok(()),
             // Stopping: acknowledged work that could not be confirmed is the exit status
@@ -170,5 +172,51 @@ pub async fn run(cfg: Config, mut stop: watch::Receiver<bool>, health: Arc<Healt
                 return Err(e);
             }
         }
+    }
+}
+
+/// Exactly-once: a delivery refused because the producer's epoch is stale means another
+/// instance initialised the same `transactional.id` — it was fenced, as much as a refused
+/// commit says so (which one the relay meets first is timing). Said and handled as fencing
+/// (leave leadership, no lesson about the record), not as a failed delivery.
+fn fenced_delivery(e: Error, exactly_once: bool) -> Error {
+    match e {
+        Error::Delivery { code, message, .. }
+            if exactly_once
+                && matches!(
+                    code.as_str(),
+                    "InvalidProducerEpoch" | "ProducerFenced" | "Fenced"
+                ) =>
+        {
+            Error::Fenced(message)
+        }
+        other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_delivery_refused_for_a_stale_epoch_is_fencing_only_in_exactly_once_mode() {
+        let refused = |code: &str| Error::Delivery {
+            event_id: None,
+            code: code.into(),
+            message: "old epoch".into(),
+            others_acked: true,
+        };
+        assert!(matches!(
+            fenced_delivery(refused("InvalidProducerEpoch"), true),
+            Error::Fenced(_)
+        ));
+        assert!(matches!(
+            fenced_delivery(refused("InvalidProducerEpoch"), false),
+            Error::Delivery { .. }
+        ));
+        assert!(matches!(
+            fenced_delivery(refused("InvalidTimestamp"), true),
+            Error::Delivery { .. }
+        ));
     }
 }
