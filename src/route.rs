@@ -276,13 +276,11 @@ impl Router {
                 &event.event_type,
                 record.value.as_deref(),
             );
-            metrics::counter!(
-                crate::metrics::SCHEMA_VALIDATIONS,
-                "aggregatetype" => event.aggregatetype.clone(),
-                "type" => event.event_type.clone(),
-                "result" => verdict.label()
-            )
-            .increment(1);
+            crate::contract::count_validation(
+                &event.aggregatetype,
+                &event.event_type,
+                verdict.label(),
+            );
             match verdict {
                 Verdict::Invalid(detail) => {
                     return poison(record, PoisonKind::SchemaInvalid, detail);

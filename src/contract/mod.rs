@@ -221,6 +221,17 @@ impl Contracts {
     }
 }
 
+/// Counts one check in `outboxd_schema_validations_total` (the router's and the serializer's).
+pub fn count_validation(aggregatetype: &str, event_type: &str, result: &'static str) {
+    metrics::counter!(
+        crate::metrics::SCHEMA_VALIDATIONS,
+        "aggregatetype" => aggregatetype.to_string(),
+        "type" => event_type.to_string(),
+        "result" => result
+    )
+    .increment(1);
+}
+
 /// Checks `payload` (JSON text; `None` is JSON `null`) against `schemas`' schema `index`.
 pub fn json_verdict(
     schemas: &boon::Schemas,

@@ -21,7 +21,7 @@ use std::time::Instant;
 
 use super::registry::{subject_for, Registry};
 use super::wire::{frame, AvroSchema};
-use super::{json_verdict, Compiled, Contracts, Verdict};
+use super::{count_validation, json_verdict, Compiled, Contracts, Verdict};
 use crate::config::{Encoding, SchemasConfig, SubjectStrategy};
 use crate::error::{Error, Result};
 use crate::metrics as m;
@@ -153,7 +153,7 @@ impl Serializer {
                     w
                 }
                 None => {
-                    count(aggregatetype, event_type, "missing");
+                    count_validation(aggregatetype, event_type, "missing");
                     return Ok(Err(Poison {
                         kind: PoisonKind::SchemaMissing,
                         detail: format!(
@@ -180,13 +180,13 @@ impl Serializer {
         };
         match written {
             Ok(bytes) => {
-                count(aggregatetype, event_type, "valid");
+                count_validation(aggregatetype, event_type, "valid");
                 record.value = Some(bytes);
                 record.binary = true;
                 Ok(Ok(()))
             }
             Err(detail) => {
-                count(aggregatetype, event_type, "invalid");
+                count_validation(aggregatetype, event_type, "invalid");
                 Ok(Err(Poison {
                     kind: PoisonKind::SchemaInvalid,
                     detail,
@@ -399,16 +399,6 @@ fn lookup<K: std::hash::Hash + Eq, V>(
         .unwrap_or_else(|p| p.into_inner())
         .get(key)
         .cloned()
-}
-
-fn count(aggregatetype: &str, event_type: &str, result: &'static str) {
-    metrics::counter!(
-        m::SCHEMA_VALIDATIONS,
-        "aggregatetype" => aggregatetype.to_string(),
-        "type" => event_type.to_string(),
-        "result" => result
-    )
-    .increment(1);
 }
 
 /// Runs one registry request, timing and counting it.
