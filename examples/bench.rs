@@ -99,6 +99,10 @@ struct Args {
     /// encodings other than plain and json need.
     #[arg(long, value_enum, default_value_t = Encoding::Plain)]
     encoding: Encoding,
+    /// Every event written with a sampled W3C `traceparent` in its headers (`scripts/bench.sh
+    /// --tracing` runs the same workload with `[tracing]` off, then on).
+    #[arg(long)]
+    traced: bool,
 }
 
 /// The `[schemas]` section of `encoding`, its schema file written under `dir`.
@@ -173,6 +177,7 @@ struct Arrivals {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    TRACED.store(args.traced, std::sync::atomic::Ordering::Relaxed);
     let brokers = std::env::var("OUTBOXD_TEST_KAFKA")
         .context("OUTBOXD_TEST_KAFKA not set; use scripts/bench.sh")?;
     let fresh::Fresh {
@@ -248,10 +253,12 @@ async fn main() -> anyhow::Result<()> {
     }
     let mut cpu_from = relay.as_ref().and_then(|r| proc_stats::cpu_secs(r.pid()));
     println!(
-        "outboxd bench: read={} mode={:?} encoding={:?} events={n} writers={} txn_size={} rate={} payload≈{}B",
+        "outboxd bench: read={} mode={:?} encoding={:?} traced={} tracing={} events={n} writers={} txn_size={} rate={} payload≈{}B",
         args.read,
         args.mode,
         args.encoding,
+        args.traced,
+        if args.extra_config.contains("[tracing]") { "on" } else { "off" },
         args.writers,
         args.txn_size,
         if args.rate == 0 {
@@ -432,17 +439,27 @@ fn debezium(dir: &std::path::Path, brokers: &str, port: &str, db: &str) -> anyho
     )
 }
 
+/// Set by `--traced`: every event carries a sampled `traceparent` of its own.
+static TRACED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 async fn insert(
     client: &tokio_postgres::Client,
     lo: u64,
     hi: u64,
     pad: usize,
 ) -> anyhow::Result<()> {
+    let headers = if TRACED.load(std::sync::atomic::Ordering::Relaxed) {
+        "jsonb_build_object('traceparent', '00-' || md5(g::text) || '-' || left(md5('w' || g), 16) || '-01')"
+    } else {
+        "NULL"
+    };
     client
         .execute(
-            "INSERT INTO outbox (aggregatetype, aggregateid, type, payload) \
-             SELECT 'bench', 'agg-' || (g % 1000), 'BenchEvent', jsonb_build_object('n', g, 'pad', repeat('x', $3)) \
-               FROM generate_series($1::int8, $2::int8) g",
+            &format!(
+                "INSERT INTO outbox (aggregatetype, aggregateid, type, payload, headers) \
+                 SELECT 'bench', 'agg-' || (g % 1000), 'BenchEvent', jsonb_build_object('n', g, 'pad', repeat('x', $3)), {headers} \
+                   FROM generate_series($1::int8, $2::int8) g"
+            ),
             &[&(lo as i64), &(hi as i64), &(pad as i32)],
         )
         .await?;

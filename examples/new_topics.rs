@@ -89,11 +89,11 @@ async fn main() -> anyhow::Result<()> {
         .await;
         for (id, took, r) in reports {
             match r {
-                Ok(Ok(())) if took > Duration::from_secs(args.slow_secs) => {
+                Ok(Ok(_)) if took > Duration::from_secs(args.slow_secs) => {
                     slow += 1;
                     println!("round {round}: {id} delivered after {took:?}");
                 }
-                Ok(Ok(())) => {}
+                Ok(Ok(_)) => {}
                 Ok(Err(f)) => {
                     failed += 1;
                     println!(

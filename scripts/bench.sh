@@ -23,6 +23,9 @@
 #                                                  first: events validated and written in the
 #                                                  Confluent wire format (--encoding json:
 #                                                  validated only, no registry needed)
+#   scripts/bench.sh --tracing [args]              the same workload, every event with a sampled
+#                                                  traceparent, twice in one run: [tracing] off,
+#                                                  then on (spans to a Jaeger started first)
 #   scripts/bench.sh --cdc [--compare debezium] [args]
 #                                                  table CDC: a 10-column table, insert/update/
 #                                                  delete mix (examples/bench_cdc.rs); the same
@@ -45,6 +48,18 @@ if [ "${1:-}" = "--registry" ]; then
   OUTBOXD_BENCH_REGISTRY=$(scripts/stack.sh apicurio-start "$registry_dir")
   export OUTBOXD_BENCH_REGISTRY
   shift
+fi
+if [ "${1:-}" = "--tracing" ]; then
+  shift
+  jaeger_dir=$(mktemp -d /tmp/outboxd-bench-jaeger.XXXXXX)
+  trap 'scripts/stack.sh broker-stop "$jaeger_dir" --remove; [ -n "${KEEP:-}" ] || scripts/stack.sh down' EXIT
+  read -r _ otlp_http _ <<<"$(scripts/stack.sh jaeger-start "$jaeger_dir")"
+  echo "== tracing off"
+  "${CARGO_TARGET_DIR:-target}"/release/examples/bench --traced "$@"
+  echo "== tracing on (every event sampled, OTLP/HTTP to Jaeger)"
+  "${CARGO_TARGET_DIR:-target}"/release/examples/bench --traced "$@" \
+    --extra-config "$(printf '[tracing]\nenabled = true\nendpoint = "%s"\n' "$otlp_http")"
+  exit 0
 fi
 if [ "${1:-}" = "--cdc" ]; then
   example=bench_cdc

@@ -39,6 +39,7 @@ pub mod source;
 pub mod status;
 pub mod table_verify;
 pub mod topic;
+pub mod trace;
 pub mod transaction;
 pub mod window;
 

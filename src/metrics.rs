@@ -50,6 +50,10 @@ pub const TRANSACTION_COMMIT: &str = "outboxd_kafka_transaction_commit_seconds";
 /// Exactly-once: events skipped after a restart because the Kafka transaction holding them
 /// had committed before the source position was confirmed.
 pub const EVENTS_SKIPPED: &str = "outboxd_events_skipped_total";
+/// Tracing: spans the collector took.
+pub const TRACE_SPANS_EXPORTED: &str = "outboxd_trace_spans_exported_total";
+/// Tracing: spans dropped, by reason (queue_full, export_failed); publishing never waits.
+pub const TRACE_SPANS_DROPPED: &str = "outboxd_trace_spans_dropped_total";
 /// Commit timestamp → Kafka acknowledgement.
 pub const COMMIT_TO_ACK: &str = "outboxd_commit_to_ack_seconds";
 /// Current WAL position minus the slot's confirmed position.
@@ -223,6 +227,14 @@ fn describe() {
         "1 while this instance holds the slot's lock and publishes"
     );
     describe_gauge!(BUILD_INFO, "Build information");
+    describe_counter!(
+        TRACE_SPANS_EXPORTED,
+        "Tracing: spans the OTLP collector took"
+    );
+    describe_counter!(
+        TRACE_SPANS_DROPPED,
+        "Tracing: spans dropped (queue_full, export_failed); publishing never waits on tracing"
+    );
     metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     metrics::gauge!(IS_LEADER).set(0.0);
     metrics::gauge!(LAG_SECONDS).set(0.0);

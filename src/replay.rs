@@ -163,6 +163,7 @@ pub async fn replay(cfg: &Config, sel: &Selection) -> Result<(usize, usize)> {
 async fn acknowledged(id: &str, delivery: BrokerDelivery) -> Result<()> {
     delivery
         .await
+        .map(|_| ())
         .map_err(|failed| Error::Publish(format!("event {id}: {}", failed.refusal.detail)))
 }
 

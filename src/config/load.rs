@@ -48,6 +48,8 @@ struct RawConfig {
     schemas: super::schemas::RawSchemas,
     #[serde(default)]
     cdc: super::cdc::RawCdc,
+    #[serde(default)]
+    tracing: super::traces::RawTracing,
 }
 
 #[derive(Deserialize, Default)]
@@ -325,6 +327,7 @@ impl Config {
         let servicebus =
             super::servicebus::servicebus(raw.servicebus, sink == SinkKind::ServiceBus)?;
         let schemas = super::schemas::schemas(raw.schemas)?;
+        let tracing = super::traces::tracing(raw.tracing, &env)?;
         if sink == SinkKind::EventBridge && schemas.encoding != super::Encoding::Json {
             return Err(invalid(
                 "schemas.encoding",
@@ -418,6 +421,7 @@ impl Config {
             pubsub,
             servicebus,
             schemas,
+            tracing,
         })
     }
 }

@@ -22,6 +22,7 @@ mod schemas;
 mod servicebus;
 mod sinks;
 mod snapshot;
+mod traces;
 
 pub use aws::{AwsConfig, EventBridgeConfig, SnsConfig, SqsConfig};
 pub use cdc::{
@@ -34,6 +35,7 @@ pub use redact::redact_url;
 pub use schemas::{Encoding, SchemasConfig, SubjectStrategy};
 pub use servicebus::ServiceBusConfig;
 pub use snapshot::{SnapshotConfig, SnapshotMode};
+pub use traces::{OtlpProtocol, Propagate, TracingConfig};
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -77,6 +79,8 @@ pub struct Config {
     pub pubsub: PubSubConfig,
     pub servicebus: ServiceBusConfig,
     pub schemas: SchemasConfig,
+    /// `[tracing]`: `None` when off.
+    pub tracing: Option<TracingConfig>,
 }
 
 /// Which broker the relay publishes to.

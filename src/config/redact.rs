@@ -211,6 +211,7 @@ impl fmt::Debug for Config {
             .field("pubsub", &self.pubsub)
             .field("servicebus", &self.servicebus)
             .field("schemas", &self.schemas)
+            .field("tracing", &self.tracing)
             .finish()
     }
 }

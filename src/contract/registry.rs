@@ -86,7 +86,8 @@ impl Registry {
             .ok_or_else(|| setup("schemas.registry_url is not set".into()))?;
         let mut builder = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
-            .timeout(Duration::from_secs(30));
+            .timeout(Duration::from_secs(30))
+            .http1_only();
         if let Some(ca) = &cfg.registry_ca_file {
             let pem = std::fs::read(ca)
                 .map_err(|e| setup(format!("schemas.registry_ca_file {ca}: {e}")))?;

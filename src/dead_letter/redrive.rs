@@ -396,7 +396,10 @@ async fn send(sink: &mut Broker, record: &Record) -> std::result::Result<(), Str
                 Err(SendError::Refused(r)) => return Err(r.detail),
             }
         };
-        delivery.await.map_err(|failed| failed.refusal.detail)
+        delivery
+            .await
+            .map(|_| ())
+            .map_err(|failed| failed.refusal.detail)
     };
     tokio::time::timeout(limit, sent)
         .await

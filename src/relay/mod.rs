@@ -82,6 +82,34 @@ pub async fn run(cfg: Config, mut stop: watch::Receiver<bool>, health: Arc<Healt
     };
     metrics::gauge!(m::SINK_INFO, "sink" => cfg.sink.as_str(), "delivery" => delivery).set(1.0);
     let exactly_once = cfg.kafka.delivery == crate::config::Delivery::ExactlyOnce;
+    let tracer = crate::trace::Tracer::start(cfg.tracing.as_ref(), cfg.sink, exactly_once)?;
+    let result = sessions(
+        &cfg,
+        &router,
+        &mut stop,
+        &health,
+        exactly_once,
+        tracer.as_ref(),
+    )
+    .await;
+    if let Some(tracer) = &tracer {
+        // Spans of what was delivered before the stop; bounded, so a dead collector never
+        // holds the exit.
+        tracer.flush(Duration::from_secs(2)).await;
+    }
+    result
+}
+
+/// Sessions, one after the other, with backoff between failures, until a stop or a
+/// permanent error.
+async fn sessions(
+    cfg: &Config,
+    router: &Router,
+    stop: &mut watch::Receiver<bool>,
+    health: &Arc<Health>,
+    exactly_once: bool,
+    tracer: Option<&Arc<crate::trace::Tracer>>,
+) -> Result<()> {
     let mut backoff = Backoff::new(&cfg.retry);
     let mut attempt: u32 = 0;
     let mut lessons = Lessons::default();
@@ -90,24 +118,25 @@ pub async fn run(cfg: Config, mut stop: watch::Receiver<bool>, health: Arc<Healt
             return Ok(());
         }
         let ctx = session::Context {
-            cfg: &cfg,
-            router: &router,
-            health: &health,
+            cfg,
+            router,
+            health,
+            tracer,
         };
         // Open a session on the configured source (waiting as standby while another
         // instance leads), then the one loop.
         // `publishing`: the error (if any) ended a session that was publishing.
         let (result, publishing) = match cfg.mode {
-            Mode::Logical => match logical::open(&cfg, &mut stop, &health).await {
+            Mode::Logical => match logical::open(cfg, stop, health).await {
                 Ok(Some(opened)) => (
-                    session::run(ctx, opened, &mut stop, &mut backoff, &mut lessons).await,
+                    session::run(ctx, opened, stop, &mut backoff, &mut lessons).await,
                     true,
                 ),
                 other => (other.map(|_| ()), false),
             },
-            Mode::Polling => match polling::open(&cfg, &mut stop, &health).await {
+            Mode::Polling => match polling::open(cfg, stop, health).await {
                 Ok(Some(opened)) => (
-                    session::run(ctx, opened, &mut stop, &mut backoff, &mut lessons).await,
+                    session::run(ctx, opened, stop, &mut backoff, &mut lessons).await,
                     true,
                 ),
                 other => (other.map(|_| ()), false),

@@ -47,6 +47,7 @@ pub(super) struct Context<'a> {
     pub cfg: &'a Config,
     pub router: &'a Router,
     pub health: &'a Health,
+    pub tracer: Option<&'a std::sync::Arc<crate::trace::Tracer>>,
 }
 
 /// Streams from `source` into `sink` until `stop` fires (graceful stop) or an error ends
@@ -62,6 +63,7 @@ pub(super) async fn run<S: Source>(
         cfg,
         router,
         health,
+        tracer,
     } = ctx;
     let Opened {
         mut source,
@@ -80,6 +82,7 @@ pub(super) async fn run<S: Source>(
         "relay started; publishing from the confirmed position"
     );
     let mut window = Window::new(lessons, eos.is_some());
+    window.tracer = tracer.cloned();
     let mut confirmed = source.confirmed();
     // Exactly-once: the source moves past what Kafka already holds as the stream shows it
     // (never straight to the position read back: it is proven by the stream first).

@@ -14,7 +14,7 @@ use super::rabbitmq::RabbitSink;
 use super::servicebus::ServiceBusSink;
 use super::sns::SnsSink;
 use super::sqs::SqsSink;
-use super::{BoxDelivery, Failed, Promises, SendError, Sink};
+use super::{BoxDelivery, Failed, Landed, Promises, SendError, Sink};
 use crate::config::{Config, SinkKind};
 use crate::error::{Error, Result};
 use crate::poison::PoisonKind;
@@ -39,7 +39,7 @@ pub enum BrokerDelivery {
 }
 
 impl Future for BrokerDelivery {
-    type Output = std::result::Result<(), Failed>;
+    type Output = std::result::Result<Landed, Failed>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.get_mut() {

@@ -15,6 +15,9 @@ pub fn client(who: &str) -> Result<reqwest::Client> {
         .connect_timeout(Duration::from_secs(5))
         .pool_idle_timeout(Duration::from_secs(50))
         .tcp_keepalive(Duration::from_secs(15))
+        // HTTP/1.1 as measured with the services and their emulators (the h2 feature is
+        // there for OTLP/gRPC, `crate::trace`).
+        .http1_only()
         .build()
         .map_err(|e| Error::Publish(format!("{who}: building the HTTP client: {e}")))
 }

@@ -41,7 +41,7 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
-use super::{BoxDelivery, Class, Failed, Refusal, SendError};
+use super::{BoxDelivery, Class, Failed, Landed, Refusal, SendError};
 use crate::route::Record;
 
 /// How many full batches a lane queues behind the one in flight.
@@ -76,7 +76,7 @@ struct Item<E> {
     bytes: usize,
     /// The record, handed back with a refusal about it (for the dead-letter destination).
     record: Box<Record>,
-    done: oneshot::Sender<Result<(), Failed>>,
+    done: oneshot::Sender<Result<Landed, Failed>>,
 }
 
 /// The lanes of one sink (one session).
@@ -217,7 +217,7 @@ async fn run_lane<A: BatchApi>(
                             alone: false,
                         })
                     });
-                    let result = result.map_err(|refusal| {
+                    let result = result.map(|()| Landed::default()).map_err(|refusal| {
                         if breaks_lane(&refusal) && broken.is_none() {
                             broken = Some(refusal.detail.clone());
                         }

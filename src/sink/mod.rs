@@ -67,8 +67,16 @@ pub struct Refusal {
     pub alone: bool,
 }
 
+/// Where an acknowledged record landed, as far as the broker says (Kafka: partition and
+/// offset; the other sinks: nothing yet). For the event's trace span.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Landed {
+    pub partition: Option<i32>,
+    pub offset: Option<i64>,
+}
+
 /// A delivery future of a sink whose client hands out its own (RabbitMQ, NATS).
-pub type BoxDelivery = Pin<Box<dyn Future<Output = Result<(), Failed>> + Send>>;
+pub type BoxDelivery = Pin<Box<dyn Future<Output = Result<Landed, Failed>> + Send>>;
 
 /// A delivery that did not succeed: the refusal and, where the sink still has it, the
 /// record as it was sent (for the dead-letter destination).
@@ -152,7 +160,7 @@ pub trait Sink {
     fn flush(&self, timeout: Duration);
 
     /// Resolves when the broker acknowledged the record, or with why not.
-    type Delivery: Future<Output = Result<(), Failed>> + Unpin;
+    type Delivery: Future<Output = Result<Landed, Failed>> + Unpin;
 
     /// Hands `record` to the client (waiting only for the client's own buffer); many
     /// deliveries may be outstanding, and they resolve in sending order per key.

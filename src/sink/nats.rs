@@ -47,7 +47,7 @@ use async_nats::jetstream::stream::{Config as StreamConfig, StorageType};
 use async_nats::{ConnectErrorKind, HeaderMap, HeaderName};
 use bytes::Bytes;
 
-use super::{BoxDelivery, Class, Failed, Promises, Refusal, SendError, Sink};
+use super::{BoxDelivery, Class, Failed, Landed, Promises, Refusal, SendError, Sink};
 use crate::config::{redact_url, KafkaConfig, NatsConfig};
 use crate::error::{Error, Result};
 use crate::metrics as m;
@@ -455,7 +455,10 @@ impl Sink for NatsSink {
                     if ack.duplicate {
                         metrics::counter!(m::DUPLICATES_DROPPED).increment(1);
                     }
-                    Ok(())
+                    Ok(Landed {
+                        partition: None,
+                        offset: i64::try_from(ack.sequence).ok(),
+                    })
                 }
                 Err(e) => Err(Failed {
                     refusal: refusal(&e),

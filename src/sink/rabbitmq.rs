@@ -40,7 +40,7 @@ use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 use lapin::{Confirmation, PublisherConfirm};
 
-use super::{BoxDelivery, Class, Failed, Promises, Refusal, SendError, Sink};
+use super::{BoxDelivery, Class, Failed, Landed, Promises, Refusal, SendError, Sink};
 use crate::config::{redact_url, RabbitMqConfig};
 use crate::error::{Error, Result};
 use crate::poison::PoisonKind;
@@ -285,7 +285,7 @@ fn record_of(returned: &lapin::message::BasicReturnMessage) -> Record {
     }
 }
 
-fn confirmation(result: lapin::Result<Confirmation>) -> std::result::Result<(), Failed> {
+fn confirmation(result: lapin::Result<Confirmation>) -> std::result::Result<Landed, Failed> {
     let cluster = |detail: String| Failed {
         refusal: Refusal {
             class: Class::Cluster,
@@ -296,7 +296,7 @@ fn confirmation(result: lapin::Result<Confirmation>) -> std::result::Result<(), 
         record: None,
     };
     match result {
-        Ok(Confirmation::Ack(None)) => Ok(()),
+        Ok(Confirmation::Ack(None)) => Ok(Landed::default()),
         Ok(Confirmation::Ack(Some(returned)) | Confirmation::Nack(Some(returned))) => Err(Failed {
             refusal: Refusal {
                 class: Class::Record(PoisonKind::Unroutable),
@@ -419,7 +419,9 @@ impl Sink for RabbitSink {
                 SendError::Refused(r) => r.detail,
                 SendError::QueueFull => "queue full".into(),
             })?;
-        confirmation(confirm.await).map_err(|f| f.refusal.detail)
+        confirmation(confirm.await)
+            .map(|_| ())
+            .map_err(|f| f.refusal.detail)
     }
 
     fn delivery_timeout(&self) -> Duration {

@@ -42,7 +42,7 @@ use fe2o3_amqp::types::messaging::{
 use fe2o3_amqp::types::primitives::Binary;
 use fe2o3_amqp::{Connection, Sender, Session};
 
-use super::{BoxDelivery, Class, Failed, Promises, Refusal, SendError, Sink};
+use super::{BoxDelivery, Class, Failed, Landed, Promises, Refusal, SendError, Sink};
 use crate::config::{KafkaConfig, ServiceBusConfig};
 use crate::error::{Error, Result};
 use crate::poison::PoisonKind;
@@ -289,7 +289,7 @@ impl ServiceBusSink {
         Ok(Box::pin(async move {
             match delivery.await {
                 Ok(outcome) => match outcome_refusal(&outcome) {
-                    None => Ok(()),
+                    None => Ok(Landed::default()),
                     Some(refusal) => Err(Failed {
                         refusal,
                         record: None,
@@ -343,7 +343,7 @@ impl Sink for ServiceBusSink {
             SendError::Refused(r) => r.detail,
             SendError::QueueFull => "the link has no credit".into(),
         })?;
-        delivery.await.map_err(|f| f.refusal.detail)
+        delivery.await.map(|_| ()).map_err(|f| f.refusal.detail)
     }
 
     fn delivery_timeout(&self) -> Duration {

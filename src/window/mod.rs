@@ -19,6 +19,7 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant, SystemTime};
 
 use std::future::Future;
+use std::sync::Arc;
 
 use crate::dead_letter::{dead_letter, DlqTable};
 use crate::error::{Error, Result};
@@ -27,9 +28,10 @@ use crate::health::Health;
 use crate::ledger::{Ledger, Ticket};
 use crate::lessons::Lessons;
 use crate::metrics as m;
-use crate::route::{Record, Router};
+use crate::route::{Poison, Record, Router};
 use crate::sink::broker::BrokerDelivery;
-use crate::sink::{Class, Failed, SendError, Sink};
+use crate::sink::{Class, Failed, Landed, SendError, Sink};
+use crate::trace::{Outcome, Pending, Tracer};
 
 mod failure;
 pub use failure::Failure;
@@ -58,6 +60,8 @@ struct InFlight<D> {
     sent_at: Instant,
     topic: String,
     commit_time: SystemTime,
+    /// The event's trace span (`[tracing]` on and the event traced).
+    span: Option<Box<Pending>>,
 }
 
 /// Deliveries awaiting acknowledgement, oldest first; `D` is the sink's delivery future.
@@ -78,13 +82,16 @@ pub struct Window<'l, D = BrokerDelivery> {
     /// confirmation.
     pub ledger: Ledger,
     /// The ledger ticket of the delivery settled last (a failure handed to
-    /// [`Window::handle`] is about it).
+    /// [`Window::handle`] is about it), and its trace span.
     last_settled: Ticket,
+    last_span: Option<Box<Pending>>,
+    /// Spans per event (`crate::trace`); `None` when tracing is off.
+    pub tracer: Option<Arc<Tracer>>,
 }
 
 impl<'l, D> Window<'l, D>
 where
-    D: Future<Output = std::result::Result<(), Failed>> + Unpin,
+    D: Future<Output = std::result::Result<Landed, Failed>> + Unpin,
 {
     pub fn new(lessons: &'l mut Lessons, transactional: bool) -> Window<'l, D> {
         Window {
@@ -96,7 +103,38 @@ where
             transactional,
             ledger: Ledger::from_env(),
             last_settled: Ticket::default(),
+            last_span: None,
+            tracer: None,
         }
+    }
+
+    /// Ends an event's span (if it has one) with `outcome`.
+    fn end_span(&self, span: Option<Box<Pending>>, outcome: Outcome<'_>) {
+        if let (Some(tracer), Some(span)) = (&self.tracer, span) {
+            tracer.finish(*span, outcome);
+        }
+    }
+
+    /// Dead-letters the record of event `id` and settles its ticket and span.
+    async fn dead_lettered<S: Sink<Delivery = D>>(
+        &mut self,
+        sink: &mut S,
+        dlq: &DlqTable<'_>,
+        id: Option<&str>,
+        record: &Record,
+        poison: &Poison,
+        (ticket, span): (Ticket, Option<Box<Pending>>),
+    ) -> Result<()> {
+        dead_letter(sink, dlq, id, record, poison).await?;
+        self.settle(ticket);
+        self.end_span(
+            span,
+            Outcome::DeadLettered {
+                reason: poison.kind.label(),
+                detail: &poison.detail,
+            },
+        );
+        Ok(())
     }
 
     /// The event of `ticket` was delivered or dead-lettered: settled, or (exactly-once)
@@ -205,15 +243,17 @@ where
         };
         self.bytes = self.bytes.saturating_sub(done.bytes);
         self.last_settled = done.ticket;
+        self.last_span = None;
         // Sent while records travel one at a time: whatever it says is about this record.
         let alone = done.alone;
         if alone {
             self.lessons.settled_alone(&done.id);
         }
         match result {
-            Ok(()) => {
+            Ok(landed) => {
                 self.acked += 1;
                 self.settle(done.ticket);
+                self.end_span(done.span, Outcome::Delivered(landed));
                 metrics::counter!(m::EVENTS_PUBLISHED, "topic" => done.topic).increment(1);
                 if let Ok(age) = SystemTime::now().duration_since(done.commit_time) {
                     metrics::histogram!(m::COMMIT_TO_ACK).record(age.as_secs_f64());
@@ -221,6 +261,7 @@ where
                 Ok(())
             }
             Err(Failed { refusal, record }) => {
+                self.last_span = done.span;
                 let seen = if alone || refusal.alone {
                     Seen::Alone
                 } else {
@@ -251,20 +292,30 @@ where
     ) -> Result<()> {
         let ticket = self.ledger.yielded(&event.id, position);
         let payload = event.payload.take();
-        let mut record = match router.route_with_value(event, payload) {
+        let (mut record, rejected) = match router.route_with_value(event, payload) {
             Ok((record, warnings)) => {
                 for w in warnings {
                     tracing::warn!(event_id = %event.id, "{}", w.0);
                 }
-                record
+                (record, None)
             }
             Err(rejected) => {
                 let (record, poison) = *rejected;
-                dead_letter(sink, dlq, Some(&event.id), &record, &poison).await?;
-                self.settle(ticket);
-                return Ok(());
+                (record, Some(poison))
             }
         };
+        // The span begins here, so that a dead letter ends it too; the outgoing
+        // `traceparent` now names it.
+        let span = match &self.tracer {
+            Some(tracer) => tracer.begin(event, &mut record),
+            None => None,
+        };
+        let id = Some(event.id.as_str());
+        if let Some(poison) = rejected {
+            return self
+                .dead_lettered(sink, dlq, id, &record, &poison, (ticket, span))
+                .await;
+        }
         // The registry's wire format (`schemas.encoding`); a registry problem ends the session.
         if let Some(serializer) = &router.serializer {
             // Left as it was when the event is poison: the dead letter carries the JSON.
@@ -276,15 +327,15 @@ where
                     .await?
             };
             if let Err(poison) = written {
-                dead_letter(sink, dlq, Some(&event.id), &record, &poison).await?;
-                self.settle(ticket);
-                return Ok(());
+                return self
+                    .dead_lettered(sink, dlq, id, &record, &poison, (ticket, span))
+                    .await;
             }
         }
         if let Some(poison) = self.lessons.dead_letter(&event.id).cloned() {
-            dead_letter(sink, dlq, Some(&event.id), &record, &poison).await?;
-            self.settle(ticket);
-            return Ok(());
+            return self
+                .dead_lettered(sink, dlq, id, &record, &poison, (ticket, span))
+                .await;
         }
         let limit = sink.delivery_timeout();
         match tokio::time::timeout(limit, sink.ensure_topic(&record)).await {
@@ -300,6 +351,7 @@ where
                 ))
             }
         }
+        let mut span = span;
         loop {
             let sent = match tokio::time::timeout(limit, sink.send(&record)).await {
                 Ok(sent) => sent,
@@ -318,6 +370,9 @@ where
                     let bytes = record_bytes(&record);
                     self.bytes += bytes;
                     let alone = self.lessons.isolating();
+                    if let (Some(tracer), Some(s)) = (&self.tracer, &span) {
+                        tracer.sent(s);
+                    }
                     self.inflight.push_back(InFlight {
                         fut,
                         alone,
@@ -327,6 +382,7 @@ where
                         sent_at: Instant::now(),
                         topic: record.topic.clone(),
                         commit_time: event.commit_time,
+                        span: span.take(),
                     });
                     self.sent += 1;
                     self.report(health);
@@ -350,9 +406,16 @@ where
                         Some(record.clone()),
                     ) {
                         Failure::Poison { id, record, poison } => {
-                            dead_letter(sink, dlq, id.as_deref(), &record, &poison).await?;
-                            self.settle(ticket);
-                            Ok(())
+                            let span = span.take();
+                            self.dead_lettered(
+                                sink,
+                                dlq,
+                                id.as_deref(),
+                                &record,
+                                &poison,
+                                (ticket, span),
+                            )
+                            .await
                         }
                         other => Err(failure_error(other, self.acked > 0)),
                     };
@@ -404,10 +467,10 @@ where
                 poison,
             }),
             Err(Failure::Poison { id, record, poison }) => {
-                dead_letter(sink, dlq, id.as_deref(), &record, &poison).await?;
                 self.acked += 1;
-                self.settle(self.last_settled);
-                Ok(())
+                let (ticket, span) = (self.last_settled, self.last_span.take());
+                self.dead_lettered(sink, dlq, id.as_deref(), &record, &poison, (ticket, span))
+                    .await
             }
             Err(other @ Failure::Unclear { .. }) => {
                 // Was it this record, or the cluster? Let the rest of the window settle: if
@@ -416,7 +479,7 @@ where
                 let deadline = tokio::time::Instant::now() + sink.delivery_timeout();
                 while let Some(f) = self.inflight.pop_front() {
                     match tokio::time::timeout_at(deadline, f.fut).await {
-                        Ok(Ok(())) => others_acked = true,
+                        Ok(Ok(_)) => others_acked = true,
                         Ok(_) => {}
                         Err(_) => break,
                     }

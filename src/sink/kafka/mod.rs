@@ -27,7 +27,7 @@ use crate::config::KafkaConfig;
 use crate::error::{Error, Result};
 use crate::route::{PoisonKind, Record};
 use crate::sink::classify::{classify, Stage};
-use crate::sink::{Class, Failed, Promises, Refusal, SendError, Sink};
+use crate::sink::{Class, Failed, Landed, Promises, Refusal, SendError, Sink};
 
 mod context;
 mod topics;
@@ -134,7 +134,7 @@ pub struct KafkaDelivery {
 }
 
 impl Future for KafkaDelivery {
-    type Output = std::result::Result<(), Failed>;
+    type Output = std::result::Result<Landed, Failed>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let report = match &mut self.report {
@@ -163,7 +163,10 @@ impl Future for KafkaDelivery {
                     let (id, topic) = (&label.0, &label.1);
                     tracing::debug!(target: "outboxd::delivery", %id, %topic, partition = d.partition, offset = d.offset, "delivered");
                 }
-                Ok(())
+                Ok(Landed {
+                    partition: Some(d.partition),
+                    offset: Some(d.offset),
+                })
             }
             Ok(Err((e, msg))) => Err(Failed {
                 refusal: refusal(&e, Stage::Delivery),
@@ -437,7 +440,7 @@ impl KafkaSink {
             Err(SendError::Refused(r)) => return Err(r.detail),
         };
         match tokio::time::timeout(self.cfg.delivery_timeout + Duration::from_secs(5), fut).await {
-            Ok(Ok(())) => Ok(()),
+            Ok(Ok(_)) => Ok(()),
             Ok(Err(failed)) => Err(failed.refusal.detail),
             Err(_) => Err("timed out".into()),
         }
