@@ -933,6 +933,8 @@ case "${1:-}" in
   # demo does not need them).
   install)
     ensure_packages; ensure_kafka; ensure_elasticmq; ensure_moto; ensure_artemis; ensure_apicurio
+    # The status page's test loads it in a real browser (not needed by the demo).
+    command -v chromium >/dev/null || apt_install chromium
     # Jaeger (the trace tests) builds for minutes: in the background, niced, while the
     # rest installs and the tests compile; the trace tests run last and wait for it.
     "$0" jaeger-build --background

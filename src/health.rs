@@ -1,6 +1,7 @@
 //! What this instance knows about itself, shared by the relay, the monitor and the HTTP
 //! endpoints. A plain mutex: it is never held across an `.await`.
 
+use std::collections::VecDeque;
 use std::sync::{Mutex, MutexGuard};
 use std::time::SystemTime;
 
@@ -59,6 +60,59 @@ struct Inner {
     slot: SlotFacts,
     /// Since when publishing keeps failing (None after progress).
     failing_since: Option<SystemTime>,
+    /// The lag at each monitor tick, oldest first (the status page's chart).
+    lag_history: VecDeque<(SystemTime, f64)>,
+}
+
+/// Lag samples kept: one per monitor tick (5 s) for 15 minutes.
+const LAG_SAMPLES: usize = 180;
+
+/// Dead letters kept for the status page, newest last.
+const RECENT_DEAD_LETTERS: usize = 20;
+
+/// An event dead-lettered by this process (the status page lists the latest).
+#[derive(Debug, Clone, Serialize)]
+pub struct DeadLetterNote {
+    #[serde(skip)]
+    pub at: SystemTime,
+    pub event_id: String,
+    pub reason: &'static str,
+    /// Where the event was going.
+    pub destination: String,
+    /// Where it went: the dead-letter topic (or subject, queue) or the table.
+    pub to: &'static str,
+    pub detail: String,
+}
+
+/// Process-wide, like the metrics: dead letters are written from places that do not hold a
+/// [`Health`] (the window's settle path), and one process runs one relay.
+static DEAD_LETTERS: Mutex<VecDeque<DeadLetterNote>> = Mutex::new(VecDeque::new());
+
+/// Notes a dead letter for the status page (the newest [`RECENT_DEAD_LETTERS`]).
+pub fn note_dead_letter(mut note: DeadLetterNote) {
+    if note.detail.len() > 300 {
+        let mut cut = 300;
+        while !note.detail.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        note.detail.truncate(cut);
+        note.detail.push('…');
+    }
+    let mut g = DEAD_LETTERS.lock().unwrap_or_else(|e| e.into_inner());
+    if g.len() >= RECENT_DEAD_LETTERS {
+        g.pop_front();
+    }
+    g.push_back(note);
+}
+
+/// The latest dead letters, oldest first.
+pub fn recent_dead_letters() -> Vec<DeadLetterNote> {
+    DEAD_LETTERS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .cloned()
+        .collect()
 }
 
 #[derive(Debug)]
@@ -105,6 +159,7 @@ impl Health {
                     ..SlotFacts::default()
                 },
                 failing_since: None,
+                lag_history: VecDeque::new(),
             }),
             max_slot_lag_bytes,
             unready_after,
@@ -188,6 +243,26 @@ impl Health {
                 .map_or(0.0, |d| d.as_secs_f64())
         };
         age(g.oldest_unacked_commit).max(age(g.oldest_pending))
+    }
+
+    /// Records the lag now (the monitor calls this at every tick).
+    pub fn sample_lag(&self) {
+        let lag = self.lag_seconds();
+        let mut g = self.lock();
+        if g.lag_history.len() >= LAG_SAMPLES {
+            g.lag_history.pop_front();
+        }
+        g.lag_history.push_back((SystemTime::now(), lag));
+    }
+
+    /// The lag samples of the last minutes, oldest first.
+    pub fn lag_history(&self) -> Vec<(SystemTime, f64)> {
+        self.lock().lag_history.iter().copied().collect()
+    }
+
+    /// When the last error was recorded, and what it said.
+    pub fn last_error(&self) -> Option<(SystemTime, String)> {
+        self.lock().last_error.clone()
     }
 
     /// `Ok(what)` when ready, `Err(reason)` otherwise — one line each.

@@ -159,6 +159,7 @@ pub async fn run(cfg: Config, health: Arc<Health>, mut stop: watch::Receiver<boo
             _ = tick.tick() => {}
             _ = stop.changed() => return,
         }
+        health.sample_lag();
         if client.as_ref().is_none_or(Client::is_closed) {
             client = crate::pg::connect(&cfg.postgres.url, "outboxd-monitor")
                 .await

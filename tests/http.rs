@@ -1,4 +1,4 @@
-//! The HTTP endpoint's exposure (review E3): `/status` names slots, topics and errors, so it
+//! The HTTP endpoint: the status page at `/` in a real browser, and its exposure (review E3): `/status` names slots, topics and errors, so it
 //! listens on loopback unless `http.addr` says otherwise (the container image and manifests
 //! set `0.0.0.0:9465`), and a flood of idle connections cannot take the file descriptors the
 //! relay needs for PostgreSQL and the broker: at most 64 are served at once, more are closed.
@@ -77,4 +77,142 @@ async fn the_endpoint_serves_64_connections_at_once_and_closes_the_next() {
         || async { http_get(&addr, "/healthz").is_some() },
     )
     .await;
+}
+
+/// Debian's chromium, headless, as root (no sandbox), with a profile of its own.
+fn chromium(dir: &std::path::Path, args: &[&str]) -> std::process::Output {
+    let out = std::process::Command::new("chromium")
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--hide-scrollbars",
+        ])
+        .arg(format!(
+            "--user-data-dir={}",
+            dir.join("chromium").display()
+        ))
+        .args(args)
+        .output()
+        .expect("chromium (scripts/stack.sh installs Debian's package)");
+    assert!(
+        out.status.success(),
+        "chromium {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// The status page at `/`, loaded in a real browser (Debian's chromium, headless): it names
+/// the role (leader), the slot's confirmed position as PostgreSQL reports it, the lag chart,
+/// the event dead-lettered for a topic Kafka cannot name — whose destination, built from an
+/// `aggregatetype` holding HTML, is shown as text and never parsed as markup — and the last
+/// error (the relay's replication connection terminated by an administrator). A screenshot
+/// is taken and is a PNG of some substance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_status_page_shows_role_position_lag_dead_letters_and_the_last_error_in_a_browser() {
+    let brokers = kafka_brokers();
+    let (db, config) = setup("page", &brokers, "").await;
+    let addr = http_addr(&config);
+    let _relay = Relay::start(&config);
+    db.streaming().await;
+    let client = db.client().await;
+    let insert = |agg: &'static str| {
+        let client = &client;
+        async move {
+            let id: String = client
+                .query_one(
+                    "INSERT INTO outbox (aggregatetype, aggregateid, type, payload) \
+                     VALUES ($1, 'k-1', 'Happened', '{}') RETURNING id::text",
+                    &[&agg],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            id
+        }
+    };
+    insert("order").await;
+    let poison = insert("bad <b>type</b>").await;
+    insert("order").await;
+    eventually(
+        Duration::from_secs(30),
+        "the dead letter on the page",
+        || async { http_get(&addr, "/").is_some_and(|(_, page)| page.contains(&poison)) },
+    )
+    .await;
+    client
+        .execute(
+            "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = $1",
+            &[&db.slot()],
+        )
+        .await
+        .unwrap();
+    db.streaming().await;
+    // The page shows the position the monitor last read; idle, it settles on the slot's.
+    let mut confirmed = String::new();
+    for _ in 0..60 {
+        let row = client
+            .query_one(
+                "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+                &[&db.slot()],
+            )
+            .await
+            .unwrap();
+        confirmed = row.get(0);
+        let page = http_get(&addr, "/").map(|(_, p)| p).unwrap_or_default();
+        if page.contains(&format!("<code id=\"position\">{confirmed}</code>"))
+            && page.contains("class=\"role leader\"")
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+
+    let url = format!("http://{addr}/");
+    let dom = String::from_utf8(chromium(&db.dir, &["--dump-dom", &url]).stdout).unwrap();
+    assert!(
+        dom.contains("<span id=\"role\" class=\"role leader\">leader</span>"),
+        "{dom}"
+    );
+    assert!(
+        dom.contains(&format!("<code id=\"position\">{confirmed}</code>")),
+        "{dom}"
+    );
+    assert!(
+        dom.contains("<svg id=\"lag-chart\"") && dom.contains("<polyline"),
+        "{dom}"
+    );
+    let row = dom
+        .split("<tr>")
+        .find(|r| r.contains(&poison))
+        .unwrap_or_else(|| panic!("dead letter {poison} not on the page: {dom}"));
+    assert!(row.contains("invalid_topic"), "{row}");
+    assert!(
+        row.contains("&lt;b&gt;type&lt;/b&gt;"),
+        "the destination is not shown as text: {row}"
+    );
+    assert!(
+        !dom.contains("<b>type</b>"),
+        "the destination was parsed as markup: {dom}"
+    );
+    let error = dom.split("id=\"last-error\"").nth(1).unwrap_or_default();
+    assert!(error.contains("terminat"), "last error: {error}");
+
+    let shot = db.dir.join("status.png");
+    chromium(
+        &db.dir,
+        &[
+            &format!("--screenshot={}", shot.display()),
+            "--window-size=1200,1000",
+            &url,
+        ],
+    );
+    let png = std::fs::read(&shot).unwrap();
+    assert!(
+        png.starts_with(b"\x89PNG\r\n\x1a\n") && png.len() > 10_000,
+        "{} bytes",
+        png.len()
+    );
 }

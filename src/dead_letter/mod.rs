@@ -101,15 +101,25 @@ pub async fn dead_letter<S: Sink>(
                 limit.as_secs()
             ))
         });
-    match sent {
+    let to = match sent {
         Ok(()) => {
             tracing::error!(event_id = id, reason, topic = %record.topic, detail = %poison.detail, "poison event dead-lettered to the DLQ topic");
+            "dead-letter destination"
         }
         Err(dlq_error) => {
             dlq.insert(event_id, record, reason, &poison.detail).await?;
             tracing::error!(event_id = id, reason, topic = %record.topic, detail = %poison.detail, dlq_error = %dlq_error, "poison event dead-lettered to the outboxd_dead_letter table (the DLQ topic refused it)");
+            "outboxd_dead_letter table"
         }
-    }
+    };
+    crate::health::note_dead_letter(crate::health::DeadLetterNote {
+        at: std::time::SystemTime::now(),
+        event_id: id.to_string(),
+        reason,
+        destination: record.topic.clone(),
+        to,
+        detail: poison.detail.clone(),
+    });
     metrics::counter!(m::EVENTS_DEAD_LETTERED, "reason" => reason).increment(1);
     Ok(())
 }

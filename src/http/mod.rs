@@ -1,6 +1,8 @@
-//! `/metrics`, `/healthz`, `/readyz` and `/status` on one small HTTP/1.1 listener. A hand-rolled
-//! responder (GET only, `Connection: close`) instead of an HTTP framework: four read-only
-//! endpoints do not earn hyper's build time.
+//! `/metrics`, `/healthz`, `/readyz`, `/status` and the status page at `/` ([`page`]) on one
+//! small HTTP/1.1 listener. A hand-rolled responder (GET only, `Connection: close`) instead of
+//! an HTTP framework: five read-only endpoints do not earn hyper's build time.
+
+pub mod page;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -100,6 +102,7 @@ fn route(
                 .set(health.failing_for().as_secs_f64());
             ("200 OK", "text/plain; version=0.0.4", metrics.render())
         }
+        "/" => ("200 OK", "text/html; charset=utf-8", page::render(health)),
         "/healthz" => ("200 OK", "text/plain", "ok\n".into()),
         "/readyz" => match health.readiness() {
             Ok(what) => ("200 OK", "text/plain", format!("ready: {what}\n")),
