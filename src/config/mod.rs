@@ -528,6 +528,17 @@ mod tests {
         );
         assert_eq!(format!("{:?}", c.pubsub), format!("{:?}", d.pubsub));
         assert_eq!(format!("{:?}", c.servicebus), format!("{:?}", d.servicebus));
+        // [tracing] is off in the example; turned on, its values are the defaults.
+        let on = |t: &str| {
+            Config::from_toml_str(&t.replace("enabled = false", "enabled = true"), no_env)
+                .unwrap()
+                .tracing
+        };
+        assert_eq!(c.tracing, None);
+        assert_eq!(
+            on(text),
+            on(&format!("{MIN}\n[tracing]\nenabled = false\n"))
+        );
         assert_eq!(c.schemas, d.schemas);
     }
 

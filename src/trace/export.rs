@@ -1,10 +1,12 @@
 //! The span exporter: a bounded queue and a task that sends batches over OTLP/HTTP
 //! (protobuf) or OTLP/gRPC.
 //!
-//! The relay never waits on it: [`Exporter::queue`] is a `try_send`, and a batch the
-//! collector does not take within `tracing.timeout_ms` is dropped and counted, so a
-//! black-holed collector holds at most one batch and the queue (`tracing.max_queue` spans),
-//! and publishing goes on at its own pace. Failures are logged at most once a minute.
+//! The relay never waits on it: [`Exporter::queue`] appends to a batch under a short lock and
+//! hands a full batch to the task with a `try_send` — one wake-up per `tracing.max_batch`
+//! spans, not one per span (a wake-up costs more than the span). A batch the collector does
+//! not take within `tracing.timeout_ms` is dropped and counted, so a black-holed collector
+//! holds at most the queue (`tracing.max_queue` spans, in batches), and publishing goes on at
+//! its own pace. Failures are logged at most once a minute.
 //!
 //! gRPC without a gRPC stack: a unary call is an HTTP/2 POST of a length-prefixed message
 //! with `content-type: application/grpc`; the call's status comes in `grpc-status`, in the
@@ -12,6 +14,7 @@
 //! cannot read trailers, so a call is taken as done when the response headers carry no error
 //! status and its body (the response message) arrives whole.
 
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
@@ -23,12 +26,14 @@ use crate::error::{Error, Result};
 use crate::metrics as m;
 
 enum Msg {
-    Span(SpanData),
+    Batch(Vec<SpanData>),
     Flush(oneshot::Sender<()>),
 }
 
-/// The queue to the export task.
+/// The queue to the export task: the batch being filled, and full batches on their way.
 pub struct Exporter {
+    filling: std::sync::Arc<Mutex<Vec<SpanData>>>,
+    max_batch: usize,
     tx: mpsc::Sender<Msg>,
 }
 
@@ -40,9 +45,11 @@ struct Task {
     headers: reqwest::header::HeaderMap,
     timeout: Duration,
     resource: Vec<(String, Value)>,
-    max_batch: usize,
     flush: Duration,
     last_warning: Option<Instant>,
+    /// The batch spans are appended to, taken at every tick (a partial batch waits at most
+    /// `tracing.flush_ms`).
+    filling: std::sync::Arc<Mutex<Vec<SpanData>>>,
 }
 
 fn client(cfg: &TracingConfig) -> Result<reqwest::Client> {
@@ -97,6 +104,7 @@ impl Exporter {
             };
             headers.insert(name, value);
         }
+        let filling = std::sync::Arc::new(Mutex::new(Vec::with_capacity(cfg.max_batch)));
         let url = match cfg.protocol {
             OtlpProtocol::HttpProtobuf => cfg.endpoint.clone(),
             OtlpProtocol::Grpc => format!(
@@ -126,18 +134,36 @@ impl Exporter {
             headers,
             timeout: cfg.timeout,
             resource,
-            max_batch: cfg.max_batch,
             flush: cfg.flush,
             last_warning: None,
+            filling: filling.clone(),
         };
-        let (tx, rx) = mpsc::channel(cfg.max_queue);
+        // Room for max_queue spans in full batches (and one flush request).
+        let (tx, rx) = mpsc::channel((cfg.max_queue / cfg.max_batch).max(1) + 1);
         tokio::spawn(task.run(rx));
-        Ok(Exporter { tx })
+        Ok(Exporter {
+            filling,
+            max_batch: cfg.max_batch,
+            tx,
+        })
     }
 
-    /// Queues a finished span; `false` if the queue is full (the span is dropped).
-    pub fn queue(&self, span: SpanData) -> bool {
-        self.tx.try_send(Msg::Span(span)).is_ok()
+    /// Queues a finished span; returns how many spans were dropped for want of room (a full
+    /// batch the task has no room for).
+    pub fn queue(&self, span: SpanData) -> u64 {
+        let full = {
+            let mut filling = self.filling.lock().unwrap_or_else(|e| e.into_inner());
+            filling.push(span);
+            if filling.len() < self.max_batch {
+                return 0;
+            }
+            std::mem::replace(&mut *filling, Vec::with_capacity(self.max_batch))
+        };
+        let n = full.len() as u64;
+        match self.tx.try_send(Msg::Batch(full)) {
+            Ok(()) => 0,
+            Err(_) => n,
+        }
     }
 
     /// Exports what is queued, waiting at most `limit`.
@@ -154,30 +180,31 @@ impl Exporter {
 
 impl Task {
     async fn run(mut self, mut rx: mpsc::Receiver<Msg>) {
-        let mut batch: Vec<SpanData> = Vec::with_capacity(self.max_batch);
         let mut tick = tokio::time::interval(self.flush);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 msg = rx.recv() => match msg {
-                    Some(Msg::Span(span)) => {
-                        batch.push(span);
-                        if batch.len() >= self.max_batch {
-                            self.export(&mut batch).await;
-                        }
-                    }
+                    Some(Msg::Batch(mut batch)) => self.export(&mut batch).await,
                     Some(Msg::Flush(ack)) => {
+                        let mut batch = self.take_partial();
                         self.export(&mut batch).await;
                         let _ = ack.send(());
                     }
-                    None => {
-                        self.export(&mut batch).await;
-                        return;
-                    }
+                    None => return,
                 },
-                _ = tick.tick() => self.export(&mut batch).await,
+                _ = tick.tick() => {
+                    let mut batch = self.take_partial();
+                    self.export(&mut batch).await;
+                }
             }
         }
+    }
+
+    /// The batch being filled, however small.
+    fn take_partial(&self) -> Vec<SpanData> {
+        let mut filling = self.filling.lock().unwrap_or_else(|e| e.into_inner());
+        std::mem::take(&mut *filling)
     }
 
     async fn export(&mut self, batch: &mut Vec<SpanData>) {

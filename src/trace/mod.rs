@@ -65,7 +65,13 @@ fn hex_to<const N: usize>(s: &str) -> Option<[u8; N]> {
 }
 
 fn to_hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(2 * bytes.len());
+    for b in bytes {
+        s.push(DIGITS[usize::from(b >> 4)] as char);
+        s.push(DIGITS[usize::from(b & 15)] as char);
+    }
+    s
 }
 
 impl TraceParent {
@@ -113,6 +119,8 @@ impl TraceParent {
 #[derive(Clone, Debug, PartialEq)]
 pub enum Value {
     Str(String),
+    /// A value known at compile time (no allocation per span).
+    Static(&'static str),
     Int(i64),
 }
 
@@ -309,8 +317,8 @@ impl Tracer {
             key,
         } = span;
         let mut attributes = vec![
-            ("messaging.system", Value::Str(self.system.into())),
-            ("messaging.operation.type", Value::Str("send".into())),
+            ("messaging.system", Value::Static(self.system)),
+            ("messaging.operation.type", Value::Static("send")),
             (
                 "messaging.destination.name",
                 Value::Str(destination.clone()),
@@ -335,7 +343,7 @@ impl Tracer {
         }
         let error = match outcome {
             Outcome::Delivered(landed) => {
-                attributes.push(("outboxd.outcome", Value::Str("delivered".into())));
+                attributes.push(("outboxd.outcome", Value::Static("delivered")));
                 if let Some(p) = landed.partition {
                     attributes.push((
                         "messaging.destination.partition.id",
@@ -353,8 +361,8 @@ impl Tracer {
                 None
             }
             Outcome::DeadLettered { reason, detail } => {
-                attributes.push(("outboxd.outcome", Value::Str("dead_lettered".into())));
-                attributes.push(("outboxd.dead_letter.reason", Value::Str(reason.into())));
+                attributes.push(("outboxd.outcome", Value::Static("dead_lettered")));
+                attributes.push(("outboxd.dead_letter.reason", Value::Str(reason.to_string())));
                 Some(format!("dead-lettered ({reason}): {detail}"))
             }
         };
@@ -368,8 +376,9 @@ impl Tracer {
             attributes,
             error,
         };
-        if !self.exporter.queue(span) {
-            metrics::counter!(m::TRACE_SPANS_DROPPED, "reason" => "queue_full").increment(1);
+        let dropped = self.exporter.queue(span);
+        if dropped > 0 {
+            metrics::counter!(m::TRACE_SPANS_DROPPED, "reason" => "queue_full").increment(dropped);
         }
     }
 

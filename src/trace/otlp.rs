@@ -46,15 +46,62 @@ fn message(buf: &mut Vec<u8>, field: u32, write: impl FnOnce(&mut Vec<u8>)) {
     bytes(buf, field, &inner);
 }
 
-/// `KeyValue { key = 1; AnyValue value = 2 }`, `AnyValue { string_value = 1; int_value = 3 }`.
+fn varint_len(v: u64) -> usize {
+    (64 - (v | 1).leading_zeros() as usize).div_ceil(7)
+}
+
+/// Bytes of a length-delimited field of `n` bytes (field numbers here are all below 16).
+fn delimited_len(n: usize) -> usize {
+    1 + varint_len(n as u64) + n
+}
+
+fn any_len(value: &Value) -> usize {
+    match value {
+        Value::Str(s) => delimited_len(s.len()),
+        Value::Static(s) => delimited_len(s.len()),
+        Value::Int(i) => 1 + varint_len(*i as u64),
+    }
+}
+
+fn key_value_len(key: &str, value: &Value) -> usize {
+    delimited_len(key.len()) + delimited_len(any_len(value))
+}
+
+/// `KeyValue { key = 1; AnyValue value = 2 }`, `AnyValue { string_value = 1; int_value = 3 }`,
+/// written with lengths computed beforehand: no scratch buffer per attribute (a span has a
+/// dozen, and the relay may export tens of thousands a second).
 fn key_value(buf: &mut Vec<u8>, field: u32, key: &str, value: &Value) {
-    message(buf, field, |kv| {
-        bytes(kv, 1, key.as_bytes());
-        message(kv, 2, |any| match value {
-            Value::Str(s) => bytes(any, 1, s.as_bytes()),
-            Value::Int(i) => uint(any, 3, *i as u64),
-        });
-    });
+    tag(buf, field, 2);
+    varint(buf, key_value_len(key, value) as u64);
+    bytes(buf, 1, key.as_bytes());
+    tag(buf, 2, 2);
+    varint(buf, any_len(value) as u64);
+    match value {
+        Value::Str(s) => bytes(buf, 1, s.as_bytes()),
+        Value::Static(s) => bytes(buf, 1, s.as_bytes()),
+        Value::Int(i) => uint(buf, 3, *i as u64),
+    }
+}
+
+fn status_len(message_text: &str) -> usize {
+    delimited_len(message_text.len()) + 1 + varint_len(STATUS_ERROR)
+}
+
+fn span_len(s: &SpanData) -> usize {
+    let mut n = delimited_len(16) + delimited_len(8);
+    if s.parent.is_some() {
+        n += delimited_len(8);
+    }
+    n += delimited_len(s.name.len()) + 1 + varint_len(KIND_PRODUCER) + 2 * 9;
+    n += s
+        .attributes
+        .iter()
+        .map(|(k, v)| delimited_len(key_value_len(k, v)))
+        .sum::<usize>();
+    if let Some(m) = &s.error {
+        n += delimited_len(status_len(m));
+    }
+    n
 }
 
 fn span(buf: &mut Vec<u8>, s: &SpanData) {
@@ -71,10 +118,10 @@ fn span(buf: &mut Vec<u8>, s: &SpanData) {
         key_value(buf, 9, k, v);
     }
     if let Some(message_text) = &s.error {
-        message(buf, 15, |status| {
-            bytes(status, 2, message_text.as_bytes());
-            uint(status, 3, STATUS_ERROR);
-        });
+        tag(buf, 15, 2);
+        varint(buf, status_len(message_text) as u64);
+        bytes(buf, 2, message_text.as_bytes());
+        uint(buf, 3, STATUS_ERROR);
     }
 }
 
@@ -93,7 +140,9 @@ pub fn export_request(resource: &[(String, Value)], spans: &[SpanData]) -> Vec<u
                 bytes(scope, 2, env!("CARGO_PKG_VERSION").as_bytes());
             });
             for s in spans {
-                message(ss, 2, |b| span(b, s));
+                tag(ss, 2, 2);
+                varint(ss, span_len(s) as u64);
+                span(ss, s);
             }
         });
     });
@@ -103,6 +152,38 @@ pub fn export_request(resource: &[(String, Value)], spans: &[SpanData]) -> Vec<u
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lengths_computed_beforehand_match_what_is_written() {
+        for v in [0u64, 1, 127, 128, 16_383, 16_384, u64::MAX] {
+            let mut buf = Vec::new();
+            varint(&mut buf, v);
+            assert_eq!(buf.len(), varint_len(v), "{v}");
+        }
+        let s = SpanData {
+            trace_id: [1; 16],
+            span_id: [2; 8],
+            parent: Some([3; 8]),
+            name: "send orders".into(),
+            start_ns: 1,
+            end_ns: 2,
+            attributes: vec![
+                ("a", Value::Static("x")),
+                ("b", Value::Int(-1)),
+                ("c", Value::Str("y".repeat(200))),
+            ],
+            error: Some("dead-lettered".repeat(20)),
+        };
+        let mut buf = Vec::new();
+        span(&mut buf, &s);
+        assert_eq!(buf.len(), span_len(&s));
+        let mut kv = Vec::new();
+        key_value(&mut kv, 9, "c", &Value::Str("y".repeat(200)));
+        assert_eq!(
+            kv.len(),
+            delimited_len(key_value_len("c", &Value::Str("y".repeat(200))))
+        );
+    }
 
     #[test]
     fn fields_are_written_with_protobufs_tags_and_lengths() {
