@@ -95,6 +95,51 @@ fn parent_of(span: &Value) -> Option<String> {
     })
 }
 
+/// A trace as an indented tree: service, operation, duration, tags.
+fn tree(trace: &Value) -> String {
+    fn walk(spans: &[Value], trace: &Value, parent: Option<&str>, depth: usize, out: &mut String) {
+        for s in spans.iter().filter(|s| parent_of(s).as_deref() == parent) {
+            let service = &trace["processes"][s["processID"].as_str().unwrap()]["serviceName"];
+            let tags: Vec<String> = s["tags"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|t| !t["key"].as_str().unwrap().starts_with("otel.scope"))
+                .map(|t| format!("{}={}", t["key"].as_str().unwrap(), t["value"]))
+                .collect();
+            out.push_str(&format!(
+                "{}└─ {} {} {:.1} ms [{}]\n",
+                "   ".repeat(depth),
+                service.as_str().unwrap(),
+                s["operationName"].as_str().unwrap(),
+                s["duration"].as_f64().unwrap() / 1000.0,
+                tags.join(", ")
+            ));
+            walk(spans, trace, s["spanID"].as_str(), depth + 1, out);
+        }
+    }
+    let spans = trace["spans"].as_array().unwrap();
+    let mut out = format!("trace {}\n", trace["traceID"].as_str().unwrap());
+    // The writer's span is the service's, not in this backend: its children are the roots.
+    let known: HashSet<&str> = spans
+        .iter()
+        .map(|s| s["spanID"].as_str().unwrap())
+        .collect();
+    let mut writers: Vec<String> = spans
+        .iter()
+        .filter_map(parent_of)
+        .filter(|p| !known.contains(p.as_str()))
+        .collect();
+    writers.dedup();
+    for w in writers {
+        out.push_str(&format!(
+            "(writer's span {w}, in the service that committed the row)\n"
+        ));
+        walk(spans, trace, Some(&w), 0, &mut out);
+    }
+    out
+}
+
 /// The `traceparent` a record carries: (trace id, span id, flags).
 fn traceparent(r: &Received) -> Option<(String, String, String)> {
     let v = r.headers.get("traceparent")?;
@@ -268,7 +313,7 @@ async fn every_traced_event_has_a_span_under_its_writers_span_and_a_consumer_con
             consumers.push((tid.clone(), relay_sid, consumer_sid));
         }
     }
-    for (tid, relay_sid, consumer_sid) in consumers {
+    for (i, (tid, relay_sid, consumer_sid)) in consumers.into_iter().enumerate() {
         let trace = trace(&query, &tid, 2).await;
         let (consumer, _) = span(&trace, &consumer_sid);
         assert_eq!(
@@ -276,6 +321,10 @@ async fn every_traced_event_has_a_span_under_its_writers_span_and_a_consumer_con
             Some(relay_sid),
             "the consumer's span hangs under the relay's"
         );
+        if i == 0 {
+            // The tree docs/tracing.md shows (run with --no-capture).
+            eprintln!("{}", tree(&trace));
+        }
     }
 
     let trace = trace(&query, &poison_tid, 1).await;
