@@ -50,6 +50,9 @@ pub const TRANSACTION_COMMIT: &str = "outboxd_kafka_transaction_commit_seconds";
 /// Exactly-once: events skipped after a restart because the Kafka transaction holding them
 /// had committed before the source position was confirmed.
 pub const EVENTS_SKIPPED: &str = "outboxd_events_skipped_total";
+/// A later event of a key written while an earlier one of the key failed and is resent after
+/// it (`window::order`): per-key order broken, said by event ids in the log.
+pub const KEY_ORDER_BREAKS: &str = "outboxd_key_order_breaks_total";
 /// Tracing: spans the collector took.
 pub const TRACE_SPANS_EXPORTED: &str = "outboxd_trace_spans_exported_total";
 /// Tracing: spans dropped, by reason (queue_full, export_failed); publishing never waits.
@@ -227,6 +230,10 @@ fn describe() {
         "1 while this instance holds the slot's lock and publishes"
     );
     describe_gauge!(BUILD_INFO, "Build information");
+    describe_counter!(
+        KEY_ORDER_BREAKS,
+        "Later events of a key written while an earlier event of the key failed and is resent after them (per-key order broken; the log names both)"
+    );
     describe_counter!(
         TRACE_SPANS_EXPORTED,
         "Tracing: spans the OTLP collector took"

@@ -34,6 +34,7 @@ use crate::sink::{Class, Failed, Landed, SendError, Sink};
 use crate::trace::{Outcome, Pending, Tracer};
 
 mod failure;
+mod order;
 pub use failure::Failure;
 use failure::{failure, failure_error, Seen};
 
@@ -62,6 +63,8 @@ struct InFlight<D> {
     commit_time: SystemTime,
     /// The event's trace span (`[tracing]` on and the event traced).
     span: Option<Box<Pending>>,
+    /// Its destination and key, hashed (`order::order_key`).
+    order_key: Option<u64>,
 }
 
 /// Deliveries awaiting acknowledgement, oldest first; `D` is the sink's delivery future.
@@ -85,6 +88,8 @@ pub struct Window<'l, D = BrokerDelivery> {
     /// [`Window::handle`] is about it), and its trace span.
     last_settled: Ticket,
     last_span: Option<Box<Pending>>,
+    /// The order key of the delivery settled last, and its id (a failure is about it).
+    last_order_key: Option<u64>,
     /// Spans per event (`crate::trace`); `None` when tracing is off.
     pub tracer: Option<Arc<Tracer>>,
 }
@@ -104,6 +109,7 @@ where
             ledger: Ledger::from_env(),
             last_settled: Ticket::default(),
             last_span: None,
+            last_order_key: None,
             tracer: None,
         }
     }
@@ -244,6 +250,7 @@ where
         self.bytes = self.bytes.saturating_sub(done.bytes);
         self.last_settled = done.ticket;
         self.last_span = None;
+        self.last_order_key = done.order_key;
         // Sent while records travel one at a time: whatever it says is about this record.
         let alone = done.alone;
         if alone {
@@ -383,6 +390,7 @@ where
                         topic: record.topic.clone(),
                         commit_time: event.commit_time,
                         span: span.take(),
+                        order_key: order::order_key(&record),
                     });
                     self.sent += 1;
                     self.report(health);
@@ -476,11 +484,18 @@ where
                 // Was it this record, or the cluster? Let the rest of the window settle: if
                 // anything else is acknowledged, the cluster accepts records.
                 let mut others_acked = self.acked > 0;
+                let mut resent = order::Resent::default();
+                if let Failure::Unclear { id: Some(id), .. } = &other {
+                    resent.add(self.last_order_key, id);
+                }
                 let deadline = tokio::time::Instant::now() + sink.delivery_timeout();
                 while let Some(f) = self.inflight.pop_front() {
                     match tokio::time::timeout_at(deadline, f.fut).await {
-                        Ok(Ok(_)) => others_acked = true,
-                        Ok(_) => {}
+                        Ok(Ok(_)) => {
+                            others_acked = true;
+                            resent.acknowledged(f.order_key, &f.id, &f.topic);
+                        }
+                        Ok(_) => resent.add(f.order_key, &f.id),
                         Err(_) => break,
                     }
                 }
@@ -490,15 +505,20 @@ where
                 // Which records of the refused batch failed? Every one is a suspect, so the
                 // next session settles them all alone at once (not one session each).
                 let mut suspects = vec![id.clone()];
+                let mut resent = order::Resent::default();
+                resent.add(self.last_order_key, &id);
                 let deadline = tokio::time::Instant::now() + sink.delivery_timeout();
                 while let Some(f) = self.inflight.pop_front() {
                     match tokio::time::timeout_at(deadline, f.fut).await {
-                        Ok(Err(Failed { refusal, .. }))
-                            if matches!(refusal.class, Class::Record(_) | Class::Batchmate) =>
-                        {
-                            suspects.push(f.id)
+                        Ok(Err(Failed { refusal, .. })) => {
+                            resent.add(f.order_key, &f.id);
+                            if matches!(refusal.class, Class::Record(_) | Class::Batchmate) {
+                                suspects.push(f.id)
+                            }
                         }
-                        Ok(_) => {}
+                        Ok(Ok(_)) => {
+                            resent.acknowledged(f.order_key, &f.id, &f.topic);
+                        }
                         Err(_) => break,
                     }
                 }
