@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 #[command(
     name = "outboxd",
     version,
-    about = "Transactional-outbox relay and CDC daemon: PostgreSQL → Kafka, RabbitMQ, NATS JetStream, Amazon SQS, SNS, EventBridge, Google Cloud Pub/Sub or Azure Service Bus; Debezium-compatible table change events; event contracts (JSON Schema, Avro, a Confluent-API schema registry); at-least-once, exactly-once on Kafka"
+    about = "Transactional-outbox relay and CDC daemon: PostgreSQL → Kafka, RabbitMQ, NATS JetStream, Amazon SQS, SNS, EventBridge, Google Cloud Pub/Sub or Azure Service Bus; Debezium-compatible table change events; event contracts (JSON Schema, Avro, a Confluent-API schema registry); OpenTelemetry traces; at-least-once, exactly-once on Kafka"
 )]
 pub struct Cli {
     /// TOML config file (see config/outboxd.example.toml). Environment variables
