@@ -681,10 +681,11 @@ ensure_artemis() {
 # space other programs use), which a test machine with a big disk and little free reaches —
 # the relay then stalls loudly, as it should, and the tests measure the alarm, not the relay.
 start_artemis() {
-  local dir=$1 port core before q addresses=""
+  local dir=$1 port core before q addresses="" fresh=""
   shift
   ensure_artemis
   mkdir -p "$dir"
+  [ -f "$dir/port" ] || fresh=1
   [ -f "$dir/port" ] || free_port >"$dir/port"
   [ -f "$dir/core_port" ] || free_port >"$dir/core_port"
   port=$(cat "$dir/port")
@@ -708,6 +709,15 @@ start_artemis() {
   setsid "$dir/broker/bin/artemis" run </dev/null >>"$dir/artemis.log" 2>&1 &
   echo $! >"$dir/artemis.pid"
   if ! wait_log "$dir/artemis.log" 'Server is now active' "$before" "$dir/artemis.pid"; then
+    # A port free_port found free was taken before the JVM bound it (tests start servers in
+    # parallel; seen once in a fresh-clone run): a first start takes new ports, once.
+    if [ -n "$fresh" ] && [ -z "${ARTEMIS_RETRIED:-}" ] && grep -q 'Address already in use' "$dir/artemis.log"; then
+      log "Artemis in $dir: a port was taken meanwhile; starting again on new ports"
+      stop_broker "$dir" KILL
+      rm -rf "$dir/broker" "$dir/port" "$dir/core_port" "$dir/artemis.log"
+      ARTEMIS_RETRIED=1 start_artemis "$dir" "$@"
+      return
+    fi
     log "Artemis did not start in $dir:"; tail -20 "$dir/artemis.log" >&2
     return 1
   fi
