@@ -269,6 +269,17 @@ async fn main() -> anyhow::Result<()> {
         args.payload_pad + 30
     );
 
+    // A second slot at the same point, for the raw decode rate (backlog mode).
+    let raw_slot = format!("{db}_raw");
+    if args.mode == Mode::Backlog && args.system == System::Outboxd {
+        client
+            .execute(
+                "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
+                &[&raw_slot],
+            )
+            .await
+            .context("creating the raw-decode slot")?;
+    }
     let first_commit = Instant::now();
     let reporter = (args.table_report_secs > 0).then(|| {
         let url = url.clone();
@@ -348,6 +359,12 @@ async fn main() -> anyhow::Result<()> {
     if let Some(r) = reporter {
         r.abort();
     }
+    let raw_decode = match (args.mode, args.system) {
+        (Mode::Backlog, System::Outboxd) => {
+            Some(raw_decode_rate(&client, &url, &raw_slot, n).await?)
+        }
+        _ => None,
+    };
     let relay_start = Instant::now();
     match (args.mode, &relay) {
         (Mode::Backlog, Some(r)) => {
@@ -361,9 +378,13 @@ async fn main() -> anyhow::Result<()> {
         (Mode::Live, _) => {}
     }
     let deadline = Duration::from_secs(600);
+    let sampler = relay
+        .as_ref()
+        .map(|r| proc_stats::RssSampler::start(r.pid()));
     wait_for_all(&arrivals, n, deadline).await?;
     let relay = relay.context("relay not started")?;
     let rss_kib = proc_stats::peak_rss_kib(relay.pid()).unwrap_or(0);
+    let (anon_kib, file_kib) = sampler.map_or((0, 0), proc_stats::RssSampler::finish);
     let cpu = proc_stats::cpu_secs(relay.pid()).unwrap_or(0.0) - cpu_from.unwrap_or(0.0);
     relay.stop(&dir.join("debezium"));
     drop(consumer);
@@ -405,6 +426,14 @@ async fn main() -> anyhow::Result<()> {
         Mode::Backlog => {
             let secs = (last_arrival - relay_start).as_secs_f64();
             println!("throughput: {:.0} events/s (relay start, Debezium: resume → last event consumed, {secs:.2} s, backlog drain)", n as f64 / secs);
+            if let Some((stream, peek)) = raw_decode {
+                let drain = n as f64 / secs;
+                println!(
+                    "raw pgoutput decode of the same backlog: streamed to pg_recvlogical {stream:.0} events/s (the drain is {:.2}× it), peeked through SQL {peek:.0} events/s ({:.2}×)",
+                    drain / stream,
+                    drain / peek
+                );
+            }
         }
     }
     println!(
@@ -413,7 +442,12 @@ async fn main() -> anyhow::Result<()> {
         cpu * 100_000.0 / n as f64,
         n as f64 / cpu.max(0.001)
     );
-    println!("relay peak RSS: {:.1} MiB", rss_kib as f64 / 1024.0);
+    println!(
+        "relay peak RSS: {:.1} MiB (largest sampled: RssAnon {:.1} MiB, RssFile {:.1} MiB)",
+        rss_kib as f64 / 1024.0,
+        anon_kib as f64 / 1024.0,
+        file_kib as f64 / 1024.0
+    );
     if args.encoding != Encoding::Plain {
         // `arr` holds the arrivals' lock.
         println!(
@@ -568,4 +602,57 @@ async fn wait_for_all(
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// How fast PostgreSQL itself decodes the backlog with pgoutput, measured in the same run
+/// as the drain — the ceiling any relay of a slot works under on this machine: a second
+/// slot made at the same point streamed over the replication protocol to `pg_recvlogical`
+/// (into /dev/null), and the relay's slot peeked (not consumed) through SQL. Returns
+/// (streamed, peeked) events per second; drops the second slot.
+async fn raw_decode_rate(
+    client: &tokio_postgres::Client,
+    url: &str,
+    raw_slot: &str,
+    n: u64,
+) -> anyhow::Result<(f64, f64)> {
+    let end: String = client
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await?
+        .get(0);
+    let bin = std::fs::read_dir("/usr/lib/postgresql")?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path().join("bin/pg_recvlogical"))
+        .find(|p| p.exists())
+        .context("pg_recvlogical not found under /usr/lib/postgresql")?;
+    let start = Instant::now();
+    let status = Command::new(bin)
+        .args([
+            "--start",
+            "--no-loop",
+            "-f",
+            "/dev/null",
+            "-o",
+            "proto_version=1",
+        ])
+        .args(["-o", "publication_names=outboxd", "-o", "messages=true"])
+        .arg(format!("--slot={raw_slot}"))
+        .arg(format!("--endpos={end}"))
+        .arg(format!("--dbname={url}"))
+        .status()?;
+    anyhow::ensure!(status.success(), "pg_recvlogical failed: {status}");
+    let stream = n as f64 / start.elapsed().as_secs_f64();
+    client
+        .execute("SELECT pg_drop_replication_slot($1)", &[&raw_slot])
+        .await?;
+    let slot = url.rsplit('/').next().unwrap_or_default().to_string();
+    let start = Instant::now();
+    client
+        .query_one(
+            "SELECT count(*) FROM pg_logical_slot_peek_binary_changes($1, NULL, NULL, \
+             'proto_version', '1', 'publication_names', 'outboxd', 'messages', 'true')",
+            &[&slot],
+        )
+        .await
+        .context("peeking the slot's changes")?;
+    Ok((stream, n as f64 / start.elapsed().as_secs_f64()))
 }

@@ -212,8 +212,6 @@ impl Health {
         let mut g = self.lock();
         g.oldest_unacked_commit = oldest_commit;
         g.inflight = inflight;
-        drop(g);
-        metrics::gauge!(crate::metrics::INFLIGHT).set(inflight as f64);
     }
 
     pub fn set_slot(&self, facts: SlotFacts) {

@@ -84,15 +84,12 @@ impl Registry {
             .registry_url
             .clone()
             .ok_or_else(|| setup("schemas.registry_url is not set".into()))?;
-        let mut builder = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(5))
+        let mut builder = crate::sink::http::builder()
             .timeout(Duration::from_secs(30))
             .http1_only();
         if let Some(ca) = &cfg.registry_ca_file {
-            let pem = std::fs::read(ca)
-                .map_err(|e| setup(format!("schemas.registry_ca_file {ca}: {e}")))?;
-            let cert = reqwest::Certificate::from_pem(&pem)
-                .map_err(|e| setup(format!("schemas.registry_ca_file {ca}: {e}")))?;
+            let cert =
+                crate::sink::http::ca_certificate("schemas.registry_ca_file", ca).map_err(setup)?;
             builder = builder.add_root_certificate(cert);
         }
         let http = builder

@@ -229,6 +229,13 @@ impl Source for LogicalSource<'_> {
         self.stream.recv().await.map(Incoming::Wire)
     }
 
+    fn try_recv(&mut self) -> Option<Result<Incoming>> {
+        if !self.queued.is_empty() {
+            return Some(Ok(Incoming::Queued));
+        }
+        self.stream.try_recv().map(|m| m.map(Incoming::Wire))
+    }
+
     async fn decode(&mut self, msg: Incoming) -> Result<Option<Item>> {
         let msg = match msg {
             Incoming::Queued => return Ok(self.queued.pop_front()),

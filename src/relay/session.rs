@@ -26,6 +26,13 @@ use crate::window::Window;
 /// outbox confirms only keepalive positions).
 const STABLE_SESSION: Duration = Duration::from_secs(30);
 
+/// Messages the loop takes from the source per wake-up when they are already waiting. Each
+/// pass of the loop re-arms its timers (confirmation, transaction deadline) and polls every
+/// branch: in a 1,000,000-event drain's profile that was ~17 % of the relay's thread, paid
+/// per message. Small enough that a stop, a due commit or a full window waits at most this
+/// many messages (each checked between messages).
+const READ_BATCH: usize = 64;
+
 /// Exactly-once state of a session: when Kafka transactions commit, and the pipeline's id.
 pub(super) struct Eos {
     pub transactions: Transactions,
@@ -162,49 +169,70 @@ pub(super) async fn run<S: Source>(
                 source.tick(&mut checkpoint, quiet).await?;
             }
             msg = source.recv(), if can_read => {
-                let Some(item) = source.decode(msg?).await? else { continue };
-                let skip = eos.as_ref().is_some_and(|e| e.transactions.already_published(source.commit_position()));
-                match item {
-                    Item::Boundary(position) => {
-                        checkpoint.boundary(window.sent, position);
-                        if let Some(e) = eos.as_mut() {
-                            e.transactions.boundary(window.sent, position);
+                // Every message already waiting is taken in this wake-up (up to READ_BATCH):
+                // the loop's checks, timers and select run once per batch, not per message.
+                let mut next = Some(msg);
+                for _ in 0..READ_BATCH {
+                    let msg = match next.take() {
+                        Some(msg) => msg,
+                        None => {
+                            let commit_due = eos
+                                .as_ref()
+                                .and_then(|e| e.transactions.deadline(window.sent))
+                                .is_some_and(|at| at <= Instant::now());
+                            if commit_due || !window.has_room(cfg.kafka.max_in_flight, cfg.kafka.max_in_flight_bytes) {
+                                break;
+                            }
+                            match source.try_recv() {
+                                Some(msg) => msg,
+                                None => break,
+                            }
                         }
-                    }
-                    // Already committed to Kafka before this run: never yielded to the ledger.
-                    Item::Event(_) | Item::Malformed { .. } if skip => {
-                        if skipped == 0 {
-                            tracing::info!(commit_position = source.commit_position(), "skipping events of source transactions already committed to Kafka (the source had not been confirmed past them)");
+                    };
+                    let Some(item) = source.decode(msg?).await? else { continue };
+                    let skip = eos.as_ref().is_some_and(|e| e.transactions.already_published(source.commit_position()));
+                    match item {
+                        Item::Boundary(position) => {
+                            checkpoint.boundary(window.sent, position);
+                            if let Some(e) = eos.as_mut() {
+                                e.transactions.boundary(window.sent, position);
+                            }
                         }
-                        skipped += 1;
-                        metrics::counter!(m::EVENTS_SKIPPED).increment(1);
-                    }
-                    Item::Malformed { id, reason, raw } => {
-                        if let Some(e) = eos.as_mut() {
-                            e.transactions.sending(window.sent);
+                        // Already committed to Kafka before this run: never yielded to the ledger.
+                        Item::Event(_) | Item::Malformed { .. } if skip => {
+                            if skipped == 0 {
+                                tracing::info!(commit_position = source.commit_position(), "skipping events of source transactions already committed to Kafka (the source had not been confirmed past them)");
+                            }
+                            skipped += 1;
+                            metrics::counter!(m::EVENTS_SKIPPED).increment(1);
                         }
-                        let headers = id.iter().map(|i| ("id".to_string(), i.clone().into_bytes())).collect();
-                        let record = Record { topic: String::new(), exchange: None, detail_type: None, binary: true, key: None, value: Some(raw), headers, partition: None, timestamp_ms: None };
-                        let poison = Poison { kind: PoisonKind::MalformedMessage, detail: reason };
-                        let ticket = window.ledger.yielded(id.as_deref().unwrap_or("?"), source.event_position());
-                        let dlq = DlqTable::new(source.client(), &cfg.postgres);
-                        dead_letter(&mut sink, &dlq, id.as_deref(), &record, &poison).await?;
-                        window.settle(ticket);
-                    }
-                    Item::Event(event) if dropped.is_none() && crate::failpoint::active("drop_first_event") => {
-                        tracing::warn!(event_id = %event.id, "failpoint drop_first_event: this event is not published");
-                        dropped = Some(window.ledger.yielded(&event.id, source.event_position()));
-                    }
-                    Item::Event(mut event) => {
-                        if let Some(e) = eos.as_mut() {
-                            e.transactions.sending(window.sent);
+                        Item::Malformed { id, reason, raw } => {
+                            if let Some(e) = eos.as_mut() {
+                                e.transactions.sending(window.sent);
+                            }
+                            let headers = id.iter().map(|i| ("id".to_string(), i.clone().into_bytes())).collect();
+                            let record = Record { topic: String::new(), exchange: None, detail_type: None, binary: true, key: None, value: Some(raw), headers, partition: None, timestamp_ms: None };
+                            let poison = Poison { kind: PoisonKind::MalformedMessage, detail: reason };
+                            let ticket = window.ledger.yielded(id.as_deref().unwrap_or("?"), source.event_position());
+                            let dlq = DlqTable::new(source.client(), &cfg.postgres);
+                            dead_letter(&mut sink, &dlq, id.as_deref(), &record, &poison).await?;
+                            window.settle(ticket);
                         }
-                        let dlq = DlqTable::new(source.client(), &cfg.postgres);
-                        let position = source.event_position();
-                        window.publish(&mut event, position, router, &mut sink, &dlq, health).await?;
-                        checkpoint.acked(window.acked);
-                        if let Some(e) = &eos {
-                            outgrows_its_transaction(cfg, e)?;
+                        Item::Event(event) if dropped.is_none() && crate::failpoint::active("drop_first_event") => {
+                            tracing::warn!(event_id = %event.id, "failpoint drop_first_event: this event is not published");
+                            dropped = Some(window.ledger.yielded(&event.id, source.event_position()));
+                        }
+                        Item::Event(mut event) => {
+                            if let Some(e) = eos.as_mut() {
+                                e.transactions.sending(window.sent);
+                            }
+                            let dlq = DlqTable::new(source.client(), &cfg.postgres);
+                            let position = source.event_position();
+                            window.publish(&mut event, position, router, &mut sink, &dlq, health).await?;
+                            checkpoint.acked(window.acked);
+                            if let Some(e) = &eos {
+                                outgrows_its_transaction(cfg, e)?;
+                            }
                         }
                     }
                 }

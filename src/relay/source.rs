@@ -67,6 +67,12 @@ pub(super) trait Source {
     /// The next message; waits while there is none. Cancel-safe.
     async fn recv(&mut self) -> Result<Self::Message>;
 
+    /// The next message if one is already waiting, without waiting or starting any I/O:
+    /// lets the loop take several per wake-up (`relay::session`). `None` by default.
+    fn try_recv(&mut self) -> Option<Result<Self::Message>> {
+        None
+    }
+
     /// What a message means for the loop, if anything.
     async fn decode(&mut self, msg: Self::Message) -> Result<Option<Item>>;
 

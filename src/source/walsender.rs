@@ -199,6 +199,18 @@ impl ReplicationStream {
         }
     }
 
+    /// The next message if one is already waiting (never waits): `None` when there is none.
+    pub fn try_recv(&mut self) -> Option<Result<ReplicationMessage>> {
+        match self.rx.try_recv() {
+            Ok(m) => Some(m),
+            Err(mpsc::error::TryRecvError::Empty) => None,
+            Err(mpsc::error::TryRecvError::Disconnected) => Some(Err(io_error(
+                "reading the replication stream",
+                std::io::ErrorKind::UnexpectedEof.into(),
+            ))),
+        }
+    }
+
     /// Everything up to `lsn` is durably handled: the status task tells the server. A lower
     /// position than one confirmed before is ignored (PostgreSQL before its 2025 minor
     /// releases would move the slot back).

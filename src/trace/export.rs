@@ -53,10 +53,7 @@ struct Task {
 }
 
 fn client(cfg: &TracingConfig) -> Result<reqwest::Client> {
-    let mut builder = reqwest::Client::builder()
-        .connect_timeout(Duration::from_secs(5))
-        .pool_idle_timeout(Duration::from_secs(50))
-        .tcp_keepalive(Duration::from_secs(15));
+    let mut builder = crate::sink::http::builder();
     if cfg.protocol == OtlpProtocol::Grpc {
         // Plain-text gRPC is HTTP/2 from the first byte; over TLS, ALPN agrees on h2.
         builder = if cfg.endpoint.starts_with("http://") {
@@ -68,13 +65,10 @@ fn client(cfg: &TracingConfig) -> Result<reqwest::Client> {
         builder = builder.http1_only();
     }
     if let Some(ca) = &cfg.ca_file {
-        let fix = "point tracing.ca_file at a readable PEM CA certificate";
-        let pem = std::fs::read(ca)
-            .map_err(|e| Error::setup(format!("tracing.ca_file: cannot read `{ca}`: {e}"), fix))?;
-        let cert = reqwest::Certificate::from_pem(&pem).map_err(|e| {
+        let cert = crate::sink::http::ca_certificate("tracing.ca_file", ca).map_err(|problem| {
             Error::setup(
-                format!("tracing.ca_file: `{ca}` is not a PEM certificate: {e}"),
-                fix,
+                problem,
+                "point tracing.ca_file at a readable PEM CA certificate",
             )
         })?;
         builder = builder.add_root_certificate(cert);

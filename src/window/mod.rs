@@ -34,9 +34,11 @@ use crate::sink::{Class, Failed, Landed, SendError, Sink};
 use crate::trace::{Outcome, Pending, Tracer};
 
 mod failure;
+mod meters;
 mod order;
 pub use failure::Failure;
 use failure::{failure, failure_error, Seen};
+use meters::Meters;
 
 /// The bytes of a record the window counts: key, value, header names and values.
 fn record_bytes(r: &Record) -> usize {
@@ -92,6 +94,8 @@ pub struct Window<'l, D = BrokerDelivery> {
     last_order_key: Option<u64>,
     /// Spans per event (`crate::trace`); `None` when tracing is off.
     pub tracer: Option<Arc<Tracer>>,
+    /// The per-event metrics, registered once per session (see [`Meters`]).
+    meters: Meters,
 }
 
 impl<'l, D> Window<'l, D>
@@ -111,6 +115,7 @@ where
             last_span: None,
             last_order_key: None,
             tracer: None,
+            meters: Meters::new(),
         }
     }
 
@@ -235,6 +240,7 @@ where
             self.inflight.front().map(|f| f.commit_time),
             self.inflight.len(),
         );
+        self.meters.inflight.set(self.inflight.len() as f64);
     }
 
     /// Awaits the oldest delivery. Cancel-safe: the delivery is removed only once resolved.
@@ -261,9 +267,9 @@ where
                 self.acked += 1;
                 self.settle(done.ticket);
                 self.end_span(done.span, Outcome::Delivered(landed));
-                metrics::counter!(m::EVENTS_PUBLISHED, "topic" => done.topic).increment(1);
+                self.meters.published(&done.topic).increment(1);
                 if let Ok(age) = SystemTime::now().duration_since(done.commit_time) {
-                    metrics::histogram!(m::COMMIT_TO_ACK).record(age.as_secs_f64());
+                    self.meters.commit_to_ack.record(age.as_secs_f64());
                 }
                 Ok(())
             }
