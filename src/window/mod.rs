@@ -14,6 +14,10 @@
 //! session ends, and the next one sends records one at a time until each suspect has been
 //! settled alone (`crate::lessons`): one session for the whole batch, not one per batchmate.
 //! Errors raised by `produce()` itself (local checks of one record) need no such proof.
+//!
+//! Files: `failure.rs` (what a failed delivery means), `order.rs` (a key's records landing
+//! out of order, made loud), `stall.rs` (a delivery never acknowledged ends the session),
+//! `meters.rs` (the per-event metrics).
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant, SystemTime};
@@ -36,6 +40,7 @@ use crate::trace::{Outcome, Pending, Tracer};
 mod failure;
 mod meters;
 mod order;
+mod stall;
 pub use failure::Failure;
 use failure::{failure, failure_error, Seen};
 use meters::Meters;
@@ -69,6 +74,17 @@ struct InFlight<D> {
     order_key: Option<u64>,
 }
 
+/// What the window remembers of the delivery settled last, for the failure it may carry.
+#[derive(Default)]
+struct LastSettled {
+    /// Its entry in the delivery ledger.
+    ticket: Ticket,
+    /// Its trace span, kept only when it failed (a delivered one's span has ended).
+    span: Option<Box<Pending>>,
+    /// Its destination and key, hashed (`order::order_key`).
+    order_key: Option<u64>,
+}
+
 /// Deliveries awaiting acknowledgement, oldest first; `D` is the sink's delivery future.
 pub struct Window<'l, D = BrokerDelivery> {
     inflight: VecDeque<InFlight<D>>,
@@ -86,12 +102,8 @@ pub struct Window<'l, D = BrokerDelivery> {
     /// What each event's own delivery report said (`crate::ledger`), checked at every
     /// confirmation.
     pub ledger: Ledger,
-    /// The ledger ticket of the delivery settled last (a failure handed to
-    /// [`Window::handle`] is about it), and its trace span.
-    last_settled: Ticket,
-    last_span: Option<Box<Pending>>,
-    /// The order key of the delivery settled last, and its id (a failure is about it).
-    last_order_key: Option<u64>,
+    /// The delivery settled last: a failure handed to [`Window::handle`] is about it.
+    last: LastSettled,
     /// Spans per event (`crate::trace`); `None` when tracing is off.
     pub tracer: Option<Arc<Tracer>>,
     /// The per-event metrics, registered once per session (see [`Meters`]).
@@ -111,9 +123,7 @@ where
             lessons,
             transactional,
             ledger: Ledger::from_env(),
-            last_settled: Ticket::default(),
-            last_span: None,
-            last_order_key: None,
+            last: LastSettled::default(),
             tracer: None,
             meters: Meters::new(),
         }
@@ -179,61 +189,6 @@ where
         self.inflight.len() < max && self.bytes < max_bytes
     }
 
-    /// The broker has not acknowledged the oldest delivery for `after`
-    /// (`kafka.delivery_timeout_ms`): the session ends with an error naming it, and the next
-    /// one resends from the confirmed position through a new client.
-    ///
-    /// A client that holds a record is not waited on: librdkafka never times a record out
-    /// here (`message.timeout.ms = 0`, for order), so a record it keeps for any reason — a
-    /// produce request whose answer never comes, a partition queue it stopped serving —
-    /// would hold the slot forever while the records after it, on other partitions, flow.
-    /// Dropping the client purges what it holds; the resend carries the same ids.
-    ///
-    /// Issue 16 (the first event to a topic the relay was creating never arrived, while the
-    /// 36 after it did, with no error and no repeat) is this shape: nothing restarted the
-    /// session, so the event was held, not confirmed past (the delivery ledger,
-    /// `crate::ledger`, now checks the latter at every confirmation). A candidate inside
-    /// librdkafka, read in its source and not reproduced: metadata that reports a fresh topic
-    /// as unknown past `topic.metadata.propagation.max.ms` makes it drop the topic's partition
-    /// objects (`rd_kafka_topic_partition_cnt_update`) and build new ones when the topic is
-    /// back — records queued on a dropped one are not moved to the new one, while later
-    /// records of the same key go to the new one and arrive. 12,000 first records to new
-    /// topics under load and several full suites never showed a hold, so the relay bounds
-    /// every delivery itself instead of trusting the client's.
-    pub fn check_stall(&mut self, after: Duration, health: &Health) -> Result<()> {
-        let Some(oldest) = self.inflight.front() else {
-            return Ok(());
-        };
-        let waited = oldest.sent_at.elapsed();
-        if waited < after {
-            return Ok(());
-        }
-        health.failing();
-        metrics::counter!(m::DELIVERY_STALLS).increment(1);
-        let message = format!(
-            "delivery stalled: the broker has not acknowledged event {} (topic {}) for {} s (kafka.delivery_timeout_ms); ending the session so that a new client resends it from the last confirmed position",
-            oldest.id,
-            oldest.topic,
-            waited.as_secs()
-        );
-        tracing::error!(event_id = %oldest.id, topic = %oldest.topic, waited_s = waited.as_secs(), inflight = self.inflight.len(), "{message}");
-        Err(Error::Publish(message))
-    }
-
-    /// [`Window::settle_oldest`], ending the session if it stalls ([`Window::check_stall`]).
-    pub async fn settle_reporting(
-        &mut self,
-        after: Duration,
-        health: &Health,
-    ) -> Result<std::result::Result<(), Failure>> {
-        loop {
-            match tokio::time::timeout(Duration::from_secs(1), self.settle_oldest()).await {
-                Ok(settled) => return Ok(settled),
-                Err(_) => self.check_stall(after, health)?,
-            }
-        }
-    }
-
     /// Publishes the oldest unacknowledged commit time (the lag) and the in-flight count.
     pub fn report(&self, health: &Health) {
         health.set_inflight(
@@ -254,9 +209,11 @@ where
             return Ok(());
         };
         self.bytes = self.bytes.saturating_sub(done.bytes);
-        self.last_settled = done.ticket;
-        self.last_span = None;
-        self.last_order_key = done.order_key;
+        self.last = LastSettled {
+            ticket: done.ticket,
+            span: None,
+            order_key: done.order_key,
+        };
         // Sent while records travel one at a time: whatever it says is about this record.
         let alone = done.alone;
         if alone {
@@ -274,7 +231,7 @@ where
                 Ok(())
             }
             Err(Failed { refusal, record }) => {
-                self.last_span = done.span;
+                self.last.span = done.span;
                 let seen = if alone || refusal.alone {
                     Seen::Alone
                 } else {
@@ -482,7 +439,7 @@ where
             }),
             Err(Failure::Poison { id, record, poison }) => {
                 self.acked += 1;
-                let (ticket, span) = (self.last_settled, self.last_span.take());
+                let (ticket, span) = (self.last.ticket, self.last.span.take());
                 self.dead_lettered(sink, dlq, id.as_deref(), &record, &poison, (ticket, span))
                     .await
             }
@@ -492,7 +449,7 @@ where
                 let mut others_acked = self.acked > 0;
                 let mut resent = order::Resent::default();
                 if let Failure::Unclear { id: Some(id), .. } = &other {
-                    resent.add(self.last_order_key, id);
+                    resent.add(self.last.order_key, id);
                 }
                 let deadline = tokio::time::Instant::now() + sink.delivery_timeout();
                 while let Some(f) = self.inflight.pop_front() {
@@ -512,7 +469,7 @@ where
                 // next session settles them all alone at once (not one session each).
                 let mut suspects = vec![id.clone()];
                 let mut resent = order::Resent::default();
-                resent.add(self.last_order_key, &id);
+                resent.add(self.last.order_key, &id);
                 let deadline = tokio::time::Instant::now() + sink.delivery_timeout();
                 while let Some(f) = self.inflight.pop_front() {
                     match tokio::time::timeout_at(deadline, f.fut).await {
