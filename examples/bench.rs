@@ -361,7 +361,7 @@ async fn main() -> anyhow::Result<()> {
     }
     let raw_decode = match (args.mode, args.system) {
         (Mode::Backlog, System::Outboxd) => {
-            Some(raw_decode_rate(&client, &url, &raw_slot, n).await?)
+            Some(raw_decode_rate(&client, &url, &db, &raw_slot, n).await?)
         }
         _ => None,
     };
@@ -607,11 +607,12 @@ async fn wait_for_all(
 /// How fast PostgreSQL itself decodes the backlog with pgoutput, measured in the same run
 /// as the drain — the ceiling any relay of a slot works under on this machine: a second
 /// slot made at the same point streamed over the replication protocol to `pg_recvlogical`
-/// (into /dev/null), and the relay's slot peeked (not consumed) through SQL. Returns
+/// (into /dev/null), and the relay's slot (`slot`) peeked (not consumed) through SQL. Returns
 /// (streamed, peeked) events per second; drops the second slot.
 async fn raw_decode_rate(
     client: &tokio_postgres::Client,
     url: &str,
+    slot: &str,
     raw_slot: &str,
     n: u64,
 ) -> anyhow::Result<(f64, f64)> {
@@ -619,11 +620,13 @@ async fn raw_decode_rate(
         .query_one("SELECT pg_current_wal_lsn()::text", &[])
         .await?
         .get(0);
-    let bin = std::fs::read_dir("/usr/lib/postgresql")?
-        .filter_map(|e| e.ok())
-        .map(|e| e.path().join("bin/pg_recvlogical"))
-        .find(|p| p.exists())
-        .context("pg_recvlogical not found under /usr/lib/postgresql")?;
+    // The server's own client binaries: the same major version as the walsender.
+    let bindir: String = client
+        .query_one("SELECT setting FROM pg_config WHERE name = 'BINDIR'", &[])
+        .await
+        .context("asking the server for its BINDIR")?
+        .get(0);
+    let bin = PathBuf::from(bindir).join("pg_recvlogical");
     let start = Instant::now();
     let status = Command::new(bin)
         .args([
@@ -644,7 +647,6 @@ async fn raw_decode_rate(
     client
         .execute("SELECT pg_drop_replication_slot($1)", &[&raw_slot])
         .await?;
-    let slot = url.rsplit('/').next().unwrap_or_default().to_string();
     let start = Instant::now();
     client
         .query_one(

@@ -190,13 +190,7 @@ impl ReplicationStream {
 
     /// The next message; `None` never happens before an error is delivered.
     pub async fn recv(&mut self) -> Result<ReplicationMessage> {
-        match self.rx.recv().await {
-            Some(m) => m,
-            None => Err(io_error(
-                "reading the replication stream",
-                std::io::ErrorKind::UnexpectedEof.into(),
-            )),
-        }
+        self.rx.recv().await.unwrap_or_else(|| Err(reader_gone()))
     }
 
     /// The next message if one is already waiting (never waits): `None` when there is none.
@@ -204,10 +198,7 @@ impl ReplicationStream {
         match self.rx.try_recv() {
             Ok(m) => Some(m),
             Err(mpsc::error::TryRecvError::Empty) => None,
-            Err(mpsc::error::TryRecvError::Disconnected) => Some(Err(io_error(
-                "reading the replication stream",
-                std::io::ErrorKind::UnexpectedEof.into(),
-            ))),
+            Err(mpsc::error::TryRecvError::Disconnected) => Some(Err(reader_gone())),
         }
     }
 
@@ -334,6 +325,14 @@ impl ReadAhead {
         let n = u32::try_from(len).unwrap_or(u32::MAX).clamp(1, self.total);
         self.permits.clone().acquire_many_owned(n).await.ok()
     }
+}
+
+/// The reader task ended without a last message (it always sends its error first).
+fn reader_gone() -> Error {
+    io_error(
+        "reading the replication stream",
+        std::io::ErrorKind::UnexpectedEof.into(),
+    )
 }
 
 async fn read_loop(
