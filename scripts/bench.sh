@@ -26,6 +26,11 @@
 #   scripts/bench.sh --tracing [args]              the same workload, every event with a sampled
 #                                                  traceparent, twice in one run: [tracing] off,
 #                                                  then on (spans to a Jaeger started first)
+#   scripts/bench.sh --librdkafka [--rate N --events N --txn-size N]
+#                                                  librdkafka alone, configured as the relay
+#                                                  configures it, producing the bench's records:
+#                                                  the floor under the relay's Kafka side
+#                                                  (examples/bench_librdkafka.rs)
 #   scripts/bench.sh --cdc [--compare debezium] [args]
 #                                                  table CDC: a 10-column table, insert/update/
 #                                                  delete mix (examples/bench_cdc.rs); the same
@@ -40,7 +45,10 @@ if [ -z "${KEEP:-}" ]; then trap 'scripts/stack.sh down' EXIT; fi
 # Every relay a benchmark starts checks each confirmation against its delivery ledger
 # (src/ledger.rs): a violation stops it with exit code 3.
 export OUTBOXD_CHECK_LEDGER=1
-cargo build --release --quiet --bin outboxd --example bench --example bench_sinks --example bench_cdc --example bench_snapshot
+# The relay as users build it (`--release`: whole-program LTO); the harness without it.
+cargo build --release --quiet --bin outboxd
+cargo build --profile bench-tools --quiet --example bench --example bench_sinks --example bench_cdc --example bench_snapshot --example bench_librdkafka
+tools="${CARGO_TARGET_DIR:-target}"/bench-tools/examples
 example=bench
 if [ "${1:-}" = "--registry" ]; then
   registry_dir=$(mktemp -d /tmp/outboxd-bench-registry.XXXXXX)
@@ -55,10 +63,15 @@ if [ "${1:-}" = "--tracing" ]; then
   trap 'scripts/stack.sh broker-stop "$jaeger_dir" --remove; [ -n "${KEEP:-}" ] || scripts/stack.sh down' EXIT
   read -r _ otlp_http _ <<<"$(scripts/stack.sh jaeger-start "$jaeger_dir")"
   echo "== tracing off"
-  "${CARGO_TARGET_DIR:-target}"/release/examples/bench --traced "$@"
+  "$tools"/bench --traced "$@"
   echo "== tracing on (every event sampled, OTLP/HTTP to Jaeger)"
-  "${CARGO_TARGET_DIR:-target}"/release/examples/bench --traced "$@" \
+  "$tools"/bench --traced "$@" \
     --extra-config "$(printf '[tracing]\nenabled = true\nendpoint = "%s"\n' "$otlp_http")"
+  exit 0
+fi
+if [ "${1:-}" = "--librdkafka" ]; then
+  shift
+  "$tools"/bench_librdkafka "$@"
   exit 0
 fi
 if [ "${1:-}" = "--cdc" ]; then
@@ -83,14 +96,14 @@ if [ "${1:-}" = "--sink" ]; then
     servicebus) url=$(scripts/stack.sh artemis-start "$broker_dir" outboxd-bench outboxd-bench-dlq) ;;
     *) url=$(scripts/stack.sh "$sink-start" "$broker_dir") ;;
   esac
-  "${CARGO_TARGET_DIR:-target}"/release/examples/bench_sinks --sink "$sink" --url "$url" "$@"
+  "$tools"/bench_sinks --sink "$sink" --url "$url" "$@"
 elif [ "${1:-}" = "--compare" ]; then
   other=${2:?--compare needs a system: debezium}
   shift 2
   for system in outboxd "$other"; do
     echo "== $system"
-    "${CARGO_TARGET_DIR:-target}"/release/examples/$example --system "$system" "$@"
+    "$tools"/$example --system "$system" "$@"
   done
 else
-  "${CARGO_TARGET_DIR:-target}"/release/examples/$example "$@"
+  "$tools"/$example "$@"
 fi

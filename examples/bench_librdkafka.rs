@@ -1,0 +1,313 @@
+//! The floor under the relay's Kafka side: librdkafka alone, configured as the relay configures
+//! it (`outboxd::sink::kafka::client_config` of a `[kafka]` section), producing the bench's
+//! records — key, `id` header, the same payload size — at the same rate and in the same bursts
+//! (one burst per source transaction), every delivery report awaited as the relay awaits them.
+//! No PostgreSQL, no decode, no routing: what this process spends per event is what librdkafka
+//! and its threads cost at that rate, the part of the relay's CPU no change of ours can remove.
+//!
+//! Prints events/s, produce → acknowledged p50/p99, CPU-s per 100k events and peak RSS of this
+//! process (the records are built before timing starts). Run it with `scripts/bench.sh
+//! --librdkafka --rate 10000 --events 200000`.
+
+#[path = "support/proc.rs"]
+mod proc_stats;
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Parser;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+
+#[derive(Parser, Debug)]
+struct Args {
+    #[arg(long, default_value_t = 200_000)]
+    events: u64,
+    /// Events per second; 0 = as fast as librdkafka takes them.
+    #[arg(long, default_value_t = 10_000)]
+    rate: u64,
+    /// Records per burst (the bench's events per source transaction).
+    #[arg(long, default_value_t = 10)]
+    txn_size: u64,
+    /// Bytes of padding in each payload (the bench's default).
+    #[arg(long, default_value_t = 100)]
+    payload_pad: usize,
+    /// librdkafka's own C interface only (a `BaseProducer` served by this thread between
+    /// bursts, no async runtime, no futures): the floor of the library itself.
+    #[arg(long)]
+    base: bool,
+    /// Extra TOML inside `[kafka]` (e.g. "linger.ms" under `[kafka.properties]`).
+    #[arg(long, default_value = "")]
+    extra_config: String,
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let brokers = std::env::var("OUTBOXD_TEST_KAFKA")
+        .context("OUTBOXD_TEST_KAFKA not set; use scripts/bench.sh --librdkafka")?;
+    let dir = std::env::temp_dir().join(format!("outboxd-librdkafka-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let file = dir.join("outboxd.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[postgres]\nurl = \"postgres://unused@127.0.0.1/unused\"\n[kafka]\nbrokers = \"{brokers}\"\n{}\n",
+            args.extra_config
+        ),
+    )?;
+    let config = outboxd::config::Config::load(Some(&file)).map_err(|e| anyhow::anyhow!("{e}"))?;
+    std::fs::remove_dir_all(&dir)?;
+    let producer: FutureProducer = outboxd::sink::kafka::client_config(&config.kafka).create()?;
+    let topic = format!("librdkafka_floor_{}", std::process::id());
+    // Three partitions, as the broker's default gives the bench's relay-created topic.
+    let admin: AdminClient<DefaultClientContext> =
+        outboxd::sink::kafka::client_config(&config.kafka).create()?;
+    for r in admin
+        .create_topics(
+            &[NewTopic::new(&topic, 3, TopicReplication::Fixed(1))],
+            &AdminOptions::new(),
+        )
+        .await?
+    {
+        r.map_err(|(t, e)| anyhow::anyhow!("cannot create topic {t}: {e}"))?;
+    }
+
+    // The records, built before timing: what the relay decodes and routes is not measured here.
+    let records: Vec<(String, String, String)> = (1..=args.events)
+        .map(|i| {
+            let id = format!("00000000-0000-0000-0000-{i:012}");
+            let key = format!("order-{}", i % 1000);
+            let payload = format!(
+                "{{\"order\":{i},\"pad\":\"{}\"}}",
+                "x".repeat(args.payload_pad)
+            );
+            (id, key, payload)
+        })
+        .collect();
+
+    let pid = std::process::id();
+    let per_burst = args.txn_size.max(1) as usize;
+    let (elapsed, cpu, mut latencies) = if args.base {
+        drop(producer);
+        let cfg = outboxd::sink::kafka::client_config(&config.kafka);
+        let (topic, rate) = (topic.clone(), args.rate);
+        tokio::task::spawn_blocking(move || base_floor(cfg, &topic, &records, rate, per_burst))
+            .await??
+    } else {
+        // Warm-up: the producer knows the topic's leaders before timing starts.
+        let (id, key, payload) = &records[0];
+        send(&producer, &topic, id, key, payload)
+            .await
+            .context("warm-up record")?;
+        let (cpu0, start) = (proc_stats::cpu_secs(pid).unwrap_or(0.0), Instant::now());
+        let latencies = future_floor(&producer, &topic, &records, args.rate, per_burst).await?;
+        let cpu = proc_stats::cpu_secs(pid).unwrap_or(0.0) - cpu0;
+        (start.elapsed().as_secs_f64(), cpu, latencies)
+    };
+    latencies.sort();
+    let pct = |p: f64| {
+        latencies
+            .get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1)))
+            .map(|d| d.as_secs_f64() * 1000.0)
+            .unwrap_or(0.0)
+    };
+    let n = args.events as f64;
+    println!(
+        "librdkafka alone: {} events, rate {}, {} per burst, payload≈{}B",
+        args.events,
+        if args.rate == 0 {
+            "max".to_string()
+        } else {
+            format!("{}/s", args.rate)
+        },
+        per_burst,
+        args.payload_pad
+    );
+    println!("throughput: {:.0} events/s ({elapsed:.2} s)", n / elapsed);
+    println!(
+        "latency produce → acknowledged: p50 {:.1} ms, p99 {:.1} ms",
+        pct(0.50),
+        pct(0.99)
+    );
+    println!(
+        "librdkafka CPU: {cpu:.2} s = {:.2} CPU-s per 100k events, {:.0} events per CPU-second",
+        cpu / n * 100_000.0,
+        n / cpu.max(0.001)
+    );
+    println!(
+        "peak RSS: {:.1} MiB (the records built up front included)",
+        proc_stats::peak_rss_kib(pid).unwrap_or(0) as f64 / 1024.0
+    );
+    Ok(())
+}
+
+/// When burst `b` is due at `rate` events/s.
+fn due(start: Instant, b: usize, per_burst: usize, rate: u64) -> Option<Instant> {
+    (rate > 0).then(|| start + Duration::from_secs_f64((b * per_burst) as f64 / rate as f64))
+}
+
+/// rust-rdkafka's `FutureProducer` on tokio, as the relay uses it: produce → acknowledged.
+async fn future_floor(
+    producer: &FutureProducer,
+    topic: &str,
+    records: &[(String, String, String)],
+    rate: u64,
+    per_burst: usize,
+) -> anyhow::Result<Vec<Duration>> {
+    let start = Instant::now();
+    let mut latencies = Vec::with_capacity(records.len());
+    let mut pending = futures_util::stream::FuturesUnordered::new();
+    for (b, burst) in records.chunks(per_burst).enumerate() {
+        if let Some(due) = due(start, b, per_burst, rate) {
+            tokio::time::sleep_until(due.into()).await;
+            // Reports of earlier bursts, without waiting: the relay settles them as they come.
+            while let Some(Some(r)) = futures_util::FutureExt::now_or_never(next(&mut pending)) {
+                latencies.push(r?);
+            }
+        }
+        for (id, key, payload) in burst {
+            let sent = Instant::now();
+            let fut = send(producer, topic, id, key, payload);
+            pending.push(async move { fut.await.map(|()| sent.elapsed()) });
+        }
+    }
+    while let Some(r) = next(&mut pending).await {
+        latencies.push(r?);
+    }
+    Ok(latencies)
+}
+
+/// Delivery reports of the `BaseProducer`: each record's send time comes back as its opaque.
+struct Reports(std::sync::Mutex<Vec<Result<Duration, String>>>);
+
+impl rdkafka::ClientContext for Reports {}
+
+impl rdkafka::producer::ProducerContext for Reports {
+    type DeliveryOpaque = Box<Instant>;
+
+    fn delivery(&self, result: &rdkafka::producer::DeliveryResult<'_>, sent: Box<Instant>) {
+        let r = match result {
+            Ok(_) => Ok(sent.elapsed()),
+            Err((e, _)) => Err(e.to_string()),
+        };
+        if let Ok(mut v) = self.0.lock() {
+            v.push(r);
+        }
+    }
+}
+
+/// librdkafka's C interface alone: this thread produces each burst when it is due and serves
+/// delivery reports (`rd_kafka_poll`) while it waits for the next.
+fn base_floor(
+    cfg: rdkafka::ClientConfig,
+    topic: &str,
+    records: &[(String, String, String)],
+    rate: u64,
+    per_burst: usize,
+) -> anyhow::Result<(f64, f64, Vec<Duration>)> {
+    let producer: rdkafka::producer::BaseProducer<Reports> =
+        cfg.create_with_context(Reports(std::sync::Mutex::new(Vec::new())))?;
+    let reports = |p: &rdkafka::producer::BaseProducer<Reports>| {
+        p.context().0.lock().map(|v| v.len()).unwrap_or(0)
+    };
+    // Warm-up: one record acknowledged before timing starts.
+    producer
+        .send(
+            rdkafka::producer::BaseRecord::with_opaque_to(topic, Box::new(Instant::now()))
+                .key("warm-up")
+                .payload("warm-up"),
+        )
+        .map_err(|(e, _)| anyhow::anyhow!("not queued: {e}"))?;
+    while reports(&producer) == 0 {
+        producer.poll(Duration::from_millis(100));
+    }
+    producer
+        .context()
+        .0
+        .lock()
+        .map_err(|_| anyhow::anyhow!("poisoned"))?
+        .clear();
+    let pid = std::process::id();
+    let (cpu0, start) = (proc_stats::cpu_secs(pid).unwrap_or(0.0), Instant::now());
+    for (b, burst) in records.chunks(per_burst).enumerate() {
+        if let Some(due) = due(start, b, per_burst, rate) {
+            loop {
+                let now = Instant::now();
+                if now >= due {
+                    break;
+                }
+                // poll's timeout is whole milliseconds: less than one would spin.
+                if due - now < Duration::from_millis(1) {
+                    std::thread::sleep(due - now);
+                    producer.poll(Duration::ZERO);
+                } else {
+                    producer.poll(due - now);
+                }
+            }
+        }
+        for (id, key, payload) in burst {
+            let headers = OwnedHeaders::new().insert(Header {
+                key: "id",
+                value: Some(id.as_str()),
+            });
+            let record =
+                rdkafka::producer::BaseRecord::with_opaque_to(topic, Box::new(Instant::now()))
+                    .key(key.as_str())
+                    .payload(payload.as_str())
+                    .headers(headers);
+            producer
+                .send(record)
+                .map_err(|(e, _)| anyhow::anyhow!("not queued: {e}"))?;
+        }
+    }
+    while reports(&producer) < records.len() {
+        producer.poll(Duration::from_millis(100));
+    }
+    let cpu = proc_stats::cpu_secs(pid).unwrap_or(0.0) - cpu0;
+    let elapsed = start.elapsed().as_secs_f64();
+    let taken = std::mem::take(
+        &mut *producer
+            .context()
+            .0
+            .lock()
+            .map_err(|_| anyhow::anyhow!("poisoned"))?,
+    );
+    let latencies = taken
+        .into_iter()
+        .map(|r| r.map_err(|e| anyhow::anyhow!("not delivered: {e}")))
+        .collect::<anyhow::Result<_>>()?;
+    Ok((elapsed, cpu, latencies))
+}
+
+async fn next<S: futures_util::Stream + Unpin>(s: &mut S) -> Option<S::Item> {
+    futures_util::StreamExt::next(s).await
+}
+
+/// One record as the relay sends it: key, `id` header, JSON payload; resolves on its report.
+fn send(
+    producer: &FutureProducer,
+    topic: &str,
+    id: &str,
+    key: &str,
+    payload: &str,
+) -> impl std::future::Future<Output = anyhow::Result<()>> {
+    let headers = OwnedHeaders::new().insert(Header {
+        key: "id",
+        value: Some(id),
+    });
+    let record = FutureRecord::to(topic)
+        .key(key)
+        .payload(payload)
+        .headers(headers);
+    let queued = producer.send_result(record).map_err(|(e, _)| e);
+    async move {
+        match queued?.await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err((e, _))) => Err(anyhow::anyhow!("not delivered: {e}")),
+            Err(_) => Err(anyhow::anyhow!("report channel closed")),
+        }
+    }
+}
