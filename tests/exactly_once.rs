@@ -247,9 +247,10 @@ fn signal(relay: &Relay, sig: &str) {
 
 /// Two instances with the same `transactional.id`: the leader is paused (SIGSTOP) with a
 /// Kafka transaction open, the standby takes over (its producer fences the paused one), and
-/// the old leader is resumed: it must not publish anything, twice or at all.
+/// the old leader is resumed: it must not publish anything, twice or at all, and must go back
+/// to waiting as standby.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn paused_leader_resumed_after_a_standby_took_over_is_fenced_and_publishes_nothing_twice() {
+async fn paused_leader_resumed_after_a_standby_took_over_publishes_nothing_twice_and_stands_by() {
     let brokers = kafka_brokers();
     // A short stream timeout: PostgreSQL drops the paused leader's walsender quickly.
     let extra =
@@ -303,13 +304,19 @@ async fn paused_leader_resumed_after_a_standby_took_over_is_fenced_and_publishes
     assert_each_once(&written, &after);
     b.assert_running();
     a.assert_running();
+    // On waking, the old leader meets whichever comes first: Kafka's fence (its commit or next
+    // send refused — the usual route) or, when a check of PostgreSQL was in flight at the
+    // pause, that check's deadline long past (seen once in a fresh-clone run: "PostgreSQL did
+    // not answer within 3 s"). Either way its session ends, its transaction stays aborted,
+    // and it finds the slot held: it waits as standby and publishes nothing (checked above).
     let log = a.log_text();
-    let fenced = log
+    let woke = log
         .find("fenced by another instance")
-        .unwrap_or_else(|| panic!("the old leader was not fenced: {log}"));
+        .or_else(|| log.find("relay interrupted; retrying"))
+        .unwrap_or_else(|| panic!("the old leader was neither fenced nor interrupted: {log}"));
     assert!(
-        log[fenced..].contains("waiting as standby"),
-        "the fenced leader left leadership: {log}"
+        log[woke..].contains("waiting as standby"),
+        "the old leader did not leave leadership: {log}"
     );
 }
 
