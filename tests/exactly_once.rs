@@ -304,14 +304,17 @@ async fn paused_leader_resumed_after_a_standby_took_over_publishes_nothing_twice
     assert_each_once(&written, &after);
     b.assert_running();
     a.assert_running();
-    // On waking, the old leader meets whichever comes first: Kafka's fence (its commit or next
-    // send refused — the usual route) or, when a check of PostgreSQL was in flight at the
-    // pause, that check's deadline long past (seen once in a fresh-clone run: "PostgreSQL did
-    // not answer within 3 s"). Either way its session ends, its transaction stays aborted,
-    // and it finds the slot held: it waits as standby and publishes nothing (checked above).
+    // On waking, the old leader meets whichever comes first: Kafka's fence on its commit
+    // ("fenced by another instance"), Kafka refusing the records it read from its socket
+    // buffer with a stale epoch (reported as a failed delivery: "InvalidProducerEpoch"), or,
+    // when a check of PostgreSQL was in flight at the pause, that check's deadline long past
+    // ("PostgreSQL did not answer within 3 s") — each seen in fresh-clone runs. Every route
+    // ends its session with its transaction aborted; it finds the slot held, waits as standby
+    // and publishes nothing (checked above).
     let log = a.log_text();
     let woke = log
         .find("fenced by another instance")
+        .or_else(|| log.find("InvalidProducerEpoch"))
         .or_else(|| log.find("relay interrupted; retrying"))
         .unwrap_or_else(|| panic!("the old leader was neither fenced nor interrupted: {log}"));
     assert!(
