@@ -83,15 +83,7 @@ pub async fn run(cfg: Config, mut stop: watch::Receiver<bool>, health: Arc<Healt
     metrics::gauge!(m::SINK_INFO, "sink" => cfg.sink.as_str(), "delivery" => delivery).set(1.0);
     let exactly_once = cfg.kafka.delivery == crate::config::Delivery::ExactlyOnce;
     let tracer = crate::trace::Tracer::start(cfg.tracing.as_ref(), cfg.sink, exactly_once)?;
-    let result = sessions(
-        &cfg,
-        &router,
-        &mut stop,
-        &health,
-        exactly_once,
-        tracer.as_ref(),
-    )
-    .await;
+    let result = sessions(&cfg, &router, &mut stop, &health, tracer.as_ref()).await;
     if let Some(tracer) = &tracer {
         // Spans of what was delivered before the stop; bounded, so a dead collector never
         // holds the exit.
@@ -107,7 +99,6 @@ async fn sessions(
     router: &Router,
     stop: &mut watch::Receiver<bool>,
     health: &Arc<Health>,
-    exactly_once: bool,
     tracer: Option<&Arc<crate::trace::Tracer>>,
 ) -> Result<()> {
     let mut backoff = Backoff::new(&cfg.retry);
@@ -143,7 +134,6 @@ async fn sessions(
             },
         };
         health.set_role(Role::Starting);
-        let result = result.map_err(|e| fenced_delivery(e, exactly_once));
         match result {
             Ok(()) => return Ok(()),
             // Stopping: acknowledged work that could not be confirmed is the exit status
@@ -201,51 +191,5 @@ async fn sessions(
                 return Err(e);
             }
         }
-    }
-}
-
-/// Exactly-once: a delivery refused because the producer's epoch is stale means another
-/// instance initialised the same `transactional.id` — it was fenced, as much as a refused
-/// commit says so (which one the relay meets first is timing). Said and handled as fencing
-/// (leave leadership, no lesson about the record), not as a failed delivery.
-fn fenced_delivery(e: Error, exactly_once: bool) -> Error {
-    match e {
-        Error::Delivery { code, message, .. }
-            if exactly_once
-                && matches!(
-                    code.as_str(),
-                    "InvalidProducerEpoch" | "ProducerFenced" | "Fenced"
-                ) =>
-        {
-            Error::Fenced(message)
-        }
-        other => other,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_delivery_refused_for_a_stale_epoch_is_fencing_only_in_exactly_once_mode() {
-        let refused = |code: &str| Error::Delivery {
-            event_id: None,
-            code: code.into(),
-            message: "old epoch".into(),
-            others_acked: true,
-        };
-        assert!(matches!(
-            fenced_delivery(refused("InvalidProducerEpoch"), true),
-            Error::Fenced(_)
-        ));
-        assert!(matches!(
-            fenced_delivery(refused("InvalidProducerEpoch"), false),
-            Error::Delivery { .. }
-        ));
-        assert!(matches!(
-            fenced_delivery(refused("InvalidTimestamp"), true),
-            Error::Delivery { .. }
-        ));
     }
 }

@@ -10,7 +10,7 @@ use crate::sink::{Class, Refusal};
 /// Why a delivery did not succeed (see `sink::classify`).
 pub enum Failure {
     /// About the cluster or the connection: resend from the confirmed position, forever.
-    Cluster(String),
+    Cluster { code: String, message: String },
     /// About the record or the cluster: resend; the relay counts repeats of the same record.
     Unclear {
         id: Option<String>,
@@ -30,11 +30,28 @@ pub enum Failure {
     },
 }
 
+/// Kafka's codes for a producer whose epoch another instance's `init_transactions` replaced.
+fn is_fencing(code: &str) -> bool {
+    matches!(code, "InvalidProducerEpoch" | "ProducerFenced" | "Fenced")
+}
+
 /// The error that ends a session for a failure that is not the record's own.
-pub(super) fn failure_error(failure: Failure, others_acked: bool) -> Error {
+///
+/// Exactly-once (`transactional`): a record refused because the producer's epoch is stale
+/// means another instance initialised the same `transactional.id` — this one was fenced, as
+/// much as a refused commit says so (which the relay meets first is timing). It is said and
+/// handled as fencing (leave leadership, no lesson about the record), not as a failed
+/// delivery. In at-least-once mode the same code is the idempotent producer's own state,
+/// which a fresh producer resumes: retried like any cluster failure.
+pub(super) fn failure_error(failure: Failure, others_acked: bool, transactional: bool) -> Error {
     match failure {
-        Failure::Cluster(reason) => Error::Publish(format!(
-            "delivery failed, resending from the last confirmed position: {reason}"
+        Failure::Cluster { code, message } if transactional && is_fencing(&code) => {
+            Error::Fenced(format!(
+                "a delivery was refused with {code}, another instance holds the producer: {message}"
+            ))
+        }
+        Failure::Cluster { message, .. } => Error::Publish(format!(
+            "delivery failed, resending from the last confirmed position: {message}"
         )),
         Failure::Unclear {
             id,
@@ -132,7 +149,10 @@ pub(super) fn failure(
                 answered: false,
             },
         },
-        Class::Cluster => Failure::Cluster(message),
+        Class::Cluster => Failure::Cluster {
+            code: refusal.code,
+            message,
+        },
         Class::Unclear | Class::Absent => Failure::Unclear {
             id,
             code: refusal.code,
@@ -157,7 +177,7 @@ mod tests {
 
     fn others_acked(class: Class) -> Option<bool> {
         let f = failure(refusal(class), Seen::Send, Some("e-1".into()), "q", None);
-        match failure_error(f, false) {
+        match failure_error(f, false, false) {
             Error::Delivery { others_acked, .. } => Some(others_acked),
             _ => None,
         }
@@ -170,5 +190,30 @@ mod tests {
     fn an_absent_destination_counts_toward_retries_even_when_nothing_else_was_acked() {
         assert_eq!(others_acked(Class::Absent), Some(true));
         assert_eq!(others_acked(Class::Unclear), Some(false));
+    }
+
+    /// Issue found in a fresh-clone run: the fencing codes are in the cluster class, so a
+    /// fenced exactly-once producer's refused delivery was logged as "publishing failed" and
+    /// counted as a publish retry, never as fencing.
+    #[test]
+    fn a_delivery_refused_for_a_stale_epoch_is_fencing_only_in_exactly_once_mode() {
+        let ended = |code: &str, transactional: bool| {
+            let refused = Refusal {
+                class: Class::Cluster,
+                code: code.into(),
+                detail: "old epoch".into(),
+                alone: false,
+            };
+            let f = failure(refused, Seen::InBatch, Some("e-1".into()), "t", None);
+            failure_error(f, true, transactional)
+        };
+        for code in ["InvalidProducerEpoch", "ProducerFenced", "Fenced"] {
+            assert!(matches!(ended(code, true), Error::Fenced(_)), "{code}");
+            assert!(matches!(ended(code, false), Error::Publish(_)), "{code}");
+        }
+        assert!(matches!(
+            ended("NotLeaderForPartition", true),
+            Error::Publish(_)
+        ));
     }
 }

@@ -388,7 +388,7 @@ where
                             )
                             .await
                         }
-                        other => Err(failure_error(other, self.acked > 0)),
+                        other => Err(failure_error(other, self.acked > 0, self.transactional)),
                     };
                 }
             }
@@ -462,7 +462,7 @@ where
                         Err(_) => break,
                     }
                 }
-                Err(failure_error(other, others_acked))
+                Err(failure_error(other, others_acked, self.transactional))
             }
             Err(Failure::Suspect { id, poison }) => {
                 // Which records of the refused batch failed? Every one is a suspect, so the
@@ -486,7 +486,7 @@ where
                     }
                 }
                 let n = suspects.len();
-                match failure_error(Failure::Suspect { id, poison }, false) {
+                match failure_error(Failure::Suspect { id, poison }, false, self.transactional) {
                     Error::Suspect { message, .. } => Err(Error::Suspect {
                         message: format!("{message} (with {} more of its batch)", n - 1),
                         event_ids: suspects,
@@ -494,7 +494,7 @@ where
                     other => Err(other),
                 }
             }
-            Err(other) => Err(failure_error(other, false)),
+            Err(other) => Err(failure_error(other, false, self.transactional)),
         }
     }
 }
