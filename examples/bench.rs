@@ -18,6 +18,8 @@
 
 #[path = "support/fresh.rs"]
 mod fresh;
+#[path = "support/latency.rs"]
+mod latency;
 #[path = "support/proc.rs"]
 mod proc_stats;
 #[path = "support/relay.rs"]
@@ -412,16 +414,7 @@ async fn main() -> anyhow::Result<()> {
                     Some((arr.at[i]?.saturating_duration_since(commits[i]?)).as_secs_f64() * 1000.0)
                 })
                 .collect();
-            lat.sort_by(|a, b| a.total_cmp(b));
-            let pct = |p: f64| lat[((lat.len() as f64 - 1.0) * p).round() as usize];
-            println!(
-                "latency commit → consumed: p50 {:.1} ms, p90 {:.1} ms, p99 {:.1} ms, max {:.1} ms ({} samples)",
-                pct(0.50),
-                pct(0.90),
-                pct(0.99),
-                pct(1.0),
-                lat.len()
-            );
+            println!("latency commit → consumed: {}", latency::summary(&mut lat));
         }
         Mode::Backlog => {
             let secs = (last_arrival - relay_start).as_secs_f64();

@@ -9,6 +9,8 @@
 //! process (the records are built before timing starts). Run it with `scripts/bench.sh
 //! --librdkafka --rate 10000 --events 200000`.
 
+#[path = "support/latency.rs"]
+mod latency;
 #[path = "support/proc.rs"]
 mod proc_stats;
 
@@ -60,7 +62,6 @@ async fn main() -> anyhow::Result<()> {
     )?;
     let config = outboxd::config::Config::load(Some(&file)).map_err(|e| anyhow::anyhow!("{e}"))?;
     std::fs::remove_dir_all(&dir)?;
-    let producer: FutureProducer = outboxd::sink::kafka::client_config(&config.kafka).create()?;
     let topic = format!("librdkafka_floor_{}", std::process::id());
     // Three partitions, as the broker's default gives the bench's relay-created topic.
     let admin: AdminClient<DefaultClientContext> =
@@ -90,13 +91,14 @@ async fn main() -> anyhow::Result<()> {
 
     let pid = std::process::id();
     let per_burst = args.txn_size.max(1) as usize;
-    let (elapsed, cpu, mut latencies) = if args.base {
-        drop(producer);
+    let (elapsed, cpu, latencies) = if args.base {
         let cfg = outboxd::sink::kafka::client_config(&config.kafka);
         let (topic, rate) = (topic.clone(), args.rate);
         tokio::task::spawn_blocking(move || base_floor(cfg, &topic, &records, rate, per_burst))
             .await??
     } else {
+        let producer: FutureProducer =
+            outboxd::sink::kafka::client_config(&config.kafka).create()?;
         // Warm-up: the producer knows the topic's leaders before timing starts.
         let (id, key, payload) = &records[0];
         send(&producer, &topic, id, key, payload)
@@ -107,13 +109,7 @@ async fn main() -> anyhow::Result<()> {
         let cpu = proc_stats::cpu_secs(pid).unwrap_or(0.0) - cpu0;
         (start.elapsed().as_secs_f64(), cpu, latencies)
     };
-    latencies.sort();
-    let pct = |p: f64| {
-        latencies
-            .get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1)))
-            .map(|d| d.as_secs_f64() * 1000.0)
-            .unwrap_or(0.0)
-    };
+    let mut ms: Vec<f64> = latencies.iter().map(|d| d.as_secs_f64() * 1000.0).collect();
     let n = args.events as f64;
     println!(
         "librdkafka alone: {} events, rate {}, {} per burst, payload≈{}B",
@@ -128,9 +124,8 @@ async fn main() -> anyhow::Result<()> {
     );
     println!("throughput: {:.0} events/s ({elapsed:.2} s)", n / elapsed);
     println!(
-        "latency produce → acknowledged: p50 {:.1} ms, p99 {:.1} ms",
-        pct(0.50),
-        pct(0.99)
+        "latency produce → acknowledged: {}",
+        latency::summary(&mut ms)
     );
     println!(
         "librdkafka CPU: {cpu:.2} s = {:.2} CPU-s per 100k events, {:.0} events per CPU-second",
