@@ -306,11 +306,12 @@ async fn paused_leader_resumed_after_a_standby_took_over_publishes_nothing_twice
     a.assert_running();
     // On waking, the old leader meets whichever comes first: Kafka's fence on its commit, or
     // Kafka refusing the records it read from its socket buffer with a stale epoch — both
-    // said as fencing ("fenced by another instance") — or, when a check of PostgreSQL was in
-    // flight at the pause, that check's deadline long past ("PostgreSQL did not answer within
-    // 3 s"), each seen in fresh-clone runs. Every route ends its session with its transaction
-    // aborted; it finds the slot held, waits as standby and publishes nothing (checked above).
-    // A stale epoch is never reported as a failed publish to retry (it once was).
+    // said as fencing ("fenced by another instance") — or PostgreSQL ending a session that
+    // did not answer it during the pause ("relay interrupted"; before the relay told its own
+    // pause from a silent PostgreSQL, a check in flight at the pause also ended this way).
+    // Every route ends its session with its transaction aborted; it finds the slot held, waits
+    // as standby and publishes nothing (checked above). A stale epoch is never reported as a
+    // failed publish to retry (it once was).
     let log = a.log_text();
     assert!(
         !log.lines()

@@ -145,19 +145,40 @@ pub fn tls_problem(text: &str, tls: &tls::TlsSettings, target: &str) -> Option<E
 
 /// `f`, or a transient error if PostgreSQL does not answer within `limit`: a session behind a
 /// dead network path must not hold the relay (or its leadership) forever.
+///
+/// A deadline seen more than [`PAUSED`] after it passed means the relay itself did not run
+/// meanwhile — its process stopped (SIGSTOP, a frozen VM or container, a starved CPU) — and
+/// PostgreSQL's answer may be waiting in the socket, read by a task that has not run yet. It
+/// is awaited once more, for `limit`, instead of the session being torn down and PostgreSQL
+/// blamed for the relay's own pause. Bounded: at most twice `limit` of the relay's running
+/// time, so a dead path still ends the session.
 pub async fn within<T>(
     limit: Duration,
     what: &str,
     f: impl std::future::Future<Output = Result<T>>,
 ) -> Result<T> {
-    match tokio::time::timeout(limit, f).await {
-        Ok(r) => r,
-        Err(_) => Err(Error::Timeout(format!(
-            "{what}: PostgreSQL did not answer within {} s (postgres.stream_timeout_ms)",
-            limit.as_secs()
-        ))),
+    let started = tokio::time::Instant::now();
+    let mut f = std::pin::pin!(f);
+    match tokio::time::timeout(limit, &mut f).await {
+        Ok(r) => return r,
+        Err(_) => {
+            let late = started.elapsed().saturating_sub(limit);
+            if late > PAUSED {
+                tracing::warn!(what, late_ms = late.as_millis() as u64, "the relay did not run for a while (a stopped process, a frozen VM, a starved CPU); waiting once more for PostgreSQL's answer");
+                if let Ok(r) = tokio::time::timeout(limit, f).await {
+                    return r;
+                }
+            }
+        }
     }
+    Err(Error::Timeout(format!(
+        "{what}: PostgreSQL did not answer within {} s (postgres.stream_timeout_ms)",
+        limit.as_secs()
+    )))
 }
+
+/// How late a deadline must be seen to say the relay, not PostgreSQL, stopped.
+const PAUSED: Duration = Duration::from_secs(1);
 
 /// Connects, spawning the connection task. `application_name` shows in `pg_stat_activity`.
 pub async fn connect(url: &str, application_name: &str) -> Result<Client> {
@@ -250,4 +271,42 @@ pub async fn pipeline_identity(client: &Client, name: &str) -> Result<(String, u
     let (sysid, db, lsn): (String, String, String) = (row.get(0), row.get(1), row.get(2));
     let lsn = crate::lsn::parse_lsn(&lsn).unwrap_or(0);
     Ok((format!("outboxd-{sysid}-{db}-{name}"), lsn))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The relay's own process stopped (SIGSTOP, a frozen VM, a starved CPU) while it waited
+    /// on PostgreSQL: its deadline passes while nothing of it runs. The answer, which may be
+    /// waiting in the socket, is awaited once more instead of the session being torn down
+    /// with "PostgreSQL did not answer" — PostgreSQL was not the one that stopped.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_deadline_passed_while_the_relay_itself_was_paused_is_not_blamed_on_postgresql() {
+        let limit = Duration::from_millis(100);
+        // The answer comes from another task (as tokio-postgres's connection task reads it
+        // from the socket), run after the pause only when the deadline was already seen.
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            // Nothing of the runtime runs for 1.2 s, as if the process were stopped.
+            std::thread::sleep(Duration::from_millis(1200));
+            tokio::task::yield_now().await;
+            let _ = tx.send(7);
+        });
+        let answer = async { rx.await.map_err(|_| Error::Timeout("sender gone".into())) };
+        assert_eq!(within(limit, "reading", answer).await.ok(), Some(7));
+    }
+
+    /// A dead path still ends at the deadline: nothing is waited for twice when the relay ran.
+    #[tokio::test(flavor = "current_thread")]
+    async fn postgresql_silent_past_the_deadline_is_a_timeout() {
+        let limit = Duration::from_millis(100);
+        let started = std::time::Instant::now();
+        let never = std::future::pending::<Result<()>>();
+        assert!(matches!(
+            within(limit, "reading", never).await,
+            Err(Error::Timeout(_))
+        ));
+        assert!(started.elapsed() < Duration::from_millis(1000));
+    }
 }
