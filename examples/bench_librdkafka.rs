@@ -40,6 +40,12 @@ struct Args {
     /// bursts, no async runtime, no futures): the floor of the library itself.
     #[arg(long)]
     base: bool,
+    /// The same `BaseProducer`, its delivery reports served on the tokio runtime: librdkafka
+    /// writes to a pipe when reports wait (`rd_kafka_queue_io_event_enable`), the reactor wakes
+    /// the producing task, which serves them — no polling thread, no future per record. What
+    /// the relay's delivery path could spend if it were built that way.
+    #[arg(long, conflicts_with = "base")]
+    io_event: bool,
     /// Extra TOML inside `[kafka]` (e.g. "linger.ms" under `[kafka.properties]`).
     #[arg(long, default_value = "")]
     extra_config: String,
@@ -91,11 +97,16 @@ async fn main() -> anyhow::Result<()> {
 
     let pid = std::process::id();
     let per_burst = args.txn_size.max(1) as usize;
-    let (elapsed, cpu, latencies) = if args.base {
+    let (elapsed, cpu, latencies) = if args.io_event {
+        let cfg = outboxd::sink::kafka::client_config(&config.kafka);
+        io_floor(cfg, &Load::new(&topic, &records, args.rate, per_burst)).await?
+    } else if args.base {
         let cfg = outboxd::sink::kafka::client_config(&config.kafka);
         let (topic, rate) = (topic.clone(), args.rate);
-        tokio::task::spawn_blocking(move || base_floor(cfg, &topic, &records, rate, per_burst))
-            .await??
+        tokio::task::spawn_blocking(move || {
+            base_floor(cfg, &Load::new(&topic, &records, rate, per_burst))
+        })
+        .await??
     } else {
         let producer: FutureProducer =
             outboxd::sink::kafka::client_config(&config.kafka).create()?;
@@ -194,37 +205,106 @@ impl rdkafka::producer::ProducerContext for Reports {
     }
 }
 
+type Base = rdkafka::producer::BaseProducer<Reports>;
+
+fn base_producer(cfg: rdkafka::ClientConfig) -> anyhow::Result<Base> {
+    Ok(cfg.create_with_context(Reports(std::sync::Mutex::new(Vec::new())))?)
+}
+
+/// How many reports have come back.
+fn reports(p: &Base) -> usize {
+    p.context().0.lock().map(|v| v.len()).unwrap_or(0)
+}
+
+/// One record as the relay sends it (key, `id` header, payload), its send time as opaque.
+fn base_record<'a>(
+    topic: &'a str,
+    (id, key, payload): &'a (String, String, String),
+) -> rdkafka::producer::BaseRecord<'a, str, str, Box<Instant>> {
+    rdkafka::producer::BaseRecord::with_opaque_to(topic, Box::new(Instant::now()))
+        .key(key.as_str())
+        .payload(payload.as_str())
+        .headers(OwnedHeaders::new().insert(Header {
+            key: "id",
+            value: Some(id.as_str()),
+        }))
+}
+
+/// Queues `record`; a refusal ends the benchmark.
+fn enqueue<'a>(
+    producer: &Base,
+    record: rdkafka::producer::BaseRecord<'a, str, str, Box<Instant>>,
+) -> anyhow::Result<()> {
+    producer
+        .send(record)
+        .map_err(|(e, _)| anyhow::anyhow!("not queued: {e}"))
+}
+
+/// The warm-up record: acknowledged before timing starts, so the producer knows the leaders.
+fn warm_up_record(topic: &str) -> rdkafka::producer::BaseRecord<'_, str, str, Box<Instant>> {
+    rdkafka::producer::BaseRecord::with_opaque_to(topic, Box::new(Instant::now()))
+        .key("warm-up")
+        .payload("warm-up")
+}
+
+/// The reports collected so far, taken out; one failed delivery ends the benchmark.
+fn take_reports(producer: &Base) -> anyhow::Result<Vec<Duration>> {
+    let taken = std::mem::take(
+        &mut *producer
+            .context()
+            .0
+            .lock()
+            .map_err(|_| anyhow::anyhow!("poisoned"))?,
+    );
+    taken
+        .into_iter()
+        .map(|r| r.map_err(|e| anyhow::anyhow!("not delivered: {e}")))
+        .collect()
+}
+
+/// What to produce, and how fast: the bench's records at its rate, in its bursts.
+#[derive(Clone, Copy)]
+struct Load<'a> {
+    topic: &'a str,
+    records: &'a [(String, String, String)],
+    rate: u64,
+    per_burst: usize,
+}
+
+impl<'a> Load<'a> {
+    fn new(
+        topic: &'a str,
+        records: &'a [(String, String, String)],
+        rate: u64,
+        per_burst: usize,
+    ) -> Self {
+        Load {
+            topic,
+            records,
+            rate,
+            per_burst,
+        }
+    }
+}
+
 /// librdkafka's C interface alone: this thread produces each burst when it is due and serves
 /// delivery reports (`rd_kafka_poll`) while it waits for the next.
 fn base_floor(
     cfg: rdkafka::ClientConfig,
-    topic: &str,
-    records: &[(String, String, String)],
-    rate: u64,
-    per_burst: usize,
+    load: &Load<'_>,
 ) -> anyhow::Result<(f64, f64, Vec<Duration>)> {
-    let producer: rdkafka::producer::BaseProducer<Reports> =
-        cfg.create_with_context(Reports(std::sync::Mutex::new(Vec::new())))?;
-    let reports = |p: &rdkafka::producer::BaseProducer<Reports>| {
-        p.context().0.lock().map(|v| v.len()).unwrap_or(0)
-    };
-    // Warm-up: one record acknowledged before timing starts.
-    producer
-        .send(
-            rdkafka::producer::BaseRecord::with_opaque_to(topic, Box::new(Instant::now()))
-                .key("warm-up")
-                .payload("warm-up"),
-        )
-        .map_err(|(e, _)| anyhow::anyhow!("not queued: {e}"))?;
+    let Load {
+        topic,
+        records,
+        rate,
+        per_burst,
+    } = *load;
+    let producer = base_producer(cfg)?;
+    enqueue(&producer, warm_up_record(topic))?;
     while reports(&producer) == 0 {
         producer.poll(Duration::from_millis(100));
     }
-    producer
-        .context()
-        .0
-        .lock()
-        .map_err(|_| anyhow::anyhow!("poisoned"))?
-        .clear();
+    take_reports(&producer)?;
     let pid = std::process::id();
     let (cpu0, start) = (proc_stats::cpu_secs(pid).unwrap_or(0.0), Instant::now());
     for (b, burst) in records.chunks(per_burst).enumerate() {
@@ -243,37 +323,105 @@ fn base_floor(
                 }
             }
         }
-        for (id, key, payload) in burst {
-            let headers = OwnedHeaders::new().insert(Header {
-                key: "id",
-                value: Some(id.as_str()),
-            });
-            let record =
-                rdkafka::producer::BaseRecord::with_opaque_to(topic, Box::new(Instant::now()))
-                    .key(key.as_str())
-                    .payload(payload.as_str())
-                    .headers(headers);
-            producer
-                .send(record)
-                .map_err(|(e, _)| anyhow::anyhow!("not queued: {e}"))?;
+        for record in burst {
+            enqueue(&producer, base_record(topic, record))?;
         }
     }
     while reports(&producer) < records.len() {
         producer.poll(Duration::from_millis(100));
     }
     let cpu = proc_stats::cpu_secs(pid).unwrap_or(0.0) - cpu0;
-    let elapsed = start.elapsed().as_secs_f64();
-    let taken = std::mem::take(
-        &mut *producer
-            .context()
-            .0
-            .lock()
-            .map_err(|_| anyhow::anyhow!("poisoned"))?,
-    );
-    let latencies = taken
-        .into_iter()
-        .map(|r| r.map_err(|e| anyhow::anyhow!("not delivered: {e}")))
-        .collect::<anyhow::Result<_>>()?;
+    Ok((start.elapsed().as_secs_f64(), cpu, take_reports(&producer)?))
+}
+
+/// `--io-event`: one task on the runtime produces each burst when it is due and serves the
+/// delivery reports whenever librdkafka signals, through a pipe the reactor watches, that
+/// some wait.
+async fn io_floor(
+    cfg: rdkafka::ClientConfig,
+    load: &Load<'_>,
+) -> anyhow::Result<(f64, f64, Vec<Duration>)> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use tokio::io::unix::AsyncFd;
+
+    let producer = base_producer(cfg)?;
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 writes two descriptors into the array it is given.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
+        anyhow::bail!("pipe2: {}", std::io::Error::last_os_error());
+    }
+    // SAFETY: both descriptors were just created and are owned here alone.
+    let (read_end, write_end) =
+        unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    let rk = rdkafka::client::Client::native_ptr(producer.client());
+    // SAFETY: the main queue of a live client; the write end outlives the producer (dropped
+    // after it, below); the payload is a static byte.
+    let queue = unsafe { rdkafka::bindings::rd_kafka_queue_get_main(rk) };
+    unsafe {
+        rdkafka::bindings::rd_kafka_queue_io_event_enable(
+            queue,
+            write_end.as_raw_fd(),
+            b"1".as_ptr().cast(),
+            1,
+        )
+    };
+    // SAFETY: an OwnedFd stays open and returns the same descriptor while the AsyncFd owns it.
+    let signal = unsafe { AsyncFd::register(read_end) }
+        .map_err(|e| anyhow::anyhow!("registering the report pipe: {e}"))?;
+    let waiting = || unsafe { rdkafka::bindings::rd_kafka_queue_length(queue) };
+    let serve = |p: &Base| {
+        while waiting() > 0 {
+            p.poll(Duration::ZERO);
+        }
+    };
+    let mut drain = [0u8; 64];
+    let wait_signal = async |drain: &mut [u8]| -> anyhow::Result<()> {
+        let mut guard = signal.readable().await?;
+        // SAFETY: reading into a buffer of the given length from a descriptor we own.
+        while unsafe {
+            libc::read(
+                guard.get_inner().as_raw_fd(),
+                drain.as_mut_ptr().cast(),
+                drain.len(),
+            )
+        } > 0
+        {}
+        guard.clear_ready();
+        Ok(())
+    };
+    enqueue(&producer, warm_up_record(load.topic))?;
+    while reports(&producer) == 0 {
+        tokio::time::timeout(Duration::from_millis(100), wait_signal(&mut drain))
+            .await
+            .ok();
+        serve(&producer);
+    }
+    take_reports(&producer)?;
+    let pid = std::process::id();
+    let (cpu0, start) = (proc_stats::cpu_secs(pid).unwrap_or(0.0), Instant::now());
+    let mut bursts = load.records.chunks(load.per_burst).enumerate().peekable();
+    while bursts.peek().is_some() || reports(&producer) < load.records.len() {
+        let due = bursts
+            .peek()
+            .map(|(b, _)| due(start, *b, load.per_burst, load.rate).unwrap_or(start));
+        tokio::select! {
+            _ = tokio::time::sleep_until(due.unwrap_or(start).into()), if due.is_some() => {
+                if let Some((_, burst)) = bursts.next() {
+                    for record in burst {
+                        enqueue(&producer, base_record(load.topic, record))?;
+                    }
+                }
+            }
+            r = wait_signal(&mut drain) => r?,
+        }
+        serve(&producer);
+    }
+    let cpu = proc_stats::cpu_secs(pid).unwrap_or(0.0) - cpu0;
+    let (elapsed, latencies) = (start.elapsed().as_secs_f64(), take_reports(&producer)?);
+    // SAFETY: the handle from rd_kafka_queue_get_main, released once, before the client.
+    unsafe { rdkafka::bindings::rd_kafka_queue_destroy(queue) };
+    drop(producer);
+    drop(write_end);
     Ok((elapsed, cpu, latencies))
 }
 

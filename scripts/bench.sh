@@ -26,11 +26,14 @@
 #   scripts/bench.sh --tracing [args]              the same workload, every event with a sampled
 #                                                  traceparent, twice in one run: [tracing] off,
 #                                                  then on (spans to a Jaeger started first)
-#   scripts/bench.sh --librdkafka [--rate N --events N --txn-size N]
+#   scripts/bench.sh --librdkafka [--base | --io-event] [--rate N --events N --txn-size N]
 #                                                  librdkafka alone, configured as the relay
 #                                                  configures it, producing the bench's records:
 #                                                  the floor under the relay's Kafka side
-#                                                  (examples/bench_librdkafka.rs)
+#                                                  (examples/bench_librdkafka.rs): through
+#                                                  FutureProducer on tokio (as the relay), its
+#                                                  C interface on one thread (--base), or reports
+#                                                  served on the runtime via a pipe (--io-event)
 #   scripts/bench.sh --cdc [--compare debezium] [args]
 #                                                  table CDC: a 10-column table, insert/update/
 #                                                  delete mix (examples/bench_cdc.rs); the same
