@@ -34,8 +34,13 @@ impl Rig {
         let db = TestDb::new(prefix).await;
         let queue_url = eventbridge_bus_with_queue(&moto.url, &format!("{}-order", db.name)).await;
         let dlq_url = eventbridge_bus_with_queue(&moto.url, &format!("{}-dlq", db.name)).await;
+        // moto passes ~10 events a second through a rule, one request at a time (Python's
+        // lock): beside the whole suite on 2 cores, 8 lanes' requests took over the default
+        // 10 s, each session ended at its first timeout and resent its window, and a 6 s
+        // writer's 51 events were not through in 90 s (a full run, 2026-12-07). The bound is
+        // moto's, not the relay's: give each request 30 s.
         let sink = format!(
-            "[sink]\nkind = \"eventbridge\"\n\n[aws]\nregion = \"us-east-1\"\nendpoint_url = \"{url}\"\n\n\
+            "[sink]\nkind = \"eventbridge\"\n\n[aws]\nregion = \"us-east-1\"\nendpoint_url = \"{url}\"\nrequest_timeout_ms = 30000\n\n\
              [eventbridge]\nevent_bus = \"{db}-{{aggregatetype}}\"\ndead_letter_event_bus = \"{db}-dlq\"\n",
             url = moto.url,
             db = db.name,
