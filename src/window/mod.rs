@@ -388,11 +388,17 @@ where
                             )
                             .await
                         }
-                        other => Err(failure_error(other, self.acked > 0, self.transactional)),
+                        other => Err(self.ended(other, self.acked > 0)),
                     };
                 }
             }
         }
+    }
+
+    /// The error that ends the session for `failure` (`failure::failure_error`, told whether
+    /// records travel in Kafka transactions, where a stale epoch means fenced).
+    fn ended(&self, failure: Failure, others_acked: bool) -> Error {
+        failure_error(failure, others_acked, self.transactional)
     }
 
     /// The sink did not `what` the record of event `id` within `limit`: a client that waits
@@ -462,7 +468,7 @@ where
                         Err(_) => break,
                     }
                 }
-                Err(failure_error(other, others_acked, self.transactional))
+                Err(self.ended(other, others_acked))
             }
             Err(Failure::Suspect { id, poison }) => {
                 // Which records of the refused batch failed? Every one is a suspect, so the
@@ -486,7 +492,7 @@ where
                     }
                 }
                 let n = suspects.len();
-                match failure_error(Failure::Suspect { id, poison }, false, self.transactional) {
+                match self.ended(Failure::Suspect { id, poison }, false) {
                     Error::Suspect { message, .. } => Err(Error::Suspect {
                         message: format!("{message} (with {} more of its batch)", n - 1),
                         event_ids: suspects,
@@ -494,7 +500,7 @@ where
                     other => Err(other),
                 }
             }
-            Err(other) => Err(failure_error(other, false, self.transactional)),
+            Err(other) => Err(self.ended(other, false)),
         }
     }
 }
