@@ -5,7 +5,8 @@
 //!
 //! Every change is numbered: inserts and updates write the number into column `seq`; a
 //! delete's number is looked up by the deleted key. Latency is per change, writer's COMMIT
-//! returning → a consumer reading the change event. `--mode backlog` commits every change
+//! returning → a consumer reading the change event, split at the broker's append (the topic
+//! is created first with `message.timestamp.type=LogAppendTime`). `--mode backlog` commits every change
 //! first and measures the drain (Debezium: started first, paused with SIGSTOP meanwhile).
 //! CPU is the relay process's user + system time over the measured span; RSS its peak.
 
@@ -22,13 +23,15 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
 use clap::{Parser, ValueEnum};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::{Message, Offset, TopicPartitionList};
+use rdkafka::{Message, Offset, Timestamp, TopicPartitionList};
 use tokio_postgres::NoTls;
 
 use relay::Relay;
@@ -70,9 +73,14 @@ struct Args {
 struct Book {
     commit: Vec<Option<Instant>>,
     arrival: Vec<Option<Instant>>,
+    /// The record's Kafka timestamp (the topic's LogAppendTime: when the broker appended it)
+    /// to its arrival, in ms: the part of the latency after the broker took the record.
+    after_append: Vec<Option<f64>>,
     /// A deleted key → the delete's change number.
     deletes: HashMap<i64, usize>,
     arrived: u64,
+    /// Value bytes of the records counted (the mean record size).
+    value_bytes: u64,
 }
 
 const TABLE: &str =
@@ -103,8 +111,10 @@ async fn main() -> anyhow::Result<()> {
     let book = Arc::new(Mutex::new(Book {
         commit: vec![None; n as usize + 1],
         arrival: vec![None; n as usize + 1],
+        after_append: vec![None; n as usize + 1],
         deletes: HashMap::new(),
         arrived: 0,
+        value_bytes: 0,
     }));
     let log = std::fs::File::create(dir.join("relay.log"))?;
     let start_relay = || -> anyhow::Result<Relay> {
@@ -120,6 +130,22 @@ async fn main() -> anyhow::Result<()> {
             System::Debezium => debezium(&dir.join("debezium"), &brokers, &port, &db),
         }
     };
+    // The topic up front, stamped by the broker (LogAppendTime), so the latency splits at the
+    // broker; otherwise as either system would create it (the broker's 3 partitions).
+    let topic = format!("{db}.public.bench_cdc");
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .create()?;
+    for r in admin
+        .create_topics(
+            &[NewTopic::new(&topic, 3, TopicReplication::Fixed(1))
+                .set("message.timestamp.type", "LogAppendTime")],
+            &AdminOptions::new(),
+        )
+        .await?
+    {
+        r.map_err(|(t, e)| anyhow::anyhow!("cannot create topic {t}: {e}"))?;
+    }
     // Warm-up change 0 (id 0): the relay streams and the topic exists before timing starts.
     let mut relay = None;
     if args.system == System::Debezium || args.mode == Mode::Live {
@@ -128,7 +154,6 @@ async fn main() -> anyhow::Result<()> {
     client
         .batch_execute("INSERT INTO bench_cdc (id, seq) VALUES (0, 0)")
         .await?;
-    let topic = format!("{db}.public.bench_cdc");
     let consumer = spawn_consumer(brokers.clone(), topic, book.clone(), n)?;
     if relay.is_some() {
         wait_until(&book, Duration::from_secs(120), |b| b.arrival[0].is_some()).await?;
@@ -225,8 +250,9 @@ async fn main() -> anyhow::Result<()> {
         .context("no arrivals")?;
     let insert_secs = (last_commit - first_commit).as_secs_f64();
     println!(
-        "committed: {n} changes in {insert_secs:.2} s ({:.0} changes/s into PostgreSQL)",
-        n as f64 / insert_secs
+        "committed: {n} changes in {insert_secs:.2} s ({:.0} changes/s into PostgreSQL); change events of {} bytes on average",
+        n as f64 / insert_secs,
+        b.value_bytes / b.arrived.max(1)
     );
     match args.mode {
         Mode::Live => {
@@ -246,6 +272,21 @@ async fn main() -> anyhow::Result<()> {
                 })
                 .collect();
             println!("latency commit → consumed: {}", latency::summary(&mut lat));
+            // Split at the broker's LogAppendTime (ms resolution): before it PostgreSQL, the
+            // stream, the relay (or Connect), librdkafka's linger and the produce request;
+            // after it the broker's fetch path and the consumer.
+            let mut after: Vec<f64> = b.after_append[1..].iter().flatten().copied().collect();
+            let mut before: Vec<f64> = (1..=n as usize)
+                .filter_map(|i| {
+                    let total = b.arrival[i]?.saturating_duration_since(b.commit[i]?);
+                    Some(total.as_secs_f64() * 1000.0 - b.after_append[i]?)
+                })
+                .collect();
+            println!(
+                "  commit → appended by the broker (±1 ms): {}",
+                latency::summary(&mut before)
+            );
+            println!("  appended → consumed: {}", latency::summary(&mut after));
         }
         Mode::Backlog => {
             let secs = (last_arrival - relay_start).as_secs_f64();
@@ -277,11 +318,24 @@ fn debezium(dir: &Path, brokers: &str, port: &str, db: &str) -> anyhow::Result<R
 }
 
 /// The change number an event carries: `after.seq`, or for a delete the number recorded for
-/// its key. Tombstones carry none.
-fn change_number(v: &serde_json::Value, book: &Book) -> Option<usize> {
-    match v.get("op")?.as_str()? {
-        "d" => book.deletes.get(&v["before"]["id"].as_i64()?).copied(),
-        _ => v["after"]["seq"].as_u64().map(|s| s as usize),
+/// its key. Tombstones carry none. Only the three fields read are parsed (serde skips the
+/// rest), so the consumer's own cost stays small beside the systems measured.
+fn change_number(payload: &[u8], book: &Book) -> Option<usize> {
+    #[derive(serde::Deserialize)]
+    struct Row {
+        id: Option<i64>,
+        seq: Option<u64>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Change<'a> {
+        op: &'a str,
+        before: Option<Row>,
+        after: Option<Row>,
+    }
+    let v: Change<'_> = serde_json::from_slice(payload).ok()?;
+    match v.op {
+        "d" => book.deletes.get(&v.before?.id?).copied(),
+        _ => v.after?.seq.map(|s| s as usize),
     }
 }
 
@@ -329,18 +383,19 @@ fn spawn_consumer(
                 continue;
             };
             let now = Instant::now();
-            let Some(v) = m
-                .payload()
-                .and_then(|p| serde_json::from_slice::<serde_json::Value>(p).ok())
-            else {
-                continue;
-            };
+            let wall_ms = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs_f64() * 1000.0)
+                .unwrap_or(0.0);
+            let Some(payload) = m.payload() else { continue };
             let Ok(mut b) = book.lock() else { return };
-            if let Some(i) = change_number(&v, &b) {
-                if let Some(slot) = b.arrival.get_mut(i) {
-                    if slot.is_none() {
-                        *slot = Some(now);
-                        b.arrived += 1;
+            if let Some(i) = change_number(payload, &b) {
+                if b.arrival.get(i) == Some(&None) {
+                    b.arrival[i] = Some(now);
+                    b.arrived += 1;
+                    b.value_bytes += payload.len() as u64;
+                    if let Timestamp::LogAppendTime(appended) = m.timestamp() {
+                        b.after_append[i] = Some((wall_ms - appended as f64).max(0.0));
                     }
                 }
             }
