@@ -49,6 +49,23 @@ pub fn classify(code: C, stage: Stage) -> Class {
     }
 }
 
+/// The codes that say another instance's `init_transactions` replaced this producer's epoch:
+/// the broker's `ProducerFenced` and `InvalidProducerEpoch`, and librdkafka's own `Fenced`.
+/// One list for every place that asks — a refused delivery (`crate::window`) and a refused
+/// transactional call (`sink::kafka`) — so the two cannot disagree about what fencing is.
+const FENCING: [C; 3] = [C::ProducerFenced, C::InvalidProducerEpoch, C::Fenced];
+
+/// `code` says another instance fenced this producer (in exactly-once mode; in at-least-once
+/// mode the same codes are the idempotent producer's own state, see the table below).
+pub fn fences(code: C) -> bool {
+    FENCING.contains(&code)
+}
+
+/// [`fences`] for a refusal's code as the Kafka sink writes it (the code's name).
+pub fn fences_named(code: &str) -> bool {
+    FENCING.iter().any(|c| format!("{c:?}") == code)
+}
+
 /// The table. `None` only for codes it does not list (the unit test keeps that empty).
 pub fn table(code: C) -> Option<Class> {
     use Class::{Batchmate, Cluster, Record, Unclear};
@@ -237,6 +254,26 @@ pub fn table(code: C) -> Option<Class> {
 mod tests {
     use super::*;
     use rdkafka::types::RDKafkaRespErr;
+
+    /// Before one list, a refused transactional call knew `ProducerFenced` and
+    /// `InvalidProducerEpoch` but not librdkafka's `Fenced`, which the refused delivery's list
+    /// had: the same fencing read as fencing in one place and as a failure in the other.
+    #[test]
+    fn fencing_is_one_list_read_the_same_by_code_and_by_name() {
+        for code in [C::ProducerFenced, C::InvalidProducerEpoch, C::Fenced] {
+            assert!(fences(code), "{code:?}");
+            assert!(fences_named(&format!("{code:?}")), "{code:?}");
+        }
+        for code in [
+            C::NotLeaderForPartition,
+            C::OutOfOrderSequenceNumber,
+            C::TransactionCoordinatorFenced,
+        ] {
+            assert!(!fences(code), "{code:?}");
+            assert!(!fences_named(&format!("{code:?}")), "{code:?}");
+        }
+        assert!(!fences_named(""));
+    }
 
     #[test]
     fn every_librdkafka_error_code_is_classified_on_purpose() {

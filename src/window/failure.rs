@@ -5,7 +5,7 @@
 use crate::error::Error;
 use crate::metrics as m;
 use crate::route::{Poison, PoisonKind, Record};
-use crate::sink::{Class, Refusal};
+use crate::sink::{classify, Class, Refusal};
 
 /// Why a delivery did not succeed (see `sink::classify`).
 pub enum Failure {
@@ -30,11 +30,6 @@ pub enum Failure {
     },
 }
 
-/// Kafka's codes for a producer whose epoch another instance's `init_transactions` replaced.
-fn is_fencing(code: &str) -> bool {
-    matches!(code, "InvalidProducerEpoch" | "ProducerFenced" | "Fenced")
-}
-
 /// The error that ends a session for a failure that is not the record's own.
 ///
 /// Exactly-once (`transactional`): a record refused because the producer's epoch is stale
@@ -45,7 +40,7 @@ fn is_fencing(code: &str) -> bool {
 /// which a fresh producer resumes: retried like any cluster failure.
 pub(super) fn failure_error(failure: Failure, others_acked: bool, transactional: bool) -> Error {
     match failure {
-        Failure::Cluster { code, message } if transactional && is_fencing(&code) => {
+        Failure::Cluster { code, message } if transactional && classify::fences_named(&code) => {
             Error::Fenced(format!(
                 "a delivery was refused with {code}, another instance holds the producer: {message}"
             ))

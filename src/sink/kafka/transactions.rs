@@ -11,6 +11,7 @@ use rdkafka::producer::Producer;
 use super::{client_config, KafkaSink};
 use crate::config::KafkaConfig;
 use crate::error::{Error, Result};
+use crate::sink::classify;
 
 /// The producer configuration for exactly-once delivery: a transactional producer. A
 /// record that times out fails its transaction (which is then aborted and resent whole), so
@@ -50,6 +51,13 @@ fn txn_error(
     }
 }
 
+/// A transactional call's error says this producer was fenced: a fencing code
+/// (`sink::classify`'s one list), or a transactional error librdkafka calls fatal.
+fn says_fenced(e: &KafkaError) -> bool {
+    e.rdkafka_error_code().is_some_and(classify::fences)
+        || matches!(e, KafkaError::Transaction(r) if r.is_fatal())
+}
+
 impl KafkaSink {
     /// Exactly-once: registers this producer's `transactional.id` with the cluster, which
     /// fences every earlier producer with the same id and aborts its open transaction.
@@ -63,14 +71,10 @@ impl KafkaSink {
 
     /// A transactional operation's error, read together with the producer's fatal error.
     pub(super) fn txn_error(&self, what: &str, e: KafkaError) -> Error {
-        let fenced_code = matches!(
-            e.rdkafka_error_code(),
-            Some(RDKafkaErrorCode::ProducerFenced) | Some(RDKafkaErrorCode::InvalidProducerEpoch)
-        ) || matches!(&e, KafkaError::Transaction(r) if r.is_fatal());
         txn_error(
             what,
             e.to_string(),
-            fenced_code,
+            says_fenced(&e),
             self.producer.client().fatal_error(),
         )
     }
@@ -133,5 +137,37 @@ impl KafkaSink {
             Ok(Err(e)) => tracing::warn!(error = %e, "aborting the kafka transaction failed"),
             Err(e) => tracing::warn!(error = %e, "abort task failed"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A transactional call refused with librdkafka's own `Fenced` reads as fencing, as the
+    /// broker's two codes do (it was "end the session and resend": the list here lacked it).
+    #[test]
+    fn a_transactional_call_refused_with_any_fencing_code_reads_as_fenced() {
+        for code in [
+            RDKafkaErrorCode::ProducerFenced,
+            RDKafkaErrorCode::InvalidProducerEpoch,
+            RDKafkaErrorCode::Fenced,
+        ] {
+            assert!(
+                says_fenced(&KafkaError::MessageProduction(code)),
+                "{code:?}"
+            );
+        }
+        assert!(!says_fenced(&KafkaError::MessageProduction(
+            RDKafkaErrorCode::NotCoordinator
+        )));
+        assert!(matches!(
+            txn_error("committing", "x".into(), true, None),
+            Error::Fenced(_)
+        ));
+        assert!(matches!(
+            txn_error("committing", "x".into(), false, None),
+            Error::Kafka(_)
+        ));
     }
 }
