@@ -70,6 +70,9 @@ pub const SLOT_WAL_STATUS: &str = "outboxd_replication_slot_wal_status";
 pub const POLLING_PENDING: &str = "outboxd_polling_pending_events";
 /// Published rows deleted by polling-mode retention.
 pub const POLLING_DELETED: &str = "outboxd_polling_rows_deleted_total";
+/// Requests a batch sink (SQS, SNS, EventBridge, Pub/Sub) may have in flight at once, by sink:
+/// `max_concurrent_requests`, lower after the endpoint failed a request (`sink::concurrency`).
+pub const SINK_REQUESTS_ALLOWED: &str = "outboxd_sink_requests_in_flight_allowed";
 /// Deliveries handed to the producer and not yet acknowledged.
 pub const INFLIGHT: &str = "outboxd_inflight_events";
 /// 1 while this instance holds the slot's lock and publishes.
@@ -225,6 +228,10 @@ fn describe() {
         "Published rows deleted by polling-mode retention"
     );
     describe_gauge!(INFLIGHT, "Deliveries awaiting Kafka's acknowledgement");
+    describe_gauge!(
+        SINK_REQUESTS_ALLOWED,
+        "Requests a batch sink may have in flight at once: max_concurrent_requests, halved after the endpoint failed a request, grown back as requests are answered"
+    );
     describe_gauge!(
         IS_LEADER,
         "1 while this instance holds the slot's lock and publishes"

@@ -48,6 +48,27 @@ impl Rig {
         Relay::start(&self.config)
     }
 
+    /// Points the relay's config at a TCP proxy in front of the emulator.
+    fn via_proxy(&self) -> common::proxy::Proxy {
+        let port: u16 = self
+            .emulator
+            .url
+            .rsplit(':')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let proxy = common::proxy::Proxy::start(([127, 0, 0, 1], port).into());
+        let text = std::fs::read_to_string(&self.config).unwrap();
+        let via = text.replace(
+            &format!("endpoint = \"{}\"", self.emulator.url),
+            &format!("endpoint = \"http://127.0.0.1:{}\"", proxy.port),
+        );
+        assert_ne!(text, via);
+        std::fs::write(&self.config, via).unwrap();
+        proxy
+    }
+
     async fn read(&self, topic: &str, expect: &HashSet<String>) -> Vec<Received> {
         let name = format!("{}-{topic}", self.db.name);
         let (timeout, linger) = (Duration::from_secs(120), Duration::from_secs(1));
@@ -84,22 +105,7 @@ async fn pubsub_10000_concurrent_events_arrive_each_once_in_per_aggregate_order(
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn pubsub_relay_sigkilled_twice_and_the_path_gone_silent_loses_nothing_and_keeps_order() {
     let rig = Rig::new("ps_kill", "").await;
-    let port: u16 = rig
-        .emulator
-        .url
-        .rsplit(':')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
-    let proxy = common::proxy::Proxy::start(([127, 0, 0, 1], port).into());
-    let text = std::fs::read_to_string(&rig.config).unwrap();
-    let via = text.replace(
-        &format!("endpoint = \"{}\"", rig.emulator.url),
-        &format!("endpoint = \"http://127.0.0.1:{}\"", proxy.port),
-    );
-    assert_ne!(text, via);
-    std::fs::write(&rig.config, via).unwrap();
+    let proxy = rig.via_proxy();
     let writer = SteadyWriter::sink_test(14, 10, 0x95b).spawn(&rig.db);
     let mut relay = relay_sigkilled_twice(|| rig.relay()).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -117,6 +123,40 @@ async fn pubsub_relay_sigkilled_twice_and_the_path_gone_silent_loses_nothing_and
         "the relay never noticed the silent path: {log}"
     );
     eprintln!("{} events, {duplicates} repeats", written.len());
+    relay.assert_running();
+}
+
+/// A writer for 20 s; from its second second, the path to Pub/Sub 2 s slow each way for 6 s
+/// (a TCP proxy delays every byte), so no request is answered within
+/// `pubsub.request_timeout_ms` (3 s). The session whose requests got no answer halves the
+/// requests the next sends at once; once the path is fast again, answered requests grow them
+/// back to `max_concurrent_requests`; every committed id arrives, none rolled back. Before,
+/// every session sent 8 requests at once again (seen with moto under load: progress nearly
+/// stopped).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pubsub_endpoint_slower_than_the_request_timeout_gets_fewer_requests_at_once_then_all_again_losing_nothing(
+) {
+    let rig = Rig::new("ps_slow", "").await;
+    let proxy = rig.via_proxy();
+    let writer = SteadyWriter::sink_test(20, 10, 0x510).spawn(&rig.db);
+    let mut relay = rig.relay();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    proxy.set_latency(Duration::from_secs(2));
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    proxy.set_latency(Duration::ZERO);
+    let (written, rolled_back) = writer.await.unwrap();
+    let received = rig.read("order", &ids(&written)).await;
+    assert_exactly_written(&written, &received);
+    let seen: HashSet<_> = received.iter().filter_map(|r| r.id.clone()).collect();
+    assert!(rolled_back.iter().all(|w| !seen.contains(&w.id)));
+    let log = relay.log_text();
+    for said in [
+        "the next session sends fewer requests at once",
+        "sending fewer requests at once: the endpoint failed one in an earlier session",
+        "back to the configured requests at once",
+    ] {
+        assert!(log.contains(said), "the relay never said \"{said}\": {log}");
+    }
     relay.assert_running();
 }
 

@@ -18,6 +18,7 @@ use std::time::Duration;
 use crate::error::{Error, Result};
 use crate::poison::PoisonKind;
 use crate::route::Record;
+use crate::sink::concurrency::Concurrency;
 use crate::sink::lanes::{BatchApi, Lanes, Limits};
 use crate::sink::{BoxDelivery, Class, Promises, Refusal, SendError, Sink};
 
@@ -141,7 +142,12 @@ impl<S: Service> BatchSink<S> {
             max_entries: S::MAX_ENTRIES,
             max_bytes: settings.max_bytes,
         };
-        let lanes = Lanes::start(api.clone(), settings.lanes, limits);
+        let lanes = Lanes::start(
+            api.clone(),
+            settings.lanes,
+            limits,
+            Concurrency::shared(S::NAME, settings.lanes),
+        );
         let line = format!(
             "{} {}, dead letters to {}",
             S::NAME,

@@ -14,6 +14,7 @@ pub mod aws;
 pub mod batch;
 pub mod broker;
 pub mod classify;
+pub mod concurrency;
 pub mod eventbridge;
 pub mod gcp;
 pub mod http;

@@ -31,6 +31,14 @@
 //!
 //! The lanes end with the sink (their tasks are aborted on drop): a request of a session that
 //! ended cannot be answered into the next one.
+//!
+//! ## Fewer requests at once after the endpoint failed one
+//!
+//! How many lanes may have a request in flight together is [`Concurrency`]'s limit, learned
+//! across sessions: a session whose request the endpoint failed for its own reasons (no
+//! answer in time, throttled, a server error) halves it once for the next session, and
+//! answered requests grow it back (see `sink::concurrency`). Which lane a record takes does
+//! not change.
 
 use std::collections::hash_map::DefaultHasher;
 use std::collections::VecDeque;
@@ -38,9 +46,12 @@ use std::future::Future;
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
-use tokio::sync::{mpsc, oneshot};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::task::JoinHandle;
 
+use super::concurrency::Concurrency;
 use super::{BoxDelivery, Class, Failed, Landed, Refusal, SendError};
 use crate::route::Record;
 
@@ -85,16 +96,63 @@ pub struct Lanes<E> {
     tasks: Vec<JoinHandle<()>>,
 }
 
+/// One session's share of the [`Concurrency`] limit: the permits its lanes take per request,
+/// and whether it already halved the limit (once per session: the requests that fail together
+/// in one burst are one sign of congestion, not several).
+struct Gate {
+    concurrency: Arc<Concurrency>,
+    permits: Semaphore,
+    halved: AtomicBool,
+}
+
+impl Gate {
+    fn answered(&self) {
+        if self.concurrency.answered() {
+            self.permits.add_permits(1);
+        }
+    }
+
+    fn failed(&self) {
+        if !self.halved.swap(true, Ordering::Relaxed) {
+            self.concurrency.failed();
+        }
+    }
+}
+
 impl<E: Send + 'static> Lanes<E> {
-    /// `n` lanes over `api`, each queueing up to [`QUEUED_BATCHES`] batches.
-    pub fn start<A: BatchApi<Entry = E>>(api: Arc<A>, n: usize, limits: Limits) -> Lanes<E> {
+    /// `n` lanes over `api`, each queueing up to [`QUEUED_BATCHES`] batches, with at most
+    /// `concurrency`'s limit of them sending at once.
+    pub fn start<A: BatchApi<Entry = E>>(
+        api: Arc<A>,
+        n: usize,
+        limits: Limits,
+        concurrency: Arc<Concurrency>,
+    ) -> Lanes<E> {
         let depth = limits.max_entries * QUEUED_BATCHES;
+        let limit = concurrency.limit();
+        if limit < concurrency.max() {
+            tracing::info!(
+                requests_in_flight = limit,
+                max = concurrency.max(),
+                "sending fewer requests at once: the endpoint failed one in an earlier session"
+            );
+        }
+        let gate = Arc::new(Gate {
+            permits: Semaphore::new(limit.max(1)),
+            concurrency,
+            halved: AtomicBool::new(false),
+        });
         let mut senders = Vec::with_capacity(n);
         let mut tasks = Vec::with_capacity(n);
         for _ in 0..n.max(1) {
             let (tx, rx) = mpsc::channel(depth.max(1));
             senders.push(tx);
-            tasks.push(tokio::spawn(run_lane(api.clone(), rx, limits)));
+            tasks.push(tokio::spawn(run_lane(
+                api.clone(),
+                rx,
+                limits,
+                gate.clone(),
+            )));
         }
         Lanes { senders, tasks }
     }
@@ -164,6 +222,7 @@ async fn run_lane<A: BatchApi>(
     api: Arc<A>,
     mut rx: mpsc::Receiver<Item<A::Entry>>,
     limits: Limits,
+    gate: Arc<Gate>,
 ) {
     let mut queued: VecDeque<Item<A::Entry>> = VecDeque::new();
     let mut broken: Option<String> = None;
@@ -205,7 +264,16 @@ async fn run_lane<A: BatchApi>(
             entries.push(item.entry);
             waiting.push((item.done, item.record));
         }
-        match api.send_batch(&dest, entries).await {
+        // The semaphore is never closed; were it, the request goes without a permit.
+        let permit = gate.permits.acquire().await.ok();
+        let answer = api.send_batch(&dest, entries).await;
+        drop(permit);
+        match &answer {
+            Ok(_) => gate.answered(),
+            Err(refusal) if refusal.class == Class::Cluster => gate.failed(),
+            Err(_) => {}
+        }
+        match answer {
             Ok(results) => {
                 let mut results = results.into_iter();
                 for (done, record) in waiting {
@@ -272,146 +340,4 @@ fn take_batch<E>(queued: &mut VecDeque<Item<E>>, limits: Limits) -> Vec<Item<E>>
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::poison::PoisonKind;
-    use std::sync::Mutex;
-
-    /// An API whose answers the test scripts: per batch, the class of each entry's refusal
-    /// (`None`: stored). It records every batch it was asked to send.
-    struct Scripted {
-        answers: Mutex<VecDeque<Vec<Option<Class>>>>,
-        sent: Mutex<Vec<Vec<u32>>>,
-    }
-
-    impl BatchApi for Scripted {
-        type Entry = u32;
-        async fn send_batch(
-            &self,
-            _dest: &str,
-            entries: Vec<u32>,
-        ) -> Result<Vec<Result<(), Refusal>>, Refusal> {
-            let answer = self
-                .answers
-                .lock()
-                .map(|mut a| a.pop_front().unwrap_or_default())
-                .unwrap_or_default();
-            let results = (0..entries.len())
-                .map(|i| match answer.get(i).copied().flatten() {
-                    None => Ok(()),
-                    Some(class) => Err(Refusal {
-                        class,
-                        code: "x".into(),
-                        detail: "scripted".into(),
-                        alone: true,
-                    }),
-                })
-                .collect();
-            if let Ok(mut sent) = self.sent.lock() {
-                sent.push(entries);
-            }
-            Ok(results)
-        }
-    }
-
-    fn rec(key: &str) -> Record {
-        Record {
-            key: Some(key.into()),
-            ..item("q", None, 0).record.as_ref().clone()
-        }
-    }
-
-    /// Records 0–3 of keys a, b, a, b on one lane, in one batch (unordered) or two (ordered);
-    /// the first batch's second entry refused with `class`. Returns what each delivery
-    /// resolved to and the batches the API was asked for.
-    async fn run(class: Class) -> (Vec<bool>, Vec<Vec<u32>>) {
-        let api = Arc::new(Scripted {
-            answers: Mutex::new([vec![None, Some(class)]].into()),
-            sent: Mutex::new(Vec::new()),
-        });
-        let limits = Limits {
-            max_entries: 10,
-            max_bytes: 1000,
-        };
-        let lanes = Lanes::start(api.clone(), 1, limits);
-        let mut deliveries = Vec::new();
-        for (i, key) in ["a", "b", "a", "b"].iter().enumerate() {
-            let sent = lanes.send("q".into(), true, &rec(key), i as u32, 1);
-            deliveries.push(
-                sent.map_err(|_| ())
-                    .unwrap_or_else(|()| panic!("queue full")),
-            );
-        }
-        let mut ok = Vec::new();
-        for d in deliveries {
-            ok.push(d.await.is_ok());
-        }
-        let sent = api.sent.lock().map(|s| s.clone()).unwrap_or_default();
-        (ok, sent)
-    }
-
-    #[tokio::test]
-    async fn a_refusal_not_about_the_record_stops_its_lane_before_a_later_record_of_its_key_is_sent(
-    ) {
-        let (ok, sent) = run(Class::Cluster).await;
-        // One record per key in an ordered batch: [a0, b1], then [a2, b3] — never sent, as
-        // b1 was refused: b3 stored before b1's resend would reorder key b.
-        assert_eq!(sent, vec![vec![0, 1]]);
-        assert_eq!(ok, vec![true, false, false, false]);
-    }
-
-    #[tokio::test]
-    async fn a_refusal_about_the_record_alone_leaves_its_lane_running() {
-        let (ok, sent) = run(Class::Record(PoisonKind::TooLarge)).await;
-        assert_eq!(sent, vec![vec![0, 1], vec![2, 3]]);
-        assert_eq!(ok, vec![true, false, true, true]);
-    }
-
-    fn item(dest: &str, key: Option<u64>, bytes: usize) -> Item<u32> {
-        let (done, _) = oneshot::channel();
-        Item {
-            dest: dest.into(),
-            key,
-            entry: 0,
-            bytes,
-            record: Box::new(Record {
-                topic: dest.into(),
-                exchange: None,
-                detail_type: None,
-                binary: false,
-                key: None,
-                value: None,
-                headers: Vec::new(),
-                partition: None,
-                timestamp_ms: None,
-            }),
-            done,
-        }
-    }
-
-    #[test]
-    fn a_batch_is_one_destination_within_limits_one_record_per_ordered_key_never_skipping() {
-        let limits = Limits {
-            max_entries: 3,
-            max_bytes: 100,
-        };
-        let mut q: VecDeque<_> = [
-            item("a", Some(1), 10),
-            item("a", Some(2), 10),
-            item("a", Some(1), 10), // the same key again: the batch ends before it
-            item("a", Some(3), 10),
-        ]
-        .into();
-        assert_eq!(take_batch(&mut q, limits).len(), 2);
-        assert_eq!(q.len(), 2);
-        let mut q: VecDeque<_> = [item("a", None, 10), item("b", None, 10)].into();
-        assert_eq!(take_batch(&mut q, limits).len(), 1);
-        let mut q: VecDeque<_> = (0..5).map(|_| item("a", None, 40)).collect();
-        assert_eq!(take_batch(&mut q, limits).len(), 2, "bytes");
-        let mut q: VecDeque<_> = (0..5).map(|_| item("a", None, 1)).collect();
-        assert_eq!(take_batch(&mut q, limits).len(), 3, "entries");
-        // One record over the byte limit still goes, alone.
-        let mut q: VecDeque<_> = [item("a", None, 500), item("a", None, 1)].into();
-        assert_eq!(take_batch(&mut q, limits).len(), 1);
-    }
-}
+mod tests;
