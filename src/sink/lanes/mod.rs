@@ -44,9 +44,8 @@ use std::collections::hash_map::DefaultHasher;
 use std::collections::VecDeque;
 use std::future::Future;
 use std::hash::{Hash, Hasher};
-use std::sync::Arc;
-
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::task::JoinHandle;
