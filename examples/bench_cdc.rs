@@ -8,8 +8,12 @@
 //! returning → a consumer reading the change event, split at the broker's append (the topic
 //! is created first with `message.timestamp.type=LogAppendTime`). `--mode backlog` commits every change
 //! first and measures the drain (Debezium: started first, paused with SIGSTOP meanwhile).
-//! CPU is the relay process's user + system time over the measured span; RSS its peak.
+//! CPU is the relay process's user + system time over the measured span; RSS its peak. With
+//! a broker of `scripts/stack.sh` it also says how many of the slowest changes waited through
+//! one of the broker's stop-the-world collections (its GC log, `support/broker_gc.rs`).
 
+#[path = "support/broker_gc.rs"]
+mod broker_gc;
 #[path = "support/fresh.rs"]
 mod fresh;
 #[path = "support/latency.rs"]
@@ -90,6 +94,17 @@ const TABLE: &str =
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    // Instants on the wall clock (ms since the epoch): the broker stamps and logs in it.
+    let (anchor, anchor_ms) = (
+        Instant::now(),
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs_f64()
+            * 1000.0,
+    );
+    let wall_ms =
+        |t: Instant| anchor_ms + t.saturating_duration_since(anchor).as_secs_f64() * 1000.0;
     let brokers = std::env::var("OUTBOXD_TEST_KAFKA").context("use scripts/bench.sh")?;
     let fresh = fresh::database("bench_cdc").await?;
     let client = fresh.connect().await?;
@@ -287,6 +302,20 @@ async fn main() -> anyhow::Result<()> {
                 latency::summary(&mut before)
             );
             println!("  appended → consumed: {}", latency::summary(&mut after));
+            let gc_log =
+                std::env::var_os("OUTBOXD_STACK_DIR").map(|d| Path::new(&d).join("kafka-gc.log"));
+            if let Some(pauses) = gc_log.as_deref().and_then(broker_gc::pauses) {
+                let spans: Vec<(f64, f64)> = (1..=n as usize)
+                    .filter_map(|i| {
+                        let start = wall_ms(b.commit[i]?);
+                        Some((start, wall_ms(b.arrival[i]?) - b.after_append[i]?))
+                    })
+                    .collect();
+                println!(
+                    "  the broker's stop-the-world collections meanwhile: {}",
+                    broker_gc::summary(&pauses, &spans)
+                );
+            }
         }
         Mode::Backlog => {
             let secs = (last_arrival - relay_start).as_secs_f64();

@@ -369,8 +369,11 @@ kafka_format() {
 # kafka_launch DIR: starts the node formatted in DIR (again after a kill: same data).
 kafka_launch() {
   local dir=$1
+  # Every collection's pause in DIR/kafka-gc.log, stamped with the wall clock in ms: a
+  # latency tail measured through the broker may be its pauses (examples/support/broker_gc.rs).
   # shellcheck disable=SC2046
-  nohup java $(kafka_jopts) -cp "$(kafka_classpath)" kafka.Kafka "$dir/server.properties" \
+  nohup java $(kafka_jopts) "-Xlog:gc:file=$dir/kafka-gc.log:timemillis" \
+    -cp "$(kafka_classpath)" kafka.Kafka "$dir/server.properties" \
     >>"$dir/kafka.log" 2>&1 &
   echo $! >"$dir/kafka.pid"
 }
