@@ -381,7 +381,8 @@ impl CapturedTable {
     }
 
     fn key_json(&self, tuple: &[Column]) -> Result<String, String> {
-        let mut out = String::from("{");
+        let mut out = String::with_capacity(64);
+        out.push('{');
         for (n, &i) in self.key.iter().enumerate() {
             let col = &self.columns[i];
             if n > 0 {
@@ -398,13 +399,28 @@ impl CapturedTable {
         Ok(out)
     }
 
+    /// About how long the JSON object of `tuple` is (names, quotes, values that grow by a
+    /// quarter), so that it is written into one allocation instead of regrowing ~8 times.
+    fn json_size(&self, tuple: &[Column]) -> usize {
+        let values: usize = tuple
+            .iter()
+            .map(|c| match c {
+                Column::Text(t) => t.len(),
+                _ => 4,
+            })
+            .sum();
+        let names: usize = self.columns.iter().map(|c| c.name.len() + 4).sum();
+        names + values + values / 4 + 16
+    }
+
     fn row(
         &self,
         cfg: &CdcConfig,
         tuple: &[Column],
         fill: Option<&[Column]>,
     ) -> Result<RowJson, String> {
-        let mut out = String::from("{");
+        let mut out = String::with_capacity(self.json_size(tuple));
+        out.push('{');
         let mut unavailable = Vec::new();
         let mut first = true;
         for (i, col) in self.columns.iter().enumerate() {
