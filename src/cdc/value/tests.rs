@@ -125,6 +125,9 @@ fn values_are_written_as_debezium_writes_them() {
         ),
         r#"["a b","c\"d",null]"#
     );
+    // Fewer fraction digits than the scale: the unscaled value is 150 either way.
+    assert_eq!(json(ColType::Decimal { scale: 2 }, "1.5"), r#""AJY=""#);
+    assert_eq!(json(ColType::Decimal { scale: 2 }, "1.50"), r#""AJY=""#);
 }
 
 /// A `timestamptz` keeps as many fraction digits as its column's precision, zeros
@@ -186,7 +189,4 @@ fn nested_arrays_and_unparsable_values() {
     assert_eq!(json(ColType::Decimal { scale: 0 }, "-128"), r#""gA==""#);
     assert_eq!(json(ColType::Decimal { scale: 0 }, "128"), r#""AIA=""#);
     assert_eq!(json(ColType::Decimal { scale: 0 }, "0"), r#""AA==""#);
-    // Fewer fraction digits than the scale: the unscaled value is 150 either way.
-    assert_eq!(json(ColType::Decimal { scale: 2 }, "1.5"), r#""AJY=""#);
-    assert_eq!(json(ColType::Decimal { scale: 2 }, "1.50"), r#""AJY=""#);
 }
