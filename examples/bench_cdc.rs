@@ -311,9 +311,11 @@ async fn main() -> anyhow::Result<()> {
                         Some((start, wall_ms(b.arrival[i]?) - b.after_append[i]?))
                     })
                     .collect();
+                let (line, mut clear) = broker_gc::summary(&pauses, &spans);
+                println!("  the broker's stop-the-world collections meanwhile: {line}");
                 println!(
-                    "  the broker's stop-the-world collections meanwhile: {}",
-                    broker_gc::summary(&pauses, &spans)
+                    "  commit → appended of the changes that waited through none: {}",
+                    latency::summary(&mut clear)
                 );
             }
         }

@@ -391,15 +391,12 @@ async fn outage_longer_than_the_delivery_timeout_ends_the_session_and_keeps_key_
     // The outage must fall inside a session: on a loaded machine the relay's start (slot,
     // checks) has taken 4 s, and an outage over before the session began stalls
     // nothing. So the writer starts once the session has.
-    let started = std::time::Instant::now();
-    while !relay.log_text().contains("relay started") {
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "the relay never started a session; log:\n{}",
-            relay.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually(
+        Duration::from_secs(60),
+        "the relay's first session",
+        || async { relay.log_text().contains("relay started") },
+    )
+    .await;
     let writer = {
         let db = db.clone();
         tokio::spawn(async move {

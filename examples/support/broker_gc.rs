@@ -35,14 +35,14 @@ pub fn pauses(log: &Path) -> Option<Vec<Pause>> {
 }
 
 /// "N pauses, T ms in all, longest M ms; of the slowest 1 % of the S spans, P % overlap a
-/// pause; p99 of the spans that overlap none: Q ms". `spans` are (start, end) wall-clock ms
-/// of each record's way to the broker.
-pub fn summary(pauses: &[Pause], spans: &[(f64, f64)]) -> String {
+/// pause", and the lengths of the spans that overlap none (for `latency::summary`). `spans`
+/// are (start, end) wall-clock ms of each record's way to the broker.
+pub fn summary(pauses: &[Pause], spans: &[(f64, f64)]) -> (String, Vec<f64>) {
     let (Some(first), Some(last)) = (
         spans.iter().map(|s| s.0).min_by(f64::total_cmp),
         spans.iter().map(|s| s.1).max_by(f64::total_cmp),
     ) else {
-        return "no spans".into();
+        return ("no spans".into(), Vec::new());
     };
     let during: Vec<&Pause> = pauses
         .iter()
@@ -58,21 +58,16 @@ pub fn summary(pauses: &[Pause], spans: &[(f64, f64)]) -> String {
     by_length.sort_by(|a, b| (b.1 - b.0).total_cmp(&(a.1 - a.0)));
     let slowest = &by_length[..(spans.len() / 100).max(1)];
     let hit = slowest.iter().filter(|s| overlaps(s)).count();
-    let mut clear: Vec<f64> = spans
+    let clear: Vec<f64> = spans
         .iter()
         .filter(|s| !overlaps(s))
         .map(|s| s.1 - s.0)
         .collect();
-    clear.sort_by(f64::total_cmp);
-    let p99 = clear
-        .get(((clear.len().max(1) - 1) as f64 * 0.99).round() as usize)
-        .copied()
-        .unwrap_or(0.0);
-    format!(
-        "{} pauses, {total:.0} ms in all, longest {longest:.1} ms; of the slowest 1 % of {} changes, {:.0} % waited through one; p99 of the {} that did not: {p99:.1} ms",
+    let line = format!(
+        "{} pauses, {total:.0} ms in all, longest {longest:.1} ms; of the slowest 1 % of {} changes, {:.0} % waited through one",
         during.len(),
         spans.len(),
         100.0 * hit as f64 / slowest.len() as f64,
-        clear.len()
-    )
+    );
+    (line, clear)
 }
